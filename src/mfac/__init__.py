@@ -1,0 +1,9 @@
+"""torch-mfac: cheap second-order information for PyTorch (M-FAC operators, the M-FAC
+optimizer, OBS pruning and I-OBS sparse recovery)."""
+
+from ._validation import NonFiniteGradientError
+from .operators import GradientBuffer, InverseFisher, SlidingInverseFisher
+
+__version__ = "0.1.0"
+
+__all__ = ["GradientBuffer", "InverseFisher", "NonFiniteGradientError", "SlidingInverseFisher", "__version__"]

@@ -1,0 +1,16 @@
+"""M-FAC inverse-Fisher operators: the static (fixed gradients, optionally blocked) and the
+dynamic (sliding window) algorithms, and where their big buffers live."""
+
+from .memory import GradientBuffer, allocate, available_memory, default_memory_budget
+from .sliding import SlidingInverseFisher
+from .static import InverseFisher, build_from_rows
+
+__all__ = [
+    "GradientBuffer",
+    "InverseFisher",
+    "SlidingInverseFisher",
+    "allocate",
+    "available_memory",
+    "build_from_rows",
+    "default_memory_budget",
+]

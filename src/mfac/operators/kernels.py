@@ -1,0 +1,100 @@
+"""The two memory-bound passes over an m x d gradient buffer: G @ X and G^T @ C.
+
+float32/float64 buffers use the BLAS matrix-vector kernels directly. For bfloat16/float16
+buffers, stock CPU kernels are far slower than float32 (no native bf16 dot products on most
+CPUs), so the product is written as a fused upcast-multiply-reduce and compiled with
+torch.compile: the buffer is read once at half the bytes. Where compilation is unavailable
+(no C++ compiler, ``MFAC_NO_COMPILE=1``), a column-tiled upcast fallback gives the same
+numbers at lower speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+from .._validation import LOW_PRECISION
+
+log = logging.getLogger(__name__)
+
+_TILE_COLUMNS = 16384
+_compiled: dict[str, Callable[..., object] | None] = {}
+
+
+def _rows_dot_eager(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(m, d) low precision @ (d, k) float32 by column tiles upcast to float32."""
+    m, d = g.shape
+    out = torch.zeros(m, x.shape[1], dtype=torch.float32, device=g.device)
+    tile = torch.empty(m, min(d, _TILE_COLUMNS), dtype=torch.float32, device=g.device)
+    for j in range(0, d, _TILE_COLUMNS):
+        e = min(d, j + _TILE_COLUMNS)
+        t = tile[:, : e - j]
+        t.copy_(g[:, j:e])
+        out.addmm_(t, x[j:e])
+    return out
+
+
+def _cols_dot_eager(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(m, d)^T low precision @ (m, k) float32 by column tiles upcast to float32."""
+    m, d = g.shape
+    out = torch.empty(d, c.shape[1], dtype=torch.float32, device=g.device)
+    tile = torch.empty(m, min(d, _TILE_COLUMNS), dtype=torch.float32, device=g.device)
+    for j in range(0, d, _TILE_COLUMNS):
+        e = min(d, j + _TILE_COLUMNS)
+        t = tile[:, : e - j]
+        t.copy_(g[:, j:e])
+        torch.mm(t.T, c, out=out[j:e])
+    return out
+
+
+def _rows_dot_fused(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # One fused loop over g for all k columns of x: each column is its own reduction.
+    cols = [(g.float() * x[:, i]).sum(1) for i in range(x.shape[1])]
+    return torch.stack(cols, 1)
+
+
+def _cols_dot_fused(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    cols = [(g.float() * c[:, i, None]).sum(0) for i in range(c.shape[1])]
+    return torch.stack(cols, 1)
+
+
+def _get(name: str, fn: Callable[..., object]) -> Callable[..., object] | None:
+    if name not in _compiled:
+        if os.environ.get("MFAC_NO_COMPILE") == "1":
+            _compiled[name] = None
+        else:
+            try:
+                _compiled[name] = torch.compile(fn, dynamic=False)
+            except Exception as exc:  # pragma: no cover - depends on the toolchain
+                log.warning("torch.compile unavailable (%s); using the tiled fallback", exc)
+                _compiled[name] = None
+    return _compiled[name]
+
+
+def _call(name: str, fused: Callable, eager: Callable, g: torch.Tensor, v: torch.Tensor):
+    if v.shape[1] <= 4:
+        kernel = _get(name, fused)
+        if kernel is not None:
+            try:
+                return kernel(g, v)
+            except Exception as exc:  # pragma: no cover - depends on the toolchain
+                log.warning("compiled kernel failed (%s); using the tiled fallback", exc)
+                _compiled[name] = None
+    return eager(g, v)
+
+
+def rows_dot(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """G @ X for G (m, d) and X (d, k): one pass over G. Low precision returns float32."""
+    if g.dtype not in LOW_PRECISION:
+        return g @ x.to(g.dtype)
+    return _call("rows", _rows_dot_fused, _rows_dot_eager, g, x.float())
+
+
+def cols_dot(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """G^T @ C for G (m, d) and C (m, k): one pass over G. Low precision returns float32."""
+    if g.dtype not in LOW_PRECISION:
+        return g.T @ c.to(g.dtype)
+    return _call("cols", _cols_dot_fused, _cols_dot_eager, g, c.float())

@@ -1,0 +1,139 @@
+"""Where the big m x d buffers live: RAM when they fit a memory budget, a memory-mapped file
+when they do not, and a clear error before any allocation when neither can hold them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
+
+#: Bytes of float64 scratch that one tile of the blocked precompute may use.
+TILE_BYTES = 64 * 2**20
+
+
+def available_memory() -> int:
+    """Bytes of RAM the OS reports as available (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 * 2**30
+
+
+def default_memory_budget() -> int:
+    """Half of the available RAM: the default ceiling for one operator buffer."""
+    return available_memory() // 2
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def allocate(
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    *,
+    memory_budget: int | None = None,
+    spill_dir: str | os.PathLike[str] | None = None,
+    what: str = "buffer",
+) -> torch.Tensor:
+    """Allocate a zeroed tensor in RAM if it fits ``memory_budget`` bytes, else memory-mapped.
+
+    The memory-mapped file lives in ``spill_dir`` (default: the system temp dir) and is unlinked
+    at once, so it disappears with the tensor. Raises MemoryError, before allocating anything,
+    when the buffer fits neither the budget nor the free disk space.
+    """
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    if nbytes <= budget:
+        return torch.zeros(shape, dtype=dtype)
+    directory = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
+    if not directory.is_dir():
+        raise MemoryError(
+            f"{what} of shape {tuple(shape)} needs {_gib(nbytes)}, over the memory budget of "
+            f"{_gib(budget)}, and the spill directory {directory} does not exist"
+        )
+    free = shutil.disk_usage(directory).free
+    if nbytes > free:
+        raise MemoryError(
+            f"{what} of shape {tuple(shape)} needs {_gib(nbytes)}: over the memory budget of "
+            f"{_gib(budget)} and over the {_gib(free)} free on disk in {directory}; "
+            "use fewer gradients, smaller blocks, or a larger budget"
+        )
+    fd, name = tempfile.mkstemp(prefix="mfac-", suffix=".mmap", dir=directory)
+    try:
+        os.ftruncate(fd, nbytes)
+        tensor = torch.from_file(name, shared=True, size=numel, dtype=dtype).view(shape)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return tensor
+
+
+def is_memory_mapped(tensor: torch.Tensor) -> bool:
+    """True when the tensor's storage is a file mapping rather than ordinary RAM."""
+    return tensor.untyped_storage().filename is not None
+
+
+class GradientBuffer:
+    """An m x d buffer that gradients are written into row by row, then handed to an operator.
+
+    It lives in RAM when it fits ``memory_budget`` (default: half the available RAM) and in a
+    memory-mapped file otherwise, so collecting gradients never needs a second m x d copy.
+    """
+
+    def __init__(
+        self,
+        num_grads: int,
+        dim: int,
+        dtype: torch.dtype = torch.float32,
+        *,
+        memory_budget: int | None = None,
+        spill_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        check_positive_int(num_grads, "num_grads")
+        check_positive_int(dim, "dim")
+        check_float_dtype(dtype, "dtype")
+        self.tensor = allocate(
+            (num_grads, dim), dtype, memory_budget=memory_budget, spill_dir=spill_dir,
+            what="gradient buffer",
+        )
+        self.count = 0
+
+    @property
+    def memory_mapped(self) -> bool:
+        """True when the rows live in a memory-mapped file instead of RAM."""
+        return is_memory_mapped(self.tensor)
+
+    @property
+    def full(self) -> bool:
+        """True once every row has been written."""
+        return self.count == self.tensor.shape[0]
+
+    def append(self, grad: torch.Tensor) -> None:
+        """Write the next gradient row; raises on shape mismatch, NaN/Inf, or a full buffer."""
+        if self.full:
+            raise ValueError(f"gradient buffer is full ({self.tensor.shape[0]} rows)")
+        flat = grad.reshape(-1)
+        if flat.numel() != self.tensor.shape[1]:
+            raise ValueError(
+                f"gradient has {flat.numel()} entries, the buffer rows have {self.tensor.shape[1]}"
+            )
+        if not bool(torch.isfinite(flat).all()):
+            raise NonFiniteGradientError(f"gradient {self.count} contains NaN or Inf")
+        self.tensor[self.count].copy_(flat)
+        self.count += 1
