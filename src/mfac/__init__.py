@@ -6,4 +6,10 @@ from .operators import GradientBuffer, InverseFisher, SlidingInverseFisher
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientBuffer", "InverseFisher", "NonFiniteGradientError", "SlidingInverseFisher", "__version__"]
+__all__ = [
+    "GradientBuffer",
+    "InverseFisher",
+    "NonFiniteGradientError",
+    "SlidingInverseFisher",
+    "__version__",
+]

@@ -70,7 +70,9 @@ class BlockGroup:
 
     def _build_direct(self, buffer: torch.Tensor, memory_budget: int | None) -> None:
         self.inverse = allocate(
-            (self.nblocks, self.size, self.size), F64, memory_budget=memory_budget,
+            (self.nblocks, self.size, self.size),
+            F64,
+            memory_budget=memory_budget,
             what="block inverses",
         ).to(buffer.device)
         rows_per_tile = max(1, TILE_BYTES // (8 * self.size))

@@ -109,7 +109,10 @@ class GradientBuffer:
         check_positive_int(dim, "dim")
         check_float_dtype(dtype, "dtype")
         self.tensor = allocate(
-            (num_grads, dim), dtype, memory_budget=memory_budget, spill_dir=spill_dir,
+            (num_grads, dim),
+            dtype,
+            memory_budget=memory_budget,
+            spill_dir=spill_dir,
             what="gradient buffer",
         )
         self.count = 0

@@ -66,7 +66,9 @@ class InverseFisher:
             raise TypeError(f"grads must be a torch.Tensor, got {type(grads).__name__}")
         check_float_dtype(grads.dtype, "grads")
         if grads.ndim != 2 or grads.shape[0] < 1 or grads.shape[1] < 1:
-            raise ValueError(f"grads must be a non-empty m x d matrix, got shape {tuple(grads.shape)}")
+            raise ValueError(
+                f"grads must be a non-empty m x d matrix, got shape {tuple(grads.shape)}"
+            )
         if not grads.is_contiguous():
             raise ValueError("grads must be contiguous (rows are gradients, stored row-major)")
         damp = check_damp(damp)
