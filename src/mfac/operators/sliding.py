@@ -91,7 +91,7 @@ class SlidingInverseFisher:
                 f"gradients of {self.dim} entries"
             )
         if g.device != self.device:
-            raise ValueError(f"gradient is on {g.device}, the window lives on {self.device}")
+            raise ValueError(f"gradient is on device {g.device}, the window lives on {self.device}")
         flat = g.reshape(-1)
         if not bool(torch.isfinite(flat).all()):
             raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
@@ -130,7 +130,12 @@ class SlidingInverseFisher:
 
     # ------------------------------------------------------------------ products
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
-        """F^-1 x = (x - G^T K^-1 G x) / lambda, for x of shape (d,) or (d, k)."""
+        """F^-1 x = (x - G^T K^-1 G x) / lambda, for x of shape (d,) or (d, k).
+
+        The subtraction cancels when x lies in the span of the window's gradients (always when
+        d <= m): the relative error is then about eps * |x| / (lambda * |F^-1 x|). To
+        precondition a gradient, use :meth:`push_ihvp`, which has no such cancellation.
+        """
         check_vector(x, self.dim, self.device, "x")
         xm = x.unsqueeze(1) if x.ndim == 1 else x
         gx = rows_dot(self.grads, xm).to(F64)

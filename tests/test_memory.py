@@ -1,0 +1,66 @@
+"""Streaming: buffers past the memory budget are memory-mapped, and give identical results."""
+
+from __future__ import annotations
+
+import os
+from collections import namedtuple
+
+import pytest
+import torch
+
+import mfac
+from mfac.operators import build_from_rows, memory
+
+
+def test_buffer_over_budget_is_memory_mapped_and_exact(tmp_path) -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(20, 500)
+    in_ram = mfac.InverseFisher(rows.clone(), 1e-3, block_size=64)
+    paged = build_from_rows(
+        iter(rows), 20, 500, damp=1e-3, block_size=64, memory_budget=1024, spill_dir=tmp_path
+    )
+    assert paged.memory_mapped and not in_ram.memory_mapped
+    assert os.listdir(tmp_path) == []  # the file is unlinked at once; it dies with the tensor
+    x = torch.randn(500, 2)
+    assert torch.equal(paged.ihvp(x), in_ram.ihvp(x))  # same arithmetic, other storage
+    assert torch.equal(paged.diag(), in_ram.diag())
+
+
+def test_direct_block_inverses_also_spill() -> None:
+    rows = torch.randn(40, 64)
+    op = mfac.InverseFisher(rows, 1e-3, block_size=8, memory_budget=100)
+    assert op.groups[0].direct and memory.is_memory_mapped(op.groups[0].inverse)
+
+
+def test_neither_ram_nor_disk_raises_before_allocating(monkeypatch, tmp_path) -> None:
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(memory.shutil, "disk_usage", lambda _: usage(10, 10, 0))
+    with pytest.raises(MemoryError, match="free on disk"):
+        mfac.GradientBuffer(1000, 1000, memory_budget=10, spill_dir=tmp_path)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(MemoryError, match="does not exist"):
+        mfac.GradientBuffer(1000, 1000, memory_budget=10, spill_dir=tmp_path / "missing")
+
+
+def test_gradient_buffer_append_checks() -> None:
+    buf = mfac.GradientBuffer(2, 6)
+    buf.append(torch.ones(2, 3))  # any shape with the right number of entries
+    with pytest.raises(ValueError, match="6"):
+        buf.append(torch.ones(5))
+    with pytest.raises(mfac.NonFiniteGradientError, match="gradient 1"):
+        buf.append(torch.full((6,), float("nan")))
+    assert buf.count == 1
+    buf.append(torch.zeros(6))
+    assert buf.full
+    with pytest.raises(ValueError, match="full"):
+        buf.append(torch.zeros(6))
+    with pytest.raises(ValueError, match="expected 3 gradients, got 2"):
+        build_from_rows(iter(torch.ones(2, 6)), 3, 6)
+
+
+def test_to_moves_and_keeps_results() -> None:
+    op = mfac.InverseFisher(torch.randn(5, 30), 1e-2, block_size=4)
+    x = torch.randn(30)
+    y = op.ihvp(x)
+    assert op.to("cpu") is op
+    assert torch.equal(op.ihvp(x), y)

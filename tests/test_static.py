@@ -1,0 +1,109 @@
+"""The static inverse Fisher against a dense float64 oracle, on many random problems."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mfac
+from mfac.operators import kernels
+from oracle import dense_block_inverse_fisher, rel_err
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> dict:
+    m = draw(st.integers(1, 300))
+    d = draw(st.integers(1, 3000))
+    relation = draw(st.sampled_from(["full", "below_m", "equal_m", "above_m", "any"]))
+    block = {
+        "full": None,
+        "below_m": max(1, m - draw(st.integers(1, 5))),
+        "equal_m": m,
+        "above_m": m + draw(st.integers(1, 7)),
+        "any": draw(st.integers(1, d + 3)),
+    }[relation]
+    damp = 10.0 ** draw(st.floats(-8, 0))
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16]))
+    correlated = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(m=m, d=d, block=block, damp=damp, dtype=dtype, correlated=correlated, seed=seed)
+
+
+def make_grads(m: int, d: int, dtype: torch.dtype, correlated: bool, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    if correlated and m > 1:  # gradients share a few directions, as real ones do
+        basis = torch.randn(max(1, m // 4), d, generator=gen, dtype=torch.float64)
+        g = 0.1 * g + torch.randn(m, basis.shape[0], generator=gen, dtype=torch.float64) @ basis
+    scale = torch.exp(torch.randn(m, 1, generator=gen, dtype=torch.float64))
+    return (g * scale).to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _eager_low_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hypothesis draws many shapes; the tiled path avoids one compile per shape."""
+    monkeypatch.setattr(kernels, "_compiled", {"rows": None, "cols": None})
+
+
+@settings(
+    max_examples=int(__import__("os").environ.get("MFAC_HYPOTHESIS_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(problems())
+def test_every_query_matches_dense_oracle(p: dict) -> None:
+    grads = make_grads(p["m"], p["d"], p["dtype"], p["correlated"], p["seed"])
+    stored = grads.clone()  # the rows as stored; float32 grads are overwritten in place
+    op = mfac.InverseFisher(grads, p["damp"], p["block"])
+    dense = dense_block_inverse_fisher(stored, p["damp"], p["block"])
+    tol = TOL[p["dtype"]]
+    gen = torch.Generator().manual_seed(p["seed"] + 1)
+
+    x = torch.randn(p["d"], 3, generator=gen)
+    assert rel_err(op.ihvp(x), dense @ x.double()) <= tol
+    assert rel_err(op.ihvp(x[:, 0]), dense @ x[:, 0].double()) <= tol
+    assert rel_err(op.diag(), dense.diagonal()) <= tol
+
+    idx = torch.randint(0, p["d"], (min(p["d"], 12),), generator=gen)
+    assert rel_err(op.submatrix(idx), dense[idx][:, idx]) <= tol
+    i, j = int(idx[0]), int(idx[-1])
+    bound = math.sqrt(float(dense[i, i] * dense[j, j]))  # |F^-1_ij| <= sqrt(F^-1_ii F^-1_jj)
+    assert abs(op.entry(i, j) - float(dense[i, j])) <= tol * bound
+
+
+def test_in_place_and_forms() -> None:
+    grads = torch.randn(16, 100)
+    original = grads.clone()
+    full = mfac.InverseFisher(grads, 1e-3)
+    assert grads.data_ptr() == full.buffer.data_ptr()  # consumed in place, no m x d copy
+    assert not torch.equal(grads, original)  # overwritten by Q
+    blocked = mfac.InverseFisher(original.clone(), 1e-3, block_size=8)  # 8 <= m: direct
+    assert all(g.direct for g in blocked.groups)
+    assert blocked.nbytes == 16 * 100 * 4 + (12 * 8 * 8 + 4 * 4) * 8
+    woodbury = mfac.InverseFisher(original.clone(), 1e-3, block_size=40)  # 40, 40, 20 > 16
+    assert not any(g.direct for g in woodbury.groups)
+    assert [(g.nblocks, g.size) for g in woodbury.groups] == [(2, 40), (1, 20)]
+    assert "woodbury" in repr(woodbury)
+
+
+def test_relative_damping_scales_by_mean_diagonal() -> None:
+    grads = torch.randn(10, 50, dtype=torch.float64) * 3
+    mean_diag = float((grads**2).sum()) / (10 * 50)
+    op = mfac.InverseFisher(grads.clone(), 0.01, damp_mode="relative")
+    assert op.damp == pytest.approx(0.01 * mean_diag, rel=1e-12)
+    dense = dense_block_inverse_fisher(grads, op.damp, None)
+    assert rel_err(op.diag(), dense.diagonal()) < 1e-10
+
+
+def test_float64_storage_is_near_exact() -> None:
+    grads = torch.randn(40, 200, dtype=torch.float64)
+    dense = dense_block_inverse_fisher(grads, 1e-6, 64)
+    op = mfac.InverseFisher(grads.clone(), 1e-6, 64)
+    x = torch.randn(200, dtype=torch.float64)
+    assert rel_err(op.ihvp(x), dense @ x) < 1e-10
