@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from .memory import TILE_BYTES, allocate
+from .threads import single_threaded
 
 F64 = torch.float64
 
@@ -82,11 +83,14 @@ class BlockGroup:
         for b0, b1 in _chunks(self.nblocks, blocks_per_tile):
             fisher = torch.zeros(b1 - b0, self.size, self.size, dtype=F64, device=buffer.device)
             for r0, r1 in _chunks(self.m, rows_per_tile):
-                src = view[r0:r1, b0:b1, :].permute(1, 2, 0)  # (nb, size, rows)
+                # (nb, rows, size): rows of each block stay contiguous, so the copy streams.
+                src = view[r0:r1, b0:b1, :].permute(1, 0, 2)
                 tile = torch.empty(src.shape, dtype=F64, device=buffer.device).copy_(src)
-                fisher.baddbmm_(tile, tile.transpose(1, 2))
+                fisher.baddbmm_(tile.transpose(1, 2), tile)
             fisher.div_(self.m).add_(eye, alpha=self.damp)
-            self.inverse[b0:b1] = torch.cholesky_inverse(torch.linalg.cholesky(fisher))
+            with single_threaded(b1 - b0 > 1):
+                chol = torch.linalg.cholesky(fisher)
+                self.inverse[b0:b1] = torch.cholesky_solve(eye.expand_as(fisher), chol)
 
     def _build_woodbury(self, buffer: torch.Tensor) -> None:
         blocks_per_tile, cols = self._plan()
@@ -100,7 +104,8 @@ class BlockGroup:
                 tile = self._tile(buffer, b0, b1, c0, c1)
                 gram.baddbmm_(tile, tile.transpose(1, 2))
             gram.diagonal(dim1=1, dim2=2).add_(self.m * self.damp)
-            chol = torch.linalg.cholesky(gram)
+            with single_threaded(b1 - b0 > 1):
+                chol = torch.linalg.cholesky(gram)
             del gram
             if not self.q_form:
                 self.chol[b0:b1] = chol
@@ -108,7 +113,8 @@ class BlockGroup:
             for c0, c1 in _chunks(self.size, cols):
                 if cols < self.size or tile is None:
                     tile = self._tile(buffer, b0, b1, c0, c1)
-                q = torch.linalg.solve_triangular(chol, tile, upper=False)
+                with single_threaded(b1 - b0 > 1):
+                    q = torch.linalg.solve_triangular(chol, tile, upper=False)
                 view[:, b0:b1, c0:c1].copy_(q.permute(1, 0, 2))
                 tile = None
 

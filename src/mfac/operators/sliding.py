@@ -16,6 +16,7 @@ from .._validation import (
 )
 from .kernels import cols_dot, rows_dot
 from .memory import default_memory_budget
+from .threads import single_threaded
 
 F64 = torch.float64
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -82,6 +83,7 @@ class SlidingInverseFisher:
 
     # ------------------------------------------------------------------ updates
     def _check_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """Check type, dtype, size and device (metadata only; finiteness is checked in _insert)."""
         if not isinstance(g, torch.Tensor):
             raise TypeError(f"gradient must be a torch.Tensor, got {type(g).__name__}")
         check_float_dtype(g.dtype, "gradient")
@@ -92,34 +94,48 @@ class SlidingInverseFisher:
             )
         if g.device != self.device:
             raise ValueError(f"gradient is on device {g.device}, the window lives on {self.device}")
-        flat = g.reshape(-1)
-        if not bool(torch.isfinite(flat).all()):
-            raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
-        return flat
+        return g.reshape(-1)
 
     def _insert(self, flat: torch.Tensor) -> None:
-        """Write ``flat`` into the next slot and update K and its factor (one pass over G).
+        """Write ``flat`` into the next slot and update K and its factor: one pass over G.
 
-        On failure the window is restored exactly.
+        u = G g is taken with the old row still in slot r, then u[r] is replaced by g.g, so
+        nothing is written until every check has passed. g.g doubles as the NaN/Inf check
+        (a NaN or Inf entry makes it non-finite), which saves a separate pass over g.
         """
         slot = self.next_slot
-        old_row = self.grads[slot].clone()
-        old_gram_row = self.gram[slot].clone()
-        self.grads[slot] = flat
-        u = rows_dot(self.grads, self.grads[slot].unsqueeze(1))[:, 0].to(F64)
-        self.gram[slot, :] = u
-        self.gram[:, slot] = u
-        self.gram[slot, slot] += self.window * self.damp
-        chol, info = torch.linalg.cholesky_ex(self.gram)
-        if int(info) != 0:
-            self.grads[slot] = old_row
-            self.gram[slot, :] = old_gram_row
-            self.gram[:, slot] = old_gram_row
-            raise RuntimeError(
-                "the window's m x m matrix lost positive definiteness in float64 "
-                f"(damp={self.damp:g} is too small for gradients of this size); "
-                "increase damp. The window is unchanged."
-            )
+        with single_threaded():
+            stored = flat.to(self.grads.dtype)
+        u = rows_dot(self.grads, stored.unsqueeze(1))[:, 0]  # the pass over G: all threads
+        with single_threaded():
+            u = u.to(F64)
+            wide = stored.to(torch.float32 if stored.dtype != F64 else F64)
+            u[slot] = float(torch.dot(wide, wide))
+            if not bool(torch.isfinite(u[slot])):
+                if not bool(torch.isfinite(flat).all()):
+                    raise NonFiniteGradientError(
+                        "gradient contains NaN or Inf; the window is unchanged"
+                    )
+                if not bool(torch.isfinite(stored).all()):
+                    raise NonFiniteGradientError(
+                        f"gradient overflows {self.grads.dtype} storage; the window is unchanged"
+                    )
+                u[slot] = float(stored.to(F64).square().sum())  # float32 overflow of g.g only
+            old_gram_row = self.gram[slot].clone()
+            self.gram[slot, :] = u
+            self.gram[:, slot] = u
+            self.gram[slot, slot] += self.window * self.damp
+            chol, info = torch.linalg.cholesky_ex(self.gram)
+            if int(info) != 0:
+                self.gram[slot, :] = old_gram_row
+                self.gram[:, slot] = old_gram_row
+                raise RuntimeError(
+                    "the window's m x m matrix lost positive definiteness in float64 "
+                    f"(damp={self.damp:g} is too small for gradients of this size, or the "
+                    "window holds near-identical gradients); increase damp. "
+                    "The window is unchanged."
+                )
+            self.grads[slot] = stored
         self.chol = chol
         self.next_slot = (slot + 1) % self.window
         self.num_pushed += 1
@@ -139,7 +155,8 @@ class SlidingInverseFisher:
         check_vector(x, self.dim, self.device, "x")
         xm = x.unsqueeze(1) if x.ndim == 1 else x
         gx = rows_dot(self.grads, xm).to(F64)
-        c = torch.cholesky_solve(gx, self.chol)
+        with single_threaded():
+            c = torch.cholesky_solve(gx, self.chol)
         y = (xm.to(torch.float32 if xm.dtype != F64 else F64) - cols_dot(self.grads, c)) / self.damp
         y = y.to(x.dtype)
         return y.squeeze(1) if x.ndim == 1 else y
@@ -156,9 +173,10 @@ class SlidingInverseFisher:
         flat = self._check_grad(g)
         slot = self.next_slot
         self._insert(flat)
-        rhs = torch.zeros(self.window, 1, dtype=F64, device=self.device)
-        rhs[slot, 0] = float(self.window)
-        coeff = torch.cholesky_solve(rhs, self.chol)
+        with single_threaded():
+            rhs = torch.zeros(self.window, 1, dtype=F64, device=self.device)
+            rhs[slot, 0] = float(self.window)
+            coeff = torch.cholesky_solve(rhs, self.chol)
         return cols_dot(self.grads, coeff)[:, 0].to(g.dtype).view_as(g)
 
     # ------------------------------------------------------------------ checkpoints

@@ -17,23 +17,24 @@ from .._validation import (
     check_positive_int,
     check_vector,
 )
-from .blocks import F64, BlockGroup, _chunks
-from .memory import TILE_BYTES, is_memory_mapped
+from .blocks import F64, BlockGroup
+from .memory import is_memory_mapped
 
 DampMode = Literal["absolute", "relative"]
 
 
 def squared_row_norms(grads: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of squares in float64, computed in row chunks (no m x d temporary).
+    """Per-row sums of squares (float64 result), in one BLAS pass with no m x d temporary.
 
-    A NaN or Inf anywhere in a row makes that row's value non-finite, so this one pass is also
-    the finiteness check.
+    A NaN or Inf anywhere in a row makes that row's value non-finite, so this pass is also the
+    finiteness check. Rows whose float32 sum overflowed are recomputed in float64, so only rows
+    that really hold NaN/Inf stay non-finite.
     """
-    m, d = grads.shape
-    out = torch.empty(m, dtype=F64, device=grads.device)
-    rows = max(1, TILE_BYTES // (8 * max(d, 1)))
-    for r0, r1 in _chunks(m, rows):
-        out[r0:r1] = grads[r0:r1].to(F64).square().sum(1)
+    work = grads if grads.dtype in (torch.float32, F64) else grads.float()
+    out = torch.einsum("ij,ij->i", work, work).to(F64)
+    suspect = (~torch.isfinite(out)).nonzero().flatten()
+    for row in suspect.tolist():  # only rows that overflowed or hold NaN/Inf
+        out[row] = grads[row].to(F64).square().sum()
     return out
 
 

@@ -1,0 +1,216 @@
+"""Speed of the M-FAC operators, as ratios measured in one run.
+
+1. The optimizer step ``push_ihvp`` against its memory-bandwidth floor: two plain matrix-vector
+   passes (``G @ x`` then ``y @ G``) over the same m x d float32 buffer. bfloat16 storage is
+   compared with the same float32 floor (its own floor is 0.5x, half the bytes), next to stock
+   torch bfloat16 matrix-vector products.
+2. The static precompute (Gram, Cholesky, triangular solve or block inverses) in GFLOP/s,
+   against this machine's float32 and float64 matmul rates measured in the same run.
+3. The BLAS-3 precompute against the paper's rank-one recursion (a loop over m).
+
+Run: ``python -m benchmarks.operators`` (full, ~15 min) or ``--quick`` (~1 min).
+Writes benchmarks/results/operators.json (or operators-quick.json) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from mfac import InverseFisher, SlidingInverseFisher
+
+from benchmarks.common import interleaved_medians, machine, matmul_gflops, table, write_json
+from benchmarks.rank_one import RankOneInverseFisher
+
+F64 = torch.float64
+
+
+def filled_window(grads: torch.Tensor, damp: float) -> SlidingInverseFisher:
+    """A sliding operator whose window already holds ``grads`` (K and its factor consistent)."""
+    m, d = grads.shape
+    op = SlidingInverseFisher(d, m, damp, dtype=grads.dtype)
+    op.grads = grads
+    gram = torch.zeros(m, m, dtype=F64)
+    for c in range(0, d, 65536):
+        tile = grads[:, c : c + 65536].to(F64)
+        gram += tile @ tile.T
+    gram.diagonal().add_(m * damp)
+    op.gram, op.chol = gram, torch.linalg.cholesky(gram)
+    return op
+
+
+def bench_step(m: int, d: int, reps: int, stock_bf16: bool) -> dict:
+    """push_ihvp (float32 and bfloat16 storage) against the two-pass float32 floor."""
+    torch.manual_seed(0)
+    g32 = torch.randn(m, d)
+    op32 = filled_window(g32, 1e-4)
+    op16 = filled_window(g32.bfloat16(), 1e-4)
+    x, c = torch.randn(d), torch.randn(m)
+    # Distinct gradients, as in training: pushing one vector m times makes the window's rows
+    # identical, and then float32 dot products cannot keep K positive definite at small damp.
+    pool = torch.randn(m + 1, d)
+    count = iter(range(10**9))
+
+    def grad() -> torch.Tensor:
+        return pool[next(count) % (m + 1)]
+
+    fns = {
+        "floor_f32": lambda: (g32 @ x, c @ g32),
+        "push_ihvp_f32": lambda: op32.push_ihvp(grad()),
+        "push_ihvp_bf16": lambda: op16.push_ihvp(grad()),
+    }
+    if stock_bf16:
+        g16, x16, c16 = op16.grads, x.bfloat16(), c.bfloat16()
+        fns["stock_bf16_two_pass"] = lambda: (g16 @ x16, c16 @ g16)
+    t = interleaved_medians(fns, reps)
+    floor = t["floor_f32"]
+    row = {
+        "m": m,
+        "d": d,
+        "floor_f32_s": floor,
+        "floor_GBps": 2 * m * d * 4 / floor / 1e9,
+        "push_ihvp_f32_s": t["push_ihvp_f32"],
+        "f32_over_floor": t["push_ihvp_f32"] / floor,
+        "push_ihvp_bf16_s": t["push_ihvp_bf16"],
+        "bf16_over_f32_floor": t["push_ihvp_bf16"] / floor,
+    }
+    if stock_bf16:
+        row["stock_bf16_over_f32_floor"] = t["stock_bf16_two_pass"] / floor
+    return row
+
+
+def bench_precompute(m: int, d: int, blocks: list[int | None], reps: int) -> list[dict]:
+    """Static precompute GFLOP/s against float32/float64 matmul GFLOP/s of the same run."""
+    torch.manual_seed(1)
+    master = torch.randn(m, d)
+    work = torch.empty_like(master)
+    rows = []
+    for block in blocks:
+        size = d if block is None else block
+        if size <= m:  # direct B x B: Gram, Cholesky, inverse per block
+            flops = 2 * m * size * d + d * size**2 / 3 + 2 * d * size**2
+        else:  # Woodbury: Gram, Cholesky, triangular solve per block
+            flops = 3 * m * m * d + (d // size) * m**3 / 3
+        times = []
+        f32, f64 = [], []
+        for _ in range(reps):
+            work.copy_(master)  # the operator consumes its input in place
+            f32.append(matmul_gflops(torch.float32, reps=3))
+            start = time.perf_counter()
+            InverseFisher(work, 1e-5, block)
+            times.append(time.perf_counter() - start)
+            f64.append(matmul_gflops(F64, reps=3))
+        times.sort()
+        f32.sort()
+        f64.sort()
+        seconds, mm32, mm64 = times[reps // 2], f32[reps // 2], f64[reps // 2]
+        achieved = flops / seconds / 1e9
+        rows.append(
+            {
+                "m": m,
+                "d": d,
+                "block": "full" if block is None else block,
+                "form": "direct" if size <= m else "woodbury",
+                "seconds": seconds,
+                "GFLOPs": achieved,
+                "matmul_f32_GFLOPs": mm32,
+                "matmul_f64_GFLOPs": mm64,
+                "ratio_to_f32_matmul": achieved / mm32,
+                "ratio_to_f64_matmul": achieved / mm64,
+            }
+        )
+    return rows
+
+
+def bench_rank_one(m: int, d: int, reps: int) -> dict:
+    """Our BLAS-3 precompute against the paper's rank-one recursion (same F, same answers)."""
+    torch.manual_seed(2)
+    grads = torch.randn(m, d)
+    x = torch.randn(d)
+    work = torch.empty_like(grads)
+
+    def ours() -> InverseFisher:
+        work.copy_(grads)
+        return InverseFisher(work, 1e-4)
+
+    t = interleaved_medians(
+        {"ours": ours, "rank_one": lambda: RankOneInverseFisher(grads, 1e-4)}, reps
+    )
+    exact = RankOneInverseFisher(grads.double(), 1e-4).ihvp(x.double())
+    agree = float((ours().ihvp(x).double() - exact).norm() / exact.norm())
+    return {
+        "m": m,
+        "d": d,
+        "ours_s": t["ours"],
+        "rank_one_s": t["rank_one"],
+        "speedup": t["rank_one"] / t["ours"],
+        "ihvp_rel_diff_vs_float64_recursion": agree,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions per median (>= 5)")
+    parser.add_argument(
+        "--only", choices=["step", "precompute", "rank_one"], nargs="*", help="run some parts"
+    )
+    args = parser.parse_args(argv)
+    parts = set(args.only or ["step", "precompute", "rank_one"])
+    if args.quick:
+        steps, pre, r1 = [(64, 200_000), (256, 200_000)], (256, 2**16), (64, 2**15)
+    else:
+        steps, pre, r1 = [(256, 1_000_000), (1024, 1_000_000)], (1024, 2**20), (256, 2**18)
+    result: dict = {"machine": machine(), "quick": args.quick, "reps": args.reps}
+    if "step" in parts:
+        result["step"] = [bench_step(m, d, args.reps, stock_bf16=m <= 256) for m, d in steps]
+        print("\npush_ihvp against the two-pass float32 floor (G @ x, then y @ G)")
+        print(
+            table(
+                result["step"],
+                [
+                    "m",
+                    "d",
+                    "floor_GBps",
+                    "f32_over_floor",
+                    "bf16_over_f32_floor",
+                    "stock_bf16_over_f32_floor",
+                ],
+            )
+        )
+    if "precompute" in parts:
+        result["precompute"] = bench_precompute(pre[0], pre[1], [128, None], args.reps)
+        print("\nstatic precompute against this machine's matmul rate")
+        print(
+            table(
+                result["precompute"],
+                [
+                    "m",
+                    "d",
+                    "block",
+                    "form",
+                    "seconds",
+                    "GFLOPs",
+                    "ratio_to_f32_matmul",
+                    "ratio_to_f64_matmul",
+                ],
+            )
+        )
+    if "rank_one" in parts:
+        result["rank_one"] = bench_rank_one(r1[0], r1[1], args.reps)
+        print("\nBLAS-3 precompute against the paper's rank-one recursion")
+        print(
+            table(
+                [result["rank_one"]],
+                ["m", "d", "ours_s", "rank_one_s", "speedup", "ihvp_rel_diff_vs_float64_recursion"],
+            )
+        )
+    path = write_json("operators-quick" if args.quick else "operators", result)
+    print(f"\nwrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
