@@ -64,3 +64,29 @@ def test_to_moves_and_keeps_results() -> None:
     y = op.ihvp(x)
     assert op.to("cpu") is op
     assert torch.equal(op.ihvp(x), y)
+
+
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest single CPU allocation made while ``fn`` runs (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("block", [None, 512])
+def test_no_copy_of_the_buffer(block, monkeypatch) -> None:
+    from mfac.operators import blocks
+
+    monkeypatch.setattr(blocks, "TILE_BYTES", 2**20)  # float64 scratch per tile: 1 MiB
+    m, d = 32, 2**16
+    grads = torch.randn(m, d)
+    buffer_bytes = m * d * 4
+    largest = _largest_allocation(lambda: mfac.InverseFisher(grads, 1e-3, block))
+    assert largest < buffer_bytes / 2  # tiles only, never a second m x d buffer
+    op = mfac.InverseFisher(torch.randn(m, d), 1e-3, block)
+    x = torch.randn(d)
+    assert _largest_allocation(lambda: op.ihvp(x)) < buffer_bytes / 4
+    window = mfac.SlidingInverseFisher(d, m, 1e-3)
+    assert _largest_allocation(lambda: window.push_ihvp(x)) < buffer_bytes / 4
