@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import mfac
 from mfac.operators import kernels
+
 from oracle import dense_inverse_fisher, rel_err
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import mfac
 from mfac.operators import kernels
+
 from oracle import dense_block_inverse_fisher, rel_err
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-4, torch.float16: 1e-4}
@@ -107,3 +108,13 @@ def test_float64_storage_is_near_exact() -> None:
     op = mfac.InverseFisher(grads.clone(), 1e-6, 64)
     x = torch.randn(200, dtype=torch.float64)
     assert rel_err(op.ihvp(x), dense @ x) < 1e-10
+
+
+@pytest.mark.parametrize("block", [None, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_contiguous_right_hand_sides(block: int | None, dtype: torch.dtype) -> None:
+    grads = torch.randn(8, 40)
+    dense = dense_block_inverse_fisher(grads, 1e-3, block)
+    op = mfac.InverseFisher(grads.clone(), 1e-3, block)
+    x = torch.randn(3, 40, dtype=dtype).T  # (40, 3), not contiguous
+    assert rel_err(op.ihvp(x), dense @ x.double()) < 1e-5

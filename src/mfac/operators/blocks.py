@@ -123,7 +123,7 @@ class BlockGroup:
         """F^-1 x for the group's coordinates; x is (nblocks*size, k)."""
         k = x.shape[1]
         if self.direct:
-            xb = x.to(F64).view(self.nblocks, self.size, k)
+            xb = x.to(F64).reshape(self.nblocks, self.size, k)
             return torch.bmm(self.inverse, xb).view(-1, k)
         if self.q_form:
             xb = x.to(buffer.dtype)
@@ -132,14 +132,14 @@ class BlockGroup:
                 y = xb - q.T @ (q @ xb)
             else:
                 q = self._view(buffer).permute(1, 0, 2)  # (nb, m, size), strided view
-                xv = xb.view(self.nblocks, self.size, k)
+                xv = xb.reshape(self.nblocks, self.size, k)
                 y = (xv - torch.bmm(q.transpose(1, 2), torch.bmm(q, xv))).view(-1, k)
             return y.div_(self.damp)
         return self._ihvp_g_form(buffer, x)
 
     def _ihvp_g_form(self, buffer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         k = x.shape[1]
-        xv = x.to(F64).view(self.nblocks, self.size, k)
+        xv = x.to(F64).reshape(self.nblocks, self.size, k)
         out = torch.empty_like(xv)
         blocks_per_tile, cols = self._plan()
         for b0, b1 in _chunks(self.nblocks, blocks_per_tile):
