@@ -3,10 +3,12 @@ optimizer, OBS pruning and I-OBS sparse recovery)."""
 
 from ._validation import NonFiniteGradientError
 from .operators import GradientBuffer, InverseFisher, SlidingInverseFisher
+from .optim import MFAC
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MFAC",
     "GradientBuffer",
     "InverseFisher",
     "NonFiniteGradientError",
