@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import torch
@@ -52,7 +53,11 @@ def test_exact_after_thousands_of_wraparounds() -> None:
     assert rel_err(op.gram, fresh) < 1e-6
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("MFAC_HYPOTHESIS_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     window=st.integers(1, 24),
     dim=st.integers(1, 400),
@@ -72,14 +77,26 @@ def test_push_ihvp_matches_oracle_of_stored_window(
         g = next(grads)
         y = op.push_ihvp(g)
     tol = 1e-5 if dtype == torch.float32 else 1e-4
-    dense = dense_inverse_fisher(op.grads.double(), damp)  # F of the stored (rounded) rows
-    assert rel_err(y, dense @ g.to(dtype).double()) <= tol
+    stored = op.grads.double()
+    dense = dense_inverse_fisher(stored, damp)  # F of the stored (rounded) rows
+    exact = dense @ g.to(dtype).double()
+    if dim < 2 * window:
+        # Linearly dependent rows: c = m K^-1 e_r has a component ~1/(m damp) along G's left
+        # null space, which the float32 pass G^T c cancels only up to its own rounding.
+        gram = stored @ stored.T
+        gram.diagonal().add_(window * damp)
+        slot = (op.next_slot - 1) % window  # the row push_ihvp just wrote
+        unit = torch.eye(window, dtype=torch.float64)[:, slot]
+        coeff = window * torch.linalg.solve(gram, unit)
+        sigma = torch.linalg.matrix_norm(stored, ord=2)
+        tol += 8 * 2.0**-24 * float(sigma * coeff.norm() / exact.norm())
+    assert rel_err(y, exact) <= tol
     if dim > 2 * window:
         # A generic x has a component outside the window's span, so (x - G^T c)/lambda does
         # not cancel. For x inside the span (always when dim <= window) the Woodbury form
         # loses ~eps*|x|/(lambda*|F^-1 x|) digits; push_ihvp, checked above, never cancels.
         x = torch.randn(dim, 2, generator=torch.Generator().manual_seed(seed))
-        assert rel_err(op.ihvp(x), dense @ x.double()) <= tol
+        assert rel_err(op.ihvp(x), dense @ x.double()) <= (1e-5 if dtype == torch.float32 else 1e-4)
 
 
 def test_resume_is_bit_identical() -> None:

@@ -164,8 +164,11 @@ class SlidingInverseFisher:
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Push ``g`` and return F^-1 g_stored under the updated window, reading G twice.
 
-        With g stored as row r, F^-1 g = m G^T K^-1 e_r exactly (no cancellation between
-        g/lambda and G^T K^-1 G g/lambda, which loses digits for small damping). With
+        With g stored as row r, F^-1 g = m G^T K^-1 e_r exactly, which avoids the
+        cancellation between g/lambda and G^T K^-1 G g/lambda of the generic formula. When the
+        window's rows are linearly dependent (d < m, or collinear gradients), K^-1 e_r has a
+        component ~1/(m lambda) along G's left null space that the float32 pass G^T c cancels
+        only up to its rounding: relative error ~ eps * |G| * m|K^-1 e_r| / |F^-1 g|. With
         low-precision storage the result is F^-1 of the gradient *as stored*: the exact
         F^-1 of the unrounded g would add the rounding residual amplified by 1/lambda, a
         step of pure rounding noise.
