@@ -37,7 +37,7 @@ def filled_window(grads: torch.Tensor, damp: float) -> SlidingInverseFisher:
         tile = grads[:, c : c + 65536].float()
         gram += (tile @ tile.T).to(F64)
     gram.diagonal().add_(m * damp)
-    op.gram, op.chol = gram, torch.linalg.cholesky(gram)
+    op.factor.gram, op.factor.chol = gram, torch.linalg.cholesky(gram)
     return op
 
 

@@ -40,6 +40,23 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def check_fits(
+    nbytes: int, what: str, memory_budget: int | None, device: torch.device | None = None
+) -> None:
+    """Raise MemoryError, before allocating, when ``nbytes`` exceed the memory budget.
+
+    The default budget is half the available RAM, so it applies to CPU buffers only unless a
+    budget is given explicitly."""
+    if memory_budget is None and device is not None and device.type != "cpu":
+        return
+    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    if nbytes > budget:
+        raise MemoryError(
+            f"{what} needs {_gib(nbytes)}, over the memory budget of {_gib(budget)}; use a "
+            "smaller window (ngrads), bfloat16 history, top-k history or a process group"
+        )
+
+
 def allocate(
     shape: tuple[int, ...],
     dtype: torch.dtype = torch.float32,

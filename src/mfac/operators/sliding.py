@@ -14,8 +14,9 @@ from .._validation import (
     check_positive_int,
     check_vector,
 )
+from .gram import GramFactor
 from .kernels import cols_dot, rows_dot
-from .memory import default_memory_budget
+from .memory import check_fits
 from .threads import single_threaded
 
 F64 = torch.float64
@@ -47,23 +48,14 @@ class SlidingInverseFisher:
     ) -> None:
         check_positive_int(dim, "dim")
         check_positive_int(window, "window")
-        self.damp = check_damp(damp)
+        check_damp(damp)
         check_float_dtype(dtype, "dtype")
         device = torch.device(device) if device is not None else torch.device("cpu")
         nbytes = window * dim * torch.empty((), dtype=dtype).element_size()
-        budget = default_memory_budget() if memory_budget is None else memory_budget
-        if device.type == "cpu" and nbytes > budget:
-            raise MemoryError(
-                f"a window of {window} x {dim} {dtype} gradients needs {nbytes / 2**30:.2f} GiB, "
-                f"over the memory budget of {budget / 2**30:.2f} GiB; use a smaller window, "
-                "bfloat16 storage, or top-k history"
-            )
+        check_fits(nbytes, f"a window of {window} x {dim} {dtype} gradients", memory_budget, device)
         self.dim, self.window = dim, window
         self.grads = torch.zeros(window, dim, dtype=dtype, device=device)
-        self.gram = torch.eye(window, dtype=F64, device=device) * (window * self.damp)
-        self.chol = torch.linalg.cholesky(self.gram)
-        self.next_slot = 0
-        self.num_pushed = 0
+        self.factor = GramFactor(window, damp, device)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -75,6 +67,31 @@ class SlidingInverseFisher:
     def dtype(self) -> torch.dtype:
         """Storage dtype of the window."""
         return self.grads.dtype
+
+    @property
+    def damp(self) -> float:
+        """The absolute damping lambda."""
+        return self.factor.damp
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """K = m*lambda*I + G G^T, float64 (m x m)."""
+        return self.factor.gram
+
+    @property
+    def chol(self) -> torch.Tensor:
+        """The lower Cholesky factor of K."""
+        return self.factor.chol
+
+    @property
+    def next_slot(self) -> int:
+        """The ring slot the next gradient goes to."""
+        return self.factor.next_slot
+
+    @property
+    def num_pushed(self) -> int:
+        """Gradients pushed so far."""
+        return self.factor.num_pushed
 
     @property
     def nbytes(self) -> int:
@@ -121,24 +138,9 @@ class SlidingInverseFisher:
                         f"gradient overflows {self.grads.dtype} storage; the window is unchanged"
                     )
                 u[slot] = float(stored.to(F64).square().sum())  # float32 overflow of g.g only
-            old_gram_row = self.gram[slot].clone()
-            self.gram[slot, :] = u
-            self.gram[:, slot] = u
-            self.gram[slot, slot] += self.window * self.damp
-            chol, info = torch.linalg.cholesky_ex(self.gram)
-            if int(info) != 0:
-                self.gram[slot, :] = old_gram_row
-                self.gram[:, slot] = old_gram_row
-                raise RuntimeError(
-                    "the window's m x m matrix lost positive definiteness in float64 "
-                    f"(damp={self.damp:g} is too small for gradients of this size, or the "
-                    "window holds near-identical gradients); increase damp. "
-                    "The window is unchanged."
-                )
+        self.factor.commit(u)  # K's row/column, refactor; raises with K restored on failure
+        with single_threaded():
             self.grads[slot] = stored
-        self.chol = chol
-        self.next_slot = (slot + 1) % self.window
-        self.num_pushed += 1
 
     def push(self, g: torch.Tensor) -> None:
         """Add a gradient to the window, replacing the oldest one when the window is full."""
@@ -154,9 +156,7 @@ class SlidingInverseFisher:
         """
         check_vector(x, self.dim, self.device, "x")
         xm = x.unsqueeze(1) if x.ndim == 1 else x
-        gx = rows_dot(self.grads, xm).to(F64)
-        with single_threaded():
-            c = torch.cholesky_solve(gx, self.chol)
+        c = self.factor.solve(rows_dot(self.grads, xm))
         y = (xm.to(torch.float32 if xm.dtype != F64 else F64) - cols_dot(self.grads, c)) / self.damp
         y = y.to(x.dtype)
         return y.squeeze(1) if x.ndim == 1 else y
@@ -176,26 +176,16 @@ class SlidingInverseFisher:
         flat = self._check_grad(g)
         slot = self.next_slot
         self._insert(flat)
-        with single_threaded():
-            rhs = torch.zeros(self.window, 1, dtype=F64, device=self.device)
-            rhs[slot, 0] = float(self.window)
-            coeff = torch.cholesky_solve(rhs, self.chol)
+        coeff = self.factor.slot_coeff(slot)
         return cols_dot(self.grads, coeff)[:, 0].to(g.dtype).view_as(g)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-identically (window, K, its factor, the pointer)."""
-        return {
-            "grads": self.grads.clone(),
-            "gram": self.gram.clone(),
-            "chol": self.chol.clone(),
-            "next_slot": self.next_slot,
-            "num_pushed": self.num_pushed,
-            "damp": self.damp,
-        }
+        return {"grads": self.grads.clone(), **self.factor.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`; checks shapes and dtypes first."""
+        """Restore a state from :meth:`state_dict`; checks everything before writing anything."""
         grads = state["grads"]
         if tuple(grads.shape) != (self.window, self.dim):
             raise ValueError(
@@ -204,16 +194,8 @@ class SlidingInverseFisher:
             )
         if grads.dtype != self.grads.dtype:
             raise TypeError(f"state stores {grads.dtype}, this operator stores {self.grads.dtype}")
-        for key in ("gram", "chol"):
-            if tuple(state[key].shape) != (self.window, self.window):
-                raise ValueError(f"state's {key} has shape {tuple(state[key].shape)}")
-        damp = check_damp(state["damp"])
+        self.factor.load_state_dict(state)  # validates its own shapes and damp first
         self.grads.copy_(grads)
-        self.gram = state["gram"].to(device=self.device, dtype=F64).clone()
-        self.chol = state["chol"].to(device=self.device, dtype=F64).clone()
-        self.next_slot = int(state["next_slot"])
-        self.num_pushed = int(state["num_pushed"])
-        self.damp = damp
 
     def __repr__(self) -> str:
         return (

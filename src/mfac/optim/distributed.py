@@ -20,8 +20,10 @@ import torch
 import torch.distributed as dist
 
 from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
+from ..operators.gram import GramFactor
 from ..operators.kernels import cols_dot, rows_dot
-from .topk import GramFactor, check_fits, finite_fast
+from ..operators.memory import check_fits
+from .topk import finite_fast
 
 F64 = torch.float64
 

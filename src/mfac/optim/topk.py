@@ -1,9 +1,7 @@
 """Compressed and shared pieces of the sliding window used by the M-FAC optimizer.
 
-- :class:`GramFactor`: the m x m algebra of the sliding window (K = m*lambda*I + G G^T in
-  float64 and its Cholesky factor), shared by every window layout (top-k rows here, sharded
-  columns in :mod:`mfac.optim.distributed`). The dense layout is the operator
-  :class:`mfac.SlidingInverseFisher` itself; the formulas are the same (ALGORITHMS.md section 3).
+- The m x m algebra (K and its Cholesky factor) is :class:`mfac.operators.gram.GramFactor`,
+  shared with the dense operator :class:`mfac.SlidingInverseFisher` and the sharded window.
 - :class:`TopKSlidingInverseFisher`: EFCP, error-feedback top-k history. Each gradient g is
   added to the error e, the k largest magnitudes c of a = e + g are stored (k values + int32
   indices, int16 when d < 32768), and e = a - c carries the rest into later steps. G x is a
@@ -19,34 +17,13 @@ import torch
 
 from .._validation import (
     NonFiniteGradientError,
-    check_damp,
     check_float_dtype,
     check_positive_int,
 )
-from ..operators.memory import default_memory_budget
+from ..operators.gram import GramFactor
+from ..operators.memory import check_fits
 
 F64 = torch.float64
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def check_fits(
-    nbytes: int, what: str, memory_budget: int | None, device: torch.device | None = None
-) -> None:
-    """Raise MemoryError, before allocating, when ``nbytes`` exceed the memory budget.
-
-    The default budget is half the available RAM, so it applies to CPU windows only unless a
-    budget is given explicitly."""
-    if memory_budget is None and device is not None and device.type != "cpu":
-        return
-    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
-    if nbytes > budget:
-        raise MemoryError(
-            f"{what} needs {_gib(nbytes)}, over the memory budget of {_gib(budget)}; use a "
-            "smaller window (ngrads), bfloat16 history, top-k history or a process group"
-        )
 
 
 def finite_fast(x: torch.Tensor) -> bool:
@@ -54,82 +31,6 @@ def finite_fast(x: torch.Tensor) -> bool:
     sum); only a non-finite sum (NaN/Inf, or a float overflow) runs the exact elementwise check.
     ``torch.isfinite(x).all()`` alone costs about five passes over x."""
     return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
-
-
-class GramFactor:
-    """K = m*lambda*I + G G^T (float64) for a window of ``window`` rows, and its Cholesky factor.
-
-    The window layouts only supply u = G g for the incoming row; this class writes u into
-    row/column ``slot`` of K, refactors it and advances the ring pointer, restoring K exactly
-    when the factorisation fails. Refactoring costs O(m^3) flops in float64, milliseconds for
-    m <= 1024 and small next to the O(m d) passes over the window.
-    """
-
-    def __init__(self, window: int, damp: float, device: torch.device) -> None:
-        self.window = check_positive_int(window, "window")
-        self.damp = check_damp(damp)
-        self.gram = torch.eye(window, dtype=F64, device=device) * (window * self.damp)
-        self.chol = torch.linalg.cholesky(self.gram)
-        self.next_slot = 0
-        self.num_pushed = 0
-
-    def commit(self, u: torch.Tensor) -> int:
-        """Write u = G g_new (g_new already in the next slot) into K; return the slot used."""
-        slot = self.next_slot
-        old = self.gram[slot].clone()
-        u = u.to(F64)
-        self.gram[slot, :] = u
-        self.gram[:, slot] = u
-        self.gram[slot, slot] += self.window * self.damp
-        chol, info = torch.linalg.cholesky_ex(self.gram)
-        if int(info) != 0:
-            self.gram[slot, :] = old
-            self.gram[:, slot] = old
-            raise RuntimeError(
-                "the window's m x m matrix lost positive definiteness in float64 "
-                f"(damp={self.damp:g} is too small for gradients of this size); increase damp. "
-                "The window is unchanged."
-            )
-        self.chol = chol
-        self.next_slot = (slot + 1) % self.window
-        self.num_pushed += 1
-        return slot
-
-    def slot_coeff(self, slot: int) -> torch.Tensor:
-        """c = m K^-1 e_slot (m x 1, float64), so that F^-1 g_slot = G^T c."""
-        rhs = torch.zeros(self.window, 1, dtype=F64, device=self.gram.device)
-        rhs[slot, 0] = float(self.window)
-        return torch.cholesky_solve(rhs, self.chol)
-
-    def solve(self, gx: torch.Tensor) -> torch.Tensor:
-        """K^-1 (G x) for G x of shape (m, k)."""
-        return torch.cholesky_solve(gx.to(F64), self.chol)
-
-    def state_dict(self) -> dict[str, Any]:
-        """K, its factor, the ring pointer and the damping, as clones."""
-        return {
-            "gram": self.gram.clone(),
-            "chol": self.chol.clone(),
-            "next_slot": self.next_slot,
-            "num_pushed": self.num_pushed,
-            "damp": self.damp,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; checks shapes first."""
-        for key in ("gram", "chol"):
-            if tuple(state[key].shape) != (self.window, self.window):
-                raise ValueError(
-                    f"state's {key} has shape {tuple(state[key].shape)}, "
-                    f"this window needs ({self.window}, {self.window})"
-                )
-        damp = check_damp(state["damp"])
-        device = self.gram.device
-        self.gram = state["gram"].to(device=device, dtype=F64).clone()
-        self.chol = state["chol"].to(device=device, dtype=F64).clone()
-        self.next_slot = int(state["next_slot"])
-        self.num_pushed = int(state["num_pushed"])
-        self.damp = damp
 
 
 def resolve_k(topk: int | float | None, dim: int) -> int:
