@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m benchmarks.operators --quick
+	$(VENV)/bin/mfac demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 
 bench: $(STAMP)
-	$(VPY) -m benchmarks.operators
+	$(VENV)/bin/mfac bench
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis .ruff_cache

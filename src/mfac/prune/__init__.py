@@ -1,0 +1,45 @@
+"""Second-order pruning: one-shot OBS with the M-FAC inverse Fisher (summed single-weight
+updates, recomputation, exact per-block OBC), layer-wise OBS (SparseGPT), magnitude and
+diagonal-Fisher baselines, N:M patterns, masks that hold, and gradual pruning."""
+
+from .api import METHODS, density_steps, oneshot
+from .collect import collect_gradients, squared_gradient_mean
+from .gradual import cubic_schedule, finetune, gradual
+from .layerwise import prune_layer, sparsegpt
+from .masks import (
+    MaskHolder,
+    apply_masks,
+    bake,
+    hold_masks,
+    load_masks,
+    load_sparse,
+    save_masks,
+    save_sparse,
+    to_torch_prune,
+)
+from .patterns import parse_pattern
+from .result import PruneResult
+
+__all__ = [
+    "METHODS",
+    "MaskHolder",
+    "PruneResult",
+    "apply_masks",
+    "bake",
+    "collect_gradients",
+    "cubic_schedule",
+    "density_steps",
+    "finetune",
+    "gradual",
+    "hold_masks",
+    "load_masks",
+    "load_sparse",
+    "oneshot",
+    "parse_pattern",
+    "prune_layer",
+    "save_masks",
+    "save_sparse",
+    "sparsegpt",
+    "squared_gradient_mean",
+    "to_torch_prune",
+]
