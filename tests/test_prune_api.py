@@ -375,3 +375,26 @@ def test_per_sample_rows_match_single_sample_gradients(digits) -> None:
     assert torch.allclose(buf.tensor, ref.tensor, atol=1e-6)
     res = mp.oneshot(model, 0.7, "mfac", data=data, loss_fn=_loss, num_grads=6, per_sample=True)
     assert abs(res.sparsity - 0.7) < 1e-3
+
+
+def test_oneshot_iobs_matches_the_dnn_variant(digits) -> None:
+    import copy
+
+    from mfac.recovery.dnn import iobs_prune
+
+    batches = digits[2]
+    train, val = batches[:8], batches[8:12]
+    via_oneshot, direct = copy.deepcopy(_fresh(digits)), copy.deepcopy(_fresh(digits))
+    kwargs = {"iterations": 2, "dense_steps": 5, "lr": 1e-3}
+    res = mp.oneshot(via_oneshot, 0.8, "iobs", data=train, loss_fn=_loss, val_data=val, **kwargs)
+    ref = iobs_prune(direct, 0.8, data=train, loss_fn=_loss, val_data=val, **kwargs)
+    assert res.method == "iobs" and res.info["best_iteration"] == ref.best_iteration
+    assert res.sparsity == pytest.approx(0.8, abs=0.01)
+    for name, mask in ref.masks.items():
+        assert torch.equal(res.masks[name], mask)
+    for a, b in zip(via_oneshot.parameters(), direct.parameters(), strict=True):
+        assert torch.equal(a, b)
+    before = _state(via_oneshot)
+    with pytest.raises(TypeError, match="unknown options"):
+        mp.oneshot(via_oneshot, 0.8, "iobs", data=train, loss_fn=_loss, block_size=4)
+    assert _unchanged(via_oneshot, before)

@@ -1,6 +1,7 @@
 """torch-mfac: cheap second-order information for PyTorch (M-FAC operators, the M-FAC
 optimizer, OBS pruning and I-OBS sparse recovery)."""
 
+from . import prune, recovery
 from ._validation import NonFiniteGradientError
 from .operators import GradientBuffer, InverseFisher, SlidingInverseFisher
 from .optim import MFAC
@@ -14,4 +15,6 @@ __all__ = [
     "NonFiniteGradientError",
     "SlidingInverseFisher",
     "__version__",
+    "prune",
+    "recovery",
 ]

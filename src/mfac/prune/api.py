@@ -20,7 +20,7 @@ from .saliency import build_inverse, diag_fisher_scores, magnitude_scores, obs_s
 #: Largest float64 block inverse mfac-exact accepts (B = 4096 -> 128 MiB).
 EXACT_BLOCK_BYTES = 8 * 4096**2
 
-METHODS = ("magnitude", "diag-fisher", "mfac", "mfac-exact", "sparsegpt")
+METHODS = ("magnitude", "diag-fisher", "mfac", "mfac-exact", "sparsegpt", "iobs")
 
 COMMON = {"layers", "exclude", "scope", "progress"}
 FISHER = {"num_grads", "damp", "damp_mode", "per_sample"}
@@ -34,6 +34,18 @@ OPTIONS = {
     | FISHER
     | {"block_size", "recompute", "memory_budget", "spill_dir", "layer_groups"},
     "sparsegpt": {"layers", "exclude", "progress", "block", "damp", "calib_batches", "sequential"},
+    "iobs": {
+        "val_data",
+        "iterations",
+        "dense_steps",
+        "lr",
+        "damp",
+        "calib_batches",
+        "layers",
+        "optimizer",
+        "val_fn",
+        "callback",
+    },
 }
 DEFAULTS: dict[str, object] = {
     "scope": "global",
@@ -84,6 +96,8 @@ def oneshot(
         raise TypeError(f"unknown options for method {method!r}: {sorted(unknown)}")
     sparsity = check_sparsity(sparsity)
     nm = parse_pattern(pattern)
+    if method == "iobs":
+        return _iobs(model, sparsity, pattern, data, loss_fn, options)
     opts = {**DEFAULTS, **options}
     if method == "sparsegpt":
         opts.setdefault("block", 128)
@@ -139,6 +153,51 @@ def oneshot(
     timings["total"] = time.perf_counter() - start
     per, overall = summarize(masks)
     return PruneResult(method, sparsity, nm, masks, per, overall, timings, info)
+
+
+def _iobs(
+    model: nn.Module,
+    sparsity: float,
+    pattern: str | Sequence[int] | None,
+    data: Iterable[object] | None,
+    loss_fn: LossFn | None,
+    options: dict[str, object],
+) -> PruneResult:
+    """I-OBS (the DNN variant of mfac.recovery.dnn): dense steps on the calibration loss
+    alternating with a SparseGPT projection, keeping the best validation iterate. Without
+    ``val_data`` the calibration batches double as the validation set."""
+    from ..recovery.dnn import iobs_prune
+
+    if data is None or loss_fn is None:
+        raise ValueError("method 'iobs' needs data= (batches) and loss_fn=(model, batch)")
+    batches = list(data)
+    opts = dict(options)
+    val = opts.pop("val_data", None)
+    backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start = time.perf_counter()
+    try:
+        out = iobs_prune(
+            model,
+            sparsity,
+            data=batches,
+            loss_fn=loss_fn,
+            val_data=batches if val is None else val,
+            pattern=pattern,
+            **opts,  # type: ignore[arg-type]
+        )
+    except BaseException:
+        model.load_state_dict(backup)
+        raise
+    per, overall = summarize(out.masks)
+    info: dict[str, object] = {
+        "val_losses": out.val_losses,
+        "best_iteration": out.best_iteration,
+        "train_losses": out.train_losses,
+    }
+    timings = {"total": time.perf_counter() - start}
+    return PruneResult(
+        "iobs", sparsity, parse_pattern(pattern), out.masks, per, overall, timings, info
+    )
 
 
 def _run(
