@@ -294,19 +294,20 @@ def fmt_bytes(n: int | None) -> str:
     return f"{size:.1f} GiB"  # pragma: no cover
 
 
+def fmt(v: Any) -> str:
+    """Table cell text, shared by the terminal tables and the report."""
+    if isinstance(v, float):
+        if v != v:
+            return "-"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return "-" if v is None else str(v)
+
+
 def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A compact fixed-width table for the terminal."""
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            if v != v:
-                return "-"
-            if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-                return f"{v:.2e}"
-            return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
-        return "-" if v is None else str(v)
-
-    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    body = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [
         max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)
     ]

@@ -9,24 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import require
+from .common import fmt, require
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;
 color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;
 padding:.25em .6em;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{
 text-align:left}img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6}
 .note{color:#666}"""
-
-
-def fmt(v: Any) -> str:
-    """Table cell text."""
-    if isinstance(v, float):
-        if v != v:
-            return "-"
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-            return f"{v:.2e}"
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
-    return "-" if v is None else str(v)
 
 
 @dataclass
