@@ -94,4 +94,36 @@ class GramFactor:
         self.damp = damp
 
 
-__all__ = ["GramFactor"]
+class FactorBacked:
+    """Read-only views of a window's :class:`GramFactor` (``self.factor``), shared by every
+    window layout: the dense operator, the top-k window and the sharded window."""
+
+    factor: GramFactor
+
+    @property
+    def damp(self) -> float:
+        """The absolute damping lambda."""
+        return self.factor.damp
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """K = m*lambda*I + G G^T, float64 (m x m)."""
+        return self.factor.gram
+
+    @property
+    def chol(self) -> torch.Tensor:
+        """The lower Cholesky factor of K."""
+        return self.factor.chol
+
+    @property
+    def next_slot(self) -> int:
+        """The ring slot the next gradient goes to."""
+        return self.factor.next_slot
+
+    @property
+    def num_pushed(self) -> int:
+        """Gradients pushed so far."""
+        return self.factor.num_pushed
+
+
+__all__ = ["FactorBacked", "GramFactor"]

@@ -14,7 +14,7 @@ from .._validation import (
     check_positive_int,
     check_vector,
 )
-from .gram import GramFactor
+from .gram import FactorBacked, GramFactor
 from .kernels import cols_dot, rows_dot
 from .memory import check_fits
 from .threads import single_threaded
@@ -23,7 +23,7 @@ F64 = torch.float64
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-class SlidingInverseFisher:
+class SlidingInverseFisher(FactorBacked):
     """F^-1 over a ring buffer of the last ``window`` gradients of dimension ``dim``.
 
     The window G (m x d, ``dtype`` float32, bfloat16 or float16) and the m x m matrix
@@ -67,31 +67,6 @@ class SlidingInverseFisher:
     def dtype(self) -> torch.dtype:
         """Storage dtype of the window."""
         return self.grads.dtype
-
-    @property
-    def damp(self) -> float:
-        """The absolute damping lambda."""
-        return self.factor.damp
-
-    @property
-    def gram(self) -> torch.Tensor:
-        """K = m*lambda*I + G G^T, float64 (m x m)."""
-        return self.factor.gram
-
-    @property
-    def chol(self) -> torch.Tensor:
-        """The lower Cholesky factor of K."""
-        return self.factor.chol
-
-    @property
-    def next_slot(self) -> int:
-        """The ring slot the next gradient goes to."""
-        return self.factor.next_slot
-
-    @property
-    def num_pushed(self) -> int:
-        """Gradients pushed so far."""
-        return self.factor.num_pushed
 
     @property
     def nbytes(self) -> int:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
-from ..operators.gram import GramFactor
+from ..operators.gram import FactorBacked, GramFactor
 from ..operators.kernels import cols_dot, rows_dot
 from ..operators.memory import check_fits
 from .topk import finite_fast
@@ -35,7 +35,7 @@ def shard_bounds(dim: int, world: int, rank: int) -> tuple[int, int]:
     return lo, min(dim, lo + chunk)
 
 
-class ShardedSlidingInverseFisher:
+class ShardedSlidingInverseFisher(FactorBacked):
     """Sliding-window F^-1 whose m x d window is split by columns over ``process_group``.
 
     Same interface as :class:`mfac.SlidingInverseFisher` for what the optimizer uses:
@@ -79,16 +79,6 @@ class ShardedSlidingInverseFisher:
         self.factor = GramFactor(window, damp, device)
         self.grads = torch.zeros(window, self.hi - self.lo, dtype=dtype, device=device)
         self._gathered = torch.zeros(self.chunk * self.world, dtype=torch.float32, device=device)
-
-    @property
-    def damp(self) -> float:
-        """The absolute damping lambda."""
-        return self.factor.damp
-
-    @property
-    def num_pushed(self) -> int:
-        """Gradients pushed so far."""
-        return self.factor.num_pushed
 
     @property
     def window_nbytes(self) -> int:

@@ -20,7 +20,7 @@ from .._validation import (
     check_float_dtype,
     check_positive_int,
 )
-from ..operators.gram import GramFactor
+from ..operators.gram import FactorBacked, GramFactor
 from ..operators.memory import check_fits
 
 F64 = torch.float64
@@ -50,7 +50,7 @@ def resolve_k(topk: int | float | None, dim: int) -> int:
     raise TypeError(f"topk must be an int or a float density, got {type(topk).__name__}")
 
 
-class TopKSlidingInverseFisher:
+class TopKSlidingInverseFisher(FactorBacked):
     """EFCP sliding window: rows are top-k sparse (values in ``dtype`` + int16/int32 indices).
 
     ``push_ihvp(g)`` forms a = e + g, stores c = top-k(a) as the new row, keeps e = a - c, and
@@ -93,16 +93,6 @@ class TopKSlidingInverseFisher:
         self.values = torch.zeros(window, k, dtype=dtype, device=device)
         self.indices = torch.zeros(window, k, dtype=index_dtype, device=device)
         self.error = torch.zeros(dim, dtype=torch.float32, device=device)
-
-    @property
-    def damp(self) -> float:
-        """The absolute damping lambda."""
-        return self.factor.damp
-
-    @property
-    def num_pushed(self) -> int:
-        """Gradients pushed so far."""
-        return self.factor.num_pushed
 
     @property
     def window_nbytes(self) -> int:
