@@ -3,9 +3,11 @@
 The two passes over the m x d buffer are bandwidth-bound and use every thread. Everything else
 in a step (O(d) vector work on one gradient, O(m^2)..O(m^3) float64 algebra, batches of small
 factorisations) is too small to split: each parallel op pays a thread barrier, and when another
-process holds a core that barrier waits for the scheduler. Measured on this 2-core machine under
-load: a float32 dot product over 1e6 entries took 16 ms on 2 threads and 0.49 ms on one; a batch
-of 64 Cholesky solves of 128 x 128 took 1.9 s on 2 threads and 0.06 s on one.
+process holds a core that barrier waits for the scheduler, which stalled such ops by more than
+an order of magnitude on this shared 2-core machine. On a quiet machine one thread costs little
+(``python -m benchmarks.design_checks``: a 1e6-entry dot 0.20 ms on one thread against 0.31 ms
+on two; 64 Cholesky solves of 128 x 128 24 ms against 18 ms), so the choice trades a small
+loss when idle for robustness under load.
 """
 
 from __future__ import annotations
