@@ -6,8 +6,12 @@
    and float32, the reason for ``mfac.operators.kernels``.
 3. bf16 ``push_ihvp`` semantics: the first step with F^-1 of the stored (rounded) gradient
    against F^-1 of the unrounded one, both compared with the normalised-gradient step.
+4. mfac-exact's greedy trace (``mfac.prune.exact``): rewriting the B x B inverse with a
+   rank-one downdate per removal (two passes: trace, then replay) against the low-rank factor
+   form (one trace pass, then a joint Cholesky solve), and cache-sized against large chunks.
 
-Run: ``python -m benchmarks.design_checks``; writes benchmarks/results/design_checks.json.
+Run: ``python -m benchmarks.design_checks [--only NAME ...]``; writes
+benchmarks/results/design_checks.json (parts not run keep their previous result).
 """
 
 from __future__ import annotations
@@ -102,17 +106,82 @@ def bf16_first_step(m: int = 8, d: int = 300, damp: float = 1e-2) -> dict:
     }
 
 
-def main() -> dict:
-    result = {
-        "machine": machine(),
-        "threads": threads(),
-        "low_precision_passes": low_precision_passes(),
-        "bf16_first_step": bf16_first_step(),
+def _rank_one_greedy(hinv: torch.Tensor, w: torch.Tensor, steps: int) -> torch.Tensor:
+    """The plain batched greedy: every removal rewrites the (nb, B, B) inverse (rank-one)."""
+    h, w = hinv.clone(), w.clone()
+    rows = torch.arange(w.shape[0])
+    removed = torch.zeros_like(w, dtype=torch.bool)
+    for _ in range(steps):
+        d = h.diagonal(dim1=1, dim2=2)
+        p = torch.where(removed, torch.inf, w.square() / d).argmin(1)
+        col = h[rows, :, p]
+        dp = d[rows, p]
+        w -= (w[rows, p] / dp)[:, None] * col
+        h.baddbmm_((col / dp[:, None])[:, :, None], col[:, None, :], alpha=-1.0)
+        w[rows, p] = 0.0
+        removed[rows, p] = True
+    return w
+
+
+def greedy(size: int = 1024, blocks: int = 4) -> dict:
+    """mfac-exact's trace over ``blocks`` blocks of size B: seconds per block, same run."""
+    from mfac.prune.exact import greedy_obs, joint_removal
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(blocks, size, size // 2, dtype=F64, generator=gen)
+    hinv = torch.linalg.inv(a @ a.transpose(1, 2) / size + 0.1 * torch.eye(size, dtype=F64))
+    w = torch.randn(blocks, size, dtype=F64, generator=gen)
+    real = torch.ones(blocks, size, dtype=torch.bool)
+    counts = torch.full((blocks,), size * 9 // 10)
+
+    def factor_form(chunk: int) -> None:
+        for b0 in range(0, blocks, chunk):
+            sl = slice(b0, b0 + chunk)
+            _, order = greedy_obs(hinv[sl], w[sl], real[sl], size)
+            joint_removal(hinv[sl], w[sl], order, counts[sl])
+
+    with single_threaded():
+        times = interleaved_medians(
+            {
+                "rank_one_two_pass": lambda: [_rank_one_greedy(hinv, w, size) for _ in range(2)],
+                "factor_chunk_all": lambda: factor_form(blocks),
+                "factor_chunk_1": lambda: factor_form(1),
+            },
+            reps=1,
+        )
+    per_block = {k: v / blocks for k, v in times.items()}
+    return {
+        "block_size": size,
+        "blocks": blocks,
+        "seconds_per_block": per_block,
+        "speedup_vs_rank_one": per_block["rank_one_two_pass"] / per_block["factor_chunk_1"],
     }
-    path = write_json("design_checks", result)
+
+
+PARTS = {
+    "threads": threads,
+    "low_precision_passes": low_precision_passes,
+    "bf16_first_step": bf16_first_step,
+    "greedy": greedy,
+}
+
+
+def main() -> dict:
+    import argparse
     import json
 
-    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
+    from benchmarks.common import RESULTS
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", nargs="*", choices=list(PARTS), default=list(PARTS))
+    args = ap.parse_args()
+    path = RESULTS / "design_checks.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result["machine"] = machine()
+    for name in args.only:
+        result[name] = PARTS[name]()
+        print(name, json.dumps(result[name], indent=1), flush=True)
+    path = write_json("design_checks", result)
     print(f"wrote {path}")
     return result
 

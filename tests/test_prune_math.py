@@ -244,3 +244,17 @@ def test_lowest_selects_exactly_count_with_ties() -> None:
         assert int(sel.sum()) == count
         if 0 < count < n:
             assert float(values[sel].max()) <= float(values[~sel].min())
+
+
+def test_exact_same_result_in_one_block_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunking only bounds memory: one block per chunk gives the same weights and masks."""
+    import mfac.prune.exact as exact_mod
+
+    results = []
+    for chunk_bytes in (exact_mod.CHUNK_BYTES, 16 * 8 * 8):  # all blocks at once, then one
+        monkeypatch.setattr(exact_mod, "CHUNK_BYTES", chunk_bytes)
+        model, targets, priors, layout, _, _, fisher = _setup((4, 8), 12, 8, 0.05, seed=3)
+        masks = exact_step(targets, [priors[targets[0].name]], fisher, layout, 0.6)
+        results.append((model.weight.detach().clone(), masks[0].clone()))
+    assert torch.equal(results[0][1], results[1][1])
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-12)
