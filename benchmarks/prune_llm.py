@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
@@ -29,12 +28,12 @@ from pathlib import Path
 
 import torch
 
+from mfac._paths import cache_dir
+
 RESULTS = Path(__file__).parent / "results"
 _GENSIM = importlib.util.find_spec("gensim")
 DATA = Path(_GENSIM.submodule_search_locations[0]) / "test" / "test_data"  # type: ignore[index, union-attr]
-CACHE = (
-    Path(os.environ.get("MFAC_CACHE", Path.home() / ".cache" / "torch-mfac")) / "smollm2-135m-f32"
-)
+CACHE = cache_dir() / "smollm2-135m-f32"  # $MFAC_CACHE or ~/.cache/mfac, shared with the CLI
 
 
 def gguf_file() -> Path:

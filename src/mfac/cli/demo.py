@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._paths import cache_dir
 from .common import (
     CLIError,
     atomic_dir,
@@ -178,16 +179,6 @@ def evaluate(model: Any, x: Any, y: Any) -> tuple[float, float]:
         loss = float(torch.nn.functional.cross_entropy(out, y))
     model.train(was)
     return acc, loss
-
-
-def cache_dir(explicit: str | None) -> Path:
-    """--cache-dir, $MFAC_CACHE, $XDG_CACHE_HOME/mfac or ~/.cache/mfac."""
-    if explicit:
-        return Path(explicit).expanduser()
-    if os.environ.get("MFAC_CACHE"):
-        return Path(os.environ["MFAC_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mfac"
 
 
 def trained_cnn(cfg: Config, seed: int, cache: Path | None, data: tuple) -> tuple[Any, dict]:
