@@ -297,6 +297,26 @@ def test_prune_csv_diag_fisher_sparsegpt(work: Path, inproc) -> None:
     assert json.loads((work / "sgpt" / "report.json").read_text())["method"] == "sparsegpt"
 
 
+def test_prune_iobs_gradual_and_paged_buffer(work: Path, inproc) -> None:
+    """The options beyond one-shot: I-OBS, gradual with fine-tuning, a paged Fisher buffer
+    built per layer group; each reaches its target and writes a report that says so."""
+    base = "prune --model tiny.py:mlp --data tab.npz -q"
+    ok(inproc(base + " --method iobs --sparsity 0.5 --iterations 2 --dense-steps 3 "
+              "--calib-batches 2 -o iobs", cwd=work))  # fmt: skip
+    report = json.loads((work / "iobs" / "report.json").read_text())
+    assert report["method"] == "iobs" and report["options"]["iterations"] == 2
+    assert all(abs(r["sparsity"] - 0.5) < 0.02 for r in report["layers"])
+    ok(inproc(base + " --sparsity 0.8 --gradual-steps 3 --finetune-steps 4 --num-grads 8 "
+              "-o grad", cwd=work))  # fmt: skip
+    report = json.loads((work / "grad" / "report.json").read_text())
+    assert report["gradual_steps"] == 3 and abs(report["achieved_sparsity"] - 0.8) < 0.01
+    ok(inproc(base + " --sparsity 0.6 --scope layer --layer-groups 1 --num-grads 8 "
+              "--memory-budget-gb 1e-6 --spill-dir spill -o paged", cwd=work))  # fmt: skip
+    report = json.loads((work / "paged" / "report.json").read_text())
+    assert report["info"]["memory_mapped"] is True
+    assert report["options"]["layer_groups"] == 1
+
+
 def test_prune_hugging_face_folder(work: Path, inproc) -> None:
     pytest.importorskip("transformers")
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -411,6 +431,11 @@ INPROCESS_ERRORS = [
     ("bench nosuch", 2, ["unknown benchmark"]),
     ("recover --data problem.npz --k 3 -o images", 2, ["not written by mfac"]),
     ("prune --no-such-option", 2, ["unrecognized arguments"]),
+    ("prune --model tiny.py:mlp --data tab.npz --finetune-steps 5", 2, ["--gradual-steps"]),
+    ("prune --model tiny.py:mlp --data tab.npz --layer-groups 1", 2, ["--scope layer"]),
+    ("prune --model tiny.py:mlp --data tab.npz --method iobs --gradual-steps 3", 2, ["iobs"]),
+    ("prune --model tiny.py:mlp --data tab.npz --method iobs --exclude 0", 2, ["--exclude"]),
+    ("prune --model tiny.py:mlp --data tab.npz --memory-budget-gb 0", 2, ["--memory-budget-gb"]),
 ]
 
 
@@ -511,3 +536,12 @@ def test_demo_skips_a_part_whose_api_is_missing(
     results = json.loads((work / "skipped" / "results.json").read_text())
     assert set(results["skipped"]) == {"optim"} and "recovery" in results
     assert "Skipped parts" in parse_html(work / "skipped" / "index.html").text
+
+
+def test_docs_list_every_recipe_key() -> None:
+    """docs/cli.md carries each command's key table exactly as the schema prints it."""
+    from mfac.cli.recipe import SCHEMAS, schema_markdown
+
+    doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    for command in SCHEMAS:
+        assert schema_markdown(command) in doc, f"docs/cli.md: keys of 'mfac {command}' are stale"

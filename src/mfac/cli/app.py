@@ -25,7 +25,7 @@ DESCRIPTION = """\
 torch-mfac: cheap second-order information for PyTorch.
 
   mfac demo      the one-minute tour: prune, train and recover on bundled MNIST (offline)
-  mfac prune     prune your model one-shot (magnitude, diag-fisher, mfac, mfac-exact, sparsegpt)
+  mfac prune     prune your model: one-shot, gradual or I-OBS (every mfac.prune method)
   mfac train     train or fine-tune with the M-FAC optimizer (masks held), resumable
   mfac recover   sparse recovery on A, y with I-OBS or the classic solvers
   mfac bench     run the benchmark scripts (quick mode) from a source checkout
@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prune",
         parents=[common],
         formatter_class=fmt,
-        help="prune a model one-shot",
-        description="Prune the Linear/Conv weights of a model one-shot and write the pruned "
+        help="prune a model (one-shot, gradual or I-OBS)",
+        description="Prune the Linear/Conv weights of a model (one-shot; gradual with "
+        "--gradual-steps; I-OBS with --method iobs) and write the pruned "
         "checkpoint (safetensors), the masks, report.json (per-layer sparsity, metric before and "
         "after, timings, peak memory) and a plot.\n\nexample:\n  mfac prune --model "
         "mypkg.models:make_cnn --checkpoint cnn.safetensors --data images/ --method mfac "
@@ -222,12 +223,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"mfac {args.command}: interrupted\n")
         return EXIT_INTERRUPTED
-    except MemoryError:
+    except MemoryError as err:
         if args.debug:
             traceback.print_exc()
+        detail = " ".join(str(err).split()) or "out of memory"  # the library's message, one line
         sys.stderr.write(
-            f"mfac {args.command}: error: out of memory (try smaller "
-            "--num-grads/--block-size/--batch-size)\n"
+            f"mfac {args.command}: error: {detail} (try smaller --num-grads/--block-size/"
+            "--batch-size, or --memory-budget-gb with --spill-dir)\n"
         )
         return EXIT_ENV
     except (ValueError, TypeError) as err:  # library validation (mfac.prune, mfac.recovery)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from .common import (
@@ -32,10 +33,16 @@ def prune_options(opts: dict[str, Any]) -> dict[str, Any]:
         out["layers"] = opts["layers"]
     if opts["exclude"]:
         out["exclude"] = opts["exclude"]
-    if method == "sparsegpt":
+    if method in ("sparsegpt", "iobs"):
         out["calib_batches"] = opts["calib_batches"]
         if opts["damp"] is not None:
             out["damp"] = opts["damp"]
+        if method == "iobs":  # no exclude/progress in I-OBS; its dense steps use Adam
+            out.pop("exclude", None)
+            out.pop("progress")
+            out.update(
+                iterations=opts["iterations"], dense_steps=opts["dense_steps"], lr=opts["lr"]
+            )
         return out
     out["scope"] = opts["scope"]
     if method in ("diag-fisher", "mfac", "mfac-exact"):
@@ -46,17 +53,38 @@ def prune_options(opts: dict[str, Any]) -> dict[str, Any]:
         out["damp_mode"] = opts["damp_mode"]
         out["block_size"] = opts["block_size"]
         out["recompute"] = opts["recompute"]
+        if opts["memory_budget_gb"] is not None:
+            out["memory_budget"] = int(opts["memory_budget_gb"] * 2**30)
+        if opts["spill_dir"] is not None:
+            out["spill_dir"] = str(opts["spill_dir"])
+        if opts["layer_groups"] is not None:
+            out["layer_groups"] = opts["layer_groups"]
     return out
+
+
+def check_combination(opts: dict[str, Any]) -> None:
+    """Options that only make sense together, refused before anything is loaded."""
+    if opts["method"] == "iobs" and opts["exclude"]:
+        raise CLIError("--exclude is not supported by iobs: list the layers to prune with --layers")
+    if opts["gradual_steps"] > 1 and opts["method"] == "iobs":
+        raise CLIError("--gradual-steps > 1 is for the one-shot methods, not iobs")
+    if opts["finetune_steps"] and opts["gradual_steps"] == 1:
+        raise CLIError("--finetune-steps needs --gradual-steps > 1 (fine-tuning between steps)")
+    if opts["layer_groups"] is not None and opts["scope"] != "layer" and not opts["pattern"]:
+        raise CLIError("--layer-groups needs --scope layer or an N:M --pattern")
 
 
 def run_prune(args: argparse.Namespace) -> int:
     """Load, check, measure, prune, measure again, write the outputs atomically."""
     opts = resolve(args, PRUNE_FIELDS, "prune")
+    check_combination(opts)
     check_replaceable(opts["output"])
+    if opts["spill_dir"] is not None:
+        Path(opts["spill_dir"]).mkdir(parents=True, exist_ok=True)
     device = resolve_device(opts["device"])
     import torch
 
-    from ..prune import METHODS, oneshot, save_masks
+    from ..prune import METHODS, finetune, gradual, oneshot, save_masks
     from .data import Objective, load_data
     from .models import load_model, save_model
     from .report import bar_plot
@@ -72,24 +100,49 @@ def run_prune(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     before = objective.evaluate(loaded.model, opts["batch_size"])
     log.info("before: %s", _fmt_metrics(before))
-    count = opts["calib_batches"] if opts["method"] == "sparsegpt" else opts["num_grads"]
+    layerwise = opts["method"] in ("sparsegpt", "iobs")
+    count = opts["calib_batches"] if layerwise else opts["num_grads"]
     batches = data.sampled(count, opts["batch_size"], opts["seed"] + 1)
     options = prune_options(opts)
+    if opts["method"] == "iobs":  # best iterate picked on other training batches, not on val
+        options["val_data"] = data.sampled(count, opts["batch_size"], opts["seed"] + 2)
     log.info(
         "pruning with %s to %.1f%% sparsity%s",
         opts["method"],
         100 * opts["sparsity"],
         f" ({opts['pattern']})" if opts["pattern"] else "",
     )
-    result = oneshot(
-        loaded.model,
-        opts["sparsity"],
-        opts["method"],
-        data=batches,
-        loss_fn=objective,
-        pattern=opts["pattern"],
-        **options,
-    )
+    if opts["gradual_steps"] > 1:
+        tune_batches = data.sampled(
+            max(1, opts["finetune_steps"]), opts["batch_size"], opts["seed"] + 3
+        )
+
+        def tune(model: Any, masks: dict[str, Any], _step: int) -> None:
+            if opts["finetune_steps"]:
+                adam = torch.optim.Adam(model.parameters(), lr=opts["lr"])
+                finetune(model, objective, tune_batches, adam, opts["finetune_steps"], masks)
+
+        result = gradual(
+            loaded.model,
+            opts["sparsity"],
+            opts["method"],
+            data=batches,
+            loss_fn=objective,
+            steps=opts["gradual_steps"],
+            finetune_fn=tune,
+            pattern=opts["pattern"],
+            **options,
+        )[-1]
+    else:
+        result = oneshot(
+            loaded.model,
+            opts["sparsity"],
+            opts["method"],
+            data=batches,
+            loss_fn=objective,
+            pattern=opts["pattern"],
+            **options,
+        )
     after = objective.evaluate(loaded.model, opts["batch_size"])
     memory = peak_memory(device)
 
@@ -107,7 +160,9 @@ def run_prune(args: argparse.Namespace) -> int:
         "target_sparsity": opts["sparsity"],
         "pattern": opts["pattern"],
         "achieved_sparsity": result.sparsity,
-        "options": {k: v for k, v in options.items() if k != "progress"},
+        "options": {k: v for k, v in options.items() if k not in ("progress", "val_data")},
+        "gradual_steps": opts["gradual_steps"],
+        "finetune_steps": opts["finetune_steps"],
         "metric": objective.metric_name,
         "before": before,
         "after": after,

@@ -20,7 +20,7 @@ from typing import Any
 
 from .common import CLIError, require
 
-PRUNE_METHODS = ("magnitude", "diag-fisher", "mfac", "mfac-exact", "sparsegpt")
+PRUNE_METHODS = ("magnitude", "diag-fisher", "mfac", "mfac-exact", "sparsegpt", "iobs")
 RECOVER_METHODS = ("iobs", "iht", "niht", "htp", "cosamp", "omp")
 MISSING = object()
 
@@ -176,9 +176,54 @@ PRUNE_FIELDS = [
         nullable=False,
     ),
     _f("recompute", "int", 1, "recomputation sub-steps (mfac, mfac-exact)", low=1, nullable=False),
-    _f("calib_batches", "int", 16, "calibration batches (sparsegpt)", low=1, nullable=False),
+    _f("calib_batches", "int", 16, "calibration batches (sparsegpt, iobs)", low=1, nullable=False),
     _f("layers", "list", None, "only prune these layers (module names)"),
     _f("exclude", "list", None, "never prune these layers (module names)"),
+    _f(
+        "memory_budget_gb",
+        "float",
+        None,
+        "RAM for the m x d gradient buffer (mfac, mfac-exact); past it the buffer is paged to disk",
+        low=0.0,
+        low_open=True,
+    ),
+    _f("spill_dir", "path", None, "folder for the paged gradient buffer (default: a temp dir)"),
+    _f(
+        "layer_groups",
+        "int",
+        None,
+        "layers per separately built Fisher (mfac, mfac-exact; needs --scope layer or --pattern)",
+        low=1,
+    ),
+    _f("iterations", "int", 3, "I-OBS iterations (iobs)", low=1, nullable=False),
+    _f(
+        "dense_steps", "int", 50, "dense optimizer steps per I-OBS iteration", low=0, nullable=False
+    ),
+    _f(
+        "lr",
+        "float",
+        1e-4,
+        "Adam learning rate of the I-OBS dense steps and of gradual fine-tuning",
+        low=0.0,
+        low_open=True,
+        nullable=False,
+    ),
+    _f(
+        "gradual_steps",
+        "int",
+        1,
+        "prune over this many cubic-schedule steps (1: one-shot)",
+        low=1,
+        nullable=False,
+    ),
+    _f(
+        "finetune_steps",
+        "int",
+        0,
+        "Adam steps between gradual steps, masks held (with --gradual-steps > 1)",
+        low=0,
+        nullable=False,
+    ),
 ]
 
 TRAIN_FIELDS = [
