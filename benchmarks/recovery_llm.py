@@ -18,7 +18,6 @@ iteration 1 reproduces that benchmark's one-shot number; ``--sequential`` restor
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -178,11 +177,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import mfac.prune.layerwise as layerwise
     from mfac.recovery.dnn import iobs_prune
-
-    if not args.sequential:  # iobs_prune imports sparsegpt at call time; match prune_llm
-        layerwise.sparsegpt = functools.partial(layerwise.sparsegpt, sequential=False)
 
     t_start = time.perf_counter()
     convert()
@@ -247,7 +242,7 @@ def main() -> None:
         iterations=1 if args.control else args.iterations,
         dense_steps=args.dense_steps, lr=args.lr, pattern=pattern,
         layers=lambda n, _m: ".layers." in n, calib_batches=args.calib, val_fn=val_fn,
-        callback=callback,
+        callback=callback, sequential=args.sequential,
     )  # fmt: skip
     if args.control:  # same step budget as I-OBS, mask fixed, one Adam run
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)

@@ -398,3 +398,26 @@ def test_oneshot_iobs_matches_the_dnn_variant(digits) -> None:
     with pytest.raises(TypeError, match="unknown options"):
         mp.oneshot(via_oneshot, 0.8, "iobs", data=train, loss_fn=_loss, block_size=4)
     assert _unchanged(via_oneshot, before)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_iobs_first_iterate_is_sparsegpt_in_the_same_mode(digits, sequential: bool) -> None:
+    """One I-OBS iteration is one SparseGPT projection, sequential or not, as asked; and the
+    two modes differ on a multi-layer model (so the flag reaches the projection)."""
+    import copy
+
+    batches = digits[2][:6]
+    iobs_model, sgpt_model = copy.deepcopy(_fresh(digits)), copy.deepcopy(_fresh(digits))
+    mp.oneshot(iobs_model, 0.7, "iobs", data=batches, loss_fn=_loss, iterations=1,
+               sequential=sequential)  # fmt: skip
+    mp.oneshot(sgpt_model, 0.7, "sparsegpt", data=batches, loss_fn=_loss, progress=False,
+               calib_batches=len(batches), sequential=sequential)  # fmt: skip
+    for a, b in zip(iobs_model.parameters(), sgpt_model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    other = copy.deepcopy(_fresh(digits))
+    mp.oneshot(other, 0.7, "iobs", data=batches, loss_fn=_loss, iterations=1,
+               sequential=not sequential)  # fmt: skip
+    assert any(
+        not torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(iobs_model.parameters(), other.parameters(), strict=True)
+    )

@@ -45,6 +45,7 @@ OPTIONS = {
         "optimizer",
         "val_fn",
         "callback",
+        "sequential",
     },
 }
 DEFAULTS: dict[str, object] = {

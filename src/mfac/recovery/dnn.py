@@ -60,6 +60,7 @@ def iobs_prune(
     optimizer: str = "adam",
     val_fn: Callable[[nn.Module], float] | None = None,
     callback: Callable[[int, nn.Module], Any] | None = None,
+    sequential: bool = True,
 ) -> IOBSPruneResult:
     """Prune ``model`` in place to ``sparsity`` (or an N:M ``pattern`` such as "2:4") with
     ``iterations`` I-OBS iterations and return the masks of the best validation iterate.
@@ -70,6 +71,8 @@ def iobs_prune(
     all parameters, starting from the current sparse weights, then re-projects with SparseGPT
     (``damp`` relative, Hessians from ``calib_batches`` batches of the current model).
     ``callback(it, model)`` sees every projected iterate (e.g. to log test metrics).
+    ``sequential`` is SparseGPT's: re-run calibration per stage so later layers see the
+    already-projected earlier ones (False: one calibration pass, cheaper on deep models).
     Needs the layer-wise pruner `mfac.prune.layerwise.sparsegpt`.
     """
     try:
@@ -113,6 +116,7 @@ def iobs_prune(
             pattern=nm,
             damp=damp,
             calib_batches=n_calib,
+            sequential=sequential,
             progress=False,
         )
         return masks
