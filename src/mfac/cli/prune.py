@@ -112,6 +112,7 @@ def run_prune(args: argparse.Namespace) -> int:
         100 * opts["sparsity"],
         f" ({opts['pattern']})" if opts["pattern"] else "",
     )
+    common = {"data": batches, "loss_fn": objective, "pattern": opts["pattern"], **options}
     if opts["gradual_steps"] > 1:
         tune_batches = data.sampled(
             max(1, opts["finetune_steps"]), opts["batch_size"], opts["seed"] + 3
@@ -122,27 +123,10 @@ def run_prune(args: argparse.Namespace) -> int:
                 adam = torch.optim.Adam(model.parameters(), lr=opts["lr"])
                 finetune(model, objective, tune_batches, adam, opts["finetune_steps"], masks)
 
-        result = gradual(
-            loaded.model,
-            opts["sparsity"],
-            opts["method"],
-            data=batches,
-            loss_fn=objective,
-            steps=opts["gradual_steps"],
-            finetune_fn=tune,
-            pattern=opts["pattern"],
-            **options,
-        )[-1]
+        steps = {"steps": opts["gradual_steps"], "finetune_fn": tune}
+        result = gradual(loaded.model, opts["sparsity"], opts["method"], **steps, **common)[-1]
     else:
-        result = oneshot(
-            loaded.model,
-            opts["sparsity"],
-            opts["method"],
-            data=batches,
-            loss_fn=objective,
-            pattern=opts["pattern"],
-            **options,
-        )
+        result = oneshot(loaded.model, opts["sparsity"], opts["method"], **common)
     after = objective.evaluate(loaded.model, opts["batch_size"])
     memory = peak_memory(device)
 
