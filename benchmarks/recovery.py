@@ -693,11 +693,38 @@ def part_scale(quick: bool) -> None:
     _save("scale", payload, quick)
 
 
+def fair_markdown() -> str:
+    """docs/recovery.md section 2's tables, printed from the saved fair-comparison JSON."""
+    out = []
+    for group in GROUPS:
+        path = RESULTS / f"recovery_fair_{group}.json"
+        if not path.exists():
+            continue
+        payload = json.loads(path.read_text())
+        for row in payload["table"]:
+            out.append(
+                f"**{row['scenario']}** (median cond(A) {row['median_cond_A']:.3g}, "
+                f"{row['trials']} trials, budget {payload['max_iter']} iterations)\n"
+            )
+            out.append("| solver | success | median iters | mean ms | rel. err when stopped |")
+            out.append("| --- | ---: | ---: | ---: | ---: |")
+            for name, r in row["solvers"].items():
+                iters = "-" if r["median_iters"] is None else f"{r['median_iters']:g}"
+                ms = "-" if r["mean_time_ms"] is None else f"{r['mean_time_ms']:.1f}"
+                err = f"{r['median_final_rel_err']:.2g}"
+                out.append(f"| {name} | {r['success_rate']:.2f} | {iters} | {ms} | {err} |")
+            out.append("")
+    return "\n".join(out)
+
+
 # =============================================================================== main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
-        "--part", choices=["paper", "fair", "logreg", "scale", "dnn", "all"], default="all"
+        "--part",
+        choices=["paper", "fair", "logreg", "scale", "dnn", "all", "tables"],
+        default="all",
+        help="'tables' prints the fair comparison's Markdown tables from the saved JSON",
     )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--trials", type=int, default=None, help="trials per scenario (part fair)")
@@ -707,6 +734,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part == "tables":
+        print(fair_markdown())
+        return
     parts = ["paper", "fair", "logreg", "scale", "dnn"] if args.part == "all" else [args.part]
     for part in parts:
         t0 = time.perf_counter()
