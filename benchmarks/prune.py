@@ -63,10 +63,17 @@ def load_tasks() -> dict[str, Task]:
     def cnn() -> nn.Module:
         return nn.Sequential(
             nn.Unflatten(1, (1, 28, 28)),
-            nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10),
-        )  # fmt: skip
+            nn.Conv2d(1, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(512, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
+        )
 
     def digits_mlp() -> nn.Module:
         return nn.Sequential(
@@ -484,6 +491,93 @@ def _plot_gradual(rows: list[dict], path3: Path) -> None:
         plt.close(fig)
 
 
+def _cell(values: list[float]) -> str:
+    """'.934 ± .012' over seeds, or '.934' for one."""
+    if not values:
+        return "-"
+    mean = f"{statistics.mean(values):.3f}".lstrip("0")
+    if len(values) == 1:
+        return mean
+    return f"{mean} ± {statistics.pstdev(values):.3f}".replace(" 0.", " .")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The tables of docs/prune.md (parts 1 and 3), printed from the saved rows."""
+    out = []
+    summary = summarize(rows)
+    for model in sorted({r["model"] for r in summary}):
+        pts = [r for r in summary if r["model"] == model]
+        seeds = max(r["seeds"] for r in pts)
+        dense = pts[0]["dense_acc"]
+        out.append(
+            f"{model} (dense {dense:.3f}, mean ± std over {seeds} seeds; seconds at 90 %:"
+            " collect / precompute / prune)\n"
+        )
+        out.append("| method | " + " | ".join(f"{s:.0%}" for s in SPARSITIES) + " | time at 90 % |")
+        out.append("|---" * (len(SPARSITIES) + 2) + "|")
+        for label in METHOD_SETS:
+            cells = []
+            for s in SPARSITIES:
+                accs = [
+                    r["acc"]
+                    for r in rows
+                    if r.get("grid") == "main"
+                    and r["model"] == model
+                    and r["label"] == label
+                    and r["sparsity"] == s
+                    and "acc" in r
+                ]
+                cells.append(_cell(accs))
+            t = next(
+                (p["timings_mean_s"] for p in pts if p["label"] == label and p["sparsity"] == 0.9),
+                None,
+            )
+            tt = (
+                "-"
+                if t is None
+                else " / ".join(f"{t[k]:.2f}" for k in ("collect", "precompute", "prune"))
+            )
+            out.append(f"| {label} | " + " | ".join(cells) + f" | {tt} |")
+        out.append("")
+    abl = [r for r in rows if r.get("part") == 1 and r.get("grid") not in (None, "main")]
+    if abl:
+        out.append("Ablations (mnist-mlp, 90 %, mean ± std over seeds):\n")
+        grids = [(g, g) for g in ("recompute", "block", "num_grads", "damp")] + [("nm", "pattern")]
+        for grid, key in grids:
+            sel = [r for r in abl if r["grid"] == grid and "acc" in r]
+            if not sel:
+                continue
+            values = list(dict.fromkeys(str(r[key]) for r in sel))
+            labels = list(dict.fromkeys(r["label"] for r in sel))
+            out.append(f"| {key} | " + " | ".join(labels) + " |")
+            out.append("|---" * (len(labels) + 1) + "|")
+            for v in values:
+                cells = [
+                    _cell([r["acc"] for r in sel if str(r[key]) == v and r["label"] == lab])
+                    for lab in labels
+                ]
+                out.append(f"| {v} | " + " | ".join(cells) + " |")
+            out.append("")
+    r3 = [r for r in rows if r.get("part") == 3]
+    if r3:
+        modes = list(dict.fromkeys(r["mode"] for r in r3))
+        targets = sorted({r["sparsity"] for r in r3})
+        out.append("Gradual against one-shot (mnist-cnn, seed 0); cells: " + " / ".join(modes))
+        out.append("")
+        out.append("| method | " + " | ".join(f"{t:.0%}" for t in targets) + " |")
+        out.append("|---" * (len(targets) + 1) + "|")
+        for label in dict.fromkeys(r["label"] for r in r3):
+            cells = []
+            for t in targets:
+                here = [r for r in r3 if r["label"] == label and r["sparsity"] == t]
+                got = {r["mode"]: r["acc"] for r in here}
+                cells.append(
+                    " / ".join(f"{got[m]:.3f}".lstrip("0") if m in got else "-" for m in modes)
+                )
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="reduced grid (< 10 min on 2 cores)")
@@ -493,7 +587,14 @@ def main() -> None:
         "--models", default="digits-mlp,mnist-mlp,mnist-cnn", help="part 1 models (comma list)"
     )
     parser.add_argument("--seeds", default="0,1,2", help="part 1 seeds (comma list)")
+    parser.add_argument(
+        "--tables", action="store_true", help="print the Markdown tables of the saved results"
+    )
     args = parser.parse_args()
+    if args.tables:
+        name = "prune_quick" if args.quick else "prune"
+        print(markdown(json.loads((RESULTS / f"{name}.json").read_text())["rows"]))
+        return
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
     start = time.perf_counter()
