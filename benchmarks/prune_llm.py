@@ -183,6 +183,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--methods", default="dense,magnitude,sparsegpt,mfac")
+    parser.add_argument("--suffix", default="", help="appended to the results file name")
     args = parser.parse_args()
     args.seq = args.seq or (64 if args.quick else 256)
     args.m = args.m or (16 if args.quick else 64)
@@ -220,7 +221,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    name = "prune_llm_quick" if args.quick else "prune_llm"
+    name = ("prune_llm_quick" if args.quick else "prune_llm") + args.suffix
     meta = {k: v for k, v in vars(args).items() if k != "child"}
     path = RESULTS / f"{name}.json"
     if path.exists():  # runs split by --methods merge into one file
