@@ -258,3 +258,29 @@ def test_exact_same_result_in_one_block_chunks(monkeypatch: pytest.MonkeyPatch) 
         results.append((model.weight.detach().clone(), masks[0].clone()))
     assert torch.equal(results[0][1], results[1][1])
     assert torch.allclose(results[0][0], results[1][0], atol=1e-12)
+
+
+def test_joint_removal_lu_fallback_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the Cholesky of hinv[S, S] reports lost definiteness, the LU fallback gives the same
+    joint OBS removal (the guard is reachable and right)."""
+    from mfac.prune.exact import greedy_obs, joint_removal
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 16, 24, dtype=F64, generator=gen)
+    hinv = torch.linalg.inv(a @ a.transpose(1, 2) / 24 + 0.05 * torch.eye(16, dtype=F64))
+    w = torch.randn(3, 16, dtype=F64, generator=gen)
+    real = torch.ones(3, 16, dtype=torch.bool)
+    _, order = greedy_obs(hinv, w, real, 16)
+    counts = torch.tensor([5, 9, 12])
+    expect_w, expect_removed = joint_removal(hinv, w, order, counts)
+    real_cholesky_ex = torch.linalg.cholesky_ex
+
+    def failing(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        factor, info = real_cholesky_ex(x)
+        return factor, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    got_w, got_removed = joint_removal(hinv, w, order, counts)
+    assert torch.equal(got_removed, expect_removed)
+    assert int(got_removed.sum()) == 26
+    assert torch.allclose(got_w, expect_w, atol=1e-10)
