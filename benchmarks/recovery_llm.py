@@ -28,7 +28,10 @@ import torch
 
 from benchmarks.prune_llm import CACHE, DATA, RESULTS, convert, lm_loss, perplexity, windows
 
-ONESHOT = RESULTS / "prune_llm_quick.json"
+
+def oneshot_file(quick: bool) -> Path:
+    """The prune_llm results this run compares with (same text, windows and evaluation)."""
+    return RESULTS / ("prune_llm_quick.json" if quick else "prune_llm.json")
 
 
 def rss_gb() -> float:
@@ -36,11 +39,12 @@ def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def oneshot_reference(pattern: str) -> dict[str, float]:
-    """Dense and one-shot sparsegpt perplexities from prune_llm --quick, where present."""
-    if not ONESHOT.exists():
+def oneshot_reference(pattern: str, quick: bool) -> dict[str, float]:
+    """Dense and one-shot sparsegpt perplexities from the matching prune_llm run, if present."""
+    path = oneshot_file(quick)
+    if not path.exists():
         return {}
-    rows = json.loads(ONESHOT.read_text()).get("rows", [])
+    rows = json.loads(path.read_text()).get("rows", [])
     ref = {}
     for row in rows:
         if row.get("method") == "dense" and "ppl" in row:
@@ -201,7 +205,7 @@ def main() -> None:
     json_path, png_path = RESULTS / f"{name}.json", RESULTS / f"{name}.png"
     out: dict = {
         "args": vars(args),
-        "reference": oneshot_reference(args.pattern),
+        "reference": oneshot_reference(args.pattern, args.quick),
         "eval_tokens": int(test.numel()),
         "load_s": time.perf_counter() - t_start,
         "iterations": [],
