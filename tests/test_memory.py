@@ -30,6 +30,11 @@ def test_direct_block_inverses_also_spill() -> None:
     rows = torch.randn(40, 64)
     op = mfac.InverseFisher(rows, 1e-3, block_size=8, memory_budget=100)
     assert op.groups[0].direct and memory.is_memory_mapped(op.groups[0].inverse)
+    assert not memory.is_memory_mapped(op.buffer) and op.memory_mapped  # reported as paged
+    in_ram = mfac.InverseFisher(rows.clone(), 1e-3, block_size=8, memory_budget=2**30)
+    assert not in_ram.memory_mapped
+    x = torch.randn(64)
+    assert torch.allclose(op.ihvp(x), in_ram.ihvp(x), rtol=1e-5, atol=1e-6)
 
 
 def test_neither_ram_nor_disk_raises_before_allocating(monkeypatch, tmp_path) -> None:

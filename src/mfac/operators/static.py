@@ -118,8 +118,11 @@ class InverseFisher:
 
     @property
     def memory_mapped(self) -> bool:
-        """True when the m x d buffer is paged from a memory-mapped file."""
-        return is_memory_mapped(self.buffer)
+        """True when the m x d buffer, or the blocks' float64 inverses (direct form, d x B
+        values), are paged from a memory-mapped file because they exceeded the budget."""
+        return is_memory_mapped(self.buffer) or any(
+            is_memory_mapped(t) for g in self.groups for t in g.tensors().values()
+        )
 
     @property
     def nbytes(self) -> int:
