@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true", help="only draw the summary figure")
     args = parser.parse_args()
     if args.summary:
-        print(summary("_quick" if args.quick else ""))
+        print(summary(args.tag + ("_quick" if args.quick else "")))
         return
     args.seq = args.seq or (64 if args.quick else 256)
     args.calib = args.calib or (16 if args.quick else 64)
