@@ -61,19 +61,9 @@ def load_tasks() -> dict[str, Task]:
         )
 
     def cnn() -> nn.Module:
-        return nn.Sequential(
-            nn.Unflatten(1, (1, 28, 28)),
-            nn.Conv2d(1, 16, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(512, 64),
-            nn.ReLU(),
-            nn.Linear(64, 10),
-        )
+        from mfac.cli.demo import make_cnn  # the demo's CNN: two 5x5 convolutions, two linear
+
+        return make_cnn()
 
     def digits_mlp() -> nn.Module:
         return nn.Sequential(
