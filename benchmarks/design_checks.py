@@ -16,6 +16,7 @@ benchmarks/results/design_checks.json (parts not run keep their previous result)
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -73,7 +74,11 @@ def low_precision_passes(m: int = 256, d: int = 1_000_000) -> dict:
             "stock_bf16_cols": lambda: g16.T @ c16,
             "compiled_bf16_rows": lambda: kernels.rows_dot(g16, x),
             "compiled_bf16_cols": lambda: kernels.cols_dot(g16, c),
-            **{f"tiled_{n}_bf16_cols": _tiled_cols(g16, c, n) for n in (1024, 4096, 16384)},
+            # the eager fallback's scheme (BLAS on float32 column tiles) at cache-sized widths
+            **{
+                f"tiled_{n}_bf16_cols": functools.partial(kernels._cols_dot_eager, g16, c, n)
+                for n in (1024, 4096, 16384)
+            },
         },
         5,
     )
@@ -89,24 +94,6 @@ def low_precision_passes(m: int = 256, d: int = 1_000_000) -> dict:
         n: t[f"tiled_{n}_bf16_cols"] / t["f32_cols"] for n in (1024, 4096, 16384)
     }
     return out
-
-
-def _tiled_cols(g: torch.Tensor, c: torch.Tensor, columns: int):
-    """G^T c by column tiles upcast to float32 (the eager fallback's scheme) at a tile width:
-    is a cache-sized tile a better bf16 cols pass than the compiled reduction?"""
-
-    def run() -> torch.Tensor:
-        m, d = g.shape
-        out = torch.empty(d, c.shape[1])
-        tile = torch.empty(m, columns)
-        for j in range(0, d, columns):
-            e = min(d, j + columns)
-            t = tile[:, : e - j]
-            t.copy_(g[:, j:e])
-            torch.mm(t.T, c, out=out[j:e])
-        return out
-
-    return run
 
 
 def bf16_first_step(m: int = 8, d: int = 300, damp: float = 1e-2) -> dict:

@@ -37,13 +37,13 @@ def _rows_dot_eager(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _cols_dot_eager(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """(m, d)^T low precision @ (m, k) float32 by column tiles upcast to float32."""
+def _cols_dot_eager(g: torch.Tensor, c: torch.Tensor, columns: int = _TILE_COLUMNS) -> torch.Tensor:
+    """(m, d)^T low precision @ (m, k) float32 by tiles of ``columns`` upcast to float32."""
     m, d = g.shape
     out = torch.empty(d, c.shape[1], dtype=torch.float32, device=g.device)
-    tile = torch.empty(m, min(d, _TILE_COLUMNS), dtype=torch.float32, device=g.device)
-    for j in range(0, d, _TILE_COLUMNS):
-        e = min(d, j + _TILE_COLUMNS)
+    tile = torch.empty(m, min(d, columns), dtype=torch.float32, device=g.device)
+    for j in range(0, d, columns):
+        e = min(d, j + columns)
         t = tile[:, : e - j]
         t.copy_(g[:, j:e])
         torch.mm(t.T, c, out=out[j:e])
