@@ -25,41 +25,40 @@ from .recipe import PRUNE_FIELDS, resolve
 log = logging.getLogger("mfac.cli")
 
 
+#: Options left out when not set (``None`` or empty); ``block_size=None`` means one full block.
+_UNSET_MEANS_DEFAULT = {"layers", "exclude", "damp", "memory_budget", "spill_dir", "layer_groups"}
+
+
 def prune_options(opts: dict[str, Any]) -> dict[str, Any]:
-    """The keyword options of :func:`mfac.prune.oneshot` for the chosen method."""
-    method = opts["method"]
-    out: dict[str, Any] = {"progress": show_progress()}
-    if opts["layers"]:
-        out["layers"] = opts["layers"]
-    if opts["exclude"]:
-        out["exclude"] = opts["exclude"]
-    if method in ("sparsegpt", "iobs"):
-        out["calib_batches"] = opts["calib_batches"]
-        if opts["damp"] is not None:
-            out["damp"] = opts["damp"]
-        if method == "iobs":  # no exclude/progress in I-OBS; its dense steps use Adam
-            out.pop("exclude", None)
-            out.pop("progress")
-            out.update(
-                iterations=opts["iterations"], dense_steps=opts["dense_steps"], lr=opts["lr"]
-            )
-        return out
-    out["scope"] = opts["scope"]
-    if method in ("diag-fisher", "mfac", "mfac-exact"):
-        out["num_grads"] = opts["num_grads"]
-        if opts["damp"] is not None:
-            out["damp"] = opts["damp"]
-    if method in ("mfac", "mfac-exact"):
-        out["damp_mode"] = opts["damp_mode"]
-        out["block_size"] = opts["block_size"]
-        out["recompute"] = opts["recompute"]
-        if opts["memory_budget_gb"] is not None:
-            out["memory_budget"] = int(opts["memory_budget_gb"] * 2**30)
-        if opts["spill_dir"] is not None:
-            out["spill_dir"] = str(opts["spill_dir"])
-        if opts["layer_groups"] is not None:
-            out["layer_groups"] = opts["layer_groups"]
-    return out
+    """The keyword options of :func:`mfac.prune.oneshot` for the chosen method: every value
+    the command line knows, kept where the library's own table ``OPTIONS`` accepts it."""
+    from ..prune.api import OPTIONS
+
+    budget = opts["memory_budget_gb"]
+    values: dict[str, Any] = {
+        "progress": show_progress(),
+        "layers": opts["layers"],
+        "exclude": opts["exclude"],
+        "scope": opts["scope"],
+        "num_grads": opts["num_grads"],
+        "damp": opts["damp"],
+        "damp_mode": opts["damp_mode"],
+        "block_size": opts["block_size"],
+        "recompute": opts["recompute"],
+        "calib_batches": opts["calib_batches"],
+        "memory_budget": None if budget is None else int(budget * 2**30),
+        "spill_dir": None if opts["spill_dir"] is None else str(opts["spill_dir"]),
+        "layer_groups": opts["layer_groups"],
+        "iterations": opts["iterations"],
+        "dense_steps": opts["dense_steps"],
+        "lr": opts["lr"],
+    }
+    accepted = OPTIONS[opts["method"]]
+    return {
+        k: v
+        for k, v in values.items()
+        if k in accepted and not (k in _UNSET_MEANS_DEFAULT and not v)
+    }
 
 
 def check_combination(opts: dict[str, Any]) -> None:

@@ -31,7 +31,8 @@ CHUNK_BYTES = 16 * 2**20
 
 
 def block_inverses(fisher: InverseFisher, b0: int, b1: int) -> torch.Tensor:
-    """Blocks [b0, b1) of F^-1 as a float64 (b1-b0, B, B) tensor (all blocks of size B)."""
+    """Blocks [b0, b1) of F^-1 as a float64 (b1-b0, B, B) tensor (all blocks of size B).
+    Read-only: in the direct form it is a view of the operator's stored inverses."""
     size = fisher.block_size
     return (
         torch.stack(
@@ -49,10 +50,11 @@ def _needs_submatrix(fisher: InverseFisher) -> bool:
 
 def _batched_blocks(fisher: InverseFisher, b0: int, b1: int) -> torch.Tensor:
     """Same blocks from the operator's stored form in one batched product (no per-block loop):
-    the stored inverses (direct form) or (I - Q_b^T Q_b) / lambda (Woodbury form)."""
+    the stored inverses (direct form, a view: the greedy only reads them) or
+    (I - Q_b^T Q_b) / lambda (Woodbury form)."""
     group, size = fisher.groups[0], fisher.block_size
     if group.direct:
-        return group.inverse[b0:b1].clone()
+        return group.inverse[b0:b1]
     q = fisher.buffer[:, b0 * size : b1 * size].to(F64)
     q = q.view(fisher.num_grads, b1 - b0, size).permute(1, 0, 2)
     out = -torch.bmm(q.transpose(1, 2), q)
