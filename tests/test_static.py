@@ -118,3 +118,110 @@ def test_non_contiguous_right_hand_sides(block: int | None, dtype: torch.dtype) 
     op = mfac.InverseFisher(grads.clone(), 1e-3, block)
     x = torch.randn(3, 40, dtype=dtype).T  # (40, 3), not contiguous
     assert rel_err(op.ihvp(x), dense @ x.double()) < 1e-5
+
+
+# ------------------------------------------------- refusals leave inputs as they were
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bits, so that a comparison also tells -0.0 from 0.0 and NaN from NaN."""
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
+    return t.contiguous().view(ints).clone()
+
+
+def dependent_tail(dtype: torch.dtype) -> torch.Tensor:
+    """4 x 21 gradients: two random Woodbury blocks of 8, then a block of 5 whose rows are all
+    [1, 1, 1, 1, 0], so that its K = 4*ones + m*damp*I is singular in float64 at tiny damp."""
+    grads = torch.randn(4, 21, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads[:, 16:20] = 1.0
+    grads[:, 20] = 0.0
+    return grads.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_that_does_not_factor_leaves_grads_bit_identical(dtype: torch.dtype) -> None:
+    # The first group (blocks 0 and 1) factors; the second group (the tail block) does not. The
+    # first group's Q must not have been written over G before the tail was factored.
+    grads = dependent_tail(dtype)
+    before = bits(grads)
+    with pytest.raises(mfac.operators.static.FisherFactorError) as err:
+        mfac.InverseFisher(grads, 1e-20, block_size=8)
+    message = str(err.value)
+    assert "damp=1e-20" in message and "coordinates 16..20" in message
+    assert "linearly dependent" in message and "unchanged" in message
+    assert torch.equal(bits(grads), before)
+    # The same rows with damping above float64 rounding build, and match the oracle.
+    stored = grads.clone()
+    op = mfac.InverseFisher(grads, 1e-3, block_size=8)
+    dense = dense_block_inverse_fisher(stored, 1e-3, 8)
+    assert rel_err(op.diag(), dense.diagonal()) < TOL[dtype]
+
+
+def test_direct_block_that_does_not_factor_names_damp_and_leaves_grads() -> None:
+    grads = torch.ones(6, 12, dtype=torch.float64)  # B = 3 <= m = 6: direct, rank one blocks
+    before = bits(grads)
+    with pytest.raises(ValueError, match=r"damp=1e-30.*linearly dependent"):
+        mfac.InverseFisher(grads, 1e-30, block_size=3)
+    assert torch.equal(bits(grads), before)
+
+
+def test_gram_overflow_is_named_overflow_not_damping() -> None:
+    # Every row's squared norm is finite (1.44e308), but their sum in F_00 overflows float64.
+    grads = torch.zeros(4, 4, dtype=torch.float64)
+    grads[:, 0] = 1.2e154
+    grads[:, 1:] = torch.randn(4, 3, dtype=torch.float64)
+    before = bits(grads)
+    with pytest.raises(ValueError, match="overflow float64") as err:
+        mfac.InverseFisher(grads, 1e10, block_size=2)
+    assert "increase damp" not in str(err.value)
+    assert torch.equal(bits(grads), before)
+
+
+def test_row_norm_overflow_is_named_overflow_not_nan() -> None:
+    grads = torch.randn(3, 10, dtype=torch.float64)
+    grads[1] = 1e200  # finite entries, squared norm inf
+    before = bits(grads)
+    with pytest.raises(ValueError, match="overflow float64") as err:
+        mfac.InverseFisher(grads, 1e-3)
+    assert not isinstance(err.value, mfac.operators.static.NonFiniteGradientError)
+    assert torch.equal(bits(grads), before)
+
+
+def test_grads_that_require_grad_are_refused_untouched() -> None:
+    grads = torch.randn(4, 30, requires_grad=True)
+    before = bits(grads.detach())
+    with pytest.raises(ValueError, match=r"requires grad.*detach"):
+        mfac.InverseFisher(grads, 1e-3)
+    assert torch.equal(bits(grads.detach()), before)
+
+
+def test_ihvp_overflow_is_named_and_operator_unchanged() -> None:
+    op = mfac.InverseFisher(torch.randn(4, 50), 1e-8)
+    q = bits(op.buffer)
+    x = torch.full((50,), 1e32)
+    x_before = bits(x)
+    with pytest.raises(OverflowError, match="overflows float32"):
+        op.ihvp(x)
+    assert torch.equal(bits(op.buffer), q) and torch.equal(bits(x), x_before)
+
+
+def test_scratch_over_available_memory_is_refused_before_writing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    grads = torch.randn(20, 300)
+    before = bits(grads)
+    from mfac.operators import static
+
+    monkeypatch.setattr(static, "default_memory_budget", lambda: 1000)
+    with pytest.raises(MemoryError, match=r"m x m.*Nothing was written"):
+        mfac.InverseFisher(grads, 1e-3)
+    assert torch.equal(bits(grads), before)
+
+
+def test_memory_accounting_counts_the_float64_matrices() -> None:
+    from mfac.operators.blocks import BlockGroup
+
+    woodbury = BlockGroup(0, 4, 50, 20, 1e-3)  # 4 blocks of 50 > m = 20
+    assert woodbury.factor_bytes() == 4 * 20 * 20 * 8
+    assert woodbury.scratch_bytes() >= 8 * (4 * 20 * 50 + 3 * 4 * 20 * 20)
+    direct = BlockGroup(0, 4, 10, 20, 1e-3)
+    assert direct.stored_bytes() == 4 * 10 * 10 * 8
+    assert direct.scratch_bytes() >= 8 * (4 * 20 * 10 + 3 * 4 * 10 * 10)

@@ -9,8 +9,11 @@ coordinates. It stores one of two exact forms of each block's inverse, chosen by
   kept ("g" form), because rounding Q to 8 mantissa bits would break exactness.
 * direct (``size <= m``): F_b = lambda*I + G_b^T G_b / m is formed and inverted (float64).
 
-All small matrices are formed and factored in float64, tile by tile, so the float64 scratch never
-exceeds ``TILE_BYTES`` and the m x d buffer is never copied whole.
+The build runs in two phases so that a failure never leaves the caller's buffer half written:
+:meth:`BlockGroup.factor` forms and factors every block (it only reads the buffer) and
+:meth:`BlockGroup.finish` then overwrites G by Q. All small matrices are formed and factored in
+float64, a cache-sized tile at a time, through one reused scratch tile, so the float64 scratch
+stays within ``TILE_BYTES`` and the m x d buffer is never copied whole.
 """
 
 from __future__ import annotations
@@ -19,10 +22,20 @@ from collections.abc import Iterator
 
 import torch
 
-from .memory import TILE_BYTES, allocate
 from .threads import single_threaded
 
 F64 = torch.float64
+
+#: Bytes of float64 scratch in one tile of gradients (cache-sized: the tile is reused).
+TILE_BYTES = 8 * 2**20
+
+#: A pivot of a block's Cholesky factor must keep at least this share of its lower bound
+#: (lambda for F_b, m*lambda for K_b); below it, float64 rounding of the Gram dominates.
+PIVOT_SHARE = 0.5
+
+
+class FisherFactorError(ValueError):
+    """A block of the damped Fisher does not factor in float64; nothing was written."""
 
 
 def _chunks(n: int, step: int) -> Iterator[tuple[int, int]]:
@@ -42,81 +55,154 @@ class BlockGroup:
         self.m = num_grads
         self.damp = damp
         self.direct = size <= num_grads
+        self.q_form = True
 
     # ----------------------------------------------------------------- tiles of the buffer
     def _view(self, buffer: torch.Tensor) -> torch.Tensor:
         """The group's columns as an (m, nblocks, size) view of the m x d buffer."""
         return buffer[:, self.start : self.stop].view(self.m, self.nblocks, self.size)
 
-    def _tile(self, buffer: torch.Tensor, b0: int, b1: int, c0: int, c1: int) -> torch.Tensor:
-        """Blocks [b0, b1), columns [c0, c1) of each, as a contiguous float64 (nb, m, w) tile."""
-        src = self._view(buffer)[:, b0:b1, c0:c1].permute(1, 0, 2)
-        return torch.empty(src.shape, dtype=F64, device=buffer.device).copy_(src)
+    def _plan(self) -> tuple[int, int, int]:
+        """(blocks, rows, columns) per tile so that a float64 tile stays within TILE_BYTES."""
+        if self.direct:  # whole columns of a block, chunked over rows when m is large
+            rows = min(self.m, max(1, TILE_BYTES // (8 * self.size)))
+            return max(1, TILE_BYTES // (8 * self.size * rows)), rows, self.size
+        cols = min(self.size, max(1, TILE_BYTES // (8 * self.m)))
+        blocks = max(1, TILE_BYTES // (8 * self.m * cols)) if cols == self.size else 1
+        return blocks, self.m, cols
 
-    def _plan(self) -> tuple[int, int]:
-        """Blocks per tile and columns per tile so a float64 tile stays within TILE_BYTES."""
-        per_column = self.m * 8
-        cols = min(self.size, max(1, TILE_BYTES // per_column))
-        blocks = max(1, TILE_BYTES // (per_column * cols)) if cols == self.size else 1
-        return blocks, cols
+    def scratch_bytes(self) -> int:
+        """Float64 scratch of the build: one tile, plus one tile's worth of m x m (Woodbury) or
+        B x B (direct) matrices and their factors."""
+        blocks, rows, cols = self._plan()
+        small = self.size if self.direct else self.m
+        return 8 * (blocks * rows * cols + 3 * blocks * small * small)
+
+    def stored_bytes(self) -> int:
+        """Float64 bytes the group holds after the build (block inverses or g-form factors)."""
+        if self.direct:
+            return 8 * self.nblocks * self.size**2
+        return 0 if self.q_form else 8 * self.nblocks * self.m**2
+
+    def factor_bytes(self) -> int:
+        """Float64 bytes held between the two build phases (every block's factor)."""
+        return 0 if self.direct else 8 * self.nblocks * self.m**2
+
+    def _tile(
+        self, buffer: torch.Tensor, scratch: torch.Tensor, b0: int, b1: int, c0: int, c1: int
+    ) -> torch.Tensor:
+        """Blocks [b0, b1), columns [c0, c1) of each, as a float64 (nb, m, w) view of scratch."""
+        src = self._view(buffer)[:, b0:b1, c0:c1].permute(1, 0, 2)
+        return scratch[: src.numel()].view(src.shape).copy_(src)
+
+    @staticmethod
+    def new_scratch(groups: list[BlockGroup], device: torch.device) -> torch.Tensor:
+        """One flat float64 tile shared by every pass of the build and the queries."""
+        elems = max(g._plan()[0] * g._plan()[1] * g._plan()[2] for g in groups)
+        return torch.empty(elems, dtype=F64, device=device)
 
     # ----------------------------------------------------------------- precompute
-    def build(self, buffer: torch.Tensor, memory_budget: int | None) -> None:
-        """Factor every block of the group (BLAS-3, batched over blocks, tile by tile)."""
+    def factor(self, buffer: torch.Tensor, scratch: torch.Tensor, store: torch.Tensor) -> None:
+        """Phase one: form and factor every block, reading the buffer only.
+
+        ``store`` receives the result: (nblocks, B, B) block inverses (direct form) or
+        (nblocks, m, m) Cholesky factors (Woodbury). Raises FisherFactorError, naming the block,
+        the damping and the cause, when a block does not factor."""
         self.q_form = buffer.dtype in (torch.float32, torch.float64)
         if self.direct:
-            self._build_direct(buffer, memory_budget)
+            self._factor_direct(buffer, scratch, store)
+            self.inverse = store
         else:
-            self._build_woodbury(buffer)
+            self._factor_woodbury(buffer, scratch, store)
+            self.chol = store
 
-    def _build_direct(self, buffer: torch.Tensor, memory_budget: int | None) -> None:
-        self.inverse = allocate(
-            (self.nblocks, self.size, self.size),
-            F64,
-            memory_budget=memory_budget,
-            what="block inverses",
-        ).to(buffer.device)
-        rows_per_tile = max(1, TILE_BYTES // (8 * self.size))
-        blocks_per_tile = max(1, TILE_BYTES // (8 * self.size * min(self.m, rows_per_tile)))
-        eye = torch.eye(self.size, dtype=F64, device=buffer.device)
+    def _factor_direct(
+        self, buffer: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        blocks, rows, _ = self._plan()
         view = self._view(buffer)
-        for b0, b1 in _chunks(self.nblocks, blocks_per_tile):
-            fisher = torch.zeros(b1 - b0, self.size, self.size, dtype=F64, device=buffer.device)
-            for r0, r1 in _chunks(self.m, rows_per_tile):
+        for b0, b1 in _chunks(self.nblocks, blocks):
+            fisher = out[b0:b1]
+            for r0, r1 in _chunks(self.m, rows):
                 # (nb, rows, size): rows of each block stay contiguous, so the copy streams.
                 src = view[r0:r1, b0:b1, :].permute(1, 0, 2)
-                tile = torch.empty(src.shape, dtype=F64, device=buffer.device).copy_(src)
-                fisher.baddbmm_(tile.transpose(1, 2), tile)
-            fisher.div_(self.m).add_(eye, alpha=self.damp)
+                tile = scratch[: src.numel()].view(src.shape).copy_(src)
+                if r0 == 0:
+                    torch.bmm(tile.transpose(1, 2), tile, out=fisher)
+                else:
+                    fisher.baddbmm_(tile.transpose(1, 2), tile)
+            fisher.div_(self.m).diagonal(dim1=1, dim2=2).add_(self.damp)
             with single_threaded(b1 - b0 > 1):
+                chol = self._cholesky(fisher, b0, self.damp, buffer)
                 # LAPACK potri (2B^3/3 flops): 1.6x faster than cholesky_solve against I.
-                self.inverse[b0:b1] = torch.cholesky_inverse(torch.linalg.cholesky(fisher))
+                fisher.copy_(torch.cholesky_inverse(chol))
 
-    def _build_woodbury(self, buffer: torch.Tensor) -> None:
-        blocks_per_tile, cols = self._plan()
-        if not self.q_form:
-            self.chol = torch.empty(self.nblocks, self.m, self.m, dtype=F64, device=buffer.device)
-        view = self._view(buffer)
-        for b0, b1 in _chunks(self.nblocks, blocks_per_tile):
-            gram = torch.zeros(b1 - b0, self.m, self.m, dtype=F64, device=buffer.device)
-            tile = None
+    def _factor_woodbury(
+        self, buffer: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        blocks, _, cols = self._plan()
+        for b0, b1 in _chunks(self.nblocks, blocks):
+            gram = out[b0:b1]
             for c0, c1 in _chunks(self.size, cols):
-                tile = self._tile(buffer, b0, b1, c0, c1)
-                gram.baddbmm_(tile, tile.transpose(1, 2))
+                tile = self._tile(buffer, scratch, b0, b1, c0, c1)
+                if c0 == 0:
+                    torch.bmm(tile, tile.transpose(1, 2), out=gram)
+                else:
+                    gram.baddbmm_(tile, tile.transpose(1, 2))
             gram.diagonal(dim1=1, dim2=2).add_(self.m * self.damp)
             with single_threaded(b1 - b0 > 1):
-                chol = torch.linalg.cholesky(gram)
-            del gram
-            if not self.q_form:
-                self.chol[b0:b1] = chol
-                continue
+                gram.copy_(self._cholesky(gram, b0, self.m * self.damp, buffer))
+
+    def _cholesky(
+        self, mats: torch.Tensor, b0: int, floor: float, buffer: torch.Tensor
+    ) -> torch.Tensor:
+        """Cholesky factors of a batch of blocks whose smallest eigenvalue is at least ``floor``
+        in exact arithmetic; raise FisherFactorError when float64 rounding breaks that."""
+        chol, info = torch.linalg.cholesky_ex(mats)
+        pivots = chol.diagonal(dim1=1, dim2=2)
+        ok = (info == 0) & (pivots.square() >= PIVOT_SHARE * floor).all(1)
+        ok &= torch.isfinite(pivots).all(1)
+        if bool(ok.all()):
+            return chol
+        bad = int((~ok).nonzero()[0])
+        raise FisherFactorError(self._failure(mats[bad], b0 + bad, floor, buffer))
+
+    def _failure(self, mat: torch.Tensor, block: int, floor: float, buffer: torch.Tensor) -> str:
+        lo = self.start + block * self.size
+        where = f"block {block} of size {self.size} (coordinates {lo}..{lo + self.size - 1})"
+        kind = "B x B matrix lambda*I + G_b^T G_b/m" if self.direct else "m x m matrix K_b"
+        head = f"the damped Fisher's {kind} for {where} does not factor in float64 at damp="
+        head += f"{self.damp:.3g}: "
+        if not bool(torch.isfinite(mat).all()):
+            cols = buffer[:, lo : lo + self.size]
+            peak = float(cols.abs().max())
+            cause = (
+                f"the products of its gradients overflow float64 (largest |entry| {peak:.3g}); "
+                "rescale the gradients"
+            )
+        else:
+            top = float(mat.diagonal().abs().max())
+            cause = (
+                "its gradients are linearly dependent to float64 precision: the largest "
+                f"diagonal entry {top:.3g} rounds away the damping term {floor:.3g}; increase "
+                f"damp to at least {top * 1e-13:.3g}"
+            )
+        return head + cause + ". Nothing was written: the gradient buffer is unchanged."
+
+    def finish(self, buffer: torch.Tensor, scratch: torch.Tensor) -> None:
+        """Phase two (after every group factored): overwrite G by Q = L^-1 G in place (q form)
+        and drop the factors; nothing to do for the direct and g forms."""
+        if self.direct or not self.q_form:
+            return
+        blocks, _, cols = self._plan()
+        view = self._view(buffer)
+        for b0, b1 in _chunks(self.nblocks, blocks):
             for c0, c1 in _chunks(self.size, cols):
-                if cols < self.size or tile is None:
-                    tile = self._tile(buffer, b0, b1, c0, c1)
+                tile = self._tile(buffer, scratch, b0, b1, c0, c1)
                 with single_threaded(b1 - b0 > 1):
-                    q = torch.linalg.solve_triangular(chol, tile, upper=False)
-                view[:, b0:b1, c0:c1].copy_(q.permute(1, 0, 2))
-                tile = None
+                    torch.linalg.solve_triangular(self.chol[b0:b1], tile, upper=False, out=tile)
+                view[:, b0:b1, c0:c1].copy_(tile.permute(1, 0, 2))
+        del self.chol
 
     # ----------------------------------------------------------------- queries
     def ihvp(self, buffer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -141,14 +227,15 @@ class BlockGroup:
         k = x.shape[1]
         xv = x.to(F64).reshape(self.nblocks, self.size, k)
         out = torch.empty_like(xv)
-        blocks_per_tile, cols = self._plan()
-        for b0, b1 in _chunks(self.nblocks, blocks_per_tile):
+        blocks, _, cols = self._plan()
+        scratch = BlockGroup.new_scratch([self], x.device)
+        for b0, b1 in _chunks(self.nblocks, blocks):
             gx = torch.zeros(b1 - b0, self.m, k, dtype=F64, device=x.device)
             for c0, c1 in _chunks(self.size, cols):
-                gx.baddbmm_(self._tile(buffer, b0, b1, c0, c1), xv[b0:b1, c0:c1])
+                gx.baddbmm_(self._tile(buffer, scratch, b0, b1, c0, c1), xv[b0:b1, c0:c1])
             c = torch.cholesky_solve(gx, self.chol[b0:b1])
             for c0, c1 in _chunks(self.size, cols):
-                tile = self._tile(buffer, b0, b1, c0, c1)
+                tile = self._tile(buffer, scratch, b0, b1, c0, c1)
                 out[b0:b1, c0:c1] = xv[b0:b1, c0:c1] - tile.transpose(1, 2) @ c
         return out.view(-1, k).div_(self.damp)
 
@@ -156,15 +243,16 @@ class BlockGroup:
         """The group's part of diag(F^-1), float64."""
         if self.direct:
             return self.inverse.diagonal(dim1=1, dim2=2).reshape(-1).clone()
-        sq = torch.zeros(self.nblocks, self.size, dtype=F64, device=buffer.device)
-        blocks_per_tile, cols = self._plan()
-        for b0, b1 in _chunks(self.nblocks, blocks_per_tile):
+        sq = torch.empty(self.nblocks, self.size, dtype=F64, device=buffer.device)
+        blocks, _, cols = self._plan()
+        scratch = BlockGroup.new_scratch([self], buffer.device)
+        for b0, b1 in _chunks(self.nblocks, blocks):
             for c0, c1 in _chunks(self.size, cols):
-                tile = self._tile(buffer, b0, b1, c0, c1)
+                tile = self._tile(buffer, scratch, b0, b1, c0, c1)
                 if not self.q_form:
-                    tile = torch.linalg.solve_triangular(self.chol[b0:b1], tile, upper=False)
-                sq[b0:b1, c0:c1] = tile.square().sum(1)
-        return (1.0 - sq.view(-1)) / self.damp
+                    torch.linalg.solve_triangular(self.chol[b0:b1], tile, upper=False, out=tile)
+                torch.linalg.vector_norm(tile, dim=1, out=sq[b0:b1, c0:c1])
+        return sq.view(-1).square_().neg_().add_(1.0).div_(self.damp)
 
     def submatrix(self, buffer: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """F^-1 restricted to the group-local coordinates ``local`` (float64, p x p)."""

@@ -4,6 +4,7 @@ block-diagonal), never forming a d x d matrix."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Literal
 
@@ -17,8 +18,8 @@ from .._validation import (
     check_positive_int,
     check_vector,
 )
-from .blocks import F64, BlockGroup
-from .memory import is_memory_mapped
+from .blocks import F64, BlockGroup, FisherFactorError
+from .memory import allocate, default_memory_budget, is_memory_mapped
 
 DampMode = Literal["absolute", "relative"]
 
@@ -38,12 +39,43 @@ def squared_row_norms(grads: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def device_memory_budget(device: torch.device, memory_budget: int | None) -> int:
+    """Bytes a build may use on ``device``: the explicit budget, else the free memory of a CUDA
+    device, else half the available RAM."""
+    if memory_budget is not None:
+        return int(memory_budget)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return default_memory_budget()
+
+
+def _float64_store(
+    shape: tuple[int, ...], device: torch.device, budget: int, what: str
+) -> torch.Tensor:
+    """An uninitialised float64 tensor: in memory within ``budget`` bytes, else (CPU only) a
+    memory-mapped file; MemoryError before anything is allocated when neither can hold it."""
+    nbytes = 8 * math.prod(shape)
+    if nbytes <= budget:
+        return torch.empty(shape, dtype=F64, device=device)
+    if device.type != "cpu":
+        raise MemoryError(
+            f"{what} need {nbytes / 2**30:.2f} GiB of float64 on {device}, over the "
+            f"{max(budget, 0) / 2**30:.2f} GiB left of its free memory; use fewer gradients or "
+            "smaller blocks"
+        )
+    return allocate(shape, F64, memory_budget=max(budget, 0), what=what)
+
+
 class InverseFisher:
     """Exact products with F^-1, where F = lambda*I + (1/m) sum_i g_i g_i^T.
 
     ``grads`` (m x d) is consumed in place when it is float32/float64: it is overwritten by
     Q = L^-1 G, so no second m x d copy is made. bfloat16/float16 gradients are kept as stored
-    (the operator is then the exact inverse of the F built from the rounded rows).
+    (the operator is then the exact inverse of the F built from the rounded rows). The build
+    factors every block before it writes anything, so a refusal (bad input, a block that does
+    not factor in float64, a MemoryError) leaves ``grads`` bit-identical; for that the Woodbury
+    blocks' float64 factors (nblocks*m*m*8 bytes) are held until ``grads`` is overwritten, in
+    memory within ``memory_budget`` and in a memory-mapped file past it.
 
     ``block_size=None`` is full M-FAC; an integer B gives the block-diagonal approximation with
     contiguous blocks of B coordinates (the last one shorter when B does not divide d). Each
@@ -65,6 +97,12 @@ class InverseFisher:
     ) -> None:
         if not isinstance(grads, torch.Tensor):
             raise TypeError(f"grads must be a torch.Tensor, got {type(grads).__name__}")
+        if grads.requires_grad:
+            raise ValueError(
+                "grads requires grad: the operator overwrites float32/float64 gradients in "
+                "place, which autograd cannot track; pass grads.detach() (or "
+                "grads.detach().clone() to keep the original)"
+            )
         check_float_dtype(grads.dtype, "grads")
         if grads.ndim != 2 or grads.shape[0] < 1 or grads.shape[1] < 1:
             raise ValueError(
@@ -81,21 +119,67 @@ class InverseFisher:
         row_sq = squared_row_norms(grads)
         bad = (~torch.isfinite(row_sq)).nonzero().flatten()
         if bad.numel():
+            nonfinite = [r for r in bad.tolist() if not bool(torch.isfinite(grads[r]).all())]
+            if not nonfinite:
+                raise ValueError(
+                    f"the squared norms of gradient rows {bad[:5].tolist()} overflow float64 "
+                    f"(largest |entry| {float(grads[int(bad[0])].abs().max()):.3g}); rescale "
+                    "the gradients (F^-1 scales by the inverse square of the factor)"
+                )
             raise NonFiniteGradientError(
-                f"gradient rows {bad[:5].tolist()} contain NaN or Inf ({bad.numel()} rows in all)"
+                f"gradient rows {nonfinite[:5]} contain NaN or Inf ({len(nonfinite)} rows in all)"
             )
         if damp_mode == "relative":
             mean_diag = float(row_sq.sum()) / (m * d)
             if mean_diag == 0.0:
                 raise ValueError("relative damping needs gradients that are not all zero")
             damp = damp * mean_diag
+            if not math.isfinite(damp) or damp <= 0.0:
+                raise ValueError(
+                    f"relative damping gives damp = {damp:.3g} (mean diagonal {mean_diag:.3g}), "
+                    "not a positive finite number; rescale the gradients or use absolute damping"
+                )
         self.num_grads, self.dim = m, d
         self.damp = damp
         self.block_size = d if block_size is None else min(block_size, d)
         self.buffer = grads
         self.groups = self._make_groups()
+        self._build(memory_budget)
+
+    def _build(self, memory_budget: int | None) -> None:
+        """Factor every block (reading the buffer only), then overwrite G by Q.
+
+        Memory is checked first: the float64 scratch (a tile of gradients and one tile's
+        m x m or B x B matrices) against the memory available on the device, then the stored
+        factors and inverses against ``memory_budget`` (past it they are memory-mapped on CPU;
+        on an accelerator, which cannot page to a file, a MemoryError is raised)."""
+        device = self.buffer.device
+        scratch = max(g.scratch_bytes() for g in self.groups)
+        free = device_memory_budget(device, None)
+        if scratch > free:
+            raise MemoryError(
+                f"the precompute needs {scratch / 2**30:.2f} GiB of float64 scratch (a tile of "
+                "gradients and one tile's m x m or B x B matrices and their factors), over the "
+                f"{free / 2**30:.2f} GiB available on {device}; use fewer gradients. Nothing "
+                "was written"
+            )
+        # The stored factors/inverses live in memory within the budget, else in a file (CPU).
+        left = (free if memory_budget is None else int(memory_budget)) - scratch
+        if device.type != "cpu" and memory_budget is not None:
+            left = min(left, free - scratch)
         for group in self.groups:
-            group.build(grads, memory_budget)
+            group.q_form = self.buffer.dtype in (torch.float32, torch.float64)
+        stores = []
+        for group in self.groups:
+            small = group.size if group.direct else group.m
+            what = "block inverses" if group.direct else "Cholesky factors of the blocks"
+            stores.append(_float64_store((group.nblocks, small, small), device, left, what))
+            left -= 8 * group.nblocks * small * small
+        work = BlockGroup.new_scratch(self.groups, device)
+        for group, store in zip(self.groups, stores, strict=True):
+            group.factor(self.buffer, work, store)
+        for group in self.groups:  # only now is the caller's buffer written
+            group.finish(self.buffer, work)
 
     def _make_groups(self) -> list[BlockGroup]:
         d, size, m = self.dim, self.block_size, self.num_grads
@@ -138,6 +222,13 @@ class InverseFisher:
         out = torch.empty_like(xm)
         for group in self.groups:
             out[group.start : group.stop] = group.ihvp(self.buffer, xm[group.start : group.stop])
+        if not bool(torch.isfinite(out).all()):
+            precision = sorted({str(t).replace("torch.", "") for t in (self.dtype, x.dtype)})
+            raise OverflowError(
+                f"F^-1 x overflows {' / '.join(precision)}: x (largest |entry| "
+                f"{float(xm.abs().max()):.3g}) scaled by up to 1/damp = {1 / self.damp:.3g} "
+                "leaves the range; rescale x (F^-1 is linear)"
+            )
         return out.squeeze(1) if x.ndim == 1 else out
 
     def diag(self) -> torch.Tensor:
@@ -204,4 +295,11 @@ def build_from_rows(
     )
 
 
-__all__ = ["LOW_PRECISION", "InverseFisher", "build_from_rows", "squared_row_norms"]
+__all__ = [
+    "LOW_PRECISION",
+    "FisherFactorError",
+    "InverseFisher",
+    "build_from_rows",
+    "device_memory_budget",
+    "squared_row_norms",
+]
