@@ -1,15 +1,18 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test`. On a CUDA machine: `make gpu-check`.
 PY      ?= python3
+# Extra index for the torch wheel, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128 for a
+# CUDA build where plain pip resolves torch==2.13.0 to a CPU-only wheel.
+TORCH_INDEX ?=
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean gpu-check gpu-preflight
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet torch==2.13.0
+	$(VPY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VPY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -25,6 +28,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/mfac bench
+
+# The operator tests against float64 oracles and the operator benchmark, on CUDA; results in
+# benchmarks/results/gpu.json. Fails before building anything when no NVIDIA GPU is visible.
+gpu-preflight:
+	@nvidia-smi -L >/dev/null 2>&1 || { echo "gpu-check: no CUDA device (nvidia-smi finds no NVIDIA GPU); nothing was built or run" >&2; exit 2; }
+
+gpu-check: gpu-preflight $(STAMP)
+	@$(VPY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch ' + torch.__version__ + ' cannot use the GPU (CUDA build: ' + str(torch.version.cuda) + '); install a CUDA wheel: make clean && make gpu-check TORCH_INDEX=https://download.pytorch.org/whl/cu128 (pick the cuXYZ your driver supports)')"
+	$(VPY) -m pytest -q -n 0 --device cuda tests/test_static.py tests/test_sliding.py
+	$(VPY) -m benchmarks.operators --device cuda
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis .ruff_cache

@@ -6,10 +6,12 @@
    torch bfloat16 matrix-vector products.
 2. The static precompute (Gram, Cholesky, triangular solve or block inverses) in GFLOP/s,
    against this machine's float32 and float64 matmul rates measured in the same run.
-3. The BLAS-3 precompute against the paper's rank-one recursion (a loop over m).
+3. The BLAS-3 precompute against the paper's rank-one recursion (a loop over m): full M-FAC,
+   and blocked (B = 128, the recursion batched over blocks) including ``diag()``.
 
-Run: ``python -m benchmarks.operators`` (full, ~15 min) or ``--quick`` (~1 min).
-Writes benchmarks/results/operators.json (or operators-quick.json) and prints a table.
+Run: ``python -m benchmarks.operators`` (full) or ``--quick`` (~1 min); ``--device cuda`` runs
+every part on a GPU (``make gpu-check``). Writes benchmarks/results/operators.json
+(operators-quick.json; gpu.json / gpu-quick.json on CUDA) and prints a table.
 """
 
 from __future__ import annotations
@@ -21,18 +23,44 @@ import torch
 
 from mfac import InverseFisher, SlidingInverseFisher
 
-from benchmarks.common import interleaved_medians, machine, matmul_gflops, table, write_json
-from benchmarks.rank_one import RankOneInverseFisher
+from benchmarks.common import interleaved_medians, machine, table, write_json
+from benchmarks.rank_one import BlockRankOneInverseFisher, RankOneInverseFisher
 
 F64 = torch.float64
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def synced(fn):
+    """``fn`` followed by a device synchronisation, so that wall time measures the work."""
+    if DEVICE.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(DEVICE)
+        return out
+
+    return run
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """The device's dense matmul rate for ``dtype``, measured now (median of ``reps``)."""
+    a = torch.randn(n, n, dtype=dtype, device=DEVICE)
+    b = torch.randn(n, n, dtype=dtype, device=DEVICE)
+    t = interleaved_medians({"mm": synced(lambda: a @ b)}, reps)["mm"]
+    return 2 * n**3 / t / 1e9
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device=DEVICE)
 
 
 def filled_window(grads: torch.Tensor, damp: float) -> SlidingInverseFisher:
     """A sliding operator whose window already holds ``grads`` (K and its factor consistent)."""
     m, d = grads.shape
-    op = SlidingInverseFisher(d, m, damp, dtype=grads.dtype)
+    op = SlidingInverseFisher(d, m, damp, dtype=grads.dtype, device=grads.device)
     op.grads = grads
-    gram = torch.zeros(m, m, dtype=F64)
+    gram = torch.zeros(m, m, dtype=F64, device=grads.device)
     for c in range(0, d, 65536):  # float32 tiles: a step's time does not depend on K's digits
         tile = grads[:, c : c + 65536].float()
         gram += (tile @ tile.T).to(F64)
@@ -44,13 +72,13 @@ def filled_window(grads: torch.Tensor, damp: float) -> SlidingInverseFisher:
 def bench_step(m: int, d: int, reps: int, stock_bf16: bool) -> dict:
     """push_ihvp (float32 and bfloat16 storage) against the two-pass float32 floor."""
     torch.manual_seed(0)
-    g32 = torch.randn(m, d)
+    g32 = randn(m, d)
     op32 = filled_window(g32, 1e-4)
     op16 = filled_window(g32.bfloat16(), 1e-4)
-    x, c = torch.randn(d), torch.randn(m)
+    x, c = randn(d), randn(m)
     # Distinct gradients, as in training: pushing one vector m times makes the window's rows
     # identical, and then float32 dot products cannot keep K positive definite at small damp.
-    pool = torch.randn(m + 1, d)
+    pool = randn(m + 1, d)
     count = iter(range(10**9))
 
     def grad() -> torch.Tensor:
@@ -64,7 +92,7 @@ def bench_step(m: int, d: int, reps: int, stock_bf16: bool) -> dict:
     if stock_bf16:
         g16, x16, c16 = op16.grads, x.bfloat16(), c.bfloat16()
         fns["stock_bf16_two_pass"] = lambda: (g16 @ x16, c16 @ g16)
-    t = interleaved_medians(fns, reps)
+    t = interleaved_medians({name: synced(fn) for name, fn in fns.items()}, reps)
     floor = t["floor_f32"]
     row = {
         "m": m,
@@ -84,7 +112,7 @@ def bench_step(m: int, d: int, reps: int, stock_bf16: bool) -> dict:
 def bench_precompute(m: int, d: int, blocks: list[int | None], reps: int) -> list[dict]:
     """Static precompute GFLOP/s against float32/float64 matmul GFLOP/s of the same run."""
     torch.manual_seed(1)
-    master = torch.randn(m, d)
+    master = randn(m, d)
     work = torch.empty_like(master)
     rows = []
     for block in blocks:
@@ -99,7 +127,7 @@ def bench_precompute(m: int, d: int, blocks: list[int | None], reps: int) -> lis
             work.copy_(master)  # the operator consumes its input in place
             f32.append(matmul_gflops(torch.float32, reps=3))
             start = time.perf_counter()
-            InverseFisher(work, 1e-5, block)
+            synced(lambda b=block: InverseFisher(work, 1e-5, b))()
             times.append(time.perf_counter() - start)
             f64.append(matmul_gflops(F64, reps=3))
         times.sort()
@@ -127,8 +155,8 @@ def bench_precompute(m: int, d: int, blocks: list[int | None], reps: int) -> lis
 def bench_rank_one(m: int, d: int, reps: int) -> dict:
     """Our BLAS-3 precompute against the paper's rank-one recursion (same F, same answers)."""
     torch.manual_seed(2)
-    grads = torch.randn(m, d)
-    x = torch.randn(d)
+    grads = randn(m, d)
+    x = randn(d)
     work = torch.empty_like(grads)
 
     def ours() -> InverseFisher:
@@ -136,7 +164,8 @@ def bench_rank_one(m: int, d: int, reps: int) -> dict:
         return InverseFisher(work, 1e-4)
 
     t = interleaved_medians(
-        {"ours": ours, "rank_one": lambda: RankOneInverseFisher(grads, 1e-4)}, reps
+        {"ours": synced(ours), "rank_one": synced(lambda: RankOneInverseFisher(grads, 1e-4))},
+        reps,
     )
     exact = RankOneInverseFisher(grads.double(), 1e-4).ihvp(x.double())
     agree = float((ours().ihvp(x).double() - exact).norm() / exact.norm())
@@ -147,6 +176,52 @@ def bench_rank_one(m: int, d: int, reps: int) -> dict:
         "rank_one_s": t["rank_one"],
         "speedup": t["rank_one"] / t["ours"],
         "ihvp_rel_diff_vs_float64_recursion": agree,
+    }
+
+
+def bench_block_rank_one(m: int, d: int, block: int, reps: int) -> dict:
+    """Blocked precompute + ``diag()`` against the rank-one recursion batched over the blocks
+    (a loop over the m gradients), with the float64 matmul rate measured in the same run."""
+    torch.manual_seed(3)
+    grads = randn(m, d)
+    work = torch.empty_like(grads)
+    damp = 1e-4
+
+    def ours() -> torch.Tensor:
+        return InverseFisher(work, damp, block).diag()
+
+    def rank_one() -> torch.Tensor:
+        return BlockRankOneInverseFisher(grads, damp, block).diag()
+
+    times: dict[str, list[float]] = {"ours": [], "rank_one": []}
+    mm64 = []
+    for _ in range(reps):
+        for name, fn in (("ours", ours), ("rank_one", rank_one)):
+            work.copy_(grads)  # the Woodbury form consumes its input; not timed
+            start = time.perf_counter()
+            synced(fn)()
+            times[name].append(time.perf_counter() - start)
+        mm64.append(matmul_gflops(F64, reps=3))
+    ours_s, rank_one_s = (sorted(times[k])[reps // 2] for k in ("ours", "rank_one"))
+    mm = sorted(mm64)[reps // 2]
+    size = min(block, d)
+    if size <= m:
+        flops = 2 * m * size * d + d * size**2 / 3 + 2 * d * size**2
+    else:
+        flops = 3 * m * m * d + (d // size) * m**3 / 3
+    exact = BlockRankOneInverseFisher(grads.double(), damp, block).diag()
+    work.copy_(grads)
+    agree = float((ours().double() - exact).norm() / exact.norm())
+    return {
+        "m": m,
+        "d": d,
+        "block": block,
+        "ours_s": ours_s,
+        "rank_one_s": rank_one_s,
+        "speedup": rank_one_s / ours_s,
+        "ours_ratio_to_f64_matmul": flops / ours_s / 1e9 / mm,
+        "matmul_f64_GFLOPs": mm,
+        "diag_rel_diff_vs_float64_recursion": agree,
     }
 
 
@@ -208,16 +283,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     parser.add_argument("--reps", type=int, default=5, help="repetitions per median (>= 5)")
+    every = ["step", "precompute", "rank_one", "block_rank_one"]
+    parser.add_argument("--only", choices=every, nargs="*", help="run some parts")
+    parser.add_argument("--device", default="cpu", help="torch device (cuda: writes gpu.json)")
     parser.add_argument(
-        "--only", choices=["step", "precompute", "rank_one"], nargs="*", help="run some parts"
+        "--precompute-d", type=int, default=None, help="d of the precompute part (m = 1024)"
     )
     args = parser.parse_args(argv)
-    parts = set(args.only or ["step", "precompute", "rank_one"])
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"no CUDA device available (torch {torch.__version__})")
+    parts = set(args.only or every)
+    blocked = (256, 2**16, 128)  # the issue's comparison: d = 2^16, m = 256, B = 128
     if args.quick:
         steps, pre, r1 = [(64, 200_000), (256, 200_000)], (256, 2**16), (64, 2**15)
     else:
         steps, pre, r1 = [(256, 1_000_000), (1024, 1_000_000)], (1024, 2**20), (256, 2**18)
-    result: dict = {"machine": machine(), "quick": args.quick, "reps": args.reps}
+    if args.precompute_d:
+        pre = (pre[0], args.precompute_d)
+    info = machine()
+    if DEVICE.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(DEVICE)
+        info["cuda"] = torch.version.cuda
+    result: dict = {"machine": info, "quick": args.quick, "reps": args.reps}
     if "step" in parts:
         result["step"] = [bench_step(m, d, args.reps, stock_bf16=m <= 256) for m, d in steps]
         print("\npush_ihvp against the two-pass float32 floor (G @ x, then y @ G)")
@@ -261,7 +350,26 @@ def main(argv: list[str] | None = None) -> dict:
                 ["m", "d", "ours_s", "rank_one_s", "speedup", "ihvp_rel_diff_vs_float64_recursion"],
             )
         )
-    name = "operators-quick" if args.quick else "operators"
+    if "block_rank_one" in parts:
+        result["block_rank_one"] = bench_block_rank_one(*blocked, args.reps)
+        print("\nblocked precompute + diag against the rank-one recursion batched over blocks")
+        print(
+            table(
+                [result["block_rank_one"]],
+                [
+                    "m",
+                    "d",
+                    "block",
+                    "ours_s",
+                    "rank_one_s",
+                    "speedup",
+                    "ours_ratio_to_f64_matmul",
+                    "diag_rel_diff_vs_float64_recursion",
+                ],
+            )
+        )
+    name = "gpu" if DEVICE.type == "cuda" else "operators"
+    name += "-quick" if args.quick else ""
     path = write_json(name, result)
     plot(result, str(path.with_suffix(".png")))
     print(f"\nwrote {path} and {path.with_suffix('.png')}")

@@ -1,4 +1,43 @@
+"""Shared test setup: the oracle module on the path, and the device the operator tests run on.
+
+``pytest --device cuda`` (or ``MFAC_TEST_DEVICE=cuda``) runs the tests that take the ``device``
+fixture (the float64-oracle tests of the operators) on that device; the oracles themselves are
+always computed on the CPU in float64. The default is ``cpu``.
+"""
+
+import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default=os.environ.get("MFAC_TEST_DEVICE", "cpu"),
+        help="torch device for the operator tests (default: $MFAC_TEST_DEVICE or cpu)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    name = config.getoption("--device")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise pytest.UsageError(f"--device {name!r} is not a torch device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = torch.version.cuda or "none (a CPU-only build)"
+        raise pytest.UsageError(
+            f"--device {name}: no CUDA device is available (torch {torch.__version__}, CUDA "
+            f"build {build})"
+        )
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig: pytest.Config) -> torch.device:
+    """The device chosen with --device / MFAC_TEST_DEVICE (session-wide, hypothesis-safe)."""
+    return torch.device(pytestconfig.getoption("--device"))

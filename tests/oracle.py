@@ -34,4 +34,5 @@ def dense_block_inverse_fisher(grads: torch.Tensor, damp: float, block: int | No
 def rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """Norm-wise relative error ||approx - exact|| / ||exact|| in float64."""
     exact = exact.to(F64)
-    return float((approx.to(F64) - exact).norm() / exact.norm().clamp_min(1e-300))
+    approx = approx.to(device=exact.device, dtype=F64)  # device-run results vs CPU oracles
+    return float((approx - exact).norm() / exact.norm().clamp_min(1e-300))

@@ -67,17 +67,23 @@ def test_exact_after_thousands_of_wraparounds() -> None:
     seed=st.integers(0, 2**20),
 )
 def test_push_ihvp_matches_oracle_of_stored_window(
-    window: int, dim: int, pushes: int, log_damp: float, dtype: torch.dtype, seed: int
+    window: int,
+    dim: int,
+    pushes: int,
+    log_damp: float,
+    dtype: torch.dtype,
+    seed: int,
+    device: torch.device,
 ) -> None:
     kernels._compiled.update({"rows": None, "cols": None})
     damp = 10.0**log_damp
-    op = mfac.SlidingInverseFisher(dim, window, damp, dtype=dtype)
+    op = mfac.SlidingInverseFisher(dim, window, damp, dtype=dtype, device=device)
     grads = stream(seed, dim)
     for _ in range(pushes):
         g = next(grads)
-        y = op.push_ihvp(g)
+        y = op.push_ihvp(g.to(device))
     tol = 1e-5 if dtype == torch.float32 else 1e-4
-    stored = op.grads.double()
+    stored = op.grads.double().cpu()  # the oracle runs on the CPU
     dense = dense_inverse_fisher(stored, damp)  # F of the stored (rounded) rows
     exact = dense @ g.to(dtype).double()
     if dim < 2 * window:
@@ -96,7 +102,8 @@ def test_push_ihvp_matches_oracle_of_stored_window(
         # not cancel. For x inside the span (always when dim <= window) the Woodbury form
         # loses ~eps*|x|/(lambda*|F^-1 x|) digits; push_ihvp, checked above, never cancels.
         x = torch.randn(dim, 2, generator=torch.Generator().manual_seed(seed))
-        assert rel_err(op.ihvp(x), dense @ x.double()) <= (1e-5 if dtype == torch.float32 else 1e-4)
+        y = op.ihvp(x.to(device))
+        assert rel_err(y, dense @ x.double()) <= (1e-5 if dtype == torch.float32 else 1e-4)
 
 
 def test_resume_is_bit_identical() -> None:

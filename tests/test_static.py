@@ -57,18 +57,19 @@ def _eager_low_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(problems())
-def test_every_query_matches_dense_oracle(p: dict) -> None:
-    grads = make_grads(p["m"], p["d"], p["dtype"], p["correlated"], p["seed"])
-    stored = grads.clone()  # the rows as stored; float32 grads are overwritten in place
+@given(p=problems())
+def test_every_query_matches_dense_oracle(p: dict, device: torch.device) -> None:
+    stored = make_grads(p["m"], p["d"], p["dtype"], p["correlated"], p["seed"])  # CPU copy
+    grads = stored.clone().to(device)  # float32 grads are overwritten in place
     op = mfac.InverseFisher(grads, p["damp"], p["block"])
+    assert op.device.type == device.type
     dense = dense_block_inverse_fisher(stored, p["damp"], p["block"])
     tol = TOL[p["dtype"]]
     gen = torch.Generator().manual_seed(p["seed"] + 1)
 
     x = torch.randn(p["d"], 3, generator=gen)
-    assert rel_err(op.ihvp(x), dense @ x.double()) <= tol
-    assert rel_err(op.ihvp(x[:, 0]), dense @ x[:, 0].double()) <= tol
+    assert rel_err(op.ihvp(x.to(device)), dense @ x.double()) <= tol
+    assert rel_err(op.ihvp(x[:, 0].to(device)), dense @ x[:, 0].double()) <= tol
     assert rel_err(op.diag(), dense.diagonal()) <= tol
 
     idx = torch.randint(0, p["d"], (min(p["d"], 12),), generator=gen)
@@ -93,30 +94,32 @@ def test_in_place_and_forms() -> None:
     assert "woodbury" in repr(woodbury)
 
 
-def test_relative_damping_scales_by_mean_diagonal() -> None:
+def test_relative_damping_scales_by_mean_diagonal(device: torch.device) -> None:
     grads = torch.randn(10, 50, dtype=torch.float64) * 3
     mean_diag = float((grads**2).sum()) / (10 * 50)
-    op = mfac.InverseFisher(grads.clone(), 0.01, damp_mode="relative")
+    op = mfac.InverseFisher(grads.clone().to(device), 0.01, damp_mode="relative")
     assert op.damp == pytest.approx(0.01 * mean_diag, rel=1e-12)
     dense = dense_block_inverse_fisher(grads, op.damp, None)
     assert rel_err(op.diag(), dense.diagonal()) < 1e-10
 
 
-def test_float64_storage_is_near_exact() -> None:
+def test_float64_storage_is_near_exact(device: torch.device) -> None:
     grads = torch.randn(40, 200, dtype=torch.float64)
     dense = dense_block_inverse_fisher(grads, 1e-6, 64)
-    op = mfac.InverseFisher(grads.clone(), 1e-6, 64)
+    op = mfac.InverseFisher(grads.clone().to(device), 1e-6, 64)
     x = torch.randn(200, dtype=torch.float64)
-    assert rel_err(op.ihvp(x), dense @ x) < 1e-10
+    assert rel_err(op.ihvp(x.to(device)), dense @ x) < 1e-10
 
 
 @pytest.mark.parametrize("block", [None, 4, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_non_contiguous_right_hand_sides(block: int | None, dtype: torch.dtype) -> None:
+def test_non_contiguous_right_hand_sides(
+    block: int | None, dtype: torch.dtype, device: torch.device
+) -> None:
     grads = torch.randn(8, 40)
     dense = dense_block_inverse_fisher(grads, 1e-3, block)
-    op = mfac.InverseFisher(grads.clone(), 1e-3, block)
-    x = torch.randn(3, 40, dtype=dtype).T  # (40, 3), not contiguous
+    op = mfac.InverseFisher(grads.clone().to(device), 1e-3, block)
+    x = torch.randn(3, 40, dtype=dtype, device=device).T  # (40, 3), not contiguous
     assert rel_err(op.ihvp(x), dense @ x.double()) < 1e-5
 
 
@@ -137,10 +140,12 @@ def dependent_tail(dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_block_that_does_not_factor_leaves_grads_bit_identical(dtype: torch.dtype) -> None:
+def test_block_that_does_not_factor_leaves_grads_bit_identical(
+    dtype: torch.dtype, device: torch.device
+) -> None:
     # The first group (blocks 0 and 1) factors; the second group (the tail block) does not. The
     # first group's Q must not have been written over G before the tail was factored.
-    grads = dependent_tail(dtype)
+    grads = dependent_tail(dtype).to(device)
     before = bits(grads)
     with pytest.raises(mfac.operators.static.FisherFactorError) as err:
         mfac.InverseFisher(grads, 1e-20, block_size=8)
@@ -149,25 +154,28 @@ def test_block_that_does_not_factor_leaves_grads_bit_identical(dtype: torch.dtyp
     assert "linearly dependent" in message and "unchanged" in message
     assert torch.equal(bits(grads), before)
     # The same rows with damping above float64 rounding build, and match the oracle.
-    stored = grads.clone()
+    stored = grads.cpu().clone()
     op = mfac.InverseFisher(grads, 1e-3, block_size=8)
     dense = dense_block_inverse_fisher(stored, 1e-3, 8)
     assert rel_err(op.diag(), dense.diagonal()) < TOL[dtype]
 
 
-def test_direct_block_that_does_not_factor_names_damp_and_leaves_grads() -> None:
-    grads = torch.ones(6, 12, dtype=torch.float64)  # B = 3 <= m = 6: direct, rank one blocks
+def test_direct_block_that_does_not_factor_names_damp_and_leaves_grads(
+    device: torch.device,
+) -> None:
+    grads = torch.ones(6, 12, dtype=torch.float64, device=device)  # B = 3 <= m = 6: direct, rank one blocks
     before = bits(grads)
     with pytest.raises(ValueError, match=r"damp=1e-30.*linearly dependent"):
         mfac.InverseFisher(grads, 1e-30, block_size=3)
     assert torch.equal(bits(grads), before)
 
 
-def test_gram_overflow_is_named_overflow_not_damping() -> None:
+def test_gram_overflow_is_named_overflow_not_damping(device: torch.device) -> None:
     # Every row's squared norm is finite (1.44e308), but their sum in F_00 overflows float64.
     grads = torch.zeros(4, 4, dtype=torch.float64)
     grads[:, 0] = 1.2e154
     grads[:, 1:] = torch.randn(4, 3, dtype=torch.float64)
+    grads = grads.to(device)
     before = bits(grads)
     with pytest.raises(ValueError, match="overflow float64") as err:
         mfac.InverseFisher(grads, 1e10, block_size=2)
@@ -193,10 +201,10 @@ def test_grads_that_require_grad_are_refused_untouched() -> None:
     assert torch.equal(bits(grads.detach()), before)
 
 
-def test_ihvp_overflow_is_named_and_operator_unchanged() -> None:
-    op = mfac.InverseFisher(torch.randn(4, 50), 1e-8)
+def test_ihvp_overflow_is_named_and_operator_unchanged(device: torch.device) -> None:
+    op = mfac.InverseFisher(torch.randn(4, 50, device=device), 1e-8)
     q = bits(op.buffer)
-    x = torch.full((50,), 1e32)
+    x = torch.full((50,), 1e32, device=device)
     x_before = bits(x)
     with pytest.raises(OverflowError, match="overflows float32"):
         op.ihvp(x)

@@ -132,7 +132,7 @@ class BlockGroup:
                 else:
                     fisher.baddbmm_(tile.transpose(1, 2), tile)
             fisher.div_(self.m).diagonal(dim1=1, dim2=2).add_(self.damp)
-            with single_threaded(b1 - b0 > 1):
+            with single_threaded(b1 - b0 > 1, buffer.device):
                 chol = self._cholesky(fisher, b0, self.damp, buffer)
                 # LAPACK potri (2B^3/3 flops): 1.6x faster than cholesky_solve against I.
                 fisher.copy_(torch.cholesky_inverse(chol))
@@ -150,7 +150,7 @@ class BlockGroup:
                 else:
                     gram.baddbmm_(tile, tile.transpose(1, 2))
             gram.diagonal(dim1=1, dim2=2).add_(self.m * self.damp)
-            with single_threaded(b1 - b0 > 1):
+            with single_threaded(b1 - b0 > 1, buffer.device):
                 gram.copy_(self._cholesky(gram, b0, self.m * self.damp, buffer))
 
     def _cholesky(
@@ -199,7 +199,7 @@ class BlockGroup:
         for b0, b1 in _chunks(self.nblocks, blocks):
             for c0, c1 in _chunks(self.size, cols):
                 tile = self._tile(buffer, scratch, b0, b1, c0, c1)
-                with single_threaded(b1 - b0 > 1):
+                with single_threaded(b1 - b0 > 1, buffer.device):
                     torch.linalg.solve_triangular(self.chol[b0:b1], tile, upper=False, out=tile)
                 view[:, b0:b1, c0:c1].copy_(tile.permute(1, 0, 2))
         del self.chol

@@ -19,9 +19,12 @@ import torch
 
 
 @contextmanager
-def single_threaded(enabled: bool = True) -> Iterator[None]:
-    """Run the enclosed torch CPU ops on one thread (restoring the previous count after)."""
-    if not enabled:
+def single_threaded(enabled: bool = True, device: torch.device | None = None) -> Iterator[None]:
+    """Run the enclosed torch CPU ops on one thread (restoring the previous count after).
+
+    A no-op when ``device`` is given and is not the CPU: an accelerator's kernels do not use the
+    CPU thread pool, and changing its size would only cost a call."""
+    if not enabled or (device is not None and device.type != "cpu"):
         yield
         return
     threads = torch.get_num_threads()
