@@ -163,7 +163,8 @@ def test_block_that_does_not_factor_leaves_grads_bit_identical(
 def test_direct_block_that_does_not_factor_names_damp_and_leaves_grads(
     device: torch.device,
 ) -> None:
-    grads = torch.ones(6, 12, dtype=torch.float64, device=device)  # B = 3 <= m = 6: direct, rank one blocks
+    # B = 3 <= m = 6: direct form, every block of rank one
+    grads = torch.ones(6, 12, dtype=torch.float64, device=device)
     before = bits(grads)
     with pytest.raises(ValueError, match=r"damp=1e-30.*linearly dependent"):
         mfac.InverseFisher(grads, 1e-30, block_size=3)
