@@ -225,6 +225,43 @@ def bench_block_rank_one(m: int, d: int, block: int, reps: int) -> dict:
     }
 
 
+def bench_oneshot(models: list[str], reps: int) -> list[dict]:
+    """End to end: ``mfac.prune.oneshot(..., method="mfac", recompute=16)`` (m = 256, B = 128,
+    the library's defaults otherwise) on benchmarks.prune's MLPs; medians of the precompute
+    time (the static builds, one per recomputation) and of the whole call."""
+    import mfac.prune as mp
+
+    from benchmarks.prune import batches, load_tasks, loss_fn
+
+    tasks = load_tasks()
+    rows = []
+    for name in models:
+        task = tasks[name]
+        torch.manual_seed(0)
+        state = task.make().state_dict()  # timing only: trained weights cost the same
+        data = batches(task, 256, 100)
+        pre, total = [], []
+        for _ in range(reps):
+            model = task.make()
+            model.load_state_dict(state)
+            res = mp.oneshot(
+                model, 0.9, "mfac", data=data, loss_fn=loss_fn, recompute=16, progress=False
+            )
+            pre.append(res.timings["precompute"])
+            total.append(res.timings["total"])
+        dim = sum(p.numel() for p in model.parameters() if p.ndim > 1)
+        rows.append(
+            {
+                "model": name,
+                "d": dim,
+                "precompute_s": sorted(pre)[reps // 2],
+                "total_s": sorted(total)[reps // 2],
+                "precompute_share": sorted(pre)[reps // 2] / sorted(total)[reps // 2],
+            }
+        )
+    return rows
+
+
 def plot(result: dict, path: str) -> None:
     """Two panels: step time over the floor, and precompute rate over the matmul rates."""
     import matplotlib
@@ -283,13 +320,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     parser.add_argument("--reps", type=int, default=5, help="repetitions per median (>= 5)")
-    every = ["step", "precompute", "rank_one", "block_rank_one"]
+    every = ["step", "precompute", "rank_one", "block_rank_one", "oneshot"]
     parser.add_argument("--only", choices=every, nargs="*", help="run some parts")
     parser.add_argument("--device", default="cpu", help="torch device (cuda: writes gpu.json)")
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
         "--precompute-d", type=int, default=None, help="d of the precompute part (m = 1024)"
     )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     global DEVICE
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -368,8 +409,13 @@ def main(argv: list[str] | None = None) -> dict:
                 ],
             )
         )
+    if "oneshot" in parts and DEVICE.type == "cpu":
+        result["oneshot"] = bench_oneshot(["digits-mlp", "mnist-mlp"], args.reps)
+        print("\nmfac.prune.oneshot(..., method='mfac', recompute=16), m = 256, B = 128")
+        columns = ["model", "d", "precompute_s", "total_s", "precompute_share"]
+        print(table(result["oneshot"], columns))
     name = "gpu" if DEVICE.type == "cuda" else "operators"
-    name += "-quick" if args.quick else ""
+    name += ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     path = write_json(name, result)
     plot(result, str(path.with_suffix(".png")))
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
