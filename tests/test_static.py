@@ -234,3 +234,24 @@ def test_memory_accounting_counts_the_float64_matrices() -> None:
     direct = BlockGroup(0, 4, 10, 20, 1e-3)
     assert direct.stored_bytes() == 4 * 10 * 10 * 8
     assert direct.scratch_bytes() >= 8 * (4 * 20 * 10 + 3 * 4 * 10 * 10)
+
+
+# ------------------------------------------------------------------ low-precision passes
+@pytest.mark.parametrize(
+    ("dtype", "m", "k"), [(torch.bfloat16, 13, 1), (torch.bfloat16, 21, 3), (torch.float16, 1, 1)]
+)
+def test_low_precision_passes_match_float64(
+    dtype: torch.dtype, m: int, k: int, device: torch.device
+) -> None:
+    # m not a multiple of the compiled G^T c kernel's 8-row chunks, k columns up to 3.
+    gen = torch.Generator().manual_seed(m * 10 + k)
+    g = torch.randn(m, 5000, generator=gen).to(dtype)
+    c, x = torch.randn(m, k, generator=gen), torch.randn(5000, k, generator=gen)
+    exact_cols = g.double().T @ c.double()
+    exact_rows = g.double() @ x.double()
+    gd, cd, xd = g.to(device), c.to(device), x.to(device)
+    kernels._compiled.clear()  # compiled (falls back to eager by itself where it cannot)
+    assert rel_err(kernels.cols_dot(gd, cd), exact_cols) < 1e-6
+    assert rel_err(kernels.rows_dot(gd, xd), exact_rows) < 1e-5  # float32 sums over d
+    assert rel_err(kernels._cols_dot_eager(gd, cd, columns=777), exact_cols) < 1e-6
+    assert rel_err(kernels._rows_dot_eager(gd, xd), exact_rows) < 1e-5

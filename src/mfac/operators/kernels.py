@@ -56,8 +56,20 @@ def _rows_dot_fused(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(cols, 1)
 
 
+#: Rows per partial sum of the compiled G^T c pass (see _cols_dot_fused).
+_ROW_CHUNK = 8
+
+
 def _cols_dot_fused(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    cols = [(g.float() * c[:, i, None]).sum(0) for i in range(c.shape[1])]
+    # A reduction over all m rows at once walks m strided streams per column tile and ran at
+    # 0.9x the float32 time; summing 8 rows at a time into a float32 accumulator streams G once
+    # in row order (the accumulator, 4 bytes per column, is re-read m/8 times from cache/RAM).
+    cols = []
+    for i in range(c.shape[1]):
+        acc = (g[:_ROW_CHUNK].float() * c[:_ROW_CHUNK, i, None]).sum(0)
+        for r in range(_ROW_CHUNK, g.shape[0], _ROW_CHUNK):
+            acc = acc + (g[r : r + _ROW_CHUNK].float() * c[r : r + _ROW_CHUNK, i, None]).sum(0)
+        cols.append(acc)
     return torch.stack(cols, 1)
 
 
