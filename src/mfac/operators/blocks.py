@@ -102,57 +102,60 @@ class BlockGroup:
         return torch.empty(elems, dtype=F64, device=device)
 
     # ----------------------------------------------------------------- precompute
-    def factor(self, buffer: torch.Tensor, scratch: torch.Tensor, store: torch.Tensor) -> None:
-        """Phase one: form and factor every block, reading the buffer only.
+    def form(self, buffer: torch.Tensor, scratch: torch.Tensor, store: torch.Tensor) -> float:
+        """Phase one, part one: form every block's Gram into ``store``, reading the buffer only;
+        return the sum of squares of the group's gradient entries (float64; NaN or Inf when an
+        entry is non-finite or the sum overflows), read off the Grams' diagonals.
 
-        ``store`` receives the result: (nblocks, B, B) block inverses (direct form) or
-        (nblocks, m, m) Cholesky factors (Woodbury). Raises FisherFactorError, naming the block,
-        the damping and the cause, when a block does not factor."""
+        ``store`` is (nblocks, B, B) for the direct form (G_b^T G_b / m, later inverted in
+        place) and (nblocks, m, m) for Woodbury (G_b G_b^T, later factored in place)."""
         self.q_form = buffer.dtype in (torch.float32, torch.float64)
-        if self.direct:
-            self._factor_direct(buffer, scratch, store)
-            self.inverse = store
-        else:
-            self._factor_woodbury(buffer, scratch, store)
-            self.chol = store
-
-    def _factor_direct(
-        self, buffer: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor
-    ) -> None:
-        blocks, rows, _ = self._plan()
+        self.store = store
+        blocks, rows, cols = self._plan()
         view = self._view(buffer)
+        total = torch.zeros((), dtype=F64, device=buffer.device)
         for b0, b1 in _chunks(self.nblocks, blocks):
-            fisher = out[b0:b1]
-            for r0, r1 in _chunks(self.m, rows):
-                # (nb, rows, size): rows of each block stay contiguous, so the copy streams.
-                src = view[r0:r1, b0:b1, :].permute(1, 0, 2)
-                tile = scratch[: src.numel()].view(src.shape).copy_(src)
-                # beta = 0 on the first rows: the store's old contents are ignored.
-                beta = 0.0 if r0 == 0 else 1.0
-                torch.baddbmm(
-                    fisher, tile.transpose(1, 2), tile, beta=beta, alpha=1.0 / self.m, out=fisher
-                )
-            fisher.diagonal(dim1=1, dim2=2).add_(self.damp)
-            with single_threaded(b1 - b0 > 1, buffer.device):
-                chol = self._cholesky(fisher, b0, self.damp, buffer)
-                # LAPACK potri (2B^3/3 flops): 1.6x faster than cholesky_solve against I.
-                torch.cholesky_inverse(chol, out=fisher)
+            gram = store[b0:b1]
+            if self.direct:
+                for r0, r1 in _chunks(self.m, rows):
+                    # (nb, rows, size): rows of each block stay contiguous, so the copy streams.
+                    src = view[r0:r1, b0:b1, :].permute(1, 0, 2)
+                    tile = scratch[: src.numel()].view(src.shape).copy_(src)
+                    # beta = 0 on the first rows: the store's old contents are ignored.
+                    beta = 0.0 if r0 == 0 else 1.0
+                    torch.baddbmm(
+                        gram, tile.transpose(1, 2), tile, beta=beta, alpha=1.0 / self.m, out=gram
+                    )
+            else:
+                for c0, c1 in _chunks(self.size, cols):
+                    tile = self._tile(buffer, scratch, b0, b1, c0, c1)
+                    beta = 0.0 if c0 == 0 else 1.0
+                    torch.baddbmm(gram, tile, tile.transpose(1, 2), beta=beta, out=gram)
+            total += gram.diagonal(dim1=1, dim2=2).sum()
+        return float(total) * (self.m if self.direct else 1)
 
-    def _factor_woodbury(
-        self, buffer: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor
-    ) -> None:
-        blocks, _, cols = self._plan()
+    def factor(self, buffer: torch.Tensor, damp: float) -> None:
+        """Phase one, part two: add the damping and factor every block in place (direct form:
+        then invert); raise FisherFactorError, naming the block, the damping and the cause,
+        when a block does not factor."""
+        self.damp = damp
+        floor = damp if self.direct else self.m * damp
+        blocks = self._plan()[0]
         for b0, b1 in _chunks(self.nblocks, blocks):
-            gram = out[b0:b1]
-            for c0, c1 in _chunks(self.size, cols):
-                tile = self._tile(buffer, scratch, b0, b1, c0, c1)
-                if c0 == 0:
-                    torch.bmm(tile, tile.transpose(1, 2), out=gram)
-                else:
-                    gram.baddbmm_(tile, tile.transpose(1, 2))
-            gram.diagonal(dim1=1, dim2=2).add_(self.m * self.damp)
+            mats = self.store[b0:b1]
+            mats.diagonal(dim1=1, dim2=2).add_(floor)
             with single_threaded(b1 - b0 > 1, buffer.device):
-                gram.copy_(self._cholesky(gram, b0, self.m * self.damp, buffer))
+                chol = self._cholesky(mats, b0, floor, buffer)
+                if self.direct:
+                    # LAPACK potri (2B^3/3 flops): 1.6x faster than cholesky_solve against I.
+                    torch.cholesky_inverse(chol, out=mats)
+                else:
+                    mats.copy_(chol)
+        if self.direct:
+            self.inverse = self.store
+        else:
+            self.chol = self.store
+        del self.store
 
     def _cholesky(
         self, mats: torch.Tensor, b0: int, floor: float, buffer: torch.Tensor

@@ -116,37 +116,13 @@ class InverseFisher:
         m, d = grads.shape
         if block_size is not None:
             check_positive_int(block_size, "block_size")
-        row_sq = squared_row_norms(grads)
-        bad = (~torch.isfinite(row_sq)).nonzero().flatten()
-        if bad.numel():
-            nonfinite = [r for r in bad.tolist() if not bool(torch.isfinite(grads[r]).all())]
-            if not nonfinite:
-                raise ValueError(
-                    f"the squared norms of gradient rows {bad[:5].tolist()} overflow float64 "
-                    f"(largest |entry| {float(grads[int(bad[0])].abs().max()):.3g}); rescale "
-                    "the gradients (F^-1 scales by the inverse square of the factor)"
-                )
-            raise NonFiniteGradientError(
-                f"gradient rows {nonfinite[:5]} contain NaN or Inf ({len(nonfinite)} rows in all)"
-            )
-        if damp_mode == "relative":
-            mean_diag = float(row_sq.sum()) / (m * d)
-            if mean_diag == 0.0:
-                raise ValueError("relative damping needs gradients that are not all zero")
-            damp = damp * mean_diag
-            if not math.isfinite(damp) or damp <= 0.0:
-                raise ValueError(
-                    f"relative damping gives damp = {damp:.3g} (mean diagonal {mean_diag:.3g}), "
-                    "not a positive finite number; rescale the gradients or use absolute damping"
-                )
         self.num_grads, self.dim = m, d
-        self.damp = damp
         self.block_size = d if block_size is None else min(block_size, d)
         self.buffer = grads
-        self.groups = self._make_groups()
-        self._build(memory_budget)
+        self.groups = self._make_groups(damp)
+        self._build(memory_budget, damp, damp_mode)
 
-    def _build(self, memory_budget: int | None) -> None:
+    def _build(self, memory_budget: int | None, damp: float, damp_mode: DampMode) -> None:
         """Factor every block (reading the buffer only), then overwrite G by Q.
 
         Memory is checked first: the float64 scratch (a tile of gradients and one tile's
@@ -176,17 +152,55 @@ class InverseFisher:
             stores.append(_float64_store((group.nblocks, small, small), device, left, what))
             left -= 8 * group.nblocks * small * small
         work = BlockGroup.new_scratch(self.groups, device)
-        for group, store in zip(self.groups, stores, strict=True):
-            group.factor(self.buffer, work, store)
+        # The Grams' diagonals give the sum of squares: the finiteness check and the mean
+        # diagonal of relative damping, without a separate pass over the buffer.
+        total = sum(g.form(self.buffer, work, s) for g, s in zip(self.groups, stores, strict=True))
+        if not math.isfinite(total):
+            self._refuse_non_finite()
+        m, d = self.num_grads, self.dim
+        if damp_mode == "relative":
+            mean_diag = total / (m * d)
+            if mean_diag == 0.0:
+                raise ValueError("relative damping needs gradients that are not all zero")
+            damp = damp * mean_diag
+            if not math.isfinite(damp) or damp <= 0.0:
+                raise ValueError(
+                    f"relative damping gives damp = {damp:.3g} (mean diagonal {mean_diag:.3g}), "
+                    "not a positive finite number; rescale the gradients or use absolute damping"
+                )
+        self.damp = damp
+        for group in self.groups:
+            group.factor(self.buffer, damp)
         for group in self.groups:  # only now is the caller's buffer written
             group.finish(self.buffer, work)
 
-    def _make_groups(self) -> list[BlockGroup]:
+    def _refuse_non_finite(self) -> None:
+        """Name the rows that hold NaN/Inf, or say that the squares overflow float64."""
+        grads = self.buffer
+        row_sq = squared_row_norms(grads)
+        bad = (~torch.isfinite(row_sq)).nonzero().flatten()
+        nonfinite = [r for r in bad.tolist() if not bool(torch.isfinite(grads[r]).all())]
+        if nonfinite:
+            raise NonFiniteGradientError(
+                f"gradient rows {nonfinite[:5]} contain NaN or Inf ({len(nonfinite)} rows in all)"
+            )
+        peak = float(grads.abs().max())
+        rows = (
+            f"the squared norms of gradient rows {bad[:5].tolist()}"
+            if bad.numel()
+            else ("the sums of squares of the gradients")
+        )
+        raise ValueError(
+            f"{rows} overflow float64 (largest |entry| {peak:.3g}); rescale the gradients "
+            "(F^-1 scales by the inverse square of the factor). Nothing was written"
+        )
+
+    def _make_groups(self, damp: float) -> list[BlockGroup]:
         d, size, m = self.dim, self.block_size, self.num_grads
         full = d // size
-        groups = [BlockGroup(0, full, size, m, self.damp)] if full else []
+        groups = [BlockGroup(0, full, size, m, damp)] if full else []
         if d - full * size:
-            groups.append(BlockGroup(full * size, 1, d - full * size, m, self.damp))
+            groups.append(BlockGroup(full * size, 1, d - full * size, m, damp))
         return groups
 
     # ------------------------------------------------------------------ properties
