@@ -30,6 +30,7 @@ every option. Behaviour to know (all tested in tests/test_optim*.py):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -53,12 +54,11 @@ def check_option(value: Any, name: str, key: str | None = None) -> float:
     """``lr``, ``weight_decay`` (finite, >= 0) or ``momentum`` (in [0, 1)) as a float;
     ``key`` is the option (default: ``name``), ``name`` what the error calls it."""
     upper = 1.0 if (key or name) == "momentum" else None
-    if isinstance(value, bool):
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    v = float(value)
     if not math.isfinite(v) or v < 0.0 or (upper is not None and v >= upper):
         bound = f"in [0, {upper})" if upper is not None else ">= 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
