@@ -404,3 +404,51 @@ def test_topk_low_precision_values() -> None:
         rows = op.dense_rows().to(F64)
         want = dense_inverse_fisher(rows, damp) @ rows[slot]
         torch.testing.assert_close(step.to(F64), want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- extension point
+class _Diagonal:
+    """D (damp I + G~^T G~ / m)^-1 D g with a fixed diagonal D, and a counter as its state."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        self.d, self.calls = d, 0
+
+    def before_push(self, flat_grad: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return flat_grad * self.d
+
+    def after_ihvp(self, direction: torch.Tensor) -> torch.Tensor:
+        return direction * self.d
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+
+
+def test_gradient_scaling_hook_composes_with_the_window() -> None:
+    d, m, damp, lr = 7, 3, 1e-2, 0.1
+    p = _vec_param(d)
+    scale = torch.linspace(0.5, 2.0, d, dtype=F64)
+    opt = MFAC([p], lr=lr, ngrads=m, damp=damp, history_dtype=F64,
+               gradient_scaling=_Diagonal(scale))  # fmt: skip
+    window = torch.zeros(m, d, dtype=F64)
+    gen = torch.Generator().manual_seed(2)
+    for t in range(5):
+        g = torch.randn(d, dtype=F64, generator=gen)
+        window[t % m] = scale * g
+        want = scale * (dense_inverse_fisher(window, damp) @ (scale * g))
+        x0 = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        torch.testing.assert_close(p.detach(), x0 - lr * want, rtol=1e-8, atol=1e-10)
+    sd = opt.state_dict()
+    assert sd["state"][0]["gradient_scaling"] == {"calls": 5}
+    other = MFAC([_vec_param(d)], lr=lr, ngrads=m, damp=damp, history_dtype=F64,
+                 gradient_scaling=_Diagonal(scale))  # fmt: skip
+    other.load_state_dict(sd)
+    assert other.gradient_scaling.calls == 5
+    plain = MFAC([_vec_param(d)], lr=lr, ngrads=m, damp=damp, history_dtype=F64)
+    with pytest.raises(ValueError, match="gradient_scaling"):
+        plain.load_state_dict(sd)

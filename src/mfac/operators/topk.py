@@ -50,12 +50,13 @@ def resolve_k(topk: int | float | None, dim: int) -> int:
 
 
 def topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (int64) of the k largest entries of the non-negative vector ``mag``, unordered.
+    """Indices (int64) of the k largest entries of the non-negative vector ``mag``.
 
     Exact without sorting all of ``mag``: a threshold t is read off a strided sample so that a
     little more than k entries satisfy mag >= t; those candidates contain the k largest
     (whenever at least k pass, the k-th largest is >= t), and torch.topk picks them from the
-    candidates. Falls back to torch.topk over everything when the sample misjudges."""
+    candidates. Falls back to torch.topk over everything when the sample misjudges. On the
+    fast path the indices come out ascending, so the window's gathers read memory in order."""
     d = mag.numel()
     if d <= SMALL_SELECT or 4 * k >= d:
         return torch.topk(mag, k, sorted=False).indices
@@ -69,7 +70,7 @@ def topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
     cand = torch.nonzero(mag >= threshold).squeeze(1)
     if cand.numel() < k or cand.numel() > 4 * k + 1024:
         return torch.topk(mag, k, sorted=False).indices
-    return cand[torch.topk(mag[cand], k, sorted=False).indices]
+    return cand[torch.topk(mag[cand], k, sorted=False).indices.sort().values]
 
 
 class TopKSlidingInverseFisher(FactorBacked):
