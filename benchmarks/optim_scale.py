@@ -1,12 +1,12 @@
 """M-FAC's step at scale: the O(m^2) update of K^-1 against the O(m^3) refactor per push, and
 the top-k window's step against its memory floor.
 
-    python -m benchmarks.optim_scale factor            # step()/SGD, m in {256, 512, 1024}
+    python -m benchmarks.optim_scale factor            # step()/SGD, m 256..1024, d 10k/100k
     python -m benchmarks.optim_scale topk --dim 50000000
     python -m benchmarks.optim_scale report            # markdown tables for docs/optim.md
 
-``factor``: a ~100k-parameter MLP on one thread. Three timings per m, interleaved in one
-process: SGD's step, MFAC.step() with the O(m^2) update (this version), and MFAC.step() with
+``factor``: MLPs of about 10k and 100k parameters on one thread. Three timings per m,
+interleaved in one process: SGD's step, MFAC.step() with the O(m^2) update (this version), and MFAC.step() with
 the factor refactored by Cholesky at every push (the previous implementation, kept below as
 the baseline class). Also the m x m work alone (``commit``) for both.
 
@@ -62,9 +62,11 @@ class RefactorEachPush(GramFactor):
             return torch.cholesky_solve(rhs, self._chol)
 
 
-def _mlp() -> nn.Module:
+def _mlp(dim: int) -> nn.Module:
+    """A 256-h-4 MLP with about ``dim`` parameters (h = 384: 100,228)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(256, 384), nn.ReLU(), nn.Linear(384, 4))  # 100,228 params
+    hidden = max(1, round((dim - 4) / 261))
+    return nn.Sequential(nn.Linear(256, hidden), nn.ReLU(), nn.Linear(hidden, 4))
 
 
 def _fill(opt: MFAC, factor_cls: type[GramFactor]) -> None:
@@ -80,12 +82,12 @@ def _fill(opt: MFAC, factor_cls: type[GramFactor]) -> None:
     w.factor = factor
 
 
-def factor_bench(ms: list[int], reps: int) -> dict[str, Any]:
+def factor_bench(ms: list[int], dims: list[int], reps: int) -> dict[str, Any]:
     """step() of SGD, MFAC (O(m^2) update) and MFAC (refactor per push), interleaved."""
     torch.set_num_threads(1)
     rows = []
-    for m in ms:
-        model = _mlp()
+    for dim, m in [(dim, m) for dim in dims for m in ms]:
+        model = _mlp(dim)
         params = list(model.parameters())
         d = sum(p.numel() for p in params)
         sgd = torch.optim.SGD(params, lr=0.0)
@@ -293,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("what", choices=["factor", "topk", "all", "report", "_topk_one"])
     ap.add_argument("--ms", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--dims", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--dim", type=int, default=50_000_000)
     ap.add_argument("--topk-ms", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.001])
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     path = RESULTS / "optim_scale.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     if args.what in ("factor", "all"):
-        res["factor"] = factor_bench(args.ms, args.reps)
+        res["factor"] = factor_bench(args.ms, args.dims, args.reps)
         res["factor"]["command"] = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
     if args.what in ("topk", "all"):
         res["topk"] = topk_bench(args.dim, args.topk_ms, args.densities, max(3, args.reps // 3))

@@ -153,8 +153,10 @@ class TopKSlidingInverseFisher(FactorBacked):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: window, error-feedback vector, K and K^-1."""
-        return self.window_nbytes + self.error.numel() * 4 + 2 * self.window**2 * 8
+        """Bytes held: window, error-feedback vector (and, once stepping, its two d-sized
+        scratch buffers), K and K^-1."""
+        vectors = 1 if getattr(self, "_spare", None) is None else 3
+        return self.window_nbytes + vectors * self.dim * 4 + 2 * self.window**2 * 8
 
     # ------------------------------------------------------------------ sparse passes
     def _chunk_rows(self) -> int:
@@ -204,9 +206,21 @@ class TopKSlidingInverseFisher(FactorBacked):
             raise ValueError(f"gradient is on device {g.device}, the window lives on {self.device}")
         return flat
 
+    def _scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two d-sized float32 buffers reused across steps (no page faults per step)."""
+        if getattr(self, "_spare", None) is None:
+            self._spare = torch.empty(self.dim, dtype=torch.float32, device=self.device)
+            self._row = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
+        return self._spare, self._row
+
     def _insert(self, flat: torch.Tensor) -> int:
-        """Compress e + g into the next slot, update K, keep the new error; return the slot."""
-        acc = self.error + flat.to(torch.float32)
+        """Compress e + g into the next slot, update K, keep the new error; return the slot.
+
+        a = e + g goes into a spare buffer, so a refused gradient leaves e as it was; on
+        success the spare and e swap. The dense copy of the new row is written and cleared
+        sparsely (k entries), never zeroed in full."""
+        acc, dense_c = self._scratch()
+        torch.add(self.error, flat.to(torch.float32), out=acc)
         if not finite_fast(acc):
             raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
         idx = topk_indices(acc.abs(), self.k)
@@ -216,7 +230,6 @@ class TopKSlidingInverseFisher(FactorBacked):
         self.values[slot] = vals
         self.indices[slot] = idx.to(self.indices.dtype)
         kept = vals.to(torch.float32)
-        dense_c = torch.zeros_like(acc)
         dense_c[idx] = kept  # the row as stored (rounded to the window dtype)
         try:
             u = self._gather(dense_c)
@@ -225,8 +238,10 @@ class TopKSlidingInverseFisher(FactorBacked):
         except (RuntimeError, NonFiniteGradientError):
             self.values[slot], self.indices[slot] = old_vals, old_idx
             raise
-        acc.sub_(dense_c)
-        self.error = acc
+        finally:
+            dense_c[idx] = 0.0
+        acc[idx] -= kept  # e = a - c
+        self._spare, self.error = self.error, acc
         return slot
 
     def push(self, g: torch.Tensor) -> None:
