@@ -6,9 +6,9 @@ the top-k window's step against its memory floor.
     python -m benchmarks.optim_scale report            # markdown tables for docs/optim.md
 
 ``factor``: MLPs of about 10k and 100k parameters on one thread. Three timings per m,
-interleaved in one process: SGD's step, MFAC.step() with the O(m^2) update (this version), and MFAC.step() with
-the factor refactored by Cholesky at every push (the previous implementation, kept below as
-the baseline class). Also the m x m work alone (``commit``) for both.
+interleaved in one process: SGD's step, MFAC.step() with the O(m^2) update (this version),
+and MFAC.step() with the factor refactored by Cholesky at every push (the previous
+implementation, kept below as the baseline class). Also the m x m work alone (``commit``) for both.
 
 ``topk``: the EFCP window's push_ihvp on a synthetic full window (random sparse rows, K of
 their norms) at dimension d, one subprocess per (m, density) so that each peak RSS is its own.
