@@ -14,7 +14,7 @@ direction. Without it (the default) the step is the paper's: lr * F^-1 g.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -92,7 +92,7 @@ def mfac_step(
     weight_decays: Sequence[float],
     decoupled_weight_decay: bool = False,
     gradient_scaling: GradientScaling | None = None,
-    names: Sequence[str] | None = None,
+    describe: Callable[[int], str] | None = None,
 ) -> bool:
     """One M-FAC step over ``params`` (one preconditioner for all of them); in place.
 
@@ -101,7 +101,7 @@ def mfac_step(
     ``momentum_buffers`` when any momentum is non-zero); p *= 1 - lr*wd when decoupled;
     p -= lr*v. Parameters without a gradient enter the window as zeros and are not touched.
     A NaN/Inf gradient raises :class:`mfac.NonFiniteGradientError` naming the parameter
-    (``names[i]``), with window, buffers and parameters unchanged. Returns False when no
+    (``describe(i)``), with window, buffers and parameters unchanged. Returns False when no
     parameter has a gradient (nothing is done).
     """
     live = gather_gradients(flat, params, grads, segments, weight_decays, decoupled_weight_decay)
@@ -113,7 +113,7 @@ def mfac_step(
     except NonFiniteGradientError as exc:
         for i in live:
             if not bool(torch.isfinite(_view(flat, segments[i])).all()):
-                name = names[i] if names is not None else f"#{i}"
+                name = describe(i) if describe is not None else f"#{i}"
                 raise NonFiniteGradientError(
                     f"MFAC.step: the gradient of parameter {name} contains NaN or Inf; window, "
                     "momentum and parameters are unchanged"
@@ -122,6 +122,7 @@ def mfac_step(
     if gradient_scaling is not None:
         direction = gradient_scaling.after_ihvp(direction)
     use_momentum = any(mu != 0.0 for mu in momentums)
+    dense: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for i in live:
         p, seg = params[i], segments[i]
         step = _view(direction, seg)
@@ -142,9 +143,14 @@ def mfac_step(
             if decoupled_weight_decay and wd != 0.0:
                 p.mul_(1.0 - lr * wd)
             if seg.index is None:
-                p.add_(step.view_as(p).to(p.dtype), alpha=-lr)
+                ps, steps = dense.setdefault(lr, ([], []))
+                ps.append(p)
+                steps.append(step.view_as(p).to(p.dtype))
             else:
                 p.view(-1).index_add_(0, seg.index, step.to(p.dtype), alpha=-lr)
+    with torch.no_grad():
+        for lr, (ps, steps) in dense.items():  # one fused update per learning rate
+            torch._foreach_add_(ps, steps, alpha=-lr)
     return True
 
 

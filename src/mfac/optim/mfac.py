@@ -356,10 +356,10 @@ class MFAC(torch.optim.Optimizer):
         options = self._check_groups()  # before anything is touched
         params = self._params
         buffers = [self.state[p].get("momentum_buffer") for p in params]
-        names = [
-            f"#{i} (shape {tuple(p.shape)}, group {g})"
-            for i, (p, g) in enumerate(zip(params, self._groups, strict=True))
-        ]
+
+        def describe(i: int) -> str:
+            return f"#{i} (shape {tuple(params[i].shape)}, group {self._groups[i]})"
+
         stepped = mfac_step(
             params,
             [p.grad for p in params],
@@ -372,7 +372,7 @@ class MFAC(torch.optim.Optimizer):
             weight_decays=[options[g]["weight_decay"] for g in self._groups],
             decoupled_weight_decay=self.decoupled_weight_decay,
             gradient_scaling=self.gradient_scaling,
-            names=names,
+            describe=describe,
         )
         if stepped:
             for p, buf in zip(params, buffers, strict=True):
