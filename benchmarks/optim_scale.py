@@ -211,10 +211,20 @@ def topk_one(dim: int, m: int, density: float, reps: int) -> dict[str, Any]:
     }
 
 
-def topk_bench(dim: int, ms: list[int], densities: list[float], reps: int) -> dict[str, Any]:
-    rows = []
+def topk_bench(
+    dim: int, ms: list[int], densities: list[float], reps: int, max_bytes: int
+) -> dict[str, Any]:
+    rows, skipped = [], []
     for m in ms:
         for density in densities:
+            need = TopKSlidingInverseFisher.required_bytes(dim, m, round(density * dim))
+            if need > max_bytes:  # what the optimizer's own check would refuse under this cap
+                skipped.append(
+                    {"dim": dim, "ngrads": m, "density": density, "required_bytes": need}
+                )
+                print(f"topk d={dim} m={m} density={density}: needs {need / 2**30:.2f} GiB, "
+                      f"over the {max_bytes / 2**30:.2f} GiB cap: not run", flush=True)  # fmt: skip
+                continue
             cmd = [sys.executable, "-m", "benchmarks.optim_scale", "_topk_one"]
             cmd += ["--dim", str(dim), "--m", str(m), "--density", str(density)]
             cmd += ["--reps", str(reps)]
@@ -229,7 +239,8 @@ def topk_bench(dim: int, ms: list[int], densities: list[float], reps: int) -> di
                 f" GiB, estimate {row['required_bytes'] / 2**30:.2f} GiB)",
                 flush=True,
             )
-    return {"threads": 1, "reps": reps, "rows": rows, "machine": machine()}
+    return {"threads": 1, "reps": reps, "rows": rows, "skipped": skipped, "max_bytes": max_bytes,
+            "machine": machine()}  # fmt: skip
 
 
 def plot(factor: dict[str, Any] | None, topk: dict[str, Any] | None) -> None:
@@ -248,7 +259,7 @@ def plot(factor: dict[str, Any] | None, topk: dict[str, Any] | None) -> None:
         axes[0].set(xlabel="m", ylabel="MFAC.step() / SGD.step()", xscale="log", yscale="log",
                     title=f"d = {factor['rows'][0]['dim']}, 1 thread")  # fmt: skip
         axes[0].legend()
-    if topk:
+    if topk and topk["rows"]:
         labels = [f"m={r['ngrads']}\n{r['density']:.1%}" for r in topk["rows"]]
         xs = range(len(labels))
         axes[1].bar([x - 0.2 for x in xs], [r["step_s"] for r in topk["rows"]], 0.4, label="step")
@@ -277,6 +288,10 @@ def report() -> str:
                 f"{r['before_over_sgd']:.0f} | {r['mfac_over_sgd']:.0f} |"
             )
     if res.get("topk"):
+        for r in res["topk"].get("skipped", []):
+            out.append(f"\nNot run (needs {r['required_bytes'] / 2**30:.1f} GiB, over the "
+                       f"{res['topk']['max_bytes'] / 2**30:.1f} GiB cap): d = {r['dim']:,}, "
+                       f"m = {r['ngrads']}, density {r['density']:.1%}.")  # fmt: skip
         out.append("")
         out.append("| d | m | density | step s | floor s | step/floor | peak RSS GiB | window GiB "
                    "| estimate GiB |")  # fmt: skip
@@ -301,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.001])
     ap.add_argument("--m", type=int, default=256)
     ap.add_argument("--density", type=float, default=0.01)
+    ap.add_argument("--max-gib", type=float, default=7.0, help="skip top-k runs needing more")
     args = ap.parse_args(argv)
     if args.what == "report":
         print(report())
@@ -314,7 +330,10 @@ def main(argv: list[str] | None = None) -> None:
         res["factor"] = factor_bench(args.ms, args.dims, args.reps)
         res["factor"]["command"] = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
     if args.what in ("topk", "all"):
-        res["topk"] = topk_bench(args.dim, args.topk_ms, args.densities, max(3, args.reps // 3))
+        cap = int(args.max_gib * 2**30)
+        res["topk"] = topk_bench(
+            args.dim, args.topk_ms, args.densities, max(3, args.reps // 3), cap
+        )
         res["topk"]["command"] = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
     write_json("optim_scale", res)
     plot(res.get("factor"), res.get("topk"))
