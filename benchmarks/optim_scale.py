@@ -75,7 +75,7 @@ def _fill(opt: MFAC, factor_cls: type[GramFactor]) -> None:
     g = w.grads
     g.normal_()
     factor = factor_cls(w.window, w.damp, "cpu")
-    gram = (g.double() @ g.double().T) + w.window * w.damp * torch.eye(w.window, dtype=F64)
+    gram = (g @ g.T).double() + w.window * w.damp * torch.eye(w.window, dtype=F64)
     factor.gram = gram
     factor.inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
     factor._chol = torch.linalg.cholesky(gram)
