@@ -187,12 +187,13 @@ def topk_one(dim: int, m: int, density: float, reps: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     # a full window: random rows (near-orthogonal at these densities), K from their norms
     stride = dim // k
+    norms = torch.empty(m, dtype=F64)
     base = torch.arange(k, dtype=torch.int64) * stride
     for r in range(m):  # one random coordinate per stratum: sorted, distinct, O(k)
         idx = base + torch.randint(0, stride, (k,), generator=gen)
         op.indices[r] = idx.to(op.indices.dtype)
         op.values[r].normal_(generator=gen)
-    norms = op.values.double().square().sum(1)
+        norms[r] = float(op.values[r].double().square().sum())
     op.factor.rebuild(torch.diag(norms) + m * op.damp * torch.eye(m, dtype=F64))
     grads = [torch.randn(dim, generator=gen) for _ in range(2)]
     op.push_ihvp(grads[0])  # warm-up
