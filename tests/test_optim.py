@@ -452,3 +452,26 @@ def test_gradient_scaling_hook_composes_with_the_window() -> None:
     plain = MFAC([_vec_param(d)], lr=lr, ngrads=m, damp=damp, history_dtype=F64)
     with pytest.raises(ValueError, match="gradient_scaling"):
         plain.load_state_dict(sd)
+
+
+def test_state_lives_in_self_state_and_torch_hooks_apply() -> None:
+    """The window and step count sit in ``self.state`` under the first parameter (as torch's
+    LBFGS keeps its state), momentum per parameter; torch's step and state-dict hooks run."""
+    from mfac.operators import SlidingWindow
+
+    a, b = _vec_param(5, 1), _vec_param(3, 2)
+    opt = MFAC([a, b], lr=0.1, ngrads=2, momentum=0.5)
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda o, args, kw: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kw: calls.append("post"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("sd") or sd)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load"))
+    a.grad, b.grad = torch.ones(5, dtype=F64), torch.ones(3, dtype=F64)
+    opt.step()
+    assert opt.state[a]["step"] == 1 and isinstance(opt.state[a]["window"], SlidingWindow)
+    assert opt.state[b]["momentum_buffer"].shape == b.shape and "window" not in opt.state[b]
+    sd = opt.state_dict()
+    assert isinstance(sd["state"][0]["window"], dict) and sd["state"][0]["step"] == 1
+    opt.load_state_dict(sd)
+    assert calls == ["pre", "post", "sd", "load"]
+    assert opt.window is opt.state[a]["window"] and opt.steps == 1
