@@ -119,9 +119,22 @@ def test_sliding_bad_pushes_leave_state_unchanged() -> None:
     assert_same(before, snapshot(op))
 
 
+def test_sliding_lost_definiteness_restores_window() -> None:
+    """A real loss of positive definiteness (the same gradient twice at a damping far below
+    float64's resolution of |g|^2) is refused, and the window is left as it was."""
+    op = mfac.SlidingInverseFisher(8, 3, 1e-300)
+    g = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # |g|^2 = 4 = 2^2 exactly
+    op.push(g)
+    before = snapshot(op)
+    with pytest.raises(RuntimeError, match="positive definiteness"):
+        op.push(g.clone())
+    assert_same(before, snapshot(op))
+
+
 def test_sliding_failed_factorisation_restores_window(monkeypatch: pytest.MonkeyPatch) -> None:
     op = mfac.SlidingInverseFisher(8, 3, 1e-3)
     op.push(torch.randn(8))
+    op.push(torch.randn(8))  # the next push completes a pass of the ring: a full refactor
     before = snapshot(op)
 
     def broken(matrix: torch.Tensor):

@@ -133,28 +133,39 @@ def test_grad_none_enters_as_zero_and_is_not_updated() -> None:
     assert torch.equal(b.detach(), b0)
     row = opt.window.grads[0]
     assert torch.equal(row[4:], torch.zeros(5, dtype=row.dtype))
-    assert opt._momentum_buf is not None and torch.equal(opt._momentum_buf[4:], torch.zeros(5))
+    buf_a = opt.state[a]["momentum_buffer"]
+    assert buf_a.shape == a.shape and bool(buf_a.ne(0).any())
+    assert "momentum_buffer" not in opt.state[b]  # b had no gradient: no momentum either
     # no gradients at all: nothing happens
     a.grad = None
     state = copy.deepcopy(opt.state_dict())
     a0 = a.detach().clone()
     opt.step()
     assert torch.equal(a.detach(), a0) and opt.window.num_pushed == 1
-    assert torch.equal(
-        opt.state_dict()["mfac"]["window"]["grads"], state["mfac"]["window"]["grads"]
-    )
+    assert_state_equal(opt.state_dict(), state)
 
 
 # ---------------------------------------------------------------------- bad input
-def _assert_state_equal(s1: dict, s2: dict) -> None:
-    w1, w2 = s1["mfac"]["window"], s2["mfac"]["window"]
-    for key in w1:
-        if isinstance(w1[key], torch.Tensor):
-            assert torch.equal(w1[key], w2[key]), key
-        else:
-            assert w1[key] == w2[key], key
-    m1, m2 = s1["mfac"]["momentum"], s2["mfac"]["momentum"]
-    assert (m1 is None and m2 is None) or torch.equal(m1, m2)
+def assert_state_equal(s1: object, s2: object, path: str = "state") -> None:
+    """Equality of two (nested) optimizer states: tensors of equal dtype and shape equal
+    entry by entry (NaN matching NaN), everything else with ==."""
+    if isinstance(s1, torch.Tensor):
+        assert isinstance(s2, torch.Tensor) and s1.dtype == s2.dtype, path
+        assert s1.shape == s2.shape, path
+        same = s1 == s2
+        if s1.is_floating_point():
+            same |= s1.isnan() & s2.isnan()
+        assert bool(same.all()), path
+    elif isinstance(s1, dict):
+        assert isinstance(s2, dict) and s1.keys() == s2.keys(), path
+        for key in s1:
+            assert_state_equal(s1[key], s2[key], f"{path}[{key!r}]")
+    elif isinstance(s1, (list, tuple)):
+        assert type(s1) is type(s2) and len(s1) == len(s2), path
+        for i, (a, b) in enumerate(zip(s1, s2, strict=True)):
+            assert_state_equal(a, b, f"{path}[{i}]")
+    else:
+        assert s1 == s2 or (s1 != s1 and s2 != s2), path
 
 
 @pytest.mark.parametrize("history", ["dense", "topk"])
@@ -172,7 +183,7 @@ def test_nonfinite_gradient_leaves_everything_unchanged(history: str, bad: float
     model[2].weight.grad[1, 2] = bad
     with pytest.raises(mfac.NonFiniteGradientError, match=r"parameter #2 .*NaN or Inf"):
         opt.step()
-    _assert_state_equal(state, opt.state_dict())
+    assert_state_equal(state, opt.state_dict())
     for p, p0 in zip(model.parameters(), params, strict=True):
         assert torch.equal(p.detach(), p0)
 
@@ -393,3 +404,74 @@ def test_topk_low_precision_values() -> None:
         rows = op.dense_rows().to(F64)
         want = dense_inverse_fisher(rows, damp) @ rows[slot]
         torch.testing.assert_close(step.to(F64), want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- extension point
+class _Diagonal:
+    """D (damp I + G~^T G~ / m)^-1 D g with a fixed diagonal D, and a counter as its state."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        self.d, self.calls = d, 0
+
+    def before_push(self, flat_grad: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return flat_grad * self.d
+
+    def after_ihvp(self, direction: torch.Tensor) -> torch.Tensor:
+        return direction * self.d
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+
+
+def test_gradient_scaling_hook_composes_with_the_window() -> None:
+    d, m, damp, lr = 7, 3, 1e-2, 0.1
+    p = _vec_param(d)
+    scale = torch.linspace(0.5, 2.0, d, dtype=F64)
+    opt = MFAC([p], lr=lr, ngrads=m, damp=damp, history_dtype=F64,
+               gradient_scaling=_Diagonal(scale))  # fmt: skip
+    window = torch.zeros(m, d, dtype=F64)
+    gen = torch.Generator().manual_seed(2)
+    for t in range(5):
+        g = torch.randn(d, dtype=F64, generator=gen)
+        window[t % m] = scale * g
+        want = scale * (dense_inverse_fisher(window, damp) @ (scale * g))
+        x0 = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        torch.testing.assert_close(p.detach(), x0 - lr * want, rtol=1e-8, atol=1e-10)
+    sd = opt.state_dict()
+    assert sd["state"][0]["gradient_scaling"] == {"calls": 5}
+    other = MFAC([_vec_param(d)], lr=lr, ngrads=m, damp=damp, history_dtype=F64,
+                 gradient_scaling=_Diagonal(scale))  # fmt: skip
+    other.load_state_dict(sd)
+    assert other.gradient_scaling.calls == 5
+    plain = MFAC([_vec_param(d)], lr=lr, ngrads=m, damp=damp, history_dtype=F64)
+    with pytest.raises(ValueError, match="gradient_scaling"):
+        plain.load_state_dict(sd)
+
+
+def test_state_lives_in_self_state_and_torch_hooks_apply() -> None:
+    """The window and step count sit in ``self.state`` under the first parameter (as torch's
+    LBFGS keeps its state), momentum per parameter; torch's step and state-dict hooks run."""
+    from mfac.operators import SlidingWindow
+
+    a, b = _vec_param(5, 1), _vec_param(3, 2)
+    opt = MFAC([a, b], lr=0.1, ngrads=2, momentum=0.5)
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda o, args, kw: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kw: calls.append("post"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("sd") or sd)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load"))
+    a.grad, b.grad = torch.ones(5, dtype=F64), torch.ones(3, dtype=F64)
+    opt.step()
+    assert opt.state[a]["step"] == 1 and isinstance(opt.state[a]["window"], SlidingWindow)
+    assert opt.state[b]["momentum_buffer"].shape == b.shape and "window" not in opt.state[b]
+    sd = opt.state_dict()
+    assert isinstance(sd["state"][0]["window"], dict) and sd["state"][0]["step"] == 1
+    opt.load_state_dict(sd)
+    assert calls == ["pre", "post", "sd", "load"]
+    assert opt.window is opt.state[a]["window"] and opt.steps == 1

@@ -4,11 +4,15 @@ dynamic (sliding window) algorithms, and where their big buffers live."""
 from .memory import GradientBuffer, allocate, available_memory, default_memory_budget
 from .sliding import SlidingInverseFisher
 from .static import InverseFisher, build_from_rows
+from .topk import TopKSlidingInverseFisher
+from .window import SlidingWindow
 
 __all__ = [
     "GradientBuffer",
     "InverseFisher",
     "SlidingInverseFisher",
+    "SlidingWindow",
+    "TopKSlidingInverseFisher",
     "allocate",
     "available_memory",
     "build_from_rows",

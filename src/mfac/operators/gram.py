@@ -1,97 +1,275 @@
-"""The m x m algebra of a sliding window: K = m*lambda*I + G G^T (float64) and its Cholesky
-factor, shared by every window layout (dense rows in :mod:`mfac.operators.sliding`, top-k rows
-and sharded columns in :mod:`mfac.optim`). ALGORITHMS.md section 3."""
+"""The m x m algebra of a sliding window: K = m*lambda*I + G G^T and its inverse (float64),
+shared by every window layout (dense rows in :mod:`mfac.operators.sliding`, top-k rows in
+:mod:`mfac.operators.topk`, sharded columns in :mod:`mfac.operators.sharded`).
+ALGORITHMS.md section 3.
+
+A push replaces row and column r of K, a symmetric rank-2 change. Instead of refactoring K
+(O(m^3)), the inverse B = K^-1 is updated in O(m^2) by two exact identities:
+
+- removing row/column r: the inverse of K without r, embedded with a zero row/column r, is
+  A = B - B[:, r] B[r, :] / B[r, r];
+- bordering with the new row b (b[r] = 0) and diagonal c: with w = A b and the Schur
+  complement s = c - b.w > 0, K'^-1 = A + v v^T / s, v = w - e_r, and K'^-1 e_r = -v / s.
+
+So one push costs a matrix-vector product with B, a rank-2 update of B, and a residual check
+K' y = e_r (one more matrix-vector product). B is recomputed from scratch (Cholesky, O(m^3))
+every m pushes, and at once when the residual check fails or s is not safely positive, so
+rounding never accumulates over more than one pass of the ring.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from .._validation import check_damp, check_positive_int
+from .._validation import NonFiniteGradientError, check_damp, check_positive_int
 from .threads import single_threaded
 
 F64 = torch.float64
 
+#: Relative backward residual |K y - e_r| / (trace(K) |y|) above which a push refactors K.
+REFACTOR_TOL = 1e-11
+#: Looser bounds used when a saved state is checked: the stored inverse against K, and K
+#: against m*lambda*I + G G^T of the stored window (G is float32 or lower, so K carries its
+#: rounding), both measured on a random probe vector.
+INVERSE_TOL = 1e-7
+STALE_TOL = 1e-4
+STATE_KEYS = ("gram", "inverse", "next_slot", "num_pushed", "since_refactor", "damp")
+
 
 class GramFactor:
-    """K = m*lambda*I + G G^T (float64) for a window of ``window`` rows, and its Cholesky factor.
+    """K = m*lambda*I + G G^T (float64) for a window of ``window`` rows, and B = K^-1.
 
-    The window layouts only supply u = G g for the incoming row; this class writes u into
-    row/column ``slot`` of K, refactors it and advances the ring pointer, restoring K exactly
-    when the factorisation fails. Refactoring costs O(m^3) flops in float64, milliseconds for
-    m <= 1024 and small next to the O(m d) passes over the window.
+    The window layouts only supply u = G g for the incoming row; :meth:`commit` writes u into
+    row/column ``next_slot`` of K, updates B in O(m^2) (see the module docstring) and advances
+    the ring pointer. When K would lose positive definiteness, K and B are restored and a
+    RuntimeError says so.
     """
 
-    def __init__(self, window: int, damp: float, device: torch.device) -> None:
+    def __init__(self, window: int, damp: float, device: torch.device | str | None) -> None:
         self.window = check_positive_int(window, "window")
         self.damp = check_damp(damp)
+        device = torch.device(device) if device is not None else torch.device("cpu")
         self.gram = torch.eye(window, dtype=F64, device=device) * (window * self.damp)
-        self.chol = torch.linalg.cholesky(self.gram)
+        self.inverse = torch.eye(window, dtype=F64, device=device) / (window * self.damp)
         self.next_slot = 0
         self.num_pushed = 0
+        self.since_refactor = 0
+        self.refactors = 0  # full refactorisations so far (diagnostics, not saved)
+
+    # ------------------------------------------------------------------ updates
+    @property
+    def shift(self) -> float:
+        """m * lambda, the diagonal shift of K."""
+        return self.window * self.damp
+
+    def _refactor(self) -> None:
+        """B = K^-1 from a float64 Cholesky factor of K; RuntimeError when K is not SPD."""
+        chol, info = torch.linalg.cholesky_ex(self.gram)
+        if int(info) != 0:
+            raise RuntimeError(
+                "the window's m x m matrix K = m*damp*I + G G^T lost positive definiteness in "
+                f"float64 (damp={self.damp:g} is too small for gradients of this size, or the "
+                "window holds near-identical gradients); increase damp. The window is unchanged."
+            )
+        self.inverse = torch.cholesky_inverse(chol)
+        self.since_refactor = 0
+        self.refactors += 1
 
     def commit(self, u: torch.Tensor) -> int:
         """Write u = G g_new (with u[slot] = g_new . g_new) into row and column ``slot`` of K,
-        refactor, and advance the ring; return the slot used. On failure K is restored."""
+        update K^-1, and advance the ring; return the slot used. On failure nothing changes."""
         slot = self.next_slot
-        u = u.to(F64)
-        old = self.gram[slot].clone()
-        self.gram[slot, :] = u
-        self.gram[:, slot] = u
-        self.gram[slot, slot] += self.window * self.damp
         with single_threaded():
-            chol, info = torch.linalg.cholesky_ex(self.gram)
-        if int(info) != 0:
-            self.gram[slot, :] = old
-            self.gram[:, slot] = old
-            raise RuntimeError(
-                "the window's m x m matrix lost positive definiteness in float64 "
-                f"(damp={self.damp:g} is too small for gradients of this size, or the window "
-                "holds near-identical gradients); increase damp. The window is unchanged."
-            )
-        self.chol = chol
+            u = u.to(F64).reshape(-1).clone()
+            if not bool(torch.isfinite(u).all()):
+                raise NonFiniteGradientError(
+                    "the products G g of the window with this gradient overflow the window's "
+                    "float range (float32: |G_i . g| > 3.4e38), so K cannot be formed; scale the "
+                    "loss down or clip the gradients (damping cannot help). The window is "
+                    "unchanged."
+                )
+            diag = float(u[slot]) + self.shift
+            b = u.clone()
+            b[slot] = 0.0
+            inv = self.inverse
+            col = inv[:, slot].clone()
+            brr = float(col[slot])
+            w = inv @ b
+            w.sub_(col, alpha=float(w[slot]) / brr)  # A b with A = B - col col^T / brr
+            w[slot] = 0.0
+            schur = diag - float(b @ w)
+            old_row = self.gram[slot].clone()
+            self.gram[slot, :] = u
+            self.gram[:, slot] = u
+            self.gram[slot, slot] = diag
+            refactor = not (math.isfinite(schur) and schur > 1e-13 * diag and brr > 0.0)
+            refactor = refactor or self.since_refactor + 1 >= self.window
+            y = None
+            if not refactor:
+                y = w.mul(-1.0 / schur)
+                y[slot] = 1.0 / schur  # K'^-1 e_r = (e_r - w) / s
+                resid = self.gram @ y
+                resid[slot] -= 1.0
+                scale = float(self.gram.diagonal().sum()) * float(y.abs().max())
+                refactor = not float(resid.abs().max()) <= REFACTOR_TOL * scale
+            if refactor:
+                try:
+                    self._refactor()
+                except RuntimeError:
+                    self.gram[slot, :] = old_row
+                    self.gram[:, slot] = old_row
+                    raise
+            else:
+                v = w
+                v[slot] = -1.0
+                left = torch.stack([col, v], dim=1)
+                right = torch.stack([col * (-1.0 / brr), v * (1.0 / schur)], dim=0)
+                inv.addmm_(left, right)
+                inv[slot, :] = y
+                inv[:, slot] = y
+                self.since_refactor += 1
         self.next_slot = (slot + 1) % self.window
         self.num_pushed += 1
         return slot
 
+    # ------------------------------------------------------------------ products
     def slot_coeff(self, slot: int) -> torch.Tensor:
         """c = m K^-1 e_slot (m x 1, float64), so that F^-1 g_slot = G^T c."""
-        with single_threaded():
-            rhs = torch.zeros(self.window, 1, dtype=F64, device=self.gram.device)
-            rhs[slot, 0] = float(self.window)
-            return torch.cholesky_solve(rhs, self.chol)
+        return self.inverse[:, slot : slot + 1] * float(self.window)
 
     def solve(self, gx: torch.Tensor) -> torch.Tensor:
         """K^-1 (G x) for G x of shape (m, k)."""
         with single_threaded():
-            return torch.cholesky_solve(gx.to(F64), self.chol)
+            return self.inverse @ gx.to(F64)
 
+    @property
+    def chol(self) -> torch.Tensor:
+        """The lower Cholesky factor of K (computed on demand; the window keeps K^-1)."""
+        return torch.linalg.cholesky(self.gram)
+
+    @chol.setter
+    def chol(self, factor: torch.Tensor) -> None:
+        """Set K^-1 from a Cholesky factor of the current K (for code that rebuilds K)."""
+        self.inverse = torch.cholesky_inverse(factor.to(F64))
+        self.since_refactor = 0
+
+    def rebuild(self, gram: torch.Tensor) -> None:
+        """Replace K (for instance by one computed from a filled window) and refactor it."""
+        old = self.gram
+        self.gram = gram.to(device=old.device, dtype=F64).clone()
+        try:
+            self._refactor()
+        except RuntimeError:
+            self.gram = old
+            raise
+
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """K, its factor, the ring pointer and the damping, as clones."""
+        """K, its inverse, the ring pointer and the damping, as clones."""
         return {
             "gram": self.gram.clone(),
-            "chol": self.chol.clone(),
+            "inverse": self.inverse.clone(),
             "next_slot": self.next_slot,
             "num_pushed": self.num_pushed,
+            "since_refactor": self.since_refactor,
             "damp": self.damp,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; checks shapes first."""
-        for key in ("gram", "chol"):
-            if tuple(state[key].shape) != (self.window, self.window):
+    def check_state(
+        self,
+        state: Mapping[str, Any],
+        window_gram: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        prefix: str = "",
+    ) -> None:
+        """Raise, naming the field, unless ``state`` is a consistent state of this factor.
+
+        Checks keys, types, shapes, dtype (float64), finiteness, the ring pointer, the damping
+        (it must equal this window's), that K is symmetric positive definite, that the stored
+        inverse is K's inverse, and, when ``window_gram(z)`` (G G^T z of the saved window,
+        float64) is given, that K = m*lambda*I + G G^T (a window edited after K was formed
+        is refused). Writes nothing.
+        """
+        m = self.window
+        for key in STATE_KEYS:
+            if key not in state:
+                raise KeyError(f"state is missing the field {prefix}{key!r}")
+        for key in ("gram", "inverse"):
+            t = state[key]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{prefix}{key} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != (m, m):
                 raise ValueError(
-                    f"state's {key} has shape {tuple(state[key].shape)}, "
-                    f"this window needs ({self.window}, {self.window})"
+                    f"{prefix}{key} has shape {tuple(t.shape)}, this window needs ({m}, {m})"
                 )
-        damp = check_damp(state["damp"])
+            if t.dtype != F64:
+                raise TypeError(f"{prefix}{key} must be float64, got {t.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{prefix}{key} contains NaN or Inf")
+        for key, low, high in (
+            ("next_slot", 0, m - 1),
+            ("num_pushed", 0, None),
+            ("since_refactor", 0, m - 1),
+        ):
+            v = state[key]
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{prefix}{key} must be an int, got {v!r}")
+            if v < low or (high is not None and v > high):
+                bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+                raise ValueError(f"{prefix}{key} = {v} is out of range {bound}")
+        if state["next_slot"] != state["num_pushed"] % m:
+            raise ValueError(
+                f"{prefix}next_slot = {state['next_slot']} disagrees with {prefix}num_pushed = "
+                f"{state['num_pushed']} (expected num_pushed mod {m})"
+            )
+        damp = state["damp"]
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or damp != self.damp:
+            raise ValueError(
+                f"{prefix}damp = {damp!r} differs from this window's damp = {self.damp!r}; "
+                "construct the optimizer with the saved damp"
+            )
+        gram = state["gram"].to(self.gram.device)
+        inverse = state["inverse"].to(self.gram.device)
+        with single_threaded():
+            if float((gram - gram.T).abs().max()) > 1e-12 * float(gram.abs().max()):
+                raise ValueError(f"{prefix}gram is not symmetric")
+            if int(torch.linalg.cholesky_ex(gram)[1]) != 0:
+                raise ValueError(f"{prefix}gram is not positive definite")
+            probe = torch.randn(m, dtype=F64, generator=torch.Generator().manual_seed(0))
+            probe = probe.to(self.gram.device)
+            y = inverse @ probe
+            resid = float((gram @ y - probe).abs().max())
+            scale = float(gram.diagonal().sum()) * float(y.abs().max())
+            if not resid <= INVERSE_TOL * scale:
+                raise ValueError(
+                    f"{prefix}inverse is not the inverse of {prefix}gram (relative residual "
+                    f"{resid / scale:.1e}); the state was edited or corrupted"
+                )
+            if window_gram is not None:
+                want = window_gram(probe).to(F64) + self.shift * probe
+                have = gram @ probe
+                err = float((have - want).norm())
+                size = float(gram.norm()) * float(probe.norm())
+                if not err <= STALE_TOL * size:
+                    raise ValueError(
+                        f"{prefix}gram is stale: it differs from m*damp*I + G G^T of the stored "
+                        f"window (relative error {err / size:.1e}); the window was edited after "
+                        "K was formed"
+                    )
+
+    def load_state_dict(self, state: Mapping[str, Any], check: bool = True) -> None:
+        """Restore from :meth:`state_dict` (checked first unless the caller already did)."""
+        if check:
+            self.check_state(state)
         device = self.gram.device
         self.gram = state["gram"].to(device=device, dtype=F64).clone()
-        self.chol = state["chol"].to(device=device, dtype=F64).clone()
+        self.inverse = state["inverse"].to(device=device, dtype=F64).clone()
         self.next_slot = int(state["next_slot"])
         self.num_pushed = int(state["num_pushed"])
-        self.damp = damp
+        self.since_refactor = int(state["since_refactor"])
 
 
 class FactorBacked:
@@ -111,9 +289,9 @@ class FactorBacked:
         return self.factor.gram
 
     @property
-    def chol(self) -> torch.Tensor:
-        """The lower Cholesky factor of K."""
-        return self.factor.chol
+    def inverse(self) -> torch.Tensor:
+        """K^-1, float64 (m x m)."""
+        return self.factor.inverse
 
     @property
     def next_slot(self) -> int:

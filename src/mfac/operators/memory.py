@@ -40,20 +40,31 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def gram_nbytes(window: int, resident: int = 2, scratch: int = 2) -> int:
+    """Bytes of the m x m float64 matrices of a window of ``window`` rows: ``resident`` kept
+    (K and K^-1 for a sliding window) plus ``scratch`` alive during a refactorisation (the
+    Cholesky factor and the new inverse). Callers with another layout pass their own counts."""
+    return (resident + scratch) * window * window * 8
+
+
 def check_fits(
     nbytes: int, what: str, memory_budget: int | None, device: torch.device | None = None
 ) -> None:
     """Raise MemoryError, before allocating, when ``nbytes`` exceed the memory budget.
 
     The default budget is half the available RAM, so it applies to CPU buffers only unless a
-    budget is given explicitly."""
+    budget is given explicitly. The message gives the bytes needed, the budget and the RAM
+    available."""
     if memory_budget is None and device is not None and device.type != "cpu":
         return
-    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    available = available_memory()
+    budget = available // 2 if memory_budget is None else int(memory_budget)
     if nbytes > budget:
+        source = "half the available RAM" if memory_budget is None else "memory_budget"
         raise MemoryError(
-            f"{what} needs {_gib(nbytes)}, over the memory budget of {_gib(budget)}; use a "
-            "smaller window (ngrads), bfloat16 history, top-k history or a process group"
+            f"{what} needs {_gib(nbytes)} ({nbytes} bytes), over the memory budget of "
+            f"{_gib(budget)} ({source}; {_gib(available)} of RAM available); use a smaller "
+            "window (ngrads), bfloat16 history, a sparser top-k history or a process group"
         )
 
 

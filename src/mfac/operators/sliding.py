@@ -3,6 +3,7 @@ of the last m gradients, updated every step in two passes over the window."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from .._validation import (
 )
 from .gram import FactorBacked, GramFactor
 from .kernels import cols_dot, rows_dot
-from .memory import check_fits
+from .memory import check_fits, gram_nbytes
 from .threads import single_threaded
 
 F64 = torch.float64
@@ -27,8 +28,8 @@ class SlidingInverseFisher(FactorBacked):
     """F^-1 over a ring buffer of the last ``window`` gradients of dimension ``dim``.
 
     The window G (m x d, ``dtype`` float32, bfloat16 or float16) and the m x m matrix
-    K = m*lambda*I + G G^T (float64) are kept up to date; K is refactored (Cholesky, float64)
-    after each push, which costs O(m^3) flops, small next to the O(m d) passes for m <= 1024.
+    K = m*lambda*I + G G^T with its inverse (float64, :class:`GramFactor`) are kept up to date;
+    a push updates K^-1 in O(m^2) and refactors it every m pushes.
 
     Empty slots are zero rows: they add nothing to G^T G, and normalisation always uses the
     window size m. So the very first step is ``m*g / (m*lambda + |g|^2)``, a normalised
@@ -51,11 +52,24 @@ class SlidingInverseFisher(FactorBacked):
         check_damp(damp)
         check_float_dtype(dtype, "dtype")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        nbytes = window * dim * torch.empty((), dtype=dtype).element_size()
-        check_fits(nbytes, f"a window of {window} x {dim} {dtype} gradients", memory_budget, device)
+        check_fits(
+            self.required_bytes(dim, window, dtype),
+            f"a window of {window} x {dim} {dtype} gradients (with its {window} x {window} "
+            "float64 matrices and step buffers)",
+            memory_budget,
+            device,
+        )
         self.dim, self.window = dim, window
         self.grads = torch.zeros(window, dim, dtype=dtype, device=device)
         self.factor = GramFactor(window, damp, device)
+
+    @staticmethod
+    def required_bytes(dim: int, window: int, dtype: torch.dtype = torch.float32) -> int:
+        """Peak bytes of the operator: the m x d window, the m x m float64 matrices (K, K^-1
+        and the refactorisation's two temporaries) and a step's d-sized buffers (the stored
+        row, its float32 copy and the result)."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return window * dim * elem + gram_nbytes(window) + dim * (elem + 8)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -70,7 +84,7 @@ class SlidingInverseFisher(FactorBacked):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the window plus the two m x m float64 matrices."""
+        """Bytes held: the window plus the two m x m float64 matrices (K and K^-1)."""
         return self.grads.numel() * self.grads.element_size() + 2 * self.window**2 * 8
 
     # ------------------------------------------------------------------ updates
@@ -159,18 +173,40 @@ class SlidingInverseFisher(FactorBacked):
         """Everything needed to resume bit-identically (window, K, its factor, the pointer)."""
         return {"grads": self.grads.clone(), **self.factor.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`; checks everything before writing anything."""
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise, naming the field, unless ``state`` fits this operator and is consistent
+        (shapes, dtypes, finite values, pointer, damping, K = m*damp*I + G G^T); writes nothing."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"window state must be a mapping, got {type(state).__name__}")
+        if "grads" not in state:
+            raise KeyError("state is missing the field 'grads'")
         grads = state["grads"]
+        if not isinstance(grads, torch.Tensor):
+            raise TypeError(f"grads must be a tensor, got {type(grads).__name__}")
         if tuple(grads.shape) != (self.window, self.dim):
             raise ValueError(
-                f"state holds a window of shape {tuple(grads.shape)}, "
+                f"grads: state holds a window of shape {tuple(grads.shape)}, "
                 f"this operator has ({self.window}, {self.dim})"
             )
         if grads.dtype != self.grads.dtype:
-            raise TypeError(f"state stores {grads.dtype}, this operator stores {self.grads.dtype}")
-        self.factor.load_state_dict(state)  # validates its own shapes and damp first
-        self.grads.copy_(grads)
+            raise TypeError(
+                f"grads: state stores {grads.dtype}, this operator stores {self.grads.dtype}"
+            )
+        grads = grads.to(self.device)
+        with single_threaded():
+            if not bool(torch.isfinite(grads).all()):
+                raise ValueError("grads contains NaN or Inf")
+
+        def window_gram(z: torch.Tensor) -> torch.Tensor:
+            return rows_dot(grads, cols_dot(grads, z.unsqueeze(1)))[:, 0].to(F64)
+
+        self.factor.check_state(state, window_gram)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`; checks everything before writing anything."""
+        self.check_state(state)
+        self.factor.load_state_dict(state, check=False)
+        self.grads.copy_(state["grads"])
 
     def __repr__(self) -> str:
         return (

@@ -1,8 +1,19 @@
-"""The M-FAC optimizer (dense, error-feedback top-k, or sharded over torch.distributed)."""
+"""The M-FAC optimizer (dense, error-feedback top-k, or sharded over torch.distributed).
+
+The windows live in :mod:`mfac.operators` (they satisfy :class:`mfac.operators.SlidingWindow`);
+they are re-exported here for the import paths of earlier versions."""
 
 from ..operators.gram import GramFactor
-from .distributed import ShardedSlidingInverseFisher
+from ..operators.sharded import ShardedSlidingInverseFisher
+from ..operators.topk import TopKSlidingInverseFisher
+from .functional import GradientScaling, mfac_step
 from .mfac import MFAC
-from .topk import TopKSlidingInverseFisher
 
-__all__ = ["MFAC", "GramFactor", "ShardedSlidingInverseFisher", "TopKSlidingInverseFisher"]
+__all__ = [
+    "MFAC",
+    "GradientScaling",
+    "GramFactor",
+    "ShardedSlidingInverseFisher",
+    "TopKSlidingInverseFisher",
+    "mfac_step",
+]

@@ -1,0 +1,367 @@
+"""M-FAC's step at scale: the O(m^2) update of K^-1 against the O(m^3) refactor per push, and
+the top-k window's step against its memory floor.
+
+    python -m benchmarks.optim_scale factor            # step()/SGD, m 256..1024, d 10k/100k
+    python -m benchmarks.optim_scale topk --dim 50000000
+    python -m benchmarks.optim_scale report            # markdown tables for docs/optim.md
+
+``factor``: MLPs of about 10k and 100k parameters on one thread. Three timings per m,
+interleaved in one process: SGD's step, MFAC.step() with the O(m^2) update (this version),
+and MFAC.step() with the factor refactored by Cholesky at every push (the previous
+implementation, kept below as the baseline class). Also the m x m work alone (``commit``) for both.
+
+``topk``: the EFCP window's push_ihvp on a synthetic full window (random sparse rows, K of
+their norms) at dimension d, one subprocess per (m, density) so that each peak RSS is its own.
+The floor is what the step cannot avoid: reading the m x k values and indices twice (G c and
+G^T y) plus four streaming passes over d (a = e + g, |a| and its threshold test, e = a - c,
+the scattered result), each timed in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from mfac.operators.gram import F64, GramFactor
+from mfac.operators.threads import single_threaded
+from mfac.operators.topk import TopKSlidingInverseFisher
+from mfac.optim import MFAC
+
+from benchmarks.common import RESULTS, machine, write_json
+
+
+class RefactorEachPush(GramFactor):
+    """Baseline: the previous implementation, a Cholesky refactor of K at every push."""
+
+    def commit(self, u: torch.Tensor) -> int:
+        slot = self.next_slot
+        u = u.to(F64)
+        self.gram[slot, :] = u
+        self.gram[:, slot] = u
+        self.gram[slot, slot] += self.shift
+        with single_threaded():
+            self._chol = torch.linalg.cholesky_ex(self.gram)[0]
+        self.next_slot = (slot + 1) % self.window
+        self.num_pushed += 1
+        return slot
+
+    def slot_coeff(self, slot: int) -> torch.Tensor:
+        with single_threaded():
+            rhs = torch.zeros(self.window, 1, dtype=F64)
+            rhs[slot, 0] = float(self.window)
+            return torch.cholesky_solve(rhs, self._chol)
+
+
+def _mlp(dim: int) -> nn.Module:
+    """A 256-h-4 MLP with about ``dim`` parameters (h = 384: 100,228)."""
+    torch.manual_seed(0)
+    hidden = max(1, round((dim - 4) / 261))
+    return nn.Sequential(nn.Linear(256, hidden), nn.ReLU(), nn.Linear(hidden, 4))
+
+
+def _fill(opt: MFAC, factor_cls: type[GramFactor]) -> None:
+    """A full window of random rows, using ``factor_cls`` for K^-1. Gaussian rows in d >= 10^4
+    dimensions are nearly orthogonal, so K is taken as m*damp*I + diag(|g_i|^2), an SPD matrix
+    that costs O(m d) instead of the O(m^2 d) Gram product (the timings do not depend on it)."""
+    w = opt.window
+    g = w.grads
+    g.normal_()
+    factor = factor_cls(w.window, w.damp, "cpu")
+    gram = torch.diag(g.double().square().sum(1)) + w.window * w.damp * torch.eye(
+        w.window, dtype=F64
+    )
+    factor.gram = gram
+    factor.inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    factor._chol = torch.linalg.cholesky(gram)
+    w.factor = factor
+
+
+def factor_bench(ms: list[int], dims: list[int], reps: int) -> dict[str, Any]:
+    """step() of SGD, MFAC (O(m^2) update) and MFAC (refactor per push), interleaved."""
+    torch.set_num_threads(1)
+    rows = []
+    for dim, m in [(dim, m) for dim in dims for m in ms]:
+        model = _mlp(dim)
+        params = list(model.parameters())
+        d = sum(p.numel() for p in params)
+        sgd = torch.optim.SGD(params, lr=0.0)
+        new = MFAC(params, lr=0.0, ngrads=m, damp=1e-4)
+        old = MFAC(params, lr=0.0, ngrads=m, damp=1e-4)
+        _fill(new, GramFactor)
+        _fill(old, RefactorEachPush)
+        gen = torch.Generator().manual_seed(m)
+        times: dict[str, list[float]] = {"sgd": [], "mfac": [], "mfac_refactor_each_push": []}
+        floors: dict[str, list[float]] = {"mfac": [], "mfac_refactor_each_push": []}
+        xs, ys = torch.randn(d), torch.randn(m)
+        order = [("sgd", sgd), ("mfac", new), ("mfac_refactor_each_push", old)]
+        for rep in range(reps + 2):
+            for name, opt in order[rep % 3 :] + order[: rep % 3]:  # rotate: no position bias
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                t = time.perf_counter()
+                opt.step()
+                if rep >= 2:
+                    times[name].append(time.perf_counter() - t)
+                if name != "sgd":  # this window's two-pass floor, G x then y G (BLAS)
+                    g = opt.window.grads
+                    t = time.perf_counter()
+                    g @ xs
+                    ys @ g
+                    if rep >= 2:
+                        floors[name].append(time.perf_counter() - t)
+        # the m x m work alone, on K of the filled window
+        u = torch.randn(m, dtype=F64)
+        commit = {}
+        for name, opt in (("mfac", new), ("mfac_refactor_each_push", old)):
+            f = opt.window.factor
+            ts = []
+            for _ in range(reps):
+                u.normal_()
+                u[f.next_slot] = float(f.gram[f.next_slot, f.next_slot]) - f.shift
+                t = time.perf_counter()
+                slot = f.commit(u)
+                f.slot_coeff(slot)
+                ts.append(time.perf_counter() - t)
+            commit[name] = statistics.median(ts)
+        f = new.window.factor
+        t = time.perf_counter()
+        with single_threaded():
+            f._refactor()
+        refactor_s = time.perf_counter() - t
+        med = {k: statistics.median(v) for k, v in times.items()}
+        flo = {k: statistics.median(v) for k, v in floors.items()}
+        row = {
+            "ngrads": m,
+            "dim": d,
+            "sgd_step_ms": med["sgd"] * 1e3,
+            "mfac_step_ms": med["mfac"] * 1e3,
+            "mfac_step_amortised_ms": (med["mfac"] + refactor_s / m) * 1e3,
+            "refactor_each_push_step_ms": med["mfac_refactor_each_push"] * 1e3,
+            "mfac_mxm_ms": commit["mfac"] * 1e3,
+            "refactor_each_push_mxm_ms": commit["mfac_refactor_each_push"] * 1e3,
+            "full_refactor_ms": refactor_s * 1e3,
+            "mfac_floor_ms": flo["mfac"] * 1e3,
+            "refactor_each_push_floor_ms": flo["mfac_refactor_each_push"] * 1e3,
+            "mfac_over_floor": (med["mfac"] + refactor_s / m) / flo["mfac"],
+            "before_over_floor": med["mfac_refactor_each_push"] / flo["mfac_refactor_each_push"],
+            "residual_refactors": f.refactors - 1,
+        }
+        row["mfac_over_sgd"] = row["mfac_step_amortised_ms"] / row["sgd_step_ms"]
+        row["before_over_sgd"] = row["refactor_each_push_step_ms"] / row["sgd_step_ms"]
+        row["speedup"] = row["refactor_each_push_step_ms"] / row["mfac_step_amortised_ms"]
+        rows.append(row)
+        print(
+            f"m={m} d={d}: SGD {row['sgd_step_ms']:.3f} ms | MFAC {row['mfac_step_ms']:.2f} ms "
+            f"(amortised {row['mfac_step_amortised_ms']:.2f}; m x m {row['mfac_mxm_ms']:.2f}) | "
+            f"refactor each push {row['refactor_each_push_step_ms']:.2f} ms "
+            f"(m x m {row['refactor_each_push_mxm_ms']:.2f}) | speedup {row['speedup']:.2f}x | "
+            f"step/two-pass floor now {row['mfac_over_floor']:.2f}, before "
+            f"{row['before_over_floor']:.2f}",
+            flush=True,
+        )
+        del new, old, sgd
+    return {"threads": 1, "reps": reps, "rows": rows, "machine": machine()}
+
+
+# ---------------------------------------------------------------------- top-k
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def topk_one(dim: int, m: int, density: float, reps: int) -> dict[str, Any]:
+    """One configuration, in this process: step time, floor, peak RSS."""
+    torch.set_num_threads(1)
+    k = round(density * dim)
+    rss0 = _peak_rss()
+    op = TopKSlidingInverseFisher(dim, m, k, damp=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    # a full window: random rows (near-orthogonal at these densities), K from their norms
+    stride = dim // k
+    norms = torch.empty(m, dtype=F64)
+    base = torch.arange(k, dtype=torch.int64) * stride
+    for r in range(m):  # one random coordinate per stratum: sorted, distinct, O(k)
+        idx = base + torch.randint(0, stride, (k,), generator=gen)
+        op.indices[r] = idx.to(op.indices.dtype)
+        op.values[r].normal_(generator=gen)
+        norms[r] = float(op.values[r].double().square().sum())
+    op.factor.rebuild(torch.diag(norms) + m * op.damp * torch.eye(m, dtype=F64))
+    grads = [torch.randn(dim, generator=gen) for _ in range(2)]
+    op.push_ihvp(grads[0])  # warm-up
+    step_t = []
+    for i in range(reps):
+        t = time.perf_counter()
+        op.push_ihvp(grads[i % 2])
+        step_t.append(time.perf_counter() - t)
+    # the floor, measured now: read values + indices (one pass), and one pass over d
+    read_t, pass_t = [], []
+    x, y, z = grads[0], grads[1], torch.empty(dim)
+    for _ in range(reps):
+        t = time.perf_counter()
+        op.values.sum()
+        op.indices.sum(dtype=torch.int64)
+        read_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        torch.add(x, y, out=z)
+        pass_t.append(time.perf_counter() - t)
+    step = statistics.median(step_t)
+    floor = 2 * statistics.median(read_t) + 4 * statistics.median(pass_t)
+    return {
+        "dim": dim,
+        "ngrads": m,
+        "density": density,
+        "k": k,
+        "step_s": step,
+        "floor_s": floor,
+        "ratio": step / floor,
+        "read_window_s": statistics.median(read_t),
+        "pass_over_d_s": statistics.median(pass_t),
+        "window_bytes": op.window_nbytes,
+        "state_bytes": op.nbytes,
+        "required_bytes": TopKSlidingInverseFisher.required_bytes(dim, m, k),
+        "peak_rss_bytes": _peak_rss(),
+        "rss_before_bytes": rss0,
+    }
+
+
+def topk_bench(
+    dim: int, ms: list[int], densities: list[float], reps: int, max_bytes: int
+) -> dict[str, Any]:
+    rows, skipped = [], []
+    for m in ms:
+        for density in densities:
+            need = TopKSlidingInverseFisher.required_bytes(dim, m, round(density * dim))
+            if need > max_bytes:  # what the optimizer's own check would refuse under this cap
+                skipped.append(
+                    {"dim": dim, "ngrads": m, "density": density, "required_bytes": need}
+                )
+                print(f"topk d={dim} m={m} density={density}: needs {need / 2**30:.2f} GiB, "
+                      f"over the {max_bytes / 2**30:.2f} GiB cap: not run", flush=True)  # fmt: skip
+                continue
+            cmd = [sys.executable, "-m", "benchmarks.optim_scale", "_topk_one"]
+            cmd += ["--dim", str(dim), "--m", str(m), "--density", str(density)]
+            cmd += ["--reps", str(reps)]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(
+                f"topk d={dim} m={m} density={density}: step {row['step_s'] * 1e3:.0f} ms, "
+                f"floor {row['floor_s'] * 1e3:.0f} ms, ratio {row['ratio']:.2f}, peak RSS "
+                f"{row['peak_rss_bytes'] / 2**30:.2f} GiB (window {row['window_bytes'] / 2**30:.2f}"
+                f" GiB, estimate {row['required_bytes'] / 2**30:.2f} GiB)",
+                flush=True,
+            )
+    return {"threads": 1, "reps": reps, "rows": rows, "skipped": skipped, "max_bytes": max_bytes,
+            "machine": machine()}  # fmt: skip
+
+
+def plot(factor: dict[str, Any] | None, topk: dict[str, Any] | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if factor:
+        ms = [r["ngrads"] for r in factor["rows"]]
+        axes[0].plot(
+            ms, [r["before_over_sgd"] for r in factor["rows"]], "o-", label="refactor each push"
+        )
+        axes[0].plot(ms, [r["mfac_over_sgd"] for r in factor["rows"]], "o-", label="O(m^2) update")
+        axes[0].set(xlabel="m", ylabel="MFAC.step() / SGD.step()", xscale="log", yscale="log",
+                    title=f"d = {factor['rows'][0]['dim']}, 1 thread")  # fmt: skip
+        axes[0].legend()
+    if topk and topk["rows"]:
+        labels = [f"m={r['ngrads']}\n{r['density']:.1%}" for r in topk["rows"]]
+        xs = range(len(labels))
+        axes[1].bar([x - 0.2 for x in xs], [r["step_s"] for r in topk["rows"]], 0.4, label="step")
+        axes[1].bar([x + 0.2 for x in xs], [r["floor_s"] for r in topk["rows"]], 0.4, label="floor")
+        axes[1].set_xticks(list(xs), labels)
+        axes[1].set(ylabel="seconds", title=f"top-k push_ihvp, d = {topk['rows'][0]['dim']:,}")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "optim_scale.png", dpi=90)
+    plt.close(fig)
+
+
+def report() -> str:
+    path = RESULTS / "optim_scale.json"
+    res = json.loads(path.read_text())
+    out = []
+    if res.get("factor"):
+        out.append("| m | d | SGD step ms | MFAC step ms (before) | MFAC step ms (now, amortised) "
+                   "| m x m ms before / now | step/SGD before | step/SGD now "
+                   "| step/floor before | step/floor now |")  # fmt: skip
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in res["factor"]["rows"]:
+            out.append(
+                f"| {r['ngrads']} | {r['dim']:,} | {r['sgd_step_ms']:.3f} | "
+                f"{r['refactor_each_push_step_ms']:.2f} | {r['mfac_step_amortised_ms']:.2f} | "
+                f"{r['refactor_each_push_mxm_ms']:.2f} / {r['mfac_mxm_ms']:.2f} | "
+                f"{r['before_over_sgd']:.0f} | {r['mfac_over_sgd']:.0f} | "
+                f"{r['before_over_floor']:.2f} | {r['mfac_over_floor']:.2f} |"
+            )
+    if res.get("topk"):
+        for r in res["topk"].get("skipped", []):
+            out.append(f"\nNot run (needs {r['required_bytes'] / 2**30:.1f} GiB, over the "
+                       f"{res['topk']['max_bytes'] / 2**30:.1f} GiB cap): d = {r['dim']:,}, "
+                       f"m = {r['ngrads']}, density {r['density']:.1%}.")  # fmt: skip
+        out.append("")
+        out.append("| d | m | density | step s | floor s | step/floor | peak RSS GiB | window GiB "
+                   "| estimate GiB |")  # fmt: skip
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in res["topk"]["rows"]:
+            out.append(
+                f"| {r['dim']:,} | {r['ngrads']} | {r['density']:.1%} | {r['step_s']:.2f} | "
+                f"{r['floor_s']:.2f} | {r['ratio']:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+                f"{r['window_bytes'] / 2**30:.2f} | {r['required_bytes'] / 2**30:.2f} |"
+            )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=["factor", "topk", "all", "report", "_topk_one"])
+    ap.add_argument("--ms", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--dims", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--dim", type=int, default=50_000_000)
+    ap.add_argument("--topk-ms", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.001])
+    ap.add_argument("--m", type=int, default=256)
+    ap.add_argument("--density", type=float, default=0.01)
+    ap.add_argument("--max-gib", type=float, default=7.0, help="skip top-k runs needing more")
+    args = ap.parse_args(argv)
+    if args.what == "report":
+        print(report())
+        return
+    if args.what == "_topk_one":
+        print(json.dumps(topk_one(args.dim, args.m, args.density, args.reps)))
+        return
+    path = RESULTS / "optim_scale.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    if args.what in ("factor", "all"):
+        res["factor"] = factor_bench(args.ms, args.dims, args.reps)
+        res["factor"]["command"] = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
+    if args.what in ("topk", "all"):
+        cap = int(args.max_gib * 2**30)
+        res["topk"] = topk_bench(
+            args.dim, args.topk_ms, args.densities, max(3, args.reps // 3), cap
+        )
+        res["topk"]["command"] = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
+    write_json("optim_scale", res)
+    plot(res.get("factor"), res.get("topk"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The sliding window sharded by coordinates over a torch.distributed process group.
+
+Rank p of P holds the columns [lo_p, hi_p) of the m x d window (about m*d/P entries). For an
+incoming gradient g (identical on every rank, as after DDP's all-reduce):
+
+- u = G g is the sum over ranks of the partial products G[:, lo:hi] g[lo:hi]: one all-reduce
+  of m numbers (plus one flag that says whether any rank saw NaN/Inf, so every rank raises
+  together and nobody deadlocks);
+- K and its Cholesky factor are replicated (m x m, float64), updated identically everywhere;
+- the step F^-1 g = m G^T K^-1 e_r is local per column slice; the slices are all-gathered so
+  that every rank can update its full parameter copy (d numbers, the same volume as DDP's
+  gradient all-reduce).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
+from .gram import FactorBacked, GramFactor
+from .kernels import cols_dot, rows_dot
+from .memory import check_fits, gram_nbytes
+from .topk import finite_fast
+
+F64 = torch.float64
+
+
+def shard_bounds(dim: int, world: int, rank: int) -> tuple[int, int]:
+    """Columns [lo, hi) of rank ``rank``: equal chunks of ceil(dim / world), the last shorter."""
+    chunk = -(-dim // world)
+    lo = min(dim, rank * chunk)
+    return lo, min(dim, lo + chunk)
+
+
+class ShardedSlidingInverseFisher(FactorBacked):
+    """Sliding-window F^-1 whose m x d window is split by columns over ``process_group``.
+
+    Satisfies :class:`mfac.operators.window.SlidingWindow`: ``push_ihvp(g)`` and ``ihvp(x)``
+    take the full vector (d,) and return the full result (d,), identical on every rank (every
+    rank must call them together); ``state_dict()`` holds this rank's shard plus the
+    replicated K and K^-1.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        window: int,
+        damp: float = 1e-5,
+        dtype: torch.dtype = torch.float32,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        device: torch.device | str | None = None,
+        memory_budget: int | None = None,
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "process_group was given but torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group first (torchrun does the rendezvous)"
+            )
+        check_positive_int(dim, "dim")
+        check_positive_int(window, "window")
+        check_float_dtype(dtype, "dtype")
+        self.group = process_group
+        self.world = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
+        self.dim, self.window = dim, window
+        self.lo, self.hi = shard_bounds(dim, self.world, self.rank)
+        self.chunk = -(-dim // self.world)
+        elem = torch.empty((), dtype=dtype).element_size()
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        check_fits(
+            window * self.chunk * elem + gram_nbytes(window) + 3 * self.chunk * self.world * 4,
+            f"a window shard of {window} x {self.chunk} (with its {window} x {window} float64 "
+            "matrices and step buffers)",
+            memory_budget,
+            device,
+        )
+        self.factor = GramFactor(window, damp, device)
+        self.grads = torch.zeros(window, self.hi - self.lo, dtype=dtype, device=device)
+        self._gathered = torch.zeros(self.chunk * self.world, dtype=torch.float32, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's shard lives."""
+        return self.grads.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the window."""
+        return self.grads.dtype
+
+    @property
+    def window_nbytes(self) -> int:
+        """Bytes of this rank's window shard."""
+        return self.grads.numel() * self.grads.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on this rank: the shard plus the replicated K and factor."""
+        return self.window_nbytes + 2 * self.window**2 * 8
+
+    def _gather_full(self, local: torch.Tensor) -> torch.Tensor:
+        """All-gather every rank's column slice (float32) into the full vector (d,)."""
+        out = self._gathered
+        chunks = list(out.split(self.chunk))
+        mine = torch.zeros(self.chunk, dtype=torch.float32, device=self.device)
+        mine[: local.numel()] = local
+        dist.all_gather(chunks, mine, group=self.group)
+        return out[: self.dim]
+
+    def push(self, g: torch.Tensor) -> None:
+        """Push the full gradient ``g`` (d,) (every rank together)."""
+        self._insert(g)
+
+    def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
+        """Push the full gradient ``g`` (d,) and return the full F^-1 g_stored (d,)."""
+        slot = self._insert(g)
+        coeff = self.factor.slot_coeff(slot)
+        local = cols_dot(self.grads, coeff)[:, 0].to(torch.float32)
+        return self._gather_full(local).to(g.dtype).view_as(g)
+
+    def ihvp(self, x: torch.Tensor) -> torch.Tensor:
+        """F^-1 x = (x - G^T K^-1 G x) / lambda for the full x (d,) (every rank together)."""
+        flat = x.reshape(-1)
+        if flat.numel() != self.dim:
+            raise ValueError(f"x has {flat.numel()} entries, the window holds {self.dim}")
+        part = flat[self.lo : self.hi].to(torch.float32)
+        gx = torch.zeros(self.window, dtype=F64, device=self.device)
+        if part.numel():
+            gx += rows_dot(self.grads, part.unsqueeze(1))[:, 0].to(F64)
+        dist.all_reduce(gx, group=self.group)
+        c = self.factor.solve(gx[:, None])
+        local = (part - cols_dot(self.grads, c)[:, 0].to(torch.float32)) / self.damp
+        return self._gather_full(local).to(x.dtype).view_as(x)
+
+    def _insert(self, g: torch.Tensor) -> int:
+        """Write this rank's slice of ``g`` into the next slot and update the replicated K."""
+        flat = g.reshape(-1)
+        if flat.numel() != self.dim:
+            raise ValueError(f"gradient has {flat.numel()} entries, the window holds {self.dim}")
+        part = flat[self.lo : self.hi]
+        slot = self.factor.next_slot
+        stored = part.to(self.grads.dtype)
+        # u_j = G_j . g for the old rows; entry `slot` becomes |g_stored|^2 below.
+        device = self.grads.device
+        u = torch.empty(self.window + 3, dtype=F64, device=device)
+        if part.numel():
+            u[: self.window] = rows_dot(self.grads, stored.unsqueeze(1))[:, 0].to(F64)
+            u[self.window] = float(stored.float().pow(2).sum()) if stored.numel() else 0.0
+        else:
+            u[: self.window + 1] = 0.0
+        # the whole gradient, not only this slice: gradients that differ across ranks (no DDP)
+        # still make every rank raise together
+        u[self.window + 1] = 0.0 if finite_fast(flat) else 1.0
+        # finite gradient, non-finite products: an overflow of the storage dtype
+        overflow = u[self.window + 1] == 0 and not bool(torch.isfinite(u[: self.window + 1]).all())
+        u[self.window + 2] = 1.0 if overflow else 0.0
+        u[: self.window + 1].nan_to_num_(0.0, 0.0, 0.0)
+        dist.all_reduce(u, group=self.group)
+        if u[self.window + 1] > 0:
+            raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
+        if u[self.window + 2] > 0:
+            raise NonFiniteGradientError(
+                "the products G g of the window with this gradient overflow float32, so K "
+                "cannot be formed; scale the loss down or clip the gradients (damping cannot "
+                "help). The window is unchanged."
+            )
+        u_row = u[: self.window].clone()
+        u_row[slot] = u[self.window]
+        old = self.grads[slot].clone()
+        self.grads[slot] = stored
+        try:
+            self.factor.commit(u_row)
+        except (RuntimeError, NonFiniteGradientError):
+            self.grads[slot] = old
+            raise
+        return slot
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard, its bounds, and the replicated K (each rank saves its own)."""
+        return {
+            "grads": self.grads.clone(),
+            "lo": self.lo,
+            "hi": self.hi,
+            "world": self.world,
+            **self.factor.state_dict(),
+        }
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise, naming the field, unless ``state`` is this rank's consistent state (layout,
+        shapes, dtypes, finite values, pointer, damping, K^-1 against K). Rank-local: the
+        check that K equals m*damp*I + G G^T would need every rank, so it is not made here."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"window state must be a mapping, got {type(state).__name__}")
+        for key in ("grads", "lo", "hi", "world"):
+            if key not in state:
+                raise KeyError(f"state is missing the field {key!r}")
+        if (state["lo"], state["hi"], state["world"]) != (self.lo, self.hi, self.world):
+            raise ValueError(
+                f"lo/hi/world: state was saved for columns [{state['lo']}, {state['hi']}) of a "
+                f"world of {state['world']}; this rank holds [{self.lo}, {self.hi}) of {self.world}"
+            )
+        grads = state["grads"]
+        if not isinstance(grads, torch.Tensor):
+            raise TypeError(f"grads must be a tensor, got {type(grads).__name__}")
+        if tuple(grads.shape) != tuple(self.grads.shape):
+            raise ValueError(
+                f"grads has shape {tuple(grads.shape)}, this shard {tuple(self.grads.shape)}"
+            )
+        if grads.dtype != self.grads.dtype:
+            raise TypeError(f"grads: state stores {grads.dtype}, this shard {self.grads.dtype}")
+        if not bool(torch.isfinite(grads).all()):
+            raise ValueError("grads contains NaN or Inf")
+        self.factor.check_state(state)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore this rank's state; checks everything first (same world size and d)."""
+        self.check_state(state)
+        self.factor.load_state_dict(state, check=False)
+        self.grads.copy_(state["grads"])
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedSlidingInverseFisher(dim={self.dim}, window={self.window}, "
+            f"rank={self.rank}/{self.world}, columns=[{self.lo}, {self.hi}))"
+        )
+
+
+__all__ = ["ShardedSlidingInverseFisher", "shard_bounds"]

@@ -1,0 +1,328 @@
+"""EFCP: the sliding window with error-feedback top-k rows (ALGORITHMS.md section 3).
+
+Each gradient g is added to the error e, the k largest magnitudes c of a = e + g are stored
+(k values + int16/int32 indices), and e = a - c carries the rest into later steps. G x is a
+gather, G^T y a scatter-add, both O(m k), done in row chunks of bounded size so that no
+temporary grows with m k; the m x m algebra is :class:`mfac.operators.gram.GramFactor`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
+from .gram import FactorBacked, GramFactor
+from .memory import check_fits, gram_nbytes
+
+F64 = torch.float64
+#: Bytes of the temporaries one chunk of the gather / scatter may use.
+CHUNK_BYTES = 32 * 2**20
+#: Below this dimension the selection is a plain torch.topk.
+SMALL_SELECT = 1 << 16
+
+
+def finite_fast(x: torch.Tensor) -> bool:
+    """True when x holds no NaN/Inf, in one summing pass (NaN and +-Inf propagate through a
+    sum); only a non-finite sum (NaN/Inf, or a float overflow) runs the exact elementwise check.
+    ``torch.isfinite(x).all()`` alone costs about five passes over x."""
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def resolve_k(topk: int | float | None, dim: int) -> int:
+    """Entries kept per row: an int k (1 <= k <= dim) or a density in (0, 1]."""
+    if topk is None:
+        raise ValueError("history='topk' needs topk: an int k or a density in (0, 1]")
+    if isinstance(topk, bool):
+        raise TypeError(f"topk must be an int or a float density, got {topk!r}")
+    if isinstance(topk, float):
+        if not (math.isfinite(topk) and 0.0 < topk <= 1.0):
+            raise ValueError(f"topk as a density must lie in (0, 1], got {topk}")
+        return max(1, min(dim, round(topk * dim)))
+    if isinstance(topk, int):
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        return min(topk, dim)
+    raise TypeError(f"topk must be an int or a float density, got {type(topk).__name__}")
+
+
+def topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (int64) of the k largest entries of the non-negative vector ``mag``.
+
+    Exact without sorting all of ``mag``: a threshold t is read off a strided sample so that a
+    little more than k entries satisfy mag >= t; those candidates contain the k largest
+    (whenever at least k pass, the k-th largest is >= t), and torch.topk picks them from the
+    candidates. Falls back to torch.topk over everything when the sample misjudges. On the
+    fast path the indices come out ascending, so the window's gathers read memory in order."""
+    d = mag.numel()
+    if d <= SMALL_SELECT or 4 * k >= d:
+        return torch.topk(mag, k, sorted=False).indices
+    stride = max(1, d // (1 << 18))
+    sample = mag[::stride]
+    s = sample.numel()
+    p = k / d
+    p_cand = min(1.0, 1.2 * p + 6.0 * math.sqrt(p * (1.0 - p) / s) + 2.0 / s)
+    rank = max(1, min(s, math.floor((1.0 - p_cand) * s)))
+    threshold = float(torch.kthvalue(sample, rank).values)
+    cand = torch.nonzero(mag >= threshold).squeeze(1)
+    if cand.numel() < k or cand.numel() > 4 * k + 1024:
+        return torch.topk(mag, k, sorted=False).indices
+    return cand[torch.topk(mag[cand], k, sorted=False).indices.sort().values]
+
+
+class TopKSlidingInverseFisher(FactorBacked):
+    """EFCP sliding window: rows are top-k sparse (values in ``dtype`` + int16/int32 indices).
+
+    ``push_ihvp(g)`` forms a = e + g, stores c = top-k(a) as the new row, keeps e = a - c, and
+    returns F^-1 c = m G^T K^-1 e_r under the updated window (the applied step is the
+    preconditioned compressed vector; what top-k dropped returns through e in later steps).
+    Memory: m*k*(value bytes + index bytes) for the window, d floats for the error, the m x m
+    float64 matrices, and a step's d-sized buffers (see :meth:`required_bytes`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        window: int,
+        k: int,
+        damp: float = 1e-5,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        *,
+        memory_budget: int | None = None,
+    ) -> None:
+        check_positive_int(dim, "dim")
+        check_positive_int(window, "window")
+        check_positive_int(k, "k")
+        if k > dim:
+            raise ValueError(f"k={k} exceeds the dimension {dim}")
+        check_float_dtype(dtype, "dtype")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        index_dtype = self.index_dtype(dim)
+        check_fits(
+            self.required_bytes(dim, window, k, dtype),
+            f"a top-k window of {window} x {k} entries over {dim} coordinates (with its "
+            f"{window} x {window} float64 matrices, error buffer and step temporaries)",
+            memory_budget,
+            device,
+        )
+        self.dim, self.window, self.k = dim, window, k
+        self.factor = GramFactor(window, damp, device)
+        self.values = torch.zeros(window, k, dtype=dtype, device=device)
+        self.indices = torch.zeros(window, k, dtype=index_dtype, device=device)
+        self.error = torch.zeros(dim, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def index_dtype(dim: int) -> torch.dtype:
+        """int16 when every coordinate fits (d < 32768), int32 otherwise."""
+        return torch.int16 if dim <= torch.iinfo(torch.int16).max else torch.int32
+
+    @staticmethod
+    def required_bytes(dim: int, window: int, k: int, dtype: torch.dtype = torch.float32) -> int:
+        """Peak bytes: values and indices (m k), the error vector, the m x m float64 matrices,
+        and a step's temporaries: a = e + g, |a|, the candidate mask and indices, the dense
+        compressed row, the scattered result (d each, counted as 6 float32 vectors), plus
+        the selection's k-sized buffers and one gather/scatter chunk."""
+        value_bytes = torch.empty((), dtype=dtype).element_size()
+        index_bytes = 2 if dim <= torch.iinfo(torch.int16).max else 4
+        window_bytes = window * k * (value_bytes + index_bytes)
+        step_bytes = 6 * dim * 4 + 5 * k * 8 * 4 + CHUNK_BYTES
+        return window_bytes + dim * 4 + gram_nbytes(window) + step_bytes
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        """Where the window lives."""
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the kept values."""
+        return self.values.dtype
+
+    @property
+    def window_nbytes(self) -> int:
+        """Bytes of the compressed window only (values + indices)."""
+        return (
+            self.values.numel() * self.values.element_size()
+            + self.indices.numel() * self.indices.element_size()
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: window, error-feedback vector (and, once stepping, its two d-sized
+        scratch buffers), K and K^-1."""
+        vectors = 1 if getattr(self, "_spare", None) is None else 3
+        return self.window_nbytes + vectors * self.dim * 4 + 2 * self.window**2 * 8
+
+    # ------------------------------------------------------------------ sparse passes
+    def _chunk_rows(self) -> int:
+        return max(1, CHUNK_BYTES // (16 * self.k))
+
+    def _index(self, rows: torch.Tensor) -> torch.Tensor:
+        flat = rows.reshape(-1)
+        return flat if flat.dtype == torch.int32 else flat.to(torch.int32)
+
+    def _gather(self, x: torch.Tensor, values=None, indices=None) -> torch.Tensor:
+        """G x (m,) float64 for a dense float32 x: a gather of m*k entries, by row chunks."""
+        values = self.values if values is None else values
+        indices = self.indices if indices is None else indices
+        m = values.shape[0]
+        out = torch.empty(m, dtype=torch.float32, device=x.device)
+        step = self._chunk_rows()
+        for a in range(0, m, step):
+            b = min(m, a + step)
+            picked = x.index_select(0, self._index(indices[a:b])).view(b - a, 1, -1)
+            vals = values[a:b].to(torch.float32).unsqueeze(2)
+            out[a:b] = torch.bmm(picked, vals).view(-1)
+        return out.to(F64)
+
+    def _scatter(self, coeff: torch.Tensor, values=None, indices=None) -> torch.Tensor:
+        """G^T c (d,) float32 for c of shape (m,): a scatter-add of m*k entries, by row chunks."""
+        values = self.values if values is None else values
+        indices = self.indices if indices is None else indices
+        out = torch.zeros(self.dim, dtype=torch.float32, device=values.device)
+        coeff = coeff.to(torch.float32)
+        m = values.shape[0]
+        step = self._chunk_rows()
+        for a in range(0, m, step):
+            b = min(m, a + step)
+            contrib = values[a:b].to(torch.float32) * coeff[a:b, None]
+            out.index_add_(0, self._index(indices[a:b]), contrib.reshape(-1))
+        return out
+
+    # ------------------------------------------------------------------ updates
+    def _check_grad(self, g: torch.Tensor) -> torch.Tensor:
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"gradient must be a torch.Tensor, got {type(g).__name__}")
+        check_float_dtype(g.dtype, "gradient")
+        flat = g.reshape(-1)
+        if flat.numel() != self.dim:
+            raise ValueError(f"gradient has {flat.numel()} entries, the window holds {self.dim}")
+        if g.device != self.device:
+            raise ValueError(f"gradient is on device {g.device}, the window lives on {self.device}")
+        return flat
+
+    def _scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two d-sized float32 buffers reused across steps (no page faults per step)."""
+        if getattr(self, "_spare", None) is None:
+            self._spare = torch.empty(self.dim, dtype=torch.float32, device=self.device)
+            self._row = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
+        return self._spare, self._row
+
+    def _insert(self, flat: torch.Tensor) -> int:
+        """Compress e + g into the next slot, update K, keep the new error; return the slot.
+
+        a = e + g goes into a spare buffer, so a refused gradient leaves e as it was; on
+        success the spare and e swap. The dense copy of the new row is written and cleared
+        sparsely (k entries), never zeroed in full."""
+        acc, dense_c = self._scratch()
+        torch.add(self.error, flat.to(torch.float32), out=acc)
+        if not finite_fast(acc):
+            raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
+        idx = topk_indices(acc.abs(), self.k)
+        vals = acc[idx].to(self.values.dtype)
+        slot = self.factor.next_slot
+        old_vals, old_idx = self.values[slot].clone(), self.indices[slot].clone()
+        self.values[slot] = vals
+        self.indices[slot] = idx.to(self.indices.dtype)
+        kept = vals.to(torch.float32)
+        dense_c[idx] = kept  # the row as stored (rounded to the window dtype)
+        try:
+            u = self._gather(dense_c)
+            u[slot] = float(kept.double().square().sum())
+            self.factor.commit(u)
+        except (RuntimeError, NonFiniteGradientError):
+            self.values[slot], self.indices[slot] = old_vals, old_idx
+            raise
+        finally:
+            dense_c[idx] = 0.0
+        acc[idx] -= kept  # e = a - c
+        self._spare, self.error = self.error, acc
+        return slot
+
+    def push(self, g: torch.Tensor) -> None:
+        """Error-feedback compress ``g`` into the window (no product)."""
+        self._insert(self._check_grad(g))
+
+    def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
+        """Error-feedback compress ``g`` into the window and return F^-1 c (shape of g)."""
+        slot = self._insert(self._check_grad(g))
+        return self._scatter(self.factor.slot_coeff(slot)[:, 0]).to(g.dtype).view_as(g)
+
+    def ihvp(self, x: torch.Tensor) -> torch.Tensor:
+        """F^-1 x = (x - G^T K^-1 G x) / lambda for x of shape (d,)."""
+        xf = self._check_grad(x).to(torch.float32)
+        c = self.factor.solve(self._gather(xf)[:, None])[:, 0]
+        return ((xf - self._scatter(c)) / self.damp).to(x.dtype).view_as(x)
+
+    def dense_rows(self) -> torch.Tensor:
+        """The window as a dense m x d float32 matrix (for tests and inspection)."""
+        out = torch.zeros(self.window, self.dim, dtype=torch.float32, device=self.values.device)
+        out.scatter_(1, self.indices.long(), self.values.float())
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Window values/indices, error-feedback vector, K, K^-1, pointer (all cloned)."""
+        return {
+            "values": self.values.clone(),
+            "indices": self.indices.clone(),
+            "error": self.error.clone(),
+            **self.factor.state_dict(),
+        }
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise, naming the field, unless ``state`` fits this window and is consistent
+        (shapes, dtypes, finite values, indices in range, pointer, damping, K against the
+        stored rows); writes nothing."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"window state must be a mapping, got {type(state).__name__}")
+        want = {
+            "values": ((self.window, self.k), self.values.dtype),
+            "indices": ((self.window, self.k), self.indices.dtype),
+            "error": ((self.dim,), torch.float32),
+        }
+        for key, (shape, dtype) in want.items():
+            if key not in state:
+                raise KeyError(f"state is missing the field {key!r}")
+            t = state[key]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{key} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{key} has shape {tuple(t.shape)}, this window needs {shape}")
+            if t.dtype != dtype:
+                raise TypeError(f"{key}: state stores {t.dtype}, this window stores {dtype}")
+        values = state["values"].to(self.device)
+        indices = state["indices"].to(self.device)
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("values contains NaN or Inf")
+        if not bool(torch.isfinite(state["error"]).all()):
+            raise ValueError("error contains NaN or Inf")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.dim):
+            raise ValueError(f"indices must lie in [0, {self.dim})")
+
+        def window_gram(z: torch.Tensor) -> torch.Tensor:
+            return self._gather(self._scatter(z, values, indices), values, indices)
+
+        self.factor.check_state(state, window_gram)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`; checks everything before writing."""
+        self.check_state(state)
+        self.factor.load_state_dict(state, check=False)
+        self.values.copy_(state["values"])
+        self.indices.copy_(state["indices"])
+        self.error = state["error"].to(self.error.device, torch.float32).clone()
+
+    def __repr__(self) -> str:
+        return (
+            f"TopKSlidingInverseFisher(dim={self.dim}, window={self.window}, k={self.k}, "
+            f"damp={self.damp:g}, pushed={self.num_pushed})"
+        )
+
+
+__all__ = ["TopKSlidingInverseFisher", "finite_fast", "resolve_k", "topk_indices"]
