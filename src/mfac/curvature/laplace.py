@@ -18,7 +18,7 @@ evidence (`log_marginal_likelihood`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -146,7 +146,7 @@ class Laplace:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Predictive class probabilities (n, C) under the posterior."""
-        inverse, layout = self._op()
+        _, layout = self._op()
         chosen, fixed = self._split()
         if method == "mc":
             check_positive_int(n_samples, "n_samples")
@@ -158,6 +158,12 @@ class Laplace:
             return probs / n_samples
         if method != "glm":
             raise ValueError(f"method must be 'glm' or 'mc', got {method!r}")
+        return self._probit(*self._linearise(inputs))
+
+    def _linearise(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MAP logits (n, C) and the Jacobian rows d logits / d theta, (n*C, d), float64."""
+        _, layout = self._op()
+        chosen, fixed = self._split()
 
         def logits(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return functional_call(self.model, {**fixed, **p}, (x.unsqueeze(0),)).squeeze(0)
@@ -166,10 +172,35 @@ class Laplace:
         jac = vmap(jacrev(logits), in_dims=(None, 0))(chosen, inputs)  # dict of (n, C, *shape)
         n, c = mean.shape
         flat = layout.flatten({k: v.reshape(n * c, *v.shape[2:]) for k, v in jac.items()}, True)
-        flat = flat.to(torch.float64)  # (n*C, d)
-        solved = (inverse @ flat.T.contiguous()).T / self.num_data  # rows of J P^-1
-        var = (flat * solved).sum(1).view(n, c).clamp_min(0.0)  # diag of J P^-1 J^T
+        return mean, flat.to(torch.float64)
+
+    def _probit(self, mean: torch.Tensor, jac: torch.Tensor) -> torch.Tensor:
+        """softmax(f / sqrt(1 + pi/8 diag(J P^-1 J^T))) from `_linearise`'s output."""
+        inverse, _ = self._op()
+        solved = (inverse @ jac.T.contiguous()).T / self.num_data  # rows of J P^-1
+        var = (jac * solved).sum(1).view(mean.shape).clamp_min(0.0)
         return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), -1)
+
+    def _spectral_variances(
+        self, jac: torch.Tensor, shape: torch.Size
+    ) -> Callable[[float], torch.Tensor] | None:
+        """For the full (unblocked) operator, tau -> diag(J P_tau^-1 J^T) from one thin SVD of
+        G / sqrt(m) = U S V^T: (lambda I + V S^2 V^T)^-1 = V (lambda + S^2)^-1 V^T
+        + (I - V V^T) / lambda with lambda = tau / N, so each tau costs O(n C r), not a rebuild."""
+        if self.block_size is not None:
+            return None
+        grads = self._fitted()
+        _, sing, vh = torch.linalg.svd(grads / math.sqrt(grads.shape[0]), full_matrices=False)
+        proj = (jac @ vh.T).square()  # (n*C, r)
+        rest = (jac.square().sum(1) - proj.sum(1)).clamp_min(0.0)
+        n = self.num_data
+
+        def variances(tau: float) -> torch.Tensor:
+            lam = tau / n
+            var = (proj / (lam + sing.square())).sum(1) + rest / lam
+            return (var / n).view(shape)
+
+        return variances
 
     def optimize_prior_precision(
         self,
@@ -184,10 +215,27 @@ class Laplace:
         values = list(grid) if grid is not None else [10.0 ** (e / 4) for e in range(-8, 17)]
         inputs, targets = val
         best, best_nll = values[0], math.inf
+        with torch.no_grad():
+            moments = self._linearise(inputs) if method == "glm" else None
+            spectral = (
+                self._spectral_variances(moments[1], moments[0].shape)
+                if moments is not None
+                else None
+            )
         for tau in values:
-            self.set_prior_precision(float(tau))
-            gen = torch.Generator().manual_seed(0)
-            probs = self.predict(inputs, method, n_samples, gen)
+            check_damp(tau, "prior precision")
+            if moments is not None and spectral is not None:
+                probs = torch.softmax(
+                    moments[0] / torch.sqrt(1.0 + math.pi / 8.0 * spectral(tau)), -1
+                )
+            elif moments is not None:  # the Jacobian does not depend on tau: linearise once
+                self.set_prior_precision(float(tau))
+                with torch.no_grad():
+                    probs = self._probit(*moments)
+            else:
+                self.set_prior_precision(float(tau))
+                gen = torch.Generator().manual_seed(0)
+                probs = self.predict(inputs, method, n_samples, gen)
             nll = float(-torch.log(probs[torch.arange(len(targets)), targets] + 1e-12).mean())
             if nll < best_nll:
                 best, best_nll = float(tau), nll
