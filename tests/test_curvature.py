@@ -170,3 +170,16 @@ def test_prior_precision_is_the_validation_argmin():
     assert chosen == grid[nlls.index(min(nlls))] and la.prior_precision == chosen
     with pytest.raises(RuntimeError, match="fit"):
         Laplace(model, ce).predict(x)
+
+
+def test_operators_do_not_import_the_curvature_package():
+    """Layering: curvature sits on operators, never the reverse."""
+    from pathlib import Path
+
+    import mfac.operators as ops
+
+    for path in Path(ops.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        assert "curvature" not in "".join(
+            line for line in text.splitlines() if line.lstrip().startswith(("import", "from"))
+        ), path.name
