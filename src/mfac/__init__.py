@@ -1,8 +1,9 @@
 """torch-mfac: cheap second-order information for PyTorch (M-FAC operators, the M-FAC
 optimizer, OBS pruning and I-OBS sparse recovery)."""
 
-from . import prune, recovery
+from . import curvature, prune, recovery
 from ._validation import NonFiniteGradientError
+from .curvature import influence
 from .operators import GradientBuffer, InverseFisher, SlidingInverseFisher
 from .optim import MFAC
 
@@ -15,6 +16,8 @@ __all__ = [
     "NonFiniteGradientError",
     "SlidingInverseFisher",
     "__version__",
+    "curvature",
+    "influence",
     "prune",
     "recovery",
 ]

@@ -19,6 +19,7 @@ from .._validation import (
     check_vector,
 )
 from .blocks import F64, BlockGroup, FisherFactorError
+from .linear import LinearOperatorMixin
 from .memory import allocate, default_memory_budget, is_memory_mapped
 
 DampMode = Literal["absolute", "relative"]
@@ -66,7 +67,7 @@ def _float64_store(
     return allocate(shape, F64, memory_budget=max(budget, 0), what=what)
 
 
-class InverseFisher:
+class InverseFisher(LinearOperatorMixin):
     """Exact products with F^-1, where F = lambda*I + (1/m) sum_i g_i g_i^T.
 
     ``grads`` (m x d) is consumed in place when it is float32/float64: it is overwritten by
@@ -281,6 +282,15 @@ class InverseFisher:
             f"damp={self.damp:.3g}, forms={forms}, dtype={self.dtype}, "
             f"nbytes={self.nbytes}, memory_mapped={self.memory_mapped})"
         )
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, *args: object, **options: object) -> InverseFisher:
+        """``from_model(model, data, loss_fn, num_grads, per_sample=True, block_size=None,
+        damp=..., damp_mode=..., params=None)``: the operator over per-example (or per-batch)
+        gradients of a model's loss, keeping the parameter layout (`mfac.operators.model`)."""
+        from .model import inverse_fisher_from_model
+
+        return inverse_fisher_from_model(model, *args, **options)  # type: ignore[arg-type]
 
 
 def build_from_rows(

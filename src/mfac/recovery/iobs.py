@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .classic import Out
+from .classic import Out, settles_honestly
 from .curvature import build_curvature
 from .problems import Problem
 from .result import Tracker, topk_indices
@@ -20,6 +20,7 @@ from .result import Tracker, topk_indices
 RULES = ("topk", "saliency", "greedy")
 
 
+@settles_honestly
 def iobs(
     problem: Problem,
     k: int,
@@ -76,8 +77,13 @@ def iobs(
         done = tracker.step(it, x, new)
         x = new
         if done:
-            return x, support, it, True, {"damp": curv.damp, "backtracks": backtracks}
-    info = {"damp": curv.damp if curv is not None else None, "backtracks": backtracks}
+            stop = "callback" if tracker.callback_stopped else "tolerance"
+            return x, support, it, True, {"damp": curv.damp, "backtracks": backtracks, "stop": stop}
+    info = {
+        "damp": curv.damp if curv is not None else None,
+        "backtracks": backtracks,
+        "stop": "max_iter",
+    }
     return x, support, max_iter, False, info
 
 

@@ -43,6 +43,8 @@ class Problem:
     is_quadratic: bool = False
 
     def __init__(self, A: torch.Tensor, y: torch.Tensor) -> None:
+        if not bool((A != 0).any()):
+            raise ValueError("A is all zero: f does not depend on x, there is nothing to recover")
         self.A = A
         self.y = y
         self.n, self.d = A.shape

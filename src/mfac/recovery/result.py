@@ -17,7 +17,7 @@ class RecoveryResult:
 
     ``x``: the k-sparse solution (numpy array or torch tensor, the kind and dtype of A);
     ``support``: sorted indices of its nonzero-allowed coordinates (same kind, integer);
-    ``iterations``: iterations run; ``converged``: the stopping test (or callback) fired before
+    ``iterations``: iterations run; ``converged``: info["stop"] (a stopping rule) fired before
     ``max_iter``; ``history``: objective value after every iteration when asked for (else None);
     ``iterates``: the iterates themselves when ``history="iterates"``; ``loss``: final f(x).
     """
