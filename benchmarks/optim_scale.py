@@ -273,14 +273,15 @@ def plot(factor: dict[str, Any] | None, topk: dict[str, Any] | None) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     if factor:
-        ms = [r["ngrads"] for r in factor["rows"]]
-        axes[0].plot(
-            ms, [r["before_over_sgd"] for r in factor["rows"]], "o-", label="refactor each push"
-        )
-        axes[0].plot(ms, [r["mfac_over_sgd"] for r in factor["rows"]], "o-", label="O(m^2) update")
+        for dim in sorted({r["dim"] for r in factor["rows"]}):
+            rows = [r for r in factor["rows"] if r["dim"] == dim]
+            ms = [r["ngrads"] for r in rows]
+            before = [r["before_over_sgd"] for r in rows]
+            axes[0].plot(ms, before, "o--", label=f"d={dim:,}: refactor each push")
+            axes[0].plot(ms, [r["mfac_over_sgd"] for r in rows], "o-", label=f"d={dim:,}: O(m^2)")
         axes[0].set(xlabel="m", ylabel="MFAC.step() / SGD.step()", xscale="log", yscale="log",
-                    title=f"d = {factor['rows'][0]['dim']}, 1 thread")  # fmt: skip
-        axes[0].legend()
+                    title="1 thread")  # fmt: skip
+        axes[0].legend(fontsize=7)
     if topk and topk["rows"]:
         labels = [f"m={r['ngrads']}\n{r['density']:.1%}" for r in topk["rows"]]
         xs = range(len(labels))

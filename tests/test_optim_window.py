@@ -129,3 +129,34 @@ def test_update_matches_refactor_each_push() -> None:
         op.push(torch.randn(dim, dtype=F64, generator=gen))
         exact = torch.cholesky_inverse(torch.linalg.cholesky(op.gram))
         assert rel_err(op.inverse, exact) < 1e-11
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    d=st.integers(70_000, 300_000),
+    density=st.sampled_from([0.0001, 0.001, 0.01, 0.1, 0.24]),
+    kind=st.sampled_from(["normal", "ties", "sparse", "sorted", "spike"]),
+    seed=st.integers(0, 2**16),
+)
+def test_sort_free_topk_selection_is_exact(d: int, density: float, kind: str, seed: int) -> None:
+    """topk_indices returns k distinct indices whose values are the k largest (ties may be
+    broken either way): the smallest kept value is >= the largest dropped one."""
+    from mfac.operators.topk import topk_indices
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(d, generator=gen).abs()
+    if kind == "ties":
+        x = torch.randint(0, 20, (d,), generator=gen).float()
+    elif kind == "sparse":
+        x = x * (torch.rand(d, generator=gen) < 0.002)
+    elif kind == "sorted":
+        x = x.sort().values
+    elif kind == "spike":
+        x[::997] *= 1e6
+    k = max(1, round(density * d))
+    idx = topk_indices(x, k)
+    assert idx.numel() == k and idx.unique().numel() == k
+    kept = torch.zeros(d, dtype=torch.bool)
+    kept[idx] = True
+    if k < d:
+        assert float(x[kept].min()) >= float(x[~kept].max())

@@ -234,6 +234,14 @@ class MFAC(torch.optim.Optimizer):
         if self.history == "topk":
             k = resolve_k(self.topk, dim)
             return TopKSlidingInverseFisher.required_bytes(dim, self.ngrads, k, self.history_dtype)
+        if self.process_group is not None:  # this rank's column shard, plus the gathered step
+            import torch.distributed as dist
+
+            world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+            shard = -(-dim // world)
+            return SlidingInverseFisher.required_bytes(shard, self.ngrads, self.history_dtype) + (
+                2 * shard * world * 4
+            )
         return SlidingInverseFisher.required_bytes(dim, self.ngrads, self.history_dtype)
 
     def _make_window(self, dim: int, device: torch.device) -> SlidingWindow:
