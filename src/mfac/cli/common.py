@@ -153,19 +153,33 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
 MARKER = ".mfac-output"
 
 
-def check_replaceable(path: str | os.PathLike[str]) -> Path:
+def check_writable(folder: Path) -> None:
+    """Fail now (exit 2), not after the work, when ``folder`` cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mfac-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CLIError(f"cannot write into {folder}: {err.strerror or one_line(err)}") from None
+
+
+def check_replaceable(path: str | os.PathLike[str], probe: bool = False) -> Path:
     """Refuse an output folder that exists, is not empty and was not written by mfac: it
-    would be replaced as a whole, and a user's folder must never be deleted by a typo."""
+    would be replaced as a whole, and a user's folder must never be deleted by a typo.
+    ``probe``: also check that its parent folder can be written."""
     target = Path(path).expanduser().resolve()
     if target.exists() and not target.is_dir():
         raise CLIError(f"output {target} exists and is not a folder")
+    if target == Path.cwd().resolve() or target == target.parent:
+        raise CLIError(f"output {target}: give a folder of its own, not the current folder")
     if target.is_dir() and any(target.iterdir()) and not (target / MARKER).exists():
         raise CLIError(
             f"output folder {target} exists and was not written by mfac; "
             "choose another -o/--output or remove it"
         )
-    if target == Path.cwd().resolve() or target == target.parent:
-        raise CLIError(f"output {target}: give a folder of its own, not the current folder")
+    if probe:
+        check_writable(target.parent)
     return target
 
 
@@ -201,7 +215,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
     """Write JSON atomically (NaN/Inf become null so that the file stays standard JSON)."""
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(_clean(payload), indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(_clean(payload), indent=2, default=str) + "\n")
     return Path(path)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import CLIError, existing_path, one_line, require
+from .common import CLIError, existing_path, one_line, progress, require
 from .models import LoadedModel
 
 log = logging.getLogger("mfac.cli")
@@ -69,29 +69,39 @@ class Dataset:
 
 
 # ----------------------------------------------------------------------------- reading
-def load_data(opts: dict[str, Any], loaded: LoadedModel) -> Dataset:
-    """Read ``opts["data"]`` according to ``opts["data_kind"]`` (auto-detected by default)."""
-    path = existing_path(opts["data"], "data")
-    kind = opts["data_kind"]
-    if kind == "auto":
-        kind = detect_kind(path)
-    if kind == "text":
-        ds = _text(path, loaded, int(opts["seq_len"]), float(opts["val_fraction"]), opts["seed"])
-    elif kind == "images":
-        x, y, classes = _images(path, opts["image_size"])
-        ds = _split("images", x, y, opts, f"{len(x)} images, {len(classes)} classes")
+def load_data(opts: Any, loaded: LoadedModel) -> Dataset:
+    """Read ``opts.data`` as ``opts.data_kind`` (auto-detected by default); the held-out part is
+    ``opts.val_data`` when given, else a ``val_fraction`` slice of ``opts.data``."""
+    path = existing_path(opts.data, "data")
+    kind = detect_kind(path) if opts.data_kind == "auto" else opts.data_kind
+    x, y, desc = _read(path, kind, opts, loaded)
+    if opts.val_data is None:
+        ds = _split(kind, x, y, opts, desc)
     else:
-        x, y = _tabular(path)
-        ds = _split("tabular", x, y, opts, f"{len(x)} rows x {x.shape[1]} features")
+        xv, yv, vdesc = _read(existing_path(opts.val_data, "val-data"), kind, opts, loaded)
+        n = len(x)
+        joined = _split(kind, torch.cat([x, xv]), None if y is None else torch.cat([y, yv]),
+                        opts, desc, n_val=len(xv), ordered=True)  # fmt: skip
+        joined.description = f"{desc}; held out: {vdesc}"
+        ds = joined
+        assert len(ds.x_train) == n
     log.info(
         "data: %s (%s: %s; %d train / %d held out)",
-        path,
-        ds.kind,
-        ds.description,
-        len(ds.x_train),
-        len(ds.x_val),
-    )
+        path, ds.kind, ds.description, len(ds.x_train), len(ds.x_val),
+    )  # fmt: skip
     return ds
+
+
+def _read(
+    path: Path, kind: str, opts: Any, loaded: LoadedModel
+) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    if kind == "text":
+        return _text(path, loaded, int(opts.seq_len))
+    if kind == "images":
+        x, y, classes = _images(path, opts.image_size)
+        return x, y, f"{len(x)} images, {len(classes)} classes"
+    x, y = _tabular(path)
+    return x, y, f"{len(x)} rows x {x.shape[1]} features"
 
 
 def detect_kind(path: Path) -> str:
@@ -116,28 +126,42 @@ def detect_kind(path: Path) -> str:
     raise CLIError(f"data {path}: no .txt files and no class sub-folders with images found")
 
 
-def _split(kind: str, x: torch.Tensor, y: torch.Tensor, opts: dict[str, Any], desc: str) -> Dataset:
-    task = opts["task"]
-    integral = bool(torch.all(y == torch.round(y))) if y.is_floating_point() else True
-    if task == "auto":
-        task = "classification" if integral and y.ndim == 1 else "regression"
-    num_classes = None
-    if task == "classification":
-        if not integral or y.ndim != 1:
-            raise CLIError("classification needs one integer label per sample")
-        y = y.long()
-        if int(y.min()) < 0:
-            raise CLIError(f"class labels must be >= 0, found {int(y.min())}")
-        num_classes = int(y.max()) + 1
-    else:
-        y = y.float()
+def _split(
+    kind: str, x: torch.Tensor, y: torch.Tensor | None, opts: Any, desc: str,
+    n_val: int | None = None, ordered: bool = False,
+) -> Dataset:  # fmt: skip
+    """Training and held-out parts: the last ``n_val`` rows (``ordered``) or a random
+    ``val_fraction`` of them; targets checked against the task."""
+    task, num_classes = "lm", None
+    if y is not None:
+        task = opts.task
+        integral = bool(torch.all(y == torch.round(y))) if y.is_floating_point() else True
+        if task == "auto":
+            task = "classification" if integral and y.ndim == 1 else "regression"
+        if task == "classification":
+            if not integral or y.ndim != 1:
+                raise CLIError("classification needs one integer label per sample")
+            y = y.long()
+            if int(y.min()) < 0:
+                raise CLIError(f"class labels must be >= 0, found {int(y.min())}")
+            num_classes = int(y.max()) + 1
+        else:
+            y = y.float()
     n = len(x)
     if n < 2:
         raise CLIError(f"data has {n} sample(s); need at least 2 (training and held out)")
-    n_val = min(n - 1, max(1, round(float(opts["val_fraction"]) * n)))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(opts["seed"]) + 7))
+    if ordered:
+        order = torch.arange(n).roll(n_val or 0)  # the held-out rows first
+    else:
+        n_val = min(n - 1, max(1, math.ceil(float(opts.val_fraction) * n) if kind == "text"
+                    else round(float(opts.val_fraction) * n)))  # fmt: skip
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(opts.seed) + 7))
     val, train = order[:n_val], order[n_val:]
-    return Dataset(kind, task, x[train], y[train], x[val], y[val], num_classes, desc)
+    if len(train) == 0:
+        raise CLIError("no training samples left after the held-out split")
+    y_tr = None if y is None else y[train]
+    y_val = None if y is None else y[val]
+    return Dataset(kind, task, x[train], y_tr, x[val], y_val, num_classes, desc)
 
 
 def _tabular(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +265,7 @@ def _images(path: Path, size: int | None) -> tuple[torch.Tensor, torch.Tensor, l
     return torch.from_numpy(np.ascontiguousarray(arr)), y, classes
 
 
-def _text(path: Path, loaded: LoadedModel, seq_len: int, val_fraction: float, seed: int) -> Dataset:
+def _text(path: Path, loaded: LoadedModel, seq_len: int) -> tuple[torch.Tensor, None, str]:
     files = (
         [path]
         if path.is_file()
@@ -273,10 +297,7 @@ def _text(path: Path, loaded: LoadedModel, seq_len: int, val_fraction: float, se
             f"--seq-len {seq_len}; give more text or a shorter --seq-len"
         )
     seqs = tokens[: count * seq_len].view(count, seq_len)
-    n_val = min(count - 1, max(1, math.ceil(val_fraction * count)))
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + 7))
-    desc = f"{len(tokens):,} tokens ({how}) in {count} sequences of {seq_len}"
-    return Dataset("text", "lm", seqs[order[n_val:]], None, seqs[order[:n_val]], None, None, desc)
+    return seqs, None, f"{len(tokens):,} tokens ({how}) in {count} sequences of {seq_len}"
 
 
 # ----------------------------------------------------------------------------- loss, metric
@@ -354,12 +375,12 @@ class Objective:
         ]
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch_size: int) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batch_size: int, desc: str = "eval") -> dict[str, float]:
         """Held-out loss and metric (accuracy, perplexity or MSE)."""
         was = model.training
         model.eval()
         total, count, correct = 0.0, 0, 0
-        for x, y in self.data.batches(batch_size, split="val"):
+        for x, y in progress(self.data.batches(batch_size, split="val"), desc=desc, unit="batch"):
             loss = float(self(model, (x, y)))
             total += loss * len(x)
             count += len(x)

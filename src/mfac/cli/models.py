@@ -4,10 +4,10 @@ safetensors or torch format. Every failure becomes a one-line :class:`CLIError`.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
 import os
+import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,18 +111,17 @@ def _call_factory(spec: str) -> nn.Module:
             mod_spec.loader.exec_module(module)
         except Exception as err:
             raise CLIError(f"--model {spec}: importing {file} failed: {one_line(err)}") from None
+        fn = getattr(module, func, None)
     else:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
-            module = importlib.import_module(target)
-        except ImportError as err:
-            raise CLIError(f"--model {spec}: cannot import module {target!r}: {err}") from None
+            fn = pkgutil.resolve_name(spec)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise CLIError(f"--model {spec}: cannot import {target!r}: {one_line(err)}") from None
         except Exception as err:
-            raise CLIError(
-                f"--model {spec}: importing {target!r} failed: {one_line(err)}"
-            ) from None
-    fn = getattr(module, func, None)
+            msg = f"--model {spec}: importing {target!r} failed: {one_line(err)}"
+            raise CLIError(msg) from None
     if not callable(fn):
         raise CLIError(f"--model {spec}: module {target!r} has no function {func!r}")
     try:

@@ -21,7 +21,7 @@ from .common import (
     text_table,
     write_json,
 )
-from .recipe import RECOVER_FIELDS, SOLVER_OPTIONS, resolve
+from .options import resolve
 
 log = logging.getLogger("mfac.cli")
 TRUTH_KEYS = ("x_true", "w_true", "x_star", "w")
@@ -61,49 +61,40 @@ def read_problem(data: Path, y_path: Path | None) -> tuple[np.ndarray, np.ndarra
 
 def run_recover(args: argparse.Namespace) -> int:
     """Solve, print a summary, write recovery.npz and recovery.json atomically."""
-    opts = resolve(args, RECOVER_FIELDS, "recover")
-    check_replaceable(opts["output"])
+    got = resolve(args, "recover", strict=True)
+    cmd, options = got.command, got.method
+    check_replaceable(cmd.output, probe=True)
     from ..recovery import solve
 
-    A, y, truth = read_problem(opts["data"], opts["y"])
-    options: dict[str, Any] = {}
-    for key, methods in SOLVER_OPTIONS.items():
-        if opts[key] is None:
-            continue
-        if opts["method"] not in methods:
-            raise CLIError(
-                f"--{key.replace('_', '-')} applies to method {' / '.join(methods)}, "
-                f"not {opts['method']}"
-            )
-        options[key] = opts[key]
+    A, y, truth = read_problem(cmd.data, cmd.y)
     log.info(
         "solving: A %s, y %s, k=%d, %s (%s)",
         A.shape,
         y.shape,
-        opts["k"],
-        opts["method"],
-        opts["loss"],
+        cmd.k,
+        cmd.method,
+        cmd.loss,
     )
     t0 = time.perf_counter()
     res = solve(
         A,
         y,
-        opts["k"],
-        method=opts["method"],
-        max_iter=opts["max_iter"],
-        tol=opts["tol"],
-        loss=opts["loss"],
+        cmd.k,
+        method=cmd.method,
+        max_iter=cmd.max_iter,
+        tol=cmd.tol,
+        loss=cmd.loss,
         history=True,
         **options,
     )
     wall = time.perf_counter() - t0
     summary: dict[str, Any] = {
         "command": "recover",
-        "data": opts["data"],
+        "data": cmd.data,
         "shape": list(A.shape),
-        "k": opts["k"],
-        "method": opts["method"],
-        "loss_kind": opts["loss"],
+        "k": cmd.k,
+        "method": cmd.method,
+        "loss_kind": cmd.loss,
         "options": options,
         "iterations": res.iterations,
         "converged": res.converged,
@@ -121,7 +112,7 @@ def run_recover(args: argparse.Namespace) -> int:
         summary["support_recall"] = (
             len(true_support & set(summary["support"])) / len(true_support) if true_support else 1.0
         )
-    out = Path(opts["output"])
+    out = cmd.output
     with atomic_dir(out) as tmp:
         np.savez(
             tmp / "recovery.npz",
