@@ -75,29 +75,15 @@ def require(module: str, purpose: str, package: str | None = None) -> Any:
 
 
 # ----------------------------------------------------------------------------- progress
-def progress(
-    iterable: Iterable[Any] | None = None,
-    *,
-    total: int | None = None,
-    desc: str | None = None,
-    unit: str = "it",
-    leave: bool = False,
-) -> Any:
-    """A tqdm bar on stderr; silent under ``--quiet`` (and when stderr is not a terminal)."""
+def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr (``total=``, ``desc=``, ``unit=``): drawn on a terminal only, never
+    under ``--quiet``; without tqdm, a silent stand-in with the same methods."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress bars are a nicety, never a requirement
         return _NoBar(iterable)
-    return tqdm(
-        iterable,
-        total=total,
-        desc=desc,
-        unit=unit,
-        leave=leave,
-        disable=True if SETTINGS.quiet else None,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
+    off = True if SETTINGS.quiet else None  # None: tqdm's own rule (off when not a TTY)
+    return tqdm(iterable, leave=False, disable=off, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
 def show_progress() -> bool:
@@ -112,20 +98,10 @@ class _NoBar:
     def __iter__(self) -> Iterator[Any]:
         return iter(self.iterable or ())
 
-    def update(self, n: int = 1) -> None:
-        pass
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to draw."""
 
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
+    set_postfix = close = update
 
 
 # ----------------------------------------------------------------------------- atomic outputs
@@ -249,34 +225,22 @@ def resolve_device(name: str | None) -> Any:
     import torch
 
     name = (name or "cpu").strip()
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = mps is not None and mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise CLIError(
-            f"--device: not a device name: {name!r} (cpu, cuda, cuda:N, mps, auto)"
-        ) from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EnvironmentProblem(f"device {name!r} is not available: no CUDA GPU found")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise EnvironmentProblem(
-                f"device {name!r} is not available: this machine has {count} CUDA device(s)"
-            )
-        return dev
-    if dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise EnvironmentProblem(f"device {name!r} is not available on this machine")
-        return dev
-    raise EnvironmentProblem(f"device {name!r} is not supported by the mfac command line")
+        raise CLIError(f"--device: not a device name: {name!r} (cpu, cuda:N, mps)") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (count == 0 or (dev.index or 0) >= count):
+        raise EnvironmentProblem(f"device {name!r} is not available: {count} CUDA device(s) found")
+    if dev.type == "mps" and not has_mps:
+        raise EnvironmentProblem(f"device {name!r} is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise EnvironmentProblem(f"device {name!r} is not supported by the mfac command line")
+    return dev
 
 
 def peak_memory(device: Any = None) -> dict[str, int | None]:
@@ -300,12 +264,8 @@ def fmt_bytes(n: int | None) -> str:
     """Human-readable size."""
     if n is None:
         return "n/a"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"  # pragma: no cover
+    unit = next((u for u in range(3) if n < 1024 ** (u + 1)), 3)
+    return f"{n / 1024**unit:.1f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
 
 
 def fmt(v: Any) -> str:

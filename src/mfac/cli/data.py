@@ -11,16 +11,14 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from .common import CLIError, existing_path, one_line, progress, require
+from ..experiments.tasks import Dataset
+from .common import CLIError, existing_path, one_line, require
 from .models import LoadedModel
 
 log = logging.getLogger("mfac.cli")
@@ -29,43 +27,6 @@ IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TEXT_EXT = {".txt", ".text", ".md", ".rst"}
 X_KEYS = ("X", "x", "inputs", "features", "data")
 Y_KEYS = ("y", "Y", "labels", "label", "targets", "target")
-
-
-@dataclass
-class Dataset:
-    """Tensors for training and held-out evaluation; ``task`` is "lm", "classification" or
-    "regression"; ``y_*`` is None for language modelling."""
-
-    kind: str
-    task: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor | None
-    x_val: torch.Tensor
-    y_val: torch.Tensor | None
-    num_classes: int | None
-    description: str
-
-    def __len__(self) -> int:
-        return len(self.x_train)
-
-    def batches(
-        self, batch_size: int, *, split: str = "train", shuffle: bool = False, seed: int = 0
-    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Mini-batches of ``split`` (a fresh permutation from ``seed`` when shuffled)."""
-        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_val, self.y_val)
-        n = len(x)
-        if shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        else:
-            order = torch.arange(n)
-        return [(x[i], None if y is None else y[i]) for i in order.split(batch_size)]
-
-    def sampled(self, count: int, batch_size: int, seed: int) -> list[Any]:
-        """``count`` random training batches (with replacement), e.g. for Fisher gradients."""
-        gen = torch.Generator().manual_seed(seed)
-        size = min(batch_size, len(self.x_train))
-        idx = torch.randint(0, len(self.x_train), (count, size), generator=gen)
-        return [(self.x_train[i], None if self.y_train is None else self.y_train[i]) for i in idx]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -298,107 +259,3 @@ def _text(path: Path, loaded: LoadedModel, seq_len: int) -> tuple[torch.Tensor, 
         )
     seqs = tokens[: count * seq_len].view(count, seq_len)
     return seqs, None, f"{len(tokens):,} tokens ({how}) in {count} sequences of {seq_len}"
-
-
-# ----------------------------------------------------------------------------- loss, metric
-class Objective:
-    """The loss ``loss_fn(model, batch)`` expected by mfac.prune, and the held-out metric."""
-
-    def __init__(self, loaded: LoadedModel, data: Dataset, device: torch.device) -> None:
-        self.hf = loaded.kind == "hf"
-        self.data = data
-        self.device = device
-
-    def _out(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        out = model(input_ids=x) if self.hf else model(x)
-        if hasattr(out, "logits"):
-            out = out.logits
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
-        if not isinstance(out, torch.Tensor):
-            raise CLIError(f"the model returned {type(out).__name__}, not a tensor of outputs")
-        return out
-
-    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor | None]) -> Any:
-        x, y = batch
-        x = x.to(self.device)
-        out = self._out(model, x)
-        task = self.data.task
-        if task == "lm":
-            logits = out[:, :-1].reshape(-1, out.shape[-1])
-            return nn.functional.cross_entropy(logits, x[:, 1:].reshape(-1))
-        assert y is not None
-        y = y.to(self.device)
-        if task == "classification":
-            return nn.functional.cross_entropy(out, y)
-        return nn.functional.mse_loss(out.reshape(y.shape) if out.numel() == y.numel() else out, y)
-
-    def check_fits(self, model: nn.Module) -> None:
-        """Run one small batch; any failure means the data does not fit the model."""
-        x = self.data.x_train[:2]
-        y = None if self.data.y_train is None else self.data.y_train[:2]
-        model.eval()
-        shape = tuple(x.shape)
-        try:
-            with torch.no_grad():
-                out = self._out(model, x.to(self.device))
-        except CLIError:
-            raise
-        except Exception as err:
-            raise CLIError(
-                f"data does not fit the model: a batch of shape {shape} failed: "
-                f"{one_line(err, 200)}"
-            ) from None
-        task = self.data.task
-        if task == "lm" and (out.ndim != 3 or out.shape[:2] != x.shape):
-            raise CLIError(
-                f"data does not fit the model: a language model must return "
-                f"(batch, seq, vocab) logits, got {tuple(out.shape)}"
-            )
-        if task == "classification":
-            nc = self.data.num_classes or 0
-            if out.ndim != 2 or out.shape[1] < nc:
-                raise CLIError(
-                    f"data does not fit the model: {nc} classes need outputs of shape "
-                    f"(batch, >= {nc}), got {tuple(out.shape)}"
-                )
-        if task == "regression" and y is not None and out.numel() != y.numel():
-            raise CLIError(
-                f"data does not fit the model: targets of shape {tuple(y.shape)}, "
-                f"outputs {tuple(out.shape)}"
-            )
-
-    @property
-    def metric_name(self) -> str:
-        return {"lm": "perplexity", "classification": "accuracy", "regression": "mse"}[
-            self.data.task
-        ]
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch_size: int, desc: str = "eval") -> dict[str, float]:
-        """Held-out loss and metric (accuracy, perplexity or MSE)."""
-        was = model.training
-        model.eval()
-        total, count, correct = 0.0, 0, 0
-        for x, y in progress(self.data.batches(batch_size, split="val"), desc=desc, unit="batch"):
-            loss = float(self(model, (x, y)))
-            total += loss * len(x)
-            count += len(x)
-            if self.data.task == "classification":
-                assert y is not None
-                pred = self._out(model, x.to(self.device)).argmax(1).cpu()
-                correct += int((pred == y).sum())
-        model.train(was)
-        loss = total / max(count, 1)
-        metric = {
-            "lm": math.exp(min(loss, 700.0)),
-            "classification": correct / max(count, 1),
-            "regression": loss,
-        }[self.data.task]
-        return {"loss": loss, self.metric_name: metric}
-
-
-def iterate_forever(batches: list[Any]) -> Iterator[Any]:
-    """Cycle through a list of batches."""
-    while True:
-        yield from batches

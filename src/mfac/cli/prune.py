@@ -16,6 +16,7 @@ from .common import (
     emit,
     fmt_bytes,
     peak_memory,
+    progress,
     resolve_device,
     show_progress,
     text_table,
@@ -58,8 +59,9 @@ def run_prune(args: argparse.Namespace) -> int:
     device = resolve_device(cmd.device)
     import torch
 
+    from ..experiments.tasks import Objective
     from ..prune import REGISTRY, finetune, gradual, oneshot, save_masks
-    from .data import Objective, load_data
+    from .data import load_data
     from .models import load_model, save_model
     from .report import bar_plot
 
@@ -67,7 +69,7 @@ def run_prune(args: argparse.Namespace) -> int:
     torch.manual_seed(cmd.seed)
     loaded = load_model(cmd.model, cmd.checkpoint, device)
     data = load_data(cmd, loaded)
-    objective = Objective(loaded, data, device)
+    objective = Objective(data, device, hf=loaded.kind == "hf")
     objective.check_fits(loaded.model)
     if cmd.checkpoint is None and loaded.kind == "factory" and not cmd.random_weights:
         raise CLIError(
@@ -76,7 +78,7 @@ def run_prune(args: argparse.Namespace) -> int:
         )
 
     t0 = time.perf_counter()
-    before = objective.evaluate(loaded.model, cmd.batch_size, "before")
+    before = objective.evaluate(loaded.model, cmd.batch_size, "before", progress)
     log.info("before: %s", _fmt_metrics(before))
     count = _batches_needed(config)
     batches = data.sampled(count, cmd.batch_size, cmd.seed + 1)
@@ -99,7 +101,7 @@ def run_prune(args: argparse.Namespace) -> int:
         result = gradual(loaded.model, cmd.sparsity, cmd.method, **steps, **common)[-1]
     else:
         result = oneshot(loaded.model, cmd.sparsity, cmd.method, **common)
-    after = objective.evaluate(loaded.model, cmd.batch_size, "after")
+    after = objective.evaluate(loaded.model, cmd.batch_size, "after", progress)
     memory = peak_memory(device)
 
     layers = [

@@ -87,7 +87,8 @@ def run_train(args: argparse.Namespace) -> int:
     out_dir = prepare_output(cmd.output, resume is not None, cmd.overwrite)
     import torch
 
-    from .data import Objective, load_data
+    from ..experiments.tasks import Objective
+    from .data import load_data
     from .models import load_model
     from .report import line_plot
 
@@ -95,7 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
     loaded = load_model(cmd.model, cmd.checkpoint, device)
     model = loaded.model
     data = load_data(cmd, loaded)
-    objective = Objective(loaded, data, device)
+    objective = Objective(data, device, hf=loaded.kind == "hf")
     objective.check_fits(model)
     per_epoch = len(data.batches(cmd.batch_size))
 
@@ -179,7 +180,7 @@ def run_train(args: argparse.Namespace) -> int:
                 log.info("stopped after %d steps (--max-steps); resume with --resume %s", step,
                          ckpt_path)  # fmt: skip
                 break
-            metrics = objective.evaluate(model, cmd.batch_size)
+            metrics = objective.evaluate(model, cmd.batch_size, "held-out", progress)
             evals.append({"epoch": epoch + 1, "step": step, **metrics})
             log.info(
                 "epoch %d: train loss %.4f, held-out %s", epoch + 1,
