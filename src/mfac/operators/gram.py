@@ -1,6 +1,6 @@
 """The m x m algebra of a sliding window: K = m*lambda*I + G G^T (float64) and its Cholesky
 factor, shared by every window layout (dense rows in :mod:`mfac.operators.sliding`, top-k rows
-and sharded columns in :mod:`mfac.optim`). ALGORITHMS.md section 3."""
+and sharded columns in :mod:`mfac.optim`). docs/algorithms.md section 3."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The M-FAC optimizer: preconditioned steps with the inverse empirical Fisher of a sliding
-window of the last m gradients (ALGORITHMS.md section 3), as a ``torch.optim.Optimizer``.
+window of the last m gradients (docs/algorithms.md section 3), as a ``torch.optim.Optimizer``.
 
 Behaviour to know (all tested in tests/test_optim.py):
 

@@ -1,5 +1,5 @@
 """Diagonal-Fisher pruning: OBS saliency w^2 / (2 [F^-1]_ii) with F's diagonal only
-(docs/algorithms.md, "Pruning with the inverse Fisher")."""
+(docs/algorithms.md section 4)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """M-FAC pruning: OBS with the blocked inverse of the empirical Fisher from m gradients
 (``mfac``: summed single-weight updates; ``mfac-exact``: correlated OBS inside each block),
 with geometric recomputation sub-steps and separately built Fishers per layer group
-(docs/algorithms.md, "Pruning with the inverse Fisher")."""
+(docs/algorithms.md section 4)."""
 
 from __future__ import annotations
 

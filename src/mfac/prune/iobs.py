@@ -1,6 +1,6 @@
 """I-OBS for networks: alternate dense optimisation steps on the calibration loss with a
 layer-wise OBS projection (SparseGPT, Hessians recomputed from the current inputs), keeping
-the iterate with the best validation loss (docs/algorithms.md, "I-OBS").
+the iterate with the best validation loss (docs/algorithms.md section 6).
 
 Iteration 1 is the plain one-shot SparseGPT projection of the given (trained) model, so the
 returned model is never worse on the validation batches than one-shot SparseGPT.

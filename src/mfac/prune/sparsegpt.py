@@ -1,5 +1,5 @@
 """SparseGPT as a registered method: layer-wise OBS on the Hessian 2 X X^T of each layer's
-inputs (docs/algorithms.md, "Layer-wise OBS"); the solver is :func:`layerwise.sparsegpt`."""
+inputs (docs/algorithms.md section 5); the solver is :func:`layerwise.sparsegpt`."""
 
 from __future__ import annotations
 
