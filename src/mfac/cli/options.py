@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .._config import Option, Options, markdown_table, option, options_of
+from ..prune import REGISTRY
+from ..recovery.options import CONFIGS
 from .common import CLIError, require
 
 
@@ -56,18 +58,12 @@ class InputOptions(Options):
     seed: int = option(0, "random seed", low=0)
 
 
-def _prune_methods() -> tuple[str, ...]:
-    from ..prune import REGISTRY
-
-    return tuple(REGISTRY)
-
-
 @dataclass(frozen=True, kw_only=True)
 class PruneCommand(InputOptions):
     """``mfac prune``; the chosen method's own options come from its config."""
 
     output: Path = option(Path("mfac-prune-out"), "output folder", short="-o")
-    method: str = option("mfac", "pruning method", choices=_prune_methods())
+    method: str = option("mfac", "pruning method", choices=tuple(REGISTRY))
     sparsity: float = option(
         0.5, "fraction of prunable weights to remove", low=0, high=1, high_open=True
     )
@@ -112,9 +108,7 @@ class RecoverCommand(Options):
     )
     y: Path | None = option(None, "y as .npy (when --data is A as .npy)")
     k: int | None = option(None, "sparsity budget: nonzeros allowed", low=1, required=True)
-    method: str = option(
-        "iobs", "solver", choices=("iobs", "iht", "niht", "htp", "cosamp", "omp")
-    )
+    method: str = option("iobs", "solver", choices=tuple(CONFIGS))
     loss: str = option("least_squares", "objective", choices=("least_squares", "logistic"))
     max_iter: int = option(500, "iteration budget", low=1)
     tol: float = option(1e-10, "relative-change stopping tolerance", low=0)
@@ -124,14 +118,8 @@ class RecoverCommand(Options):
 def method_configs(command: str) -> dict[str, type[Options]]:
     """Method name -> option set, from the library's registry for ``command``."""
     if command == "prune":
-        from ..prune import REGISTRY
-
         return {name: m.config for name, m in REGISTRY.items()}
-    if command == "recover":
-        from ..recovery.options import CONFIGS
-
-        return dict(CONFIGS)
-    return {}
+    return dict(CONFIGS) if command == "recover" else {}
 
 
 COMMANDS: dict[str, type[Options]] = {
@@ -145,19 +133,20 @@ def _cli(cls: type[Options]) -> dict[str, Option]:
     return {o.name: o for o in options_of(cls) if o.spec.cli}
 
 
-def method_options(command: str) -> dict[str, tuple[Option, list[str]]]:
-    """Every method option of ``command``: name -> (its first declaration, methods taking it)."""
-    out: dict[str, tuple[Option, list[str]]] = {}
+def method_options(command: str) -> dict[str, tuple[Option, dict[str, Any]]]:
+    """Every method option of ``command``: name -> (its first declaration, {method taking it:
+    its default there})."""
+    out: dict[str, tuple[Option, dict[str, Any]]] = {}
     for method, cls in method_configs(command).items():
         for name, o in _cli(cls).items():
-            out.setdefault(name, (o, []))[1].append(method)
+            out.setdefault(name, (o, {}))[1][method] = o.default
     return out
 
 
 # ----------------------------------------------------------------------------- coercion
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_BOOL = {"true": True, "yes": True, "on": True, "1": True}
-_BOOL.update({"false": False, "no": False, "off": False, "0": False})
+_BOOL = dict.fromkeys(("true", "yes", "on", "1"), True)
+_BOOL |= dict.fromkeys(("false", "no", "off", "0"), False)
 
 
 def coerce(o: Option, value: Any, where: str) -> Any:
@@ -221,17 +210,20 @@ def _number(o: Option, value: Any, where: str) -> float | int:
 
 
 # ----------------------------------------------------------------------------- argparse glue
-def _help(o: Option, methods: list[str] | None = None) -> str:
+def _help(o: Option, methods: dict[str, Any] | None = None) -> str:
     bounds = o.spec.bounds() if o.kind not in ("choice", "bool") else ""
     parts = [o.spec.help.replace("%", "%%"), f"[{bounds}]" if bounds else ""]
-    if methods is not None:
-        parts.append(f"({', '.join(methods)})")
+    if methods is not None:  # "(mfac, mfac-exact: 128; sparsegpt: 32)"
+        groups: dict[str, list[str]] = {}
+        for method, default in methods.items():
+            groups.setdefault(str(default), []).append(method)
+        parts.append("(" + "; ".join(f"{', '.join(m)}: {d}" for d, m in groups.items()) + ")")
     elif o.default is not None and not o.spec.required:
         parts.append(f"(default: {o.default})")
     return " ".join(p for p in parts if p)
 
 
-def _add(group: Any, o: Option, methods: list[str] | None = None) -> None:
+def _add(group: Any, o: Option, methods: dict[str, Any] | None = None) -> None:
     names = [o.flag] + ([o.spec.short] if o.spec.short else [])
     kw: dict[str, Any] = {"dest": o.name, "default": None, "help": _help(o, methods)}
     if o.kind == "bool":
@@ -253,7 +245,7 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
         _add(group, o)
     extra = method_options(command)
     if extra:
-        title = "options of the methods (defaults per method: docs/cli.md)"
+        title = "options of the methods (used by: default)"
         group = parser.add_argument_group(title)
         for o, methods in extra.values():
             _add(group, o, methods)

@@ -50,6 +50,44 @@ class Dataset:
 
 
 
+def make_dataset(
+    kind: str, x: torch.Tensor, y: torch.Tensor | None, *, task: str = "auto",
+    val_fraction: float = 0.1, seed: int = 0, n_val: int | None = None, description: str = "",
+) -> Dataset:  # fmt: skip
+    """Split ``x`` (and targets ``y``; None for language modelling) into training and held-out
+    parts: the last ``n_val`` rows when given, else a random ``val_fraction`` (drawn from
+    ``seed``). ``task="auto"`` reads integer labels as classification, others as regression."""
+    num_classes = None
+    if y is None:
+        task = "lm"
+    else:
+        integral = bool(torch.all(y == torch.round(y))) if y.is_floating_point() else True
+        if task == "auto":
+            task = "classification" if integral and y.ndim == 1 else "regression"
+        if task == "classification":
+            if not integral or y.ndim != 1:
+                raise ValueError("classification needs one integer label per sample")
+            if int(y.min()) < 0:
+                raise ValueError(f"class labels must be >= 0, found {int(y.min())}")
+            y, num_classes = y.long(), int(y.max()) + 1
+        else:
+            y = y.float()
+    n = len(x)
+    if n < 2:
+        raise ValueError(f"data has {n} sample(s); need at least 2 (training and held out)")
+    if n_val is not None:
+        order = torch.arange(n).roll(n_val)  # the last n_val rows first
+    else:
+        share = val_fraction * n
+        n_val = min(n - 1, max(1, math.ceil(share) if kind == "text" else round(share)))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
+    val, train = order[:n_val], order[n_val:]
+    if len(train) == 0:
+        raise ValueError("no training samples left after the held-out split")
+    y_tr, y_val = (None, None) if y is None else (y[train], y[val])
+    return Dataset(kind, task, x[train], y_tr, x[val], y_val, num_classes, description)
+
+
 class Objective:
     """The loss ``loss_fn(model, batch)`` expected by mfac.prune, and the held-out metric."""
 
