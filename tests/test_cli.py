@@ -386,6 +386,7 @@ def test_demo_tiny_writes_a_report(work: Path, inproc) -> None:
             assert im.size[0] > 100 and im.size[1] > 100
     md = (rep / "report.md").read_text()
     assert md.count("![") == 3 and "| sparsity |" in md
+    assert "| final \\|w - w*\\| |" in md  # a "|" inside a cell is escaped
     results = json.loads((rep / "results.json").read_text())
     assert results["skipped"] == {} and results["tiny"] is True
     assert len(list((work / "cache").glob("demo-cnn-*.safetensors"))) == 1
