@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..experiments.training import Position, fit
 from .common import (
     MARKER,
     CLIError,
@@ -119,80 +120,38 @@ def run_train(args: argparse.Namespace) -> int:
         log.info("masks: %s (%d layers held at their zeros)", masks_file, len(masks))
 
     ckpt_path = out_dir / "checkpoint.pt"
-    epoch, batch0, step = 0, 0, 0
-    history: list[float] = []
-    evals: list[dict[str, Any]] = []
+    pos = Position()
     if ckpt is not None:
-        epoch, batch0, step, history, evals = _restore(ckpt, resume, model, optimizer, hp)
-        log.info("resumed from %s at epoch %d, batch %d (step %d)", resume, epoch, batch0, step)
+        pos = _restore(ckpt, resume, model, optimizer, hp)
+        log.info("resumed from %s at epoch %d, batch %d (step %d)", resume, pos.epoch, pos.batch,
+                 pos.step)  # fmt: skip
         for k, (was, now) in changed.items():
             log.warning("--resume: %s changed from %g to %g (applied)", k, was, now)
 
-    def save(ep: int, batch: int) -> None:
+    def save(p: Position) -> None:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}  # fmt: skip
         state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            },
-            "epoch": ep,
-            "batch": batch,
-            "step": step,
-            "history": list(history),
-            "evals": list(evals),
-            "config": {k: str(getattr(cmd, k)) for k in RESUME_KEYS},
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
+            "epoch": p.epoch, "batch": p.batch, "step": p.step, "history": list(p.history),
+            "evals": list(p.evals), "config": {k: str(getattr(cmd, k)) for k in RESUME_KEYS},
             "hyper": dict(hp),
-        }
+        }  # fmt: skip
         with atomic_file(ckpt_path) as tmp:
             torch.save(state, tmp)
 
     t0 = time.perf_counter()
-    stopped = False
     try:
-        while epoch < cmd.epochs and not stopped:
-            batches = data.batches(cmd.batch_size, shuffle=True, seed=cmd.seed * 100_003 + epoch)
-            model.train()
-            bar = progress(total=len(batches), desc=f"epoch {epoch + 1}/{cmd.epochs}", unit="batch")
-            bar.update(batch0)
-            for i in range(batch0, len(batches)):
-                optimizer.zero_grad(set_to_none=True)
-                loss = objective(model, batches[i])
-                if not torch.isfinite(loss):
-                    raise CLIError(
-                        f"the loss is {float(loss)} at step {step + 1}; lower --lr "
-                        "(nothing was written for this step)"
-                    )
-                loss.backward()
-                optimizer.step()
-                step += 1
-                history.append(float(loss.detach()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{history[-1]:.4f}")
-                if cmd.max_steps is not None and step >= cmd.max_steps:
-                    save(epoch, i + 1)
-                    stopped = True
-                    break
-                if cmd.save_every and step % cmd.save_every == 0:
-                    save(epoch, i + 1)
-            bar.close()
-            if stopped:
-                log.info("stopped after %d steps (--max-steps); resume with --resume %s", step,
-                         ckpt_path)  # fmt: skip
-                break
-            metrics = objective.evaluate(model, cmd.batch_size, "held-out", progress)
-            evals.append({"epoch": epoch + 1, "step": step, **metrics})
-            log.info(
-                "epoch %d: train loss %.4f, held-out %s", epoch + 1,
-                sum(history[-len(batches) :]) / max(len(batches), 1),
-                ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
-            )  # fmt: skip
-            epoch, batch0 = epoch + 1, 0
-            save(epoch, 0)
+        fit(model, optimizer, objective, data, pos, epochs=cmd.epochs, batch_size=cmd.batch_size,
+            seed=cmd.seed, max_steps=cmd.max_steps, save_every=cmd.save_every, save=save,
+            bar=progress)  # fmt: skip
     finally:
         if holder is not None:
             holder.remove()
     wall = time.perf_counter() - t0
+    if pos.stopped:
+        log.info("stopped after %d steps (--max-steps); resume with --resume %s", pos.step,
+                 ckpt_path)  # fmt: skip
 
     if loaded.kind == "hf":
         with atomic_dir(out_dir / "model") as tmp:
@@ -215,23 +174,23 @@ def run_train(args: argparse.Namespace) -> int:
         "options": {**hp, **options, "seed": cmd.seed},
         "changed_on_resume": {k: {"was": a, "now": b} for k, (a, b) in changed.items()},
         "masks": masks_file,
-        "steps": step,
-        "epochs_done": epoch,
-        "stopped_early": stopped,
+        "steps": pos.step,
+        "epochs_done": pos.epoch,
+        "stopped_early": pos.stopped,
         "wall_s_this_run": wall,
         "metric": objective.metric_name,
-        "evals": evals,
-        "loss_history": history,
+        "evals": pos.evals,
+        "loss_history": pos.history,
     }
     write_json(out_dir / "train.json", summary)
-    if history:
+    if pos.history:
         with atomic_file(out_dir / "loss.png") as tmp:
             line_plot(
-                tmp, {cmd.optimizer: (range(1, len(history) + 1), history)},
+                tmp, {cmd.optimizer: (range(1, len(pos.history) + 1), pos.history)},
                 title="training loss", xlabel="step", ylabel="loss",
             )  # fmt: skip
-    if evals:
-        emit(text_table(evals, list(evals[0])))
+    if pos.evals:
+        emit(text_table(pos.evals, list(pos.evals[0])))
     emit(f"wrote {cmd.output}/ ({model_name}, checkpoint.pt, train.json, loss.png)")
     return 0
 
@@ -304,16 +263,15 @@ def _resumed_hyper(
 
 def _restore(
     ckpt: dict[str, Any], path: Path | None, model: Any, optimizer: Any, hp: dict[str, float]
-) -> tuple[int, int, int, list[float], list[dict[str, Any]]]:
+) -> Position:
     import torch
 
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise CLIError(
-            f"--resume {path} does not fit this model/optimizer: {one_line(err, 200)}"
-        ) from None
+        msg = f"--resume {path} does not fit this model/optimizer: {one_line(err, 200)}"
+        raise CLIError(msg) from None
     for group in optimizer.param_groups:  # the values in effect (possibly changed on resume)
         for key in ("lr", "momentum", "weight_decay"):
             if key in group:
@@ -322,4 +280,5 @@ def _restore(
     if ckpt["rng"].get("cuda"):
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     history = [float(v) for v in ckpt["history"]]
-    return int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"]), history, list(ckpt["evals"])
+    position = (int(ckpt[k]) for k in ("epoch", "batch", "step"))
+    return Position(*position, history, list(ckpt["evals"]))
