@@ -7,6 +7,7 @@ import argparse
 import importlib
 import logging
 import sys
+import textwrap
 import traceback
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ from .common import (
 DESCRIPTION = """\
 torch-mfac: cheap second-order information for PyTorch.
 
-  mfac demo      the offline tour: prune, train and recover on bundled MNIST (offline)
+  mfac demo      the offline tour: prune, train and recover on bundled MNIST
   mfac prune     prune your model: one-shot, gradual or I-OBS (every mfac.prune method)
   mfac train     train or fine-tune with the M-FAC optimizer (masks held), resumable
   mfac recover   sparse recovery on A, y with I-OBS or the classic solvers
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     common = _flags(argparse.SUPPRESS)  # after the command: must not reset flags given before
     for name, (text, description) in COMMANDS.items():
+        description = "\n\n".join(p if "\n" in p else textwrap.fill(p, 88)
+                                   for p in description.split("\n\n"))  # fmt: skip
         cmd = sub.add_parser(
             name, parents=[common], formatter_class=fmt, help=text, description=description
         )

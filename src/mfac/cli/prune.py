@@ -109,28 +109,18 @@ def run_prune(args: argparse.Namespace) -> int:
         for name, mask in result.masks.items()
     ]
     report = {
-        "command": "prune",
-        "model": cmd.model,
-        "checkpoint": cmd.checkpoint,
-        "data": cmd.data,
-        "val_data": cmd.val_data,
-        "data_description": data.description,
-        "method": cmd.method,
-        "target_sparsity": cmd.sparsity,
-        "pattern": cmd.pattern,
+        "command": "prune", "model": cmd.model, "checkpoint": cmd.checkpoint, "data": cmd.data,
+        "val_data": cmd.val_data, "data_description": data.description, "method": cmd.method,
+        "target_sparsity": cmd.sparsity, "pattern": cmd.pattern,
         "achieved_sparsity": result.sparsity,
         "options": {k: v for k, v in config.as_dict().items() if k not in _NOT_REPORTED},
-        "gradual_steps": cmd.gradual_steps,
-        "finetune_steps": cmd.finetune_steps,
-        "metric": objective.metric_name,
-        "before": before,
-        "after": after,
-        "timings_s": {**result.timings, "wall": time.perf_counter() - t0},
-        "memory": memory,
+        "gradual_steps": cmd.gradual_steps, "finetune_steps": cmd.finetune_steps,
+        "metric": objective.metric_name, "before": before, "after": after,
+        "timings_s": {**result.timings, "wall": time.perf_counter() - t0}, "memory": memory,
         "info": {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool))},
         "layers": layers,
         "files": {"masks": "masks.safetensors", "plot": "sparsity.png", "report": "report.json"},
-    }
+    }  # fmt: skip
     with atomic_dir(cmd.output) as tmp:
         report["files"]["model"] = save_model(loaded, tmp).name
         save_masks(result.masks, tmp / "masks.safetensors")

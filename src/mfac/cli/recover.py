@@ -67,62 +67,30 @@ def run_recover(args: argparse.Namespace) -> int:
     from ..recovery import solve
 
     A, y, truth = read_problem(cmd.data, cmd.y)
-    log.info(
-        "solving: A %s, y %s, k=%d, %s (%s)",
-        A.shape,
-        y.shape,
-        cmd.k,
-        cmd.method,
-        cmd.loss,
-    )
+    log.info("solving: A %s, y %s, k=%d, %s (%s)", A.shape, y.shape, cmd.k, cmd.method, cmd.loss)
     t0 = time.perf_counter()
-    res = solve(
-        A,
-        y,
-        cmd.k,
-        method=cmd.method,
-        max_iter=cmd.max_iter,
-        tol=cmd.tol,
-        loss=cmd.loss,
-        history=True,
-        **options,
-    )
-    wall = time.perf_counter() - t0
+    res = solve(A, y, cmd.k, method=cmd.method, max_iter=cmd.max_iter, tol=cmd.tol,
+                loss=cmd.loss, history=True, **options)  # fmt: skip
     summary: dict[str, Any] = {
-        "command": "recover",
-        "data": cmd.data,
-        "shape": list(A.shape),
-        "k": cmd.k,
-        "method": cmd.method,
-        "loss_kind": cmd.loss,
-        "options": options,
-        "iterations": res.iterations,
-        "converged": res.converged,
-        "loss": res.loss,
-        "nonzeros": int(np.count_nonzero(res.x)),
-        "support": [int(i) for i in res.support],
-        "wall_s": wall,
+        "command": "recover", "data": cmd.data, "shape": list(A.shape), "k": cmd.k,
+        "method": cmd.method, "loss_kind": cmd.loss, "options": options,
+        "iterations": res.iterations, "converged": res.converged, "loss": res.loss,
+        "nonzeros": int(np.count_nonzero(res.x)), "support": [int(i) for i in res.support],
+        "wall_s": time.perf_counter() - t0,
         "info": {k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool))},
-    }
+    }  # fmt: skip
     if truth is not None and truth.shape == res.x.shape:
         err = float(np.linalg.norm(res.x - truth))
         summary["error"] = err
         summary["relative_error"] = err / max(float(np.linalg.norm(truth)), 1e-300)
-        true_support = set(np.flatnonzero(truth).tolist())
-        summary["support_recall"] = (
-            len(true_support & set(summary["support"])) / len(true_support) if true_support else 1.0
-        )
-    out = cmd.output
-    with atomic_dir(out) as tmp:
-        np.savez(
-            tmp / "recovery.npz",
-            x=res.x,
-            support=res.support,
-            history=np.asarray(res.history or [], dtype=np.float64),
-        )
+        true = set(np.flatnonzero(truth).tolist())
+        summary["support_recall"] = len(true & set(summary["support"])) / len(true) if true else 1.0
+    with atomic_dir(cmd.output) as tmp:
+        history = np.asarray(res.history or [], dtype=np.float64)
+        np.savez(tmp / "recovery.npz", x=res.x, support=res.support, history=history)
         write_json(tmp / "recovery.json", summary)
     cols = ["method", "iterations", "converged", "loss", "nonzeros", "wall_s"]
     cols += [c for c in ("relative_error", "support_recall") if c in summary]
     emit(text_table([summary], cols))
-    emit(f"wrote {out}/ (recovery.npz: x, support, history; recovery.json)")
+    emit(f"wrote {cmd.output}/ (recovery.npz: x, support, history; recovery.json)")
     return 0

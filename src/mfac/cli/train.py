@@ -166,22 +166,15 @@ def run_train(args: argparse.Namespace) -> int:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             save_file(state, str(tmp), metadata={"format": "pt", "model": loaded.spec})
         model_name = "model.safetensors"
-    options = {"ngrads": cmd.ngrads, "batch_size": cmd.batch_size, "epochs": cmd.epochs}
     summary = {
-        "command": "train",
-        "model": cmd.model,
-        "optimizer": cmd.optimizer,
-        "options": {**hp, **options, "seed": cmd.seed},
+        "command": "train", "model": cmd.model, "optimizer": cmd.optimizer,
+        "options": {**hp, "ngrads": cmd.ngrads, "batch_size": cmd.batch_size,
+                    "epochs": cmd.epochs, "seed": cmd.seed},
         "changed_on_resume": {k: {"was": a, "now": b} for k, (a, b) in changed.items()},
-        "masks": masks_file,
-        "steps": pos.step,
-        "epochs_done": pos.epoch,
-        "stopped_early": pos.stopped,
-        "wall_s_this_run": wall,
-        "metric": objective.metric_name,
-        "evals": pos.evals,
-        "loss_history": pos.history,
-    }
+        "masks": masks_file, "steps": pos.step, "epochs_done": pos.epoch,
+        "stopped_early": pos.stopped, "wall_s_this_run": wall, "metric": objective.metric_name,
+        "evals": pos.evals, "loss_history": pos.history,
+    }  # fmt: skip
     write_json(out_dir / "train.json", summary)
     if pos.history:
         with atomic_file(out_dir / "loss.png") as tmp:
