@@ -35,7 +35,7 @@ class FisherOptions(GradientOptions):
         null_words=("none", "null", "full"),
     )  # fmt: skip
     recompute: int = option(1, "recomputation sub-steps (geometric density steps)", low=1)
-    memory_budget: int | None = option(
+    memory_budget: float | None = option(
         None, "bytes of RAM for the m x d gradient buffer (past it: paged to disk)", low=1,
         cli=False,
     )  # fmt: skip
@@ -99,6 +99,10 @@ def density_steps(d0: float, d_final: float, steps: int) -> list[float]:
     return [1.0 - d0 * (d_final / d0) ** (j / steps) for j in range(1, steps + 1)]
 
 
+def _bytes(budget: float | None) -> int | None:
+    return None if budget is None else int(budget)
+
+
 def run(req: Request, cfg: FisherOptions) -> dict[str, torch.Tensor]:
     """Prune each layer group with its own inverse Fisher, in recomputation sub-steps."""
     out: dict[str, torch.Tensor] = {}
@@ -124,7 +128,7 @@ def _prune_group(
         fisher = build_inverse(
             req.model, req.loss_fn, req.data, layout,
             num_grads=cfg.num_grads, block_size=block, damp=cfg.damp, damp_mode=cfg.damp_mode,
-            dtype=getattr(cfg, "dtype", torch.float32), memory_budget=cfg.memory_budget,
+            dtype=getattr(cfg, "dtype", torch.float32), memory_budget=_bytes(cfg.memory_budget),
             spill_dir=cfg.spill_dir, progress=cfg.progress, timings=timings,
             per_sample=cfg.per_sample,
         )  # fmt: skip
