@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import types
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,7 @@ class EnvironmentProblem(CLIError):
     code = EXIT_ENV
 
 
-class _Settings:
-    quiet = False
-    verbose = False
-
-
-SETTINGS = _Settings()
+SETTINGS = types.SimpleNamespace(quiet=False, verbose=False)  # set by the command's flags
 
 
 def one_line(err: BaseException | str, limit: int = 400) -> str:
@@ -245,19 +241,16 @@ def resolve_device(name: str | None) -> Any:
 
 def peak_memory(device: Any = None) -> dict[str, int | None]:
     """Peak resident memory of this process (bytes) and, on CUDA, peak allocated GPU memory."""
-    out: dict[str, int | None] = {"peak_rss_bytes": None, "peak_cuda_bytes": None}
-    try:
-        import resource
+    import resource
 
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["peak_rss_bytes"] = int(rss if sys.platform == "darwin" else rss * 1024)
-    except (ImportError, OSError):  # pragma: no cover - Windows
-        pass
-    if device is not None and getattr(device, "type", None) == "cuda":
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    cuda = None
+    if getattr(device, "type", None) == "cuda":
         import torch
 
-        out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    return out
+        cuda = int(torch.cuda.max_memory_allocated(device))
+    return {"peak_rss_bytes": int(rss if sys.platform == "darwin" else rss * 1024),
+            "peak_cuda_bytes": cuda}  # fmt: skip
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -280,22 +273,12 @@ def fmt(v: Any) -> str:
 
 
 def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A compact fixed-width table for the terminal."""
-    body = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [
-        max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)
-    ]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
-    rule = "  ".join("-" * w for w in widths)
-    out = [line, rule]
-    out += [
-        "  ".join(
-            v.ljust(w) if i == 0 else v.rjust(w)
-            for i, (v, w) in enumerate(zip(b, widths, strict=True))
-        )
-        for b in body
-    ]
-    return "\n".join(out)
+    """A compact fixed-width table for the terminal (first column left-aligned)."""
+    body = [[fmt(r.get(c)) for c in columns] for r in [{c: c for c in columns}, *rows]]
+    widths = [max(len(b[i]) for b in body) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in
+                       enumerate(zip(b, widths, strict=True))) for b in body]  # fmt: skip
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def emit(text: str = "") -> None:
