@@ -62,8 +62,6 @@ def test_no_type_ignore_in_prune() -> None:
     value=st.one_of(st.integers(-5, 0), st.just(float("nan")), st.just(True), st.just("8")),
 )
 def test_bad_option_values_are_refused_by_name(name: str, value: object) -> None:
-    if name == "damp" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return
     with pytest.raises((TypeError, ValueError), match=name):
         mp.REGISTRY["mfac"].config(**{name: value})
 
