@@ -625,13 +625,15 @@ def test_killed_during_checkpoint_writes_resumes_exactly(work: Path, inproc) -> 
     import signal
     import time
 
-    args = TRAIN + " --epochs 8 --save-every 1 --ngrads 16"
+    args = TRAIN + " --epochs 40 --save-every 1 --ngrads 16"  # 240 steps, each checkpointed
     ok(inproc(args + " -o straight-k", cwd=work))
     rng = random.Random(0)
     out = work / "killed"
     kills = 0
     resume = ""
-    for _ in range(3):
+    for _ in range(6):  # up to six starts, until three of them were killed mid-run
+        if kills == 3:
+            break
         env = {**os.environ, "MFAC_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "mfac.cli", *shlex.split(args + resume + " -o killed")],
@@ -642,7 +644,7 @@ def test_killed_during_checkpoint_writes_resumes_exactly(work: Path, inproc) -> 
         while not writing and proc.poll() is None:  # kill only once it checkpoints
             writing = ck.exists() and ck.stat().st_mtime > start
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.15))
+        time.sleep(rng.uniform(0.0, 0.1))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
