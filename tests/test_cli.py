@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from mfac._config import options_of
 from mfac.cli import main
 from mfac.cli.common import MARKER, CLIError, atomic_dir, atomic_file
-from mfac.cli.recipe import PRUNE_FIELDS, coerce
+from mfac.cli.options import PruneCommand, coerce, method_options
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -197,10 +198,13 @@ def test_help_and_version(work: Path, inproc) -> None:
     assert res.returncode == 0 and "--sparsity" in res.stdout and "--recipe" in res.stdout
     res = inproc("--version", cwd=work)
     assert res.returncode == 0 and "torch-mfac" in res.stdout
+    res = inproc("demo --help", cwd=work)  # argparse does not %-format descriptions
+    assert "50..95%" in res.stdout and "%%" not in res.stdout and "90 s" in res.stdout
 
 
 def test_prune_then_train_with_masks_and_exact_resume(work: Path, inproc) -> None:
-    cmd = "prune --model tiny.py:mlp --data tab.npz --method mfac --sparsity 0.6 --num-grads 8"
+    cmd = "prune --model tiny.py:mlp --random-weights --data tab.npz --method mfac --sparsity 0.6"
+    cmd += " --num-grads 8"
     proc = ok(mfac(cmd + " --block-size 32 -o pr", cwd=work))
     assert "wrote pr/" in proc.stdout
     out = work / "pr"
@@ -268,6 +272,7 @@ def test_prune_text_lm_with_yaml_recipe(work: Path, inproc) -> None:
     (work / "recipe.yaml").write_text(
         textwrap.dedent("""
         model: tiny.py:lm
+        random_weights: true
         data: corpus.txt
         method: mfac-exact
         sparsity: 0.7
@@ -289,7 +294,8 @@ def test_prune_text_lm_with_yaml_recipe(work: Path, inproc) -> None:
 
 
 def test_prune_csv_diag_fisher_sparsegpt(work: Path, inproc) -> None:
-    cmd = "prune --model tiny.py:mlp --data tab.csv --sparsity 0.3 --scope layer -q"
+    cmd = "prune --model tiny.py:mlp --random-weights --data tab.csv --sparsity 0.3 --scope layer"
+    cmd += " -q"
     ok(inproc(cmd + " --method diag-fisher --num-grads 4 -o csvout", cwd=work))
     report = json.loads((work / "csvout" / "report.json").read_text())
     assert all(abs(r["sparsity"] - 0.3) < 0.02 for r in report["layers"])
@@ -300,7 +306,7 @@ def test_prune_csv_diag_fisher_sparsegpt(work: Path, inproc) -> None:
 def test_prune_iobs_gradual_and_paged_buffer(work: Path, inproc) -> None:
     """The options beyond one-shot: I-OBS, gradual with fine-tuning, a paged Fisher buffer
     built per layer group; each reaches its target and writes a report that says so."""
-    base = "prune --model tiny.py:mlp --data tab.npz -q"
+    base = "prune --model tiny.py:mlp --random-weights --data tab.npz -q"
     ok(inproc(base + " --method iobs --sparsity 0.5 --iterations 2 --dense-steps 3 "
               "--calib-batches 2 -o iobs", cwd=work))  # fmt: skip
     report = json.loads((work / "iobs" / "report.json").read_text())
@@ -356,20 +362,13 @@ def test_recover_npz_and_npy(work: Path, inproc) -> None:
     assert json.loads((work / "rec2" / "recovery.json").read_text())["method"] == "iht"
 
 
-def test_bench(work: Path, tmp_path: Path, inproc) -> None:
-    proc = ok(inproc("bench --list", cwd=ROOT))
-    assert "benchmarks.operators --quick" in proc.stdout
-    proc = mfac("bench -q", cwd=tmp_path, env={"MFAC_SOURCE": str(tmp_path)})
-    assert proc.returncode == 3 and "source tree" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    fake = tmp_path / "checkout"
-    (fake / "benchmarks").mkdir(parents=True)
-    (fake / "benchmarks" / "__init__.py").write_text("")
-    (fake / "benchmarks" / "operators.py").write_text(
-        "import sys\nassert sys.argv[1:] == ['--quick']\nprint('quick run done')\n"
-    )
-    proc = ok(inproc(f"bench --root {fake}", cwd=work))
-    assert "operators" in proc.stdout and "results in" in proc.stdout
+def test_bench_is_gone(work: Path, inproc) -> None:
+    """The benchmarks are scripts of the source tree, not a command of the installed package:
+    ``mfac bench`` is refused as a usage error, and the top-level help says how to run them."""
+    res = inproc("bench --list", cwd=ROOT)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert "python -m benchmarks.NAME --quick" in ok(inproc("--help", cwd=work)).stdout
 
 
 def test_demo_tiny_writes_a_report(work: Path, inproc) -> None:
@@ -389,6 +388,7 @@ def test_demo_tiny_writes_a_report(work: Path, inproc) -> None:
             assert im.size[0] > 100 and im.size[1] > 100
     md = (rep / "report.md").read_text()
     assert md.count("![") == 3 and "| sparsity |" in md
+    assert "| final \\|w - w*\\| |" in md  # a "|" inside a cell is escaped
     results = json.loads((rep / "results.json").read_text())
     assert results["skipped"] == {} and results["tiny"] is True
     assert len(list((work / "cache").glob("demo-cnn-*.safetensors"))) == 1
@@ -428,7 +428,7 @@ INPROCESS_ERRORS = [
     ("recover --data problem.npz --k 500", 2, ["k must satisfy"]),
     ("recover --data A.npy --k 3", 2, ["--y"]),
     ("recover --data problem.npz --k 3 --method omp --rule topk", 2, ["--rule applies"]),
-    ("bench nosuch", 2, ["unknown benchmark"]),
+    ("bench nosuch", 2, ["invalid choice"]),
     ("recover --data problem.npz --k 3 -o images", 2, ["not written by mfac"]),
     ("prune --no-such-option", 2, ["unrecognized arguments"]),
     ("prune --model tiny.py:mlp --data tab.npz --finetune-steps 5", 2, ["--gradual-steps"]),
@@ -485,7 +485,8 @@ def test_debug_shows_the_traceback(work: Path, inproc) -> None:
 
 # ----------------------------------------------------------------------------- in-process units
 def test_recipe_coercion() -> None:
-    f = {x.name: x for x in PRUNE_FIELDS}
+    f = {o.name: o for o in options_of(PruneCommand)}
+    f |= {name: o for name, (o, _) in method_options("prune").items()}
     assert coerce(f["damp"], "1e-5", "damp") == 1e-5  # the YAML 1.1 string
     assert coerce(f["num_grads"], "1e3", "num_grads") == 1000
     assert coerce(f["block_size"], "full", "block_size") is None
@@ -538,10 +539,123 @@ def test_demo_skips_a_part_whose_api_is_missing(
     assert "Skipped parts" in parse_html(work / "skipped" / "index.html").text
 
 
-def test_docs_list_every_recipe_key() -> None:
-    """docs/cli.md carries each command's key table exactly as the schema prints it."""
-    from mfac.cli.recipe import SCHEMAS, schema_markdown
+def test_docs_list_every_option() -> None:
+    """docs/cli.md carries every option table exactly as the option sets print them
+    (regenerate with ``python -c "from mfac.cli.options import write_docs; write_docs()"``)."""
+    from mfac.cli.options import COMMANDS, docs_tables
 
     doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
-    for command in SCHEMAS:
-        assert schema_markdown(command) in doc, f"docs/cli.md: keys of 'mfac {command}' are stale"
+    assert docs_tables() in doc, "docs/cli.md: the option tables are stale"
+    for command in COMMANDS:
+        assert f"### Keys of `mfac {command}`" in doc
+
+
+# ----------------------------------------------------------------------------- reliability
+TRAIN = "train --model tiny.py:mlp --data tab.npz --batch-size 16 --lr 0.01 -q"
+
+
+def test_train_output_guards(work: Path, inproc) -> None:
+    """A user's folder, the current folder and an earlier run are never overwritten silently;
+    an unwritable output fails before training, with exit 2 and no traceback."""
+    user = work / "userdir"
+    user.mkdir(exist_ok=True)
+    (user / "notes.txt").write_text("mine")
+    res = inproc(TRAIN + " --max-steps 1 -o userdir", cwd=work)
+    assert res.returncode == 2 and "not written by mfac" in res.stderr
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+    res = inproc(TRAIN + " --max-steps 1 -o .", cwd=work)
+    assert res.returncode == 2 and "not the current folder" in res.stderr
+    ok(inproc(TRAIN + " --max-steps 2 -o run1", cwd=work))
+    before = (work / "run1" / "checkpoint.pt").read_bytes()
+    res = inproc(TRAIN + " --max-steps 3 -o run1", cwd=work)
+    assert res.returncode == 2 and "--resume" in res.stderr and "--overwrite" in res.stderr
+    assert (work / "run1" / "checkpoint.pt").read_bytes() == before
+    ok(inproc(TRAIN + " --max-steps 3 --overwrite -o run1", cwd=work))
+    assert json.loads((work / "run1" / "train.json").read_text())["steps"] == 3
+    for cmd in (TRAIN + " --max-steps 1", "recover --data problem.npz --k 3",
+                "prune --model tiny.py:mlp --random-weights --data tab.npz --method magnitude"):
+        res = inproc(cmd + " -o /proc/mfac-cannot-write", cwd=work)  # read-only, even for root
+        assert res.returncode == 2 and "cannot write" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and "internal" not in res.stderr
+
+
+def test_prune_refuses_random_weights(work: Path, inproc) -> None:
+    res = inproc("prune --model tiny.py:mlp --data tab.npz --method magnitude -o rw", cwd=work)
+    assert res.returncode == 2 and "--checkpoint" in res.stderr and not (work / "rw").exists()
+
+
+def test_prune_val_data_is_the_held_out_split(work: Path, inproc) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, 8)).astype(np.float32)
+    np.savez(work / "held.npz", X=x, y=(x[:, 0] > 0).astype(np.int64))
+    cmd = "prune --model tiny.py:mlp --random-weights --data tab.npz --val-data held.npz"
+    ok(inproc(cmd + " --method magnitude -q -o vd", cwd=work))
+    report = json.loads((work / "vd" / "report.json").read_text())
+    desc = report["data_description"]
+    assert "96 rows" in desc and "held out: 30 rows" in desc
+
+
+def test_resume_hyperparameters_and_position(work: Path, inproc) -> None:
+    """A changed --lr on resume is applied and recorded; a changed --damp is refused; a
+    checkpoint with an impossible position is refused naming the field; stale temporary
+    files of a killed run are removed."""
+    ok(inproc(TRAIN + " --epochs 2 --max-steps 4 -o hp", cwd=work))
+    ckpt = work / "hp" / "checkpoint.pt"
+    (work / "hp" / ".checkpoint.pt.x1y2.tmp").write_bytes(b"partial")
+    res = inproc(TRAIN + " --epochs 2 --damp 1e-3 --resume hp/checkpoint.pt -o hp", cwd=work)
+    assert res.returncode == 2 and "damp" in res.stderr
+    ok(inproc(TRAIN.replace("0.01", "0.02") + " --epochs 2 --resume hp/checkpoint.pt -o hp",
+              cwd=work))  # fmt: skip
+    summary = json.loads((work / "hp" / "train.json").read_text())
+    assert summary["options"]["lr"] == 0.02
+    assert summary["changed_on_resume"] == {"lr": {"was": 0.01, "now": 0.02}}
+    assert not list((work / "hp").glob(".*.tmp"))
+    state = torch.load(ckpt, weights_only=True)
+    for key, value in (("batch", 10_000), ("step", -1), ("epoch", True), ("step", 3)):
+        bad = dict(state, **{key: value})
+        torch.save(bad, work / "bad.pt")
+        res = inproc(TRAIN + " --epochs 3 --resume bad.pt -o hp", cwd=work)
+        assert res.returncode == 2 and key in res.stderr, (key, res.stderr)
+
+
+def test_killed_during_checkpoint_writes_resumes_exactly(work: Path, inproc) -> None:
+    """kill -9 a training run that checkpoints every step, several times: the checkpoint
+    always loads, and the resumed chain ends bit-identical to an uninterrupted run."""
+    import random
+    import signal
+    import time
+
+    args = TRAIN + " --epochs 40 --save-every 1 --ngrads 16"  # 240 steps, each checkpointed
+    ok(inproc(args + " -o straight-k", cwd=work))
+    rng = random.Random(0)
+    out = work / "killed"
+    kills = 0
+    resume = ""
+    for _ in range(6):  # up to six starts, until three of them were killed mid-run
+        if kills == 3:
+            break
+        env = {**os.environ, "MFAC_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mfac.cli", *shlex.split(args + resume + " -o killed")],
+            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        start = (out / "checkpoint.pt").stat().st_mtime if resume else 0.0
+        ck, writing = out / "checkpoint.pt", False
+        while not writing and proc.poll() is None:  # kill only once it checkpoints
+            writing = ck.exists() and ck.stat().st_mtime > start
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.1))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=300)
+        state = torch.load(out / "checkpoint.pt", weights_only=True)  # always a whole file
+        assert len(state["history"]) == state["step"]
+        resume = " --resume killed/checkpoint.pt"
+    assert kills >= 2
+    ok(mfac(args + resume + " -o killed", cwd=work))
+    assert not list(out.glob(".*.tmp"))
+    a = _load_safetensors(work / "straight-k" / "model.safetensors")
+    b = _load_safetensors(out / "model.safetensors")
+    for k in a:
+        assert a[k].equal(b[k]), k

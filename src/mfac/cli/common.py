@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import types
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ log = logging.getLogger("mfac.cli")
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an unexpected internal error (a bug: please report it)
 EXIT_INPUT = 2  # bad command line, bad recipe, missing or unreadable input, data/model mismatch
-EXIT_ENV = 3  # the environment lacks something: an optional package, a device, the benchmarks
+EXIT_ENV = 3  # the environment lacks something: an optional package, a device
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
@@ -46,12 +47,7 @@ class EnvironmentProblem(CLIError):
     code = EXIT_ENV
 
 
-class _Settings:
-    quiet = False
-    verbose = False
-
-
-SETTINGS = _Settings()
+SETTINGS = types.SimpleNamespace(quiet=False, verbose=False)  # set by the command's flags
 
 
 def one_line(err: BaseException | str, limit: int = 400) -> str:
@@ -75,29 +71,15 @@ def require(module: str, purpose: str, package: str | None = None) -> Any:
 
 
 # ----------------------------------------------------------------------------- progress
-def progress(
-    iterable: Iterable[Any] | None = None,
-    *,
-    total: int | None = None,
-    desc: str | None = None,
-    unit: str = "it",
-    leave: bool = False,
-) -> Any:
-    """A tqdm bar on stderr; silent under ``--quiet`` (and when stderr is not a terminal)."""
+def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr (``total=``, ``desc=``, ``unit=``): drawn on a terminal only, never
+    under ``--quiet``; without tqdm, a silent stand-in with the same methods."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress bars are a nicety, never a requirement
         return _NoBar(iterable)
-    return tqdm(
-        iterable,
-        total=total,
-        desc=desc,
-        unit=unit,
-        leave=leave,
-        disable=True if SETTINGS.quiet else None,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
+    off = True if SETTINGS.quiet else None  # None: tqdm's own rule (off when not a TTY)
+    return tqdm(iterable, leave=False, disable=off, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
 def show_progress() -> bool:
@@ -112,20 +94,10 @@ class _NoBar:
     def __iter__(self) -> Iterator[Any]:
         return iter(self.iterable or ())
 
-    def update(self, n: int = 1) -> None:
-        pass
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to draw."""
 
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
+    set_postfix = close = update
 
 
 # ----------------------------------------------------------------------------- atomic outputs
@@ -153,19 +125,33 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
 MARKER = ".mfac-output"
 
 
-def check_replaceable(path: str | os.PathLike[str]) -> Path:
+def check_writable(folder: Path) -> None:
+    """Fail now (exit 2), not after the work, when ``folder`` cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mfac-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CLIError(f"cannot write into {folder}: {err.strerror or one_line(err)}") from None
+
+
+def check_replaceable(path: str | os.PathLike[str], probe: bool = False) -> Path:
     """Refuse an output folder that exists, is not empty and was not written by mfac: it
-    would be replaced as a whole, and a user's folder must never be deleted by a typo."""
+    would be replaced as a whole, and a user's folder must never be deleted by a typo.
+    ``probe``: also check that its parent folder can be written."""
     target = Path(path).expanduser().resolve()
     if target.exists() and not target.is_dir():
         raise CLIError(f"output {target} exists and is not a folder")
+    if target == Path.cwd().resolve() or target == target.parent:
+        raise CLIError(f"output {target}: give a folder of its own, not the current folder")
     if target.is_dir() and any(target.iterdir()) and not (target / MARKER).exists():
         raise CLIError(
             f"output folder {target} exists and was not written by mfac; "
             "choose another -o/--output or remove it"
         )
-    if target == Path.cwd().resolve() or target == target.parent:
-        raise CLIError(f"output {target}: give a folder of its own, not the current folder")
+    if probe:
+        check_writable(target.parent)
     return target
 
 
@@ -201,7 +187,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
     """Write JSON atomically (NaN/Inf become null so that the file stays standard JSON)."""
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(_clean(payload), indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(_clean(payload), indent=2, default=str) + "\n")
     return Path(path)
 
 
@@ -235,63 +221,44 @@ def resolve_device(name: str | None) -> Any:
     import torch
 
     name = (name or "cpu").strip()
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = mps is not None and mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise CLIError(
-            f"--device: not a device name: {name!r} (cpu, cuda, cuda:N, mps, auto)"
-        ) from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EnvironmentProblem(f"device {name!r} is not available: no CUDA GPU found")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise EnvironmentProblem(
-                f"device {name!r} is not available: this machine has {count} CUDA device(s)"
-            )
-        return dev
-    if dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise EnvironmentProblem(f"device {name!r} is not available on this machine")
-        return dev
-    raise EnvironmentProblem(f"device {name!r} is not supported by the mfac command line")
+        raise CLIError(f"--device: not a device name: {name!r} (cpu, cuda:N, mps)") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (count == 0 or (dev.index or 0) >= count):
+        raise EnvironmentProblem(f"device {name!r} is not available: {count} CUDA device(s) found")
+    if dev.type == "mps" and not has_mps:
+        raise EnvironmentProblem(f"device {name!r} is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise EnvironmentProblem(f"device {name!r} is not supported by the mfac command line")
+    return dev
 
 
 def peak_memory(device: Any = None) -> dict[str, int | None]:
     """Peak resident memory of this process (bytes) and, on CUDA, peak allocated GPU memory."""
-    out: dict[str, int | None] = {"peak_rss_bytes": None, "peak_cuda_bytes": None}
-    try:
-        import resource
+    import resource
 
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["peak_rss_bytes"] = int(rss if sys.platform == "darwin" else rss * 1024)
-    except (ImportError, OSError):  # pragma: no cover - Windows
-        pass
-    if device is not None and getattr(device, "type", None) == "cuda":
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    cuda = None
+    if getattr(device, "type", None) == "cuda":
         import torch
 
-        out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    return out
+        cuda = int(torch.cuda.max_memory_allocated(device))
+    return {"peak_rss_bytes": int(rss if sys.platform == "darwin" else rss * 1024),
+            "peak_cuda_bytes": cuda}  # fmt: skip
 
 
 def fmt_bytes(n: int | None) -> str:
     """Human-readable size."""
     if n is None:
         return "n/a"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"  # pragma: no cover
+    unit = next((u for u in range(3) if n < 1024 ** (u + 1)), 3)
+    return f"{n / 1024**unit:.1f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
 
 
 def fmt(v: Any) -> str:
@@ -306,22 +273,12 @@ def fmt(v: Any) -> str:
 
 
 def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A compact fixed-width table for the terminal."""
-    body = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [
-        max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)
-    ]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
-    rule = "  ".join("-" * w for w in widths)
-    out = [line, rule]
-    out += [
-        "  ".join(
-            v.ljust(w) if i == 0 else v.rjust(w)
-            for i, (v, w) in enumerate(zip(b, widths, strict=True))
-        )
-        for b in body
-    ]
-    return "\n".join(out)
+    """A compact fixed-width table for the terminal (first column left-aligned)."""
+    body = [[fmt(r.get(c)) for c in columns] for r in [{c: c for c in columns}, *rows]]
+    widths = [max(len(b[i]) for b in body) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in
+                       enumerate(zip(b, widths, strict=True))) for b in body]  # fmt: skip
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def emit(text: str = "") -> None:

@@ -1,25 +1,18 @@
-"""Reading user data into tensors, and the loss/metric that go with the model.
-
-Kinds: ``text`` (a .txt file or a folder of them; tokens from the model's tokenizer, or UTF-8
-bytes), ``images`` (a folder with one sub-folder per class, read with Pillow), ``tabular``
-(``.npz`` with X and y, or ``.csv`` with the label in a ``label``/``target``/``y`` column or the
-last column). The data is split into a training part and a held-out part for the metric.
-"""
+"""Reading user data into tensors: ``text`` (a .txt file or a folder of them; tokens from the
+model's tokenizer, else UTF-8 bytes), ``images`` (one sub-folder per class, read with Pillow)
+and ``tabular`` (``.npz`` with X and y, or a ``.csv`` whose label is the
+``label``/``target``/``y``/``class`` column or the last one)."""
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
+from ..experiments.tasks import Dataset, make_dataset
 from .common import CLIError, existing_path, one_line, require
 from .models import LoadedModel
 
@@ -31,67 +24,40 @@ X_KEYS = ("X", "x", "inputs", "features", "data")
 Y_KEYS = ("y", "Y", "labels", "label", "targets", "target")
 
 
-@dataclass
-class Dataset:
-    """Tensors for training and held-out evaluation; ``task`` is "lm", "classification" or
-    "regression"; ``y_*`` is None for language modelling."""
-
-    kind: str
-    task: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor | None
-    x_val: torch.Tensor
-    y_val: torch.Tensor | None
-    num_classes: int | None
-    description: str
-
-    def __len__(self) -> int:
-        return len(self.x_train)
-
-    def batches(
-        self, batch_size: int, *, split: str = "train", shuffle: bool = False, seed: int = 0
-    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Mini-batches of ``split`` (a fresh permutation from ``seed`` when shuffled)."""
-        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_val, self.y_val)
-        n = len(x)
-        if shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        else:
-            order = torch.arange(n)
-        return [(x[i], None if y is None else y[i]) for i in order.split(batch_size)]
-
-    def sampled(self, count: int, batch_size: int, seed: int) -> list[Any]:
-        """``count`` random training batches (with replacement), e.g. for Fisher gradients."""
-        gen = torch.Generator().manual_seed(seed)
-        size = min(batch_size, len(self.x_train))
-        idx = torch.randint(0, len(self.x_train), (count, size), generator=gen)
-        return [(self.x_train[i], None if self.y_train is None else self.y_train[i]) for i in idx]
-
-
-# ----------------------------------------------------------------------------- reading
-def load_data(opts: dict[str, Any], loaded: LoadedModel) -> Dataset:
-    """Read ``opts["data"]`` according to ``opts["data_kind"]`` (auto-detected by default)."""
-    path = existing_path(opts["data"], "data")
-    kind = opts["data_kind"]
-    if kind == "auto":
-        kind = detect_kind(path)
-    if kind == "text":
-        ds = _text(path, loaded, int(opts["seq_len"]), float(opts["val_fraction"]), opts["seed"])
-    elif kind == "images":
-        x, y, classes = _images(path, opts["image_size"])
-        ds = _split("images", x, y, opts, f"{len(x)} images, {len(classes)} classes")
-    else:
-        x, y = _tabular(path)
-        ds = _split("tabular", x, y, opts, f"{len(x)} rows x {x.shape[1]} features")
-    log.info(
-        "data: %s (%s: %s; %d train / %d held out)",
-        path,
-        ds.kind,
-        ds.description,
-        len(ds.x_train),
-        len(ds.x_val),
-    )
+def load_data(opts: Any, loaded: LoadedModel) -> Dataset:
+    """Read ``opts.data`` as ``opts.data_kind`` (auto-detected by default); the held-out part is
+    ``opts.val_data`` when given, else a ``val_fraction`` slice of ``opts.data``."""
+    path = existing_path(opts.data, "data")
+    kind = detect_kind(path) if opts.data_kind == "auto" else opts.data_kind
+    x, y, desc = _read(path, kind, opts.seq_len, opts.image_size, loaded)
+    split = {"task": opts.task, "val_fraction": opts.val_fraction, "seed": opts.seed}
+    if opts.val_data is not None:
+        xv, yv, vdesc = _read(existing_path(opts.val_data, "val-data"), kind, opts.seq_len,
+                              opts.image_size or tuple(x.shape[-2:]), loaded)  # fmt: skip
+        if (y is None) != (yv is None) or x.shape[1:] != xv.shape[1:]:
+            raise CLIError(f"--val-data: samples of shape {tuple(xv.shape[1:])} do not match "
+                           f"--data's {tuple(x.shape[1:])}")  # fmt: skip
+        x, y = torch.cat([x, xv]), None if y is None else torch.cat([y, yv])
+        split["n_val"], desc = len(xv), f"{desc}; held out: {vdesc}"
+    try:
+        ds = make_dataset(kind, x, y, description=desc, **split)
+    except ValueError as err:
+        raise CLIError(f"data {path}: {err}") from None
+    log.info("data: %s (%s: %s; %d train / %d held out)", path, ds.kind, ds.description,
+             len(ds.x_train), len(ds.x_val))  # fmt: skip
     return ds
+
+
+def _read(
+    path: Path, kind: str, seq_len: int, size: Any, loaded: LoadedModel
+) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    if kind == "text":
+        return _text(path, loaded, seq_len)
+    if kind == "images":
+        x, y, classes = _images(path, size)
+        return x, y, f"{len(x)} images, {len(classes)} classes"
+    x, y = _tabular(path)
+    return x, y, f"{len(x)} rows x {x.shape[1]} features"
 
 
 def detect_kind(path: Path) -> str:
@@ -116,51 +82,25 @@ def detect_kind(path: Path) -> str:
     raise CLIError(f"data {path}: no .txt files and no class sub-folders with images found")
 
 
-def _split(kind: str, x: torch.Tensor, y: torch.Tensor, opts: dict[str, Any], desc: str) -> Dataset:
-    task = opts["task"]
-    integral = bool(torch.all(y == torch.round(y))) if y.is_floating_point() else True
-    if task == "auto":
-        task = "classification" if integral and y.ndim == 1 else "regression"
-    num_classes = None
-    if task == "classification":
-        if not integral or y.ndim != 1:
-            raise CLIError("classification needs one integer label per sample")
-        y = y.long()
-        if int(y.min()) < 0:
-            raise CLIError(f"class labels must be >= 0, found {int(y.min())}")
-        num_classes = int(y.max()) + 1
-    else:
-        y = y.float()
-    n = len(x)
-    if n < 2:
-        raise CLIError(f"data has {n} sample(s); need at least 2 (training and held out)")
-    n_val = min(n - 1, max(1, round(float(opts["val_fraction"]) * n)))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(opts["seed"]) + 7))
-    val, train = order[:n_val], order[n_val:]
-    return Dataset(kind, task, x[train], y[train], x[val], y[val], num_classes, desc)
-
-
 def _tabular(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    if path.suffix.lower() == ".npz":
-        try:
+    try:
+        if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as z:
-                keys = list(z.keys())
-                xk = next((k for k in X_KEYS if k in keys), None)
-                yk = next((k for k in Y_KEYS if k in keys), None)
+                xk = next((k for k in X_KEYS if k in z), None)
+                yk = next((k for k in Y_KEYS if k in z), None)
                 if xk is None or yk is None:
                     raise CLIError(
-                        f"data {path}: an .npz needs arrays named X (or x, inputs, "
-                        f"features) and y (or labels, targets); found {keys}"
+                        f"data {path}: an .npz needs arrays named X (or x, inputs, features) "
+                        f"and y (or labels, targets); found {list(z.keys())}"
                     )
                 x, y = np.asarray(z[xk]), np.asarray(z[yk])
-        except CLIError:
-            raise
-        except Exception as err:
-            raise CLIError(f"could not read {path}: {one_line(err)}") from None
-    else:
-        x, y = _csv(path)
-    if x.ndim == 1:
-        x = x[:, None]
+        else:
+            x, y = _csv(path)
+    except CLIError:
+        raise
+    except Exception as err:
+        raise CLIError(f"could not read {path}: {one_line(err)}") from None
+    x = x[:, None] if x.ndim == 1 else x
     if len(x) != len(y):
         raise CLIError(f"data {path}: X has {len(x)} rows but y has {len(y)}")
     if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.number):
@@ -168,63 +108,42 @@ def _tabular(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if not np.isfinite(x).all():
         raise CLIError(f"data {path}: X contains NaN or Inf")
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    yt = torch.from_numpy(np.ascontiguousarray(y))
-    return xt, yt
+    return xt, torch.from_numpy(np.ascontiguousarray(y))
 
 
 def _csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A numeric CSV table (numpy's reader); a first row that is not numeric is the header."""
+    with path.open() as fh:
+        head = [c.strip() for c in fh.readline().split(",")]
     try:
-        with path.open(newline="") as fh:
-            rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError) as err:
-        raise CLIError(f"could not read {path}: {one_line(err)}") from None
-    if not rows:
-        raise CLIError(f"data {path}: the CSV file is empty")
-    header = None
-    try:
-        [float(c) for c in rows[0]]
+        [float(c) for c in head]
+        header: list[str] = []
     except ValueError:
-        header, rows = [c.strip() for c in rows[0]], rows[1:]
-    width = len(rows[0]) if rows else 0
-    if width < 2:
+        header = head
+    table = np.loadtxt(path, delimiter=",", skiprows=1 if header else 0, ndmin=2)
+    if table.shape[1] < 2:
         raise CLIError(f"data {path}: a CSV needs at least one feature column and a label")
-    try:
-        table = np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
-    except ValueError as err:
-        raise CLIError(f"data {path}: non-numeric value in the CSV ({err})") from None
-    except Exception as err:  # ragged rows
-        raise CLIError(f"data {path}: rows of different lengths ({one_line(err, 100)})") from None
-    col = width - 1
-    if header is not None:
-        for name in ("label", "target", "y", "class"):
-            if name in header:
-                col = header.index(name)
-                break
-    y = table[:, col]
-    x = np.delete(table, col, axis=1)
-    return x, y
+    names = ("label", "target", "y", "class")
+    col = next((header.index(n) for n in names if n in header), table.shape[1] - 1)
+    return np.delete(table, col, axis=1), table[:, col]
 
 
-def _images(path: Path, size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _images(path: Path, size: Any) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Images of one sub-folder per class, grey or RGB as the first image, resized to ``size``
+    (an int or (h, w); default the first image's size), scaled to [0, 1]."""
     require("PIL", "reading an image folder", "pillow")
     from PIL import Image, UnidentifiedImageError
 
     classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = [
-        (f, ci)
-        for ci, c in enumerate(classes)
-        for f in sorted((path / c).iterdir())
-        if f.suffix.lower() in IMAGE_EXT
-    ]
+    files = [(f, ci) for ci, c in enumerate(classes) for f in sorted((path / c).iterdir())
+             if f.suffix.lower() in IMAGE_EXT]  # fmt: skip
     if not files:
         raise CLIError(f"data {path}: no images found in its class sub-folders")
-    images = []
-    mode = None
-    target: tuple[int, int] | None = (size, size) if size else None
+    images, mode = [], None
+    target = (size, size) if isinstance(size, int) else size[::-1] if size else None
     for f, _ in files:
         try:
             with Image.open(f) as im:
-                im.load()
                 img = im.copy()
         except (UnidentifiedImageError, OSError) as err:
             raise CLIError(f"data: cannot read image {f}: {one_line(err, 120)}") from None
@@ -232,39 +151,32 @@ def _images(path: Path, size: int | None) -> tuple[torch.Tensor, torch.Tensor, l
             mode = "L" if img.mode in ("1", "L", "I", "I;16", "F", "LA") else "RGB"
             target = target or img.size
         img = img.convert(mode)
-        if img.size != target:
-            img = img.resize(target)
-        images.append(np.asarray(img, dtype=np.float32) / 255.0)
-    arr = np.stack(images)
+        images.append(np.asarray(img if img.size == target else img.resize(target)) / 255.0)
+    arr = np.stack(images).astype(np.float32)
     arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
     y = torch.tensor([ci for _, ci in files], dtype=torch.long)
     return torch.from_numpy(np.ascontiguousarray(arr)), y, classes
 
 
-def _text(path: Path, loaded: LoadedModel, seq_len: int, val_fraction: float, seed: int) -> Dataset:
-    files = (
-        [path]
-        if path.is_file()
-        else sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_EXT)
-    )
+def _text(path: Path, loaded: LoadedModel, seq_len: int) -> tuple[torch.Tensor, None, str]:
+    """Sequences of ``seq_len`` tokens of the concatenated text files."""
+    files = [path] if path.is_file() else sorted(
+        f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_EXT)  # fmt: skip
     if not files:
         raise CLIError(f"data {path}: no text files (.txt, .md, .rst) found")
     try:
         text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
     except OSError as err:
         raise CLIError(f"could not read {path}: {one_line(err)}") from None
+    how = "tokenizer" if loaded.tokenizer is not None else "bytes"
     if loaded.tokenizer is not None:
-        ids = loaded.tokenizer(text, return_tensors=None)["input_ids"]
-        tokens = torch.tensor(ids, dtype=torch.long)
-        how = "tokenizer"
+        tokens = torch.tensor(loaded.tokenizer(text)["input_ids"], dtype=torch.long)
     else:
         tokens = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-        how = "bytes"
-        vocab = loaded.vocab_size
-        if vocab is not None and vocab < 256:
+        if (loaded.vocab_size or 256) < 256:
             raise CLIError(
                 f"data does not fit the model: text without a tokenizer uses bytes "
-                f"(256 symbols) but the model's vocabulary has {vocab}"
+                f"(256 symbols) but the model's vocabulary has {loaded.vocab_size}"
             )
     count = len(tokens) // seq_len
     if count < 2:
@@ -273,111 +185,4 @@ def _text(path: Path, loaded: LoadedModel, seq_len: int, val_fraction: float, se
             f"--seq-len {seq_len}; give more text or a shorter --seq-len"
         )
     seqs = tokens[: count * seq_len].view(count, seq_len)
-    n_val = min(count - 1, max(1, math.ceil(val_fraction * count)))
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + 7))
-    desc = f"{len(tokens):,} tokens ({how}) in {count} sequences of {seq_len}"
-    return Dataset("text", "lm", seqs[order[n_val:]], None, seqs[order[:n_val]], None, None, desc)
-
-
-# ----------------------------------------------------------------------------- loss, metric
-class Objective:
-    """The loss ``loss_fn(model, batch)`` expected by mfac.prune, and the held-out metric."""
-
-    def __init__(self, loaded: LoadedModel, data: Dataset, device: torch.device) -> None:
-        self.hf = loaded.kind == "hf"
-        self.data = data
-        self.device = device
-
-    def _out(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        out = model(input_ids=x) if self.hf else model(x)
-        if hasattr(out, "logits"):
-            out = out.logits
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
-        if not isinstance(out, torch.Tensor):
-            raise CLIError(f"the model returned {type(out).__name__}, not a tensor of outputs")
-        return out
-
-    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor | None]) -> Any:
-        x, y = batch
-        x = x.to(self.device)
-        out = self._out(model, x)
-        task = self.data.task
-        if task == "lm":
-            logits = out[:, :-1].reshape(-1, out.shape[-1])
-            return nn.functional.cross_entropy(logits, x[:, 1:].reshape(-1))
-        assert y is not None
-        y = y.to(self.device)
-        if task == "classification":
-            return nn.functional.cross_entropy(out, y)
-        return nn.functional.mse_loss(out.reshape(y.shape) if out.numel() == y.numel() else out, y)
-
-    def check_fits(self, model: nn.Module) -> None:
-        """Run one small batch; any failure means the data does not fit the model."""
-        x = self.data.x_train[:2]
-        y = None if self.data.y_train is None else self.data.y_train[:2]
-        model.eval()
-        shape = tuple(x.shape)
-        try:
-            with torch.no_grad():
-                out = self._out(model, x.to(self.device))
-        except CLIError:
-            raise
-        except Exception as err:
-            raise CLIError(
-                f"data does not fit the model: a batch of shape {shape} failed: "
-                f"{one_line(err, 200)}"
-            ) from None
-        task = self.data.task
-        if task == "lm" and (out.ndim != 3 or out.shape[:2] != x.shape):
-            raise CLIError(
-                f"data does not fit the model: a language model must return "
-                f"(batch, seq, vocab) logits, got {tuple(out.shape)}"
-            )
-        if task == "classification":
-            nc = self.data.num_classes or 0
-            if out.ndim != 2 or out.shape[1] < nc:
-                raise CLIError(
-                    f"data does not fit the model: {nc} classes need outputs of shape "
-                    f"(batch, >= {nc}), got {tuple(out.shape)}"
-                )
-        if task == "regression" and y is not None and out.numel() != y.numel():
-            raise CLIError(
-                f"data does not fit the model: targets of shape {tuple(y.shape)}, "
-                f"outputs {tuple(out.shape)}"
-            )
-
-    @property
-    def metric_name(self) -> str:
-        return {"lm": "perplexity", "classification": "accuracy", "regression": "mse"}[
-            self.data.task
-        ]
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch_size: int) -> dict[str, float]:
-        """Held-out loss and metric (accuracy, perplexity or MSE)."""
-        was = model.training
-        model.eval()
-        total, count, correct = 0.0, 0, 0
-        for x, y in self.data.batches(batch_size, split="val"):
-            loss = float(self(model, (x, y)))
-            total += loss * len(x)
-            count += len(x)
-            if self.data.task == "classification":
-                assert y is not None
-                pred = self._out(model, x.to(self.device)).argmax(1).cpu()
-                correct += int((pred == y).sum())
-        model.train(was)
-        loss = total / max(count, 1)
-        metric = {
-            "lm": math.exp(min(loss, 700.0)),
-            "classification": correct / max(count, 1),
-            "regression": loss,
-        }[self.data.task]
-        return {"loss": loss, self.metric_name: metric}
-
-
-def iterate_forever(batches: list[Any]) -> Iterator[Any]:
-    """Cycle through a list of batches."""
-    while True:
-        yield from batches
+    return seqs, None, f"{len(tokens):,} tokens ({how}) in {count} sequences of {seq_len}"

@@ -4,10 +4,10 @@ safetensors or torch format. Every failure becomes a one-line :class:`CLIError`.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
 import os
+import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,22 +76,18 @@ def _load_hf(path: Path) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, torch_dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        model = model.float()
     except Exception as err:  # transformers raises many kinds
-        raise CLIError(
-            f"could not load the Hugging Face model in {path}: {one_line(err)}"
-        ) from None
+        msg = f"could not load the Hugging Face model in {path}: {one_line(err)}"
+        raise CLIError(msg) from None
     tokenizer = None
     tok_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     if any((path / f).exists() for f in tok_files):
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as err:
-            log.warning(
-                "tokenizer in %s did not load (%s); using bytes as tokens", path, one_line(err, 120)
-            )
+            log.warning("tokenizer in %s did not load (%s); bytes are the tokens", path, err)
     return LoadedModel(model, "hf", str(path), tokenizer)
 
 
@@ -111,18 +107,17 @@ def _call_factory(spec: str) -> nn.Module:
             mod_spec.loader.exec_module(module)
         except Exception as err:
             raise CLIError(f"--model {spec}: importing {file} failed: {one_line(err)}") from None
+        fn = getattr(module, func, None)
     else:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
-            module = importlib.import_module(target)
-        except ImportError as err:
-            raise CLIError(f"--model {spec}: cannot import module {target!r}: {err}") from None
+            fn = pkgutil.resolve_name(spec)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise CLIError(f"--model {spec}: cannot import {target!r}: {one_line(err)}") from None
         except Exception as err:
-            raise CLIError(
-                f"--model {spec}: importing {target!r} failed: {one_line(err)}"
-            ) from None
-    fn = getattr(module, func, None)
+            msg = f"--model {spec}: importing {target!r} failed: {one_line(err)}"
+            raise CLIError(msg) from None
     if not callable(fn):
         raise CLIError(f"--model {spec}: module {target!r} has no function {func!r}")
     try:
@@ -152,9 +147,8 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CLIError(
-            f"could not read checkpoint {path} (torch or safetensors format): {one_line(err, 200)}"
-        ) from None
+        msg = f"could not read checkpoint {path} (torch or safetensors format): {one_line(err)}"
+        raise CLIError(msg) from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):
@@ -176,38 +170,28 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
         except (RuntimeError, ValueError, KeyError) as err:
             raise CLIError(f"checkpoint {path} does not fit the model: {one_line(err)}") from None
         return
-    missing, unexpected = _mismatch(model, state)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-        raise CLIError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}")
+    tied = _tied_keys(model)
+    missing = sorted(k for k in set(model.state_dict()) - set(state) if k not in tied)
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    pairs = (("missing", missing), ("unexpected", unexpected))
+    parts = [f"{what} keys {keys[:4]}{' ...' * (len(keys) > 4)}" for what, keys in pairs if keys]
     try:
-        model.load_state_dict(state, strict=True)
+        if parts:
+            raise RuntimeError("; ".join(parts))
+        model.load_state_dict(state, strict=False)
     except RuntimeError as err:
         raise CLIError(f"checkpoint {path} does not fit the model: {one_line(err)}") from None
     log.info("checkpoint: %s (%d tensors)", path, len(state))
 
 
-def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    own = set(model.state_dict())
-    tied = _tied_keys(model)
-    missing = sorted(k for k in own - set(state) if k not in tied)
-    unexpected = sorted(set(state) - own)
-    return missing, unexpected
-
-
 def _tied_keys(model: nn.Module) -> set[str]:
-    """State keys whose tensor is shared with an earlier key (tied embeddings)."""
-    seen: dict[int, str] = {}
+    """Parameter names whose tensor is shared with an earlier one (tied embeddings)."""
+    seen: set[int] = set()
     tied = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             tied.add(name)
-        else:
-            seen[id(p)] = name
+        seen.add(id(p))
     return tied
 
 

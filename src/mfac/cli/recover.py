@@ -21,7 +21,7 @@ from .common import (
     text_table,
     write_json,
 )
-from .recipe import RECOVER_FIELDS, SOLVER_OPTIONS, resolve
+from .options import resolve
 
 log = logging.getLogger("mfac.cli")
 TRUTH_KEYS = ("x_true", "w_true", "x_star", "w")
@@ -61,77 +61,36 @@ def read_problem(data: Path, y_path: Path | None) -> tuple[np.ndarray, np.ndarra
 
 def run_recover(args: argparse.Namespace) -> int:
     """Solve, print a summary, write recovery.npz and recovery.json atomically."""
-    opts = resolve(args, RECOVER_FIELDS, "recover")
-    check_replaceable(opts["output"])
+    got = resolve(args, "recover", strict=True)
+    cmd, options = got.command, got.method
+    check_replaceable(cmd.output, probe=True)
     from ..recovery import solve
 
-    A, y, truth = read_problem(opts["data"], opts["y"])
-    options: dict[str, Any] = {}
-    for key, methods in SOLVER_OPTIONS.items():
-        if opts[key] is None:
-            continue
-        if opts["method"] not in methods:
-            raise CLIError(
-                f"--{key.replace('_', '-')} applies to method {' / '.join(methods)}, "
-                f"not {opts['method']}"
-            )
-        options[key] = opts[key]
-    log.info(
-        "solving: A %s, y %s, k=%d, %s (%s)",
-        A.shape,
-        y.shape,
-        opts["k"],
-        opts["method"],
-        opts["loss"],
-    )
+    A, y, truth = read_problem(cmd.data, cmd.y)
+    log.info("solving: A %s, y %s, k=%d, %s (%s)", A.shape, y.shape, cmd.k, cmd.method, cmd.loss)
     t0 = time.perf_counter()
-    res = solve(
-        A,
-        y,
-        opts["k"],
-        method=opts["method"],
-        max_iter=opts["max_iter"],
-        tol=opts["tol"],
-        loss=opts["loss"],
-        history=True,
-        **options,
-    )
-    wall = time.perf_counter() - t0
+    res = solve(A, y, cmd.k, method=cmd.method, max_iter=cmd.max_iter, tol=cmd.tol,
+                loss=cmd.loss, history=True, **options)  # fmt: skip
     summary: dict[str, Any] = {
-        "command": "recover",
-        "data": opts["data"],
-        "shape": list(A.shape),
-        "k": opts["k"],
-        "method": opts["method"],
-        "loss_kind": opts["loss"],
-        "options": options,
-        "iterations": res.iterations,
-        "converged": res.converged,
-        "loss": res.loss,
-        "nonzeros": int(np.count_nonzero(res.x)),
-        "support": [int(i) for i in res.support],
-        "wall_s": wall,
+        "command": "recover", "data": cmd.data, "shape": list(A.shape), "k": cmd.k,
+        "method": cmd.method, "loss_kind": cmd.loss, "options": options,
+        "iterations": res.iterations, "converged": res.converged, "loss": res.loss,
+        "nonzeros": int(np.count_nonzero(res.x)), "support": [int(i) for i in res.support],
+        "wall_s": time.perf_counter() - t0,
         "info": {k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool))},
-    }
+    }  # fmt: skip
     if truth is not None and truth.shape == res.x.shape:
         err = float(np.linalg.norm(res.x - truth))
         summary["error"] = err
         summary["relative_error"] = err / max(float(np.linalg.norm(truth)), 1e-300)
-        true_support = set(np.flatnonzero(truth).tolist())
-        summary["support_recall"] = (
-            len(true_support & set(summary["support"])) / len(true_support) if true_support else 1.0
-        )
-    out = Path(opts["output"])
-    with atomic_dir(out) as tmp:
-        np.savez(
-            tmp / "recovery.npz",
-            x=res.x,
-            support=res.support,
-            history=np.asarray(res.history or [], dtype=np.float64),
-        )
+        true = set(np.flatnonzero(truth).tolist())
+        summary["support_recall"] = len(true & set(summary["support"])) / len(true) if true else 1.0
+    with atomic_dir(cmd.output) as tmp:
+        history = np.asarray(res.history or [], dtype=np.float64)
+        np.savez(tmp / "recovery.npz", x=res.x, support=res.support, history=history)
         write_json(tmp / "recovery.json", summary)
     cols = ["method", "iterations", "converged", "loss", "nonzeros", "wall_s"]
     cols += [c for c in ("relative_error", "support_recall") if c in summary]
     emit(text_table([summary], cols))
-    emit(f"wrote {out}/ (recovery.npz: x, support, history; recovery.json)")
+    emit(f"wrote {cmd.output}/ (recovery.npz: x, support, history; recovery.json)")
     return 0

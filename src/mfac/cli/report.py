@@ -18,6 +18,10 @@ text-align:left}img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6
 .note{color:#666}"""
 
 
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
 @dataclass
 class Report:
     """An ordered list of blocks (headings, paragraphs, tables, images) written twice."""
@@ -44,12 +48,11 @@ class Report:
                 out += [f"## {value}", ""]
             elif kind == "p":
                 out += [value, ""]
-            elif kind == "table":
+            elif kind == "table":  # "|" inside a cell is escaped, or it would split the cell
                 rows, cols = value
-                out.append("| " + " | ".join(cols) + " |")
+                out.append(_md_row(cols))
                 out.append("|" + "|".join("---" for _ in cols) + "|")
-                out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-                out.append("")
+                out += [_md_row([fmt(r.get(c)) for c in cols]) for r in rows] + [""]
             elif kind == "img":
                 name, caption = value
                 out += [f"![{caption}]({name})", ""]

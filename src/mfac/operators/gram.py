@@ -1,7 +1,7 @@
 """The m x m algebra of a sliding window: K = m*lambda*I + G G^T and its inverse (float64),
 shared by every window layout (dense rows in :mod:`mfac.operators.sliding`, top-k rows in
 :mod:`mfac.operators.topk`, sharded columns in :mod:`mfac.operators.sharded`).
-ALGORITHMS.md section 3.
+docs/algorithms.md section 3.
 
 A push replaces row and column r of K, a symmetric rank-2 change. Instead of refactoring K
 (O(m^3)), the inverse B = K^-1 is updated in O(m^2) by two exact identities:

@@ -1,4 +1,4 @@
-"""EFCP: the sliding window with error-feedback top-k rows (ALGORITHMS.md section 3).
+"""EFCP: the sliding window with error-feedback top-k rows (docs/algorithms.md section 3).
 
 Each gradient g is added to the error e, the k largest magnitudes c of a = e + g are stored
 (k values + int16/int32 indices), and e = a - c carries the rest into later steps. G x is a

@@ -1,5 +1,5 @@
 """The M-FAC optimizer: preconditioned steps with the inverse empirical Fisher of a sliding
-window of the last m gradients (ALGORITHMS.md section 3), as a ``torch.optim.Optimizer``.
+window of the last m gradients (docs/algorithms.md section 3), as a ``torch.optim.Optimizer``.
 
 The step itself is :func:`mfac.optim.functional.mfac_step`; this class lays the parameters
 out in one flat vector, keeps the state in ``self.state`` (torch's convention) and checks

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
+from torch.utils.hooks import RemovableHandle
 
 Masks = dict[str, torch.Tensor]
 
@@ -61,7 +62,7 @@ class MaskHolder:
         self.masks = {n: m.bool() for n, m in masks.items()}
         self.modules = _modules(model, self.masks)
         apply_masks(model, self.masks)
-        self.handles: list[object] = []
+        self.handles: list[RemovableHandle] = []
         for name, module in self.modules.items():
             w = _weight(module)
             keep = self.masks[name].to(w.device)
@@ -87,7 +88,7 @@ class MaskHolder:
     def remove(self) -> None:
         """Detach every hook (the weights stay as they are)."""
         for h in self.handles:
-            h.remove()  # type: ignore[attr-defined]
+            h.remove()
         self.handles.clear()
 
 

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._result import Result
+
 
 @dataclass
-class PruneResult:
+class PruneResult(Result):
     """Masks (True = kept), achieved sparsity per layer and overall, and wall-clock timings.
 
     ``timings`` holds seconds for ``collect`` (gradients or activations), ``precompute``
@@ -16,14 +18,12 @@ class PruneResult:
     ``total``.
     """
 
-    method: str
     target: float
     pattern: tuple[int, int] | None
     masks: dict[str, torch.Tensor]
     layer_sparsity: dict[str, float]
     sparsity: float
     timings: dict[str, float] = field(default_factory=dict)
-    info: dict[str, object] = field(default_factory=dict)
 
 
 def summarize(masks: dict[str, torch.Tensor]) -> tuple[dict[str, float], float]:

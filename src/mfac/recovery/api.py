@@ -10,6 +10,7 @@ import torch
 
 from .classic import cosamp, htp, iht, niht, omp
 from .iobs import iobs
+from .options import CONFIGS
 from .problems import F64, make_problem
 from .result import RecoveryResult, Tracker
 
@@ -67,19 +68,13 @@ def solve(
     iterations, when the relative change ||x_t - x_{t-1}|| <= tol ||x_t||, or when
     ``callback(it, x)`` returns True.
 
-    Method options:
-      iht:    step (absolute) or step_scale (times 1/L, default 1)
-      niht:   kappa (2.0), c (0.01)
-      htp:    step / step_scale as iht (the support-selection gradient step)
-      cosamp: none;  omp: grad_tol (stop when max |grad| falls below grad_tol * initial)
-      iobs:   rule ("topk" | "saliency" | "greedy"), correction (True), step (eta, 1.0),
-              damp (0 exact / 1e-4 relative for mfac), damp_mode ("absolute" | "relative"),
-              curvature ("exact" dense Hessian | "mfac" matrix-free InverseFisher on per-sample
-              curvature rows), refresh (rebuild every r iterations, non-quadratic f only),
-              block_size, mfac_dtype
+    ``options`` are the fields of the solver's option set in :mod:`mfac.recovery.options`
+    (``CONFIGS[method]``; docs/cli.md lists them): unknown names raise TypeError, bad values
+    ValueError, before any work.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    config = CONFIGS[method].build(options, f"method {method!r}")
     is_torch = isinstance(A, torch.Tensor)
     device = A.device if is_torch else None
     At = _as_tensor(A, "A", device)
@@ -113,14 +108,9 @@ def solve(
             raise ValueError(f"x0 must have {d} entries, got {start.numel()}")
         _check_finite(start, "x0")
     tracker = Tracker(problem, float(tol), history, callback)
-    try:
-        x, support, iters, converged, info = METHODS[method](
-            problem, k, start, int(max_iter), tracker, **options
-        )
-    except TypeError as err:
-        if "unexpected keyword" in str(err):
-            raise TypeError(f"method {method!r}: {err}") from None
-        raise
+    x, support, iters, converged, info = METHODS[method](
+        problem, k, start, int(max_iter), tracker, **config.as_dict()
+    )
     value = problem.value(x)
     if intercept:
         info = {**info, "intercept": problem.bias(x)}

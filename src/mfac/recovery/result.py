@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .._result import Result
 from .problems import Problem
 
 
 @dataclass
-class RecoveryResult:
+class RecoveryResult(Result):
     """Outcome of `mfac.recovery.solve`.
 
     ``x``: the k-sparse solution (numpy array or torch tensor, the kind and dtype of A);
@@ -27,10 +28,8 @@ class RecoveryResult:
     iterations: int
     converged: bool
     loss: float
-    method: str
     history: list[float] | None = None
     iterates: list[Any] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Tracker:

@@ -56,7 +56,7 @@ def build_inverse(
     t1 = time.perf_counter()
     fisher = InverseFisher(
         buf.tensor, damp, block_size, damp_mode=damp_mode, memory_budget=memory_budget
-    )  # type: ignore[arg-type]
+    )
     timings["collect"] = timings.get("collect", 0.0) + t1 - t0
     timings["precompute"] = timings.get("precompute", 0.0) + time.perf_counter() - t1
     return fisher
