@@ -30,7 +30,7 @@ F64 = torch.float64
 ForwardFn = Callable[[nn.Module, object], object]
 #: Keyword arguments of Hugging Face decoder blocks that carry a key/value cache: a captured
 #: block call is replayed without it (the cache would grow at every replay).
-_CACHE_KWARGS = {"past_key_values": None, "past_key_value": None, "layer_past": None}
+_CACHE_KWARGS = {"cache": None, "past_key_values": None, "past_key_value": None, "layer_past": None}
 
 
 def calibration_batches(data: Iterable[object], count: int) -> list[object]:
@@ -70,8 +70,11 @@ def check_layerwise_targets(targets: Sequence[Target]) -> None:
         m = t.module
         if isinstance(m, nn.Linear):
             continue
-        if isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m.padding, str) and (
-            m.padding_mode == "zeros"
+        if (
+            isinstance(m, nn.Conv2d)
+            and m.groups == 1
+            and not isinstance(m.padding, str)
+            and (m.padding_mode == "zeros")
         ):
             continue
         raise ValueError(

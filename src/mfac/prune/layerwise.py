@@ -8,8 +8,6 @@ columns as -e_i U_{j,k}. The mask is picked per block of ``block`` columns (unst
 M columns (N:M) by w^2 / U_jj^2, and the block's errors are pushed to the rest in one matmul.
 """
 
-
-
 from __future__ import annotations
 
 import time

@@ -1,0 +1,357 @@
+"""Layer-wise pruners (Wanda, SparseGPT, OWL budgets) against direct float64 implementations,
+the block-by-block sequential schedule, and refusals that leave the model as it was."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from mfac.prune import blockwise
+from mfac.prune.layerwise import prune_layer_ex, sparsegpt
+from mfac.prune.wanda import WandaConfig, wanda
+
+F64 = torch.float64
+
+
+class Block(nn.Module):
+    """A residual block called with a keyword argument, like a transformer layer."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, hidden)
+        self.down = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        return x + scale * self.down(torch.relu(self.up(x)))
+
+
+class Chain(nn.Module):
+    def __init__(self, width: int = 8, hidden: int = 12, depth: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, width)
+        self.layers = nn.ModuleList(Block(width, hidden) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.layers:
+            h = block(h, scale=0.5)
+        return h
+
+
+def _chain(seed: int = 0) -> tuple[Chain, list[torch.Tensor]]:
+    torch.manual_seed(seed)
+    model = Chain().double()
+    batches = [torch.randn(4, 3, 5, dtype=F64) for _ in range(3)]
+    return model, batches
+
+
+def _run(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(batch)
+
+
+def _layers(name: str, _m: nn.Module) -> bool:
+    return name.startswith("layers.")
+
+
+# --------------------------------------------------------------------------- direct oracles
+def _naive_wanda_layer(w: torch.Tensor, x: torch.Tensor, sparsity: float, nm=None) -> torch.Tensor:
+    """Keep-mask by explicit loops: score |w_ij| * sqrt(sum_t x_tj^2), per row."""
+    rows, cols = w.shape
+    norms = [math.sqrt(sum(float(x[t, j]) ** 2 for t in range(x.shape[0]))) for j in range(cols)]
+    keep = torch.ones(rows, cols, dtype=torch.bool)
+    for i in range(rows):
+        scores = [(abs(float(w[i, j])) * norms[j], j) for j in range(cols)]
+        if nm is None:
+            for _, j in sorted(scores)[: round(sparsity * cols)]:
+                keep[i, j] = False
+        else:
+            n, m = nm
+            for g in range(0, cols, m):
+                for _, j in sorted(scores[g : g + m])[: m - n]:
+                    keep[i, j] = False
+    return keep
+
+
+def _naive_sequential(model: Chain, batches, prune_fn) -> dict[str, torch.Tensor]:
+    """Prune block after block by hand: inputs of each linear computed from the pruned blocks
+    before it (the dense block's up-projection feeds its down-projection)."""
+    masks = {}
+    hs = [model.inp(b) for b in batches]
+    for k, block in enumerate(model.layers):
+        x_up = torch.cat([h.reshape(-1, h.shape[-1]) for h in hs])
+        x_down = torch.relu(block.up(x_up))
+        for name, lin, x in (("up", block.up, x_up), ("down", block.down, x_down)):
+            keep = prune_fn(lin.weight.detach(), x)
+            masks[f"layers.{k}.{name}"] = keep
+        for name, lin in (("up", block.up), ("down", block.down)):
+            with torch.no_grad():
+                lin.weight.mul_(masks[f"layers.{k}.{name}"].to(F64))
+        hs = [block(h, scale=0.5) for h in hs]
+    return masks
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "nm"), [(0.3, None), (0.5, None), (0.75, None), (0.5, (2, 4))]
+)
+def test_wanda_one_pass_matches_loops(sparsity, nm) -> None:
+    model, batches = _chain(1)
+    ref = Chain().double()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        feats = {}
+        hooks = [
+            m.register_forward_hook(lambda mod, a, o, n=n: feats.setdefault(n, []).append(a[0]))
+            for n, m in ref.named_modules()
+            if isinstance(m, nn.Linear) and n.startswith("layers.")
+        ]
+        for b in batches:
+            ref(b)
+        for h in hooks:
+            h.remove()
+    masks, _ = wanda(
+        model, batches, _run, sparsity if nm is None else None, WandaConfig(3, sequential=False),
+        pattern=nm, layers=_layers,
+    )  # fmt: skip
+    mods = dict(ref.named_modules())
+    for name, keep in masks.items():
+        x = torch.cat([a.reshape(-1, a.shape[-1]) for a in feats[name]])
+        expect = _naive_wanda_layer(mods[name].weight.detach(), x, sparsity, nm)
+        assert torch.equal(keep, expect), name
+        w = dict(model.named_modules())[name].weight
+        assert torch.equal(w, mods[name].weight * expect)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_wanda_sequential_matches_block_by_block_loops(nm) -> None:
+    model, batches = _chain(2)
+    ref = Chain().double()
+    ref.load_state_dict(model.state_dict())
+    info: dict[str, object] = {}
+    masks, _ = wanda(
+        model, batches, _run, 0.5, WandaConfig(3), pattern=nm, layers=_layers, info=info
+    )
+    assert info["schedule"] == "sequential-blocks"
+    with torch.no_grad():
+        expect = _naive_sequential(ref, batches, lambda w, x: _naive_wanda_layer(w, x, 0.5, nm))
+    assert masks.keys() == expect.keys()
+    for name in masks:
+        assert torch.equal(masks[name], expect[name]), name
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_sequential_block_replay_equals_full_passes(monkeypatch) -> None:
+    """Replaying captured block inputs gives the same masks and weights as re-running the whole
+    model for every block (the fallback when blocks do not form a chain)."""
+    results = []
+    for chain in (True, False):
+        model, batches = _chain(3)
+        if not chain:
+            monkeypatch.setattr(blockwise, "_is_chain", lambda *a: False)
+        info: dict[str, object] = {}
+        masks, _ = sparsegpt(
+            model, batches, _run, 0.6, layers=_layers, block=4, calib_batches=3,
+            progress=False, info=info,
+        )  # fmt: skip
+        assert info["schedule"] == ("sequential-blocks" if chain else "sequential-full-passes")
+        results.append((masks, [p.detach().clone() for p in model.parameters()]))
+    for name in results[0][0]:
+        assert torch.equal(results[0][0][name], results[1][0][name])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_sequential_on_hugging_face_decoder() -> None:
+    """A tiny Llama (kv-cache kwargs, rotary embeddings passed as kwargs): block replay agrees
+    with full passes and the pruned model's loss stays finite."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    ids = [
+        torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
+
+    def fwd(m: nn.Module, b: torch.Tensor) -> object:
+        return m(input_ids=b, labels=b).loss
+
+    outs = []
+    for chain in (True, False):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg)
+        info: dict[str, object] = {}
+        old = blockwise._is_chain
+        if not chain:
+            blockwise._is_chain = lambda *a: False  # type: ignore[assignment]
+        try:
+            masks, _ = wanda(
+                model,
+                ids,
+                fwd,
+                0.5,
+                WandaConfig(3),
+                layers=lambda n, _m: ".layers." in n,
+                info=info,
+            )
+        finally:
+            blockwise._is_chain = old  # type: ignore[assignment]
+        outs.append((info["schedule"], masks, float(fwd(model, ids[0]).detach())))
+    assert outs[0][0] == "sequential-blocks"
+    assert outs[1][0] == "sequential-full-passes"
+    for name in outs[0][1]:
+        assert torch.equal(outs[0][1][name], outs[1][1][name]), name
+    assert math.isfinite(outs[0][2]) and abs(outs[0][2] - outs[1][2]) < 1e-5
+
+
+# --------------------------------------------------------------------------- refusals
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_nm_contradicting_sparsity_refused_model_unchanged() -> None:
+    model, batches = _chain()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="contradicts the N:M pattern 2:4"):
+        wanda(model, batches, _run, 0.8, pattern=(2, 4), layers=_layers)
+    assert _same(model, snap)
+
+
+def test_nm_width_not_divisible_names_layer_and_exclude() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    snap = _snapshot(model)
+    batches = [torch.randn(4, 6, dtype=F64)]
+    for fn in (wanda, sparsegpt):
+        with pytest.raises(ValueError, match=r"\('0', 6\).*exclude"):
+            fn(model, batches, _run, None, pattern=(2, 4))
+        assert _same(model, snap)
+
+
+def test_small_calibration_set_warns() -> None:
+    model, batches = _chain()
+    with pytest.warns(UserWarning, match="holds 3 batches, fewer than the 8 requested"):
+        wanda(model, batches, _run, 0.5, WandaConfig(8), layers=_layers)
+
+
+def test_wanda_config_validates() -> None:
+    with pytest.raises(ValueError, match="calib_batches"):
+        WandaConfig(0)
+    with pytest.raises(TypeError, match="sequential"):
+        WandaConfig(sequential="yes")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- SparseGPT faults
+def test_sparsegpt_all_zero_inputs_mask_matches_weights() -> None:
+    """A layer whose inputs are all zero: its reported mask and sparsity match the weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 4)).double()
+    with torch.no_grad():
+        model[0].weight.zero_()  # the second layer sees only its bias-free zero inputs
+    batches = [torch.randn(16, 8, dtype=F64) for _ in range(2)]
+    masks, _ = sparsegpt(model, batches, _run, 0.5, layers=["1"], calib_batches=2, progress=False)
+    w = model[1].weight
+    assert torch.equal(masks["1"], w != 0)
+    assert abs(1 - float(masks["1"].float().mean()) - 0.5) < 1e-9
+
+
+def test_sparsegpt_dead_inputs_pruned_first_and_counted() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=gen, dtype=F64)
+    x[:, :2] = 0.0  # two dead inputs
+    w = torch.randn(3, 8, generator=gen, dtype=F64) + 3.0
+    new, keep, used = prune_layer_ex(w, 2 * x.T @ x / 50, 0.5, block=8)
+    assert used == 0.01
+    assert not bool(keep[:, :2].any())  # removing them costs nothing
+    assert int((~keep).sum()) == 12
+    assert torch.equal(keep, new != 0)
+
+
+def test_sparsegpt_cholesky_escalates_damping(monkeypatch) -> None:
+    model, batches = _chain()
+    real = torch.linalg.cholesky_ex
+    calls = {"n": 0}
+
+    def flaky(a, *args, **kwargs):
+        calls["n"] += 1
+        out, info = real(a, *args, **kwargs)
+        return (out, torch.ones_like(info)) if calls["n"] == 1 else (out, info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
+    info: dict[str, object] = {}
+    with pytest.warns(RuntimeWarning, match=r"layers.0.up: Cholesky.*damp=0.1"):
+        sparsegpt(
+            model, batches, _run, 0.5, layers=_layers, calib_batches=3, progress=False, info=info
+        )
+    assert info["damp_escalated"] == {"layers.0.up": pytest.approx(0.1)}
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_sparsegpt_unfactorable_raises_and_restores(monkeypatch) -> None:
+    model, batches = _chain()
+    snap = _snapshot(model)
+    real = torch.linalg.cholesky_ex
+    calls = {"n": 0}
+
+    def fail_later(a, *args, **kwargs):
+        calls["n"] += 1
+        out, info = real(a, *args, **kwargs)
+        return (out, torch.ones_like(info)) if calls["n"] > 6 else (out, info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", fail_later)
+    with pytest.raises(
+        ValueError, match=r"not positive definite even at damp=100 \(started at 0.01"
+    ):
+        sparsegpt(model, batches, _run, 0.5, layers=_layers, calib_batches=3, progress=False)
+    assert _same(model, snap)
+
+
+def test_sparsegpt_nonfinite_inputs_named_and_restored() -> None:
+    model, batches = _chain()
+    snap = _snapshot(model)
+    bad = [b.clone() for b in batches]
+    bad[1][0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"layers\.0\.up: the calibration Hessian holds NaN"):
+        sparsegpt(model, bad, _run, 0.5, layers=_layers, calib_batches=3, progress=False)
+    assert _same(model, snap)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    groups=st.integers(1, 4),
+    sparsity=st.sampled_from([0.0, 0.25, 0.5, 0.9]),
+    seed=st.integers(0, 2**16),
+)
+def test_row_keep_property(rows, groups, sparsity, seed) -> None:
+    """Every row drops exactly round(s * cols) weights, each dropped score <= each kept one;
+    N:M keeps exactly N per group."""
+    from mfac.prune.wanda import row_keep
+
+    cols = 4 * groups
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 5, (rows, cols), generator=gen).to(F64)
+    keep = row_keep(scores, sparsity, None)
+    for i in range(rows):
+        assert int((~keep[i]).sum()) == round(sparsity * cols)
+        if 0 < int(keep[i].sum()) < cols:
+            assert float(scores[i][~keep[i]].max()) <= float(scores[i][keep[i]].min())
+    nm = row_keep(scores, 0.5, (2, 4))
+    assert bool((nm.reshape(rows, -1, 4).sum(2) == 2).all())
+
+
+def test_no_warnings_with_enough_calibration() -> None:
+    model, batches = _chain()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wanda(model, batches, _run, 0.5, WandaConfig(3), layers=_layers)
