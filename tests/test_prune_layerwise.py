@@ -455,3 +455,146 @@ def test_owl_config_validates() -> None:
     for bad in ({"threshold": 0}, {"spread": 1.0}, {"calib_batches": 0}, {"granularity": "x"}):
         with pytest.raises(ValueError):
             OWLConfig(**bad)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- files
+class TiedLM(nn.Module):
+    """An embedding tied to the output layer, with one hidden linear layer between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.embed(ids))))
+
+
+def _pruned_tied(prune_head: bool) -> tuple[TiedLM, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = TiedLM()
+    masks = {"mid": torch.rand(8, 8) > 0.5}
+    if prune_head:
+        masks["head"] = torch.rand(16, 8) > 0.5
+    from mfac.prune import apply_masks
+
+    apply_masks(model, masks)
+    return model, masks
+
+
+@pytest.mark.parametrize("prune_head", [False, True])
+def test_save_sparse_tied_weights_round_trip(tmp_path, prune_head) -> None:
+    from mfac.prune import load_sparse, save_sparse
+    from mfac.prune.masks import read_sparse
+
+    model, masks = _pruned_tied(prune_head)
+    save_sparse(model, masks, tmp_path / "s.safetensors")
+    state, got = read_sparse(tmp_path / "s.safetensors")
+    assert set(state) == set(model.state_dict())
+    assert got.keys() == masks.keys()
+    torch.manual_seed(1)
+    other = TiedLM()
+    load_sparse(other, tmp_path / "s.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
+    assert other.head.weight is other.embed.weight  # still tied
+
+
+def test_save_sparse_refuses_masks_naming_no_layer(tmp_path) -> None:
+    from mfac.prune import save_sparse
+
+    model, _ = _pruned_tied(False)
+    path = tmp_path / "s.safetensors"
+    path.write_bytes(b"user data")
+    for bad in ({"nothere": torch.ones(8, 8, dtype=torch.bool)}, {}):
+        with pytest.raises(ValueError, match=r"the model does not have|masks is empty"):
+            save_sparse(model, bad, path)
+        assert path.read_bytes() == b"user data"
+    with pytest.raises(ValueError, match="shape"):
+        save_sparse(model, {"mid": torch.ones(4, 8, dtype=torch.bool)}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
+
+
+def test_load_sparse_refusals_leave_model_unchanged(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from mfac.prune import load_sparse, save_sparse
+
+    model, masks = _pruned_tied(False)
+    good = tmp_path / "good.safetensors"
+    save_sparse(model, masks, good)
+    raw = load_file(str(good))
+    cases = {
+        "missing keys": {k: v for k, v in raw.items() if not k.startswith("mid.bias")},
+        "extra keys": {**raw, "other.weight": torch.zeros(2)},
+        "shape": {**raw, "mid.bias": torch.zeros(9)},
+        "keeps": {**raw, "mid.weight::values": raw["mid.weight::values"][:-1].clone()},
+    }
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as fh:
+        meta = fh.metadata()
+    torch.manual_seed(5)
+    target = TiedLM()
+    snap = _snapshot(target)
+    for match, tensors in cases.items():
+        path = tmp_path / f"{match.replace(' ', '_')}.safetensors"
+        save_file(tensors, str(path), metadata=meta)
+        with pytest.raises(ValueError, match=match):
+            load_sparse(target, path)
+        assert _same(target, snap), match
+    wide = nn.Sequential(nn.Linear(8, 8))
+    snap_wide = _snapshot(wide)
+    with pytest.raises(ValueError, match="missing keys"):
+        load_sparse(wide, good)
+    assert _same(wide, snap_wide)
+
+
+def test_save_pretrained_sparse_loads_without_mfac(tmp_path) -> None:
+    """The folder loads with transformers alone (mfac made unimportable in the child), gives the
+    pruned model's logits, and reports the sparsity counted from the saved weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    from mfac.prune.export import save_pretrained_sparse
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = [
+        torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)
+    ]
+    masks, _ = wanda(
+        model, ids, lambda m, b: m(input_ids=b), None, WandaConfig(2),
+        pattern=(2, 4), layers=lambda n, _m: ".layers." in n,
+    )  # fmt: skip
+    folder = tmp_path / "out"
+    rec = save_pretrained_sparse(model, masks, folder, {"method": "wanda", "pattern": "2:4"})
+    assert rec["sparsity"] == pytest.approx(0.5)
+    assert json.loads((folder / "mfac_recipe.json").read_text())["recipe"]["method"] == "wanda"
+    assert "mfac" not in (folder / "config.json").read_text()
+    with torch.no_grad():
+        expect = model(input_ids=ids[0]).logits
+    torch.save(ids[0], tmp_path / "ids.pt")
+    code = (
+        "import sys, torch; sys.modules['mfac'] = None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "with torch.no_grad(): out = m(input_ids=ids).logits\n"
+        f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert torch.allclose(torch.load(tmp_path / "out.pt"), expect, atol=1e-5)
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_pretrained_sparse(model, masks, folder)
