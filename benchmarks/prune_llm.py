@@ -183,6 +183,9 @@ def child(method: str, pattern: str | None, sparsity: float, args: argparse.Name
     gen = torch.Generator().manual_seed(0)
     pick = torch.randperm(train.shape[0], generator=gen)
     out: dict = {"method": method, "pattern": pattern or "none", "target": sparsity}
+    out["commit"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     t0 = time.perf_counter()
     if method in LAYERWISE:
         calib = [train[i : i + 1] for i in pick[: args.calib].tolist()]

@@ -83,6 +83,14 @@ def check_layerwise_targets(targets: Sequence[Target]) -> None:
         )
 
 
+def module_key(module: nn.Module) -> tuple[object, ...]:
+    """What the input statistic depends on besides the input: Linear layers share it; a Conv2d's
+    patches depend on its geometry."""
+    if isinstance(module, nn.Conv2d):
+        return ("conv", module.kernel_size, module.dilation, module.padding, module.stride)
+    return ("linear",)
+
+
 class InputStats:
     """Forward hooks accumulating, per layer, the float64 Gram X^T X (``kind="gram"``) or the
     squared column norms sum_t X_tj^2 (``kind="sqnorm"``) of its inputs, and the token count."""
@@ -93,18 +101,30 @@ class InputStats:
         self.kind = kind
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self._last: tuple[torch.Tensor, tuple[object, int], torch.Tensor, int] | None = None
         self.handles = [t.module.register_forward_hook(self._hook(t.name)) for t in targets]
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], _out: object) -> None:
-            x = layer_inputs(module, args[0].detach()).float()
-            stat = (x.T @ x).to(F64) if self.kind == "gram" else x.to(F64).square().sum(0)
+            inp = args[0]
+            last = self._last
+            if (
+                last is not None
+                and last[0] is inp
+                and last[1] == (module_key(module), inp._version)
+            ):
+                stat, rows = last[2], last[3]  # q/k/v (gate/up) read one input: one Gram
+            else:
+                x = layer_inputs(module, inp.detach()).float()
+                stat = (x.T @ x).to(F64) if self.kind == "gram" else x.to(F64).square().sum(0)
+                rows = x.shape[0]
+                self._last = (inp, (module_key(module), inp._version), stat, rows)
             if name in self.sums:
                 self.sums[name] += stat
-                self.counts[name] += x.shape[0]
+                self.counts[name] += rows
             else:
-                self.sums[name] = stat
-                self.counts[name] = x.shape[0]
+                self.sums[name] = stat.clone()
+                self.counts[name] = rows
 
         return hook
 
@@ -115,9 +135,10 @@ class InputStats:
         return self.sums[name], self.counts[name]
 
     def remove(self) -> None:
-        """Detach the hooks."""
+        """Detach the hooks (and drop the cached last input)."""
         for h in self.handles:
             h.remove()
+        self._last = None
 
 
 def stages(targets: Sequence[Target]) -> list[list[Target]]:

@@ -46,12 +46,34 @@ __all__ = [
 F64 = torch.float64
 
 
+#: Columns updated one at a time inside a block; the rest of the block is updated per
+#: sub-block with a matmul (a multiple of every M used in N:M patterns).
+SUB_BLOCK = 16
+
 #: Damping escalation after a failed Cholesky: at most this many retries, each 10x the last.
 DAMP_RETRIES = 4
 
 
 class SingularHessianError(ValueError):
     """The damped layer Hessian did not factor even after escalating the damping."""
+
+
+def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 128) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by 2 x 2 block recursion,
+    [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]: n^3 / 3 flops in matmuls, where a
+    triangular solve against the identity costs n^3."""
+    n = lower.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    k = n // 2
+    a_inv = lower_triangular_inverse(lower[:k, :k], leaf)
+    d_inv = lower_triangular_inverse(lower[k:, k:], leaf)
+    out = torch.zeros_like(lower)
+    out[:k, :k] = a_inv
+    out[k:, k:] = d_inv
+    out[k:, :k] = -(d_inv @ (lower[k:, :k] @ a_inv))
+    return out
 
 
 def damped_inverse_factor(
@@ -78,11 +100,13 @@ def damped_inverse_factor(
     for attempt in range(DAMP_RETRIES + 1):
         hd = h.clone()
         hd.diagonal().add_(used * mean_diag)
-        chol, bad = torch.linalg.cholesky_ex(hd)
+        # H = R R^T with R upper is the Cholesky factor of the reversed H, reversed; then
+        # U = R^-1 is upper with U^T U = H^-1: one factorisation and one triangular inverse
+        # instead of factor, invert and factor again
+        rev, bad = torch.linalg.cholesky_ex(hd.flip(0, 1))
         if int(bad) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            u, bad = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(bad) == 0 and bool(torch.isfinite(u).all()):
+            u = lower_triangular_inverse(rev).flip(0, 1)
+            if bool(torch.isfinite(u).all()):
                 if attempt:
                     warnings.warn(
                         f"{name}: Cholesky of the damped Hessian failed at damp={damp:g}; "
@@ -135,9 +159,12 @@ def prune_layer_ex(
     damp: float = 0.01,
     prior_mask: torch.Tensor | None = None,
     name: str = "layer",
+    factor: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """:func:`prune_layer`, also returning the relative damping actually used (escalated after
-    a failed Cholesky). Raises rather than return non-finite weights."""
+    a failed Cholesky). ``factor`` is :func:`damped_inverse_factor`'s output for this Hessian
+    when already computed (layers sharing their input). Raises rather than return non-finite
+    weights."""
     shape, dtype = weight.shape, weight.dtype
     w = weight.detach().reshape(shape[0], -1).to(F64).clone()
     rows, cols = w.shape
@@ -145,12 +172,14 @@ def prune_layer_ex(
         raise ValueError(
             f"{name}: hessian must be {cols} x {cols} for this weight, got {tuple(hessian.shape)}"
         )
-    if pattern is not None and (block % pattern[1] or cols % pattern[1]):
+    if pattern is not None and (block % pattern[1] or cols % pattern[1] or SUB_BLOCK % pattern[1]):
         raise ValueError(
             f"{name}: N:M needs block ({block}) and the input width ({cols}) divisible by "
             f"M={pattern[1]}; exclude the layer"
         )
-    u, dead, used = damped_inverse_factor(hessian, damp, name=name)
+    u, dead, used = (
+        factor if factor is not None else damped_inverse_factor(hessian, damp, name=name)
+    )
     u = u.to(w.device)
     dead = dead.to(w.device)
     prior = None if prior_mask is None else prior_mask.reshape(rows, cols).to(w.device).bool()
@@ -168,22 +197,28 @@ def prune_layer_ex(
                 wb, ub.diagonal(), sparsity, None if prior is None else prior[:, c0:c1],
                 alive[c0:c1],
             )  # fmt: skip
-        for j in range(c1 - c0):
-            if pattern is not None and j % pattern[1] == 0:
-                n, m = pattern
-                score = wb[:, j : j + m].square() / ub.diagonal()[j : j + m].square()
-                score = score * alive[c0 + j : c0 + j + m]
-                if prior is not None:
-                    score = torch.where(prior[:, c0 + j : c0 + j + m], score, -1.0)
-                drop = score.topk(m - n, dim=1, largest=False).indices
-                kb[:, j : j + m].scatter_(1, drop, False)
-                if prior is not None:
-                    kb[:, j : j + m] &= prior[:, c0 + j : c0 + j + m]
-            col = wb[:, j]
-            err = torch.where(kb[:, j], 0.0, col) / ub[j, j]
-            wb[:, j:] -= err[:, None] * ub[j, j:][None, :]
-            wb[:, j] = torch.where(kb[:, j], wb[:, j], 0.0)
-            errs[:, j] = err
+        width = c1 - c0
+        for s0 in range(0, width, SUB_BLOCK):
+            # rank-one updates only inside a sub-block; the rest of the block gets the
+            # sub-block's errors in one matmul (same arithmetic, BLAS-3 instead of BLAS-1)
+            s1 = min(s0 + SUB_BLOCK, width)
+            for j in range(s0, s1):
+                if pattern is not None and j % pattern[1] == 0:
+                    n, m = pattern
+                    score = wb[:, j : j + m].square() / ub.diagonal()[j : j + m].square()
+                    score = score * alive[c0 + j : c0 + j + m]
+                    if prior is not None:
+                        score = torch.where(prior[:, c0 + j : c0 + j + m], score, -1.0)
+                    drop = score.topk(m - n, dim=1, largest=False).indices
+                    kb[:, j : j + m].scatter_(1, drop, False)
+                    if prior is not None:
+                        kb[:, j : j + m] &= prior[:, c0 + j : c0 + j + m]
+                err = torch.where(kb[:, j], 0.0, wb[:, j]) / ub[j, j]
+                wb[:, j:s1].addr_(err, ub[j, j:s1], alpha=-1.0)
+                wb[:, j].masked_fill_(~kb[:, j], 0.0)
+                errs[:, j] = err
+            if s1 < width:
+                wb[:, s1:].addmm_(errs[:, s0:s1], ub[s0:s1, s1:], alpha=-1.0)
         w[:, c0:c1] = wb
         w[:, c1:] -= errs @ u[c0:c1, c1:]
         keep[:, c0:c1] = kb
@@ -293,6 +328,7 @@ def sparsegpt(
     masks: dict[str, torch.Tensor] = {}
     escalated: dict[str, float] = {}
     bar = progress_bar(total=len(targets), desc="sparsegpt", disable=not progress)
+    last: list[object] = [None, None]  # (Hessian, factor) of the previous layer
 
     def prune_group(group: list[Target], stats: InputStats) -> None:
         for t in group:
@@ -301,9 +337,11 @@ def sparsegpt(
             h = gram * (2.0 / max(count, 1))
             t2 = time.perf_counter()
             prior = None if priors is None else priors[t.name]
+            if last[0] is None or not torch.equal(last[0], h):  # q/k/v share one input
+                last[:] = [h, damped_inverse_factor(h, damp, name=t.name)]
             new, keep, used = prune_layer_ex(
                 t.param, h, budgets[t.name], pattern, block, damp=damp, prior_mask=prior,
-                name=t.name,
+                name=t.name, factor=last[1],  # type: ignore[arg-type]
             )  # fmt: skip
             t.param.copy_(new)
             masks[t.name] = keep.cpu()
