@@ -220,6 +220,40 @@ def child(method: str, pattern: str | None, sparsity: float, args: argparse.Name
     return out
 
 
+def table(names: list[str]) -> str:
+    """Markdown table (perplexity Lee / Wiki per setting, then seconds and GB) from results
+    files ``benchmarks/results/<name>.json``; later files override earlier rows."""
+    rows: dict[tuple, dict] = {}
+    for name in names:
+        for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
+            if "error" in r:
+                continue
+            pattern = r.get("pattern", "none")
+            setting = pattern if pattern != "none" else f"{round(100 * r.get('target', 0.5))} %"
+            rows[(r["method"], setting)] = r
+    settings = sorted({s for _, s in rows if s.endswith("%")}) + sorted(
+        {s for _, s in rows if not s.endswith("%")}
+    )
+    methods = list(dict.fromkeys(m for m, _ in rows))
+    head = "| method | " + " | ".join(f"{s}: Lee / Wiki" for s in settings) + " |"
+    lines = [head, "|---" * (len(settings) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for s in settings:
+            r = rows.get((m, s))
+            cells.append("" if r is None else f"{r['ppl']:.1f} / {r['ppl_wiki']:.1f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | " + " | ".join(f"{s}: s / GB" for s in settings) + " |"]
+    lines.append("|---" * (len(settings) + 1) + "|")
+    for m in methods:
+        cells = []
+        for s in settings:
+            r = rows.get((m, s))
+            cells.append("" if r is None else f"{r['prune_wall_s']:.0f} / {r['peak_rss_gb']:.1f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -248,7 +282,13 @@ def main() -> None:
     parser.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
     parser.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda")
     parser.add_argument("--suffix", default="", help="appended to the results file name")
+    parser.add_argument(
+        "--table", default=None, help="print the markdown table of these comma-separated results"
+    )
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table.split(",")))
+        return
     args.seq = args.seq or (64 if args.quick else 256)
     args.m = args.m or (16 if args.quick else 64)
     args.calib = args.calib or (16 if args.quick else 64)
