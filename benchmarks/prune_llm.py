@@ -158,7 +158,8 @@ def layerwise(
     else:
         masks, timings = sparsegpt(
             model, calib, calib_forward, budget, targets=targets, pattern=nm,
-            block=args.block, calib_batches=args.calib, sequential=method != "sparsegpt",
+            block=args.block, damp=args.damp, calib_batches=args.calib,
+            sequential=method != "sparsegpt",
             progress=False, info=info,
         )  # fmt: skip
     total = sum(m.numel() for m in masks.values())
@@ -212,6 +213,9 @@ def child(method: str, pattern: str | None, sparsity: float, args: argparse.Name
     out["ppl"] = perplexity(model, test)
     out["eval_s"] = time.perf_counter() - t1
     out["eval_tokens"] = int(test.numel())
+    if args.val_windows:  # calibration text, windows the calibration did not use
+        val = train[pick[args.calib : args.calib + args.val_windows]]
+        out["ppl_val"] = perplexity(model, val)
     if args.wiki_windows:
         wiki = wiki_windows(tok, args.seq, args.wiki_windows)
         out["ppl_wiki"] = perplexity(model, wiki)
@@ -279,6 +283,11 @@ def main() -> None:
     )
     parser.add_argument("--sparsities", default="0.5", help="comma list of unstructured sparsities")
     parser.add_argument("--patterns", default="none,2:4", help="comma list: none and/or N:M")
+    parser.add_argument("--damp", type=float, default=0.01, help="sparsegpt relative damping")
+    parser.add_argument(
+        "--val-windows", type=int, default=0,
+        help="validation perplexity on this many unused calibration-text windows",
+    )  # fmt: skip
     parser.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
     parser.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda")
     parser.add_argument("--suffix", default="", help="appended to the results file name")
