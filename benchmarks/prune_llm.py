@@ -184,6 +184,7 @@ def child(method: str, pattern: str | None, sparsity: float, args: argparse.Name
     gen = torch.Generator().manual_seed(0)
     pick = torch.randperm(train.shape[0], generator=gen)
     out: dict = {"method": method, "pattern": pattern or "none", "target": sparsity}
+    out["damp"] = args.damp
     out["commit"] = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
