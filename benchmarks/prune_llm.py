@@ -168,6 +168,12 @@ def layerwise(
     out["timings"] = {k: round(v, 2) for k, v in timings.items()}
     out["schedule"] = info.get("schedule")
     out["damp_escalated"] = info.get("damp_escalated", {})
+    per_kind: dict[str, float] = {}
+    for name, sec in info.get("layer_seconds", {}).items():
+        kind = name.rsplit(".", 1)[-1]
+        per_kind[kind] = per_kind.get(kind, 0.0) + sec
+    if per_kind:  # seconds of Hessian factorisation + pruning, summed over the 30 blocks
+        out["prune_s_by_layer"] = {k: round(v, 2) for k, v in per_kind.items()}
 
 
 def child(method: str, pattern: str | None, sparsity: float, args: argparse.Namespace) -> dict:

@@ -329,6 +329,7 @@ def sparsegpt(
     escalated: dict[str, float] = {}
     bar = progress_bar(total=len(targets), desc="sparsegpt", disable=not progress)
     last: list[object] = [None, None]  # (Hessian, factor) of the previous layer
+    seconds: dict[str, float] = {}
 
     def prune_group(group: list[Target], stats: InputStats) -> None:
         for t in group:
@@ -349,6 +350,7 @@ def sparsegpt(
                 escalated[t.name] = used
             timings["precompute"] += t2 - t1
             timings["prune"] += time.perf_counter() - t2
+            seconds[t.name] = time.perf_counter() - t1
             bar.update(1)
 
     restore = restore_on_error(targets)
@@ -364,5 +366,6 @@ def sparsegpt(
         bar.close()
     if info is not None:
         info["damp_escalated"] = escalated
+        info["layer_seconds"] = seconds
         info["calib_batches"] = len(batches)
     return masks, timings
