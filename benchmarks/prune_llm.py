@@ -9,11 +9,14 @@ the shortened English Wikipedia dump (a second held-out perplexity, other text t
 calibration's).
 
 Every transformer linear layer (``model.layers.*``; the tied embedding / LM head stays dense)
-is pruned to 50 % unstructured and to 2:4 with magnitude (per layer), sparsegpt and mfac
-(block Fisher, m LM-loss gradients, per-layer budget, buffer paged past a memory budget).
+is pruned to the ``--sparsities`` (unstructured) and ``--patterns`` (N:M) with magnitude (per
+layer), mfac (block Fisher, m LM-loss gradients, per-layer budget, buffer paged past a memory
+budget) and the layer-wise methods, called directly: sparsegpt (one calibration pass),
+sparsegpt-seq (block by block), wanda, and OWL budgets on top (owl-wanda, owl-sparsegpt).
 Each method runs in its own child process so that wall time and peak RSS are its own.
 
     .venv/bin/python -m benchmarks.prune_llm --quick
+    .venv/bin/python -m benchmarks.prune_llm --table prune_llm,prune_llm_grid_a,prune_llm_grid_b
 """
 
 from __future__ import annotations
