@@ -9,11 +9,14 @@ the shortened English Wikipedia dump (a second held-out perplexity, other text t
 calibration's).
 
 Every transformer linear layer (``model.layers.*``; the tied embedding / LM head stays dense)
-is pruned to 50 % unstructured and to 2:4 with magnitude (per layer), sparsegpt and mfac
-(block Fisher, m LM-loss gradients, per-layer budget, buffer paged past a memory budget).
+is pruned to the ``--sparsities`` (unstructured) and ``--patterns`` (N:M) with magnitude (per
+layer), mfac (block Fisher, m LM-loss gradients, per-layer budget, buffer paged past a memory
+budget) and the layer-wise methods, called directly: sparsegpt (one calibration pass),
+sparsegpt-seq (block by block), wanda, and OWL budgets on top (owl-wanda, owl-sparsegpt).
 Each method runs in its own child process so that wall time and peak RSS are its own.
 
     .venv/bin/python -m benchmarks.prune_llm --quick
+    .venv/bin/python -m benchmarks.prune_llm --table prune_llm,prune_llm_grid_a,prune_llm_grid_b
 """
 
 from __future__ import annotations
@@ -115,7 +118,68 @@ def perplexity(model: torch.nn.Module, data: torch.Tensor) -> float:
     return math.exp(sum(nll) / len(nll))
 
 
-def child(method: str, pattern: str | None, args: argparse.Namespace) -> dict:
+LAYERWISE = ("sparsegpt", "sparsegpt-seq", "wanda", "owl-wanda", "owl-sparsegpt")
+
+
+def calib_forward(model: torch.nn.Module, ids: torch.Tensor) -> object:
+    """A calibration pass: the forward only (no loss, no key/value cache)."""
+    return model(input_ids=ids, use_cache=False)
+
+
+def layerwise(
+    model: torch.nn.Module, method: str, sparsity: float, pattern: str | None, calib: list,
+    args: argparse.Namespace, out: dict,
+) -> None:  # fmt: skip
+    """Run one of the layer-wise methods on ``model`` with its own function and config."""
+    from mfac.prune._layers import find_targets
+    from mfac.prune.layerwise import sparsegpt
+    from mfac.prune.owl import OWLConfig, owl_sparsities
+    from mfac.prune.patterns import parse_pattern
+    from mfac.prune.wanda import WandaConfig, wanda
+
+    nm = parse_pattern(pattern)
+    targets = find_targets(model, lambda name, _m: ".layers." in name)
+    info: dict = {}
+    budget: object = None if nm else sparsity
+    t0 = time.perf_counter()
+    if method.startswith("owl-"):
+        budget = owl_sparsities(
+            model, calib, calib_forward, sparsity,
+            OWLConfig(threshold=args.owl_m, spread=args.owl_lambda, calib_batches=args.calib),
+            targets=targets, info=info,
+        )  # fmt: skip
+        out["owl_s"] = time.perf_counter() - t0
+        out["owl_group_sparsity"] = {
+            k: round(v, 4) for k, v in info.pop("owl_group_sparsity").items()
+        }
+        out["owl_ratios"] = {k: round(v, 5) for k, v in info.pop("owl_ratios").items()}
+    if method.endswith("wanda"):
+        masks, timings = wanda(
+            model, calib, calib_forward, budget, WandaConfig(args.calib, sequential=True),
+            pattern=nm, targets=targets, info=info,
+        )  # fmt: skip
+    else:
+        masks, timings = sparsegpt(
+            model, calib, calib_forward, budget, targets=targets, pattern=nm,
+            block=args.block, damp=args.damp, calib_batches=args.calib,
+            sequential=method != "sparsegpt",
+            progress=False, info=info,
+        )  # fmt: skip
+    total = sum(m.numel() for m in masks.values())
+    out["sparsity"] = sum(int((~m).sum()) for m in masks.values()) / total
+    out["weights_zero"] = sum(int((t.param == 0).sum()) for t in targets) / total
+    out["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    out["schedule"] = info.get("schedule")
+    out["damp_escalated"] = info.get("damp_escalated", {})
+    per_kind: dict[str, float] = {}
+    for name, sec in info.get("layer_seconds", {}).items():
+        kind = name.rsplit(".", 1)[-1]
+        per_kind[kind] = per_kind.get(kind, 0.0) + sec
+    if per_kind:  # seconds of Hessian factorisation + pruning, summed over the 30 blocks
+        out["prune_s_by_layer"] = {k: round(v, 2) for k, v in per_kind.items()}
+
+
+def child(method: str, pattern: str | None, sparsity: float, args: argparse.Namespace) -> dict:
     """Load, prune, evaluate; one process per method so peak memory is its own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -128,23 +192,26 @@ def child(method: str, pattern: str | None, args: argparse.Namespace) -> dict:
     test = windows(DATA / "lee.cor", tok, args.seq)[: args.eval_windows]
     gen = torch.Generator().manual_seed(0)
     pick = torch.randperm(train.shape[0], generator=gen)
-    out: dict = {"method": method, "pattern": pattern or "none"}
+    out: dict = {"method": method, "pattern": pattern or "none", "target": sparsity}
+    out["damp"] = args.damp
+    out["commit"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     t0 = time.perf_counter()
-    if method != "dense":
+    if method in LAYERWISE:
+        calib = [train[i : i + 1] for i in pick[: args.calib].tolist()]
+        layerwise(model, method, sparsity, pattern, calib, args, out)
+    elif method != "dense":
         layers = lambda name, _m: ".layers." in name  # noqa: E731
         if method == "magnitude":
-            res = mp.oneshot(model, 0.5, "magnitude", pattern=pattern, layers=layers, scope="layer")
-        elif method == "sparsegpt":
-            calib = [train[i : i + 1] for i in pick[: args.calib].tolist()]
             res = mp.oneshot(
-                model, 0.5, "sparsegpt", data=calib, loss_fn=lm_loss, pattern=pattern,
-                layers=layers, calib_batches=args.calib, sequential=False,
-            )  # fmt: skip
+                model, sparsity, "magnitude", pattern=pattern, layers=layers, scope="layer"
+            )
         else:
             grads = [train[i : i + 1] for i in pick[: args.m].tolist()]
             res = mp.oneshot(
-                model, 0.5, "mfac", data=grads, loss_fn=lm_loss, pattern=pattern, layers=layers,
-                scope="layer", num_grads=args.m, block_size=args.block,
+                model, sparsity, "mfac", data=grads, loss_fn=lm_loss, pattern=pattern,
+                layers=layers, scope="layer", num_grads=args.m, block_size=args.block,
                 memory_budget=args.budget_gb * 2**30, spill_dir=args.spill,
                 layer_groups=args.layer_groups,
             )  # fmt: skip
@@ -156,12 +223,49 @@ def child(method: str, pattern: str | None, args: argparse.Namespace) -> dict:
     out["ppl"] = perplexity(model, test)
     out["eval_s"] = time.perf_counter() - t1
     out["eval_tokens"] = int(test.numel())
+    if args.val_windows:  # calibration text, windows the calibration did not use
+        val = train[pick[args.calib : args.calib + args.val_windows]]
+        out["ppl_val"] = perplexity(model, val)
     if args.wiki_windows:
         wiki = wiki_windows(tok, args.seq, args.wiki_windows)
         out["ppl_wiki"] = perplexity(model, wiki)
         out["wiki_tokens"] = int(wiki.numel())
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
+
+
+def table(names: list[str]) -> str:
+    """Markdown table (perplexity Lee / Wiki per setting, then seconds and GB) from results
+    files ``benchmarks/results/<name>.json``; later files override earlier rows."""
+    rows: dict[tuple, dict] = {}
+    for name in names:
+        for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
+            if "error" in r:
+                continue
+            pattern = r.get("pattern", "none")
+            setting = pattern if pattern != "none" else f"{round(100 * r.get('target', 0.5))} %"
+            rows[(r["method"], setting)] = r
+    settings = sorted({s for _, s in rows if s.endswith("%")}) + sorted(
+        {s for _, s in rows if not s.endswith("%")}
+    )
+    methods = list(dict.fromkeys(m for m, _ in rows))
+    head = "| method | " + " | ".join(f"{s}: Lee / Wiki" for s in settings) + " |"
+    lines = [head, "|---" * (len(settings) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for s in settings:
+            r = rows.get((m, s))
+            cells.append("" if r is None else f"{r['ppl']:.1f} / {r['ppl_wiki']:.1f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | " + " | ".join(f"{s}: s / GB" for s in settings) + " |"]
+    lines.append("|---" * (len(settings) + 1) + "|")
+    for m in methods:
+        cells = []
+        for s in settings:
+            r = rows.get((m, s))
+            cells.append("" if r is None else f"{r['prune_wall_s']:.0f} / {r['peak_rss_gb']:.1f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -181,10 +285,29 @@ def main() -> None:
         "--layer-groups", type=int, default=None, help="mfac: linear layers per separate Fisher"
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--methods", default="dense,magnitude,sparsegpt,mfac")
+    parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--methods",
+        default="dense,magnitude,sparsegpt,mfac",
+        help="comma list of dense, magnitude, mfac, " + ", ".join(LAYERWISE),
+    )
+    parser.add_argument("--sparsities", default="0.5", help="comma list of unstructured sparsities")
+    parser.add_argument("--patterns", default="none,2:4", help="comma list: none and/or N:M")
+    parser.add_argument("--damp", type=float, default=0.01, help="sparsegpt relative damping")
+    parser.add_argument(
+        "--val-windows", type=int, default=0,
+        help="validation perplexity on this many unused calibration-text windows",
+    )  # fmt: skip
+    parser.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
+    parser.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda")
     parser.add_argument("--suffix", default="", help="appended to the results file name")
+    parser.add_argument(
+        "--table", default=None, help="print the markdown table of these comma-separated results"
+    )
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table.split(",")))
+        return
     args.seq = args.seq or (64 if args.quick else 256)
     args.m = args.m or (16 if args.quick else 64)
     args.calib = args.calib or (16 if args.quick else 64)
@@ -193,43 +316,59 @@ def main() -> None:
         args.wiki_windows = 4 if args.quick else 64
     torch.set_num_threads(args.threads)
     if args.child:
-        method, pattern = args.child
-        result = child(method, None if pattern == "none" else pattern, args)
+        method, pattern, target = args.child
+        result = child(method, None if pattern == "none" else pattern, float(target), args)
         print("RESULT " + json.dumps(result), flush=True)
         return
     t0 = time.perf_counter()
     convert()
     print(f"checkpoint ready in {time.perf_counter() - t0:.1f}s: {CACHE}", flush=True)
     rows = []
-    runs = [("dense", "none")] + [
-        (m, p) for p in ("none", "2:4") for m in args.methods.split(",") if m != "dense"
-    ]
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--child")]
-    for method, pattern in runs:
-        if method == "dense" and "dense" not in args.methods:
+    methods = [m for m in args.methods.split(",") if m]
+    runs = [("dense", "none", 0.0)] if "dense" in methods else []
+    for pattern in args.patterns.split(","):
+        if pattern != "none":
+            n, m = (int(v) for v in pattern.split(":"))
+            runs += [(x, pattern, 1 - n / m) for x in methods if x != "dense" and "owl" not in x]
             continue
+        for target in (float(v) for v in args.sparsities.split(",")):
+            runs += [(x, "none", target) for x in methods if x != "dense"]
+    passthrough = [a for a in sys.argv[1:] if not a.startswith("--child")]
+    path = RESULTS
+    for method, pattern, target in runs:
         cmd = [sys.executable, "-m", "benchmarks.prune_llm", *passthrough]
-        cmd += ["--child", method, pattern]
+        cmd += ["--child", method, pattern, str(target)]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
-            row = {"method": method, "pattern": pattern, "error": proc.stderr[-2000:]}
+            row = {"method": method, "pattern": pattern, "target": target}
+            row["error"] = proc.stderr[-2000:]
         else:
             row = json.loads(line[len("RESULT ") :])
         row["process_wall_s"] = time.perf_counter() - start
         rows.append(row)
         print(json.dumps(row), flush=True)
+        path = save(rows, args)
+    print(f"wrote {path} in {time.perf_counter() - t0:.0f}s")
+
+
+def save(rows: list[dict], args: argparse.Namespace) -> Path:
+    """Merge ``rows`` into the results file (after every run, so a stopped grid keeps its rows;
+    a row replaces an earlier one of the same method, pattern and target)."""
     RESULTS.mkdir(exist_ok=True)
     name = ("prune_llm_quick" if args.quick else "prune_llm") + args.suffix
     meta = {k: v for k, v in vars(args).items() if k != "child"}
     path = RESULTS / f"{name}.json"
-    if path.exists():  # runs split by --methods merge into one file
-        done = {(r["method"], r["pattern"]) for r in rows}
-        old = json.loads(path.read_text()).get("rows", [])
-        rows = [r for r in old if (r["method"], r.get("pattern")) not in done] + rows
-    path.write_text(json.dumps({"args": meta, "rows": rows}, indent=1))
-    print(f"wrote {RESULTS / name}.json in {time.perf_counter() - t0:.0f}s")
+
+    def key(r: dict) -> tuple:
+        return r["method"], r.get("pattern"), round(r.get("target", 0.5), 4)
+
+    done = {key(r) for r in rows}
+    old = json.loads(path.read_text()).get("rows", []) if path.exists() else []
+    merged = [r for r in old if key(r) not in done] + rows
+    path.write_text(json.dumps({"args": meta, "rows": merged}, indent=1))
+    return path
 
 
 if __name__ == "__main__":

@@ -11,30 +11,116 @@ M columns (N:M) by w^2 / U_jj^2, and the block's errors are pushed to the rest i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_damp
 from ._layers import LayerFilter, Target, find_targets
-from .collect import cycle_batches, progress_bar
-from .patterns import Pattern, lowest
+from .blockwise import (
+    InputStats,
+    calibration_batches,
+    check_layerwise_targets,
+    layer_inputs,
+    restore_on_error,
+    run_layerwise,
+    stages,
+)
+from .collect import progress_bar
+from .patterns import Pattern, check_nm_sparsity, check_pattern_fits, check_sparsity, lowest
+
+# layer_inputs and stages are re-exported for callers of the earlier layout
+__all__ = [
+    "HessianRecorder",
+    "damped_inverse_factor",
+    "layer_budgets",
+    "layer_inputs",
+    "prune_layer",
+    "prune_layer_ex",
+    "sparsegpt",
+    "stages",
+]
 
 F64 = torch.float64
 
 
+#: Columns updated one at a time inside a block; the rest of the block is updated per
+#: sub-block with a matmul (a multiple of every M used in N:M patterns).
+SUB_BLOCK = 16
+
+#: Damping escalation after a failed Cholesky: at most this many retries, each 10x the last.
+DAMP_RETRIES = 4
+
+
+class SingularHessianError(ValueError):
+    """The damped layer Hessian did not factor even after escalating the damping."""
+
+
+def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 128) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by 2 x 2 block recursion,
+    [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]: n^3 / 3 flops in matmuls, where a
+    triangular solve against the identity costs n^3."""
+    n = lower.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    k = n // 2
+    a_inv = lower_triangular_inverse(lower[:k, :k], leaf)
+    d_inv = lower_triangular_inverse(lower[k:, k:], leaf)
+    out = torch.zeros_like(lower)
+    out[:k, :k] = a_inv
+    out[k:, k:] = d_inv
+    out[k:, :k] = -(d_inv @ (lower[k:, :k] @ a_inv))
+    return out
+
+
 def damped_inverse_factor(
-    hessian: torch.Tensor, damp: float = 0.01
-) -> tuple[torch.Tensor, torch.Tensor]:
+    hessian: torch.Tensor, damp: float = 0.01, *, name: str = "layer"
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 in float64, after replacing the
-    dead inputs (zero diagonal) by unit diagonal; also returns the dead-input mask."""
+    dead inputs (zero diagonal) by unit diagonal; also returns the dead-input mask and the
+    relative damping used.
+
+    A factorisation that fails (H indefinite in floating point) is retried with 10x the damping,
+    at most ``DAMP_RETRIES`` times, with a warning; a Hessian with NaN/Inf entries (non-finite
+    calibration inputs) or one that still does not factor raises, naming ``name`` and the damping.
+    """
     h = hessian.to(F64).clone()
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError(
+            f"{name}: the calibration Hessian holds NaN or Inf (non-finite layer inputs); "
+            "check the calibration data and the model's activations"
+        )
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    h.diagonal().add_(damp * float(h.diagonal().mean()))
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(hinv, upper=True), dead
+    mean_diag = float(h.diagonal().mean())
+    used = damp
+    for attempt in range(DAMP_RETRIES + 1):
+        hd = h.clone()
+        hd.diagonal().add_(used * mean_diag)
+        # H = R R^T with R upper is the Cholesky factor of the reversed H, reversed; then
+        # U = R^-1 is upper with U^T U = H^-1: one factorisation and one triangular inverse
+        # instead of factor, invert and factor again
+        rev, bad = torch.linalg.cholesky_ex(hd.flip(0, 1))
+        if int(bad) == 0:
+            u = lower_triangular_inverse(rev).flip(0, 1)
+            if bool(torch.isfinite(u).all()):
+                if attempt:
+                    warnings.warn(
+                        f"{name}: Cholesky of the damped Hessian failed at damp={damp:g}; "
+                        f"succeeded at damp={used:g}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                return u, dead, used
+        used *= 10.0
+    raise SingularHessianError(
+        f"{name}: the damped Hessian H + damp*mean(diag H)*I is not positive definite even at "
+        f"damp={used / 10:g} (started at {damp:g}, {DAMP_RETRIES} escalations): the calibration "
+        "inputs are singular or badly scaled; raise damp or check the calibration data"
+    )
 
 
 @torch.no_grad()
@@ -52,22 +138,53 @@ def prune_layer(
     (out, in*k*k)). Returns (new weight with the input's shape and dtype, keep-mask).
 
     ``sparsity`` is the fraction removed in every column block (ignored for N:M ``pattern``);
-    ``prior_mask`` (keep-mask) forces already-pruned weights to stay pruned.
+    ``prior_mask`` (keep-mask) forces already-pruned weights to stay pruned. Weights on inputs
+    that are always zero (zero Hessian diagonal) cost nothing to remove and are removed first;
+    the budget counts them like any other, so the mask always matches the weights.
     """
+    new, keep, _ = prune_layer_ex(
+        weight, hessian, sparsity, pattern, block, damp=damp, prior_mask=prior_mask
+    )
+    return new, keep
+
+
+@torch.no_grad()
+def prune_layer_ex(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern = None,
+    block: int = 128,
+    *,
+    damp: float = 0.01,
+    prior_mask: torch.Tensor | None = None,
+    name: str = "layer",
+    factor: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`prune_layer`, also returning the relative damping actually used (escalated after
+    a failed Cholesky). ``factor`` is :func:`damped_inverse_factor`'s output for this Hessian
+    when already computed (layers sharing their input). Raises rather than return non-finite
+    weights."""
     shape, dtype = weight.shape, weight.dtype
     w = weight.detach().reshape(shape[0], -1).to(F64).clone()
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
         raise ValueError(
-            f"hessian must be {cols} x {cols} for this weight, got {tuple(hessian.shape)}"
+            f"{name}: hessian must be {cols} x {cols} for this weight, got {tuple(hessian.shape)}"
         )
-    if pattern is not None and (block % pattern[1] or cols % pattern[1]):
+    if pattern is not None and (block % pattern[1] or cols % pattern[1] or SUB_BLOCK % pattern[1]):
         raise ValueError(
-            f"N:M needs block and the input width ({cols}) divisible by M={pattern[1]}"
+            f"{name}: N:M needs block ({block}) and the input width ({cols}) divisible by "
+            f"M={pattern[1]}; exclude the layer"
         )
-    u, dead = damped_inverse_factor(hessian, damp)
-    w[:, dead] = 0.0
-    prior = None if prior_mask is None else prior_mask.reshape(rows, cols).to(w.device)
+    u, dead, used = (
+        factor if factor is not None else damped_inverse_factor(hessian, damp, name=name)
+    )
+    u = u.to(w.device)
+    dead = dead.to(w.device)
+    prior = None if prior_mask is None else prior_mask.reshape(rows, cols).to(w.device).bool()
+    # a weight on an always-zero input costs nothing to remove: score 0, picked first
+    alive = (~dead).to(F64)
     keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
     for c0 in range(0, cols, block):
         c1 = min(c0 + block, cols)
@@ -77,32 +194,53 @@ def prune_layer(
         kb = torch.ones_like(wb, dtype=torch.bool)
         if pattern is None:
             kb = _keep_block(
-                wb, ub.diagonal(), sparsity, None if prior is None else prior[:, c0:c1]
-            )
-        for j in range(c1 - c0):
-            if pattern is not None and j % pattern[1] == 0:
-                n, m = pattern
-                score = wb[:, j : j + m].square() / ub.diagonal()[j : j + m].square()
-                if prior is not None:
-                    score = torch.where(prior[:, c0 + j : c0 + j + m], score, -1.0)
-                drop = score.topk(m - n, dim=1, largest=False).indices
-                kb[:, j : j + m].scatter_(1, drop, False)
-            col = wb[:, j]
-            err = torch.where(kb[:, j], 0.0, col) / ub[j, j]
-            wb[:, j:] -= err[:, None] * ub[j, j:][None, :]
-            wb[:, j] = torch.where(kb[:, j], wb[:, j], 0.0)
-            errs[:, j] = err
+                wb, ub.diagonal(), sparsity, None if prior is None else prior[:, c0:c1],
+                alive[c0:c1],
+            )  # fmt: skip
+        width = c1 - c0
+        for s0 in range(0, width, SUB_BLOCK):
+            # rank-one updates only inside a sub-block; the rest of the block gets the
+            # sub-block's errors in one matmul (same arithmetic, BLAS-3 instead of BLAS-1)
+            s1 = min(s0 + SUB_BLOCK, width)
+            for j in range(s0, s1):
+                if pattern is not None and j % pattern[1] == 0:
+                    n, m = pattern
+                    score = wb[:, j : j + m].square() / ub.diagonal()[j : j + m].square()
+                    score = score * alive[c0 + j : c0 + j + m]
+                    if prior is not None:
+                        score = torch.where(prior[:, c0 + j : c0 + j + m], score, -1.0)
+                    drop = score.topk(m - n, dim=1, largest=False).indices
+                    kb[:, j : j + m].scatter_(1, drop, False)
+                    if prior is not None:
+                        kb[:, j : j + m] &= prior[:, c0 + j : c0 + j + m]
+                err = torch.where(kb[:, j], 0.0, wb[:, j]) / ub[j, j]
+                wb[:, j:s1].addr_(err, ub[j, j:s1], alpha=-1.0)
+                wb[:, j].masked_fill_(~kb[:, j], 0.0)
+                errs[:, j] = err
+            if s1 < width:
+                wb[:, s1:].addmm_(errs[:, s0:s1], ub[s0:s1, s1:], alpha=-1.0)
         w[:, c0:c1] = wb
         w[:, c1:] -= errs @ u[c0:c1, c1:]
         keep[:, c0:c1] = kb
-    return w.to(dtype).reshape(shape), keep.reshape(shape)
+    if not bool(torch.isfinite(w).all()):
+        raise FloatingPointError(
+            f"{name}: SparseGPT produced non-finite weights at damp={used:g}; nothing written"
+        )
+    return w.to(dtype).reshape(shape), keep.reshape(shape), used
 
 
 def _keep_block(
-    wb: torch.Tensor, udiag: torch.Tensor, sparsity: float, prior: torch.Tensor | None
+    wb: torch.Tensor,
+    udiag: torch.Tensor,
+    sparsity: float,
+    prior: torch.Tensor | None,
+    alive: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Keep-mask of one column block: drop the lowest w^2 / U_jj^2 (prior zeros first)."""
+    """Keep-mask of one column block: drop the lowest w^2 / U_jj^2 (prior zeros first; weights
+    on dead inputs, ``alive`` = 0, score 0)."""
     score = wb.square() / udiag.square()[None, :]
+    if alive is not None:
+        score = score * alive[None, :]
     if prior is not None:
         score = torch.where(prior, score, -1.0)
     count = round(sparsity * score.numel())
@@ -114,61 +252,38 @@ def _keep_block(
     return keep.view(score.shape)
 
 
-# --------------------------------------------------------------------------- activations
-def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The (tokens, cols) input matrix whose Gram gives the layer's Hessian."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError("sparsegpt supports Conv2d with groups=1, zero numeric padding")
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    raise ValueError(f"sparsegpt supports nn.Linear and nn.Conv2d, got {type(module).__name__}")
-
-
-class HessianRecorder:
+# --------------------------------------------------------------------------- the runner
+class HessianRecorder(InputStats):
     """Forward hooks accumulating H = 2 X^T X / n (float64) per layer from calibration passes."""
 
     def __init__(self, targets: Sequence[Target]) -> None:
-        self.hessians: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.handles = [t.module.register_forward_hook(self._hook(t.name)) for t in targets]
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], _out: object) -> None:
-            x = layer_inputs(module, args[0].detach()).float()
-            gram = (x.T @ x).to(F64)
-            if name in self.hessians:
-                self.hessians[name] += gram
-                self.counts[name] += x.shape[0]
-            else:
-                self.hessians[name] = gram
-                self.counts[name] = x.shape[0]
-
-        return hook
+        super().__init__(targets, "gram")
 
     def hessian(self, name: str) -> torch.Tensor:
         """2 X^T X / n for layer ``name``."""
-        if name not in self.hessians:
-            raise ValueError(f"layer {name} saw no calibration input (is it used in forward?)")
-        return self.hessians[name] * (2.0 / max(self.counts[name], 1))
-
-    def remove(self) -> None:
-        """Detach the hooks."""
-        for h in self.handles:
-            h.remove()
+        gram, count = self.get(name)
+        return gram * (2.0 / max(count, 1))
 
 
-def stages(targets: Sequence[Target]) -> list[list[Target]]:
-    """Groups pruned together in sequential mode: layers sharing the name prefix up to the first
-    numeric component ("model.layers.3" for a transformer block, "0" in a Sequential)."""
-    groups: dict[str, list[Target]] = {}
-    for t in targets:
-        parts = t.name.split(".")
-        cut = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
-        groups.setdefault(".".join(parts[: cut + 1]), []).append(t)
-    return list(groups.values())
+Sparsity = float | Mapping[str, float]
+
+
+def layer_budgets(
+    targets: Sequence[Target], sparsity: Sparsity | None, pattern: Pattern
+) -> dict[str, float]:
+    """Per-layer sparsity from one number or a mapping naming every target (e.g. OWL budgets);
+    checked against the N:M pattern, before anything runs."""
+    names = [t.name for t in targets]
+    if isinstance(sparsity, Mapping):
+        missing = [n for n in names if n not in sparsity]
+        if missing:
+            raise ValueError(f"per-layer sparsity misses layers: {missing[:5]}")
+        if pattern is not None:
+            raise ValueError("per-layer sparsities cannot be combined with an N:M pattern")
+        return {n: check_sparsity(sparsity[n]) for n in names}
+    if pattern is not None:  # the pattern decides; oneshot checks the contradiction
+        return dict.fromkeys(names, 1.0 - pattern[0] / pattern[1])
+    return dict.fromkeys(names, check_nm_sparsity(sparsity, pattern))
 
 
 @torch.no_grad()
@@ -176,7 +291,7 @@ def sparsegpt(
     model: nn.Module,
     data: Iterable[object],
     forward_fn: Callable[[nn.Module, object], object],
-    sparsity: float,
+    sparsity: Sparsity | None,
     *,
     targets: Sequence[Target] | None = None,
     layers: LayerFilter = None,
@@ -187,41 +302,70 @@ def sparsegpt(
     sequential: bool = True,
     priors: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    info: dict[str, object] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Prune ``targets`` of ``model`` in place with SparseGPT from ``calib_batches`` batches of
-    ``data`` (``forward_fn(model, batch)`` runs the model). Sequential mode re-runs calibration
-    per stage, so later layers see the inputs of the already-pruned earlier ones.
-    Returns (keep-masks, timings)."""
+    ``data`` (``forward_fn(model, batch)`` runs the model). Returns (keep-masks, timings).
+
+    ``sparsity``: one fraction for every layer, or a mapping layer name -> fraction (per-layer
+    budgets such as :func:`mfac.prune.owl.owl_sparsities`); with an N:M ``pattern`` it is
+    ignored (the pattern fixes 1 - N/M; :func:`mfac.prune.patterns.check_nm_sparsity` refuses
+    a contradicting value at the entry point).
+    Sequential mode prunes block by block, each block calibrated on the outputs of the
+    already-pruned blocks before it (inputs captured once and propagated; see
+    :mod:`mfac.prune.blockwise`). ``info``, when given, receives the schedule that ran and the
+    damping used per layer where a failed Cholesky escalated it (``damp_escalated``). On any
+    error the weights are restored.
+    """
     if targets is None:
         targets = find_targets(model, layers)
-    batches = list(cycle_batches(data, calib_batches))
+    check_layerwise_targets(targets)
+    check_pattern_fits(targets, pattern)
+    budgets = layer_budgets(targets, sparsity, pattern)  # type: ignore[arg-type]
+    check_damp(damp)
+    batches = calibration_batches(data, calib_batches)
     timings = {"collect": 0.0, "precompute": 0.0, "prune": 0.0}
-    was_training = model.training
-    model.eval()
     masks: dict[str, torch.Tensor] = {}
+    escalated: dict[str, float] = {}
+    bar = progress_bar(total=len(targets), desc="sparsegpt", disable=not progress)
+    last: list[object] = [None, None]  # (Hessian, factor) of the previous layer
+    seconds: dict[str, float] = {}
+
+    def prune_group(group: list[Target], stats: InputStats) -> None:
+        for t in group:
+            t1 = time.perf_counter()
+            gram, count = stats.get(t.name)
+            h = gram * (2.0 / max(count, 1))
+            t2 = time.perf_counter()
+            prior = None if priors is None else priors[t.name]
+            if last[0] is None or not torch.equal(last[0], h):  # q/k/v share one input
+                last[:] = [h, damped_inverse_factor(h, damp, name=t.name)]
+            new, keep, used = prune_layer_ex(
+                t.param, h, budgets[t.name], pattern, block, damp=damp, prior_mask=prior,
+                name=t.name, factor=last[1],  # type: ignore[arg-type]
+            )  # fmt: skip
+            t.param.copy_(new)
+            masks[t.name] = keep.cpu()
+            if used != damp:
+                escalated[t.name] = used
+            timings["precompute"] += t2 - t1
+            timings["prune"] += time.perf_counter() - t2
+            seconds[t.name] = time.perf_counter() - t1
+            bar.update(1)
+
+    restore = restore_on_error(targets)
     try:
-        groups = stages(targets) if sequential else [list(targets)]
-        for group in progress_bar(groups, desc="sparsegpt", disable=not progress):
-            t0 = time.perf_counter()
-            rec = HessianRecorder(group)
-            try:
-                for batch in batches:
-                    forward_fn(model, batch)
-            finally:
-                rec.remove()
-            timings["collect"] += time.perf_counter() - t0
-            for t in group:
-                t1 = time.perf_counter()
-                h = rec.hessian(t.name)
-                t2 = time.perf_counter()
-                prior = None if priors is None else priors[t.name]
-                new, keep = prune_layer(
-                    t.param, h, sparsity, pattern, block, damp=damp, prior_mask=prior
-                )
-                t.param.copy_(new)
-                masks[t.name] = keep.cpu()
-                timings["precompute"] += t2 - t1
-                timings["prune"] += time.perf_counter() - t2
+        run_layerwise(
+            model, targets, batches, forward_fn, "gram", prune_group,
+            sequential=sequential, timings=timings, info=info,
+        )  # fmt: skip
+    except BaseException:
+        restore()
+        raise
     finally:
-        model.train(was_training)
+        bar.close()
+    if info is not None:
+        info["damp_escalated"] = escalated
+        info["layer_seconds"] = seconds
+        info["calib_batches"] = len(batches)
     return masks, timings

@@ -137,56 +137,150 @@ def load_masks(path: str | os.PathLike[str]) -> Masks:
     return {n: t.bool() for n, t in load_file(str(path)).items()}
 
 
+#: safetensors metadata key listing tied (aliased) state entries: {alias: stored key}.
+TIED_KEY = "mfac.tied"
+
+
+def _tied_groups(state: dict[str, torch.Tensor], prefer: set[str]) -> dict[str, str]:
+    """{alias: canonical key} for state entries that are one tensor (tied weights), the
+    canonical one being a pruned entry when the group has one."""
+    groups: dict[tuple[object, ...], list[str]] = {}
+    for key, value in state.items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                 value.stride(), value.dtype, value.device)  # fmt: skip
+        groups.setdefault(ident, []).append(key)
+    aliases: dict[str, str] = {}
+    for keys in groups.values():
+        if len(keys) < 2:
+            continue
+        canon = next((k for k in keys if k in prefer), keys[0])
+        aliases.update({k: canon for k in keys if k != canon})
+    return aliases
+
+
 def save_sparse(model: nn.Module, masks: Masks, path: str | os.PathLike[str]) -> None:
     """Sparse checkpoint: pruned weights as their kept values plus a bit-packed mask, every
-    other state tensor dense (safetensors)."""
+    other state tensor dense (safetensors; read it back with :func:`read_sparse` or
+    :func:`load_sparse`).
+
+    ``masks`` must name layers of ``model`` with the weights' shapes (else nothing is written).
+    Tied weights (one tensor under several names, e.g. an embedding tied to the LM head) are
+    stored once and listed in the file's metadata. The file is written to a temporary name and
+    renamed, so a failed save leaves any earlier file as it was.
+    """
+    import json
+
     from safetensors.torch import save_file
 
-    bake_names = {f"{n}.weight": n for n in masks}
+    if not masks:
+        raise ValueError(
+            "masks is empty: save_sparse stores pruned layers compactly; save a dense model "
+            "with safetensors or save_pretrained instead"
+        )
+    _modules(model, masks)  # every mask names a layer, with the weight's shape
     state = model.state_dict()
+    weight_keys = {}
+    for layer in masks:
+        key = f"{layer}.weight_orig" if f"{layer}.weight_orig" in state else f"{layer}.weight"
+        weight_keys[key] = layer
+    aliases = _tied_groups(state, set(weight_keys))
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        layer = bake_names.get(key)
-        if layer is None and key.endswith(".weight_orig") and key[: -len(".weight_orig")] in masks:
-            layer = key[: -len(".weight_orig")]
+        if key in aliases:
+            continue
         if key.endswith(".weight_mask") and key[: -len(".weight_mask")] in masks:
             continue
+        layer = weight_keys.get(key)
         if layer is None:
-            out[key] = value.detach().contiguous().cpu()
+            out[key] = value.detach().contiguous().cpu().clone()
             continue
         keep = masks[layer].bool().cpu().reshape(-1)
         flat = value.detach().cpu().reshape(-1)
         out[f"{key}::values"] = flat[keep].contiguous()
         out[f"{key}::mask"] = torch.from_numpy(np.packbits(keep.numpy()))
         out[f"{key}::shape"] = torch.tensor(list(value.shape), dtype=torch.int64)
-    save_file(out, str(path))
+    target = os.fspath(path)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+        save_file(out, tmp, metadata={TIED_KEY: json.dumps(aliases)})
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_sparse(model: nn.Module, path: str | os.PathLike[str]) -> Masks:
-    """Load a checkpoint written by :func:`save_sparse` into ``model`` (same architecture);
-    returns the keep-masks."""
+def read_sparse(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Masks]:
+    """Read a :func:`save_sparse` file into a dense state dict and keep-masks; needs only
+    safetensors, numpy and torch. Entries ``K::values``, ``K::mask`` (bits, numpy packbits
+    order) and ``K::shape`` become the dense tensor ``K`` (zeros where the mask is 0); tied
+    names listed in the metadata point to their stored tensor."""
+    import json
+
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    raw = load_file(str(path))
+    with safe_open(os.fspath(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    raw = load_file(os.fspath(path))
     state: dict[str, torch.Tensor] = {}
     masks: Masks = {}
     for key, value in raw.items():
         if "::" not in key:
             state[key] = value
-        elif key.endswith("::values"):
-            base = key[: -len("::values")]
-            shape = [int(s) for s in raw[f"{base}::shape"]]
-            numel = int(np.prod(shape))
-            keep = np.unpackbits(raw[f"{base}::mask"].numpy(), count=numel).astype(bool)
-            keep_t = torch.from_numpy(keep)
-            dense = torch.zeros(numel, dtype=value.dtype)
-            dense[keep_t] = value
-            state[base] = dense.view(shape)
-            layer = base.rsplit(".", 1)[0]
-            masks[layer] = keep_t.view(shape)
+            continue
+        base, part = key.rsplit("::", 1)
+        if part != "values":
+            continue
+        for need in ("mask", "shape"):
+            if f"{base}::{need}" not in raw:
+                raise ValueError(f"{path}: {base}::values has no {base}::{need}")
+        shape = [int(s) for s in raw[f"{base}::shape"]]
+        numel = int(np.prod(shape))
+        bits = raw[f"{base}::mask"].numpy()
+        if bits.size != (numel + 7) // 8:
+            raise ValueError(f"{path}: {base}::mask has {bits.size} bytes for {numel} weights")
+        keep = torch.from_numpy(np.unpackbits(bits, count=numel).astype(bool))
+        if int(keep.sum()) != value.numel():
+            raise ValueError(
+                f"{path}: {base} keeps {int(keep.sum())} weights but stores {value.numel()}"
+            )
+        dense = torch.zeros(numel, dtype=value.dtype)
+        dense[keep] = value
+        state[base] = dense.view(shape)
+        layer = base.rsplit(".", 1)[0]
+        masks[layer] = keep.view(shape)
+    for alias, canon in json.loads(meta.get(TIED_KEY, "{}")).items():
+        if canon not in state:
+            raise ValueError(f"{path}: tied entry {alias} points to missing {canon}")
+        state[alias] = state[canon]
+    return state, masks
+
+
+def load_sparse(model: nn.Module, path: str | os.PathLike[str]) -> Masks:
+    """Load a checkpoint written by :func:`save_sparse` into ``model`` (same architecture);
+    returns the keep-masks. Every key, shape and dtype kind is checked against
+    ``model.state_dict()`` before anything is written: a refused file leaves the model as it
+    was."""
+    state, masks = read_sparse(path)
     current = model.state_dict()
     for layer, keep in masks.items():
         if f"{layer}.weight_mask" in current:
             state[f"{layer}.weight_mask"] = keep.to(current[f"{layer}.weight_mask"].dtype)
+    missing = [k for k in current if k not in state]
+    extra = [k for k in state if k not in current]
+    if missing or extra:
+        raise ValueError(
+            f"{path} does not match the model: missing keys {missing[:5]}, extra keys {extra[:5]}"
+        )
+    for key, value in state.items():
+        want = current[key]
+        if tuple(value.shape) != tuple(want.shape):
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the model's is {tuple(want.shape)}"
+            )
+        if value.dtype.is_floating_point != want.dtype.is_floating_point or (
+            value.dtype == torch.bool
+        ) != (want.dtype == torch.bool):
+            raise ValueError(f"{path}: {key} has dtype {value.dtype}, the model's is {want.dtype}")
     model.load_state_dict(state)
     return masks

@@ -50,8 +50,25 @@ def check_pattern_fits(targets: Sequence[Target], pattern: Pattern) -> None:
     if bad:
         raise ValueError(
             f"N:M pattern {pattern[0]}:{m} needs layer input widths divisible by {m}; "
-            f"these are not: {bad[:5]}"
+            f"these are not: {bad[:5]}; exclude them (exclude=[...], --exclude NAME)"
         )
+
+
+def check_nm_sparsity(sparsity: float | None, pattern: Pattern) -> float:
+    """The sparsity to use: ``sparsity`` itself without a pattern; with N:M, 1 - N/M, refusing
+    any other value (2:4 removes exactly half, so 0.8 with 2:4 is a contradiction). ``None``
+    with a pattern means "whatever the pattern gives"."""
+    if pattern is None:
+        if sparsity is None:
+            raise ValueError("sparsity is required without an N:M pattern")
+        return check_sparsity(sparsity)
+    implied = 1.0 - pattern[0] / pattern[1]
+    if sparsity is not None and abs(check_sparsity(sparsity) - implied) > 1e-9:
+        raise ValueError(
+            f"sparsity {sparsity} contradicts the N:M pattern {pattern[0]}:{pattern[1]}, which "
+            f"removes exactly {implied:g}; pass sparsity={implied:g} (or none) with this pattern"
+        )
+    return implied
 
 
 def nm_keep(scores: torch.Tensor, prior: torch.Tensor, pattern: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,140 @@
+"""Wanda: prune by |W_ij| * ||X_j||_2, compared within each output row, with no weight update.
+
+X is the (tokens x cols) matrix of a layer's calibration inputs, so ||X_j||_2 is the norm of
+input feature j over all calibration tokens. The score is the size of weight w_ij's contribution
+to output i, which is what a layer-wise reconstruction loses when w_ij is removed, up to the
+cross terms (the diagonal of SparseGPT's Hessian without its inverse). Every row keeps the same
+share (unstructured), or N of every M consecutive weights along the row (N:M).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._layers import LayerFilter, Target, find_targets
+from .blockwise import (
+    InputStats,
+    calibration_batches,
+    check_layerwise_targets,
+    restore_on_error,
+    run_layerwise,
+)
+from .layerwise import Sparsity, layer_budgets
+from .patterns import Pattern, check_nm_sparsity, check_pattern_fits
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class WandaConfig:
+    """Options of :func:`wanda`."""
+
+    calib_batches: int = 32
+    """Calibration batches whose inputs give the column norms ||X_j||_2."""
+    sequential: bool = True
+    """Prune block by block, each block calibrated on the outputs of the pruned blocks before
+    it (as the Wanda paper does); False takes every norm from one pass of the dense model."""
+
+    def __post_init__(self) -> None:
+        c = self.calib_batches
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"calib_batches must be an integer >= 1, got {c!r}")
+        if not isinstance(self.sequential, bool):
+            raise TypeError(f"sequential must be a bool, got {self.sequential!r}")
+
+
+def wanda_scores(weight: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2 (float64) for a weight flattened to (rows, cols) and the summed
+    squared input norms sum_t X_tj^2."""
+    w = weight.detach().reshape(weight.shape[0], -1).to(F64)
+    return w.abs() * sqnorm.to(device=w.device, dtype=F64).clamp_min(0).sqrt()[None, :]
+
+
+def row_keep(
+    scores: torch.Tensor, sparsity: float, pattern: Pattern, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Keep-mask from (rows, cols) scores: in every row drop the round(sparsity * cols) lowest
+    (ties by position), or keep the N highest of every M consecutive ones. Already-pruned
+    weights (``prior`` False) are dropped first and count towards the budget."""
+    rows, cols = scores.shape
+    s = scores if prior is None else torch.where(prior, scores, -1.0)
+    if pattern is not None:
+        n, m = pattern
+        groups = s.reshape(rows, cols // m, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(2, groups.topk(n, dim=2, sorted=False).indices, True)
+        keep = keep.reshape(rows, cols)
+    else:
+        count = round(sparsity * cols)
+        keep = torch.ones(rows, cols, dtype=torch.bool, device=s.device)
+        if count:
+            # stable sort: equal scores are dropped in column order
+            order = s.argsort(dim=1, stable=True)[:, :count]
+            keep.scatter_(1, order, False)
+    return keep if prior is None else keep & prior
+
+
+@torch.no_grad()
+def wanda(
+    model: nn.Module,
+    data: Iterable[object],
+    forward_fn: Callable[[nn.Module, object], object],
+    sparsity: Sparsity | None,
+    config: WandaConfig | None = None,
+    *,
+    pattern: Pattern = None,
+    targets: Sequence[Target] | None = None,
+    layers: LayerFilter = None,
+    priors: Mapping[str, torch.Tensor] | None = None,
+    info: dict[str, object] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Prune the Linear/Conv2d ``targets`` of ``model`` in place with Wanda; returns
+    (keep-masks, timings).
+
+    ``sparsity``: one fraction for every layer or a mapping layer -> fraction (e.g. OWL
+    budgets); with an N:M ``pattern`` it must be None or 1 - N/M. ``forward_fn(model, batch)``
+    runs a calibration batch. Nothing is changed when an input is refused; on any error during
+    pruning the weights are restored.
+    """
+    config = config or WandaConfig()
+    if targets is None:
+        targets = find_targets(model, layers)
+    check_layerwise_targets(targets)
+    check_pattern_fits(targets, pattern)
+    if not isinstance(sparsity, Mapping):
+        check_nm_sparsity(sparsity, pattern)
+    budgets = layer_budgets(targets, sparsity, pattern)
+    batches = calibration_batches(data, config.calib_batches)
+    timings = {"collect": 0.0, "precompute": 0.0, "prune": 0.0}
+    masks: dict[str, torch.Tensor] = {}
+
+    def prune_group(group: list[Target], stats: InputStats) -> None:
+        t0 = time.perf_counter()
+        for t in group:
+            sqnorm, _ = stats.get(t.name)
+            prior = None
+            if priors is not None:
+                prior = priors[t.name].reshape(t.shape[0], -1).to(t.param.device).bool()
+            keep = row_keep(wanda_scores(t.param, sqnorm), budgets[t.name], pattern, prior)
+            keep = keep.reshape(t.shape)
+            t.param.mul_(keep.to(t.param.dtype))
+            masks[t.name] = keep.cpu()
+        timings["prune"] += time.perf_counter() - t0
+
+    restore = restore_on_error(targets)
+    try:
+        run_layerwise(
+            model, targets, batches, forward_fn, "sqnorm", prune_group,
+            sequential=config.sequential, timings=timings, info=info,
+        )  # fmt: skip
+    except BaseException:
+        restore()
+        raise
+    if info is not None:
+        info["calib_batches"] = len(batches)
+    return masks, timings
