@@ -263,7 +263,7 @@ def part1(
             for label in ("magnitude", "diag-fisher", "mfac", "mfac-exact", "sparsegpt"):
                 method, opts = METHOD_SETS[label]
                 kw = {} if method in ("magnitude", "sparsegpt") else {"num_grads": 256}
-                out = run_one(tasks[name], st, method, 0.0, seed, pattern=pattern, **opts, **kw)
+                out = run_one(tasks[name], st, method, None, seed, pattern=pattern, **opts, **kw)
                 rows.append(
                     {
                         "part": 1,

@@ -97,7 +97,7 @@ def test_nm_masks_valid(digits, method, pattern) -> None:
     model = _fresh(digits)
     n, m = (int(v) for v in pattern.split(":"))
     kw = {"num_grads": 16} if method in ("diag-fisher", "mfac", "mfac-exact") else {}
-    res = mp.oneshot(model, 0.0, method, data=digits[2], loss_fn=_loss, pattern=pattern, **kw)
+    res = mp.oneshot(model, None, method, data=digits[2], loss_fn=_loss, pattern=pattern, **kw)
     for name, mask in res.masks.items():
         groups = mask.reshape(-1, m).sum(1)
         assert bool((groups == n).all()), name

@@ -650,33 +650,36 @@ def test_shared_input_statistics_equal_separate() -> None:
 
 
 def test_owl_sparsegpt_preset_is_owl_then_sequential_sparsegpt() -> None:
+    from mfac.prune import oneshot
     from mfac.prune.owl import OWLConfig, owl_sparsities
-    from mfac.prune.presets import OWLSparseGPTConfig, owl_sparsegpt
+    from mfac.prune.presets import OWLSparseGPTConfig
 
-    cfg = OWLSparseGPTConfig(calib_batches=3, block=4, threshold=2.0, spread=0.1)
+    opts = {"calib_batches": 3, "block": 4, "owl_threshold": 2.0, "owl_spread": 0.1}
     for nm in (None, (2, 4)):
         model, batches = _chain(6)
         ref, _ = _chain(6)
-        info: dict[str, object] = {}
-        masks, timings = owl_sparsegpt(
-            model, batches, _run, 0.5, cfg, pattern=nm, layers=_layers, info=info
-        )
+        res = oneshot(
+            model, 0.5, "owl-sparsegpt", data=batches, loss_fn=_run, pattern=nm,
+            layers=_layers, progress=False, **opts,
+        )  # fmt: skip
         budget: object = 0.5
         if nm is None:
             budget = owl_sparsities(ref, batches, _run, 0.5, OWLConfig(2.0, 0.1, 3), layers=_layers)
-            assert info["owl_group_sparsity"]
+            assert res.info["owl_group_sparsity"]
+            assert "owl" in res.timings
         else:
-            assert "skipped" in str(info["owl"])
+            assert "skipped" in str(res.info["owl"])
         expect, _ = sparsegpt(
             ref, batches, _run, budget, layers=_layers, pattern=nm, block=4, calib_batches=3,
             progress=False,
         )  # fmt: skip
-        assert all(torch.equal(masks[n], expect[n]) for n in masks)
+        assert all(torch.equal(res.masks[n], expect[n]) for n in res.masks)
         assert all(
             torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True)
         )
-        assert "owl" in timings
+    before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="contradicts"):
-        owl_sparsegpt(model, batches, _run, 0.8, cfg, pattern=(2, 4), layers=_layers)
+        oneshot(model, 0.8, "owl-sparsegpt", data=batches, loss_fn=_run, pattern=(2, 4), **opts)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     with pytest.raises(ValueError, match="damp"):
         OWLSparseGPTConfig(damp=0.0)

@@ -64,9 +64,10 @@ class PruneCommand(InputOptions):
 
     output: Path = option(Path("mfac-prune-out"), "output folder", short="-o")
     method: str = option("mfac", "pruning method", choices=tuple(REGISTRY))
-    sparsity: float = option(
-        0.5, "fraction of prunable weights to remove", low=0, high=1, high_open=True
-    )
+    sparsity: float | None = option(
+        None, "fraction of prunable weights to remove (default 0.5; with --pattern, what the "
+        "pattern removes)", low=0, high=1, high_open=True,
+    )  # fmt: skip
     pattern: str | None = option(None, "'N:M' semi-structured pattern (e.g. 2:4)")
     memory_budget_gb: float | None = option(
         None, "RAM for the m x d gradient buffer; past it the buffer is paged to disk",

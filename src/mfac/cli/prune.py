@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from .._config import options_of
+from ..prune.patterns import check_nm_sparsity, parse_pattern
 from .common import (
     CLIError,
     atomic_dir,
@@ -30,6 +31,8 @@ _NOT_REPORTED = ("progress", "val_data", "val_fn", "callback")
 
 def check_combination(cmd: Any, options: dict[str, Any]) -> None:
     """Options that only make sense together, refused before anything is loaded."""
+    if cmd.pattern and cmd.gradual_steps > 1:
+        raise CLIError("--gradual-steps > 1 cannot follow a schedule with an N:M --pattern")
     if cmd.gradual_steps > 1 and cmd.method == "iobs":
         raise CLIError("--gradual-steps > 1 is for the one-shot methods, not iobs")
     if cmd.finetune_steps and cmd.gradual_steps == 1:
@@ -49,6 +52,11 @@ def run_prune(args: argparse.Namespace) -> int:
         flags = ", ".join("--" + n.replace("_", "-") for n in got.ignored)
         log.warning("ignored (not options of %s): %s", cmd.method, flags)
     check_combination(cmd, options)
+    try:  # with a pattern the sparsity is 1 - N/M; a contradicting --sparsity is refused
+        default = 0.5 if cmd.sparsity is None and not cmd.pattern else cmd.sparsity
+        sparsity = check_nm_sparsity(default, parse_pattern(cmd.pattern))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     check_replaceable(cmd.output, probe=True)
     if options.get("spill_dir") is not None:
         options["spill_dir"].mkdir(parents=True, exist_ok=True)
@@ -85,7 +93,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if cmd.method == "iobs":  # best iterate picked on other training batches, not on val
         options["val_data"] = data.sampled(count, cmd.batch_size, cmd.seed + 2)
     log.info(
-        "pruning with %s to %.1f%% sparsity%s", cmd.method, 100 * cmd.sparsity,
+        "pruning with %s to %.1f%% sparsity%s", cmd.method, 100 * sparsity,
         f" ({cmd.pattern})" if cmd.pattern else "",
     )  # fmt: skip
     common = {"data": batches, "loss_fn": objective, "pattern": cmd.pattern, **options}
@@ -98,9 +106,9 @@ def run_prune(args: argparse.Namespace) -> int:
                 finetune(model, objective, tune_batches, adam, cmd.finetune_steps, masks)
 
         steps = {"steps": cmd.gradual_steps, "finetune_fn": tune}
-        result = gradual(loaded.model, cmd.sparsity, cmd.method, **steps, **common)[-1]
+        result = gradual(loaded.model, sparsity, cmd.method, **steps, **common)[-1]
     else:
-        result = oneshot(loaded.model, cmd.sparsity, cmd.method, **common)
+        result = oneshot(loaded.model, sparsity, cmd.method, **common)
     after = objective.evaluate(loaded.model, cmd.batch_size, "after", progress)
     memory = peak_memory(device)
 
@@ -111,7 +119,7 @@ def run_prune(args: argparse.Namespace) -> int:
     report = {
         "command": "prune", "model": cmd.model, "checkpoint": cmd.checkpoint, "data": cmd.data,
         "val_data": cmd.val_data, "data_description": data.description, "method": cmd.method,
-        "target_sparsity": cmd.sparsity, "pattern": cmd.pattern,
+        "target_sparsity": sparsity, "pattern": cmd.pattern,
         "achieved_sparsity": result.sparsity,
         "options": {k: v for k, v in config.as_dict().items() if k not in _NOT_REPORTED},
         "gradual_steps": cmd.gradual_steps, "finetune_steps": cmd.finetune_steps,

@@ -1,4 +1,5 @@
-"""The contract every sliding-window inverse-Fisher operator satisfies (docs/algorithms.md section 3).
+"""The contract every sliding-window inverse-Fisher operator satisfies (docs/algorithms.md,
+section 3).
 
 Three layouts implement it: the dense window (:class:`mfac.operators.sliding.SlidingInverseFisher`),
 the error-feedback top-k window (:class:`mfac.operators.topk.TopKSlidingInverseFisher`) and the

@@ -1,4 +1,5 @@
-"""The M-FAC step as a function (docs/algorithms.md section 3), apart from the optimizer's bookkeeping.
+"""The M-FAC step as a function (docs/algorithms.md section 3), apart from the optimizer's
+bookkeeping.
 
 :func:`mfac_step` mirrors torch.optim's functional cores (``torch.optim.sgd.sgd``): it takes
 the parameters, their gradients and momentum buffers as lists and a sliding window, and

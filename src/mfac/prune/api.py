@@ -11,7 +11,7 @@ from ._layers import current_masks, find_targets
 from .base import Request
 from .collect import LossFn
 from .fisher import density_steps
-from .patterns import check_pattern_fits, check_sparsity, parse_pattern
+from .patterns import check_nm_sparsity, check_pattern_fits, parse_pattern
 from .registry import REGISTRY, get_method
 from .result import PruneResult, summarize
 
@@ -23,7 +23,7 @@ __all__ = ["METHODS", "density_steps", "oneshot"]
 
 def oneshot(
     model: nn.Module,
-    sparsity: float,
+    sparsity: float | None,
     method: str = "mfac",
     *,
     data: Iterable[object] | None = None,
@@ -35,7 +35,8 @@ def oneshot(
 
     ``data`` is an iterable of batches and ``loss_fn(model, batch)`` returns a scalar loss
     (the layer-wise methods only run it forward, for calibration). ``pattern`` is None
-    (unstructured) or "N:M". ``options`` are the fields of the method's option set
+    (unstructured) or "N:M"; with a pattern, ``sparsity`` is None or 1 - N/M (a contradicting
+    value is refused). ``options`` are the fields of the method's option set
     (``REGISTRY[method].config``, e.g. :class:`mfac.prune.fisher.MFACConfig`; the tables in
     docs/cli.md list them with their defaults); unknown names raise TypeError.
 
@@ -44,10 +45,10 @@ def oneshot(
     """
     spec = get_method(method)
     cfg = spec.config.build(options, f"method {method!r}")
-    sparsity = check_sparsity(sparsity)
     nm = parse_pattern(pattern)
     targets = find_targets(model, cfg.layers, getattr(cfg, "exclude", ()))
     check_pattern_fits(targets, nm)
+    sparsity = check_nm_sparsity(sparsity, nm)
     if spec.needs_data and (data is None or loss_fn is None):
         raise ValueError(f"method {method!r} needs data= (batches) and loss_fn=(model, batch)")
     req = Request(model, targets, current_masks(targets), sparsity, nm, data, loss_fn)

@@ -43,6 +43,24 @@ class ScopedOptions(CommonOptions):
     )
 
 
+THRESHOLD_HELP = "OWL's M: a score is an outlier above M times its block's mean score"
+SPREAD_HELP = "OWL's lambda: the largest deviation of a block's sparsity from the target"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OWLBudgetOptions(Options):
+    """The budget option of every layer-wise method: one sparsity for every layer, or OWL's
+    outlier-weighted per-block budgets with the same mean (:mod:`mfac.prune.owl`)."""
+
+    budget: str = option(
+        "uniform", "how sparsity is spread over layers", choices=("uniform", "owl")
+    )
+    owl_threshold: float = option(5.0, THRESHOLD_HELP + " (budget=owl)", low=0, low_open=True)
+    owl_spread: float = option(
+        0.08, SPREAD_HELP + " (budget=owl)", low=0, high=1, high_open=True
+    )
+
+
 @dataclass
 class Request:
     """One pruning call after validation: the layers to prune, their current keep-masks (a

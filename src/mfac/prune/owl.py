@@ -15,13 +15,16 @@ mapping layer -> sparsity that :func:`mfac.prune.layerwise.sparsegpt`,
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .._config import Options, option
 from ._layers import LayerFilter, Target, find_targets
+from .base import SPREAD_HELP, THRESHOLD_HELP, OWLBudgetOptions, Request
 from .blockwise import (
     InputStats,
     calibration_batches,
@@ -30,36 +33,23 @@ from .blockwise import (
     stage_name,
 )
 from .patterns import check_sparsity
-from .wanda import wanda_scores
+from .saliency import wanda_scores
 
 #: Highest sparsity a budget may reach (a layer keeps at least a few weights).
 MAX_SPARSITY = 0.99
 
 
 @dataclass(frozen=True)
-class OWLConfig:
+class OWLConfig(Options):
     """Options of :func:`owl_sparsities`."""
 
-    threshold: float = 5.0
-    """M: a score is an outlier when it exceeds M times the mean score of its block."""
-    spread: float = 0.08
-    """lambda: the largest deviation of a block's sparsity from the target, either way."""
-    calib_batches: int = 32
-    """Calibration batches whose inputs give the column norms ||X_j||_2 (dense model)."""
-    granularity: str = "block"
-    """"block": one budget per transformer block (all its linear layers pooled, as in the OWL
-    paper); "layer": one budget per linear layer."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.threshold, (int, float)) or not self.threshold > 0:
-            raise ValueError(f"threshold (M) must be a positive number, got {self.threshold!r}")
-        if not isinstance(self.spread, (int, float)) or not 0 <= self.spread < 1:
-            raise ValueError(f"spread (lambda) must lie in [0, 1), got {self.spread!r}")
-        c = self.calib_batches
-        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ValueError(f"calib_batches must be an integer >= 1, got {c!r}")
-        if self.granularity not in ("block", "layer"):
-            raise ValueError(f"granularity must be 'block' or 'layer', got {self.granularity!r}")
+    threshold: float = option(5.0, THRESHOLD_HELP, low=0, low_open=True)
+    spread: float = option(0.08, SPREAD_HELP, low=0, high=1, high_open=True)
+    calib_batches: int = option(32, "calibration batches whose inputs give ||X_j||_2", low=1)
+    granularity: str = option(
+        "block", "one budget per transformer block (the paper) or per linear layer",
+        choices=("block", "layer"),
+    )  # fmt: skip
 
 
 def owl_budgets(
@@ -142,3 +132,24 @@ def owl_sparsities(
         info["owl_ratios"] = {k: ratios[k] for k in keys}
         info["owl_group_sparsity"] = dict(zip(keys, budgets, strict=True))
     return {t.name: b for k, b in zip(keys, budgets, strict=True) for t in groups[k]}
+
+
+def owl_budget(
+    req: Request, options: OWLBudgetOptions, calib_batches: int
+) -> float | dict[str, float]:
+    """What a registered layer-wise method prunes to: ``req.sparsity`` for every layer, or (with
+    ``budget="owl"`` and no N:M pattern, which fixes every layer's share) OWL's budgets,
+    recorded in ``req.info`` with their cost in ``req.timings["owl"]``."""
+    if options.budget == "uniform":
+        return req.sparsity
+    if req.pattern is not None:
+        req.info["owl"] = "skipped: the N:M pattern fixes every layer's sparsity"
+        return req.sparsity
+    assert req.data is not None and req.loss_fn is not None
+    t0 = time.perf_counter()
+    config = OWLConfig(options.owl_threshold, options.owl_spread, calib_batches)
+    budgets = owl_sparsities(
+        req.model, req.data, req.loss_fn, req.sparsity, config, targets=req.targets, info=req.info
+    )
+    req.timings["owl"] = time.perf_counter() - t0
+    return budgets

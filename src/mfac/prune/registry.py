@@ -8,7 +8,7 @@ tables of docs/cli.md all read this table.
 
 from __future__ import annotations
 
-from . import diag_fisher, fisher, iobs, magnitude, sparsegpt
+from . import diag_fisher, fisher, iobs, magnitude, presets, sparsegpt, wanda
 from .base import Method
 
 REGISTRY: dict[str, Method] = {
@@ -19,6 +19,8 @@ REGISTRY: dict[str, Method] = {
         fisher.MFAC,
         fisher.MFAC_EXACT,
         sparsegpt.METHOD,
+        wanda.METHOD,
+        presets.METHOD,
         iobs.METHOD,
     )
 }

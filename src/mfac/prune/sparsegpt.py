@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from .._config import option
-from .base import CommonOptions, LayerOptions, Method, Request
+from .base import CommonOptions, LayerOptions, Method, OWLBudgetOptions, Request
 from .layerwise import sparsegpt
+from .owl import owl_budget
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,20 +25,22 @@ class ProjectionOptions(LayerOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SparseGPTConfig(CommonOptions, ProjectionOptions):
+class SparseGPTConfig(CommonOptions, ProjectionOptions, OWLBudgetOptions):
     """Options of ``method="sparsegpt"``."""
 
     block: int = option(128, "columns pruned together (lazy batch updates)", low=1)
 
 
 def run(req: Request, cfg: SparseGPTConfig) -> dict[str, torch.Tensor]:
-    """One sequential (or single-pass) SparseGPT sweep over the targets."""
+    """One sequential (or single-pass) SparseGPT sweep over the targets, at the uniform or the
+    OWL budget."""
     assert req.data is not None and req.loss_fn is not None
+    budget = owl_budget(req, cfg, cfg.calib_batches)
     masks, timings = sparsegpt(
-        req.model, req.data, req.loss_fn, req.sparsity,
+        req.model, req.data, req.loss_fn, budget,
         targets=req.targets, pattern=req.pattern, block=cfg.block, damp=cfg.damp,
         calib_batches=cfg.calib_batches, sequential=cfg.sequential, priors=req.priors,
-        progress=cfg.progress,
+        progress=cfg.progress, info=req.info,
     )  # fmt: skip
     req.timings.update(timings)
     return masks

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._config import option
 from ._layers import LayerFilter, Target, find_targets
+from .base import CommonOptions, Method, OWLBudgetOptions, Request
 from .blockwise import (
     InputStats,
     calibration_batches,
@@ -25,34 +27,23 @@ from .blockwise import (
     run_layerwise,
 )
 from .layerwise import Sparsity, layer_budgets
+from .owl import owl_budget
 from .patterns import Pattern, check_nm_sparsity, check_pattern_fits
+from .saliency import wanda_scores
 
 F64 = torch.float64
 
 
 @dataclass(frozen=True)
-class WandaConfig:
-    """Options of :func:`wanda`."""
+class WandaConfig(CommonOptions, OWLBudgetOptions):
+    """Options of :func:`wanda` and of ``method="wanda"``."""
 
-    calib_batches: int = 32
-    """Calibration batches whose inputs give the column norms ||X_j||_2."""
-    sequential: bool = True
-    """Prune block by block, each block calibrated on the outputs of the pruned blocks before
-    it (as the Wanda paper does); False takes every norm from one pass of the dense model."""
-
-    def __post_init__(self) -> None:
-        c = self.calib_batches
-        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ValueError(f"calib_batches must be an integer >= 1, got {c!r}")
-        if not isinstance(self.sequential, bool):
-            raise TypeError(f"sequential must be a bool, got {self.sequential!r}")
-
-
-def wanda_scores(weight: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
-    """|W_ij| * ||X_j||_2 (float64) for a weight flattened to (rows, cols) and the summed
-    squared input norms sum_t X_tj^2."""
-    w = weight.detach().reshape(weight.shape[0], -1).to(F64)
-    return w.abs() * sqnorm.to(device=w.device, dtype=F64).clamp_min(0).sqrt()[None, :]
+    calib_batches: int = option(32, "calibration batches whose inputs give ||X_j||_2", low=1)
+    sequential: bool = option(
+        True,
+        "prune block by block, each calibrated on the pruned blocks' outputs (as the paper); "
+        "False takes every norm from one pass of the dense model",
+    )
 
 
 def row_keep(
@@ -138,3 +129,18 @@ def wanda(
     if info is not None:
         info["calib_batches"] = len(batches)
     return masks, timings
+
+
+def run(req: Request, cfg: WandaConfig) -> dict[str, torch.Tensor]:
+    """``method="wanda"``: the uniform or OWL budget, then :func:`wanda` over the targets."""
+    assert req.loss_fn is not None and req.data is not None
+    budget = owl_budget(req, cfg, cfg.calib_batches)
+    masks, timings = wanda(
+        req.model, req.data, req.loss_fn, budget, cfg, pattern=req.pattern,
+        targets=req.targets, priors=req.priors, info=req.info,
+    )  # fmt: skip
+    req.timings.update(timings)
+    return masks
+
+
+METHOD = Method("wanda", WandaConfig, run, "|W| times input norms per output row (no update)")

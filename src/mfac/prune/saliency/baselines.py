@@ -1,4 +1,5 @@
-"""The two baselines: magnitude |w| and the diagonal empirical Fisher w^2 (lambda + F_qq)."""
+"""The baselines' scores: magnitude |w|, the diagonal empirical Fisher w^2 (lambda + F_qq)
+and Wanda's |W_ij| ||X_j||_2."""
 
 from __future__ import annotations
 
@@ -23,3 +24,10 @@ def diag_fisher_scores(
     w = layout.gather([t.param for t in layout.targets], torch.float64)
     rho = 0.5 * w.square() * (lam + fisher_diag)
     return layout.scatter(rho)
+
+
+def wanda_scores(weight: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2 (float64) for a weight flattened to (rows, cols) and the summed
+    squared input norms sum_t X_tj^2."""
+    w = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
+    return w.abs() * sqnorm.to(device=w.device, dtype=torch.float64).clamp_min(0).sqrt()[None, :]
