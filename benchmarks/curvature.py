@@ -10,7 +10,7 @@
    validation data), and laplace-torch's diagonal and KFAC last-layer Laplace (when installed).
 3. log det and sampling cost against the dense float64 route (d = 4096) and at d = 2^18.
 
-    python -m benchmarks.curvature            # about 5 minutes on 1 thread
+    python -m benchmarks.curvature            # about 130 s on 1 thread
     python -m benchmarks.curvature --quick    # smaller grids, about 1 minute
 
 Writes benchmarks/results/curvature.json and curvature.png (curvature_quick.* with --quick).
