@@ -10,7 +10,7 @@
    validation data), and laplace-torch's diagonal and KFAC last-layer Laplace (when installed).
 3. log det and sampling cost against the dense float64 route (d = 4096) and at d = 2^18.
 
-    python -m benchmarks.curvature            # about 5 minutes on 1 thread
+    python -m benchmarks.curvature            # about 130 s on 1 thread
     python -m benchmarks.curvature --quick    # smaller grids, about 1 minute
 
 Writes benchmarks/results/curvature.json and curvature.png (curvature_quick.* with --quick).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import resource
 import statistics
@@ -362,11 +363,37 @@ def plot(payload: dict[str, Any], name: str) -> None:
     fig.savefig(RESULTS / f"{name}.png", dpi=120)
 
 
+def markdown(payload: dict[str, Any]) -> str:
+    """The docs' tables (docs/curvature.md) from a results payload."""
+    influence = [{**r, "MB": r["curvature_bytes"] / 2**20} for r in payload["influence_summary"]]
+    columns = [
+        ["damp_rel", "method", "spearman", "spearman_sd", "spearman_min", "seconds", "MB"],
+        ["method", "nll", "nll_sd", "ece", "ece_sd", "accuracy", "seconds", "prior", "error"],
+        [
+            "d",
+            "m",
+            "build_s",
+            "logdet_s",
+            "sample100_s",
+            "dense_s",
+            "dense_over_mfac",
+            "logdet_rel_err",
+        ],
+    ]
+    parts = [influence, payload["laplace_summary"], payload["cost"]]
+    return "\n\n".join(table(rows, cols) for rows, cols in zip(parts, columns, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tables", action="store_true", help="print the docs' tables from JSON")
     args = parser.parse_args()
+    if args.tables:
+        name = "curvature_quick" if args.quick else "curvature"
+        print(markdown(json.loads((RESULTS / f"{name}.json").read_text())))
+        return
     torch.set_num_threads(args.threads)
     seeds = [0] if args.quick else [0, 1, 2]
     start = time.perf_counter()
@@ -393,41 +420,7 @@ def main() -> None:
     name = "curvature_quick" if args.quick else "curvature"
     print("wrote", write_json(name, payload))
     plot(payload, name)
-    print(
-        table(
-            payload["influence_summary"],
-            [
-                "damp_rel",
-                "method",
-                "spearman",
-                "spearman_sd",
-                "spearman_min",
-                "seconds",
-                "curvature_bytes",
-            ],
-        )
-    )
-    print(
-        table(
-            payload["laplace_summary"],
-            ["method", "nll", "nll_sd", "ece", "ece_sd", "accuracy", "seconds", "prior", "error"],
-        )
-    )
-    print(
-        table(
-            costs,
-            [
-                "d",
-                "m",
-                "build_s",
-                "logdet_s",
-                "sample100_s",
-                "dense_s",
-                "dense_over_mfac",
-                "logdet_rel_err",
-            ],
-        )
-    )
+    print(markdown(payload))
     print(f"wall {payload['wall_s']:.0f} s, peak RSS {payload['peak_rss_mb']:.0f} MB")
 
 

@@ -160,7 +160,8 @@ class LinearOperatorMixin:
         return out.squeeze(1) if z.ndim == 1 else out
 
     def _factors(self) -> list[_DirectFactor | _WoodburyFactor]:
-        """The per-group factors, computed on first use and kept (small: m x m or B x B each)."""
+        """The per-group factors, computed on first use and kept: m x m per Woodbury block,
+        B x B per direct block (as many bytes as the direct blocks' stored inverses)."""
         cached = getattr(self, "_linear_factors", None)
         if cached is None or cached[0] != self.device:  # type: ignore[attr-defined]
             factors = [_factor(self, g) for g in self.groups]  # type: ignore[attr-defined]
@@ -174,7 +175,7 @@ class LinearOperatorMixin:
         """n independent draws from N(0, F^-1) as an (n, d) tensor: S z for standard normal z."""
         check_positive_int(n, "n")
         z = torch.randn(self.dim, n, dtype=F64, device=self.device, generator=generator)  # type: ignore[attr-defined]
-        return self.apply_sqrt(z).T.to(dtype)
+        return self.apply_sqrt(z).T.to(dtype).contiguous()
 
 
 # ---------------------------------------------------------------------- per-group factors
