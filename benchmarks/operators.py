@@ -318,6 +318,44 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def compare(before_path: str, after_path: str) -> str:
+    """A Markdown table of the precompute parts of two result files (before -> after)."""
+    import json
+
+    a, b = (json.loads(open(p).read()) for p in (before_path, after_path))
+    lines = ["| measurement | before | after | after / before |", "|---|---|---|---|"]
+
+    def row(name: str, x: float, y: float, fmt: str = ".3g") -> None:
+        lines.append(f"| {name} | {x:{fmt}} | {y:{fmt}} | {y / x:.2f} |")
+
+    for ra, rb in zip(a.get("precompute", []), b.get("precompute", []), strict=False):
+        tag = f"B={ra['block']} ({ra['form']}), m={ra['m']}, d={ra['d']}"
+        row(f"{tag}: seconds", ra["seconds"], rb["seconds"])
+        row(
+            f"{tag}: share of float64 matmul rate",
+            ra["ratio_to_f64_matmul"],
+            rb["ratio_to_f64_matmul"],
+        )
+    if "block_rank_one" in a and "block_rank_one" in b:
+        ra, rb = a["block_rank_one"], b["block_rank_one"]
+        tag = f"B={ra['block']}, m={ra['m']}, d={ra['d']}"
+        row(f"{tag}: precompute + diag, seconds", ra["ours_s"], rb["ours_s"])
+        row(f"{tag}: speed-up over the batched rank-one recursion", ra["speedup"], rb["speedup"])
+    for ra, rb in zip(a.get("oneshot", []), b.get("oneshot", []), strict=False):
+        tag = f"oneshot mfac recompute=16, {ra['model']} (d={ra['d']})"
+        row(f"{tag}: precompute s", ra["precompute_s"], rb["precompute_s"])
+        row(f"{tag}: total s", ra["total_s"], rb["total_s"])
+    for ra, rb in zip(a.get("step", []), b.get("step", []), strict=False):
+        tag = f"step m={ra['m']}, d={ra['d']:.0e}"
+        row(f"{tag}: float32 push_ihvp / floor", ra["f32_over_floor"], rb["f32_over_floor"])
+        row(
+            f"{tag}: bf16 push_ihvp / float32 floor",
+            ra["bf16_over_f32_floor"],
+            rb["bf16_over_f32_floor"],
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
@@ -330,7 +368,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--precompute-d", type=int, default=None, help="d of the precompute part (m = 1024)"
     )
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print a before/after table"
+    )
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare(*args.compare))
+        return {}
     if args.threads:
         torch.set_num_threads(args.threads)
     global DEVICE

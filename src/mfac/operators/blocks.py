@@ -10,10 +10,11 @@ coordinates. It stores one of two exact forms of each block's inverse, chosen by
 * direct (``size <= m``): F_b = lambda*I + G_b^T G_b / m is formed and inverted (float64).
 
 The build runs in two phases so that a failure never leaves the caller's buffer half written:
-:meth:`BlockGroup.factor` forms and factors every block (it only reads the buffer) and
-:meth:`BlockGroup.finish` then overwrites G by Q. All small matrices are formed and factored in
-float64, a cache-sized tile at a time, through one reused scratch tile, so the float64 scratch
-stays within ``TILE_BYTES`` and the m x d buffer is never copied whole.
+:meth:`BlockGroup.form` forms every block's Gram and :meth:`BlockGroup.factor` damps and
+factors it (both only read the buffer); :meth:`BlockGroup.finish` then overwrites G by Q.
+All small matrices are formed and factored in float64, a cache-sized tile at a time, through
+one reused scratch tile, so the float64 scratch stays within ``TILE_BYTES`` and the m x d
+buffer is never copied whole.
 """
 
 from __future__ import annotations
