@@ -312,7 +312,7 @@ def _unchanged(model: nn.Module, before: list[torch.Tensor]) -> bool:
         ({"sparsity": 0.5, "method": "mfac-exact", "block_size": 5000}, ValueError, "block_size"),
         ({"sparsity": 0.5, "method": "mfac", "layer_groups": 1}, ValueError, "layer_groups"),
         (
-            {"sparsity": 0.0, "method": "mfac-exact", "pattern": "2:4", "block_size": 6},
+            {"sparsity": None, "method": "mfac-exact", "pattern": "2:4", "block_size": 6},
             ValueError,
             "divisible by M",
         ),

@@ -679,7 +679,10 @@ def test_owl_sparsegpt_preset_is_owl_then_sequential_sparsegpt() -> None:
         )
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="contradicts"):
-        oneshot(model, 0.8, "owl-sparsegpt", data=batches, loss_fn=_run, pattern=(2, 4), **opts)
+        oneshot(
+            model, 0.8, "owl-sparsegpt", data=batches, loss_fn=_run, pattern=(2, 4),
+            layers=_layers, **opts,
+        )  # fmt: skip
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     with pytest.raises(ValueError, match="damp"):
         OWLSparseGPTConfig(damp=0.0)

@@ -172,13 +172,13 @@ def _first(out: object) -> torch.Tensor | None:
 def _is_chain(model: nn.Module, blocks: list[nn.Module], batch: object, forward: ForwardFn) -> bool:
     """True when, on ``batch``, every block runs once and block i's output is block i+1's
     first input (so blocks can be replayed one after another on captured inputs)."""
-    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(blocks))}
+    inputs: dict[int, list[torch.Tensor | None]] = {i: [] for i in range(len(blocks))}
     outputs: dict[int, list[torch.Tensor | None]] = {i: [] for i in range(len(blocks))}
     handles = []
     for i, b in enumerate(blocks):
         handles.append(
             b.register_forward_pre_hook(
-                lambda _m, a, i=i: inputs[i].append(a[0] if a else None)  # type: ignore[misc]
+                lambda _m, a, i=i: inputs[i].append(a[0] if a else None)
             )
         )
         handles.append(b.register_forward_hook(lambda _m, _a, o, i=i: outputs[i].append(_first(o))))

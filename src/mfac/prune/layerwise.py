@@ -321,28 +321,31 @@ def sparsegpt(
         targets = find_targets(model, layers)
     check_layerwise_targets(targets)
     check_pattern_fits(targets, pattern)
-    budgets = layer_budgets(targets, sparsity, pattern)  # type: ignore[arg-type]
+    budgets = layer_budgets(targets, sparsity, pattern)
     check_damp(damp)
     batches = calibration_batches(data, calib_batches)
     timings = {"collect": 0.0, "precompute": 0.0, "prune": 0.0}
     masks: dict[str, torch.Tensor] = {}
     escalated: dict[str, float] = {}
     bar = progress_bar(total=len(targets), desc="sparsegpt", disable=not progress)
-    last: list[object] = [None, None]  # (Hessian, factor) of the previous layer
+    # the previous layer's Hessian and factor (q/k/v and gate/up read one input)
+    last_h: torch.Tensor | None = None
+    last_factor: tuple[torch.Tensor, torch.Tensor, float] | None = None
     seconds: dict[str, float] = {}
 
     def prune_group(group: list[Target], stats: InputStats) -> None:
+        nonlocal last_h, last_factor
         for t in group:
             t1 = time.perf_counter()
             gram, count = stats.get(t.name)
             h = gram * (2.0 / max(count, 1))
             t2 = time.perf_counter()
             prior = None if priors is None else priors[t.name]
-            if last[0] is None or not torch.equal(last[0], h):  # q/k/v share one input
-                last[:] = [h, damped_inverse_factor(h, damp, name=t.name)]
+            if last_h is None or last_factor is None or not torch.equal(last_h, h):
+                last_h, last_factor = h, damped_inverse_factor(h, damp, name=t.name)
             new, keep, used = prune_layer_ex(
                 t.param, h, budgets[t.name], pattern, block, damp=damp, prior_mask=prior,
-                name=t.name, factor=last[1],  # type: ignore[arg-type]
+                name=t.name, factor=last_factor,
             )  # fmt: skip
             t.param.copy_(new)
             masks[t.name] = keep.cpu()
