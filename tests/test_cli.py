@@ -21,6 +21,7 @@ from mfac._config import options_of
 from mfac.cli import main
 from mfac.cli.common import MARKER, CLIError, atomic_dir, atomic_file
 from mfac.cli.options import PruneCommand, coerce, method_options
+from mfac.prune import read_sparse
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -338,10 +339,22 @@ def test_prune_hugging_face_folder(work: Path, inproc) -> None:
     )
     LlamaForCausalLM(cfg).save_pretrained(work / "hf")
     cmd = "prune --model hf --data corpus.txt --method magnitude --sparsity 0.5 --seq-len 16"
-    ok(inproc(cmd + " -q -o hfout", cwd=work))  # in-process: transformers imports once
+    ok(inproc(cmd + " --sparse-file -q -o hfout", cwd=work))  # in-process: one import
     report = json.loads((work / "hfout" / "report.json").read_text())
     assert report["metric"] == "perplexity" and report["achieved_sparsity"] == pytest.approx(0.5)
-    assert (work / "hfout" / "model" / "config.json").is_file()
+    assert report["saved_sparsity"] == pytest.approx(report["achieved_sparsity"])
+    folder = work / "hfout" / "model"
+    assert (folder / "config.json").is_file()
+    recipe = json.loads((folder / "mfac_recipe.json").read_text())
+    assert recipe["recipe"]["method"] == "magnitude" and recipe["sparsity"] == pytest.approx(0.5)
+    reloaded = LlamaForCausalLM.from_pretrained(folder)  # what a user without mfac does
+    state, masks = read_sparse(work / "hfout" / "model.sparse.safetensors")
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(state[key], value), key
+    assert set(masks) == set(report["layers"][i]["layer"] for i in range(len(report["layers"])))
+    # a sparsity that contradicts the pattern is refused before anything is loaded
+    bad = inproc(cmd + " --pattern 1:4 -q -o hfbad", cwd=work)  # 1:4 removes 0.75
+    assert bad.returncode == 2 and "contradicts" in bad.stderr and not (work / "hfbad").exists()
     # the pruned folder trains on, and is written back as a Hugging Face folder
     cmd = "train --model hfout/model --data corpus.txt --seq-len 16 --batch-size 4 --max-steps 2"
     ok(inproc(cmd + " --masks hfout -q -o hftrain", cwd=work))

@@ -79,6 +79,10 @@ class PruneCommand(InputOptions):
     random_weights: bool = option(
         False, "allow pruning without --checkpoint (the factory's initial weights)"
     )
+    sparse_file: bool = option(
+        False, "also write model.sparse.safetensors: kept values and 1-bit masks (smaller on "
+        "disk, no faster; read with mfac.prune.read_sparse)",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

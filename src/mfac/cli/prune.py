@@ -68,7 +68,8 @@ def run_prune(args: argparse.Namespace) -> int:
     import torch
 
     from ..experiments.tasks import Objective
-    from ..prune import REGISTRY, finetune, gradual, oneshot, save_masks
+    from ..prune import REGISTRY, finetune, gradual, oneshot, save_masks, save_sparse
+    from ..prune.export import save_pretrained_sparse, saved_sparsity
     from .data import load_data
     from .models import load_model, save_model
     from .report import bar_plot
@@ -130,8 +131,20 @@ def run_prune(args: argparse.Namespace) -> int:
         "files": {"masks": "masks.safetensors", "plot": "sparsity.png", "report": "report.json"},
     }  # fmt: skip
     with atomic_dir(cmd.output) as tmp:
-        report["files"]["model"] = save_model(loaded, tmp).name
+        if loaded.kind == "hf":  # a folder transformers loads without mfac, recipe beside it
+            recipe = {k: report[k] for k in ("method", "target_sparsity", "pattern", "options")}
+            saved = save_pretrained_sparse(loaded.model, result.masks, tmp / "model", recipe)
+            if loaded.tokenizer is not None:
+                loaded.tokenizer.save_pretrained(str(tmp / "model"))
+            report["files"]["model"] = "model"
+        else:
+            report["files"]["model"] = save_model(loaded, tmp).name
+            saved = saved_sparsity(tmp, result.masks)
+        report["saved_sparsity"] = saved["sparsity"]
         save_masks(result.masks, tmp / "masks.safetensors")
+        if cmd.sparse_file:
+            save_sparse(loaded.model, result.masks, tmp / "model.sparse.safetensors")
+            report["files"]["sparse"] = "model.sparse.safetensors"
         bar_plot(
             tmp / "sparsity.png", [r["layer"] for r in layers], [r["sparsity"] for r in layers],
             title=f"{cmd.method}: sparsity per layer ({100 * result.sparsity:.1f}% overall)",
