@@ -30,7 +30,7 @@ from sklearn.datasets import load_digits
 from mfac.optim import MFAC
 from mfac.optim.scaled import ScaledMFAC
 
-from .common import RESULTS
+from .common import RESULTS, interleaved_medians
 
 OUT = RESULTS / "optim_transformers.json"
 RUNS = RESULTS / "optim_transformers_runs"  # one file per optimizer label, merged by report
@@ -279,8 +279,9 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], steps: int) -> 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
         chosen = [
-            x for x in runs if x["optimizer"] == r["optimizer"] and x["lr"] == r["lr"]
-            and x["steps"] == steps
+            x
+            for x in runs
+            if x["optimizer"] == r["optimizer"] and x["lr"] == r["lr"] and x["steps"] == steps
         ]
         curve = np.mean([c["loss_curve"] for c in chosen if len(c["loss_curve"]) == steps // 10], 0)
         ax1.plot(np.arange(len(curve)) * 10, curve, label=f"{r['optimizer']} (lr {r['lr']:g})")
@@ -294,6 +295,33 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], steps: int) -> 
     fig.savefig(RESULTS / "optim_transformers.png", dpi=110)
 
 
+def timing(names: list[str], reps: int = 30) -> dict[str, Any]:
+    """Median step() time of every optimizer on the same model and gradient, measured round-robin
+    in one process (so machine noise hits all alike); ratios against AdamW."""
+    torch.set_num_threads(1)
+    splits = digits_splits()
+    ids, labels = splits["train"]
+    models, opts = {}, {}
+    for name in names:
+        models[name] = tiny_bert(0)
+        models[name](input_ids=ids[:BATCH], labels=labels[:BATCH]).loss.backward()
+        opts[name] = make_optimizer(name, models[name], 1e-4)
+    fns = {name: opts[name].step for name in names}
+    for fn in fns.values():  # fill the windows a little first, and warm up
+        for _ in range(3):
+            fn()
+    med = interleaved_medians(fns, reps)
+    d = sum(p.numel() for p in models[names[0]].parameters())
+    out = {
+        "dim": d,
+        "step_ms": {n: 1e3 * t for n, t in med.items()},
+        "ratio_vs_adamw": {n: t / med["adamw"] for n, t in med.items()},
+        "state_bytes": {n: getattr(o, "state_nbytes", None) for n, o in opts.items()},
+    }
+    (RESULTS / "optim_transformers_timing.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -304,9 +332,14 @@ def main() -> None:
     run.add_argument("--steps", type=int, default=300)
     run.add_argument("--options", default="{}", help="JSON overrides for a candidate's options")
     run.add_argument("--label", default=None, help="name to record (default: --opt)")
+    tim = sub.add_parser("timing")
+    tim.add_argument("--opts", nargs="+", required=True)
     rep = sub.add_parser("report")
     rep.add_argument("--steps", type=int, default=300)
     args = ap.parse_args()
+    if args.cmd == "timing":
+        print(json.dumps(timing(args.opts), indent=1))
+        return
     if args.cmd == "report":
         print(report(args.steps))
         return
@@ -324,6 +357,7 @@ def main() -> None:
                 f"step {1e3 * rec['step_s']:.1f} ms wall {rec['wall_s']:.0f} s",
                 flush=True,
             )
+
 
 if __name__ == "__main__":
     main()

@@ -47,7 +47,9 @@ def oracle_run(shapes, grads, lr, wd, ngrads, damp, power, whiten, blocks, betas
                 us.append(mhat)
         history.append(zs)
         window = history[-ngrads:]
-        groups = [list(range(len(params)))] if blocks == "global" else [[i] for i in range(len(params))]
+        groups = (
+            [list(range(len(params)))] if blocks == "global" else [[i] for i in range(len(params))]
+        )
         dirs: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
         for grp in groups:
             zmat = torch.stack([torch.cat([h[i] for i in grp]) for h in window])

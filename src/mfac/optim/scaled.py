@@ -253,7 +253,9 @@ class ScaledMFAC(torch.optim.Optimizer):
             s = self._blocks[0].push_apply(torch.cat(zs), torch.cat(us), self.cfg)
             dirs = list(s.split([p.numel() for p in self._params]))
         else:
-            dirs = [b.push_apply(z, u, self.cfg) for b, z, u in zip(self._blocks, zs, us, strict=True)]
+            dirs = [
+                b.push_apply(z, u, self.cfg) for b, z, u in zip(self._blocks, zs, us, strict=True)
+            ]
         owner = {p: g for g in self.param_groups for p in g["params"]}
         for p, d in zip(self._params, dirs, strict=True):
             if p.grad is None:
