@@ -91,10 +91,13 @@ class Paired:
             o.zero_grad(set_to_none=True)
 
 
-def make_optimizer(name: str, model: torch.nn.Module, lr: float) -> Any:
-    """Every optimizer of the study, with its documented defaults besides lr."""
+def make_optimizer(
+    name: str, model: torch.nn.Module, lr: float, extra: dict[str, Any] | None = None
+) -> Any:
+    """Every optimizer of the study, with its documented defaults besides lr and ``extra``."""
+    extra = extra or {}
     if name == "adamw":
-        return torch.optim.AdamW(decay_groups(model), lr=lr)
+        return torch.optim.AdamW(decay_groups(model), lr=lr, **extra)
     if name == "muon":
         # Muon for the 2-D hidden matrices (attention, FFN, pooler); AdamW for embeddings,
         # the classifier head, biases and LayerNorm, as torch.optim.Muon's docs advise.
@@ -115,13 +118,13 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float) -> Any:
     if name == "soap":
         from pytorch_optimizer import SOAP
 
-        return SOAP(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+        return SOAP(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY, **extra)
     if name == "mfac":  # the current MFAC with every default (ngrads=1024, damp=1e-5)
         return MFAC(decay_groups(model), lr=lr)
     if name == "mfac-m128":  # the example's settings
         return MFAC(decay_groups(model), lr=lr, ngrads=128, damp=1e-4)
     if name in CANDIDATES:
-        return ScaledMFAC(decay_groups(model), lr=lr, **CANDIDATES[name])
+        return ScaledMFAC(decay_groups(model), lr=lr, **{**CANDIDATES[name], **extra})
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -130,6 +133,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "adam-mfac": {"power": 1.0, "whiten": "adam", "blocks": "global"},
     "adam-mfac-tensor": {"power": 1.0, "whiten": "adam", "blocks": "tensor"},
     "adam-ggt": {"power": 0.5, "whiten": "adam", "blocks": "global"},
+    "adam-ggt-tensor": {"power": 0.5, "whiten": "adam", "blocks": "tensor"},
     "ggt": {"power": 0.5, "whiten": "none", "blocks": "global"},
     "ggt-tensor": {"power": 0.5, "whiten": "none", "blocks": "tensor"},
 }
@@ -153,9 +157,7 @@ def train_one(
     splits = digits_splits()
     model = tiny_bert(seed)
     model.train()
-    if extra:
-        CANDIDATES[name] = {**CANDIDATES.get(name, {}), **extra}
-    opt = make_optimizer(name, model, lr)
+    opt = make_optimizer(name, model, lr, extra)
     inner = opt.opts if isinstance(opt, Paired) else (opt,)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 - s / steps) for o in inner]
     gen = torch.Generator().manual_seed(seed)
