@@ -48,7 +48,7 @@ class ScaledConfig:
     damp: float = 1.0
     power: float = 1.0
     whiten: str = "adam"
-    blocks: str = "global"
+    blocks: str = "tensor"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -176,7 +176,7 @@ class ScaledMFAC(torch.optim.Optimizer):
         damp: float = 1.0,
         power: float = 1.0,
         whiten: str = "adam",
-        blocks: str = "global",
+        blocks: str = "tensor",
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
