@@ -72,25 +72,35 @@ class ScaledConfig:
             raise ValueError(f"eps must be a positive finite number, got {self.eps!r}")
 
 
+def window_coeffs(
+    grams: torch.Tensor, filled: list[int], damp: float, power: float
+) -> tuple[torch.Tensor, list[float]]:
+    """For a batch of K = Z Z^T / m (B x m x m, float64) return (W, lam) with
+    lam = damp * tr(K) / filled and W = V diag(h(L)) V^T / m, where K = V L V^T and
+    h(L) = ((1 + L/lam)^-power - 1) / L, so that (I + Z^T Z / (m lam))^-power x = x + Z^T W Z x.
+    h is evaluated in a closed form that stays exact as L -> 0 (rank-deficient windows need no
+    special case); a block with lam = 0 (an all-zero window) gets W = 0. One batched eigh."""
+    m = grams.shape[-1]
+    counts = torch.tensor([max(f, 1) for f in filled], dtype=F64, device=grams.device)
+    lam = damp * torch.diagonal(grams, dim1=-2, dim2=-1).sum(-1) / counts
+    safe = torch.where(lam > 0.0, lam, torch.ones_like(lam))[:, None]
+    evals, evecs = torch.linalg.eigh(grams)
+    evals = evals.clamp_min(0.0)
+    if power == 1.0:
+        h = -1.0 / (safe + evals)
+    else:  # ((1+t)^-1/2 - 1) / (lam t) = -1 / (lam sqrt(1+t) (1 + sqrt(1+t)))
+        r = torch.sqrt(1.0 + evals / safe)
+        h = -1.0 / (safe * r * (1.0 + r))
+    h = torch.where(lam[:, None] > 0.0, h, torch.zeros_like(h))
+    return (evecs * h[:, None, :]) @ evecs.transpose(-1, -2) / m, lam.tolist()
+
+
 def window_coeff(
     gram: torch.Tensor, filled: int, damp: float, power: float
 ) -> tuple[torch.Tensor, float]:
-    """For K = Z Z^T / m (m x m, float64) return (W, lam) with lam = damp * tr(K) / filled and
-    W = V diag(h(L)) V^T / m, where K = V L V^T and h(L) = ((1 + L/lam)^-power - 1) / L,
-    so that (I + Z^T Z / (m lam))^-power x = x + Z^T W Z x. h is evaluated in a closed form
-    that stays exact as L -> 0 (rank-deficient windows need no special case)."""
-    m = gram.shape[-1]
-    lam = damp * float(torch.diagonal(gram).sum()) / max(filled, 1)
-    if lam <= 0.0:
-        return torch.zeros_like(gram), 0.0
-    evals, evecs = torch.linalg.eigh(gram)
-    evals = evals.clamp_min(0.0)
-    if power == 1.0:
-        h = -1.0 / (lam + evals)
-    else:  # ((1+t)^-1/2 - 1) / (lam t) = -1 / (lam sqrt(1+t) (1 + sqrt(1+t)))
-        r = torch.sqrt(1.0 + evals / lam)
-        h = -1.0 / (lam * r * (1.0 + r))
-    return (evecs * h) @ evecs.T / m, lam
+    """:func:`window_coeffs` for one block (an m x m K)."""
+    w, lam = window_coeffs(gram[None], [filled], damp, power)
+    return w[0], lam[0]
 
 
 class _Block:
@@ -102,28 +112,34 @@ class _Block:
         self.next_slot = 0
         self.num_pushed = 0
 
-    def push_apply(self, z: torch.Tensor, u: torch.Tensor, cfg: ScaledConfig) -> torch.Tensor:
-        """Push whitened gradient z, then return lam^-q (I + S/lam)^-p u (float32, like u)."""
+    @property
+    def filled(self) -> int:
+        """Slots holding a gradient."""
+        return min(self.num_pushed, self.rows.shape[0])
+
+    def push(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Push whitened gradient z (one pass over the window, fused with Z u); return Z u
+        under the updated window (float64)."""
         m = self.rows.shape[0]
         slot = self.next_slot
-        zu = torch.stack([z, u], 1)
-        prod = (self.rows @ zu).to(F64)  # one pass over the window, old row still in slot
-        zz, zu_dot = float(torch.dot(z, z)), float(torch.dot(z, u))
+        prod = (self.rows @ torch.stack([z, u], 1)).to(F64)  # old row still in slot
         col = prod[:, 0] / m
-        col[slot] = zz / m
+        col[slot] = float(torch.dot(z, z)) / m
         self.gram[slot, :] = col
         self.gram[:, slot] = col
         self.rows[slot] = z
         self.next_slot = (slot + 1) % m
         self.num_pushed += 1
-        zu_proj = prod[:, 1].clone()
-        zu_proj[slot] = zu_dot
-        coeff, lam = window_coeff(self.gram, min(self.num_pushed, m), cfg.damp, cfg.power)
+        proj = prod[:, 1].clone()
+        proj[slot] = float(torch.dot(z, u))
+        return proj
+
+    def finish(self, u: torch.Tensor, c: torch.Tensor, lam: float, whiten: str) -> torch.Tensor:
+        """lam^-q (u + Z^T c), the second pass; c = W Z u from :func:`window_coeffs`."""
         if lam == 0.0:  # an all-zero window: no curvature information
-            return u.clone() if cfg.whiten == "adam" else torch.zeros_like(u)
-        c = (coeff @ zu_proj).to(torch.float32)
-        out = u + self.rows.T @ c  # the second pass
-        if cfg.whiten == "none":
+            return u.clone() if whiten == "adam" else torch.zeros_like(u)
+        out = u + self.rows.T @ c.to(torch.float32)
+        if whiten == "none":
             out.mul_(lam**-0.5)
         return out
 
@@ -250,12 +266,19 @@ class ScaledMFAC(torch.optim.Optimizer):
                 )
         zs, us = self._whiten()
         if self.cfg.blocks == "global":
-            s = self._blocks[0].push_apply(torch.cat(zs), torch.cat(us), self.cfg)
-            dirs = list(s.split([p.numel() for p in self._params]))
-        else:
-            dirs = [
-                b.push_apply(z, u, self.cfg) for b, z, u in zip(self._blocks, zs, us, strict=True)
-            ]
+            zs, us = [torch.cat(zs)], [torch.cat(us)]
+        projs = [b.push(z, u) for b, z, u in zip(self._blocks, zs, us, strict=True)]
+        grams = torch.stack([b.gram for b in self._blocks])
+        coeff, lams = window_coeffs(
+            grams, [b.filled for b in self._blocks], self.cfg.damp, self.cfg.power
+        )
+        cs = (coeff @ torch.stack(projs)[:, :, None])[:, :, 0]
+        dirs = [
+            b.finish(u, c, lam, self.cfg.whiten)
+            for b, u, c, lam in zip(self._blocks, us, cs, lams, strict=True)
+        ]
+        if self.cfg.blocks == "global":
+            dirs = list(dirs[0].split([p.numel() for p in self._params]))
         owner = {p: g for g in self.param_groups for p in g["params"]}
         for p, d in zip(self._params, dirs, strict=True):
             if p.grad is None:
@@ -294,4 +317,4 @@ class ScaledMFAC(torch.optim.Optimizer):
         self._steps = int(extra["steps"])
 
 
-__all__ = ["ScaledConfig", "ScaledMFAC", "window_coeff"]
+__all__ = ["ScaledConfig", "ScaledMFAC", "window_coeff", "window_coeffs"]
