@@ -280,6 +280,19 @@ def report(steps: int) -> str:
     for r in rows:
         sweep = ", ".join(f"{lr}: {v:.3f}" for lr, v in r["val_by_lr"].items())
         lines.append(f"| {r['optimizer']} | {sweep} |")
+    if timing_file.exists():
+        t = json.loads(timing_file.read_text())
+        lines += [
+            "",
+            f"step() in one process (d = {t['dim']:,}, one thread, median of round-robin reps):",
+            "",
+            "| optimizer | step() ms | / AdamW | state bytes |",
+            "| --- | --- | --- | --- |",
+        ]
+        for name, ms in sorted(t["step_ms"].items(), key=lambda kv: kv[1]):
+            nbytes = t["state_bytes"].get(name)
+            state = f"{nbytes / 1e6:.1f} MB" if nbytes else "-"
+            lines.append(f"| {name} | {ms:.1f} | {t['ratio_vs_adamw'][name]:.1f} | {state} |")
     text = "\n".join(lines)
     summary = RESULTS / "optim_transformers_summary.json"
     summary.write_text(json.dumps({"steps": steps, "rows": rows}, indent=1))
@@ -303,6 +316,7 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], steps: int) -> 
         curve = np.mean([c["loss_curve"] for c in chosen if len(c["loss_curve"]) == steps // 10], 0)
         ax1.plot(np.arange(len(curve)) * 10, curve, label=f"{r['optimizer']} (lr {r['lr']:g})")
     ax1.set(xlabel="step", ylabel="train loss (10-step means, 3 seeds)", yscale="log")
+    ax1.set_ylim(0.5, 3.0)  # plain M-FAC at lr 1e-2 starts far above (up to 30) and is clipped
     ax1.legend(fontsize=7)
     names = [r["optimizer"] for r in rows]
     ax2.bar(names, [r["test_acc"] for r in rows], yerr=[r["test_acc_std"] for r in rows])
