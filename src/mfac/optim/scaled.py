@@ -18,9 +18,10 @@ diagonal statistics and applies a matrix function of the window's (whitened) Fis
     p  *= 1 - lr * wd;   p -= lr * s
 
 With whitening, s -> u (exactly AdamW) as damp -> infinity, and the window only shrinks the
-step along the directions its recent gradients share. Blocks are the whole model
-(``blocks="global"``) or each parameter tensor (``blocks="tensor"``). Every block's product
-costs two passes over its window and an m x m float64 eigendecomposition: O(m d + m^3).
+step along the directions its recent gradients share. Blocks are each parameter tensor
+(``blocks="tensor"``, the default: the design chosen in docs/optim_transformers.md) or the whole
+model (``blocks="global"``). Every block's product costs two passes over its window and an
+m x m float64 eigendecomposition (one batched call for all blocks): O(m d + m^3).
 """
 
 from __future__ import annotations
@@ -182,6 +183,10 @@ class ScaledMFAC(torch.optim.Optimizer):
         lr: learning rate (AdamW's scale: 1e-3 from scratch).
         weight_decay: decoupled, as in AdamW.
         ngrads, damp, power, whiten, blocks, betas, eps: see :class:`ScaledConfig`.
+
+    A parameter whose ``.grad`` is None in a step is not updated; its Adam moments and window
+    see a zero gradient. NaN/Inf in a gradient raises :class:`mfac.NonFiniteGradientError`
+    before anything changes. ``state_dict`` holds the windows: resuming is bit-identical.
     """
 
     def __init__(
