@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac.optim.scaled import ScaledMFAC, window_coeff
+from mfac.optim.scaled import ScaledMFAC, window_coeff, window_coeffs
 
 F64 = torch.float64
 
@@ -230,3 +230,27 @@ def test_nonfinite_gradient_changes_nothing():
         assert torch.equal(ba["rows"], bb["rows"]) and torch.equal(ba["gram"], bb["gram"])
     for k, v in before[0]["state"].items():
         assert torch.equal(v["exp_avg_sq"], after["state"][k]["exp_avg_sq"])
+
+
+def test_parameter_without_grad_is_not_updated():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = ScaledMFAC([a, b], lr=0.1, weight_decay=0.5)
+    before = b.detach().clone()
+    a.grad = torch.randn(3)
+    opt.step()
+    assert torch.equal(b.detach(), before)
+
+
+def test_batched_coeffs_match_one_by_one():
+    """Blocks of one batched call, an all-zero block among them, equal separate calls."""
+    gen = torch.Generator().manual_seed(3)
+    zs = [torch.randn(4, 6, generator=gen, dtype=F64), torch.zeros(4, 6, dtype=F64)]
+    zs.append(torch.randn(4, 6, generator=gen, dtype=F64))
+    grams = torch.stack([z @ z.T / 4 for z in zs])
+    w, lams = window_coeffs(grams, [4, 0, 2], 0.7, 1.0)
+    assert lams[1] == 0.0 and torch.equal(w[1], torch.zeros(4, 4, dtype=F64))
+    for i, filled in ((0, 4), (2, 2)):
+        wi, lam = window_coeff(grams[i], filled, 0.7, 1.0)
+        assert lam == pytest.approx(lams[i], rel=1e-15)
+        torch.testing.assert_close(w[i], wi, rtol=1e-12, atol=1e-14)
