@@ -276,6 +276,27 @@ def report(steps: int) -> str:
     lines = ["Optimizers with a learning-rate sweep:", "", *head, *map(line, swept)]
     lines += ["", "Variants at one or two learning rates:", "", *head, *map(line, variants)]
     lines += ["", "Seeds 3 and 4 at the chosen lr:", "", *head, *map(line, extra)]
+    if extra:
+        lines += [
+            "",
+            "All five seeds at the chosen lr:",
+            "",
+            "| optimizer | lr | test acc (mean ± std, 5 seeds) |",
+            "| --- | --- | --- |",
+        ]
+        for r in extra:
+            name = r["optimizer"].removeprefix("seeds34-")
+            five = [
+                x["test"]["accuracy"]
+                for x in runs
+                if x["optimizer"] in (name, r["optimizer"])
+                and x["lr"] == r["lr"]
+                and x["steps"] == steps
+            ]
+            lines.append(
+                f"| {name} | {r['lr']:g} | {statistics.mean(five):.3f} ± "
+                f"{statistics.stdev(five):.3f} ({len(five)} runs) |"
+            )
     lines += ["", "| optimizer | mean val accuracy per lr |", "| --- | --- |"]
     for r in rows:
         sweep = ", ".join(f"{lr}: {v:.3f}" for lr, v in r["val_by_lr"].items())
