@@ -1,0 +1,325 @@
+"""Scale-aware sliding-window preconditioners: candidates for M-FAC's default on transformers
+(issue 10; the study is in docs/optim_transformers.md).
+
+Plain M-FAC steps along F^-1 g with F = damp*I + G^T G / m. Its step is a combination of the
+window's gradients, so it inherits their split across tensors: on a freshly initialised
+transformer nearly all of it lands on the classifier head. The optimizer here keeps Adam's
+diagonal statistics and applies a matrix function of the window's (whitened) Fisher on top:
+
+    m_t = b1 m + (1-b1) g,   v_t = b2 v + (1-b2) g^2,   D = sqrt(v_t / (1-b2^t)) + eps
+    z_t = g / D           ("adam" whitening; z_t = g with whiten="none")
+    u_t = (m_t / (1-b1^t)) / D                               (AdamW's direction)
+    Z   = the last m whitened gradients z (m x d_b per block b; empty slots are zero rows)
+    S   = Z^T Z / m,   mu = tr(S) / n   (n = filled slots: the mean non-zero eigenvalue)
+    lam = damp * mu                     (scale-relative damping, per block)
+    s   = lam^-q (I + S / lam)^-p u     (p = power: 1 is the M-FAC inverse, 1/2 is GGT's
+                                         inverse square root; q = 0 with "adam" whitening,
+                                         q = 1/2 without, so s never depends on the scale of g)
+    p  *= 1 - lr * wd;   p -= lr * s
+
+With whitening, s -> u (exactly AdamW) as damp -> infinity, and the window only shrinks the
+step along the directions its recent gradients share. Blocks are each parameter tensor
+(``blocks="tensor"``, the default: the design chosen in docs/optim_transformers.md) or the whole
+model (``blocks="global"``). Every block's product costs two passes over its window and an
+m x m float64 eigendecomposition (one batched call for all blocks): O(m d + m^3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._validation import NonFiniteGradientError, check_damp, check_positive_int
+
+F64 = torch.float64
+WHITENINGS = ("adam", "none")
+BLOCKINGS = ("global", "tensor")
+POWERS = (1.0, 0.5)
+
+
+@dataclass(frozen=True)
+class ScaledConfig:
+    """The options of :class:`ScaledMFAC` (see the module docstring for the formulas)."""
+
+    ngrads: int = 32
+    damp: float = 1.0
+    power: float = 1.0
+    whiten: str = "adam"
+    blocks: str = "tensor"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.ngrads, "ngrads")
+        check_damp(self.damp)
+        if float(self.power) not in POWERS:
+            raise ValueError(f"power must be one of {POWERS}, got {self.power!r}")
+        if self.whiten not in WHITENINGS:
+            raise ValueError(f"whiten must be one of {WHITENINGS}, got {self.whiten!r}")
+        if self.blocks not in BLOCKINGS:
+            raise ValueError(f"blocks must be one of {BLOCKINGS}, got {self.blocks!r}")
+        if self.whiten == "none" and float(self.power) != 0.5:
+            raise ValueError(
+                "whiten='none' needs power=0.5: only the inverse square root of the raw "
+                "gradients' second moment gives a step independent of the gradient's scale"
+            )
+        if len(self.betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not (math.isfinite(float(self.eps)) and float(self.eps) > 0.0):
+            raise ValueError(f"eps must be a positive finite number, got {self.eps!r}")
+
+
+def window_coeffs(
+    grams: torch.Tensor, filled: list[int], damp: float, power: float
+) -> tuple[torch.Tensor, list[float]]:
+    """For a batch of K = Z Z^T / m (B x m x m, float64) return (W, lam) with
+    lam = damp * tr(K) / filled and W = V diag(h(L)) V^T / m, where K = V L V^T and
+    h(L) = ((1 + L/lam)^-power - 1) / L, so that (I + Z^T Z / (m lam))^-power x = x + Z^T W Z x.
+    h is evaluated in a closed form that stays exact as L -> 0 (rank-deficient windows need no
+    special case); a block with lam = 0 (an all-zero window) gets W = 0. One batched eigh."""
+    m = grams.shape[-1]
+    counts = torch.tensor([max(f, 1) for f in filled], dtype=F64, device=grams.device)
+    lam = damp * torch.diagonal(grams, dim1=-2, dim2=-1).sum(-1) / counts
+    safe = torch.where(lam > 0.0, lam, torch.ones_like(lam))[:, None]
+    evals, evecs = torch.linalg.eigh(grams)
+    evals = evals.clamp_min(0.0)
+    if power == 1.0:
+        h = -1.0 / (safe + evals)
+    else:  # ((1+t)^-1/2 - 1) / (lam t) = -1 / (lam sqrt(1+t) (1 + sqrt(1+t)))
+        r = torch.sqrt(1.0 + evals / safe)
+        h = -1.0 / (safe * r * (1.0 + r))
+    h = torch.where(lam[:, None] > 0.0, h, torch.zeros_like(h))
+    return (evecs * h[:, None, :]) @ evecs.transpose(-1, -2) / m, lam.tolist()
+
+
+def window_coeff(
+    gram: torch.Tensor, filled: int, damp: float, power: float
+) -> tuple[torch.Tensor, float]:
+    """:func:`window_coeffs` for one block (an m x m K)."""
+    w, lam = window_coeffs(gram[None], [filled], damp, power)
+    return w[0], lam[0]
+
+
+class _Block:
+    """One preconditioned block: a ring of the last m whitened gradients and K = Z Z^T / m."""
+
+    def __init__(self, dim: int, window: int, device: torch.device) -> None:
+        self.rows = torch.zeros(window, dim, dtype=torch.float32, device=device)
+        self.gram = torch.zeros(window, window, dtype=F64, device=device)
+        self.next_slot = 0
+        self.num_pushed = 0
+
+    @property
+    def filled(self) -> int:
+        """Slots holding a gradient."""
+        return min(self.num_pushed, self.rows.shape[0])
+
+    def push(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Push whitened gradient z (one pass over the window, fused with Z u); return Z u
+        under the updated window (float64)."""
+        m = self.rows.shape[0]
+        slot = self.next_slot
+        prod = (self.rows @ torch.stack([z, u], 1)).to(F64)  # old row still in slot
+        col = prod[:, 0] / m
+        col[slot] = float(torch.dot(z, z)) / m
+        self.gram[slot, :] = col
+        self.gram[:, slot] = col
+        self.rows[slot] = z
+        self.next_slot = (slot + 1) % m
+        self.num_pushed += 1
+        proj = prod[:, 1].clone()
+        proj[slot] = float(torch.dot(z, u))
+        return proj
+
+    def finish(self, u: torch.Tensor, c: torch.Tensor, lam: float, whiten: str) -> torch.Tensor:
+        """lam^-q (u + Z^T c), the second pass; c = W Z u from :func:`window_coeffs`."""
+        if lam == 0.0:  # an all-zero window: no curvature information
+            return u.clone() if whiten == "adam" else torch.zeros_like(u)
+        out = u + self.rows.T @ c.to(torch.float32)
+        if whiten == "none":
+            out.mul_(lam**-0.5)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows.clone(),
+            "gram": self.gram.clone(),
+            "next_slot": self.next_slot,
+            "num_pushed": self.num_pushed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["rows"].shape) != tuple(self.rows.shape):
+            raise ValueError(
+                f"state holds a window of shape {tuple(state['rows'].shape)}, "
+                f"this block has {tuple(self.rows.shape)}"
+            )
+        self.rows.copy_(state["rows"])
+        self.gram.copy_(state["gram"])
+        self.next_slot = int(state["next_slot"])
+        self.num_pushed = int(state["num_pushed"])
+
+
+def _check_rate(value: float, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0.0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+class ScaledMFAC(torch.optim.Optimizer):
+    """AdamW whose direction is preconditioned by a matrix function of the sliding window's
+    whitened empirical Fisher, with damping relative to the window's mean eigenvalue.
+
+    Args:
+        params: parameters or groups (``lr`` and ``weight_decay`` per group, read every step).
+        lr: learning rate (AdamW's scale: 1e-3 from scratch).
+        weight_decay: decoupled, as in AdamW.
+        ngrads, damp, power, whiten, blocks, betas, eps: see :class:`ScaledConfig`.
+
+    A parameter whose ``.grad`` is None in a step is not updated; its Adam moments and window
+    see a zero gradient. NaN/Inf in a gradient raises :class:`mfac.NonFiniteGradientError`
+    before anything changes. ``state_dict`` holds the windows: resuming is bit-identical.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        ngrads: int = 32,
+        damp: float = 1.0,
+        power: float = 1.0,
+        whiten: str = "adam",
+        blocks: str = "tensor",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.cfg = ScaledConfig(ngrads, damp, float(power), whiten, blocks, tuple(betas), eps)
+        defaults = {"lr": _check_rate(lr, "lr"), "weight_decay": _check_rate(weight_decay, "wd")}
+        super().__init__(params, defaults)
+        self._params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if not self._params:
+            raise ValueError("ScaledMFAC got no parameter that requires grad")
+        device = self._params[0].device
+        sizes = [p.numel() for p in self._params]
+        if self.cfg.blocks == "global":
+            self._blocks = [_Block(sum(sizes), self.cfg.ngrads, device)]
+        else:
+            self._blocks = [_Block(n, self.cfg.ngrads, device) for n in sizes]
+        self._steps = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Groups are fixed at construction (the window's layout depends on them)."""
+        if hasattr(self, "_blocks"):
+            raise NotImplementedError("ScaledMFAC does not support adding parameter groups")
+        super().add_param_group(param_group)
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state: windows, their m x m matrices, Adam's two moments."""
+        window = sum(b.rows.numel() * 4 + b.gram.numel() * 8 for b in self._blocks)
+        return window + 2 * 4 * sum(p.numel() for p in self._params)
+
+    def _whiten(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Update Adam's moments; return per-parameter (z, u) as flat float32 vectors."""
+        b1, b2 = self.cfg.betas
+        t = self._steps + 1
+        zs, us = [], []
+        for p in self._params:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            st = self.state[p]
+            if not st:
+                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            g = g.detach().reshape(-1).float()
+            ea, es = st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)
+            ea.lerp_(g, 1.0 - b1)
+            es.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+            mhat = ea / (1.0 - b1**t)
+            if self.cfg.whiten == "adam":
+                denom = (es / (1.0 - b2**t)).sqrt_().add_(self.cfg.eps)
+                zs.append(g / denom)
+                us.append(mhat / denom)
+            else:
+                zs.append(g.clone())
+                us.append(mhat)
+        return zs, us
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step (see the module docstring); ``closure`` re-evaluates the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        live = [p for p in self._params if p.grad is not None]
+        if not live:
+            return loss
+        for i, p in enumerate(self._params):  # checked before any state changes
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                raise NonFiniteGradientError(
+                    f"ScaledMFAC.step: the gradient of parameter #{i} (shape "
+                    f"{tuple(p.shape)}) contains NaN or Inf; nothing was changed"
+                )
+        zs, us = self._whiten()
+        if self.cfg.blocks == "global":
+            zs, us = [torch.cat(zs)], [torch.cat(us)]
+        projs = [b.push(z, u) for b, z, u in zip(self._blocks, zs, us, strict=True)]
+        grams = torch.stack([b.gram for b in self._blocks])
+        coeff, lams = window_coeffs(
+            grams, [b.filled for b in self._blocks], self.cfg.damp, self.cfg.power
+        )
+        cs = (coeff @ torch.stack(projs)[:, :, None])[:, :, 0]
+        dirs = [
+            b.finish(u, c, lam, self.cfg.whiten)
+            for b, u, c, lam in zip(self._blocks, us, cs, lams, strict=True)
+        ]
+        if self.cfg.blocks == "global":
+            dirs = list(dirs[0].split([p.numel() for p in self._params]))
+        owner = {p: g for g in self.param_groups for p in g["params"]}
+        for p, d in zip(self._params, dirs, strict=True):
+            if p.grad is None:
+                continue
+            group = owner[p]
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd != 0.0:
+                p.mul_(1.0 - lr * wd)
+            p.add_(d.view_as(p).to(p.dtype), alpha=-lr)
+        self._steps += 1
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state (Adam moments) plus the windows and the step count."""
+        sd = super().state_dict()
+        sd["scaled"] = {"blocks": [b.state_dict() for b in self._blocks], "steps": self._steps}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (same parameters and options)."""
+        sd = dict(state_dict)
+        extra = sd.pop("scaled")
+        if len(extra["blocks"]) != len(self._blocks):
+            raise ValueError(
+                f"state holds {len(extra['blocks'])} blocks, this optimizer {len(self._blocks)}"
+            )
+        for b, s in zip(self._blocks, extra["blocks"], strict=True):
+            if tuple(s["rows"].shape) != tuple(b.rows.shape):
+                raise ValueError(
+                    f"state holds a window of shape {tuple(s['rows'].shape)}, "
+                    f"this optimizer has {tuple(b.rows.shape)}"
+                )
+        super().load_state_dict(sd)
+        for b, s in zip(self._blocks, extra["blocks"], strict=True):
+            b.load_state_dict(s)
+        self._steps = int(extra["steps"])
+
+
+__all__ = ["ScaledConfig", "ScaledMFAC", "window_coeff", "window_coeffs"]

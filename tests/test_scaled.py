@@ -1,0 +1,256 @@
+"""ScaledMFAC against a dense float64 oracle of the operator it claims to apply."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mfac.optim.scaled import ScaledMFAC, window_coeff, window_coeffs
+
+F64 = torch.float64
+
+
+def dense_power(s: torch.Tensor, lam: float, power: float) -> torch.Tensor:
+    """(I + S/lam)^-power by a d x d float64 eigendecomposition."""
+    evals, evecs = torch.linalg.eigh(s)
+    f = (1.0 + evals.clamp_min(0.0) / lam) ** -power
+    return (evecs * f) @ evecs.T
+
+
+def oracle_run(shapes, grads, lr, wd, ngrads, damp, power, whiten, blocks, betas, eps):
+    """Parameters after the given gradient steps, everything dense in float64."""
+    params = [torch.zeros(s, dtype=F64) for s in shapes]
+    torch.manual_seed(0)
+    params = [torch.randn(s).to(F64) for s in shapes]
+    b1, b2 = betas
+    sizes = [p.numel() for p in params]
+    ea = [torch.zeros(n, dtype=F64) for n in sizes]
+    es = [torch.zeros(n, dtype=F64) for n in sizes]
+    history: list[list[torch.Tensor]] = []  # per step: whitened flat z per parameter
+    for t, step_grads in enumerate(grads, start=1):
+        zs, us = [], []
+        for i, g in enumerate(step_grads):
+            g = g.to(F64).reshape(-1)
+            ea[i] = b1 * ea[i] + (1 - b1) * g
+            es[i] = b2 * es[i] + (1 - b2) * g * g
+            mhat = ea[i] / (1 - b1**t)
+            if whiten == "adam":
+                den = torch.sqrt(es[i] / (1 - b2**t)) + eps
+                zs.append(g / den)
+                us.append(mhat / den)
+            else:
+                zs.append(g)
+                us.append(mhat)
+        history.append(zs)
+        window = history[-ngrads:]
+        groups = (
+            [list(range(len(params)))] if blocks == "global" else [[i] for i in range(len(params))]
+        )
+        dirs: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
+        for grp in groups:
+            zmat = torch.stack([torch.cat([h[i] for i in grp]) for h in window])
+            u = torch.cat([us[i] for i in grp])
+            smat = zmat.T @ zmat / ngrads
+            lam = damp * float(torch.trace(smat)) / len(window)
+            s = dense_power(smat, lam, power) @ u
+            if whiten == "none":
+                s = s / lam**0.5
+            for i, piece in zip(grp, s.split([sizes[i] for i in grp]), strict=True):
+                dirs[i] = piece
+        for i, p in enumerate(params):
+            p.mul_(1 - lr * wd)
+            p.sub_(lr * dirs[i].view_as(p))
+    return params
+
+
+CASES = [
+    dict(power=1.0, whiten="adam", blocks="global"),
+    dict(power=0.5, whiten="adam", blocks="global"),
+    dict(power=1.0, whiten="adam", blocks="tensor"),
+    dict(power=0.5, whiten="adam", blocks="tensor"),
+    dict(power=0.5, whiten="none", blocks="global"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+@pytest.mark.parametrize("ngrads", [3, 16])  # 3: wrap-around; 16 > d of some blocks
+def test_matches_dense_float64_oracle(case, ngrads):
+    shapes = [(3, 4), (5,), (2, 2)]
+    gen = torch.Generator().manual_seed(1)
+    steps = 7
+    # very different scales per tensor, as in a freshly initialised transformer
+    scales = [1.0, 1e-3, 30.0]
+    grads = [
+        [torch.randn(s, generator=gen) * sc for s, sc in zip(shapes, scales, strict=True)]
+        for _ in range(steps)
+    ]
+    kw = dict(lr=0.05, wd=0.1, ngrads=ngrads, damp=0.3, betas=(0.9, 0.99), eps=1e-8, **case)
+    want = oracle_run(shapes, grads, **kw)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = ScaledMFAC(
+        [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.1}],
+        lr=0.05,
+        ngrads=ngrads,
+        damp=0.3,
+        betas=(0.9, 0.99),
+        **case,
+    )
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.detach().to(F64), w, rtol=2e-5, atol=2e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 6),
+    rows=st.integers(0, 6),
+    d=st.integers(1, 8),
+    damp=st.floats(1e-3, 1e3),
+    power=st.sampled_from([1.0, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_window_coeff_is_the_matrix_function(m, rows, d, damp, power, seed):
+    """x + Z^T W Z x equals (I + Z^T Z/(m lam))^-p x, rank-deficient windows included."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.zeros(m, d, dtype=F64)
+    n = min(rows, m)
+    z[:n] = torch.randn(n, d, generator=gen, dtype=F64)
+    x = torch.randn(d, generator=gen, dtype=F64)
+    w, lam = window_coeff(z @ z.T / m, n, damp, power)
+    if n == 0 or float(z.abs().sum()) == 0.0:
+        assert lam == 0.0
+        return
+    want = dense_power(z.T @ z / m, lam, power) @ x
+    torch.testing.assert_close(x + z.T @ (w @ (z @ x)), want, rtol=1e-9, atol=1e-9)
+
+
+def test_huge_damp_is_adamw():
+    """With whitening and damp -> inf the step is AdamW's, bit for bit up to rounding."""
+    torch.manual_seed(0)
+    a = torch.nn.Linear(6, 3)
+    b = copy.deepcopy(a)
+    opt_a = ScaledMFAC(a.parameters(), lr=1e-2, damp=1e12, weight_decay=0.01)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.01)
+    for _ in range(5):
+        x = torch.randn(8, 6)
+        for mod, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            mod(x).square().mean().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_invariant_to_gradient_scale():
+    """Scaling the loss by 1e4 changes nothing (up to eps), for each design."""
+    for case in CASES:
+        runs = []
+        for scale in (1.0, 1e4):
+            torch.manual_seed(0)
+            mod = torch.nn.Linear(5, 2)
+            opt = ScaledMFAC(mod.parameters(), lr=1e-2, ngrads=4, eps=1e-12, **case)
+            for i in range(6):
+                x = torch.randn(7, 5, generator=torch.Generator().manual_seed(i))
+                opt.zero_grad()
+                (scale * mod(x).square().mean()).backward()
+                opt.step()
+            runs.append([p.detach().clone() for p in mod.parameters()])
+        for pa, pb in zip(*runs, strict=True):
+            torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_is_bit_identical():
+    def batch(i):
+        return torch.randn(9, 4, generator=torch.Generator().manual_seed(i))
+
+    def train(mod, opt, steps):
+        for i in steps:
+            opt.zero_grad()
+            mod(batch(i)).square().mean().backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(4, 3)
+    ref = copy.deepcopy(mod)
+    opt = ScaledMFAC(mod.parameters(), ngrads=3, blocks="tensor")
+    train(mod, opt, range(5))
+    saved_mod, saved_opt = copy.deepcopy(mod.state_dict()), copy.deepcopy(opt.state_dict())
+    train(mod, opt, range(5, 9))
+    ref_opt = ScaledMFAC(ref.parameters(), ngrads=3, blocks="tensor")
+    ref.load_state_dict(saved_mod)
+    ref_opt.load_state_dict(saved_opt)
+    train(ref, ref_opt, range(5, 9))
+    for pa, pb in zip(mod.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=-1.0),
+        dict(damp=0.0),
+        dict(damp=float("nan")),
+        dict(ngrads=0),
+        dict(power=2.0),
+        dict(whiten="sgd"),
+        dict(blocks="layer"),
+        dict(whiten="none", power=1.0),
+        dict(betas=(0.9, 1.0)),
+        dict(eps=0.0),
+        dict(weight_decay=-0.1),
+    ],
+)
+def test_bad_arguments_raise(kwargs):
+    with pytest.raises((ValueError, TypeError)):
+        ScaledMFAC(torch.nn.Linear(2, 2).parameters(), **kwargs)
+
+
+def test_nonfinite_gradient_changes_nothing():
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(3, 2)
+    opt = ScaledMFAC(mod.parameters(), ngrads=2)
+    mod(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in mod.parameters()]
+    mod.bias.grad[0] = float("nan")
+    with pytest.raises(ValueError, match="#1"):
+        opt.step()
+    after = opt.state_dict()
+    for pa, pb in zip(before[1], mod.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    for ba, bb in zip(before[0]["scaled"]["blocks"], after["scaled"]["blocks"], strict=True):
+        assert torch.equal(ba["rows"], bb["rows"]) and torch.equal(ba["gram"], bb["gram"])
+    for k, v in before[0]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], after["state"][k]["exp_avg_sq"])
+
+
+def test_parameter_without_grad_is_not_updated():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = ScaledMFAC([a, b], lr=0.1, weight_decay=0.5)
+    before = b.detach().clone()
+    a.grad = torch.randn(3)
+    opt.step()
+    assert torch.equal(b.detach(), before)
+
+
+def test_batched_coeffs_match_one_by_one():
+    """Blocks of one batched call, an all-zero block among them, equal separate calls."""
+    gen = torch.Generator().manual_seed(3)
+    zs = [torch.randn(4, 6, generator=gen, dtype=F64), torch.zeros(4, 6, dtype=F64)]
+    zs.append(torch.randn(4, 6, generator=gen, dtype=F64))
+    grams = torch.stack([z @ z.T / 4 for z in zs])
+    w, lams = window_coeffs(grams, [4, 0, 2], 0.7, 1.0)
+    assert lams[1] == 0.0 and torch.equal(w[1], torch.zeros(4, 4, dtype=F64))
+    for i, filled in ((0, 4), (2, 2)):
+        wi, lam = window_coeff(grams[i], filled, 0.7, 1.0)
+        assert lam == pytest.approx(lams[i], rel=1e-15)
+        torch.testing.assert_close(w[i], wi, rtol=1e-12, atol=1e-14)
