@@ -1,11 +1,11 @@
 """torch-mfac: cheap second-order information for PyTorch (M-FAC operators, the M-FAC
-optimizer, OBS pruning and I-OBS sparse recovery)."""
+optimizer, OBS pruning, I-OBS sparse recovery, and curvature queries: influence, Laplace)."""
 
 from . import curvature, prune, recovery
 from ._validation import NonFiniteGradientError
 from .curvature import influence
 from .operators import GradientBuffer, InverseFisher, SlidingInverseFisher
-from .optim import MFAC
+from .optim import MFAC, ScaledMFAC
 
 __version__ = "0.1.0"
 
@@ -14,6 +14,7 @@ __all__ = [
     "GradientBuffer",
     "InverseFisher",
     "NonFiniteGradientError",
+    "ScaledMFAC",
     "SlidingInverseFisher",
     "__version__",
     "curvature",
