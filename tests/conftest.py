@@ -41,3 +41,13 @@ def pytest_configure(config: pytest.Config) -> None:
 def device(pytestconfig: pytest.Config) -> torch.device:
     """The device chosen with --device / MFAC_TEST_DEVICE (session-wide, hypothesis-safe)."""
     return torch.device(pytestconfig.getoption("--device"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small problems run on one thread (no oversubscription when pytest-xdist runs workers
+    side by side); the thread count is restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,13 +18,7 @@ from mfac import InverseFisher, NonFiniteGradientError
 
 from oracle import F64, dense_block_inverse_fisher, rel_err
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_fisher(grads: torch.Tensor, damp: float, block: int | None) -> torch.Tensor:

@@ -25,13 +25,7 @@ from mfac.recovery import (
 METHODS = ["iobs", "iht", "niht", "htp", "cosamp", "omp"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: one thread avoids oversubscription on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_problem(n=120, d=60, ks=5, seed=0, noise=0.0, rho=0.0):
