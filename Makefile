@@ -7,7 +7,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean gpu-check gpu-preflight
+.PHONY: demo test lint clean gpu-check gpu-preflight
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -25,9 +25,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
-
-bench: $(STAMP)
-	$(VENV)/bin/mfac bench
 
 # The operator tests against float64 oracles and the operator benchmark, on CUDA; results in
 # benchmarks/results/gpu.json. Fails before building anything when no NVIDIA GPU is visible.

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -183,6 +183,12 @@ def test_tampered_state_is_refused_and_nothing_changes(case: tuple[str, str], ex
         second(tampered)
     except (KeyError, IndexError, TypeError):  # the first corruption removed its target
         pass
+    try:  # two edits can cancel (next_slot m, then +1 mod m): a valid state is not tampered
+        assert_state_equal(tampered, SAVED[history])
+    except AssertionError:
+        pass
+    else:
+        assume(False)
     with pytest.raises((ValueError, TypeError, KeyError)):
         opt.load_state_dict(tampered)
     assert_state_equal(opt.state_dict(), before)
