@@ -169,7 +169,29 @@ def _mean(vals: list[float]) -> str:
     if len(vals) == 1:
         return f"{mu:.3f}".lstrip("0") if abs(mu) < 1 else f"{mu:.3f}"
     sd = (sum((v - mu) ** 2 for v in vals) / len(vals)) ** 0.5
-    return f"{mu:.3f} ± {sd:.3f}".replace("0.", ".")
+    return f"{mu:.3f} ± {sd:.3f}".replace("0.", ".", 1).replace(" 0.", " .")
+
+
+KEY_RUNS = ("magnitude", "mfac", "mfac no-update", "mfac +joint", "mfac r16",
+            "mfac r16 no-update", "mfac-exact")  # fmt: skip
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: per run, accuracy / joint-over-sum ratio / actual loss increase at 90 and 95 %,
+    means over the seeds that ran every key run."""
+    head = "| run |"
+    cells: dict[str, str] = {lab: f"| {lab} |" for lab in KEY_RUNS}
+    for model in sorted({r["model"] for r in rows}):
+        for s in (0.9, 0.95):
+            head += f" {model} {s:.0%}: acc / joint÷sum / ΔL |"
+            for lab in KEY_RUNS:
+                rs = [r for r in rows if (r["model"], r["sparsity"], r["label"]) == (model, s, lab)]
+                n = len(rs)
+                acc = sum(r["acc"] for r in rs) / n
+                ratio = sum(r["pred_joint"] / r["pred_sum"] for r in rs) / n
+                actual = sum(r["actual"] for r in rs) / n
+                cells[lab] += f" {acc:.3f} / {ratio:.1f} / {actual:.2f} |".replace(" 0.", " .")
+    return "\n".join([head, "|---" * (head.count("|") - 1) + "|", *cells.values()])
 
 
 def tables(rows: list[dict]) -> str:
@@ -197,7 +219,7 @@ def tables(rows: list[dict]) -> str:
                         f"| {r['label']} | {r['acc']:.3f} | {r['pred_sum']:.2e} | "
                         f"{r['pred_joint']:.2e} | {r['quad_applied']:.2e} | {r['actual']:.3f} |"
                     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + summary_table(rows)
 
 
 def main() -> None:
