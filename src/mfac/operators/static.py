@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -284,13 +284,16 @@ class InverseFisher(LinearOperatorMixin):
         )
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, *args: object, **options: object) -> InverseFisher:
-        """``from_model(model, data, loss_fn, num_grads, per_sample=True, block_size=None,
-        damp=..., damp_mode=..., params=None)``: the operator over per-example (or per-batch)
-        gradients of a model's loss, keeping the parameter layout (`mfac.operators.model`)."""
+    def from_model(
+        cls, model: torch.nn.Module, data: Any, loss_fn: Any, num_grads: int, **options: Any
+    ) -> InverseFisher:
+        """The operator over ``num_grads`` per-example (or per-batch) gradients of ``model``'s
+        loss on ``data``, keeping the parameter layout for ``flatten``/``unflatten``; the options
+        (per_sample, block_size, damp, damp_mode, params, dtype, ...) are those of
+        :func:`mfac.operators.model.inverse_fisher_from_model`."""
         from .model import inverse_fisher_from_model
 
-        return inverse_fisher_from_model(model, *args, **options)  # type: ignore[arg-type]
+        return inverse_fisher_from_model(model, data, loss_fn, num_grads, **options)
 
 
 def build_from_rows(
