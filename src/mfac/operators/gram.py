@@ -304,4 +304,31 @@ class FactorBacked:
         return self.factor.num_pushed
 
 
-__all__ = ["FactorBacked", "GramFactor"]
+class DenseRowsBacked(FactorBacked):
+    """What the windows that store their rows densely in ``self.grads`` share (the whole window,
+    or this rank's column shard): where and how they store it, and an all-or-nothing load."""
+
+    grads: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        """Where the stored rows live."""
+        return self.grads.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the rows."""
+        return self.grads.dtype
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Validate ``state`` without writing anything (each window checks its own fields)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from ``state_dict``: everything is checked before anything is written."""
+        self.check_state(state)
+        self.factor.load_state_dict(state, check=False)
+        self.grads.copy_(state["grads"])
+
+
+__all__ = ["DenseRowsBacked", "FactorBacked", "GramFactor"]

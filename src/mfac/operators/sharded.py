@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
-from .gram import FactorBacked, GramFactor
+from .gram import DenseRowsBacked, GramFactor
 from .kernels import cols_dot, rows_dot
 from .memory import check_fits, gram_nbytes
 from .topk import finite_fast
@@ -36,7 +36,7 @@ def shard_bounds(dim: int, world: int, rank: int) -> tuple[int, int]:
     return lo, min(dim, lo + chunk)
 
 
-class ShardedSlidingInverseFisher(FactorBacked):
+class ShardedSlidingInverseFisher(DenseRowsBacked):
     """Sliding-window F^-1 whose m x d window is split by columns over ``process_group``.
 
     Satisfies :class:`mfac.operators.window.SlidingWindow`: ``push_ihvp(g)`` and ``ihvp(x)``
@@ -82,16 +82,6 @@ class ShardedSlidingInverseFisher(FactorBacked):
         self.factor = GramFactor(window, damp, device)
         self.grads = torch.zeros(window, self.hi - self.lo, dtype=dtype, device=device)
         self._gathered = torch.zeros(self.chunk * self.world, dtype=torch.float32, device=device)
-
-    @property
-    def device(self) -> torch.device:
-        """Where this rank's shard lives."""
-        return self.grads.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Storage dtype of the window."""
-        return self.grads.dtype
 
     @property
     def window_nbytes(self) -> int:
@@ -216,12 +206,6 @@ class ShardedSlidingInverseFisher(FactorBacked):
         if not bool(torch.isfinite(grads).all()):
             raise ValueError("grads contains NaN or Inf")
         self.factor.check_state(state)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore this rank's state; checks everything first (same world size and d)."""
-        self.check_state(state)
-        self.factor.load_state_dict(state, check=False)
-        self.grads.copy_(state["grads"])
 
     def __repr__(self) -> str:
         return (

@@ -15,7 +15,7 @@ from .._validation import (
     check_positive_int,
     check_vector,
 )
-from .gram import FactorBacked, GramFactor
+from .gram import DenseRowsBacked, GramFactor
 from .kernels import cols_dot, rows_dot
 from .memory import check_fits, gram_nbytes
 from .threads import single_threaded
@@ -24,7 +24,7 @@ F64 = torch.float64
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-class SlidingInverseFisher(FactorBacked):
+class SlidingInverseFisher(DenseRowsBacked):
     """F^-1 over a ring buffer of the last ``window`` gradients of dimension ``dim``.
 
     The window G (m x d, ``dtype`` float32, bfloat16 or float16) and the m x m matrix
@@ -72,16 +72,6 @@ class SlidingInverseFisher(FactorBacked):
         return window * dim * elem + gram_nbytes(window) + dim * (elem + 8)
 
     # ------------------------------------------------------------------ properties
-    @property
-    def device(self) -> torch.device:
-        """Where the window lives."""
-        return self.grads.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Storage dtype of the window."""
-        return self.grads.dtype
-
     @property
     def nbytes(self) -> int:
         """Bytes held: the window plus the two m x m float64 matrices (K and K^-1)."""
@@ -201,12 +191,6 @@ class SlidingInverseFisher(FactorBacked):
             return rows_dot(grads, cols_dot(grads, z.unsqueeze(1)))[:, 0].to(F64)
 
         self.factor.check_state(state, window_gram)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`; checks everything before writing anything."""
-        self.check_state(state)
-        self.factor.load_state_dict(state, check=False)
-        self.grads.copy_(state["grads"])
 
     def __repr__(self) -> str:
         return (
