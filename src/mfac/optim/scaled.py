@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from .._validation import NonFiniteGradientError, check_damp, check_positive_int
+from .._config import Options, option
+from .._validation import NonFiniteGradientError
 
 F64 = torch.float64
 WHITENINGS = ("adam", "none")
@@ -42,35 +43,35 @@ POWERS = (1.0, 0.5)
 
 
 @dataclass(frozen=True)
-class ScaledConfig:
+class ScaledConfig(Options):
     """The options of :class:`ScaledMFAC` (see the module docstring for the formulas)."""
 
-    ngrads: int = 32
-    damp: float = 1.0
-    power: float = 1.0
-    whiten: str = "adam"
-    blocks: str = "tensor"
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    ngrads: int = option(32, "window size m per block", low=1)
+    damp: float = option(
+        1.0, "damping relative to the window's mean eigenvalue", low=0, low_open=True
+    )
+    power: float = option(1.0, "1: the M-FAC inverse; 0.5: GGT's inverse square root")
+    whiten: str = option(
+        "adam", "gradients whitened by Adam's statistics, or raw", choices=WHITENINGS
+    )
+    blocks: str = option("tensor", "one window per tensor, or one for the model", choices=BLOCKINGS)
+    betas: Any = option((0.9, 0.999), "Adam's decay rates (b1, b2), each in [0, 1)", kind="any")
+    eps: float = option(1e-8, "Adam's epsilon", low=0, low_open=True)
 
-    def __post_init__(self) -> None:
-        check_positive_int(self.ngrads, "ngrads")
-        check_damp(self.damp)
-        if float(self.power) not in POWERS:
+    def validate(self) -> None:
+        """The checks that involve several fields, or a type the field kinds do not cover."""
+        if self.power not in POWERS:
             raise ValueError(f"power must be one of {POWERS}, got {self.power!r}")
-        if self.whiten not in WHITENINGS:
-            raise ValueError(f"whiten must be one of {WHITENINGS}, got {self.whiten!r}")
-        if self.blocks not in BLOCKINGS:
-            raise ValueError(f"blocks must be one of {BLOCKINGS}, got {self.blocks!r}")
-        if self.whiten == "none" and float(self.power) != 0.5:
+        if self.whiten == "none" and self.power != 0.5:
             raise ValueError(
                 "whiten='none' needs power=0.5: only the inverse square root of the raw "
                 "gradients' second moment gives a step independent of the gradient's scale"
             )
-        if len(self.betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in self.betas):
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+        if len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and 0.0 <= float(b) < 1.0 for b in betas
+        ):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not (math.isfinite(float(self.eps)) and float(self.eps) > 0.0):
-            raise ValueError(f"eps must be a positive finite number, got {self.eps!r}")
 
 
 def window_coeffs(
