@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mfac.prune import blockwise
-from mfac.prune.layerwise import prune_layer_ex, sparsegpt
+from mfac.prune.layerwise import damped_inverse_factor, prune_layer, sparsegpt
 from mfac.prune.wanda import WandaConfig, wanda
 
 F64 = torch.float64
@@ -271,8 +271,9 @@ def test_sparsegpt_dead_inputs_pruned_first_and_counted() -> None:
     x = torch.randn(50, 8, generator=gen, dtype=F64)
     x[:, :2] = 0.0  # two dead inputs
     w = torch.randn(3, 8, generator=gen, dtype=F64) + 3.0
-    new, keep, used = prune_layer_ex(w, 2 * x.T @ x / 50, 0.5, block=8)
-    assert used == 0.01
+    h = 2 * x.T @ x / 50
+    new, keep = prune_layer(w, h, 0.5, block=8)
+    assert damped_inverse_factor(h, 0.01)[2] == 0.01  # no escalation needed
     assert not bool(keep[:, :2].any())  # removing them costs nothing
     assert int((~keep).sum()) == 12
     assert torch.equal(keep, new != 0)

@@ -38,7 +38,6 @@ __all__ = [
     "layer_budgets",
     "layer_inputs",
     "prune_layer",
-    "prune_layer_ex",
     "sparsegpt",
     "stages",
 ]
@@ -133,6 +132,8 @@ def prune_layer(
     *,
     damp: float = 0.01,
     prior_mask: torch.Tensor | None = None,
+    name: str = "layer",
+    factor: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one weight matrix (rows x cols; a conv weight is flattened to
     (out, in*k*k)). Returns (new weight with the input's shape and dtype, keep-mask).
@@ -141,30 +142,9 @@ def prune_layer(
     ``prior_mask`` (keep-mask) forces already-pruned weights to stay pruned. Weights on inputs
     that are always zero (zero Hessian diagonal) cost nothing to remove and are removed first;
     the budget counts them like any other, so the mask always matches the weights.
-    """
-    new, keep, _ = prune_layer_ex(
-        weight, hessian, sparsity, pattern, block, damp=damp, prior_mask=prior_mask
-    )
-    return new, keep
-
-
-@torch.no_grad()
-def prune_layer_ex(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    sparsity: float,
-    pattern: Pattern = None,
-    block: int = 128,
-    *,
-    damp: float = 0.01,
-    prior_mask: torch.Tensor | None = None,
-    name: str = "layer",
-    factor: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """:func:`prune_layer`, also returning the relative damping actually used (escalated after
-    a failed Cholesky). ``factor`` is :func:`damped_inverse_factor`'s output for this Hessian
-    when already computed (layers sharing their input). Raises rather than return non-finite
-    weights."""
+    ``factor`` is :func:`damped_inverse_factor`'s output for this Hessian when already computed
+    (layers sharing their input; its last entry is the damping actually used). Raises rather
+    than return non-finite weights."""
     shape, dtype = weight.shape, weight.dtype
     w = weight.detach().reshape(shape[0], -1).to(F64).clone()
     rows, cols = w.shape
@@ -226,7 +206,7 @@ def prune_layer_ex(
         raise FloatingPointError(
             f"{name}: SparseGPT produced non-finite weights at damp={used:g}; nothing written"
         )
-    return w.to(dtype).reshape(shape), keep.reshape(shape), used
+    return w.to(dtype).reshape(shape), keep.reshape(shape)
 
 
 def _keep_block(
@@ -343,14 +323,14 @@ def sparsegpt(
             prior = None if priors is None else priors[t.name]
             if last_h is None or last_factor is None or not torch.equal(last_h, h):
                 last_h, last_factor = h, damped_inverse_factor(h, damp, name=t.name)
-            new, keep, used = prune_layer_ex(
+            new, keep = prune_layer(
                 t.param, h, budgets[t.name], pattern, block, damp=damp, prior_mask=prior,
                 name=t.name, factor=last_factor,
             )  # fmt: skip
             t.param.copy_(new)
             masks[t.name] = keep.cpu()
-            if used != damp:
-                escalated[t.name] = used
+            if last_factor[2] != damp:  # the damping the factor was escalated to
+                escalated[t.name] = last_factor[2]
             timings["precompute"] += t2 - t1
             timings["prune"] += time.perf_counter() - t2
             seconds[t.name] = time.perf_counter() - t1
