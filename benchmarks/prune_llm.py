@@ -29,6 +29,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -249,22 +250,17 @@ def table(names: list[str]) -> str:
         {s for _, s in rows if not s.endswith("%")}
     )
     methods = list(dict.fromkeys(m for m, _ in rows))
-    head = "| method | " + " | ".join(f"{s}: Lee / Wiki" for s in settings) + " |"
-    lines = [head, "|---" * (len(settings) + 1) + "|"]
-    for m in methods:
-        cells = []
-        for s in settings:
-            r = rows.get((m, s))
-            cells.append("" if r is None else f"{r['ppl']:.1f} / {r['ppl_wiki']:.1f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "| method | " + " | ".join(f"{s}: s / GB" for s in settings) + " |"]
-    lines.append("|---" * (len(settings) + 1) + "|")
-    for m in methods:
-        cells = []
-        for s in settings:
-            r = rows.get((m, s))
-            cells.append("" if r is None else f"{r['prune_wall_s']:.0f} / {r['peak_rss_gb']:.1f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+
+    def table(unit: str, cell: Callable[[dict], str]) -> list[str]:
+        lines = ["| method | " + " | ".join(f"{s}: {unit}" for s in settings) + " |"]
+        lines.append("|---" * (len(settings) + 1) + "|")
+        for m in methods:
+            cells = ["" if rows.get((m, s)) is None else cell(rows[m, s]) for s in settings]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        return lines
+
+    lines = table("Lee / Wiki", lambda r: f"{r['ppl']:.1f} / {r['ppl_wiki']:.1f}")
+    lines += ["", *table("s / GB", lambda r: f"{r['prune_wall_s']:.0f} / {r['peak_rss_gb']:.1f}")]
     return "\n".join(lines)
 
 
