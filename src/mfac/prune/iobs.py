@@ -22,7 +22,7 @@ from ._layers import Target, find_targets
 from .base import Method, Request
 from .collect import LossFn
 from .layerwise import sparsegpt
-from .patterns import Pattern, check_sparsity, parse_pattern
+from .patterns import Pattern, check_nm_sparsity, parse_pattern
 from .result import PruneResult, summarize
 from .sparsegpt import ProjectionOptions
 
@@ -75,7 +75,7 @@ def iobs_prune(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cfg = IOBSConfig.build(options, "iobs_prune")
     nm = parse_pattern(pattern)
-    target = check_sparsity(sparsity) if nm is None else 1.0 - nm[0] / nm[1]
+    target = check_nm_sparsity(sparsity, nm)
     targets = find_targets(model, cfg.layers)
     return _iobs(model, target, list(data), loss_fn, nm, cfg, targets)
 
@@ -180,9 +180,9 @@ def _dense_phase(
 def run(req: Request, cfg: IOBSConfig) -> dict[str, torch.Tensor]:
     """The registered entry: I-OBS on the request's layers; its trace goes into ``info``."""
     assert req.data is not None and req.loss_fn is not None
-    nm = req.pattern
-    sparsity = req.sparsity if nm is None else 1.0 - nm[0] / nm[1]
-    out = _iobs(req.model, sparsity, list(req.data), req.loss_fn, nm, cfg, req.targets)
+    out = _iobs(
+        req.model, req.sparsity, list(req.data), req.loss_fn, req.pattern, cfg, req.targets
+    )
     req.info.update(
         val_losses=out.val_losses, best_iteration=out.best_iteration,
         train_losses=out.train_losses,

@@ -261,8 +261,6 @@ def layer_budgets(
         if pattern is not None:
             raise ValueError("per-layer sparsities cannot be combined with an N:M pattern")
         return {n: check_sparsity(sparsity[n]) for n in names}
-    if pattern is not None:  # the pattern decides; oneshot checks the contradiction
-        return dict.fromkeys(names, 1.0 - pattern[0] / pattern[1])
     return dict.fromkeys(names, check_nm_sparsity(sparsity, pattern))
 
 
@@ -289,8 +287,7 @@ def sparsegpt(
 
     ``sparsity``: one fraction for every layer, or a mapping layer name -> fraction (per-layer
     budgets such as :func:`mfac.prune.owl.owl_sparsities`); with an N:M ``pattern`` it is
-    ignored (the pattern fixes 1 - N/M; :func:`mfac.prune.patterns.check_nm_sparsity` refuses
-    a contradicting value at the entry point).
+    None or 1 - N/M (:func:`mfac.prune.patterns.check_nm_sparsity` refuses anything else).
     Sequential mode prunes block by block, each block calibrated on the outputs of the
     already-pruned blocks before it (inputs captured once and propagated; see
     :mod:`mfac.prune.blockwise`). ``info``, when given, receives the schedule that ran and the
@@ -319,10 +316,10 @@ def sparsegpt(
             t1 = time.perf_counter()
             gram, count = stats.get(t.name)
             h = gram * (2.0 / max(count, 1))
-            t2 = time.perf_counter()
             prior = None if priors is None else priors[t.name]
             if last_h is None or last_factor is None or not torch.equal(last_h, h):
                 last_h, last_factor = h, damped_inverse_factor(h, damp, name=t.name)
+            t2 = time.perf_counter()  # the Hessian and its factor are the precompute
             new, keep = prune_layer(
                 t.param, h, budgets[t.name], pattern, block, damp=damp, prior_mask=prior,
                 name=t.name, factor=last_factor,

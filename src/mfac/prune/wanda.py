@@ -28,7 +28,7 @@ from .blockwise import (
 )
 from .layerwise import Sparsity, layer_budgets
 from .owl import owl_budget
-from .patterns import Pattern, check_nm_sparsity, check_pattern_fits
+from .patterns import Pattern, check_pattern_fits
 from .saliency import wanda_scores
 
 F64 = torch.float64
@@ -97,8 +97,6 @@ def wanda(
         targets = find_targets(model, layers)
     check_layerwise_targets(targets)
     check_pattern_fits(targets, pattern)
-    if not isinstance(sparsity, Mapping):
-        check_nm_sparsity(sparsity, pattern)
     budgets = layer_budgets(targets, sparsity, pattern)
     batches = calibration_batches(data, config.calib_batches)
     timings = {"collect": 0.0, "precompute": 0.0, "prune": 0.0}

@@ -25,7 +25,7 @@ from .result import Tracker, hard_threshold, support_of, topk_indices
 Out = tuple[torch.Tensor, torch.Tensor, int, bool, dict[str, Any]]
 
 
-def _reason(tracker: Tracker) -> str:
+def stop_reason(tracker: Tracker) -> str:
     return "callback" if tracker.callback_stopped else "tolerance"
 
 
@@ -91,7 +91,7 @@ def iht(
         done = tracker.step(it, x, new)
         x = new
         if done:
-            return x, support, it, True, {"step": mu, "stop": _reason(tracker)}
+            return x, support, it, True, {"step": mu, "stop": stop_reason(tracker)}
     return x, support, max_iter, False, {"step": mu, "stop": "max_iter"}
 
 
@@ -131,7 +131,7 @@ def niht(
         done = tracker.step(it, x, new)
         x = new
         if done:
-            return x, support, it, True, {"shrinks": shrinks, "stop": _reason(tracker)}
+            return x, support, it, True, {"shrinks": shrinks, "stop": stop_reason(tracker)}
     return x, support, max_iter, False, {"shrinks": shrinks, "stop": "max_iter"}
 
 
@@ -156,7 +156,7 @@ def htp(
         done = tracker.step(it, x, new)
         x = new
         if done:
-            return x, S, it, True, {"step": mu, "stop": _reason(tracker)}
+            return x, S, it, True, {"step": mu, "stop": stop_reason(tracker)}
         if prev is not None and torch.equal(S, prev):
             return x, S, it, True, {"step": mu, "stop": "support_repeated"}
         prev = S
@@ -183,7 +183,7 @@ def cosamp(
         done = tracker.step(it, x, new)
         x = new
         if done:
-            return x, support, it, True, {"stop": _reason(tracker)}
+            return x, support, it, True, {"stop": stop_reason(tracker)}
     return x, support, max_iter, False, {"stop": "max_iter"}
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .classic import Out, settles_honestly
+from .classic import Out, settles_honestly, stop_reason
 from .curvature import build_curvature
 from .problems import Problem
 from .result import Tracker, topk_indices
@@ -77,8 +77,8 @@ def iobs(
         done = tracker.step(it, x, new)
         x = new
         if done:
-            stop = "callback" if tracker.callback_stopped else "tolerance"
-            return x, support, it, True, {"damp": curv.damp, "backtracks": backtracks, "stop": stop}
+            info = {"damp": curv.damp, "backtracks": backtracks, "stop": stop_reason(tracker)}
+            return x, support, it, True, info
     info = {
         "damp": curv.damp if curv is not None else None,
         "backtracks": backtracks,
