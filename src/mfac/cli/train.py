@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
     data = load_data(cmd, loaded)
     objective = Objective(data, device, hf=loaded.kind == "hf")
     objective.check_fits(model)
-    per_epoch = len(data.batches(cmd.batch_size))
+    per_epoch = math.ceil(len(data) / cmd.batch_size)  # batches per epoch, without building them
 
     hp = {k: getattr(cmd, k) for k in HYPER}
     ckpt = _read_checkpoint(resume, cmd, per_epoch) if resume is not None else None

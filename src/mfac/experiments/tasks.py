@@ -109,7 +109,10 @@ class Objective:
     def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor | None]) -> Any:
         x, y = batch
         x = x.to(self.device)
-        out = self._out(model, x)
+        return self.loss(self._out(model, x), x, y)
+
+    def loss(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The task's loss of the model outputs ``out`` on inputs ``x`` (on the device)."""
         task = self.data.task
         if task == "lm":
             logits = out[:, :-1].reshape(-1, out.shape[-1])
@@ -170,13 +173,13 @@ class Objective:
         total, count, correct = 0.0, 0, 0
         batches = self.data.batches(batch_size, split="val")
         for x, y in batches if bar is iter else bar(batches, desc=desc, unit="batch"):
-            loss = float(self(model, (x, y)))
-            total += loss * len(x)
+            xd = x.to(self.device)
+            out = self._out(model, xd)  # one forward pass gives the loss and the prediction
+            total += float(self.loss(out, xd, y)) * len(x)
             count += len(x)
             if self.data.task == "classification":
                 assert y is not None
-                pred = self._out(model, x.to(self.device)).argmax(1).cpu()
-                correct += int((pred == y).sum())
+                correct += int((out.argmax(1).cpu() == y).sum())
         model.train(was)
         loss = total / max(count, 1)
         metric = {

@@ -84,7 +84,7 @@ class GramFactor:
         update K^-1, and advance the ring; return the slot used. On failure nothing changes."""
         slot = self.next_slot
         with single_threaded():
-            u = u.to(F64).reshape(-1).clone()
+            u = u.to(F64).reshape(-1)  # read only: b below is the working copy
             if not bool(torch.isfinite(u).all()):
                 raise NonFiniteGradientError(
                     "the products G g of the window with this gradient overflow the window's "

@@ -12,9 +12,6 @@ import torch
 
 from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
 
-#: Bytes of float64 scratch that one tile of the blocked precompute may use.
-TILE_BYTES = 64 * 2**20
-
 
 def available_memory() -> int:
     """Bytes of RAM the OS reports as available (MemAvailable on Linux)."""

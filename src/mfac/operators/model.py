@@ -172,7 +172,7 @@ def check_finite_rows(rows: torch.Tensor, layout: ParameterLayout) -> None:
     bad_rows = (~finite.all(1)).nonzero().flatten()
     bad_cols = (~finite.all(0)).nonzero().flatten()
     bounds = torch.tensor(layout.numels).cumsum(0)
-    owners = torch.searchsorted(bounds, bad_cols, right=True)
+    owners = torch.searchsorted(bounds, bad_cols.cpu(), right=True)
     params = sorted({layout.names[int(i)] for i in owners})
     raise NonFiniteGradientError(
         f"gradients {bad_rows[:5].tolist()} ({bad_rows.numel()} in all) hold NaN or Inf, in "

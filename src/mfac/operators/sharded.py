@@ -6,7 +6,7 @@ incoming gradient g (identical on every rank, as after DDP's all-reduce):
 - u = G g is the sum over ranks of the partial products G[:, lo:hi] g[lo:hi]: one all-reduce
   of m numbers (plus one flag that says whether any rank saw NaN/Inf, so every rank raises
   together and nobody deadlocks);
-- K and its Cholesky factor are replicated (m x m, float64), updated identically everywhere;
+- K and K^-1 are replicated (m x m, float64), updated identically everywhere;
 - the step F^-1 g = m G^T K^-1 e_r is local per column slice; the slices are all-gathered so
   that every rank can update its full parameter copy (d numbers, the same volume as DDP's
   gradient all-reduce).
@@ -90,7 +90,7 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held on this rank: the shard plus the replicated K and factor."""
+        """Bytes held on this rank: the shard plus the replicated K and K^-1."""
         return self.window_nbytes + 2 * self.window**2 * 8
 
     def _gather_full(self, local: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ class SlidingInverseFisher(DenseRowsBacked):
         return g.reshape(-1)
 
     def _insert(self, flat: torch.Tensor) -> None:
-        """Write ``flat`` into the next slot and update K and its factor: one pass over G.
+        """Write ``flat`` into the next slot and update K and K^-1 (O(m^2)): one pass over G.
 
         u = G g is taken with the old row still in slot r, then u[r] is replaced by g.g, so
         nothing is written until every check has passed. g.g doubles as the NaN/Inf check
@@ -117,7 +117,7 @@ class SlidingInverseFisher(DenseRowsBacked):
                         f"gradient overflows {self.grads.dtype} storage; the window is unchanged"
                     )
                 u[slot] = float(stored.to(F64).square().sum())  # float32 overflow of g.g only
-        self.factor.commit(u)  # K's row/column, refactor; raises with K restored on failure
+        self.factor.commit(u)  # K's row/column and K^-1; raises with both restored
         with single_threaded():
             self.grads[slot] = stored
 
@@ -160,7 +160,7 @@ class SlidingInverseFisher(DenseRowsBacked):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-identically (window, K, its factor, the pointer)."""
+        """Everything needed to resume bit-identically (window, K, K^-1, the pointer)."""
         return {"grads": self.grads.clone(), **self.factor.state_dict()}
 
     def check_state(self, state: Mapping[str, Any]) -> None:

@@ -71,8 +71,10 @@ def gather_gradients(
         if g.is_sparse:
             raise RuntimeError("MFAC does not support sparse gradients")
         live.append(i)
-        src = g.reshape(-1) if seg.index is None else g.reshape(-1).index_select(0, seg.index)
-        view.copy_(src)
+        if seg.index is None:
+            view.copy_(g.reshape(-1))
+        else:  # gathered straight into the flat buffer, no temporary
+            torch.index_select(g.reshape(-1), 0, seg.index, out=view)
         wd = weight_decays[i]
         if wd != 0.0 and not decoupled_weight_decay:
             w = p.detach().reshape(-1)

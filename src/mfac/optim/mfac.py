@@ -185,10 +185,8 @@ class MFAC(torch.optim.Optimizer):
         """Lay out trainable parameters and build an empty window for them; changes nothing."""
         params, groups, segments = [], [], []
         offset = 0
-        bounds = []
         dtypes = set()
         for gi, group in enumerate(self.param_groups):
-            start = offset
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
@@ -200,7 +198,6 @@ class MFAC(torch.optim.Optimizer):
                 groups.append(gi)
                 segments.append(Segment(offset, size, index))
                 offset += size
-            bounds.append((start, offset))
         if offset == 0:
             raise ValueError("MFAC got no trainable coordinates (no parameter requires grad)")
         devices = {p.device for p in params}
@@ -396,7 +393,7 @@ class MFAC(torch.optim.Optimizer):
         index = {id(p): i for i, p in enumerate(self._all_params())}[id(self._state_key)]
         entry = dict(sd["state"][index])
         entry["window"] = entry["window"].state_dict()
-        scaling = entry.get("gradient_scaling", self.gradient_scaling)
+        scaling = self.gradient_scaling
         if scaling is not None and hasattr(scaling, "state_dict"):
             entry["gradient_scaling"] = scaling.state_dict()
         sd["state"] = {**sd["state"], index: entry}

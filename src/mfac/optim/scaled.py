@@ -26,7 +26,6 @@ m x m float64 eigendecomposition (one batched call for all blocks): O(m d + m^3)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ import torch
 
 from .._config import Options, option
 from .._validation import NonFiniteGradientError
+from .mfac import check_option
 
 F64 = torch.float64
 WHITENINGS = ("adam", "none")
@@ -165,16 +165,6 @@ class _Block:
         self.num_pushed = int(state["num_pushed"])
 
 
-def _check_rate(value: float, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0.0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return v
-
-
 class ScaledMFAC(torch.optim.Optimizer):
     """AdamW whose direction is preconditioned by a matrix function of the sliding window's
     whitened empirical Fisher, with damping relative to the window's mean eigenvalue.
@@ -204,7 +194,10 @@ class ScaledMFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
     ) -> None:
         self.cfg = ScaledConfig(ngrads, damp, float(power), whiten, blocks, tuple(betas), eps)
-        defaults = {"lr": _check_rate(lr, "lr"), "weight_decay": _check_rate(weight_decay, "wd")}
+        defaults = {
+            "lr": check_option(lr, "lr"),
+            "weight_decay": check_option(weight_decay, "weight_decay"),
+        }
         super().__init__(params, defaults)
         self._params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not self._params:
