@@ -133,7 +133,7 @@ def test_samples_have_covariance_f_inverse(block):
 def test_sample_refuses_bad_n():
     op = InverseFisher(grads_for(3, 5, 0), 1.0)
     for bad in (0, -1, 2.5):
-        with pytest.raises((ValueError, TypeError), match="n"):
+        with pytest.raises((ValueError, TypeError), match=r"^n must be (an integer )?>= 1"):
             op.sample(bad)
 
 

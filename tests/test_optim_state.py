@@ -84,7 +84,7 @@ CORRUPTIONS = {
     "lr string": (_set(("param_groups", 0, "lr"), "fast"), "lr"),
     "momentum one": (_set(("param_groups", 0, "momentum"), 1.0), "momentum"),
     "weight_decay inf": (_set(("param_groups", 0, "weight_decay"), math.inf), "weight_decay"),
-    "lr missing": (_delete(("param_groups", 0, "lr")), "lr"),
+    "lr missing": (_delete(("param_groups", 0, "lr")), "missing the field param_groups[0]['lr']"),
     "too many groups": (
         lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])),
         "param_groups",
@@ -102,7 +102,7 @@ CORRUPTIONS = {
     "mask dtype": (_set(("state", 0, "mask"), lambda t: t.float()), "mask"),
     "step negative": (_set(("state", 0, "step"), -1), "step"),
     "unknown field": (_set(("state", 1, "exp_avg"), torch.zeros(1)), "exp_avg"),
-    "window missing": (_delete(W), "window"),
+    "window missing": (_delete(W), "missing the field state[0]['window']"),
     "next_slot out of range": (_set((*W, "next_slot"), NGRADS), "next_slot"),
     "next_slot negative": (_set((*W, "next_slot"), -1), "next_slot"),
     "next_slot inconsistent": (_set((*W, "next_slot"), lambda v: (v + 1) % NGRADS), "next_slot"),
@@ -113,9 +113,9 @@ CORRUPTIONS = {
     "gram nan": (_set((*W, "gram"), _nan), "gram"),
     "gram shape": (_set((*W, "gram"), lambda t: t[:-1, :-1].clone()), "gram"),
     "gram dtype": (_set((*W, "gram"), lambda t: t.float()), "gram"),
-    "gram missing": (_delete((*W, "gram")), "gram"),
+    "gram missing": (_delete((*W, "gram")), "missing the field 'gram'"),
     "inverse edited": (_set((*W, "inverse"), lambda t: t * 1.01), "inverse"),
-    "inverse missing": (_delete((*W, "inverse")), "inverse"),
+    "inverse missing": (_delete((*W, "inverse")), "missing the field 'inverse'"),
 }
 DENSE_ONLY = {
     "grads nan": (_set((*W, "grads"), _nan), "grads"),
