@@ -56,7 +56,7 @@ def randn(*shape: int) -> torch.Tensor:
 
 
 def filled_window(grads: torch.Tensor, damp: float) -> SlidingInverseFisher:
-    """A sliding operator whose window already holds ``grads`` (K and its factor consistent)."""
+    """A sliding operator whose window already holds ``grads`` (K and K^-1 consistent)."""
     m, d = grads.shape
     op = SlidingInverseFisher(d, m, damp, dtype=grads.dtype, device=grads.device)
     op.grads = grads
@@ -65,7 +65,7 @@ def filled_window(grads: torch.Tensor, damp: float) -> SlidingInverseFisher:
         tile = grads[:, c : c + 65536].float()
         gram += (tile @ tile.T).to(F64)
     gram.diagonal().add_(m * damp)
-    op.factor.gram, op.factor.chol = gram, torch.linalg.cholesky(gram)
+    op.factor.rebuild(gram)
     return op
 
 

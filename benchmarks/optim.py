@@ -337,8 +337,7 @@ def overhead(ngrads_list: list[int], reps: int) -> dict[str, Any]:
         w = opt.window
         g = w.grads
         g.normal_()  # a full window (and its consistent K): the passes of the steady state
-        w.factor.gram = (g @ g.T).double() + m * w.damp * torch.eye(m, dtype=torch.float64)
-        w.factor.chol = torch.linalg.cholesky(w.factor.gram)
+        w.factor.rebuild((g @ g.T).double() + m * w.damp * torch.eye(m, dtype=torch.float64))
         xv = torch.randn(d)
         yv = torch.randn(m)
         for _ in range(2):

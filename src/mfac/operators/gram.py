@@ -146,17 +146,6 @@ class GramFactor:
         with single_threaded():
             return self.inverse @ gx.to(F64)
 
-    @property
-    def chol(self) -> torch.Tensor:
-        """The lower Cholesky factor of K (computed on demand; the window keeps K^-1)."""
-        return torch.linalg.cholesky(self.gram)
-
-    @chol.setter
-    def chol(self, factor: torch.Tensor) -> None:
-        """Set K^-1 from a Cholesky factor of the current K (for code that rebuilds K)."""
-        self.inverse = torch.cholesky_inverse(factor.to(F64))
-        self.since_refactor = 0
-
     def rebuild(self, gram: torch.Tensor) -> None:
         """Replace K (for instance by one computed from a filled window) and refactor it."""
         old = self.gram
