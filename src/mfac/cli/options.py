@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from .._config import Option, Options, markdown_table, option, options_of
 from ..prune import REGISTRY
+from ..prune.patterns import parse_pattern
 from ..recovery.options import CONFIGS
 from .common import CLIError, require
 
@@ -149,7 +149,6 @@ def method_options(command: str) -> dict[str, tuple[Option, dict[str, Any]]]:
 
 
 # ----------------------------------------------------------------------------- coercion
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _BOOL = dict.fromkeys(("true", "yes", "on", "1"), True)
 _BOOL |= dict.fromkeys(("false", "no", "off", "0"), False)
 
@@ -186,11 +185,12 @@ def coerce(o: Option, value: Any, where: str) -> Any:
         raise CLIError(f"{where}: {text!r} is not {o.spec.bounds()}{extra}")
     if kind == "path":
         return Path(text).expanduser()
-    if o.name == "pattern":
-        m = _NM.match(text)
-        if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-            raise CLIError(f"{where}: expected 'N:M' with 0 < N < M (e.g. 2:4), got {text!r}")
-        return f"{int(m.group(1))}:{int(m.group(2))}"
+    if o.name == "pattern":  # the library's parser: one definition of what a pattern is
+        try:
+            nm = parse_pattern(text)
+        except (TypeError, ValueError) as err:
+            raise CLIError(f"{where}: {err}") from None
+        return None if nm is None else f"{nm[0]}:{nm[1]}"
     return text
 
 
