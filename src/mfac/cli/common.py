@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .._paths import atomic_file
+
 log = logging.getLogger("mfac.cli")
 
 #: Exit codes (documented in docs/cli.md).
@@ -101,27 +103,6 @@ class _NoBar:
 
 
 # ----------------------------------------------------------------------------- atomic outputs
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; it replaces ``path`` only on success.
-
-    On any error the temporary file is removed and ``path`` is left as it was, so a reader
-    never sees a half-written file (``os.replace`` is atomic on one file system).
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
-
-
 MARKER = ".mfac-output"
 
 

@@ -13,6 +13,8 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 from torch.utils.hooks import RemovableHandle
 
+from .._paths import atomic_file
+
 Masks = dict[str, torch.Tensor]
 
 
@@ -199,14 +201,8 @@ def save_sparse(model: nn.Module, masks: Masks, path: str | os.PathLike[str]) ->
         out[f"{key}::values"] = flat[keep].contiguous()
         out[f"{key}::mask"] = torch.from_numpy(np.packbits(keep.numpy()))
         out[f"{key}::shape"] = torch.tensor(list(value.shape), dtype=torch.int64)
-    target = os.fspath(path)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    try:
-        save_file(out, tmp, metadata={TIED_KEY: json.dumps(aliases)})
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp:
+        save_file(out, str(tmp), metadata={TIED_KEY: json.dumps(aliases)})
 
 
 def read_sparse(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Masks]:
