@@ -28,7 +28,7 @@ from .blockwise import (
 )
 from .layerwise import Sparsity, layer_budgets
 from .owl import owl_budget
-from .patterns import Pattern, check_pattern_fits
+from .patterns import Pattern, check_pattern_fits, nm_keep
 from .saliency import wanda_scores
 
 F64 = torch.float64
@@ -53,20 +53,15 @@ def row_keep(
     (ties by position), or keep the N highest of every M consecutive ones. Already-pruned
     weights (``prior`` False) are dropped first and count towards the budget."""
     rows, cols = scores.shape
+    if pattern is not None:  # the N best of every M, as every other N:M method picks them
+        alive = torch.ones_like(scores, dtype=torch.bool) if prior is None else prior
+        return nm_keep(scores, alive, pattern)
     s = scores if prior is None else torch.where(prior, scores, -1.0)
-    if pattern is not None:
-        n, m = pattern
-        groups = s.reshape(rows, cols // m, m)
-        keep = torch.zeros_like(groups, dtype=torch.bool)
-        keep.scatter_(2, groups.topk(n, dim=2, sorted=False).indices, True)
-        keep = keep.reshape(rows, cols)
-    else:
-        count = round(sparsity * cols)
-        keep = torch.ones(rows, cols, dtype=torch.bool, device=s.device)
-        if count:
-            # stable sort: equal scores are dropped in column order
-            order = s.argsort(dim=1, stable=True)[:, :count]
-            keep.scatter_(1, order, False)
+    count = round(sparsity * cols)
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=s.device)
+    if count:
+        # stable sort: equal scores are dropped in column order
+        keep.scatter_(1, s.argsort(dim=1, stable=True)[:, :count], False)
     return keep if prior is None else keep & prior
 
 
