@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._validation import check_positive_int
-from ..operators.model import LossFn, ModelGradients, check_finite_rows
+from ..operators.model import LossFn, collect_gradients
 from ..operators.static import InverseFisher
 
 Data = tuple[torch.Tensor, torch.Tensor]
@@ -37,13 +37,12 @@ def example_gradients(
         raise ValueError(
             f"inputs and targets differ in length: {inputs.shape[0]} and {targets.shape[0]}"
         )
-    source = ModelGradients(model, loss_fn, list(params))
-    chunks = [
-        source.per_example(inputs[s : s + batch_size], targets[s : s + batch_size])
-        for s in range(0, inputs.shape[0], batch_size)
-    ]
-    rows = torch.cat(chunks) if dtype is None else torch.cat(chunks).to(dtype)
-    check_finite_rows(rows, source.layout)
+    if dtype is None:  # the gradients' own precision
+        dtype = next(p for n, p in model.named_parameters() if n in set(params)).dtype
+    rows, _ = collect_gradients(
+        model, data, loss_fn, inputs.shape[0], params=list(params), dtype=dtype,
+        chunk_size=batch_size,
+    )  # fmt: skip
     return rows
 
 
