@@ -9,6 +9,7 @@ from torch import nn
 
 from ._layers import current_masks, find_targets
 from .base import Request
+from .blockwise import restored_on_error
 from .collect import LossFn
 from .fisher import density_steps
 from .patterns import check_nm_sparsity, check_pattern_fits, parse_pattern
@@ -55,20 +56,13 @@ def oneshot(
     if spec.check is not None:
         spec.check(req, cfg)
 
-    if spec.restores == "model":
-        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    else:
-        backup = {t.name: t.param.detach().clone() for t in targets}
+    guarded = (
+        list(model.state_dict().values()) if spec.restores == "model"
+        else [t.param for t in targets]
+    )  # fmt: skip
     start = time.perf_counter()
-    try:
+    with restored_on_error(guarded):
         masks = spec.run(req, cfg)
-    except BaseException:
-        if spec.restores == "model":
-            model.load_state_dict(backup)
-        else:
-            for t in targets:
-                t.param.detach().copy_(backup[t.name])
-        raise
     req.timings["total"] = time.perf_counter() - start
     per, overall = summarize(masks)
     return PruneResult(method, sparsity, nm, masks, per, overall, req.timings, info=req.info)

@@ -15,9 +15,11 @@ X (tokens x cols) over the calibration batches: the Gram X^T X (SparseGPT's Hess
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 
 import torch
@@ -292,13 +294,30 @@ def run_layerwise(
         model.train(was_training)
 
 
-def restore_on_error(targets: Sequence[Target]) -> Callable[[], None]:
-    """Snapshot the targets' weights; the returned function writes them back."""
-    backup = [t.param.detach().clone() for t in targets]
+#: ids of the tensors an enclosing :func:`restored_on_error` already snapshots
+_GUARDED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "mfac_guarded", default=frozenset()
+)
 
-    def restore() -> None:
+
+@contextlib.contextmanager
+def restored_on_error(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Snapshot ``tensors``; on any exception write them back and re-raise. Nested calls over
+    tensors an enclosing call already guards (``oneshot`` around ``sparsegpt``) take no
+    second snapshot, so a pruning call holds one backup of the weights, not one per layer."""
+    ids = frozenset(id(t) for t in tensors)
+    outer = _GUARDED.get()
+    if ids <= outer:
+        yield
+        return
+    backup = [t.detach().clone() for t in tensors]
+    token = _GUARDED.set(outer | ids)
+    try:
+        yield
+    except BaseException:
         with torch.no_grad():
-            for t, b in zip(targets, backup, strict=True):
-                t.param.copy_(b)
-
-    return restore
+            for t, b in zip(tensors, backup, strict=True):
+                t.copy_(b)
+        raise
+    finally:
+        _GUARDED.reset(token)

@@ -24,7 +24,7 @@ from .blockwise import (
     calibration_batches,
     check_layerwise_targets,
     layer_inputs,
-    restore_on_error,
+    restored_on_error,
     run_layerwise,
     stages,
 )
@@ -333,15 +333,12 @@ def sparsegpt(
             seconds[t.name] = time.perf_counter() - t1
             bar.update(1)
 
-    restore = restore_on_error(targets)
     try:
-        run_layerwise(
-            model, targets, batches, forward_fn, "gram", prune_group,
-            sequential=sequential, timings=timings, info=info,
-        )  # fmt: skip
-    except BaseException:
-        restore()
-        raise
+        with restored_on_error([t.param for t in targets]):
+            run_layerwise(
+                model, targets, batches, forward_fn, "gram", prune_group,
+                sequential=sequential, timings=timings, info=info,
+            )  # fmt: skip
     finally:
         bar.close()
     if info is not None:

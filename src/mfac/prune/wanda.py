@@ -23,7 +23,7 @@ from .blockwise import (
     InputStats,
     calibration_batches,
     check_layerwise_targets,
-    restore_on_error,
+    restored_on_error,
     run_layerwise,
 )
 from .layerwise import Sparsity, layer_budgets
@@ -110,15 +110,11 @@ def wanda(
             masks[t.name] = keep.cpu()
         timings["prune"] += time.perf_counter() - t0
 
-    restore = restore_on_error(targets)
-    try:
+    with restored_on_error([t.param for t in targets]):
         run_layerwise(
             model, targets, batches, forward_fn, "sqnorm", prune_group,
             sequential=config.sequential, timings=timings, info=info,
         )  # fmt: skip
-    except BaseException:
-        restore()
-        raise
     if info is not None:
         info["calib_batches"] = len(batches)
     return masks, timings
