@@ -155,21 +155,22 @@ def collect_gradients(
             g = source.per_example(inputs[:need], targets[:need])
         else:
             g = source.batch(inputs, targets)[None]
+        check_finite_rows(g, source.layout, first=filled)  # the chunk, while it is in cache
         rows[filled : filled + g.shape[0]] = g
         filled += g.shape[0]
     if filled < num_grads:
         unit = "examples" if per_sample else "batches"
         raise ValueError(f"data holds {filled} {unit}, fewer than num_grads={num_grads}")
-    check_finite_rows(rows, source.layout)
     return rows, source.layout
 
 
-def check_finite_rows(rows: torch.Tensor, layout: ParameterLayout) -> None:
-    """Raise NonFiniteGradientError naming the rows and parameters holding NaN or Inf."""
+def check_finite_rows(rows: torch.Tensor, layout: ParameterLayout, first: int = 0) -> None:
+    """Raise NonFiniteGradientError naming the rows (numbered from ``first``) and parameters
+    holding NaN or Inf."""
     finite = torch.isfinite(rows)
     if bool(finite.all()):
         return
-    bad_rows = (~finite.all(1)).nonzero().flatten()
+    bad_rows = (~finite.all(1)).nonzero().flatten() + first
     bad_cols = (~finite.all(0)).nonzero().flatten()
     bounds = torch.tensor(layout.numels).cumsum(0)
     owners = torch.searchsorted(bounds, bad_cols.cpu(), right=True)
