@@ -83,7 +83,7 @@ class GramFactor:
         """Write u = G g_new (with u[slot] = g_new . g_new) into row and column ``slot`` of K,
         update K^-1, and advance the ring; return the slot used. On failure nothing changes."""
         slot = self.next_slot
-        with single_threaded():
+        with single_threaded(device=self.gram.device):
             u = u.to(F64).reshape(-1)  # read only: b below is the working copy
             if not bool(torch.isfinite(u).all()):
                 raise NonFiniteGradientError(
@@ -143,7 +143,7 @@ class GramFactor:
 
     def solve(self, gx: torch.Tensor) -> torch.Tensor:
         """K^-1 (G x) for G x of shape (m, k)."""
-        with single_threaded():
+        with single_threaded(device=self.gram.device):
             return self.inverse @ gx.to(F64)
 
     def rebuild(self, gram: torch.Tensor) -> None:
@@ -222,7 +222,7 @@ class GramFactor:
             )
         gram = state["gram"].to(self.gram.device)
         inverse = state["inverse"].to(self.gram.device)
-        with single_threaded():
+        with single_threaded(device=self.gram.device):
             if float((gram - gram.T).abs().max()) > 1e-12 * float(gram.abs().max()):
                 raise ValueError(f"{prefix}gram is not symmetric")
             if int(torch.linalg.cholesky_ex(gram)[1]) != 0:

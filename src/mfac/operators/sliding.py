@@ -100,10 +100,10 @@ class SlidingInverseFisher(DenseRowsBacked):
         (a NaN or Inf entry makes it non-finite), which saves a separate pass over g.
         """
         slot = self.next_slot
-        with single_threaded():
+        with single_threaded(device=self.device):
             stored = flat.to(self.grads.dtype)
         u = rows_dot(self.grads, stored.unsqueeze(1))[:, 0]  # the pass over G: all threads
-        with single_threaded():
+        with single_threaded(device=self.device):
             u = u.to(F64)
             wide = stored.to(torch.float32 if stored.dtype != F64 else F64)
             u[slot] = float(torch.dot(wide, wide))
@@ -118,7 +118,7 @@ class SlidingInverseFisher(DenseRowsBacked):
                     )
                 u[slot] = float(stored.to(F64).square().sum())  # float32 overflow of g.g only
         self.factor.commit(u)  # K's row/column and K^-1; raises with both restored
-        with single_threaded():
+        with single_threaded(device=self.device):
             self.grads[slot] = stored
 
     def push(self, g: torch.Tensor) -> None:
@@ -183,7 +183,7 @@ class SlidingInverseFisher(DenseRowsBacked):
                 f"grads: state stores {grads.dtype}, this operator stores {self.grads.dtype}"
             )
         grads = grads.to(self.device)
-        with single_threaded():
+        with single_threaded(device=self.device):
             if not bool(torch.isfinite(grads).all()):
                 raise ValueError("grads contains NaN or Inf")
 

@@ -3,8 +3,8 @@
 The two passes over the m x d buffer are bandwidth-bound and use every thread. Everything else
 in a step (O(d) vector work on one gradient, O(m^2)..O(m^3) float64 algebra, batches of small
 factorisations) is too small to split: each parallel op pays a thread barrier, and when another
-process holds a core that barrier waits for the scheduler, which stalled such ops by more than
-an order of magnitude on this shared 2-core machine. On a quiet machine one thread costs little
+process holds a core that barrier waits for the scheduler, which can stall such ops by more than
+an order of magnitude on a busy machine with few cores. On a quiet machine one thread costs little
 (``python -m benchmarks.design_checks``: a 1e6-entry dot 0.20 ms on one thread against 0.31 ms
 on two; 64 Cholesky solves of 128 x 128 24 ms against 18 ms), so the choice trades a small
 loss when idle for robustness under load.
