@@ -34,6 +34,7 @@ import torch
 
 from .._config import Options, option
 from .._validation import NonFiniteGradientError
+from ..operators.topk import finite_fast
 from .mfac import check_option
 
 F64 = torch.float64
@@ -243,7 +244,7 @@ class ScaledMFAC(torch.optim.Optimizer):
                 zs.append(g / denom)
                 us.append(mhat / denom)
             else:
-                zs.append(g.clone())
+                zs.append(g)  # read only: the window stores its own copy
                 us.append(mhat)
         return zs, us
 
@@ -258,7 +259,7 @@ class ScaledMFAC(torch.optim.Optimizer):
         if not live:
             return loss
         for i, p in enumerate(self._params):  # checked before any state changes
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            if p.grad is not None and not finite_fast(p.grad):
                 raise NonFiniteGradientError(
                     f"ScaledMFAC.step: the gradient of parameter #{i} (shape "
                     f"{tuple(p.shape)}) contains NaN or Inf; nothing was changed"
