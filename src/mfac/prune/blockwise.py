@@ -282,7 +282,7 @@ def run_layerwise(
                 rec.remove()
             timings["collect"] += time.perf_counter() - t0
             prune_group(group, rec)
-            if chain:
+            if chain and block is not blocks[-1]:  # the last block's outputs feed nothing
                 t0 = time.perf_counter()
                 calls = [
                     ((_first(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in calls
