@@ -45,6 +45,14 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
     replicated K and K^-1.
     """
 
+    @staticmethod
+    def required_bytes(dim: int, window: int, world: int, dtype: torch.dtype) -> int:
+        """Bytes one rank allocates: its m x ceil(d/P) shard, the m x m float64 matrices, and
+        the step's gathered float32 buffers (three of length P * ceil(d/P))."""
+        chunk = -(-dim // world)
+        elem = torch.empty((), dtype=dtype).element_size()
+        return window * chunk * elem + gram_nbytes(window) + 3 * chunk * world * 4
+
     def __init__(
         self,
         dim: int,
@@ -70,10 +78,9 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
         self.dim, self.window = dim, window
         self.lo, self.hi = shard_bounds(dim, self.world, self.rank)
         self.chunk = -(-dim // self.world)
-        elem = torch.empty((), dtype=dtype).element_size()
         device = torch.device(device) if device is not None else torch.device("cpu")
         check_fits(
-            window * self.chunk * elem + gram_nbytes(window) + 3 * self.chunk * self.world * 4,
+            self.required_bytes(dim, window, self.world, dtype),
             f"a window shard of {window} x {self.chunk} (with its {window} x {window} float64 "
             "matrices and step buffers)",
             memory_budget,

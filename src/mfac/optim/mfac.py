@@ -234,10 +234,11 @@ class MFAC(torch.optim.Optimizer):
         if self.process_group is not None:  # this rank's column shard, plus the gathered step
             import torch.distributed as dist
 
+            from ..operators.sharded import ShardedSlidingInverseFisher
+
             world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
-            shard = -(-dim // world)
-            return SlidingInverseFisher.required_bytes(shard, self.ngrads, self.history_dtype) + (
-                2 * shard * world * 4
+            return ShardedSlidingInverseFisher.required_bytes(
+                dim, self.ngrads, world, self.history_dtype
             )
         return SlidingInverseFisher.required_bytes(dim, self.ngrads, self.history_dtype)
 
