@@ -421,3 +421,22 @@ def test_iobs_first_iterate_is_sparsegpt_in_the_same_mode(digits, sequential: bo
         not torch.allclose(a, b, atol=1e-6)
         for a, b in zip(iobs_model.parameters(), other.parameters(), strict=True)
     )
+
+
+def test_iobs_excludes_the_layers_it_is_told_to(digits) -> None:
+    """I-OBS takes ``exclude`` like every one-shot method (its N:M width error suggests it):
+    an excluded layer keeps its weights and gets no mask, through both entry points."""
+    import copy
+
+    from mfac.prune import iobs_prune
+
+    batches = digits[2][:6]
+    first = find_targets(_fresh(digits))[0].name
+    for run in ("oneshot", "iobs_prune"):
+        model = copy.deepcopy(_fresh(digits))
+        kept = model.get_submodule(first).weight.detach().clone()
+        kw = {"data": batches, "loss_fn": _loss, "iterations": 1, "exclude": (first,)}
+        res = (mp.oneshot(model, 0.7, "iobs", **kw) if run == "oneshot"
+               else iobs_prune(model, 0.7, **kw))  # fmt: skip
+        assert first not in res.masks and res.masks, run
+        assert torch.equal(model.get_submodule(first).weight, kept), run

@@ -19,7 +19,7 @@ from torch import nn
 
 from .._config import option
 from ._layers import Target, find_targets
-from .base import Method, Request
+from .base import CommonOptions, Method, Request
 from .collect import LossFn
 from .layerwise import sparsegpt
 from .patterns import Pattern, check_nm_sparsity, parse_pattern
@@ -28,7 +28,7 @@ from .sparsegpt import ProjectionOptions
 
 
 @dataclass(frozen=True, kw_only=True)
-class IOBSConfig(ProjectionOptions):
+class IOBSConfig(CommonOptions, ProjectionOptions):
     """Options of ``method="iobs"`` and :func:`iobs_prune`."""
 
     iterations: int = option(3, "I-OBS iterations (the first is one SparseGPT projection)", low=1)
@@ -76,7 +76,7 @@ def iobs_prune(
     cfg = IOBSConfig.build(options, "iobs_prune")
     nm = parse_pattern(pattern)
     target = check_nm_sparsity(sparsity, nm)
-    targets = find_targets(model, cfg.layers)
+    targets = find_targets(model, cfg.layers, cfg.exclude)
     return _iobs(model, target, list(data), loss_fn, nm, cfg, targets)
 
 
@@ -106,7 +106,7 @@ def _iobs(
             model, batches, loss_fn, sparsity,
             targets=targets, pattern=nm, damp=cfg.damp,
             calib_batches=cfg.calib_batches or len(batches), sequential=cfg.sequential,
-            progress=False,
+            progress=cfg.progress,
         )  # fmt: skip
         return masks
 
