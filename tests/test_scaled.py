@@ -149,6 +149,45 @@ def test_huge_damp_is_adamw():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("blocks", ["tensor", "global"])
+def test_graft_keeps_the_direction_and_takes_adamw_length(blocks):
+    """graft=True: every block's step is the ungrafted step's direction, at AdamW's length
+    (AdamW's step = the step at damp -> inf), over steps that wrap the window."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 3)
+    mods = [copy.deepcopy(base) for _ in range(3)]
+    opts = [
+        ScaledMFAC(mods[0].parameters(), lr=1e-2, ngrads=3, blocks=blocks, graft=True),
+        ScaledMFAC(mods[1].parameters(), lr=1e-2, ngrads=3, blocks=blocks),
+        ScaledMFAC(mods[2].parameters(), lr=1e-2, ngrads=3, blocks=blocks, damp=1e12),
+    ]
+    for i in range(7):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(i))
+        grads = None
+        for mod, opt in zip(mods, opts, strict=True):
+            opt.zero_grad()
+            mod(x).square().mean().backward()
+            if grads is None:
+                grads = [p.grad.clone() for p in mod.parameters()]
+            for p, g in zip(mod.parameters(), grads, strict=True):
+                p.grad = g.clone()  # the same gradient for all three (parameters differ)
+        before = [[p.detach().clone() for p in mod.parameters()] for mod in mods]
+        for opt in opts:
+            opt.step()
+        steps = [
+            torch.cat(
+                [(b - p.detach()).reshape(-1) for b, p in zip(bs, mod.parameters(), strict=True)]
+            )
+            for bs, mod in zip(before, mods, strict=True)
+        ]
+        sizes = [p.numel() for p in base.parameters()]
+        parts = [s.split(sizes) if blocks == "tensor" else [s] for s in steps]
+        for grafted, plain, adamw in zip(*parts, strict=True):
+            torch.testing.assert_close(grafted.norm(), adamw.norm(), rtol=1e-5, atol=0)
+            cos = torch.dot(grafted, plain) / (grafted.norm() * plain.norm())
+            assert float(cos) > 1 - 1e-5
+
+
 def test_invariant_to_gradient_scale():
     """Scaling the loss by 1e4 changes nothing (up to eps), for each design."""
     for case in CASES:

@@ -58,6 +58,9 @@ class ScaledConfig(Options):
     blocks: str = option("tensor", "one window per tensor, or one for the model", choices=BLOCKINGS)
     betas: Any = option((0.9, 0.999), "Adam's decay rates (b1, b2), each in [0, 1)", kind="any")
     eps: float = option(1e-8, "Adam's epsilon", low=0, low_open=True)
+    graft: bool = option(
+        False, "rescale each block's step to the norm of AdamW's step (AdamW's lr scale)"
+    )
 
     def validate(self) -> None:
         """The checks that involve several fields, or a type the field kinds do not cover."""
@@ -174,7 +177,7 @@ class ScaledMFAC(torch.optim.Optimizer):
         params: parameters or groups (``lr`` and ``weight_decay`` per group, read every step).
         lr: learning rate (AdamW's scale: 1e-3 from scratch).
         weight_decay: decoupled, as in AdamW.
-        ngrads, damp, power, whiten, blocks, betas, eps: see :class:`ScaledConfig`.
+        ngrads, damp, power, whiten, blocks, betas, eps, graft: see :class:`ScaledConfig`.
 
     A parameter whose ``.grad`` is None in a step is not updated; its Adam moments and window
     see a zero gradient. NaN/Inf in a gradient raises :class:`mfac.NonFiniteGradientError`
@@ -193,8 +196,11 @@ class ScaledMFAC(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        graft: bool = False,
     ) -> None:
-        self.cfg = ScaledConfig(ngrads, damp, float(power), whiten, blocks, tuple(betas), eps)
+        self.cfg = ScaledConfig(
+            ngrads, damp, float(power), whiten, blocks, tuple(betas), eps, graft
+        )
         defaults = {
             "lr": check_option(lr, "lr"),
             "weight_decay": check_option(weight_decay, "weight_decay"),
@@ -277,6 +283,11 @@ class ScaledMFAC(torch.optim.Optimizer):
             b.finish(u, c, lam, self.cfg.whiten)
             for b, u, c, lam in zip(self._blocks, us, cs, lams, strict=True)
         ]
+        if self.cfg.graft:  # keep the window's direction, take AdamW's step length
+            for d, u in zip(dirs, us, strict=True):
+                norm = float(d.norm())
+                if norm > 0.0:
+                    d.mul_(float(u.norm()) / norm)
         if self.cfg.blocks == "global":
             dirs = list(dirs[0].split([p.numel() for p in self._params]))
         owner = {p: g for g in self.param_groups for p in g["params"]}
