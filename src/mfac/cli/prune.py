@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from .._config import options_of
+from ..experiments.report import text_table
 from ..prune.patterns import check_nm_sparsity, parse_pattern
 from .common import (
     CLIError,
@@ -20,7 +21,6 @@ from .common import (
     progress,
     resolve_device,
     show_progress,
-    text_table,
     write_json,
 )
 from .options import resolve
@@ -67,12 +67,12 @@ def run_prune(args: argparse.Namespace) -> int:
     device = resolve_device(cmd.device)
     import torch
 
+    from ..experiments.report import bar_plot
     from ..experiments.tasks import Objective
     from ..prune import REGISTRY, finetune, gradual, oneshot, save_masks, save_sparse
     from ..prune.export import save_pretrained_sparse, saved_sparsity
     from .data import load_data
     from .models import load_model, save_model
-    from .report import bar_plot
 
     config = REGISTRY[cmd.method].config(**options)
     torch.manual_seed(cmd.seed)
@@ -138,7 +138,8 @@ def run_prune(args: argparse.Namespace) -> int:
                 loaded.tokenizer.save_pretrained(str(tmp / "model"))
             report["files"]["model"] = "model"
         else:
-            report["files"]["model"] = save_model(loaded, tmp).name
+            save_model(loaded, tmp / "model.safetensors")
+            report["files"]["model"] = "model.safetensors"
             saved = saved_sparsity(tmp, result.masks)
         report["saved_sparsity"] = saved["sparsity"]
         save_masks(result.masks, tmp / "masks.safetensors")
