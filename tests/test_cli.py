@@ -592,6 +592,20 @@ def test_train_output_guards(work: Path, inproc) -> None:
         assert len(res.stderr.strip().splitlines()) == 1 and "internal" not in res.stderr
 
 
+def test_missing_optional_package_is_exit_3(
+    work: Path, inproc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing optional package (here matplotlib, needed for the plot) is one line naming it
+    and how to install it, exit code 3, and no output folder (the outputs are atomic)."""
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    cmd = "prune --model tiny.py:mlp --random-weights --data tab.npz --method magnitude -q"
+    res = inproc(cmd + " -o noplot", cwd=work)
+    assert res.returncode == 3, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "internal" not in res.stderr
+    assert "matplotlib" in res.stderr and "pip install" in res.stderr
+    assert not (work / "noplot").exists()
+
+
 def test_prune_refuses_random_weights(work: Path, inproc) -> None:
     res = inproc("prune --model tiny.py:mlp --data tab.npz --method magnitude -o rw", cwd=work)
     assert res.returncode == 2 and "--checkpoint" in res.stderr and not (work / "rw").exists()

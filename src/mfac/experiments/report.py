@@ -1,15 +1,51 @@
-"""Self-contained report folders: ``index.html`` and ``report.md`` with the same tables and
-PNG plots (matplotlib's Agg canvas; no display, no global backend switch)."""
+"""Results as text and pictures: fixed-width terminal tables, self-contained report folders
+(``index.html`` and ``report.md`` with the same tables) and PNG plots (matplotlib's Agg
+canvas; no display, no global backend switch)."""
 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import fmt, require
+
+class NoBar:
+    """A tqdm stand-in that draws nothing: the default progress display of the experiments,
+    and the command line's when tqdm is not installed."""
+
+    def __init__(self, iterable: Iterable[Any] | None = None, **kwargs: Any) -> None:
+        self.iterable = iterable
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.iterable or ())
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to draw."""
+
+    set_postfix = close = update
+
+
+def fmt(v: Any) -> str:
+    """Table cell text, shared by the terminal tables and the report."""
+    if isinstance(v, float):
+        if v != v:
+            return "-"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return "-" if v is None else str(v)
+
+
+def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A compact fixed-width table for the terminal (first column left-aligned)."""
+    body = [[fmt(r.get(c)) for c in columns] for r in [{c: c for c in columns}, *rows]]
+    widths = [max(len(b[i]) for b in body) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in
+                       enumerate(zip(b, widths, strict=True))) for b in body]  # fmt: skip
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;
 color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;
@@ -100,9 +136,14 @@ class Report:
 
 # ----------------------------------------------------------------------------- plots
 def _figure(width: float = 6.4, height: float = 4.0) -> Any:
-    require("matplotlib", "drawing plots")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "drawing plots needs the package 'matplotlib': pip install 'torch-mfac[cli]' "
+            "(or matplotlib)"
+        ) from None
 
     fig = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(fig)
