@@ -447,7 +447,6 @@ INPROCESS_ERRORS = [
     ("prune --model tiny.py:mlp --data tab.npz --finetune-steps 5", 2, ["--gradual-steps"]),
     ("prune --model tiny.py:mlp --data tab.npz --layer-groups 1", 2, ["--scope layer"]),
     ("prune --model tiny.py:mlp --data tab.npz --method iobs --gradual-steps 3", 2, ["iobs"]),
-    ("prune --model tiny.py:mlp --data tab.npz --method iobs --exclude 0", 2, ["--exclude"]),
     ("prune --model tiny.py:mlp --data tab.npz --memory-budget-gb 0", 2, ["--memory-budget-gb"]),
 ]
 
