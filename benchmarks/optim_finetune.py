@@ -78,9 +78,7 @@ def build_optimizer(
     if name == "adamw":
         return [torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **options)]
     if name == "muon":
-        hidden = [
-            p for n, p in model.named_parameters() if p.ndim == 2 and ".layers." in n
-        ]
+        hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and ".layers." in n]
         ids = {id(p) for p in hidden}
         rest = [p for p in params if id(p) not in ids]
         muon = torch.optim.Muon(
@@ -118,9 +116,7 @@ def run(args: argparse.Namespace) -> dict:
     options = json.loads(args.options)
     rss_model = peak_rss_gib()
     opts = build_optimizer(args.opt, model, args.lr, options)
-    scheds = [
-        torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 - s / args.steps) for o in opts
-    ]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 - s / args.steps) for o in opts]
     params = [p for p in model.parameters() if p.requires_grad]
     label = args.label or args.opt
     rec: dict = {
