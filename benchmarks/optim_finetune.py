@@ -213,6 +213,46 @@ def state_bytes(opts: list[torch.optim.Optimizer]) -> int:
     return total
 
 
+def timing(args: argparse.Namespace) -> dict:
+    """step() of AdamW, Muon(+AdamW) and M-FAC on one gradient of SmolLM2, in one process.
+
+    The optimizers run one after the other (holding all of them at once would not fit the
+    memory cap), AdamW first and again last, so drift of the machine shows as a difference
+    between its two medians. The top-k step's cost does not depend on how full the window is
+    (the gather and scatter run over all m rows, the m x m update is O(m^2) either way)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    options = json.loads(args.options)
+    out: dict = {"threads": torch.get_num_threads(), "reps": args.reps, "options": options}
+    for name in ("adamw", "muon", "mfac", "adamw"):
+        opts = build_optimizer(name, model, 1e-6, options.get(name, {}))
+        times = []
+        for i in range(args.reps + 1):
+            t0 = time.perf_counter()
+            for o in opts:
+                o.step()
+            if i:  # the first step allocates the state
+                times.append(time.perf_counter() - t0)
+        key = name if name not in out else f"{name}_again"
+        out[key] = {"median_s": statistics.median(times), "times_s": times}
+        print(key, out[key]["median_s"], flush=True)
+        del opts
+    base = (out["adamw"]["median_s"] + out["adamw_again"]["median_s"]) / 2
+    for name in ("muon", "mfac"):
+        out[name]["vs_adamw"] = out[name]["median_s"] / base
+    out["peak_rss_gib"] = peak_rss_gib()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "optim_finetune_timing.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k != "options"}))
+    return out
+
+
 # ---------------------------------------------------------------------------------- report
 def load_runs() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
@@ -336,10 +376,18 @@ def main() -> None:
     r.add_argument("--eval-batch", type=int, default=8)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=1)
+    t = sub.add_parser("timing", help="step() of every optimizer on the same gradient, one process")
+    t.add_argument("--reps", type=int, default=4)
+    t.add_argument("--batch", type=int, default=4)
+    t.add_argument("--seq", type=int, default=64)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--options", default='{"mfac": {"ngrads": 1024, "topk": 0.001}}')
     sub.add_parser("report", help="tables, JSON and PNG from the runs")
     args = ap.parse_args()
     if args.cmd == "run":
         run(args)
+    elif args.cmd == "timing":
+        timing(args)
     else:
         report(args)
 
