@@ -294,6 +294,8 @@ def report(args: argparse.Namespace) -> None:
             "peak_rss_gib": max(r["peak_rss_gib"] for r in recs),
             "state_gib": best["state_bytes"] / 2**30,
             "failed": {f"{r['lr']:g}": r["failed"] for r in recs if r["failed"]},
+            "curve": best["curve"], "coords_in_window": best.get("coords_in_window"),
+            "dim": best["dim"],
         }  # fmt: skip
         if adamw_step:
             row["step_vs_adamw"] = row["step_s"] / adamw_step
@@ -317,6 +319,12 @@ def markdown(rows: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     lines = [head]
+    if rows:
+        s0 = rows[0]["start"]
+        lines.append(
+            f"| pretrained (step 0) | - | {s0['val']:.3f} | {s0['wiki']:.3f} "
+            f"({math.exp(s0['wiki']):.1f}) | {s0['lee']:.3f} | - | - | - | - | - | - |"
+        )
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['lr']:g} | {r['val_loss']:.3f} | {r['wiki_loss']:.3f} "
@@ -325,6 +333,13 @@ def markdown(rows: list[dict]) -> str:
             f"{r.get('iter_vs_adamw', float('nan')):.2f} | {r['peak_rss_gib']:.2f} | "
             f"{r['state_gib']:.2f} |"
         )
+    steps = [p["step"] for p in rows[0]["curve"]] if rows else []
+    lines += ["", "| optimizer (val-chosen lr) | " + " | ".join(f"step {s}" for s in steps) + " |"]
+    lines.append("| --- |" + " --- |" * len(steps))
+    for key, name in (("wiki", "Wikipedia"), ("val", "validation")):
+        for r in rows:
+            cells = " | ".join(f"{p[key]:.3f}" for p in r["curve"])
+            lines.append(f"| {r['label']} ({r['lr']:g}), {name} | {cells} |")
     lines += ["", "| optimizer | validation loss per lr |", "| --- | --- |"]
     for r in rows:
         lines.append(
