@@ -218,8 +218,9 @@ def timing(args: argparse.Namespace) -> dict:
 
     The optimizers run one after the other (holding all of them at once would not fit the
     memory cap), AdamW first and again last, so drift of the machine shows as a difference
-    between its two medians. The top-k step's cost does not depend on how full the window is
-    (the gather and scatter run over all m rows, the m x m update is O(m^2) either way)."""
+    between its two medians. M-FAC's window holds only the few gradients of this timing: its
+    empty rows all point at coordinate 0, so their gathers and scatters stay in cache, and a
+    full top-k window costs more (``benchmarks.optim_scale topk`` times a full one)."""
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
