@@ -310,7 +310,33 @@ def report(args: argparse.Namespace) -> None:
     out.write_text(json.dumps(summary, indent=1) + "\n")
     plot(rows, by_label)
     print(markdown(rows))
+    print()
+    print(scale_table(rows))
     print(f"wrote {out}")
+
+
+def scale_table(rows: list[dict]) -> str:
+    """docs/optim.md's d = 135M rows: held-out loss of each M-FAC window against AdamW."""
+    lines = [
+        "| optimizer | m | density | lr | validation loss | Wikipedia loss | lee.cor loss | "
+        "step() s | iteration / AdamW | peak RSS GiB | coordinates the window covers |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["opt"] != "adamw", r["label"])):
+        if r["opt"] not in ("adamw", "mfac"):
+            continue
+        m = r["options"].get("ngrads", "-")
+        density = r["options"].get("topk")
+        cover = r.get("coords_in_window")
+        cells = [
+            r["label"], str(m), f"{density:.1%}" if density else "-", f"{r['lr']:g}",
+            f"{r['val_loss']:.3f}", f"{r['wiki_loss']:.3f}", f"{r['lee_loss']:.3f}",
+            f"{r['step_s']:.2f}", f"{r.get('iter_vs_adamw', float('nan')):.2f}",
+            f"{r['peak_rss_gib']:.2f}",
+            f"{cover:,} ({cover / r['dim']:.1%})" if cover else "-",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
