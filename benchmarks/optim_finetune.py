@@ -296,6 +296,8 @@ def report(args: argparse.Namespace) -> None:
             "state_gib": best["state_bytes"] / 2**30,
             "failed": {f"{r['lr']:g}": r["failed"] for r in recs if r["failed"]},
             "curve": best["curve"], "coords_in_window": best.get("coords_in_window"),
+            "sweep": {f"{r['lr']:g}": {k: final(r, k) for k in ("val", "wiki", "lee")}
+                      for r in recs},
             "dim": best["dim"],
         }  # fmt: skip
         if adamw_step:
@@ -367,11 +369,16 @@ def markdown(rows: list[dict]) -> str:
         for r in rows:
             cells = " | ".join(f"{p[key]:.3f}" for p in r["curve"])
             lines.append(f"| {r['label']} ({r['lr']:g}), {name} | {cells} |")
-    lines += ["", "| optimizer | validation loss per lr |", "| --- | --- |"]
+    lines += [
+        "",
+        "| optimizer | lr | validation loss | Wikipedia loss | lee.cor loss |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(
-            f"| {r['label']} | " + ", ".join(f"{k}: {v}" for k, v in r["sweep_val"].items()) + " |"
-        )
+        for lr, run in sorted(r["sweep"].items(), key=lambda kv: float(kv[0])):
+            lines.append(
+                f"| {r['label']} | {lr} | {run['val']:.3f} | {run['wiki']:.3f} | {run['lee']:.3f} |"
+            )
     return "\n".join(lines)
 
 
