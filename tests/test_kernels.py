@@ -9,10 +9,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import rel_err
 
 import mfac
 from mfac.operators import kernels, native
+
+from oracle import rel_err
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -219,8 +220,12 @@ def _load(compiler: str) -> ctypes.CDLL:
         _build(compiler, target)
     lib = ctypes.CDLL(str(target))
     args = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
-    for name in ("mfac_cols_dot_bf16", "mfac_cols_dot_f16", "mfac_rows_dot_bf16",
-                 "mfac_rows_dot_f16"):
+    for name in (
+        "mfac_cols_dot_bf16",
+        "mfac_cols_dot_f16",
+        "mfac_rows_dot_bf16",
+        "mfac_rows_dot_f16",
+    ):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.mfac_has_f16.restype = ctypes.c_int
@@ -252,7 +257,7 @@ def _split(n: int, parts: int, grain: int) -> list[tuple[int, int]]:
     edges = [n * p // parts for p in range(parts + 1)]
     if grain > 1:  # keep the inner boundaries on multiples of the grain
         edges = [edges[0]] + [e - e % grain for e in edges[1:-1]] + [edges[-1]]
-    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+    return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def _run(fn, g: torch.Tensor, v: torch.Tensor, out: torch.Tensor, n: int, grain: int) -> None:
