@@ -136,10 +136,107 @@ void NAME(const uint16_t *g, const float *x, float *out, int64_t m, int64_t d,  
     }                                                                                        \
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* Sixteen 16-bit entries widened to float32 in registers. */
+static inline __m512 load16_bf16(const uint16_t *p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+static inline __m512 load16_f16(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+#define COLS_DOT_AVX512(NAME, LOAD, CONV)                                                      \
+void NAME(const uint16_t *g, const float *c, float *out, int64_t m, int64_t d,              \
+          int64_t j_begin, int64_t j_end) {                                                  \
+    float acc[COL_TILE] __attribute__((aligned(64)));                                        \
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += COL_TILE) {                                 \
+        int64_t w = j_end - j0 < COL_TILE ? j_end - j0 : COL_TILE;                           \
+        int64_t body = w - w % 16;                                                           \
+        for (int64_t j = 0; j < w; ++j) acc[j] = 0.0f;                                       \
+        int64_t i = 0;                                                                       \
+        for (; i + 4 <= m; i += 4) {                                                         \
+            const uint16_t *r0 = g + i * d + j0, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;   \
+            const __m512 c0 = _mm512_set1_ps(c[i]), c1 = _mm512_set1_ps(c[i + 1]);           \
+            const __m512 c2 = _mm512_set1_ps(c[i + 2]), c3 = _mm512_set1_ps(c[i + 3]);       \
+            for (int64_t j = 0; j < body; j += 16) {                                         \
+                __m512 a = _mm512_load_ps(acc + j);                                          \
+                a = _mm512_fmadd_ps(LOAD(r0 + j), c0, a);                                    \
+                a = _mm512_fmadd_ps(LOAD(r1 + j), c1, a);                                    \
+                a = _mm512_fmadd_ps(LOAD(r2 + j), c2, a);                                    \
+                a = _mm512_fmadd_ps(LOAD(r3 + j), c3, a);                                    \
+                _mm512_store_ps(acc + j, a);                                                 \
+            }                                                                                \
+            for (int64_t j = body; j < w; ++j)                                               \
+                acc[j] += c[i] * CONV(r0[j]) + c[i + 1] * CONV(r1[j])                        \
+                        + c[i + 2] * CONV(r2[j]) + c[i + 3] * CONV(r3[j]);                   \
+        }                                                                                    \
+        for (; i < m; ++i) {                                                                 \
+            const uint16_t *r0 = g + i * d + j0;                                             \
+            const __m512 c0 = _mm512_set1_ps(c[i]);                                          \
+            for (int64_t j = 0; j < body; j += 16)                                           \
+                _mm512_store_ps(acc + j,                                                     \
+                                _mm512_fmadd_ps(LOAD(r0 + j), c0, _mm512_load_ps(acc + j))); \
+            for (int64_t j = body; j < w; ++j) acc[j] += c[i] * CONV(r0[j]);                 \
+        }                                                                                    \
+        memcpy(out + j0, acc, (size_t)w * sizeof(float));                                    \
+    }                                                                                        \
+}
+
+#define ROWS_DOT_AVX512(NAME, LOAD, CONV)                                                      \
+void NAME(const uint16_t *g, const float *x, float *out, int64_t m, int64_t d,              \
+          int64_t i_begin, int64_t i_end) {                                                  \
+    (void)m;                                                                                 \
+    for (int64_t i = i_begin; i < i_end; ++i) out[i] = 0.0f;                                 \
+    for (int64_t j0 = 0; j0 < d; j0 += ROW_TILE) {                                           \
+        int64_t w = d - j0 < ROW_TILE ? d - j0 : ROW_TILE;                                   \
+        int64_t body = w - w % 16;                                                           \
+        const float *xt = x + j0;                                                            \
+        int64_t i = i_begin;                                                                 \
+        for (; i + 4 <= i_end; i += 4) {                                                     \
+            const uint16_t *r0 = g + i * d + j0, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;   \
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;                      \
+            for (int64_t j = 0; j < body; j += 16) {                                         \
+                const __m512 xv = _mm512_loadu_ps(xt + j);                                   \
+                s0 = _mm512_fmadd_ps(LOAD(r0 + j), xv, s0);                                  \
+                s1 = _mm512_fmadd_ps(LOAD(r1 + j), xv, s1);                                  \
+                s2 = _mm512_fmadd_ps(LOAD(r2 + j), xv, s2);                                  \
+                s3 = _mm512_fmadd_ps(LOAD(r3 + j), xv, s3);                                  \
+            }                                                                                \
+            float t0 = _mm512_reduce_add_ps(s0), t1 = _mm512_reduce_add_ps(s1);              \
+            float t2 = _mm512_reduce_add_ps(s2), t3 = _mm512_reduce_add_ps(s3);              \
+            for (int64_t j = body; j < w; ++j) {                                             \
+                const float xv = xt[j];                                                      \
+                t0 += CONV(r0[j]) * xv; t1 += CONV(r1[j]) * xv;                              \
+                t2 += CONV(r2[j]) * xv; t3 += CONV(r3[j]) * xv;                              \
+            }                                                                                \
+            out[i] += t0; out[i + 1] += t1; out[i + 2] += t2; out[i + 3] += t3;              \
+        }                                                                                    \
+        for (; i < i_end; ++i) {                                                             \
+            const uint16_t *r0 = g + i * d + j0;                                             \
+            __m512 s0 = _mm512_setzero_ps();                                                 \
+            for (int64_t j = 0; j < body; j += 16)                                           \
+                s0 = _mm512_fmadd_ps(LOAD(r0 + j), _mm512_loadu_ps(xt + j), s0);             \
+            float t0 = _mm512_reduce_add_ps(s0);                                             \
+            for (int64_t j = body; j < w; ++j) t0 += CONV(r0[j]) * xt[j];                    \
+            out[i] += t0;                                                                    \
+        }                                                                                    \
+    }                                                                                        \
+}
+
+COLS_DOT_AVX512(mfac_cols_dot_bf16, load16_bf16, from_bf16)
+COLS_DOT_AVX512(mfac_cols_dot_f16, load16_f16, from_f16)
+ROWS_DOT_AVX512(mfac_rows_dot_bf16, load16_bf16, from_bf16)
+ROWS_DOT_AVX512(mfac_rows_dot_f16, load16_f16, from_f16)
+int mfac_vector_width(void) { return 512; }
+#else
 COLS_DOT(mfac_cols_dot_bf16, from_bf16)
 COLS_DOT(mfac_cols_dot_f16, from_f16)
 ROWS_DOT(mfac_rows_dot_bf16, from_bf16)
 ROWS_DOT(mfac_rows_dot_f16, from_f16)
+int mfac_vector_width(void) { return 0; }
+#endif
 """
 
 #: Compiler flag sets tried in order (the first that builds wins).
