@@ -157,3 +157,23 @@ def test_library_is_built_once_and_cached(fresh_native) -> None:
     assert native.library() is not None
     assert built[0].stat().st_mtime_ns == stamp
     assert list((fresh_native / "kernels").glob("lowp-*.so")) == built
+
+
+@needs_native
+def test_threads_are_made_again_after_a_fork() -> None:
+    # A forked child inherits the pool object but none of its threads; the kernel notices by
+    # the process id and makes a new pool (a real fork is not used: torch's own OpenMP pool
+    # does not survive one).
+    g, c, x = _problem(8, 140_000, torch.bfloat16, 5)
+    exact_cols, _ = oracle(g, c, x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        native.cols_dot(g, c)
+        parent_pool = native._state["pool"]
+        native._state["pid"] = -1  # as seen from a child
+        cols = native.cols_dot(g, c)
+        assert native._state["pool"] is not parent_pool
+    finally:
+        torch.set_num_threads(before)
+    assert rel_err(cols, exact_cols) < 1e-6

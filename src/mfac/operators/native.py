@@ -342,10 +342,12 @@ def supports(g: torch.Tensor) -> bool:
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
+    """The worker threads, made again in a forked child (whose copy has no live threads)."""
     pool = _state.get("pool")
-    if pool is None or pool._max_workers < threads:  # type: ignore[attr-defined]
+    size = getattr(pool, "_max_workers", 0)
+    if pool is None or _state.get("pid") != os.getpid() or size < threads:
         pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mfac-kernel")
-        _state["pool"] = pool
+        _state["pool"], _state["pid"] = pool, os.getpid()
     return pool  # type: ignore[return-value]
 
 
