@@ -258,33 +258,6 @@ def test_low_precision_passes_match_float64(
 
 
 # ------------------------------------------------------------------ the fused build
-@pytest.mark.parametrize("numpy_cholesky", [True, False])
-@pytest.mark.parametrize(("block", "dtype"), [(16, torch.float32), (None, torch.float64)])
-def test_both_cholesky_paths_match_float64(
-    numpy_cholesky: bool,
-    block: int | None,
-    dtype: torch.dtype,
-    monkeypatch: pytest.MonkeyPatch,
-    device: torch.device,
-) -> None:
-    # numpy's LAPACK (CPU batches) and torch's batched Cholesky build the same exact operator.
-    monkeypatch.setattr(mfac.operators.blocks, "NUMPY_CHOLESKY", numpy_cholesky)
-    stored = make_grads(40, 300, dtype, True, 7)
-    op = mfac.InverseFisher(stored.clone().to(device), 1e-3, block)
-    dense = dense_block_inverse_fisher(stored, 1e-3, block)
-    x = torch.randn(300, 2, dtype=torch.float64)
-    assert rel_err(op.ihvp(x.to(device, dtype)), dense @ x) < TOL[dtype]
-    assert rel_err(op.diag(), dense.diagonal()) < TOL[dtype]
-
-
-def test_batched_cholesky_reports_the_failing_block() -> None:
-    mats = torch.eye(4, dtype=torch.float64).repeat(3, 1, 1)
-    mats[1, 2, 2] = -1.0  # not positive definite: numpy refuses the batch, torch names it
-    chol, info = mfac.operators.blocks.batched_cholesky(mats)
-    assert info.tolist() == [0, 3, 0]
-    assert torch.equal(chol[0], torch.eye(4, dtype=torch.float64))
-
-
 def test_relative_damping_of_float32_gradients_uses_float64_sums() -> None:
     grads = torch.randn(12, 700) * 1e3
     mean_diag = float(grads.double().square().sum()) / (12 * 700)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from .threads import single_threaded
@@ -40,27 +39,6 @@ PIVOT_SHARE = 0.5
 
 class FisherFactorError(ValueError):
     """A block of the damped Fisher does not factor in float64; nothing was written."""
-
-
-#: Factor CPU batches with numpy's LAPACK (see batched_cholesky); a switch for benchmarks.
-NUMPY_CHOLESKY = True
-
-
-def batched_cholesky(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower Cholesky factors of a batch of float64 matrices and LAPACK's info per matrix.
-
-    On the CPU, numpy's LAPACK factors a batch of small blocks several times faster than
-    torch's (1.5-4x for 32 blocks of 128 x 128 here); it raises for the whole batch when one
-    matrix is not positive definite, and torch then factors the batch again to say which
-    (the error path only). Elsewhere torch factors the batch."""
-    if NUMPY_CHOLESKY and mats.device.type == "cpu" and mats.dtype == F64 and mats.is_contiguous():
-        try:
-            chol = torch.from_numpy(np.linalg.cholesky(mats.numpy()))
-        except np.linalg.LinAlgError:
-            pass
-        else:
-            return chol, torch.zeros(mats.shape[:-2], dtype=torch.int32)
-    return torch.linalg.cholesky_ex(mats)
 
 
 def _chunks(n: int, step: int) -> Iterator[tuple[int, int]]:
@@ -201,7 +179,7 @@ class BlockGroup:
     ) -> torch.Tensor:
         """Cholesky factors of a batch of blocks whose smallest eigenvalue is at least ``floor``
         in exact arithmetic; raise FisherFactorError when float64 rounding breaks that."""
-        chol, info = batched_cholesky(mats)
+        chol, info = torch.linalg.cholesky_ex(mats)
         pivots = chol.diagonal(dim1=1, dim2=2)
         ok = (info == 0) & (pivots.square() >= PIVOT_SHARE * floor).all(1)
         ok &= torch.isfinite(pivots).all(1)

@@ -199,6 +199,10 @@ void NAME(const uint16_t *g, const float *x, float *out, int64_t m, int64_t d,  
             __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;                      \
             for (int64_t j = 0; j < body; j += 16) {                                         \
                 const __m512 xv = _mm512_loadu_ps(xt + j);                                   \
+                _mm_prefetch((const char *)(r0 + j + 256), _MM_HINT_T0);\
+                _mm_prefetch((const char *)(r1 + j + 256), _MM_HINT_T0);\
+                _mm_prefetch((const char *)(r2 + j + 256), _MM_HINT_T0);\
+                _mm_prefetch((const char *)(r3 + j + 256), _MM_HINT_T0);\
                 s0 = _mm512_fmadd_ps(LOAD(r0 + j), xv, s0);                                  \
                 s1 = _mm512_fmadd_ps(LOAD(r1 + j), xv, s1);                                  \
                 s2 = _mm512_fmadd_ps(LOAD(r2 + j), xv, s2);                                  \
