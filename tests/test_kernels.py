@@ -177,3 +177,19 @@ def test_threads_are_made_again_after_a_fork() -> None:
     finally:
         torch.set_num_threads(before)
     assert rel_err(cols, exact_cols) < 1e-6
+
+
+@needs_native
+def test_portable_build_matches_float64(fresh_native, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without -march=native the plain C loops are compiled (no AVX-512 intrinsics): the code
+    # that runs on other CPUs, checked here too.
+    monkeypatch.setattr(native, "_FLAG_SETS", native._FLAG_SETS[1:])
+    lib = native.library()
+    assert lib is not None and lib.mfac_vector_width() == 0
+    for m, d, dtype in [(7, 70_001, torch.bfloat16), (5, 4097, torch.float16)]:
+        if dtype == torch.float16 and not lib.mfac_has_f16():
+            continue
+        g, c, x = _problem(m, d, dtype, m)
+        exact_cols, exact_rows = oracle(g, c, x)
+        assert rel_err(native.cols_dot(g, c), exact_cols) < 1e-6
+        assert rel_err(native.rows_dot(g, x), exact_rows) < 1e-5
