@@ -193,3 +193,14 @@ def test_portable_build_matches_float64(fresh_native, monkeypatch: pytest.Monkey
         exact_cols, exact_rows = oracle(g, c, x)
         assert rel_err(native.cols_dot(g, c), exact_cols) < 1e-6
         assert rel_err(native.rows_dot(g, x), exact_rows) < 1e-5
+
+
+@needs_native
+def test_native_refuses_mismatched_sizes() -> None:
+    g = torch.zeros(4, 100, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="vector of 4 entries"):
+        native.cols_dot(g, torch.zeros(5))
+    with pytest.raises(ValueError, match="vector of 100 entries"):
+        native.rows_dot(g, torch.zeros(99))
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        native.rows_dot(g.float(), torch.zeros(100))

@@ -315,6 +315,8 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     pool = _state.get("pool")
     size = getattr(pool, "_max_workers", 0)
     if pool is None or _state.get("pid") != os.getpid() or size < threads:
+        if pool is not None and _state.get("pid") == os.getpid():
+            pool.shutdown(wait=False)  # type: ignore[attr-defined]
         pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mfac-kernel")
         _state["pool"], _state["pid"] = pool, os.getpid()
     return pool  # type: ignore[return-value]
@@ -340,8 +342,19 @@ def _run(fn, g: torch.Tensor, v: torch.Tensor, out: torch.Tensor, n: int, grain:
         future.result()
 
 
+def _check(g: torch.Tensor, v: torch.Tensor, size: int) -> None:
+    """The C code trusts its sizes: refuse anything else before it runs."""
+    if not supports(g) or v.device.type != "cpu" or v.numel() != size:
+        raise ValueError(
+            "native kernel: needs a contiguous CPU bfloat16/float16 (m, d) matrix and a CPU "
+            f"vector of {size} entries, got {tuple(g.shape)} {g.dtype} on {g.device} and "
+            f"{v.numel()} entries on {v.device}"
+        )
+
+
 def cols_dot(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """G^T c for a contiguous CPU bfloat16/float16 G (m, d) and c (m,): float32 (d,)."""
+    _check(g, c, g.shape[0])
     lib = library()
     fn = lib.mfac_cols_dot_bf16 if g.dtype == torch.bfloat16 else lib.mfac_cols_dot_f16
     c = c.to(torch.float32).contiguous()
@@ -352,6 +365,7 @@ def cols_dot(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def rows_dot(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """G x for a contiguous CPU bfloat16/float16 G (m, d) and x (d,): float32 (m,)."""
+    _check(g, x, g.shape[1])
     lib = library()
     fn = lib.mfac_rows_dot_bf16 if g.dtype == torch.bfloat16 else lib.mfac_rows_dot_f16
     x = x.to(torch.float32).contiguous()
