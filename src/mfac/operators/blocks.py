@@ -10,9 +10,8 @@ coordinates. It stores one of two exact forms of each block's inverse, chosen by
 * direct (``size <= m``): F_b = lambda*I + G_b^T G_b / m is formed and inverted (float64).
 
 The build runs in two phases so that a failure never leaves the caller's buffer half written:
-:meth:`BlockGroup.form` forms every block's Gram and damps and factors it while it is in
-cache, and :meth:`BlockGroup.factor` reports a block that did not factor (both only read the
-buffer); :meth:`BlockGroup.finish` then overwrites G by Q.
+:meth:`BlockGroup.form` forms every block's Gram and :meth:`BlockGroup.factor` damps and
+factors it (both only read the buffer); :meth:`BlockGroup.finish` then overwrites G by Q.
 All small matrices are formed and factored in float64, a cache-sized tile at a time, through
 one reused scratch tile, so the float64 scratch stays within ``TILE_BYTES`` and the m x d
 buffer is never copied whole.
@@ -20,7 +19,6 @@ buffer is never copied whole.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -105,25 +103,18 @@ class BlockGroup:
         return torch.empty(elems, dtype=F64, device=device)
 
     # ----------------------------------------------------------------- precompute
-    def form(
-        self, buffer: torch.Tensor, scratch: torch.Tensor, store: torch.Tensor, damp: float
-    ) -> float:
-        """Phase one: form every block's Gram into ``store`` and, while a tile of blocks is
-        still in cache, damp and factor it (direct form: then invert it), reading the buffer
-        only; return the sum of squares of the group's gradient entries (float64; NaN or Inf
-        when an entry is non-finite or the sum overflows), read off the Grams' diagonals.
+    def form(self, buffer: torch.Tensor, scratch: torch.Tensor, store: torch.Tensor) -> float:
+        """Phase one, part one: form every block's Gram into ``store``, reading the buffer only;
+        return the sum of squares of the group's gradient entries (float64; NaN or Inf when an
+        entry is non-finite or the sum overflows), read off the Grams' diagonals.
 
-        ``store`` is (nblocks, B, B) for the direct form (G_b^T G_b / m, inverted in place)
-        and (nblocks, m, m) for Woodbury (G_b G_b^T, factored in place). Factoring stops at the
-        first tile with a non-finite Gram (the caller refuses the input), and a block that does
-        not factor is reported by :meth:`factor`, so that non-finite input is named first."""
+        ``store`` is (nblocks, B, B) for the direct form (G_b^T G_b / m, later inverted in
+        place) and (nblocks, m, m) for Woodbury (G_b G_b^T, later factored in place)."""
         self.q_form = buffer.dtype in (torch.float32, torch.float64)
         self.store = store
-        self.damp = damp
-        self._error: FisherFactorError | None = None
         blocks, rows, cols = self._plan()
         view = self._view(buffer)
-        total = 0.0
+        total = torch.zeros((), dtype=F64, device=buffer.device)
         for b0, b1 in _chunks(self.nblocks, blocks):
             gram = store[b0:b1]
             if self.direct:
@@ -141,33 +132,26 @@ class BlockGroup:
                     tile = self._tile(buffer, scratch, b0, b1, c0, c1)
                     beta = 0.0 if c0 == 0 else 1.0
                     torch.baddbmm(gram, tile, tile.transpose(1, 2), beta=beta, out=gram)
-            part = float(gram.diagonal(dim1=1, dim2=2).sum())
-            total += part
-            if self._error is None and math.isfinite(total):
-                try:
-                    self._factor_tile(b0, b1, buffer)
-                except FisherFactorError as exc:
-                    self._error = exc
-        return total * (self.m if self.direct else 1)
+            total += gram.diagonal(dim1=1, dim2=2).sum()
+        return float(total) * (self.m if self.direct else 1)
 
-    def _factor_tile(self, b0: int, b1: int, buffer: torch.Tensor) -> None:
-        """Damp and factor blocks [b0, b1) of the store in place (direct form: then invert)."""
-        floor = self.damp if self.direct else self.m * self.damp
-        mats = self.store[b0:b1]
-        mats.diagonal(dim1=1, dim2=2).add_(floor)
-        with single_threaded(b1 - b0 > 1, buffer.device):
-            chol = self._cholesky(mats, b0, floor, buffer)
-            if self.direct:
-                # LAPACK potri (2B^3/3 flops): 1.6x faster than cholesky_solve against I.
-                torch.cholesky_inverse(chol, out=mats)
-            else:
-                mats.copy_(chol)
-
-    def factor(self) -> None:
-        """Phase one, end: raise the FisherFactorError of the first block that did not factor
-        (naming the block, the damping and the cause), else keep the factored store."""
-        if self._error is not None:
-            raise self._error
+    def factor(self, buffer: torch.Tensor, damp: float) -> None:
+        """Phase one, part two: add the damping and factor every block in place (direct form:
+        then invert); raise FisherFactorError, naming the block, the damping and the cause,
+        when a block does not factor."""
+        self.damp = damp
+        floor = damp if self.direct else self.m * damp
+        blocks = self._plan()[0]
+        for b0, b1 in _chunks(self.nblocks, blocks):
+            mats = self.store[b0:b1]
+            mats.diagonal(dim1=1, dim2=2).add_(floor)
+            with single_threaded(b1 - b0 > 1, buffer.device):
+                chol = self._cholesky(mats, b0, floor, buffer)
+                if self.direct:
+                    # LAPACK potri (2B^3/3 flops): 1.6x faster than cholesky_solve against I.
+                    torch.cholesky_inverse(chol, out=mats)
+                else:
+                    mats.copy_(chol)
         if self.direct:
             self.inverse = self.store
         else:

@@ -153,11 +153,13 @@ class InverseFisher(LinearOperatorMixin):
             stores.append(_float64_store((group.nblocks, small, small), device, left, what))
             left -= 8 * group.nblocks * small * small
         work = BlockGroup.new_scratch(self.groups, device)
+        # The Grams' diagonals give the sum of squares: the finiteness check and the mean
+        # diagonal of relative damping, without a separate pass over the buffer.
+        total = sum(g.form(self.buffer, work, s) for g, s in zip(self.groups, stores, strict=True))
+        if not math.isfinite(total):
+            self._refuse_non_finite()
         m, d = self.num_grads, self.dim
-        if damp_mode == "relative":  # the damping must be known before the blocks factor
-            total = self._sum_squares(work)
-            if not math.isfinite(total):
-                self._refuse_non_finite()
+        if damp_mode == "relative":
             mean_diag = total / (m * d)
             if mean_diag == 0.0:
                 raise ValueError("relative damping needs gradients that are not all zero")
@@ -168,34 +170,10 @@ class InverseFisher(LinearOperatorMixin):
                     "not a positive finite number; rescale the gradients or use absolute damping"
                 )
         self.damp = damp
-        # Each tile of blocks is formed and factored while in cache. The Grams' diagonals give
-        # the sum of squares, the finiteness check, without a separate pass over the buffer.
-        total = sum(
-            g.form(self.buffer, work, s, damp) for g, s in zip(self.groups, stores, strict=True)
-        )
-        if not math.isfinite(total):
-            self._refuse_non_finite()
         for group in self.groups:
-            group.factor()  # raises for the first block that did not factor
+            group.factor(self.buffer, damp)
         for group in self.groups:  # only now is the caller's buffer written
             group.finish(self.buffer, work)
-
-    def _sum_squares(self, scratch: torch.Tensor) -> float:
-        """Sum of squares of every gradient entry in float64 (non-finite when an entry is or
-        the sum overflows), one pass over the buffer through the float64 scratch tile."""
-        rows = max(1, scratch.numel() // self.dim)
-        total = torch.zeros((), dtype=F64, device=scratch.device)
-        for r0 in range(0, self.num_grads, rows):
-            chunk = self.buffer[r0 : r0 + rows].reshape(-1)
-            if chunk.numel() > scratch.numel():  # a single row longer than the scratch
-                for c0 in range(0, chunk.numel(), scratch.numel()):
-                    part = chunk[c0 : c0 + scratch.numel()]
-                    tile = scratch[: part.numel()].copy_(part)
-                    total += torch.dot(tile, tile)
-                continue
-            tile = scratch[: chunk.numel()].copy_(chunk)
-            total += torch.dot(tile, tile)
-        return float(total)
 
     def _refuse_non_finite(self) -> None:
         """Name the rows that hold NaN/Inf, or say that the squares overflow float64."""
