@@ -19,6 +19,8 @@ def dense_inverse_fisher(grads: torch.Tensor, damp: float) -> torch.Tensor:
     _, s, vh = torch.linalg.svd(g, full_matrices=False)
     v = vh.T
     inside = (v * (1.0 / (damp + s**2 / m))) @ v.T
+    if v.shape[1] == d:  # d <= m: V is square, I - V V^T is zero but its rounding / damp is not
+        return inside
     return inside + (torch.eye(d, dtype=F64) - v @ v.T) / damp
 
 

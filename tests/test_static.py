@@ -255,3 +255,27 @@ def test_low_precision_passes_match_float64(
     assert rel_err(kernels.rows_dot(gd, xd), exact_rows) < 1e-5  # float32 sums over d
     assert rel_err(kernels._cols_dot_eager(gd, cd, columns=777), exact_cols) < 1e-6
     assert rel_err(kernels._rows_dot_eager(gd, xd), exact_rows) < 1e-5
+
+
+# ------------------------------------------------------------------ the fused build
+def test_relative_damping_of_float32_gradients_uses_float64_sums() -> None:
+    grads = torch.randn(12, 700) * 1e3
+    mean_diag = float(grads.double().square().sum()) / (12 * 700)
+    op = mfac.InverseFisher(grads.clone(), 0.01, 64, damp_mode="relative")
+    assert op.damp == pytest.approx(0.01 * mean_diag, rel=1e-12)
+
+
+def test_nan_in_a_later_tile_is_named_before_an_earlier_block_that_does_not_factor() -> None:
+    # m = 8, B = 4: a float64 tile holds 32768 blocks, so block 0 (rank one, damping far below
+    # float64 rounding) is factored, and fails, one tile before the NaN in the last block.
+    m, size, nblocks = 8, 4, 40_000
+    grads = torch.randn(m, size * nblocks)
+    grads[:, :size] = 1e6
+    grads[3, -1] = float("nan")
+    before = bits(grads)
+    with pytest.raises(mfac.operators.static.NonFiniteGradientError, match=r"rows \[3\]"):
+        mfac.InverseFisher(grads, 1e-20, size)
+    assert torch.equal(bits(grads), before)
+    grads[3, -1] = 0.0  # without the NaN, the failing block is named
+    with pytest.raises(mfac.operators.static.FisherFactorError, match="block 0 of size 4"):
+        mfac.InverseFisher(grads, 1e-20, size)

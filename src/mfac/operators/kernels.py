@@ -2,10 +2,16 @@
 
 float32/float64 buffers use the BLAS matrix-vector kernels directly. For bfloat16/float16
 buffers, stock CPU kernels are far slower than float32 (no native bf16 dot products on most
-CPUs), so the product is written as a fused upcast-multiply-reduce and compiled with
-torch.compile: the buffer is read once at half the bytes. Where compilation is unavailable
-(no C++ compiler, ``MFAC_NO_COMPILE=1``), a column-tiled upcast fallback gives the same
-numbers at lower speed.
+CPUs) and round to 16 bits, so each pass has three paths, fastest first:
+
+1. on the CPU, one vector at a time: a small C kernel (:mod:`mfac.operators.native`, built once
+   with the system C compiler) that widens each entry in registers and accumulates in float32;
+2. up to four vectors (and any device: Triton on CUDA): a fused upcast-multiply-reduce
+   compiled by torch.compile;
+3. everywhere else (no compiler, ``MFAC_NO_COMPILE=1``, a compile error, many vectors): a
+   column-tiled upcast to float32 and a BLAS product, the same numbers at lower speed.
+
+All three read the buffer once and accumulate in float32.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from .._validation import LOW_PRECISION
+from . import native
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +94,10 @@ def _get(name: str, fn: Callable[..., object]) -> Callable[..., object] | None:
 
 
 def _call(name: str, fused: Callable, eager: Callable, g: torch.Tensor, v: torch.Tensor):
+    # _compiled[name] set to None selects the tiled fallback (no compiler, or a failed run).
+    if v.shape[1] == 1 and _compiled.get(name, True) is not None and native.supports(g):
+        single = native.rows_dot if name == "rows" else native.cols_dot
+        return single(g, v[:, 0]).unsqueeze(1)
     if v.shape[1] <= 4:
         kernel = _get(name, fused)
         if kernel is not None:
