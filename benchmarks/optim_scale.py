@@ -178,12 +178,15 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def topk_one(dim: int, m: int, density: float, reps: int) -> dict[str, Any]:
-    """One configuration, in this process: step time, floor, peak RSS."""
+def topk_one(
+    dim: int, m: int, density: float, reps: int, memory_budget: int | None = None
+) -> dict[str, Any]:
+    """One configuration, in this process: step time, floor, peak RSS. ``memory_budget``
+    (bytes) overrides the window's default ceiling of half the available RAM."""
     torch.set_num_threads(1)
     k = round(density * dim)
     rss0 = _peak_rss()
-    op = TopKSlidingInverseFisher(dim, m, k, damp=1e-4)
+    op = TopKSlidingInverseFisher(dim, m, k, damp=1e-4, memory_budget=memory_budget)
     gen = torch.Generator().manual_seed(0)
     # a full window: random rows (near-orthogonal at these densities), K from their norms
     stride = dim // k
@@ -342,12 +345,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--m", type=int, default=256)
     ap.add_argument("--density", type=float, default=0.01)
     ap.add_argument("--max-gib", type=float, default=7.0, help="skip top-k runs needing more")
+    ap.add_argument(
+        "--budget-gib", type=float, default=None, help="_topk_one: the window's memory budget"
+    )
     args = ap.parse_args(argv)
     if args.what == "report":
         print(report())
         return
     if args.what == "_topk_one":
-        print(json.dumps(topk_one(args.dim, args.m, args.density, args.reps)))
+        budget = None if args.budget_gib is None else int(args.budget_gib * 2**30)
+        print(json.dumps(topk_one(args.dim, args.m, args.density, args.reps, budget)))
         return
     path = RESULTS / "optim_scale.json"
     res = json.loads(path.read_text()) if path.exists() else {}
