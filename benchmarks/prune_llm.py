@@ -132,42 +132,18 @@ def calib_forward(model: torch.nn.Module, ids: torch.Tensor) -> object:
 def fisher_budgets(
     model: torch.nn.Module, targets: list, calib: list, sparsity: float, spread: float, out: dict
 ) -> dict[str, float]:
-    """Per-block budgets set by global curvature: the diagonal-Fisher OBS saliency
-    w_i^2 F_ii / 2 (F_ii the mean squared LM-loss gradient over the calibration windows), ranked
-    over all layers at once, gives the share of each block's weights that a global pruner would
-    keep; that share replaces OWL's outlier ratio in :func:`mfac.prune.owl.owl_budgets` (blocks
-    that global curvature protects are pruned less, within [S - spread, S + spread])."""
-    from mfac.prune.blockwise import stage_name
-    from mfac.prune.owl import owl_budgets
+    """Per-block budgets set by global curvature: the diagonal-Fisher saliency ranked over all
+    layers, mapped into OWL's band (:func:`mfac.prune.fisher_budget.fisher_sparsities`)."""
+    from mfac.prune.fisher_budget import fisher_sparsities
 
-    fisher = [torch.zeros_like(t.param) for t in targets]
-    model.eval()
-    for ids in calib:
-        model.zero_grad(set_to_none=True)
-        lm_loss(model, ids).backward()
-        for f, t in zip(fisher, targets, strict=True):
-            f.add_(t.param.grad.square())
-    model.zero_grad(set_to_none=True)
-    scores = [
-        (t.param.detach().square() * f).reshape(-1)
-        for t, f in zip(targets, fisher, strict=True)
-    ]
-    del fisher
-    flat = torch.cat(scores)
-    threshold = float(flat.kthvalue(max(1, int(sparsity * flat.numel()))).values)
-    del flat
-    kept: dict[str, list[int]] = {}
-    for t, sc in zip(targets, scores, strict=True):
-        k = kept.setdefault(stage_name(t.name), [0, 0])
-        k[0] += int((sc > threshold).sum())
-        k[1] += sc.numel()
-    keys = list(kept)
-    shares = [kept[k][0] / kept[k][1] for k in keys]
-    budgets = owl_budgets(shares, [kept[k][1] for k in keys], sparsity, spread)
-    out["fisher_kept_share"] = {k: round(v, 4) for k, v in zip(keys, shares, strict=True)}
-    out["fisher_group_sparsity"] = {k: round(v, 4) for k, v in zip(keys, budgets, strict=True)}
-    group = dict(zip(keys, budgets, strict=True))
-    return {t.name: group[stage_name(t.name)] for t in targets}
+    info: dict = {}
+    budgets = fisher_sparsities(
+        model, calib, lm_loss, sparsity, spread=spread, calib_batches=len(calib),
+        targets=targets, info=info,
+    )  # fmt: skip
+    for key in ("fisher_kept_share", "fisher_group_sparsity"):
+        out[key] = {k: round(v, 4) for k, v in info[key].items()}  # type: ignore[union-attr]
+    return budgets
 
 
 def layerwise(

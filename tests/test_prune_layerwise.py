@@ -709,3 +709,72 @@ def test_nested_restore_takes_one_snapshot_and_restores() -> None:
     with restored_on_error([w]):  # no error: nothing is written back
         w.fill_(5.0)
     assert torch.equal(w, torch.full((3,), 5.0))
+
+
+def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(batch).square().mean()
+
+
+def test_fisher_budgets_match_a_direct_computation_and_change_nothing() -> None:
+    """budget="fisher": per-block shares kept by the global ranking of w^2 * sum_b g_b^2
+    (computed here by hand, one batch at a time), mapped by owl_budgets; weights, .grad and
+    the train/eval mode are as before; oneshot prunes to exactly those budgets."""
+    from mfac.prune import oneshot
+    from mfac.prune._layers import find_targets
+    from mfac.prune.fisher_budget import fisher_sparsities
+    from mfac.prune.owl import owl_budgets
+
+    model, batches = _chain(3)
+    targets = find_targets(model, _layers)
+    fisher = {t.name: torch.zeros_like(t.param) for t in targets}
+    for b in batches:
+        model.zero_grad()
+        _loss(model, b).backward()
+        for t in targets:
+            fisher[t.name] += t.param.grad.square()
+    scores = {t.name: t.param.detach().square() * fisher[t.name] for t in targets}
+    flat = torch.cat([v.reshape(-1) for v in scores.values()]).sort().values
+    threshold = flat[int(0.6 * flat.numel()) - 1]
+    blocks = sorted({n.rsplit(".", 1)[0] for n in scores})  # layers.0, layers.1, ...
+    members = {b: [n for n in scores if n.startswith(b + ".")] for b in blocks}
+    kept = [sum(int((scores[n] > threshold).sum()) for n in members[b]) for b in blocks]
+    sizes = [sum(scores[n].numel() for n in members[b]) for b in blocks]
+    expect = owl_budgets([k / s for k, s in zip(kept, sizes, strict=True)], sizes, 0.6, 0.1)
+
+    marker = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, g in zip(model.parameters(), marker, strict=True):
+        p.grad = g.clone()
+    model.train()
+    before = [p.detach().clone() for p in model.parameters()]
+    info: dict = {}
+    got = fisher_sparsities(model, batches, _loss, 0.6, spread=0.1, layers=_layers, info=info)
+    for block, budget in zip(blocks, expect, strict=True):
+        for name in scores:
+            if name.startswith(block + "."):
+                assert got[name] == pytest.approx(budget, abs=1e-12)
+    assert list(info["fisher_group_sparsity"].values()) == pytest.approx(expect, abs=1e-12)
+    assert len(set(expect)) > 1  # the blocks do get different budgets
+    total = sum(t.numel for t in targets)
+    assert sum(got[t.name] * t.numel for t in targets) / total == pytest.approx(0.6, abs=1e-9)
+    assert model.training
+    for p, b, g in zip(model.parameters(), before, marker, strict=True):
+        assert torch.equal(p, b) and torch.equal(p.grad, g)
+
+    ref, _ = _chain(3)
+    masks, _ = sparsegpt(ref, batches, _loss, got, layers=_layers, calib_batches=3, progress=False)
+    res = oneshot(model, 0.6, "sparsegpt", data=batches, loss_fn=_loss, layers=_layers,
+                  budget="fisher", owl_spread=0.1, calib_batches=3, progress=False)  # fmt: skip
+    assert "fisher" in res.timings and res.info["fisher_group_sparsity"]
+    assert all(torch.equal(res.masks[n], masks[n]) for n in masks)
+
+
+def test_fisher_budget_refuses_a_loss_that_is_not_a_scalar() -> None:
+    from mfac.prune import oneshot
+
+    model, batches = _chain(4)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="scalar loss"):
+        oneshot(model, 0.5, "sparsegpt", data=batches, loss_fn=_run, layers=_layers,
+                budget="fisher", calib_batches=3, progress=False)  # fmt: skip
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters())

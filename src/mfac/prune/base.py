@@ -49,15 +49,16 @@ SPREAD_HELP = "OWL's lambda: the largest deviation of a block's sparsity from th
 
 @dataclass(frozen=True, kw_only=True)
 class OWLBudgetOptions(Options):
-    """The budget option of every layer-wise method: one sparsity for every layer, or OWL's
-    outlier-weighted per-block budgets with the same mean (:mod:`mfac.prune.owl`)."""
+    """The budget option of every layer-wise method: one sparsity for every layer, OWL's
+    outlier-weighted per-block budgets (:mod:`mfac.prune.owl`) or per-block budgets from the
+    global diagonal-Fisher saliency (:mod:`mfac.prune.fisher_budget`), with the same mean."""
 
     budget: str = option(
-        "uniform", "how sparsity is spread over layers", choices=("uniform", "owl")
+        "uniform", "how sparsity is spread over layers", choices=("uniform", "owl", "fisher")
     )
     owl_threshold: float = option(5.0, THRESHOLD_HELP + " (budget=owl)", low=0, low_open=True)
     owl_spread: float = option(
-        0.08, SPREAD_HELP + " (budget=owl)", low=0, high=1, high_open=True
+        0.08, SPREAD_HELP + " (budget=owl or fisher)", low=0, high=1, high_open=True
     )
 
 

@@ -15,17 +15,15 @@ mapping layer -> sparsity that :func:`mfac.prune.layerwise.sparsegpt`,
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import islice
 
 import torch
 from torch import nn
 
 from .._config import Options, option
 from ._layers import LayerFilter, Target, find_targets
-from .base import SPREAD_HELP, THRESHOLD_HELP, OWLBudgetOptions, Request
+from .base import SPREAD_HELP, THRESHOLD_HELP
 from .blockwise import (
     InputStats,
     calibration_batches,
@@ -134,26 +132,3 @@ def owl_sparsities(
         info["owl_group_sparsity"] = dict(zip(keys, budgets, strict=True))
     return {t.name: b for k, b in zip(keys, budgets, strict=True) for t in groups[k]}
 
-
-def owl_budget(
-    req: Request, options: OWLBudgetOptions, calib_batches: int
-) -> float | dict[str, float]:
-    """What a registered layer-wise method prunes to: ``req.sparsity`` for every layer, or (with
-    ``budget="owl"`` and no N:M pattern, which fixes every layer's share) OWL's budgets,
-    recorded in ``req.info`` with their cost in ``req.timings["owl"]``. The calibration
-    batches are taken from ``req.data`` once (into a list), so the budgets and the pruning that
-    follows see the same batches even when ``req.data`` is a one-pass iterator."""
-    if options.budget == "uniform":
-        return req.sparsity
-    if req.pattern is not None:
-        req.info["owl"] = "skipped: the N:M pattern fixes every layer's sparsity"
-        return req.sparsity
-    assert req.data is not None and req.loss_fn is not None
-    req.data = list(islice(iter(req.data), calib_batches))
-    t0 = time.perf_counter()
-    config = OWLConfig(options.owl_threshold, options.owl_spread, calib_batches)
-    budgets = owl_sparsities(
-        req.model, req.data, req.loss_fn, req.sparsity, config, targets=req.targets, info=req.info
-    )
-    req.timings["owl"] = time.perf_counter() - t0
-    return budgets

@@ -9,8 +9,8 @@ import torch
 
 from .._config import option
 from .base import CommonOptions, LayerOptions, Method, OWLBudgetOptions, Request
+from .budgets import resolve_budget
 from .layerwise import sparsegpt
-from .owl import owl_budget
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +35,7 @@ def run(req: Request, cfg: SparseGPTConfig) -> dict[str, torch.Tensor]:
     """One sequential (or single-pass) SparseGPT sweep over the targets, at the uniform or the
     OWL budget."""
     assert req.data is not None and req.loss_fn is not None
-    budget = owl_budget(req, cfg, cfg.calib_batches)
+    budget = resolve_budget(req, cfg, cfg.calib_batches)
     masks, timings = sparsegpt(
         req.model, req.data, req.loss_fn, budget,
         targets=req.targets, pattern=req.pattern, block=cfg.block, damp=cfg.damp,

@@ -26,8 +26,8 @@ from .blockwise import (
     restored_on_error,
     run_layerwise,
 )
+from .budgets import resolve_budget
 from .layerwise import Sparsity, layer_budgets
-from .owl import owl_budget
 from .patterns import Pattern, check_pattern_fits, nm_keep
 from .saliency import wanda_scores
 
@@ -123,7 +123,7 @@ def wanda(
 def run(req: Request, cfg: WandaConfig) -> dict[str, torch.Tensor]:
     """``method="wanda"``: the uniform or OWL budget, then :func:`wanda` over the targets."""
     assert req.loss_fn is not None and req.data is not None
-    budget = owl_budget(req, cfg, cfg.calib_batches)
+    budget = resolve_budget(req, cfg, cfg.calib_batches)
     masks, timings = wanda(
         req.model, req.data, req.loss_fn, budget, cfg, pattern=req.pattern,
         targets=req.targets, priors=req.priors, info=req.info,

@@ -1,0 +1,103 @@
+"""Per-block sparsity budgets set by global curvature, for the layer-wise pruners.
+
+The diagonal empirical Fisher F_ii (the mean squared loss gradient over the calibration batches)
+gives every weight the OBS saliency w_i^2 F_ii / 2 (docs/algorithms.md, section 1). Ranked over
+all pruned layers at once, these saliencies say how much of each transformer block a global
+pruner would keep at the target sparsity S. That kept share replaces OWL's outlier ratio in
+:func:`mfac.prune.owl.owl_budgets`: blocks that the loss's curvature protects are pruned less,
+each block's sparsity stays in [S - spread, S + spread], and the weight-count-weighted mean is
+exactly S. The layer-wise method (SparseGPT, Wanda) then prunes each layer to its block's share.
+
+Unlike a global pruner this keeps every block near S (a layer is never emptied); unlike OWL it
+asks the loss, not the activations, where the sparsity should go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
+
+import torch
+from torch import nn
+
+from ._layers import LayerFilter, Target, find_targets
+from .blockwise import check_layerwise_targets, stage_name
+from .owl import owl_budgets
+from .patterns import check_sparsity
+
+
+def fisher_sparsities(
+    model: nn.Module,
+    data: Iterable[object],
+    loss_fn: Callable[[nn.Module, object], torch.Tensor],
+    sparsity: float,
+    *,
+    spread: float = 0.08,
+    calib_batches: int = 32,
+    targets: Sequence[Target] | None = None,
+    layers: LayerFilter = None,
+    info: dict[str, object] | None = None,
+) -> dict[str, float]:
+    """Budgets (layer name -> sparsity) for ``targets`` of ``model`` at overall ``sparsity`` from
+    ``calib_batches`` batches of ``data`` (``loss_fn(model, batch)`` must return a scalar loss).
+    The model's weights, its ``.grad`` attributes and its train/eval mode are left as they
+    were. ``info`` receives each block's kept share (``fisher_kept_share``) and budget
+    (``fisher_group_sparsity``)."""
+    s = check_sparsity(sparsity)
+    if not 0.0 <= spread < 1.0:
+        raise ValueError(f"spread must be in [0, 1), got {spread}")
+    if targets is None:
+        targets = find_targets(model, layers)
+    check_layerwise_targets(targets)
+    batches = list(islice(iter(data), calib_batches))
+    if not batches:
+        raise ValueError("data must hold at least one calibration batch")
+    params = [p for p in model.parameters()]
+    saved_grads = [p.grad for p in params]
+    was_training = model.training
+    fisher = [  # float32 at least (float64 weights keep float64)
+        torch.zeros_like(t.param, dtype=torch.promote_types(t.param.dtype, torch.float32))
+        for t in targets
+    ]
+    try:
+        model.eval()
+        for batch in batches:
+            for p in params:
+                p.grad = None
+            with torch.enable_grad():
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError(
+                        "budget='fisher' needs loss_fn(model, batch) to return a scalar loss "
+                        f"tensor, got {type(loss).__name__}"
+                    )
+                loss.backward()
+            for f, t in zip(fisher, targets, strict=True):
+                if t.param.grad is not None:
+                    f.add_(t.param.grad.to(f.dtype).square())
+    finally:
+        for p, g in zip(params, saved_grads, strict=True):
+            p.grad = g
+        model.train(was_training)
+    scores = [
+        (t.param.detach().to(f.dtype).square() * f).reshape(-1)
+        for t, f in zip(targets, fisher, strict=True)
+    ]
+    del fisher
+    flat = torch.cat(scores)
+    count = max(1, int(s * flat.numel()))
+    threshold = float(flat.kthvalue(count).values)
+    del flat
+    kept: dict[str, list[int]] = {}
+    for t, score in zip(targets, scores, strict=True):
+        group = kept.setdefault(stage_name(t.name), [0, 0])
+        group[0] += int((score > threshold).sum())
+        group[1] += score.numel()
+    keys = list(kept)
+    shares = [kept[k][0] / kept[k][1] for k in keys]
+    budgets = owl_budgets(shares, [kept[k][1] for k in keys], s, spread)
+    if info is not None:
+        info["fisher_kept_share"] = dict(zip(keys, shares, strict=True))
+        info["fisher_group_sparsity"] = dict(zip(keys, budgets, strict=True))
+    by_group = dict(zip(keys, budgets, strict=True))
+    return {t.name: by_group[stage_name(t.name)] for t in targets}
