@@ -778,3 +778,18 @@ def test_fisher_budget_refuses_a_loss_that_is_not_a_scalar() -> None:
                 budget="fisher", calib_batches=3, progress=False)  # fmt: skip
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_fisher_sparsegpt_preset_is_fisher_budgets_then_sequential_sparsegpt() -> None:
+    from mfac.prune import oneshot
+
+    model, batches = _chain(5)
+    ref, _ = _chain(5)
+    res = oneshot(model, 0.6, "fisher-sparsegpt", data=batches, loss_fn=_loss, layers=_layers,
+                  calib_batches=3, block=4, progress=False)  # fmt: skip
+    expect = oneshot(ref, 0.6, "sparsegpt", data=batches, loss_fn=_loss, layers=_layers,
+                     calib_batches=3, block=4, budget="fisher", damp=0.1, sequential=True,
+                     progress=False)  # fmt: skip
+    assert res.method == "fisher-sparsegpt" and res.info["fisher_group_sparsity"]
+    assert all(torch.equal(res.masks[n], expect.masks[n]) for n in expect.masks)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))

@@ -7,7 +7,12 @@ block, each block calibrated on the outputs of the already-pruned ones. It is
 default is 0.01); with an N:M pattern every layer's sparsity is fixed by the pattern, so it is
 sequential SparseGPT. The damping is the one value with the lowest validation perplexity over
 50 %, 60 %, 70 % and 2:4 on SmolLM2-135M, scored on calibration-text windows the calibration did
-not use; there it is the best layer-wise method measured (docs/prune.md, section 2b).
+not use.
+
+``fisher-sparsegpt``: the same, with the per-block budgets set by the loss's curvature instead
+of OWL's activation outliers (``budget="fisher"``, :mod:`mfac.prune.fisher_budget`: the global
+diagonal-Fisher saliency decides which blocks keep more). It needs ``loss_fn`` to return a
+scalar loss, and costs one backward pass per calibration batch more than ``owl-sparsegpt``.
 """
 
 from __future__ import annotations
@@ -28,10 +33,28 @@ class OWLSparseGPTConfig(sparsegpt.SparseGPTConfig):
         0.1, "damping, relative to the Hessian diagonal (chosen on validation text)",
         low=0, low_open=True,
     )  # fmt: skip
-    budget: str = option("owl", "how sparsity is spread over layers", choices=("uniform", "owl"))
+    budget: str = option(
+        "owl", "how sparsity is spread over layers", choices=("uniform", "owl", "fisher")
+    )
 
 
 METHOD = Method(
     "owl-sparsegpt", OWLSparseGPTConfig, sparsegpt.run,
     "OWL layer budgets, then sequential SparseGPT (the transformer preset)",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class FisherSparseGPTConfig(OWLSparseGPTConfig):
+    """Options of ``method="fisher-sparsegpt"``: ``owl-sparsegpt``'s, with the diagonal-Fisher
+    budget by default."""
+
+    budget: str = option(
+        "fisher", "how sparsity is spread over layers", choices=("uniform", "owl", "fisher")
+    )
+
+
+FISHER_METHOD = Method(
+    "fisher-sparsegpt", FisherSparseGPTConfig, sparsegpt.run,
+    "diagonal-Fisher layer budgets, then sequential SparseGPT",
 )  # fmt: skip

@@ -21,6 +21,7 @@ REGISTRY: dict[str, Method] = {
         sparsegpt.METHOD,
         wanda.METHOD,
         presets.METHOD,
+        presets.FISHER_METHOD,
         iobs.METHOD,
     )
 }
