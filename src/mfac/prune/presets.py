@@ -12,7 +12,9 @@ not use.
 ``fisher-sparsegpt``: the same, with the per-block budgets set by the loss's curvature instead
 of OWL's activation outliers (``budget="fisher"``, :mod:`mfac.prune.fisher_budget`: the global
 diagonal-Fisher saliency decides which blocks keep more). It needs ``loss_fn`` to return a
-scalar loss, and costs one backward pass per calibration batch more than ``owl-sparsegpt``.
+scalar loss, and costs one backward pass per calibration batch more than ``owl-sparsegpt``. On
+SmolLM2-135M it is the best layer-wise method measured, below ``owl-sparsegpt``, SparseGPT and
+Wanda at 50 %, 60 % and 70 % on both held-out texts (docs/prune.md, section 2b).
 """
 
 from __future__ import annotations
