@@ -685,3 +685,13 @@ def test_killed_during_checkpoint_writes_resumes_exactly(work: Path, inproc) -> 
     b = _load_safetensors(out / "model.safetensors")
     for k in a:
         assert a[k].equal(b[k]), k
+
+
+def test_prune_text_lm_with_the_fisher_preset(work: Path, inproc) -> None:
+    """fisher-sparsegpt from the CLI on a text LM: the Fisher budgets need a scalar loss, which
+    the CLI's LM loss gives; the blocks get their own budgets around the target."""
+    cmd = "prune --model tiny.py:lm --random-weights --data corpus.txt --method fisher-sparsegpt"
+    ok(inproc(cmd + " --sparsity 0.5 --seq-len 32 --batch-size 4 -q -o fout", cwd=work))
+    report = json.loads((work / "fout" / "report.json").read_text())
+    assert report["method"] == "fisher-sparsegpt"
+    assert abs(report["achieved_sparsity"] - 0.5) < 0.01
