@@ -47,15 +47,22 @@ THRESHOLD_HELP = "OWL's M: a score is an outlier above M times its block's mean 
 SPREAD_HELP = "OWL's lambda: the largest deviation of a block's sparsity from the target"
 
 
+def budget_option(default: str) -> Any:
+    """The ``budget`` field of a layer-wise method, with ``default`` as its default."""
+    return option(default, "how sparsity is spread over layers", choices=BUDGETS)
+
+
+#: How a layer-wise method may spread its sparsity over layers (:mod:`mfac.prune.budgets`).
+BUDGETS = ("uniform", "owl", "fisher")
+
+
 @dataclass(frozen=True, kw_only=True)
 class OWLBudgetOptions(Options):
     """The budget option of every layer-wise method: one sparsity for every layer, OWL's
     outlier-weighted per-block budgets (:mod:`mfac.prune.owl`) or per-block budgets from the
     global diagonal-Fisher saliency (:mod:`mfac.prune.fisher_budget`), with the same mean."""
 
-    budget: str = option(
-        "uniform", "how sparsity is spread over layers", choices=("uniform", "owl", "fisher")
-    )
+    budget: str = budget_option("uniform")
     owl_threshold: float = option(5.0, THRESHOLD_HELP + " (budget=owl)", low=0, low_open=True)
     owl_spread: float = option(
         0.08, SPREAD_HELP + " (budget=owl or fisher)", low=0, high=1, high_open=True

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .._config import option
 from . import sparsegpt
-from .base import Method
+from .base import Method, budget_option
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,14 +35,12 @@ class OWLSparseGPTConfig(sparsegpt.SparseGPTConfig):
         0.1, "damping, relative to the Hessian diagonal (chosen on validation text)",
         low=0, low_open=True,
     )  # fmt: skip
-    budget: str = option(
-        "owl", "how sparsity is spread over layers", choices=("uniform", "owl", "fisher")
-    )
+    budget: str = budget_option("owl")
 
 
 METHOD = Method(
     "owl-sparsegpt", OWLSparseGPTConfig, sparsegpt.run,
-    "OWL layer budgets, then sequential SparseGPT (the transformer preset)",
+    "OWL layer budgets, then sequential SparseGPT",
 )  # fmt: skip
 
 
@@ -51,12 +49,10 @@ class FisherSparseGPTConfig(OWLSparseGPTConfig):
     """Options of ``method="fisher-sparsegpt"``: ``owl-sparsegpt``'s, with the diagonal-Fisher
     budget by default."""
 
-    budget: str = option(
-        "fisher", "how sparsity is spread over layers", choices=("uniform", "owl", "fisher")
-    )
+    budget: str = budget_option("fisher")
 
 
 FISHER_METHOD = Method(
     "fisher-sparsegpt", FisherSparseGPTConfig, sparsegpt.run,
-    "diagonal-Fisher layer budgets, then sequential SparseGPT",
+    "diagonal-Fisher layer budgets, then sequential SparseGPT (the transformer preset)",
 )  # fmt: skip
