@@ -284,10 +284,11 @@ class ScaledMFAC(torch.optim.Optimizer):
             for b, u, c, lam in zip(self._blocks, us, cs, lams, strict=True)
         ]
         if self.cfg.graft:  # keep the window's direction, take AdamW's step length
-            for d, u in zip(dirs, us, strict=True):
-                norm = float(d.norm())
-                if norm > 0.0:
-                    d.mul_(float(u.norm()) / norm)
+            d_norms = torch.stack([d.norm() for d in dirs])
+            u_norms = torch.stack([u.norm() for u in us])
+            scales = torch.where(d_norms > 0, u_norms / d_norms, torch.ones_like(d_norms))
+            for d, scale in zip(dirs, scales, strict=True):  # no host sync per tensor
+                d.mul_(scale)
         if self.cfg.blocks == "global":
             dirs = list(dirs[0].split([p.numel() for p in self._params]))
         owner = {p: g for g in self.param_groups for p in g["params"]}
