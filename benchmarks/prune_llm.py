@@ -258,6 +258,37 @@ def child(method: str, pattern: str | None, sparsity: float, args: argparse.Name
     return out
 
 
+def seed_table(names: list[str]) -> str:
+    """Markdown table of mean ± std over calibration draws: every row of the results files
+    ``names`` (one per seed, e.g. ``prune_llm_damp0.1,prune_llm_seed1_damp0.1,...``), grouped by
+    method, damping and setting."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for name in names:
+        for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
+            if "error" not in r:
+                damp = None if r["method"].endswith("wanda") else r.get("damp")  # no knob
+                key = (
+                    r["method"], damp, r.get("pattern", "none"),
+                    round(r.get("target", 0.5), 4),
+                )  # fmt: skip
+                groups.setdefault(key, []).append(r)
+
+    def stat(rows: list[dict], field: str) -> str:
+        vals = [r[field] for r in rows if field in r]
+        if len(vals) < 2:
+            return f"{vals[0]:.1f}" if vals else "-"
+        return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+
+    lines = ["| method | damp | setting | Lee | Wiki | val | draws |", "|---" * 7 + "|"]
+    for (method, damp, pattern, target), rows in sorted(groups.items(), key=str):
+        setting = pattern if pattern != "none" else f"{round(100 * target)} %"
+        cells = [stat(rows, f) for f in ("ppl", "ppl_wiki", "ppl_val")]
+        lines.append(f"| {method} | {damp} | {setting} | {' | '.join(cells)} | {len(rows)} |")
+    return "\n".join(lines)
+
+
 def table(names: list[str]) -> str:
     """Markdown table (perplexity Lee / Wiki per setting, then seconds and GB) from results
     files ``benchmarks/results/<name>.json``; later files override earlier rows."""
@@ -322,9 +353,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="draw of the calibration windows")
     parser.add_argument("--suffix", default="", help="appended to the results file name")
     parser.add_argument(
+        "--seed-table", default=None,
+        help="print mean ± std over the comma-separated results files (one per seed)",
+    )  # fmt: skip
+    parser.add_argument(
         "--table", default=None, help="print the markdown table of these comma-separated results"
     )
     args = parser.parse_args()
+    if args.seed_table:
+        print(seed_table(args.seed_table.split(",")))
+        return
     if args.table:
         print(table(args.table.split(",")))
         return
