@@ -369,6 +369,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--precompute-d", type=int, default=None, help="d of the precompute part (m = 1024)"
     )
     parser.add_argument(
+        "--tests-junit",
+        default=None,
+        help="a pytest JUnit XML report to record with the results (make gpu-check)",
+    )
+    parser.add_argument(
         "--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print a before/after table"
     )
     args = parser.parse_args(argv)
@@ -387,6 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
         steps, pre, r1 = [(64, 200_000), (256, 200_000)], (256, 2**16), (64, 2**15)
     else:
         steps, pre, r1 = [(256, 1_000_000), (1024, 1_000_000)], (1024, 2**20), (256, 2**18)
+        if DEVICE.type == "cuda":  # d large enough that one pass is far above launch latency
+            steps = [(256, 2**23), (1024, 2**22)]
     if args.precompute_d:
         pre = (pre[0], args.precompute_d)
     info = machine()
@@ -394,6 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
         info["device"] = torch.cuda.get_device_name(DEVICE)
         info["cuda"] = torch.version.cuda
     result: dict = {"machine": info, "quick": args.quick, "reps": args.reps}
+    if args.tests_junit:
+        result["tests"] = junit_counts(args.tests_junit)
     if "step" in parts:
         result["step"] = [bench_step(m, d, args.reps, stock_bf16=m <= 256) for m, d in steps]
         print("\npush_ihvp against the two-pass float32 floor (G @ x, then y @ G)")
@@ -465,7 +474,36 @@ def main(argv: list[str] | None = None) -> dict:
     path = write_json(name, result)
     plot(result, str(path.with_suffix(".png")))
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    tests = result.get("tests")
+    if tests and (tests["failed"] or tests["errors"] or not tests["passed"]):
+        raise SystemExit(f"the device tests did not all pass: {tests}")
     return result
+
+
+def junit_counts(path: str) -> dict:
+    """Passed / failed / errors / skipped counts of a pytest JUnit XML report (no report: the
+    tests did not run, recorded as zero passed)."""
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    if not Path(path).exists():
+        return {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "report": "missing"}
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    failed = [
+        case.get("classname", "") + "::" + case.get("name", "")
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
+    return {
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+        "failed": counts["failures"],
+        "errors": counts["errors"],
+        "skipped": counts["skipped"],
+        "failing": failed,
+        "seconds": float(suite.get("time", 0.0)),
+    }
 
 
 if __name__ == "__main__":

