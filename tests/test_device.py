@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import mfac
 from mfac.operators import SlidingInverseFisher, TopKSlidingInverseFisher
-from mfac.operators.kernels import cols_dot, rows_dot
+from mfac.operators.blocks import inverse_from_cholesky
+from mfac.operators.kernels import cols_dot, rows_dot, split3
 from mfac.operators.memory import check_fits
 from mfac.optim import ScaledMFAC
 
@@ -117,3 +120,30 @@ def test_cuda_memory_check_reads_free_device_memory(monkeypatch: pytest.MonkeyPa
     check_fits(free + 1, "a window", free + 2, cuda)
     with pytest.raises(MemoryError, match="memory_budget"):
         check_fits(2 * free, "a window", free, cuda)
+
+
+@pytest.mark.parametrize("triangular", [False, True])
+def test_both_block_inversions_match_float64(device: torch.device, triangular: bool) -> None:
+    """The block inverse from a Cholesky factor, by potri (CPU) or by a batched triangular
+    solve (GPU), equals the float64 inverse of each damped Gram block."""
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(6, 40, 16, generator=gen, dtype=F64)
+    mats = g.transpose(1, 2) @ g / 40 + 1e-3 * torch.eye(16, dtype=F64)
+    chol = torch.linalg.cholesky(mats.to(device))
+    out = torch.empty_like(chol)
+    inverse_from_cholesky(chol, out, triangular=triangular)
+    assert rel_err(out.cpu(), torch.linalg.inv(mats)) < 1e-10
+
+
+@settings(max_examples=40, deadline=None)
+@given(exponent=st.integers(-90, 120), seed=st.integers(0, 2**16))
+def test_bfloat16_three_way_split_is_exact(exponent: int, seed: int) -> None:
+    """hi + mid + lo, each bfloat16, give back every float32 vector exactly (the CUDA bf16
+    products rely on it), for every float32 vector whose lowest part is still a normal number
+    (|v| >= 2^-100 or so; below that the absolute error is under 2^-133)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(257, 2, generator=gen) * 2.0**exponent
+    parts = split3(v)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (257, 6)
+    back = parts[:, :2].float() + parts[:, 2:4].float() + parts[:, 4:].float()
+    assert torch.equal(back, v)

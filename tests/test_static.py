@@ -122,7 +122,7 @@ def test_non_contiguous_right_hand_sides(
     dense = dense_block_inverse_fisher(grads, 1e-3, block)
     op = mfac.InverseFisher(grads.clone().to(device), 1e-3, block)
     x = torch.randn(3, 40, dtype=dtype, device=device).T  # (40, 3), not contiguous
-    assert rel_err(op.ihvp(x), dense @ x.double()) < 1e-5
+    assert rel_err(op.ihvp(x), dense @ x.double().cpu()) < 1e-5
 
 
 # ------------------------------------------------- refusals leave inputs as they were

@@ -18,7 +18,7 @@ from .._validation import (
     check_positive_int,
     check_vector,
 )
-from .blocks import F64, BlockGroup, FisherFactorError
+from .blocks import F64, BlockGroup, FisherFactorError, tile_bytes
 from .linear import LinearOperatorMixin
 from .memory import allocate, default_memory_budget, is_memory_mapped
 
@@ -131,6 +131,8 @@ class InverseFisher(LinearOperatorMixin):
         factors and inverses against ``memory_budget`` (past it they are memory-mapped on CPU;
         on an accelerator, which cannot page to a file, a MemoryError is raised)."""
         device = self.buffer.device
+        for group in self.groups:
+            group.tile_bytes = tile_bytes(device)
         scratch = max(g.scratch_bytes() for g in self.groups)
         free = device_memory_budget(device, None)
         if scratch > free:
