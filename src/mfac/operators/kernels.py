@@ -107,14 +107,22 @@ def split3(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([hi, mid, lo], 1)
 
 
-def _cuda_split_mm(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+def _cuda_split_mm(a: torch.Tensor, v: torch.Tensor, rows: bool) -> torch.Tensor | None:
     """a (p, q) bfloat16 on CUDA times v (q, k) float32, in float32; None where this torch has
-    no ``out_dtype`` product (the other paths take over)."""
+    no ``out_dtype`` product (the other paths take over).
+
+    G @ X (``rows``) reduces over d with only m x 3k outputs, too few tiles to fill the device,
+    so it is split over column chunks of G by hand: one batched product and a sum over chunks.
+    G^T @ C has d x 3k outputs and goes to one product."""
     global _cuda_out_dtype
     if not _cuda_out_dtype:
         return None
+    parts = split3(v)
     try:
-        out = torch.mm(a, split3(v), out_dtype=torch.float32)
+        if rows and a.shape[1] >= 2 * _SPLIT_K_COLUMNS and a.stride(1) == 1:
+            out = _split_k_rows(a, parts)
+        else:
+            out = torch.mm(a, parts, out_dtype=torch.float32)
     except (TypeError, RuntimeError, NotImplementedError) as exc:  # pragma: no cover
         log.warning("no float32-output bfloat16 product (%s); using the other paths", exc)
         _cuda_out_dtype = False
@@ -123,13 +131,29 @@ def _cuda_split_mm(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     return out[:, :k] + out[:, k : 2 * k] + out[:, 2 * k :]
 
 
+#: Columns of G per chunk of the split-K product G @ X on CUDA.
+_SPLIT_K_COLUMNS = 65536
+
+
+def _split_k_rows(g: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    m, d = g.shape
+    chunks = d // _SPLIT_K_COLUMNS
+    main = chunks * _SPLIT_K_COLUMNS
+    lhs = g[:, :main].view(m, chunks, _SPLIT_K_COLUMNS).transpose(0, 1)  # no copy
+    rhs = parts[:main].view(chunks, _SPLIT_K_COLUMNS, -1)
+    out = torch.bmm(lhs, rhs, out_dtype=torch.float32).sum(0)
+    if main < d:
+        out += torch.mm(g[:, main:], parts[main:], out_dtype=torch.float32)
+    return out
+
+
 _cuda_out_dtype = True
 
 
 def _call(name: str, fused: Callable, eager: Callable, g: torch.Tensor, v: torch.Tensor):
     # _compiled[name] set to None selects the tiled fallback (no compiler, or a failed run).
     if g.is_cuda and g.dtype == torch.bfloat16:
-        out = _cuda_split_mm(g if name == "rows" else g.T, v)
+        out = _cuda_split_mm(g if name == "rows" else g.T, v, rows=name == "rows")
         if out is not None:
             return out
     if v.shape[1] == 1 and _compiled.get(name, True) is not None and native.supports(g):
