@@ -2,11 +2,8 @@
 
 float32/float64 buffers use the BLAS matrix-vector kernels directly. For bfloat16/float16
 buffers, stock CPU kernels are far slower than float32 (no native bf16 dot products on most
-CPUs) and round to 16 bits, so each pass has these paths, fastest first:
+CPUs) and round to 16 bits, so each pass has three paths, fastest first:
 
-0. on CUDA, bfloat16: one cuBLAS product with float32 output (``torch.mm(..., out_dtype=)``)
-   against the vectors split into three bfloat16 parts (hi + mid + lo carries float32's 24
-   bits), so the window is read once at the device's bandwidth with float32 accuracy;
 1. on the CPU, one vector at a time: a small C kernel (:mod:`mfac.operators.native`, built once
    with the system C compiler) that widens each entry in registers and accumulates in float32;
 2. up to four vectors (and any device: Triton on CUDA): a fused upcast-multiply-reduce
@@ -96,66 +93,8 @@ def _get(name: str, fn: Callable[..., object]) -> Callable[..., object] | None:
     return _compiled[name]
 
 
-def split3(v: torch.Tensor) -> torch.Tensor:
-    """float32 (n, k) -> bfloat16 (n, 3k): column blocks hi, mid, lo whose float32 sum is v to
-    within float32 rounding: exact where the lowest part is a normal number (|v| above about
-    2^-100; bfloat16 keeps float32's exponent range), an absolute error below 2^-133 else."""
-    hi = v.to(torch.bfloat16)
-    rest = v - hi.float()
-    mid = rest.to(torch.bfloat16)
-    lo = (rest - mid.float()).to(torch.bfloat16)
-    return torch.cat([hi, mid, lo], 1)
-
-
-def _cuda_split_mm(a: torch.Tensor, v: torch.Tensor, rows: bool) -> torch.Tensor | None:
-    """a (p, q) bfloat16 on CUDA times v (q, k) float32, in float32; None where this torch has
-    no ``out_dtype`` product (the other paths take over).
-
-    G @ X (``rows``) reduces over d with only m x 3k outputs, too few tiles to fill the device,
-    so it is split over column chunks of G by hand: one batched product and a sum over chunks.
-    G^T @ C has d x 3k outputs and goes to one product."""
-    global _cuda_out_dtype
-    if not _cuda_out_dtype:
-        return None
-    parts = split3(v)
-    try:
-        if rows and a.shape[1] >= 2 * _SPLIT_K_COLUMNS and a.stride(1) == 1:
-            out = _split_k_rows(a, parts)
-        else:
-            out = torch.mm(a, parts, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError) as exc:  # pragma: no cover
-        log.warning("no float32-output bfloat16 product (%s); using the other paths", exc)
-        _cuda_out_dtype = False
-        return None
-    k = v.shape[1]
-    return out[:, :k] + out[:, k : 2 * k] + out[:, 2 * k :]
-
-
-#: Columns of G per chunk of the split-K product G @ X on CUDA.
-_SPLIT_K_COLUMNS = 65536
-
-
-def _split_k_rows(g: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
-    m, d = g.shape
-    chunks = d // _SPLIT_K_COLUMNS
-    main = chunks * _SPLIT_K_COLUMNS
-    lhs = g[:, :main].view(m, chunks, _SPLIT_K_COLUMNS).transpose(0, 1)  # no copy
-    rhs = parts[:main].view(chunks, _SPLIT_K_COLUMNS, -1)
-    out = torch.bmm(lhs, rhs, out_dtype=torch.float32).sum(0)
-    if main < d:
-        out += torch.mm(g[:, main:], parts[main:], out_dtype=torch.float32)
-    return out
-
-
-_cuda_out_dtype = True
-
-
 def _call(name: str, fused: Callable, eager: Callable, g: torch.Tensor, v: torch.Tensor):
     # _compiled[name] set to None selects the tiled fallback (no compiler, or a failed run).
-    if g.is_cuda and g.dtype == torch.bfloat16:
-        out = _cuda_split_mm(g if name == "rows" else g.T, v, rows=name == "rows")
-        if out is not None:
-            return out
     if v.shape[1] == 1 and _compiled.get(name, True) is not None and native.supports(g):
         single = native.rows_dot if name == "rows" else native.cols_dot
         return single(g, v[:, 0]).unsqueeze(1)
