@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mfac.optim import MFAC
+from mfac.optim import PaperMFAC
 
 RESULTS = Path(__file__).parent / "results"
 MFAC_DAMP = 1e-4
@@ -109,7 +109,7 @@ class Stepper:
             kw: dict[str, Any] = {}
             if name.count("-") == 2:  # mfac-<m>-topk<density percent>
                 kw = {"history": "topk", "topk": float(name.split("topk")[1]) / 100}
-            self.opt = MFAC(p, lr=lr, ngrads=m, damp=MFAC_DAMP, **kw)
+            self.opt = PaperMFAC(p, lr=lr, ngrads=m, damp=MFAC_DAMP, **kw)
         elif name == "kfac":
             import asdl
 
@@ -333,7 +333,7 @@ def overhead(ngrads_list: list[int], reps: int) -> dict[str, Any]:
     d = sum(p.numel() for p in model.parameters())
     out = {"num_params": d, "threads": torch.get_num_threads(), "rows": []}
     for m in ngrads_list:
-        opt = MFAC(model.parameters(), lr=0.0, ngrads=m, damp=1e-4)
+        opt = PaperMFAC(model.parameters(), lr=0.0, ngrads=m, damp=1e-4)
         w = opt.window
         g = w.grads
         g.normal_()  # a full window (and its consistent K): the passes of the steady state
@@ -386,7 +386,7 @@ def topk_study(dataset: str, kind: str, m: int, epochs: int, seeds: int, lr: flo
             if "topk" in name
             else {}
         )
-        opt = MFAC(model.parameters(), ngrads=m, **kw)
+        opt = PaperMFAC(model.parameters(), ngrads=m, **kw)
         w = opt.window
         wbytes = w.window_nbytes if "topk" in name else w.grads.numel() * w.grads.element_size()
         acc = np.array([r["test_acc"] for r in runs])

@@ -76,7 +76,7 @@ def test_mfac_step_on_device_is_the_dense_formula(device: torch.device) -> None:
     the last step is lr * (damp I + G^T G / m)^-1 g, G the last m gradients (float64 oracle)."""
     m, lr, damp = 4, 0.1, 1e-2
     p = nn.Parameter(torch.zeros(30, device=device))
-    opt = mfac.MFAC([p], lr=lr, ngrads=m, damp=damp)
+    opt = mfac.MFAC([p], lr=lr, ngrads=m, damp=damp, mode="paper")
     gen = torch.Generator().manual_seed(3)
     grads = [torch.randn(30, generator=gen) for _ in range(m + 2)]
     for g in grads:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import mfac
-from mfac.optim import MFAC, TopKSlidingInverseFisher
+from mfac.optim import MFAC, PaperMFAC, TopKSlidingInverseFisher
 
 from oracle import dense_inverse_fisher
 
@@ -51,7 +51,7 @@ def _vec_param(d: int = 10, seed: int = 0) -> nn.Parameter:
 # ---------------------------------------------------------------------- maths
 def test_first_step_is_normalised_gradient() -> None:
     p = _vec_param()
-    opt = MFAC([p], lr=0.1, ngrads=4, damp=1e-3, history_dtype=F64)
+    opt = PaperMFAC([p], lr=0.1, ngrads=4, damp=1e-3, history_dtype=F64)
     g = torch.randn(10, dtype=F64)
     before = p.detach().clone()
     p.grad = g.clone()
@@ -65,7 +65,7 @@ def test_steps_match_dense_oracle(momentum: float) -> None:
     """Every step equals lr * (momentum-averaged) F^-1 g with F over the window, float64."""
     d, m, damp, lr = 12, 5, 1e-2, 0.05
     p = _vec_param(d)
-    opt = MFAC([p], lr=lr, ngrads=m, damp=damp, momentum=momentum, history_dtype=F64)
+    opt = PaperMFAC([p], lr=lr, ngrads=m, damp=damp, momentum=momentum, history_dtype=F64)
     window = torch.zeros(m, d, dtype=F64)
     v = torch.zeros(d, dtype=F64)
     gen = torch.Generator().manual_seed(3)
@@ -84,7 +84,7 @@ def test_param_groups_lr_and_coupled_weight_decay() -> None:
     """Two groups share one preconditioner; each gets its own lr; coupled wd enters F^-1."""
     a, b = _vec_param(4, 1), _vec_param(6, 2)
     damp, m = 1e-2, 3
-    opt = MFAC(
+    opt = PaperMFAC(
         [{"params": [a], "lr": 0.1, "weight_decay": 0.5}, {"params": [b], "lr": 0.01}],
         ngrads=m,
         damp=damp,
@@ -107,7 +107,7 @@ def test_param_groups_lr_and_coupled_weight_decay() -> None:
 
 def test_decoupled_weight_decay() -> None:
     p = _vec_param(8)
-    opt = MFAC(
+    opt = PaperMFAC(
         [p],
         lr=0.1,
         ngrads=2,
@@ -126,7 +126,7 @@ def test_decoupled_weight_decay() -> None:
 
 def test_grad_none_enters_as_zero_and_is_not_updated() -> None:
     a, b = _vec_param(4, 1), _vec_param(5, 2)
-    opt = MFAC([a, b], lr=0.1, ngrads=3, damp=1e-2, momentum=0.5, weight_decay=0.1)
+    opt = PaperMFAC([a, b], lr=0.1, ngrads=3, damp=1e-2, momentum=0.5, weight_decay=0.1)
     b0 = b.detach().clone()
     a.grad = torch.randn(4, dtype=F64)
     opt.step()
@@ -173,7 +173,7 @@ def assert_state_equal(s1: object, s2: object, path: str = "state") -> None:
 def test_nonfinite_gradient_leaves_everything_unchanged(history: str, bad: float) -> None:
     model = _model()
     kw = {"topk": 0.3} if history == "topk" else {}
-    opt = MFAC(model.parameters(), lr=1e-2, ngrads=4, momentum=0.9, history=history, **kw)
+    opt = PaperMFAC(model.parameters(), lr=1e-2, ngrads=4, momentum=0.9, history=history, **kw)
     _train(model, opt, 3)
     state = copy.deepcopy(opt.state_dict())
     params = [p.detach().clone() for p in model.parameters()]
@@ -209,14 +209,14 @@ def test_nonfinite_gradient_leaves_everything_unchanged(history: str, bad: float
 )
 def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
-        MFAC(_model().parameters(), **kwargs)
+        PaperMFAC(_model().parameters(), **kwargs)
 
 
 # ---------------------------------------------------------------------- masks
 def test_explicit_masks_keep_zeros_and_precondition_survivors() -> None:
     p = _vec_param(10)
     mask = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
-    opt = MFAC([p], lr=0.1, ngrads=3, damp=1e-2, history_dtype=F64, weight_decay=0.2)
+    opt = PaperMFAC([p], lr=0.1, ngrads=3, damp=1e-2, history_dtype=F64, weight_decay=0.2)
     opt.set_masks({p: mask})
     assert opt.dim == int(mask.sum()) and opt.window.dim == 7
     assert torch.equal(p.detach()[~mask], torch.zeros(3, dtype=F64))
@@ -237,7 +237,7 @@ def test_explicit_masks_keep_zeros_and_precondition_survivors() -> None:
 def test_mask_attribute_is_picked_up() -> None:
     p = _vec_param(6)
     p.mask = torch.tensor([1, 1, 0, 1, 0, 1])
-    opt = MFAC([p], lr=0.1, ngrads=2)
+    opt = PaperMFAC([p], lr=0.1, ngrads=2)
     assert opt.dim == 4
     p.grad = torch.ones(6, dtype=F64)
     opt.step()
@@ -248,7 +248,7 @@ def test_torch_prune_module_masks() -> None:
     model = _model()
     prune.l1_unstructured(model[0], "weight", amount=0.6)
     prune.random_unstructured(model[2], "weight", amount=0.5)
-    opt = MFAC(model.parameters(), lr=1e-2, ngrads=8, momentum=0.9, weight_decay=1e-3)
+    opt = PaperMFAC(model.parameters(), lr=1e-2, ngrads=8, momentum=0.9, weight_decay=1e-3)
     opt.set_masks(model)
     survivors = sum(int(model[i].weight_mask.sum()) for i in (0, 2)) + 8 + 3
     assert opt.dim == survivors
@@ -276,7 +276,7 @@ def test_resume_is_bit_identical(kwargs: dict) -> None:
 
     def make() -> tuple[nn.Module, MFAC]:
         model = _model()
-        opt = MFAC(model.parameters(), lr=1e-2, ngrads=6, damp=1e-4, **kwargs)
+        opt = PaperMFAC(model.parameters(), lr=1e-2, ngrads=6, damp=1e-4, **kwargs)
         if masked:
             opt.set_masks({model[0].weight: model[0].weight.abs() > 0.2})
         return model, opt
@@ -292,7 +292,7 @@ def test_resume_is_bit_identical(kwargs: dict) -> None:
     ckpt = torch.load(buf, weights_only=False)
     model2, opt2 = _model(seed=123), None
     model2.load_state_dict(ckpt["model"])
-    opt2 = MFAC(model2.parameters(), lr=1e-2, ngrads=6, damp=1e-4, **kwargs)
+    opt2 = PaperMFAC(model2.parameters(), lr=1e-2, ngrads=6, damp=1e-4, **kwargs)
     opt2.load_state_dict(ckpt["opt"])
     _train(model2, opt2, 10, start=10)
     for p, q in zip(ref_model.parameters(), model2.parameters(), strict=True):
@@ -302,7 +302,7 @@ def test_resume_is_bit_identical(kwargs: dict) -> None:
 # ---------------------------------------------------------------------- torch.optim contract
 def test_lr_scheduler_and_closure() -> None:
     p = _vec_param(5)
-    opt = MFAC([p], lr=1.0, ngrads=1, damp=1e-2)
+    opt = PaperMFAC([p], lr=1.0, ngrads=1, damp=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     g = torch.ones(5, dtype=F64)
     calls = []
@@ -329,7 +329,7 @@ def test_trains_mlp() -> None:
     model = _model()
     x, _ = _data(128)
     y = (x[:, :3] * torch.tensor([1.0, -2.0, 0.5])).argmax(1)  # a learnable rule
-    opt = MFAC(model.parameters(), lr=3e-3, ngrads=16, damp=1e-4)
+    opt = PaperMFAC(model.parameters(), lr=3e-3, ngrads=16, damp=1e-4)
     first = nn.functional.cross_entropy(model(x), y).item()
     for _ in range(60):
         opt.zero_grad()
@@ -341,8 +341,8 @@ def test_trains_mlp() -> None:
 # ---------------------------------------------------------------------- top-k history
 def test_topk_full_density_equals_dense() -> None:
     model_a, model_b = _model(), _model()
-    opt_a = MFAC(model_a.parameters(), lr=1e-2, ngrads=4, damp=1e-4)
-    opt_b = MFAC(model_b.parameters(), lr=1e-2, ngrads=4, damp=1e-4, history="topk", topk=1.0)
+    opt_a = PaperMFAC(model_a.parameters(), lr=1e-2, ngrads=4, damp=1e-4)
+    opt_b = PaperMFAC(model_b.parameters(), lr=1e-2, ngrads=4, damp=1e-4, history="topk", topk=1.0)
     _train(model_a, opt_a, 8)
     _train(model_b, opt_b, 8)
     torch.testing.assert_close(_flat(model_a.parameters()), _flat(model_b.parameters()))
@@ -378,7 +378,7 @@ def test_topk_memory_ratio(d: int, per_entry: int) -> None:
 
 def test_add_param_group_and_mismatched_state() -> None:
     a, b = _vec_param(4, 1), _vec_param(3, 2)
-    opt = MFAC([a], lr=0.1, ngrads=2)
+    opt = PaperMFAC([a], lr=0.1, ngrads=2)
     a.grad = torch.ones(4, dtype=F64)
     opt.step()
     state = opt.state_dict()
@@ -386,7 +386,7 @@ def test_add_param_group_and_mismatched_state() -> None:
     assert opt.dim == 7 and opt.window.num_pushed == 0
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group({"params": [_vec_param(2)], "lr": -1.0})
-    other = MFAC([_vec_param(5)], lr=0.1, ngrads=2)
+    other = PaperMFAC([_vec_param(5)], lr=0.1, ngrads=2)
     with pytest.raises(ValueError):
         other.load_state_dict(state)
     assert opt.state_nbytes >= opt.window.nbytes
@@ -431,7 +431,7 @@ def test_gradient_scaling_hook_composes_with_the_window() -> None:
     d, m, damp, lr = 7, 3, 1e-2, 0.1
     p = _vec_param(d)
     scale = torch.linspace(0.5, 2.0, d, dtype=F64)
-    opt = MFAC([p], lr=lr, ngrads=m, damp=damp, history_dtype=F64,
+    opt = PaperMFAC([p], lr=lr, ngrads=m, damp=damp, history_dtype=F64,
                gradient_scaling=_Diagonal(scale))  # fmt: skip
     window = torch.zeros(m, d, dtype=F64)
     gen = torch.Generator().manual_seed(2)
@@ -445,11 +445,11 @@ def test_gradient_scaling_hook_composes_with_the_window() -> None:
         torch.testing.assert_close(p.detach(), x0 - lr * want, rtol=1e-8, atol=1e-10)
     sd = opt.state_dict()
     assert sd["state"][0]["gradient_scaling"] == {"calls": 5}
-    other = MFAC([_vec_param(d)], lr=lr, ngrads=m, damp=damp, history_dtype=F64,
+    other = PaperMFAC([_vec_param(d)], lr=lr, ngrads=m, damp=damp, history_dtype=F64,
                  gradient_scaling=_Diagonal(scale))  # fmt: skip
     other.load_state_dict(sd)
     assert other.gradient_scaling.calls == 5
-    plain = MFAC([_vec_param(d)], lr=lr, ngrads=m, damp=damp, history_dtype=F64)
+    plain = PaperMFAC([_vec_param(d)], lr=lr, ngrads=m, damp=damp, history_dtype=F64)
     with pytest.raises(ValueError, match="gradient_scaling"):
         plain.load_state_dict(sd)
 
@@ -460,7 +460,7 @@ def test_state_lives_in_self_state_and_torch_hooks_apply() -> None:
     from mfac.operators import SlidingWindow
 
     a, b = _vec_param(5, 1), _vec_param(3, 2)
-    opt = MFAC([a, b], lr=0.1, ngrads=2, momentum=0.5)
+    opt = PaperMFAC([a, b], lr=0.1, ngrads=2, momentum=0.5)
     calls: list[str] = []
     opt.register_step_pre_hook(lambda o, args, kw: calls.append("pre"))
     opt.register_step_post_hook(lambda o, args, kw: calls.append("post"))

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from mfac import NonFiniteGradientError
-from mfac.optim import MFAC
+from mfac.optim import MFAC, PaperMFAC
 
 STEPS, NGRADS = 50, 8
 
@@ -40,7 +40,7 @@ def _train(model: nn.Module, opt: MFAC) -> None:
 
 
 def _make_opt(model: nn.Module, group: object = None) -> MFAC:
-    return MFAC(
+    return PaperMFAC(
         model.parameters(), lr=1e-2, ngrads=NGRADS, damp=1e-4, momentum=0.5, process_group=group
     )
 

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # Trainer needs it
 
-from mfac.optim import MFAC  # noqa: E402
+from mfac.optim import MFAC, PaperMFAC, ScaledMFAC  # noqa: E402
 
 
 class _Toy(torch.utils.data.Dataset):
@@ -59,7 +59,7 @@ def _decay_groups(model: torch.nn.Module, wd: float) -> list[dict]:
 def test_trainer_runs_mfac(tmp_path: Path) -> None:
     model = _tiny_bert()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = MFAC(_decay_groups(model, 0.01), lr=1e-4, ngrads=8, damp=1e-4, momentum=0.9)
+    opt = PaperMFAC(_decay_groups(model, 0.01), lr=1e-4, ngrads=8, damp=1e-4, momentum=0.9)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=4,
@@ -82,7 +82,10 @@ def test_trainer_runs_mfac(tmp_path: Path) -> None:
     assert "classifier.weight" in changed and "bert.embeddings.word_embeddings.weight" in changed
 
 
-def test_trainer_optimizer_cls_and_kwargs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["adam", "paper"])
+def test_trainer_optimizer_cls_and_kwargs(tmp_path: Path, mode: str) -> None:
+    """Trainer builds MFAC from (class, kwargs) with its two weight-decay groups, in either
+    mode; both windows see every step."""
     model = _tiny_bert()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
@@ -99,10 +102,13 @@ def test_trainer_optimizer_cls_and_kwargs(tmp_path: Path) -> None:
         model=model,
         args=args,
         train_dataset=_Toy(),
-        optimizer_cls_and_kwargs=(MFAC, {"ngrads": 4, "damp": 1e-4}),
+        optimizer_cls_and_kwargs=(MFAC, {"ngrads": 4, "damp": 1e-4, "mode": mode}),
     )
     trainer.train()
     opt = trainer.optimizer
     inner = getattr(opt, "optimizer", opt)  # accelerate wraps it
     assert isinstance(inner, MFAC) and len(inner.param_groups) == 2
-    assert inner.window.num_pushed == 2
+    if mode == "paper":
+        assert isinstance(inner, PaperMFAC) and inner.window.num_pushed == 2
+    else:
+        assert isinstance(inner, ScaledMFAC) and inner.state_dict()["scaled"]["steps"] == 2

@@ -16,7 +16,7 @@ from torch import nn
 import mfac
 from mfac.operators import SlidingInverseFisher, TopKSlidingInverseFisher
 from mfac.operators.memory import gram_nbytes
-from mfac.optim import MFAC
+from mfac.optim import MFAC, PaperMFAC
 from test_optim import _data, _model, _train, assert_state_equal
 
 NGRADS = 4
@@ -25,7 +25,7 @@ NGRADS = 4
 def _make(history: str) -> tuple[nn.Module, MFAC]:
     model = _model()
     kw = {"history": "topk", "topk": 0.3} if history == "topk" else {}
-    opt = MFAC(model.parameters(), lr=1e-2, ngrads=NGRADS, damp=1e-4, momentum=0.9, **kw)
+    opt = PaperMFAC(model.parameters(), lr=1e-2, ngrads=NGRADS, damp=1e-4, momentum=0.9, **kw)
     opt.set_masks({model[0].weight: model[0].weight.abs() > 0.1})
     return model, opt
 
@@ -254,7 +254,7 @@ def test_add_param_group_refusal_changes_nothing(group: dict, match: str) -> Non
 
 def test_add_param_group_over_budget_changes_nothing() -> None:
     p = nn.Parameter(torch.zeros(10))
-    opt = MFAC([p], lr=0.1, ngrads=4, memory_budget=200_000)
+    opt = PaperMFAC([p], lr=0.1, ngrads=4, memory_budget=200_000)
     p.grad = torch.ones(10)
     opt.step()
     before = copy.deepcopy(opt.state_dict())
@@ -287,7 +287,7 @@ def test_bad_options_are_refused(kwargs: dict, error: type, match: str) -> None:
     model = _model()
     params = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(error, match=match):
-        MFAC(model.parameters(), **kwargs)
+        PaperMFAC(model.parameters(), **kwargs)
     for p, p0 in zip(model.parameters(), params, strict=True):
         assert torch.equal(p.detach(), p0)
 
@@ -298,7 +298,7 @@ def test_window_of_many_tiny_gradients_is_refused() -> None:
     with pytest.raises(MemoryError, match=r"needs .* bytes.*available"):
         SlidingInverseFisher(1, 200_000)
     with pytest.raises(MemoryError, match="memory budget"):
-        MFAC([nn.Parameter(torch.zeros(1))], ngrads=200_000)
+        PaperMFAC([nn.Parameter(torch.zeros(1))], ngrads=200_000)
     assert gram_nbytes(200_000) == 4 * 200_000**2 * 8
 
 
@@ -333,7 +333,7 @@ def test_float32_overflow_of_products_is_named() -> None:
 
 def test_optimizer_names_overflow_not_nan() -> None:
     p = nn.Parameter(torch.zeros(8))
-    opt = MFAC([p], lr=0.1, ngrads=3, damp=1e-2)
+    opt = PaperMFAC([p], lr=0.1, ngrads=3, damp=1e-2)
     p.grad = torch.full((8,), 1e20)
     opt.step()
     before = copy.deepcopy(opt.state_dict())

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from mfac.operators import SlidingInverseFisher, SlidingWindow, TopKSlidingInverseFisher
 from mfac.operators.gram import GramFactor
 from mfac.operators.sharded import ShardedSlidingInverseFisher
-from mfac.optim import MFAC
+from mfac.optim import PaperMFAC
 
 from oracle import dense_inverse_fisher, rel_err
 
@@ -57,7 +57,7 @@ def test_every_window_satisfies_the_protocol(single_process_group: object) -> No
         assert (w.dim, w.window, w.num_pushed, w.next_slot) == (7, 3, 0, 0)
         assert w.damp == 1e-2 and w.device == torch.device("cpu") and w.nbytes > 0
     assert not isinstance(GramFactor(3, 1e-2, "cpu"), SlidingWindow)
-    opt = MFAC([torch.nn.Parameter(torch.zeros(4))], ngrads=2)
+    opt = PaperMFAC([torch.nn.Parameter(torch.zeros(4))], ngrads=2)
     assert isinstance(opt.window, SlidingWindow)
 
 
@@ -78,12 +78,16 @@ def test_every_window_matches_the_dense_oracle(
         oracle = dense_inverse_fisher(rows, damp)
         x = torch.randn(dim, dtype=F64, generator=gen)
         for name, w in windows.items():
+            # The top-k window keeps its error feedback, and so the rows it holds, in float32:
+            # float32 rounding times the cancellation in (g - G^T K^-1 G g) / damp, up to
+            # |g|^2 / damp ~ 1e3 here (hypothesis found 1.3e-5).
+            tol = 1e-4 if name == "topk" else 1e-5
             if t % 3 == 2:
                 w.push(g)
             else:
-                assert rel_err(w.push_ihvp(g), oracle @ g) < 1e-5, name
+                assert rel_err(w.push_ihvp(g), oracle @ g) < tol, name
             if dim > m:  # generic x: no cancellation in (x - G^T K^-1 G x) / damp
-                assert rel_err(w.ihvp(x), oracle @ x) < 1e-5, name
+                assert rel_err(w.ihvp(x), oracle @ x) < tol, name
             assert (w.num_pushed, w.next_slot) == (t + 1, (t + 1) % m), name
     for name, w in windows.items():
         state = w.state_dict()

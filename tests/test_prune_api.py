@@ -205,11 +205,10 @@ def test_previous_masks_are_kept(digits) -> None:
 def _optimizers(model: nn.Module):
     yield torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     yield torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    try:
-        from mfac.optim import MFAC
-    except ImportError:  # pragma: no cover - optimizer not built yet
-        return
-    yield MFAC(model.parameters(), lr=1e-3, ngrads=8, damp=1e-4)
+    from mfac.optim import MFAC
+
+    yield MFAC(model.parameters(), lr=1e-3, ngrads=8, damp=1e-4, mode="paper")
+    yield MFAC(model.parameters(), lr=1e-3)  # the default rule
 
 
 def test_masks_hold_through_finetuning(digits) -> None:

@@ -21,8 +21,9 @@ def dense_power(s: torch.Tensor, lam: float, power: float) -> torch.Tensor:
     return (evecs * f) @ evecs.T
 
 
-def oracle_run(shapes, grads, lr, wd, ngrads, damp, power, whiten, blocks, betas, eps):
-    """Parameters after the given gradient steps, everything dense in float64."""
+def oracle_run(shapes, grads, lr, wd, ngrads, damp, power, whiten, blocks, betas, eps, graft):
+    """Parameters after the given gradient steps, everything dense in float64; ``graft``
+    rescales each block's step to the length of AdamW's step on the block."""
     params = [torch.zeros(s, dtype=F64) for s in shapes]
     torch.manual_seed(0)
     params = [torch.randn(s).to(F64) for s in shapes]
@@ -32,14 +33,15 @@ def oracle_run(shapes, grads, lr, wd, ngrads, damp, power, whiten, blocks, betas
     es = [torch.zeros(n, dtype=F64) for n in sizes]
     history: list[list[torch.Tensor]] = []  # per step: whitened flat z per parameter
     for t, step_grads in enumerate(grads, start=1):
-        zs, us = [], []
+        zs, us, adamw = [], [], []
         for i, g in enumerate(step_grads):
             g = g.to(F64).reshape(-1)
             ea[i] = b1 * ea[i] + (1 - b1) * g
             es[i] = b2 * es[i] + (1 - b2) * g * g
             mhat = ea[i] / (1 - b1**t)
+            den = torch.sqrt(es[i] / (1 - b2**t)) + eps
+            adamw.append(mhat / den)
             if whiten == "adam":
-                den = torch.sqrt(es[i] / (1 - b2**t)) + eps
                 zs.append(g / den)
                 us.append(mhat / den)
             else:
@@ -59,6 +61,8 @@ def oracle_run(shapes, grads, lr, wd, ngrads, damp, power, whiten, blocks, betas
             s = dense_power(smat, lam, power) @ u
             if whiten == "none":
                 s = s / lam**0.5
+            if graft:
+                s = s * torch.cat([adamw[i] for i in grp]).norm() / s.norm()
             for i, piece in zip(grp, s.split([sizes[i] for i in grp]), strict=True):
                 dirs[i] = piece
         for i, p in enumerate(params):
@@ -76,9 +80,10 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("graft", [True, False], ids=["graft", "plain"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
 @pytest.mark.parametrize("ngrads", [3, 16])  # 3: wrap-around; 16 > d of some blocks
-def test_matches_dense_float64_oracle(case, ngrads):
+def test_matches_dense_float64_oracle(case, ngrads, graft):
     shapes = [(3, 4), (5,), (2, 2)]
     gen = torch.Generator().manual_seed(1)
     steps = 7
@@ -88,7 +93,9 @@ def test_matches_dense_float64_oracle(case, ngrads):
         [torch.randn(s, generator=gen) * sc for s, sc in zip(shapes, scales, strict=True)]
         for _ in range(steps)
     ]
-    kw = dict(lr=0.05, wd=0.1, ngrads=ngrads, damp=0.3, betas=(0.9, 0.99), eps=1e-8, **case)
+    kw = dict(
+        lr=0.05, wd=0.1, ngrads=ngrads, damp=0.3, betas=(0.9, 0.99), eps=1e-8, graft=graft, **case
+    )
     want = oracle_run(shapes, grads, **kw)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
@@ -98,6 +105,7 @@ def test_matches_dense_float64_oracle(case, ngrads):
         ngrads=ngrads,
         damp=0.3,
         betas=(0.9, 0.99),
+        graft=graft,
         **case,
     )
     for step_grads in grads:

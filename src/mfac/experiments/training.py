@@ -98,7 +98,10 @@ def make_optimizer(name: str, params: Any, hp: dict[str, float], ngrads: int) ->
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     from ..optim import MFAC
 
-    return MFAC(params, lr=lr, ngrads=ngrads, damp=hp["damp"], momentum=mom, weight_decay=wd)
+    return MFAC(
+        params, lr=lr, ngrads=ngrads, damp=hp["damp"], momentum=mom, weight_decay=wd,
+        mode="paper",
+    )  # fmt: skip
 
 
 def save_checkpoint(

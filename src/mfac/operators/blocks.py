@@ -40,6 +40,7 @@ def tile_bytes(device: torch.device) -> int:
     """Float64 bytes of one tile of the build on ``device``."""
     return TILE_BYTES if device.type == "cpu" else GPU_TILE_BYTES
 
+
 #: A pivot of a block's Cholesky factor must keep at least this share of its lower bound
 #: (lambda for F_b, m*lambda for K_b); below it, float64 rounding of the Gram dominates.
 PIVOT_SHARE = 0.5

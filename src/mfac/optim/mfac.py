@@ -1,5 +1,5 @@
-"""The M-FAC optimizer: preconditioned steps with the inverse empirical Fisher of a sliding
-window of the last m gradients (docs/algorithms.md section 3), as a ``torch.optim.Optimizer``.
+"""The paper's M-FAC step, ``MFAC(..., mode="paper")``: SGD preconditioned by the inverse
+empirical Fisher of a sliding window of the last m gradients (docs/algorithms.md section 3).
 
 The step itself is :func:`mfac.optim.functional.mfac_step`; this class lays the parameters
 out in one flat vector, keeps the state in ``self.state`` (torch's convention) and checks
@@ -42,6 +42,7 @@ from ..operators.memory import check_fits
 from ..operators.sliding import SlidingInverseFisher
 from ..operators.topk import TopKSlidingInverseFisher, resolve_k
 from ..operators.window import SlidingWindow
+from .base import MFAC
 from .functional import GradientScaling, Segment, mfac_step
 
 HISTORIES = ("dense", "topk")
@@ -65,9 +66,9 @@ def check_option(value: Any, name: str, key: str | None = None) -> float:
     return v
 
 
-class MFAC(torch.optim.Optimizer):
-    """M-FAC: SGD preconditioned by the inverse of F = damp*I + G^T G / m over the last
-    ``ngrads`` gradients.
+class PaperMFAC(MFAC):
+    """The paper's M-FAC: SGD preconditioned by the inverse of F = damp*I + G^T G / m over the
+    last ``ngrads`` gradients. Built by ``MFAC(..., mode="paper")`` (or directly).
 
     Args:
         params: parameters or parameter groups (dicts with ``params`` and optional ``lr``,
@@ -87,6 +88,7 @@ class MFAC(torch.optim.Optimizer):
             available RAM); checked before anything is allocated.
         gradient_scaling: optional transform around the preconditioner
             (:class:`mfac.optim.functional.GradientScaling`); None is the paper's step.
+        mode: ``"paper"`` only (``mfac.MFAC`` passes its ``mode`` through).
     """
 
     def __init__(
@@ -105,7 +107,10 @@ class MFAC(torch.optim.Optimizer):
         *,
         memory_budget: int | None = None,
         gradient_scaling: GradientScaling | None = None,
+        mode: str = "paper",
     ) -> None:
+        if mode != "paper":
+            raise ValueError(f"PaperMFAC is mode='paper', got mode={mode!r}; use mfac.MFAC")
         defaults = {
             "lr": check_option(lr, "lr"),
             "momentum": check_option(momentum, "momentum"),
@@ -545,9 +550,9 @@ class MFAC(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"MFAC(dim={self.dim}, ngrads={self.ngrads}, damp={self.damp:g}, "
+            f"MFAC(mode='paper', dim={self.dim}, ngrads={self.ngrads}, damp={self.damp:g}, "
             f"history={self.history!r}, groups={len(self.param_groups)})"
         )
 
 
-__all__ = ["MFAC", "check_option"]
+__all__ = ["MFAC", "PaperMFAC", "check_option"]

@@ -1,5 +1,6 @@
-"""Scale-aware sliding-window preconditioners: candidates for M-FAC's default on transformers
-(issue 10; the study is in docs/optim_transformers.md).
+"""``MFAC(params, lr)``'s default rule (``mode="adam"``): sliding-window preconditioners that
+do not depend on the gradients' scale (the study that chose the default is in
+docs/optim_transformers.md).
 
 Plain M-FAC steps along F^-1 g with F = damp*I + G^T G / m. Its step is a combination of the
 window's gradients, so it inherits their split across tensors: on a freshly initialised
@@ -15,6 +16,7 @@ diagonal statistics and applies a matrix function of the window's (whitened) Fis
     s   = lam^-q (I + S / lam)^-p u     (p = power: 1 is the M-FAC inverse, 1/2 is GGT's
                                          inverse square root; q = 0 with "adam" whitening,
                                          q = 1/2 without, so s never depends on the scale of g)
+    s  *= |u| / |s|                     (graft, the default: AdamW's step length, per block)
     p  *= 1 - lr * wd;   p -= lr * s
 
 With whitening, s -> u (exactly AdamW) as damp -> infinity, and the window only shrinks the
@@ -33,8 +35,10 @@ from typing import Any
 import torch
 
 from .._config import Options, option
-from .._validation import NonFiniteGradientError
+from .._validation import NonFiniteGradientError, check_positive_int
+from ..operators.memory import check_fits
 from ..operators.topk import finite_fast
+from .base import MFAC
 from .mfac import check_option
 
 F64 = torch.float64
@@ -59,7 +63,7 @@ class ScaledConfig(Options):
     betas: Any = option((0.9, 0.999), "Adam's decay rates (b1, b2), each in [0, 1)", kind="any")
     eps: float = option(1e-8, "Adam's epsilon", low=0, low_open=True)
     graft: bool = option(
-        False, "rescale each block's step to the norm of AdamW's step (AdamW's lr scale)"
+        True, "rescale each block's step to the norm of AdamW's step (AdamW's lr scale)"
     )
 
     def validate(self) -> None:
@@ -169,15 +173,20 @@ class _Block:
         self.num_pushed = int(state["num_pushed"])
 
 
-class ScaledMFAC(torch.optim.Optimizer):
-    """AdamW whose direction is preconditioned by a matrix function of the sliding window's
-    whitened empirical Fisher, with damping relative to the window's mean eigenvalue.
+class ScaledMFAC(MFAC):
+    """``MFAC``'s default rule (``mode="adam"``): AdamW whose direction is preconditioned by a
+    matrix function of the sliding window's whitened empirical Fisher, with damping relative to
+    the window's mean eigenvalue, grafted to AdamW's step length.
 
     Args:
         params: parameters or groups (``lr`` and ``weight_decay`` per group, read every step).
         lr: learning rate (AdamW's scale: 1e-3 from scratch).
         weight_decay: decoupled, as in AdamW.
         ngrads, damp, power, whiten, blocks, betas, eps, graft: see :class:`ScaledConfig`.
+        memory_budget: bytes the windows, Adam's moments and the step's buffers may take
+            (default: half the available RAM; the free memory on CUDA); checked before
+            anything is allocated.
+        mode: ``"adam"`` only (``mfac.MFAC`` passes its ``mode`` through).
 
     A parameter whose ``.grad`` is None in a step is not updated; its Adam moments and window
     see a zero gradient. NaN/Inf in a gradient raises :class:`mfac.NonFiniteGradientError`
@@ -196,8 +205,15 @@ class ScaledMFAC(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        graft: bool = False,
+        graft: bool = True,
+        *,
+        memory_budget: int | None = None,
+        mode: str = "adam",
     ) -> None:
+        if mode != "adam":
+            raise ValueError(f"ScaledMFAC is mode='adam', got mode={mode!r}; use mfac.MFAC")
+        if memory_budget is not None:
+            check_positive_int(memory_budget, "memory_budget")
         self.cfg = ScaledConfig(
             ngrads, damp, float(power), whiten, blocks, tuple(betas), eps, graft
         )
@@ -209,8 +225,21 @@ class ScaledMFAC(torch.optim.Optimizer):
         self._params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not self._params:
             raise ValueError("ScaledMFAC got no parameter that requires grad")
-        device = self._params[0].device
+        devices = {p.device for p in self._params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"all parameters must live on one device, got {sorted(map(str, devices))}"
+            )
+        device = devices.pop()
         sizes = [p.numel() for p in self._params]
+        check_fits(
+            self.required_bytes(sizes, self.cfg.ngrads, self.cfg.blocks),
+            f"MFAC(mode='adam') over {sum(sizes)} coordinates in {len(sizes)} tensors with "
+            f"windows of {self.cfg.ngrads} gradients ({self.cfg.blocks} blocks; windows, their "
+            "float64 m x m matrices, Adam's moments and the step's buffers)",
+            memory_budget,
+            device,
+        )
         if self.cfg.blocks == "global":
             self._blocks = [_Block(sum(sizes), self.cfg.ngrads, device)]
         else:
@@ -220,8 +249,21 @@ class ScaledMFAC(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Groups are fixed at construction (the window's layout depends on them)."""
         if hasattr(self, "_blocks"):
-            raise NotImplementedError("ScaledMFAC does not support adding parameter groups")
+            raise NotImplementedError(
+                "MFAC(mode='adam') does not support adding parameter groups after construction "
+                "(each tensor's window is laid out then); build it with every group"
+            )
         super().add_param_group(param_group)
+
+    @staticmethod
+    def required_bytes(sizes: list[int], ngrads: int, blocks: str = "tensor") -> int:
+        """Bytes a step needs: the float32 windows and their float64 m x m Gram matrices, Adam's
+        two moments, and the step's float32 temporaries (z, u and the direction, plus the
+        eigendecomposition's m x m work per block)."""
+        dim = sum(sizes)
+        nblocks = 1 if blocks == "global" else len(sizes)
+        windows = 4 * ngrads * dim + 8 * nblocks * ngrads * ngrads
+        return windows + 2 * 4 * dim + 3 * 4 * dim + 3 * 8 * nblocks * ngrads * ngrads
 
     @property
     def state_nbytes(self) -> int:
@@ -229,11 +271,13 @@ class ScaledMFAC(torch.optim.Optimizer):
         window = sum(b.rows.numel() * 4 + b.gram.numel() * 8 for b in self._blocks)
         return window + 2 * 4 * sum(p.numel() for p in self._params)
 
-    def _whiten(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Update Adam's moments; return per-parameter (z, u) as flat float32 vectors."""
+    def _whiten(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Update Adam's moments; return per-parameter (z, u) as flat float32 vectors, and the
+        squared length of each parameter's AdamW direction (the graft's target; it is |u|^2
+        with Adam whitening)."""
         b1, b2 = self.cfg.betas
         t = self._steps + 1
-        zs, us = [], []
+        zs, us, targets = [], [], []
         for p in self._params:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             st = self.state[p]
@@ -249,10 +293,14 @@ class ScaledMFAC(torch.optim.Optimizer):
                 denom = (es / (1.0 - b2**t)).sqrt_().add_(self.cfg.eps)
                 zs.append(g / denom)
                 us.append(mhat / denom)
+                targets.append(us[-1].square().sum())
             else:
                 zs.append(g)  # read only: the window stores its own copy
                 us.append(mhat)
-        return zs, us
+                if self.cfg.graft:
+                    denom = (es / (1.0 - b2**t)).sqrt_().add_(self.cfg.eps)
+                    targets.append((mhat / denom).square().sum())
+        return zs, us, targets
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -270,9 +318,10 @@ class ScaledMFAC(torch.optim.Optimizer):
                     f"ScaledMFAC.step: the gradient of parameter #{i} (shape "
                     f"{tuple(p.shape)}) contains NaN or Inf; nothing was changed"
                 )
-        zs, us = self._whiten()
+        zs, us, targets = self._whiten()
         if self.cfg.blocks == "global":
             zs, us = [torch.cat(zs)], [torch.cat(us)]
+            targets = [torch.stack(targets).sum()] if targets else []
         projs = [b.push(z, u) for b, z, u in zip(self._blocks, zs, us, strict=True)]
         grams = torch.stack([b.gram for b in self._blocks])
         coeff, lams = window_coeffs(
@@ -285,7 +334,7 @@ class ScaledMFAC(torch.optim.Optimizer):
         ]
         if self.cfg.graft:  # keep the window's direction, take AdamW's step length
             d_norms = torch.stack([d.norm() for d in dirs])
-            u_norms = torch.stack([u.norm() for u in us])
+            u_norms = torch.stack(targets).sqrt()
             scales = torch.where(d_norms > 0, u_norms / d_norms, torch.ones_like(d_norms))
             for d, scale in zip(dirs, scales, strict=True):  # no host sync per tensor
                 d.mul_(scale)
@@ -302,6 +351,13 @@ class ScaledMFAC(torch.optim.Optimizer):
             p.add_(d.view_as(p).to(p.dtype), alpha=-lr)
         self._steps += 1
         return loss
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"MFAC(mode='adam', ngrads={c.ngrads}, damp={c.damp:g}, blocks={c.blocks!r}, "
+            f"windows={len(self._blocks)}, graft={c.graft}, groups={len(self.param_groups)})"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state (Adam moments) plus the windows and the step count."""
