@@ -119,23 +119,26 @@ def make_optimizer(
         from pytorch_optimizer import SOAP
 
         return SOAP(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY, **extra)
-    if name == "mfac":  # the current MFAC with every default (ngrads=1024, damp=1e-5)
-        return MFAC(decay_groups(model), lr=lr)
-    if name == "mfac-m128":  # the example's settings
-        return MFAC(decay_groups(model), lr=lr, ngrads=128, damp=1e-4)
+    if name == "mfac-default":  # MFAC(params, lr) with every default: mode="adam"
+        return MFAC(decay_groups(model), lr=lr, **extra)
+    if name == "mfac":  # the paper's step with every default (ngrads=1024, damp=1e-5)
+        return MFAC(decay_groups(model), lr=lr, mode="paper")
+    if name == "mfac-m128":  # the example's former settings
+        return MFAC(decay_groups(model), lr=lr, ngrads=128, damp=1e-4, mode="paper")
     if name in CANDIDATES:
         return ScaledMFAC(decay_groups(model), lr=lr, **{**CANDIDATES[name], **extra})
     raise ValueError(f"unknown optimizer {name!r}")
 
 
 # The scale-aware designs (mfac.optim.scaled); damp is relative to the window's mean eigenvalue.
+# Each is ungrafted, as in the study that compared them; --options '{"graft": true}' grafts.
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "adam-mfac": {"power": 1.0, "whiten": "adam", "blocks": "global"},
-    "adam-mfac-tensor": {"power": 1.0, "whiten": "adam", "blocks": "tensor"},
-    "adam-ggt": {"power": 0.5, "whiten": "adam", "blocks": "global"},
-    "adam-ggt-tensor": {"power": 0.5, "whiten": "adam", "blocks": "tensor"},
-    "ggt": {"power": 0.5, "whiten": "none", "blocks": "global"},
-    "ggt-tensor": {"power": 0.5, "whiten": "none", "blocks": "tensor"},
+    "adam-mfac": {"power": 1.0, "whiten": "adam", "blocks": "global", "graft": False},
+    "adam-mfac-tensor": {"power": 1.0, "whiten": "adam", "blocks": "tensor", "graft": False},
+    "adam-ggt": {"power": 0.5, "whiten": "adam", "blocks": "global", "graft": False},
+    "adam-ggt-tensor": {"power": 0.5, "whiten": "adam", "blocks": "tensor", "graft": False},
+    "ggt": {"power": 0.5, "whiten": "none", "blocks": "global", "graft": False},
+    "ggt-tensor": {"power": 0.5, "whiten": "none", "blocks": "tensor", "graft": False},
 }
 
 
