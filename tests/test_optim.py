@@ -475,3 +475,54 @@ def test_state_lives_in_self_state_and_torch_hooks_apply() -> None:
     opt.load_state_dict(sd)
     assert calls == ["pre", "post", "sd", "load"]
     assert opt.window is opt.state[a]["window"] and opt.steps == 1
+
+
+# ------------------------------------------------------------ MFAC: one class, two step rules
+def test_mfac_default_is_the_adam_rule_and_paper_is_one_argument_away() -> None:
+    """MFAC(params, lr) builds the default rule; mode="paper" the paper's step; both are MFACs
+    and survive deepcopy and pickling as themselves."""
+    import pickle
+
+    from mfac.optim import ScaledMFAC
+
+    params = [nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(2))]
+    default = MFAC(params, lr=1e-3)
+    paper = MFAC(params, lr=1e-3, mode="paper")
+    assert type(default) is ScaledMFAC and type(paper) is PaperMFAC
+    assert isinstance(default, MFAC) and isinstance(paper, MFAC)
+    assert (default.cfg.ngrads, default.cfg.damp, default.cfg.graft) == (32, 1.0, True)
+    assert (paper.ngrads, paper.damp) == (1024, 1e-5)
+    assert type(copy.deepcopy(default)) is ScaledMFAC
+    assert type(pickle.loads(pickle.dumps(paper))) is PaperMFAC
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["momentum", "decoupled_weight_decay", "history_dtype", "history", "topk", "process_group",
+     "gradient_scaling"],
+)  # fmt: skip
+def test_paper_only_options_are_refused_by_name_in_the_default_mode(option: str) -> None:
+    p = nn.Parameter(torch.randn(4))
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match=f"'{option}' is an option of mode='paper'"):
+        MFAC([p], lr=1e-3, **{option: None})
+    assert torch.equal(p.detach(), before) and p.grad is None
+
+
+def test_default_mode_refuses_positional_options_and_unknown_modes() -> None:
+    p = nn.Parameter(torch.randn(4))
+    with pytest.raises(TypeError, match="by keyword"):
+        MFAC([p], 1e-3, 8)  # ngrads=8 positionally: the paper's signature
+    with pytest.raises(ValueError, match="mode must be one of"):
+        MFAC([p], lr=1e-3, mode="adamw")
+    assert type(MFAC([p], 1e-3, 8, 1e-4, mode="paper")) is PaperMFAC  # paper: positional ok
+
+
+def test_default_rule_checks_memory_before_allocating() -> None:
+    """A window that does not fit the budget is refused with the bytes needed, and nothing
+    (no state, no window) is built."""
+    p = nn.Parameter(torch.randn(1000))
+    with pytest.raises(MemoryError, match=r"needs .* over the memory budget"):
+        MFAC([p], lr=1e-3, ngrads=64, memory_budget=100_000)
+    opt = MFAC([p], lr=1e-3, ngrads=4, memory_budget=1_000_000)
+    assert opt.state_nbytes <= 1_000_000
