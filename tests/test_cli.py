@@ -197,10 +197,14 @@ def test_help_and_version(work: Path, inproc) -> None:
         assert cmd in proc.stdout
     res = inproc("prune --help", cwd=work)
     assert res.returncode == 0 and "--sparsity" in res.stdout and "--recipe" in res.stdout
-    res = inproc("--version", cwd=work)
-    assert res.returncode == 0 and "torch-mfac" in res.stdout
+    version = inproc("--version", cwd=work)
+    assert version.returncode == 0 and "torch-mfac" in version.stdout
     res = inproc("demo --help", cwd=work)  # argparse does not %-format descriptions
     assert "50..95%" in res.stdout and "%%" not in res.stdout and "25 s" in res.stdout
+    top = subprocess.run(
+        [sys.executable, "-m", "mfac", "--version"], cwd=work, capture_output=True, text=True
+    )  # python -m mfac is the command too
+    assert top.returncode == 0 and top.stdout == version.stdout
 
 
 def test_prune_then_train_with_masks_and_exact_resume(work: Path, inproc) -> None:
