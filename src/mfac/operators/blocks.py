@@ -19,10 +19,12 @@ buffer is never copied whole.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
 
+from . import native
 from .threads import single_threaded
 
 F64 = torch.float64
@@ -33,6 +35,13 @@ TILE_BYTES = 8 * 2**20
 #: A pivot of a block's Cholesky factor must keep at least this share of its lower bound
 #: (lambda for F_b, m*lambda for K_b); below it, float64 rounding of the Gram dominates.
 PIVOT_SHARE = 0.5
+
+
+def native_direct_enabled() -> bool:
+    """Whether direct-form blocks of float32/float64 gradients on the CPU may take the C build
+    (:mod:`mfac.operators.native`). ``MFAC_DIRECT_NATIVE=0`` leaves them to the batched
+    torch/LAPACK calls (as do ``MFAC_NO_COMPILE=1`` and a machine without a C compiler)."""
+    return os.environ.get("MFAC_DIRECT_NATIVE", "1") != "0"
 
 
 class FisherFactorError(ValueError):
@@ -57,6 +66,7 @@ class BlockGroup:
         self.damp = damp
         self.direct = size <= num_grads
         self.q_form = True
+        self.native = False
 
     # ----------------------------------------------------------------- tiles of the buffer
     def _view(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -112,6 +122,10 @@ class BlockGroup:
         place) and (nblocks, m, m) for Woodbury (G_b G_b^T, later factored in place)."""
         self.q_form = buffer.dtype in (torch.float32, torch.float64)
         self.store = store
+        self.native = self.direct and native_direct_enabled() and native.supports_direct(buffer)
+        if self.native:
+            native.direct_gram(buffer, self.start, self.size, store)
+            return float(store.diagonal(dim1=1, dim2=2).sum()) * self.m
         blocks, rows, cols = self._plan()
         view = self._view(buffer)
         total = torch.zeros((), dtype=F64, device=buffer.device)
@@ -141,6 +155,17 @@ class BlockGroup:
         when a block does not factor."""
         self.damp = damp
         floor = damp if self.direct else self.m * damp
+        if self.native:
+            pivots = native.direct_invert(self.store, floor)
+            ok = (torch.isfinite(pivots) & (pivots >= PIVOT_SHARE * floor)).all(1)
+            if not bool(ok.all()):
+                bad = int((~ok).nonzero()[0])
+                raise FisherFactorError(
+                    self._failure(self._damped_gram(buffer, bad, floor), bad, floor, buffer)
+                )
+            self.inverse = self.store
+            del self.store
+            return
         blocks = self._plan()[0]
         for b0, b1 in _chunks(self.nblocks, blocks):
             mats = self.store[b0:b1]
@@ -171,6 +196,13 @@ class BlockGroup:
             return chol
         bad = int((~ok).nonzero()[0])
         raise FisherFactorError(self._failure(mats[bad], b0 + bad, floor, buffer))
+
+    def _damped_gram(self, buffer: torch.Tensor, block: int, floor: float) -> torch.Tensor:
+        """lambda*I + G_b^T G_b / m of one direct block, formed again (float64) for a message."""
+        cols = self._view(buffer)[:, block, :].to(F64)
+        mat = cols.T @ cols / self.m
+        mat.diagonal().add_(floor)
+        return mat
 
     def _failure(self, mat: torch.Tensor, block: int, floor: float, buffer: torch.Tensor) -> str:
         lo = self.start + block * self.size

@@ -39,7 +39,7 @@ from .._paths import atomic_file, cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = r"""
+_PASSES = r"""
 #include <stdint.h>
 #include <string.h>
 
@@ -207,6 +207,175 @@ COLS_DOT(mfac_cols_dot_bf16, from_bf16)
 COLS_DOT(mfac_cols_dot_f16, from_f16)
 """
 
+#: The direct form of the static build's B x B blocks (float64): Gram and inverse.
+_DENSE = r"""
+#include <stdlib.h>
+
+/* float64 vectors of 8 lanes, any alignment (GCC/Clang vector extensions: AVX-512 registers
+   with -march=native on such CPUs, pairs or quads of narrower registers elsewhere). */
+typedef double v8d __attribute__((vector_size(64), aligned(8)));
+#define PANEL 8
+#define GRAM_COLS 32
+#define GRAM_ROWS 4
+
+static inline int64_t round_up(int64_t x, int64_t k) { return (x + k - 1) / k * k; }
+
+/* C[i][j] = alpha * sum_r P[r][i] P[r][j] for j >= i (row-major B x B, upper triangle; some
+   entries below the diagonal of the diagonal tiles are written too). P is m x bp, zero-padded. */
+static void gram_upper(const double *P, int64_t m, int64_t B, int64_t bp, double alpha,
+                       double *C) {
+    double tmp[GRAM_ROWS][GRAM_COLS];
+    for (int64_t i0 = 0; i0 < B; i0 += GRAM_ROWS) {
+        for (int64_t j0 = i0 / GRAM_COLS * GRAM_COLS; j0 < B; j0 += GRAM_COLS) {
+            v8d a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0};
+            v8d a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
+            v8d a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0};
+            v8d a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
+            const double *row = P;
+            for (int64_t r = 0; r < m; ++r, row += bp) {
+                const v8d x0 = *(const v8d *)(row + j0), x1 = *(const v8d *)(row + j0 + 8);
+                const v8d x2 = *(const v8d *)(row + j0 + 16), x3 = *(const v8d *)(row + j0 + 24);
+                const double s0 = row[i0], s1 = row[i0 + 1], s2 = row[i0 + 2], s3 = row[i0 + 3];
+                a00 += s0 * x0; a01 += s0 * x1; a02 += s0 * x2; a03 += s0 * x3;
+                a10 += s1 * x0; a11 += s1 * x1; a12 += s1 * x2; a13 += s1 * x3;
+                a20 += s2 * x0; a21 += s2 * x1; a22 += s2 * x2; a23 += s2 * x3;
+                a30 += s3 * x0; a31 += s3 * x1; a32 += s3 * x2; a33 += s3 * x3;
+            }
+            *(v8d *)&tmp[0][0] = alpha * a00; *(v8d *)&tmp[0][8] = alpha * a01;
+            *(v8d *)&tmp[0][16] = alpha * a02; *(v8d *)&tmp[0][24] = alpha * a03;
+            *(v8d *)&tmp[1][0] = alpha * a10; *(v8d *)&tmp[1][8] = alpha * a11;
+            *(v8d *)&tmp[1][16] = alpha * a12; *(v8d *)&tmp[1][24] = alpha * a13;
+            *(v8d *)&tmp[2][0] = alpha * a20; *(v8d *)&tmp[2][8] = alpha * a21;
+            *(v8d *)&tmp[2][16] = alpha * a22; *(v8d *)&tmp[2][24] = alpha * a23;
+            *(v8d *)&tmp[3][0] = alpha * a30; *(v8d *)&tmp[3][8] = alpha * a31;
+            *(v8d *)&tmp[3][16] = alpha * a32; *(v8d *)&tmp[3][24] = alpha * a33;
+            const int64_t rows = B - i0 < GRAM_ROWS ? B - i0 : GRAM_ROWS;
+            const int64_t cols = B - j0 < GRAM_COLS ? B - j0 : GRAM_COLS;
+            for (int64_t ii = 0; ii < rows; ++ii)
+                memcpy(C + (i0 + ii) * B + j0, tmp[ii], (size_t)cols * sizeof(double));
+        }
+    }
+}
+
+#define DIRECT_GRAM(NAME, T)                                                                   \
+int NAME(const T *g, int64_t ld, int64_t m, int64_t B, int64_t b_begin, int64_t b_end,      \
+         double alpha, double *out) {                                                        \
+    const int64_t bp = round_up(B, GRAM_COLS);                                               \
+    double *P = calloc((size_t)(m * bp), sizeof(double));                                    \
+    if (!P) return -1;                                                                       \
+    for (int64_t b = b_begin; b < b_end; ++b) {                                              \
+        const T *src = g + b * B;                                                            \
+        for (int64_t r = 0; r < m; ++r)                                                      \
+            for (int64_t j = 0; j < B; ++j) P[r * bp + j] = (double)src[r * ld + j];         \
+        gram_upper(P, m, B, bp, alpha, out + b * B * B);                                     \
+    }                                                                                        \
+    free(P);                                                                                 \
+    return 0;                                                                                \
+}
+DIRECT_GRAM(mfac_direct_gram_f32, float)
+DIRECT_GRAM(mfac_direct_gram_f64, double)
+
+/* A <- A^-1 for a symmetric positive definite B x B matrix A + damp*I whose upper triangle is
+   given (row-major), by the blocked sweep operator: sweeping PANEL indices at a time turns A
+   into -A^-1; only the upper triangle is updated (B^3 flops), then negated and mirrored.
+   piv receives the B pivots, which are the Schur complements, i.e. the squares of A's Cholesky
+   diagonal (a pivot that is not positive means A is not positive definite in float64). */
+static void sweep_inverse(double *A, int64_t B, double damp, double *piv, double *R,
+                          double *T, int64_t bp) {
+    for (int64_t i = 0; i < B; ++i) A[i * B + i] += damp;
+    for (int64_t K = 0; K < B; K += PANEL) {
+        const int64_t kw = B - K < PANEL ? B - K : PANEL;
+        /* R = the panel's rows of the symmetric matrix, read from its upper triangle. */
+        for (int64_t k = 0; k < kw; ++k) {
+            double *rk = R + k * bp;
+            const int64_t p = K + k;
+            for (int64_t j = 0; j < p; ++j) rk[j] = A[j * B + p];
+            memcpy(rk + p, A + p * B + p, (size_t)(B - p) * sizeof(double));
+        }
+        /* S = inverse of the panel's diagonal block (Gauss-Jordan, no pivoting: SPD). */
+        double S[PANEL][PANEL];
+        for (int64_t k = 0; k < kw; ++k)
+            for (int64_t l = 0; l < kw; ++l) S[k][l] = R[k * bp + K + l];
+        for (int64_t p = 0; p < kw; ++p) {
+            const double d = S[p][p];
+            piv[K + p] = d;
+            const double inv = 1.0 / d;
+            S[p][p] = 1.0;
+            for (int64_t l = 0; l < kw; ++l) S[p][l] *= inv;
+            for (int64_t k = 0; k < kw; ++k) {
+                if (k == p) continue;
+                const double f = S[k][p];
+                S[k][p] = 0.0;
+                for (int64_t l = 0; l < kw; ++l) S[k][l] -= f * S[p][l];
+            }
+        }
+        /* T = S R (kw x B). */
+        for (int64_t k = 0; k < kw; ++k) {
+            double *tk = T + k * bp;
+            for (int64_t j = 0; j < B; ++j) tk[j] = 0.0;
+            for (int64_t l = 0; l < kw; ++l) {
+                const double s = S[k][l];
+                const double *rl = R + l * bp;
+                for (int64_t j = 0; j < B; ++j) tk[j] += s * rl[j];
+            }
+        }
+        /* Rows outside the panel: A[i][j] -= sum_k R[k][i] T[k][j] for j >= i (whole 8-lane
+           chunks from i rounded down; entries below the diagonal are never read). */
+        for (int64_t i = 0; i < B; ++i) {
+            if (i >= K && i < K + kw) continue;
+            double *ai = A + i * B;
+            int64_t j = i - i % 8;
+            if (kw == PANEL) {
+                const double c0 = R[i], c1 = R[bp + i], c2 = R[2 * bp + i], c3 = R[3 * bp + i];
+                const double c4 = R[4 * bp + i], c5 = R[5 * bp + i];
+                const double c6 = R[6 * bp + i], c7 = R[7 * bp + i];
+                for (; j + 8 <= B; j += 8) {
+                    v8d a = *(v8d *)(ai + j);
+                    a -= c0 * *(const v8d *)(T + j) + c1 * *(const v8d *)(T + bp + j)
+                       + c2 * *(const v8d *)(T + 2 * bp + j) + c3 * *(const v8d *)(T + 3 * bp + j)
+                       + c4 * *(const v8d *)(T + 4 * bp + j) + c5 * *(const v8d *)(T + 5 * bp + j)
+                       + c6 * *(const v8d *)(T + 6 * bp + j) + c7 * *(const v8d *)(T + 7 * bp + j);
+                    *(v8d *)(ai + j) = a;
+                }
+            }
+            for (; j < B; ++j) {
+                double s = 0.0;
+                for (int64_t k = 0; k < kw; ++k) s += R[k * bp + i] * T[k * bp + j];
+                ai[j] -= s;
+            }
+        }
+        /* The panel's new rows and columns: T (rows), T^T above the panel, -S on the block. */
+        for (int64_t k = 0; k < kw; ++k) {
+            const int64_t p = K + k;
+            for (int64_t i = 0; i < K; ++i) A[i * B + p] = T[k * bp + i];
+            for (int64_t j = K + kw; j < B; ++j) A[p * B + j] = T[k * bp + j];
+            for (int64_t l = k; l < kw; ++l) A[p * B + K + l] = -S[k][l];
+        }
+    }
+    for (int64_t i = 0; i < B; ++i) {
+        A[i * B + i] = -A[i * B + i];
+        for (int64_t j = i + 1; j < B; ++j) {
+            const double v = -A[i * B + j];
+            A[i * B + j] = v;
+            A[j * B + i] = v;
+        }
+    }
+}
+
+int mfac_direct_invert(double *a, int64_t B, int64_t b_begin, int64_t b_end, double damp,
+                       double *piv) {
+    const int64_t bp = round_up(B, 8);
+    double *R = calloc((size_t)(2 * PANEL * bp), sizeof(double));
+    if (!R) return -1;
+    for (int64_t b = b_begin; b < b_end; ++b)
+        sweep_inverse(a + b * B * B, B, damp, piv + b * B, R, R + PANEL * bp, bp);
+    free(R);
+    return 0;
+}
+"""
+
+SOURCE = _PASSES + _DENSE
+
 #: Compiler flag sets tried in order (the first that builds wins).
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"],
@@ -294,6 +463,19 @@ def _load(compiler: str) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.mfac_has_f16.restype = ctypes.c_int
+    gram = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_double, ctypes.c_void_p]
+    for name in ("mfac_direct_gram_f32", "mfac_direct_gram_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = gram, ctypes.c_int
+    lib.mfac_direct_invert.argtypes = (
+        [ctypes.c_void_p]
+        + [ctypes.c_int64] * 3
+        + [
+            ctypes.c_double,
+            ctypes.c_void_p,
+        ]
+    )
+    lib.mfac_direct_invert.restype = ctypes.c_int
     lib.mfac_vector_width.restype = ctypes.c_int
     return lib
 
@@ -372,3 +554,88 @@ def rows_dot(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(g.shape[0], dtype=torch.float32)
     _run(fn, g, x, out, g.shape[0], _MIN_ROWS)
     return out
+
+
+# ---------------------------------------------------------------------- direct-form blocks
+def supports_direct(buffer: torch.Tensor) -> bool:
+    """Whether the C direct-form build can read ``buffer``: a contiguous CPU float32/float64
+    m x d matrix (other dtypes and devices take the batched torch path)."""
+    return (
+        buffer.device.type == "cpu"
+        and buffer.dim() == 2
+        and buffer.is_contiguous()
+        and buffer.dtype in (torch.float32, torch.float64)
+        and library() is not None
+    )
+
+
+def _blocks_in_parallel(fn, nblocks: int, *args: object) -> None:
+    """``fn(*args, b_begin, b_end, ...)`` over disjoint block ranges, one per torch thread;
+    a C-side allocation failure (return value -1) becomes a MemoryError."""
+    head, tail = args[:-2], args[-2:]
+    ranges = _split(nblocks, torch.get_num_threads(), 1)
+    if len(ranges) == 1:
+        codes = [fn(*head, *ranges[0], *tail)]
+    else:
+        pool = _pool(len(ranges))
+        codes = [f.result() for f in [pool.submit(fn, *head, a, b, *tail) for a, b in ranges]]
+    if any(code != 0 for code in codes):
+        raise MemoryError("the direct-form build could not allocate its float64 scratch")
+
+
+def _check_store(store: torch.Tensor, nblocks: int, size: int) -> None:
+    """The C code trusts its sizes: refuse anything else before it runs."""
+    if (
+        store.device.type != "cpu"
+        or store.dtype != torch.float64
+        or tuple(store.shape) != (nblocks, size, size)
+        or not store.is_contiguous()
+    ):
+        raise ValueError(
+            f"native direct build: needs a contiguous CPU float64 ({nblocks}, {size}, {size}) "
+            f"store, got {tuple(store.shape)} {store.dtype} on {store.device}"
+        )
+
+
+def direct_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor) -> None:
+    """store[b] = G_b^T G_b / m in float64 for the blocks of ``size`` columns from column
+    ``start`` of ``buffer`` (m x d, float32/float64); only the upper triangle (j >= i) of each
+    block is written in full, which is what :func:`direct_invert` reads.
+
+    Each block's columns are widened into a float64 m x B panel that stays in cache, and the
+    Gram is formed from it by a register-blocked kernel over the upper triangle only (half the
+    flops of a general product)."""
+    nblocks = store.shape[0]
+    m, d = buffer.shape
+    if not supports_direct(buffer) or start < 0 or start + nblocks * size > d:
+        raise ValueError(
+            f"native direct build: needs a contiguous CPU float32/float64 buffer holding "
+            f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
+            f"{buffer.dtype} on {buffer.device}"
+        )
+    _check_store(store, nblocks, size)
+    lib = library()
+    fn = lib.mfac_direct_gram_f32 if buffer.dtype == torch.float32 else lib.mfac_direct_gram_f64
+    ptr = buffer.data_ptr() + start * buffer.element_size()
+    _blocks_in_parallel(fn, nblocks, ptr, d, m, size, 1.0 / m, store.data_ptr())
+
+
+def direct_invert(store: torch.Tensor, damp: float) -> torch.Tensor:
+    """Replace every block A_b of ``store`` (upper triangle read) by (A_b + damp*I)^-1 in
+    place (full symmetric result), and return the (nblocks, B) float64 pivots: the squares of
+    the Cholesky factor's diagonal. A pivot that is not a positive finite number means the
+    block is not positive definite in float64; its inverse is then meaningless.
+
+    The blocked sweep operator (Gauss-Jordan on a symmetric positive definite matrix, eight
+    pivots at a time, upper triangle only) costs B^3 flops per block, as Cholesky plus
+    inversion does, but in one pass whose rank-8 updates stay in cache."""
+    nblocks, size = store.shape[0], store.shape[-1]
+    _check_store(store, nblocks, size)
+    pivots = torch.empty(nblocks, size, dtype=torch.float64)
+    lib = library()
+    if lib is None:
+        raise ValueError("native direct build: no compiled library")
+    _blocks_in_parallel(
+        lib.mfac_direct_invert, nblocks, store.data_ptr(), size, float(damp), pivots.data_ptr()
+    )
+    return pivots
