@@ -215,8 +215,10 @@ _DENSE = r"""
    with -march=native on such CPUs, pairs or quads of narrower registers elsewhere). */
 typedef double v8d __attribute__((vector_size(64), aligned(8)));
 #define PANEL 8
-#define GRAM_COLS 32
-#define GRAM_ROWS 4
+/* Gram tiles: GRAM_ROWS rows by GRAM_COLS columns (16 accumulators of 8 lanes), the
+   fastest of 3..12 rows by 16..64 columns in one run. Sweep panels: PANEL pivots at a time. */
+#define GRAM_COLS 16
+#define GRAM_ROWS 8
 
 static inline int64_t round_up(int64_t x, int64_t k) { return (x + k - 1) / k * k; }
 
@@ -227,28 +229,21 @@ static void gram_upper(const double *P, int64_t m, int64_t B, int64_t bp, double
     double tmp[GRAM_ROWS][GRAM_COLS];
     for (int64_t i0 = 0; i0 < B; i0 += GRAM_ROWS) {
         for (int64_t j0 = i0 / GRAM_COLS * GRAM_COLS; j0 < B; j0 += GRAM_COLS) {
-            v8d a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0};
-            v8d a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
-            v8d a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0};
-            v8d a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
+            v8d acc[GRAM_ROWS][GRAM_COLS / 8];
+            for (int a = 0; a < GRAM_ROWS; ++a)
+                for (int b = 0; b < GRAM_COLS / 8; ++b) acc[a][b] = (v8d){0};
             const double *row = P;
             for (int64_t r = 0; r < m; ++r, row += bp) {
-                const v8d x0 = *(const v8d *)(row + j0), x1 = *(const v8d *)(row + j0 + 8);
-                const v8d x2 = *(const v8d *)(row + j0 + 16), x3 = *(const v8d *)(row + j0 + 24);
-                const double s0 = row[i0], s1 = row[i0 + 1], s2 = row[i0 + 2], s3 = row[i0 + 3];
-                a00 += s0 * x0; a01 += s0 * x1; a02 += s0 * x2; a03 += s0 * x3;
-                a10 += s1 * x0; a11 += s1 * x1; a12 += s1 * x2; a13 += s1 * x3;
-                a20 += s2 * x0; a21 += s2 * x1; a22 += s2 * x2; a23 += s2 * x3;
-                a30 += s3 * x0; a31 += s3 * x1; a32 += s3 * x2; a33 += s3 * x3;
+                v8d x[GRAM_COLS / 8];
+                for (int b = 0; b < GRAM_COLS / 8; ++b) x[b] = *(const v8d *)(row + j0 + 8 * b);
+                for (int a = 0; a < GRAM_ROWS; ++a) {
+                    const double s = row[i0 + a];
+                    for (int b = 0; b < GRAM_COLS / 8; ++b) acc[a][b] += s * x[b];
+                }
             }
-            *(v8d *)&tmp[0][0] = alpha * a00; *(v8d *)&tmp[0][8] = alpha * a01;
-            *(v8d *)&tmp[0][16] = alpha * a02; *(v8d *)&tmp[0][24] = alpha * a03;
-            *(v8d *)&tmp[1][0] = alpha * a10; *(v8d *)&tmp[1][8] = alpha * a11;
-            *(v8d *)&tmp[1][16] = alpha * a12; *(v8d *)&tmp[1][24] = alpha * a13;
-            *(v8d *)&tmp[2][0] = alpha * a20; *(v8d *)&tmp[2][8] = alpha * a21;
-            *(v8d *)&tmp[2][16] = alpha * a22; *(v8d *)&tmp[2][24] = alpha * a23;
-            *(v8d *)&tmp[3][0] = alpha * a30; *(v8d *)&tmp[3][8] = alpha * a31;
-            *(v8d *)&tmp[3][16] = alpha * a32; *(v8d *)&tmp[3][24] = alpha * a33;
+            for (int a = 0; a < GRAM_ROWS; ++a)
+                for (int b = 0; b < GRAM_COLS / 8; ++b)
+                    *(v8d *)&tmp[a][8 * b] = alpha * acc[a][b];
             const int64_t rows = B - i0 < GRAM_ROWS ? B - i0 : GRAM_ROWS;
             const int64_t cols = B - j0 < GRAM_COLS ? B - j0 : GRAM_COLS;
             for (int64_t ii = 0; ii < rows; ++ii)
@@ -309,39 +304,63 @@ static void sweep_inverse(double *A, int64_t B, double damp, double *piv, double
                 for (int64_t l = 0; l < kw; ++l) S[k][l] -= f * S[p][l];
             }
         }
-        /* T = S R (kw x B). */
-        for (int64_t k = 0; k < kw; ++k) {
-            double *tk = T + k * bp;
-            for (int64_t j = 0; j < B; ++j) tk[j] = 0.0;
-            for (int64_t l = 0; l < kw; ++l) {
-                const double s = S[k][l];
-                const double *rl = R + l * bp;
-                for (int64_t j = 0; j < B; ++j) tk[j] += s * rl[j];
+        /* T = S R (kw x B), eight columns at a time held in registers. */
+        if (kw == PANEL) {
+            for (int64_t j = 0; j < bp; j += 8) {
+                v8d t[PANEL];
+                for (int k = 0; k < PANEL; ++k) t[k] = (v8d){0};
+                for (int l = 0; l < PANEL; ++l) {
+                    const v8d r = *(const v8d *)(R + l * bp + j);
+                    for (int k = 0; k < PANEL; ++k) t[k] += S[k][l] * r;
+                }
+                for (int k = 0; k < PANEL; ++k) *(v8d *)(T + k * bp + j) = t[k];
+            }
+        } else {
+            for (int64_t k = 0; k < kw; ++k) {
+                double *tk = T + k * bp;
+                for (int64_t j = 0; j < B; ++j) tk[j] = 0.0;
+                for (int64_t l = 0; l < kw; ++l) {
+                    const double s = S[k][l];
+                    const double *rl = R + l * bp;
+                    for (int64_t j = 0; j < B; ++j) tk[j] += s * rl[j];
+                }
             }
         }
         /* Rows outside the panel: A[i][j] -= sum_k R[k][i] T[k][j] for j >= i (whole 8-lane
            chunks from i rounded down; entries below the diagonal are never read). */
-        for (int64_t i = 0; i < B; ++i) {
-            if (i >= K && i < K + kw) continue;
-            double *ai = A + i * B;
+        for (int64_t n = 0; n < B - kw; n += 2) {
+            const int64_t i = n < K ? n : n + kw;
+            const int64_t i2 = n + 1 < K ? n + 1 : n + 1 + kw;
+            const int two = n + 1 < B - kw;
+            double *ai = A + i * B, *a2 = two ? A + i2 * B : ai;
             int64_t j = i - i % 8;
             if (kw == PANEL) {
-                const double c0 = R[i], c1 = R[bp + i], c2 = R[2 * bp + i], c3 = R[3 * bp + i];
-                const double c4 = R[4 * bp + i], c5 = R[5 * bp + i];
-                const double c6 = R[6 * bp + i], c7 = R[7 * bp + i];
+                double c[PANEL], e[PANEL];
+                for (int k = 0; k < PANEL; ++k) {
+                    c[k] = R[k * bp + i];
+                    e[k] = two ? R[k * bp + i2] : 0.0;
+                }
                 for (; j + 8 <= B; j += 8) {
-                    v8d a = *(v8d *)(ai + j);
-                    a -= c0 * *(const v8d *)(T + j) + c1 * *(const v8d *)(T + bp + j)
-                       + c2 * *(const v8d *)(T + 2 * bp + j) + c3 * *(const v8d *)(T + 3 * bp + j)
-                       + c4 * *(const v8d *)(T + 4 * bp + j) + c5 * *(const v8d *)(T + 5 * bp + j)
-                       + c6 * *(const v8d *)(T + 6 * bp + j) + c7 * *(const v8d *)(T + 7 * bp + j);
-                    *(v8d *)(ai + j) = a;
+                    v8d x = *(v8d *)(ai + j), y = *(v8d *)(a2 + j);
+                    v8d x1 = {0}, y1 = {0};
+                    for (int k = 0; k < PANEL; k += 2) {
+                        const v8d t0 = *(const v8d *)(T + k * bp + j);
+                        const v8d t1 = *(const v8d *)(T + (k + 1) * bp + j);
+                        x -= c[k] * t0; y -= e[k] * t0;
+                        x1 -= c[k + 1] * t1; y1 -= e[k + 1] * t1;
+                    }
+                    *(v8d *)(ai + j) = x + x1;
+                    if (two) *(v8d *)(a2 + j) = y + y1;
                 }
             }
-            for (; j < B; ++j) {
-                double s = 0.0;
-                for (int64_t k = 0; k < kw; ++k) s += R[k * bp + i] * T[k * bp + j];
-                ai[j] -= s;
+            for (int64_t r = 0; r <= two; ++r) {
+                const int64_t row = r ? i2 : i;
+                double *ar = A + row * B;
+                for (int64_t jj = j; jj < B; ++jj) {
+                    double s = 0.0;
+                    for (int64_t k = 0; k < kw; ++k) s += R[k * bp + row] * T[k * bp + jj];
+                    ar[jj] -= s;
+                }
             }
         }
         /* The panel's new rows and columns: T (rows), T^T above the panel, -S on the block. */
@@ -352,12 +371,17 @@ static void sweep_inverse(double *A, int64_t B, double damp, double *piv, double
             for (int64_t l = k; l < kw; ++l) A[p * B + K + l] = -S[k][l];
         }
     }
-    for (int64_t i = 0; i < B; ++i) {
-        A[i * B + i] = -A[i * B + i];
-        for (int64_t j = i + 1; j < B; ++j) {
-            const double v = -A[i * B + j];
-            A[i * B + j] = v;
-            A[j * B + i] = v;
+    /* Negate the upper triangle and mirror it, one 8 x 8 tile at a time. */
+    for (int64_t i0 = 0; i0 < B; i0 += 8) {
+        const int64_t i1 = i0 + 8 < B ? i0 + 8 : B;
+        for (int64_t j0 = i0; j0 < B; j0 += 8) {
+            const int64_t j1 = j0 + 8 < B ? j0 + 8 : B;
+            for (int64_t i = i0; i < i1; ++i)
+                for (int64_t j = j0 > i ? j0 : i; j < j1; ++j) {
+                    const double v = -A[i * B + j];
+                    A[i * B + j] = v;
+                    A[j * B + i] = v;
+                }
         }
     }
 }
