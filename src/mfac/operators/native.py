@@ -216,7 +216,7 @@ _DENSE = r"""
 typedef double v8d __attribute__((vector_size(64), aligned(8)));
 #define PANEL 8
 /* Gram tiles: GRAM_ROWS rows by GRAM_COLS columns (16 accumulators of 8 lanes), the
-   fastest of 3..12 rows by 16..64 columns in one run. Sweep panels: PANEL pivots at a time. */
+   fastest of 3..12 rows by 16..64 columns in one run. Factor panels: PANEL rows at a time. */
 #define GRAM_COLS 16
 #define GRAM_ROWS 8
 
@@ -225,15 +225,16 @@ static inline int64_t round_up(int64_t x, int64_t k) { return (x + k - 1) / k * 
 /* C[i][j] = alpha * sum_r P[r][i] P[r][j] for j >= i (row-major B x B, upper triangle; some
    entries below the diagonal of the diagonal tiles are written too). P is m x bp, zero-padded. */
 static void gram_upper(const double *P, int64_t m, int64_t B, int64_t bp, double alpha,
-                       double *C) {
+                       double *C, int triangular) {
     double tmp[GRAM_ROWS][GRAM_COLS];
     for (int64_t i0 = 0; i0 < B; i0 += GRAM_ROWS) {
         for (int64_t j0 = i0 / GRAM_COLS * GRAM_COLS; j0 < B; j0 += GRAM_COLS) {
             v8d acc[GRAM_ROWS][GRAM_COLS / 8];
             for (int a = 0; a < GRAM_ROWS; ++a)
                 for (int b = 0; b < GRAM_COLS / 8; ++b) acc[a][b] = (v8d){0};
-            const double *row = P;
-            for (int64_t r = 0; r < m; ++r, row += bp) {
+            const int64_t r0 = triangular ? j0 : 0; /* P lower triangular: rows < j0 add 0 */
+            const double *row = P + r0 * bp;
+            for (int64_t r = r0; r < m; ++r, row += bp) {
                 v8d x[GRAM_COLS / 8];
                 for (int b = 0; b < GRAM_COLS / 8; ++b) x[b] = *(const v8d *)(row + j0 + 8 * b);
                 for (int a = 0; a < GRAM_ROWS; ++a) {
@@ -262,7 +263,7 @@ int NAME(const T *g, int64_t ld, int64_t m, int64_t B, int64_t b_begin, int64_t 
         const T *src = g + b * B;                                                            \
         for (int64_t r = 0; r < m; ++r)                                                      \
             for (int64_t j = 0; j < B; ++j) P[r * bp + j] = (double)src[r * ld + j];         \
-        gram_upper(P, m, B, bp, alpha, out + b * B * B);                                     \
+        gram_upper(P, m, B, bp, alpha, out + b * B * B, 0);                                     \
     }                                                                                        \
     free(P);                                                                                 \
     return 0;                                                                                \
@@ -270,130 +271,134 @@ int NAME(const T *g, int64_t ld, int64_t m, int64_t B, int64_t b_begin, int64_t 
 DIRECT_GRAM(mfac_direct_gram_f32, float)
 DIRECT_GRAM(mfac_direct_gram_f64, double)
 
-/* A <- A^-1 for a symmetric positive definite B x B matrix A + damp*I whose upper triangle is
-   given (row-major), by the blocked sweep operator: sweeping PANEL indices at a time turns A
-   into -A^-1; only the upper triangle is updated (B^3 flops), then negated and mirrored.
-   piv receives the B pivots, which are the Schur complements, i.e. the squares of A's Cholesky
-   diagonal (a pivot that is not positive means A is not positive definite in float64). */
-static void sweep_inverse(double *A, int64_t B, double damp, double *piv, double *R,
-                          double *T, int64_t bp) {
-    for (int64_t i = 0; i < B; ++i) A[i * B + i] += damp;
+/* In place: the upper triangle of A (row-major B x B) becomes U with A = U^T U (right-looking
+   Cholesky, PANEL rows at a time; rows past the panel get one rank-PANEL update, two rows per
+   sweep over the panel's rows). piv receives the pivots d_p (U[p][p]^2): a pivot that is not
+   positive and finite means A is not positive definite in float64. Only j >= i is touched. */
+static void cholesky_upper(double *A, int64_t B, double *piv) {
     for (int64_t K = 0; K < B; K += PANEL) {
         const int64_t kw = B - K < PANEL ? B - K : PANEL;
-        /* R = the panel's rows of the symmetric matrix, read from its upper triangle. */
-        for (int64_t k = 0; k < kw; ++k) {
-            double *rk = R + k * bp;
-            const int64_t p = K + k;
-            for (int64_t j = 0; j < p; ++j) rk[j] = A[j * B + p];
-            memcpy(rk + p, A + p * B + p, (size_t)(B - p) * sizeof(double));
+        for (int64_t p = K; p < K + kw; ++p) {
+            double *ap = A + p * B;
+            for (int64_t l = K; l < p; ++l) {
+                const double f = A[l * B + p];
+                const double *al = A + l * B;
+                for (int64_t j = p; j < B; ++j) ap[j] -= f * al[j];
+            }
+            const double d = ap[p];
+            piv[p] = d;
+            const double u = __builtin_sqrt(d), inv = 1.0 / u;
+            ap[p] = u;
+            for (int64_t j = p + 1; j < B; ++j) ap[j] *= inv;
         }
-        /* S = inverse of the panel's diagonal block (Gauss-Jordan, no pivoting: SPD). */
-        double S[PANEL][PANEL];
-        for (int64_t k = 0; k < kw; ++k)
-            for (int64_t l = 0; l < kw; ++l) S[k][l] = R[k * bp + K + l];
-        for (int64_t p = 0; p < kw; ++p) {
-            const double d = S[p][p];
-            piv[K + p] = d;
-            const double inv = 1.0 / d;
-            S[p][p] = 1.0;
-            for (int64_t l = 0; l < kw; ++l) S[p][l] *= inv;
+        const double *T = A + K * B; /* the panel's rows of U */
+        for (int64_t i = K + kw; i < B; i += 2) {
+            const int two = i + 1 < B;
+            double *a0 = A + i * B, *a1 = two ? a0 + B : a0;
+            double c[PANEL] = {0}, e[PANEL] = {0};
             for (int64_t k = 0; k < kw; ++k) {
-                if (k == p) continue;
-                const double f = S[k][p];
-                S[k][p] = 0.0;
-                for (int64_t l = 0; l < kw; ++l) S[k][l] -= f * S[p][l];
+                c[k] = T[k * B + i];
+                e[k] = two ? T[k * B + i + 1] : 0.0;
             }
-        }
-        /* T = S R (kw x B), eight columns at a time held in registers. */
-        if (kw == PANEL) {
-            for (int64_t j = 0; j < bp; j += 8) {
-                v8d t[PANEL];
-                for (int k = 0; k < PANEL; ++k) t[k] = (v8d){0};
-                for (int l = 0; l < PANEL; ++l) {
-                    const v8d r = *(const v8d *)(R + l * bp + j);
-                    for (int k = 0; k < PANEL; ++k) t[k] += S[k][l] * r;
+            for (int64_t k = 0; k < kw; ++k) a0[i] -= c[k] * T[k * B + i];
+            int64_t j = i + 1;
+            for (; j < B && j % 8; ++j)
+                for (int64_t k = 0; k < kw; ++k) {
+                    a0[j] -= c[k] * T[k * B + j];
+                    a1[j] -= e[k] * T[k * B + j];
                 }
-                for (int k = 0; k < PANEL; ++k) *(v8d *)(T + k * bp + j) = t[k];
-            }
-        } else {
-            for (int64_t k = 0; k < kw; ++k) {
-                double *tk = T + k * bp;
-                for (int64_t j = 0; j < B; ++j) tk[j] = 0.0;
-                for (int64_t l = 0; l < kw; ++l) {
-                    const double s = S[k][l];
-                    const double *rl = R + l * bp;
-                    for (int64_t j = 0; j < B; ++j) tk[j] += s * rl[j];
-                }
-            }
-        }
-        /* Rows outside the panel: A[i][j] -= sum_k R[k][i] T[k][j] for j >= i (whole 8-lane
-           chunks from i rounded down; entries below the diagonal are never read). */
-        for (int64_t n = 0; n < B - kw; n += 2) {
-            const int64_t i = n < K ? n : n + kw;
-            const int64_t i2 = n + 1 < K ? n + 1 : n + 1 + kw;
-            const int two = n + 1 < B - kw;
-            double *ai = A + i * B, *a2 = two ? A + i2 * B : ai;
-            int64_t j = i - i % 8;
             if (kw == PANEL) {
-                double c[PANEL], e[PANEL];
-                for (int k = 0; k < PANEL; ++k) {
-                    c[k] = R[k * bp + i];
-                    e[k] = two ? R[k * bp + i2] : 0.0;
-                }
                 for (; j + 8 <= B; j += 8) {
-                    v8d x = *(v8d *)(ai + j), y = *(v8d *)(a2 + j);
-                    v8d x1 = {0}, y1 = {0};
+                    v8d x = *(v8d *)(a0 + j), y = *(v8d *)(a1 + j), x1 = {0}, y1 = {0};
                     for (int k = 0; k < PANEL; k += 2) {
-                        const v8d t0 = *(const v8d *)(T + k * bp + j);
-                        const v8d t1 = *(const v8d *)(T + (k + 1) * bp + j);
+                        const v8d t0 = *(const v8d *)(T + k * B + j);
+                        const v8d t1 = *(const v8d *)(T + (k + 1) * B + j);
                         x -= c[k] * t0; y -= e[k] * t0;
                         x1 -= c[k + 1] * t1; y1 -= e[k + 1] * t1;
                     }
-                    *(v8d *)(ai + j) = x + x1;
-                    if (two) *(v8d *)(a2 + j) = y + y1;
+                    *(v8d *)(a0 + j) = x + x1;
+                    if (two) *(v8d *)(a1 + j) = y + y1;
                 }
             }
-            for (int64_t r = 0; r <= two; ++r) {
-                const int64_t row = r ? i2 : i;
-                double *ar = A + row * B;
-                for (int64_t jj = j; jj < B; ++jj) {
-                    double s = 0.0;
-                    for (int64_t k = 0; k < kw; ++k) s += R[k * bp + row] * T[k * bp + jj];
-                    ar[jj] -= s;
+            for (; j < B; ++j)
+                for (int64_t k = 0; k < kw; ++k) {
+                    a0[j] -= c[k] * T[k * B + j];
+                    a1[j] -= e[k] * T[k * B + j];
                 }
-            }
-        }
-        /* The panel's new rows and columns: T (rows), T^T above the panel, -S on the block. */
-        for (int64_t k = 0; k < kw; ++k) {
-            const int64_t p = K + k;
-            for (int64_t i = 0; i < K; ++i) A[i * B + p] = T[k * bp + i];
-            for (int64_t j = K + kw; j < B; ++j) A[p * B + j] = T[k * bp + j];
-            for (int64_t l = k; l < kw; ++l) A[p * B + K + l] = -S[k][l];
         }
     }
-    /* Negate the upper triangle and mirror it, one 8 x 8 tile at a time. */
-    for (int64_t i0 = 0; i0 < B; i0 += 8) {
+}
+
+/* V = U^-1 for the upper triangular U in A's upper triangle (row-major, stride B), written to
+   the upper triangle of V (stride bp; its other entries are zero and stay zero), PANEL rows at
+   a time from the bottom: V[i][j] = (delta_ij - sum_{i<k<=j} U[i][k] V[k][j]) / U[i][i]. The
+   part over rows below the panel is one product (eight accumulators of 8 columns); Up holds
+   the panel's entries of U, transposed. */
+static void invert_upper(const double *U, int64_t B, double *V, int64_t bp, double *Up) {
+    for (int64_t K = (B - 1) / PANEL * PANEL; K >= 0; K -= PANEL) {
+        const int64_t kw = B - K < PANEL ? B - K : PANEL, E = K + kw;
+        for (int64_t k = E; k < B; ++k)
+            for (int64_t r = 0; r < PANEL; ++r) Up[k * PANEL + r] = U[(K + r) * B + k];
+        for (int64_t j = E; j < B; j += 8) { /* kw == PANEL here: E is a multiple of 8 */
+            v8d acc[PANEL];
+            for (int r = 0; r < PANEL; ++r) acc[r] = (v8d){0};
+            const int64_t stop = j + 8 < B ? j + 8 : B;
+            for (int64_t k = E; k < stop; ++k) {
+                const v8d v = *(const v8d *)(V + k * bp + j);
+                for (int r = 0; r < PANEL; ++r) acc[r] += Up[k * PANEL + r] * v;
+            }
+            for (int r = 0; r < PANEL; ++r) *(v8d *)(V + (K + r) * bp + j) = -acc[r];
+        }
+        for (int64_t r = kw - 1; r >= 0; --r) {
+            const int64_t i = K + r;
+            double *vi = V + i * bp;
+            for (int64_t j = i + 1; j < E; ++j) vi[j] = 0.0;
+            for (int64_t l = r + 1; l < kw; ++l) {
+                const double f = U[i * B + K + l];
+                const double *vl = V + (K + l) * bp;
+                for (int64_t j = K + l; j < B; ++j) vi[j] -= f * vl[j];
+            }
+            const double inv = 1.0 / U[i * B + i];
+            for (int64_t j = i + 1; j < B; ++j) vi[j] *= inv;
+            vi[i] = inv;
+        }
+    }
+}
+
+/* A <- (A + damp*I)^-1 for a symmetric positive definite A given by its upper triangle: the
+   Cholesky factor U, its inverse V, and A^-1 = V V^T = X^T X with X = V^T (lower triangular),
+   formed by the Gram kernel over X's rows; then mirrored into a full symmetric matrix. B^3
+   flops in all, as LAPACK's potrf + potri, with every step's inner loops vectorised. */
+static void cholesky_inverse(double *A, int64_t B, double damp, double *piv, double *V,
+                             double *X, double *Up, int64_t bp) {
+    for (int64_t i = 0; i < B; ++i) A[i * B + i] += damp;
+    cholesky_upper(A, B, piv);
+    invert_upper(A, B, V, bp, Up);
+    for (int64_t i0 = 0; i0 < B; i0 += 8) /* X = V^T, 8 x 8 tiles */
+        for (int64_t k0 = i0; k0 < B; k0 += 8)
+            for (int64_t i = i0; i < i0 + 8 && i < B; ++i)
+                for (int64_t k = k0 > i ? k0 : i; k < k0 + 8 && k < B; ++k)
+                    X[k * bp + i] = V[i * bp + k];
+    gram_upper(X, B, B, bp, 1.0, A, 1);
+    for (int64_t i0 = 0; i0 < B; i0 += 8) { /* mirror the upper triangle, 8 x 8 tiles */
         const int64_t i1 = i0 + 8 < B ? i0 + 8 : B;
         for (int64_t j0 = i0; j0 < B; j0 += 8) {
             const int64_t j1 = j0 + 8 < B ? j0 + 8 : B;
             for (int64_t i = i0; i < i1; ++i)
-                for (int64_t j = j0 > i ? j0 : i; j < j1; ++j) {
-                    const double v = -A[i * B + j];
-                    A[i * B + j] = v;
-                    A[j * B + i] = v;
-                }
+                for (int64_t j = j0 > i + 1 ? j0 : i + 1; j < j1; ++j) A[j * B + i] = A[i * B + j];
         }
     }
 }
 
 int mfac_direct_invert(double *a, int64_t B, int64_t b_begin, int64_t b_end, double damp,
                        double *piv) {
-    const int64_t bp = round_up(B, 8);
-    double *R = calloc((size_t)(2 * PANEL * bp), sizeof(double));
-    if (!R) return -1;
+    const int64_t bp = round_up(B, GRAM_COLS);
+    double *work = calloc((size_t)(2 * B * bp + PANEL * B), sizeof(double));
+    if (!work) return -1;
+    double *V = work, *X = work + B * bp, *Up = work + 2 * B * bp;
     for (int64_t b = b_begin; b < b_end; ++b)
-        sweep_inverse(a + b * B * B, B, damp, piv + b * B, R, R + PANEL * bp, bp);
-    free(R);
+        cholesky_inverse(a + b * B * B, B, damp, piv + b * B, V, X, Up, bp);
+    free(work);
     return 0;
 }
 """
@@ -650,9 +655,9 @@ def direct_invert(store: torch.Tensor, damp: float) -> torch.Tensor:
     the Cholesky factor's diagonal. A pivot that is not a positive finite number means the
     block is not positive definite in float64; its inverse is then meaningless.
 
-    The blocked sweep operator (Gauss-Jordan on a symmetric positive definite matrix, eight
-    pivots at a time, upper triangle only) costs B^3 flops per block, as Cholesky plus
-    inversion does, but in one pass whose rank-8 updates stay in cache."""
+    The same steps as LAPACK's potrf + potri (Cholesky A = U^T U, V = U^-1, A^-1 = V V^T;
+    B^3 flops per block, errors of the same size), blocked eight rows at a time with
+    vectorised inner loops, each block's matrices staying in cache."""
     nblocks, size = store.shape[0], store.shape[-1]
     _check_store(store, nblocks, size)
     pivots = torch.empty(nblocks, size, dtype=torch.float64)
