@@ -289,9 +289,9 @@ needs_native_direct = pytest.mark.skipif(
 )
 
 
-def _torch_direct_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Direct blocks take the batched torch/LAPACK path (the CUDA and no-compiler path)."""
-    monkeypatch.setattr(blocks, "native_direct_enabled", lambda: False)
+def _lapack_build_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks take the batched torch/LAPACK path (the CUDA and no-compiler path)."""
+    monkeypatch.setattr(blocks, "native_build_enabled", lambda: False)
 
 
 @needs_native_direct
@@ -333,7 +333,7 @@ def test_native_direct_build_matches_float64_and_the_torch_path(
         torch.set_num_threads(before)
     assert all(g.direct and g.native for g in op.groups)
     with pytest.MonkeyPatch.context() as patch:
-        _torch_direct_path(patch)
+        _lapack_build_path(patch)
         reference = mfac.InverseFisher(stored.clone(), damp, size)
     assert not any(g.native for g in reference.groups)
     # As accurate as the LAPACK path (within 4x its error against the oracle), and within the
@@ -372,7 +372,7 @@ def test_direct_block_that_does_not_factor_is_named_by_both_paths(
     # m = 6, B = 4: blocks 0, 1 and 3 are random, block 2 has four equal columns (rank one),
     # so at damp 1e-20 its pivots are rounding noise; both paths name block 2 and write nothing.
     if path == "torch":
-        _torch_direct_path(monkeypatch)
+        _lapack_build_path(monkeypatch)
     grads = torch.randn(6, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     grads[:, 8:12] = grads[:, 8:9]
     before = bits(grads)
@@ -431,3 +431,56 @@ def test_float64_store_is_advised_onto_huge_pages() -> None:
             huge = int(line.split()[1])
     assert huge >= 2048  # kB: at least one 2 MiB page backs the store
     assert float(store.sum()) == 1.5 * 4 * 2**20
+
+
+@needs_native_direct
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.integers(1, 40),
+    extra=st.integers(1, 60),
+    nblocks=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    damp=st.floats(-6, 0).map(lambda e: 10.0**e),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_native_woodbury_gram_matches_float64_and_the_torch_path(
+    m: int, extra: int, nblocks: int, dtype: torch.dtype, damp: float, threads: int, seed: int
+) -> None:
+    # B > m: Woodbury blocks, whose Grams G_b G_b^T the C kernel forms (m <= 256).
+    size = m + extra
+    d = size * nblocks
+    stored = make_grads(m, d, dtype, True, seed)
+    dense = dense_block_inverse_fisher(stored, damp, size)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        op = mfac.InverseFisher(stored.clone(), damp, size)
+    finally:
+        torch.set_num_threads(before)
+    assert all(not g.direct and g.native for g in op.groups)
+    with pytest.MonkeyPatch.context() as patch:
+        _lapack_build_path(patch)
+        reference = mfac.InverseFisher(stored.clone(), damp, size)
+    assert not any(g.native for g in reference.groups)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(d, 2, generator=gen, dtype=dtype)
+    for query, exact in ((lambda o: o.ihvp(x), dense @ x.double()), (lambda o: o.diag(), None)):
+        exact = dense.diagonal() if exact is None else exact
+        ours, lapack = rel_err(query(op), exact), rel_err(query(reference), exact)
+        assert ours <= max(TOL[dtype], 4 * lapack), (ours, lapack)
+
+
+@needs_native_direct
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_woodbury_gram_sums_every_column_tile(dtype: torch.dtype) -> None:
+    # m = 200: the kernel packs 152 columns at a time, so B = 401 takes three tiles, the last
+    # one short; the result is the full symmetric float64 Gram of each block.
+    gen = torch.Generator().manual_seed(7)
+    grads = torch.randn(200, 2 * 401 + 5, generator=gen, dtype=torch.float64).to(dtype)
+    store = torch.full((2, 200, 200), float("nan"), dtype=torch.float64)
+    native.woodbury_gram(grads, 5, 401, store)
+    cols = grads[:, 5:].double().view(200, 2, 401).permute(1, 0, 2)
+    exact = cols @ cols.transpose(1, 2)
+    assert rel_err(store, exact) < 1e-14
+    assert torch.equal(store, store.transpose(1, 2))

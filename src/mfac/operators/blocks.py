@@ -37,11 +37,17 @@ TILE_BYTES = 8 * 2**20
 PIVOT_SHARE = 0.5
 
 
-def native_direct_enabled() -> bool:
-    """Whether direct-form blocks of float32/float64 gradients on the CPU may take the C build
-    (:mod:`mfac.operators.native`). ``MFAC_DIRECT_NATIVE=0`` leaves them to the batched
-    torch/LAPACK calls (as do ``MFAC_NO_COMPILE=1`` and a machine without a C compiler)."""
-    return os.environ.get("MFAC_DIRECT_NATIVE", "1") != "0"
+#: Woodbury blocks take the C Gram up to this m (its m x m float64 result stays in cache);
+#: past it, tiles through the BLAS product, which blocks for cache itself.
+NATIVE_WOODBURY_MAX_M = 256
+
+
+def native_build_enabled() -> bool:
+    """Whether blocks of float32/float64 gradients on the CPU may take the C build
+    (:mod:`mfac.operators.native`): the direct form's Gram and inverse, the Woodbury form's
+    Gram (m <= ``NATIVE_WOODBURY_MAX_M``). ``MFAC_NATIVE_BUILD=0`` leaves them to batched
+    torch/LAPACK calls, as do ``MFAC_NO_COMPILE=1`` and a machine without a C compiler."""
+    return os.environ.get("MFAC_NATIVE_BUILD", "1") != "0"
 
 
 class FisherFactorError(ValueError):
@@ -122,10 +128,15 @@ class BlockGroup:
         place) and (nblocks, m, m) for Woodbury (G_b G_b^T, later factored in place)."""
         self.q_form = buffer.dtype in (torch.float32, torch.float64)
         self.store = store
-        self.native = self.direct and native_direct_enabled() and native.supports_direct(buffer)
+        self.native = (
+            native_build_enabled()
+            and (self.direct or self.m <= NATIVE_WOODBURY_MAX_M)
+            and native.supports_direct(buffer)
+        )
         if self.native:
-            native.direct_gram(buffer, self.start, self.size, store)
-            return float(store.diagonal(dim1=1, dim2=2).sum()) * self.m
+            gram = native.direct_gram if self.direct else native.woodbury_gram
+            gram(buffer, self.start, self.size, store)
+            return float(store.diagonal(dim1=1, dim2=2).sum()) * (self.m if self.direct else 1)
         blocks, rows, cols = self._plan()
         view = self._view(buffer)
         total = torch.zeros((), dtype=F64, device=buffer.device)
@@ -155,7 +166,7 @@ class BlockGroup:
         when a block does not factor."""
         self.damp = damp
         floor = damp if self.direct else self.m * damp
-        if self.native:
+        if self.native and self.direct:
             pivots = native.direct_invert(self.store, floor)
             ok = (torch.isfinite(pivots) & (pivots >= PIVOT_SHARE * floor)).all(1)
             if not bool(ok.all()):

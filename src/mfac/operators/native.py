@@ -225,7 +225,7 @@ static inline int64_t round_up(int64_t x, int64_t k) { return (x + k - 1) / k * 
 /* C[i][j] = alpha * sum_r P[r][i] P[r][j] for j >= i (row-major B x B, upper triangle; some
    entries below the diagonal of the diagonal tiles are written too). P is m x bp, zero-padded. */
 static void gram_upper(const double *P, int64_t m, int64_t B, int64_t bp, double alpha,
-                       double *C, int triangular) {
+                       double *C, int triangular, int accumulate) {
     double tmp[GRAM_ROWS][GRAM_COLS];
     for (int64_t i0 = 0; i0 < B; i0 += GRAM_ROWS) {
         for (int64_t j0 = i0 / GRAM_COLS * GRAM_COLS; j0 < B; j0 += GRAM_COLS) {
@@ -247,8 +247,13 @@ static void gram_upper(const double *P, int64_t m, int64_t B, int64_t bp, double
                     *(v8d *)&tmp[a][8 * b] = alpha * acc[a][b];
             const int64_t rows = B - i0 < GRAM_ROWS ? B - i0 : GRAM_ROWS;
             const int64_t cols = B - j0 < GRAM_COLS ? B - j0 : GRAM_COLS;
-            for (int64_t ii = 0; ii < rows; ++ii)
-                memcpy(C + (i0 + ii) * B + j0, tmp[ii], (size_t)cols * sizeof(double));
+            for (int64_t ii = 0; ii < rows; ++ii) {
+                double *c = C + (i0 + ii) * B + j0;
+                if (accumulate)
+                    for (int64_t jj = 0; jj < cols; ++jj) c[jj] += tmp[ii][jj];
+                else
+                    memcpy(c, tmp[ii], (size_t)cols * sizeof(double));
+            }
         }
     }
 }
@@ -263,13 +268,46 @@ int NAME(const T *g, int64_t ld, int64_t m, int64_t B, int64_t b_begin, int64_t 
         const T *src = g + b * B;                                                            \
         for (int64_t r = 0; r < m; ++r)                                                      \
             for (int64_t j = 0; j < B; ++j) P[r * bp + j] = (double)src[r * ld + j];         \
-        gram_upper(P, m, B, bp, alpha, out + b * B * B, 0);                                     \
+        gram_upper(P, m, B, bp, alpha, out + b * B * B, 0, 0);                                     \
     }                                                                                        \
     free(P);                                                                                 \
     return 0;                                                                                \
 }
 DIRECT_GRAM(mfac_direct_gram_f32, float)
 DIRECT_GRAM(mfac_direct_gram_f64, double)
+
+/* Woodbury blocks (B > m): out[b] = G_b G_b^T (m x m, full symmetric) for blocks [b_begin,
+   b_end) of B columns. Column tiles of each block are packed transposed (rows of the panel are
+   columns of G) into a float64 panel that stays in cache, and their Grams, upper triangle
+   only, are summed into out[b] with the same kernel as the direct form. */
+#define WOODBURY_GRAM(NAME, T)                                                                 \
+int NAME(const T *g, int64_t ld, int64_t m, int64_t B, int64_t b_begin, int64_t b_end,      \
+         double *out) {                                                                      \
+    const int64_t bp = round_up(m, GRAM_COLS);                                               \
+    int64_t w = (32768 / bp) / 8 * 8; /* panel of at most 256 KiB */                          \
+    if (w < 8) w = 8;                                                                        \
+    double *P = calloc((size_t)(w * bp), sizeof(double));                                    \
+    if (!P) return -1;                                                                       \
+    for (int64_t b = b_begin; b < b_end; ++b) {                                              \
+        double *C = out + b * m * m;                                                         \
+        for (int64_t c0 = 0; c0 < B; c0 += w) {                                              \
+            const int64_t wc = B - c0 < w ? B - c0 : w;                                      \
+            const T *src = g + b * B + c0;                                                   \
+            for (int64_t i0 = 0; i0 < m; i0 += 8)                                            \
+                for (int64_t r0 = 0; r0 < wc; r0 += 8)                                       \
+                    for (int64_t i = i0; i < i0 + 8 && i < m; ++i)                           \
+                        for (int64_t r = r0; r < r0 + 8 && r < wc; ++r)                      \
+                            P[r * bp + i] = (double)src[i * ld + r];                         \
+            gram_upper(P, wc, m, bp, 1.0, C, 0, c0 > 0);                                     \
+        }                                                                                    \
+        for (int64_t i = 0; i < m; ++i)                                                      \
+            for (int64_t j = i + 1; j < m; ++j) C[j * m + i] = C[i * m + j];                 \
+    }                                                                                        \
+    free(P);                                                                                 \
+    return 0;                                                                                \
+}
+WOODBURY_GRAM(mfac_woodbury_gram_f32, float)
+WOODBURY_GRAM(mfac_woodbury_gram_f64, double)
 
 /* In place: the upper triangle of A (row-major B x B) becomes U with A = U^T U (right-looking
    Cholesky, PANEL rows at a time; rows past the panel get one rank-PANEL update, two rows per
@@ -379,7 +417,7 @@ static void cholesky_inverse(double *A, int64_t B, double damp, double *piv, dou
             for (int64_t i = i0; i < i0 + 8 && i < B; ++i)
                 for (int64_t k = k0 > i ? k0 : i; k < k0 + 8 && k < B; ++k)
                     X[k * bp + i] = V[i * bp + k];
-    gram_upper(X, B, B, bp, 1.0, A, 1);
+    gram_upper(X, B, B, bp, 1.0, A, 1, 0);
     for (int64_t i0 = 0; i0 < B; i0 += 8) { /* mirror the upper triangle, 8 x 8 tiles */
         const int64_t i1 = i0 + 8 < B ? i0 + 8 : B;
         for (int64_t j0 = i0; j0 < B; j0 += 8) {
@@ -496,6 +534,10 @@ def _load(compiler: str) -> ctypes.CDLL:
     for name in ("mfac_direct_gram_f32", "mfac_direct_gram_f64"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = gram, ctypes.c_int
+    woodbury = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
+    for name in ("mfac_woodbury_gram_f32", "mfac_woodbury_gram_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = woodbury, ctypes.c_int
     lib.mfac_direct_invert.argtypes = (
         [ctypes.c_void_p]
         + [ctypes.c_int64] * 3
@@ -598,10 +640,9 @@ def supports_direct(buffer: torch.Tensor) -> bool:
     )
 
 
-def _blocks_in_parallel(fn, nblocks: int, *args: object) -> None:
-    """``fn(*args, b_begin, b_end, ...)`` over disjoint block ranges, one per torch thread;
+def _blocks_in_parallel(fn, nblocks: int, head: tuple, tail: tuple) -> None:
+    """``fn(*head, b_begin, b_end, *tail)`` over disjoint block ranges, one per torch thread;
     a C-side allocation failure (return value -1) becomes a MemoryError."""
-    head, tail = args[:-2], args[-2:]
     ranges = _split(nblocks, torch.get_num_threads(), 1)
     if len(ranges) == 1:
         codes = [fn(*head, *ranges[0], *tail)]
@@ -609,7 +650,7 @@ def _blocks_in_parallel(fn, nblocks: int, *args: object) -> None:
         pool = _pool(len(ranges))
         codes = [f.result() for f in [pool.submit(fn, *head, a, b, *tail) for a, b in ranges]]
     if any(code != 0 for code in codes):
-        raise MemoryError("the direct-form build could not allocate its float64 scratch")
+        raise MemoryError("the static build could not allocate its float64 scratch (a panel)")
 
 
 def _check_store(store: torch.Tensor, nblocks: int, size: int) -> None:
@@ -646,7 +687,29 @@ def direct_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor
     lib = library()
     fn = lib.mfac_direct_gram_f32 if buffer.dtype == torch.float32 else lib.mfac_direct_gram_f64
     ptr = buffer.data_ptr() + start * buffer.element_size()
-    _blocks_in_parallel(fn, nblocks, ptr, d, m, size, 1.0 / m, store.data_ptr())
+    _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (1.0 / m, store.data_ptr()))
+
+
+def woodbury_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor) -> None:
+    """store[b] = G_b G_b^T (m x m, float64, full symmetric) for the blocks of ``size`` columns
+    from column ``start`` of ``buffer`` (m x d, float32/float64).
+
+    Column tiles of each block are packed transposed into a float64 panel of at most 256 KiB
+    and their Grams (one triangle, the direct form's kernel) are summed into the block's m x m
+    result; meant for m up to a few hundred, where that result stays in cache."""
+    nblocks = store.shape[0]
+    m, d = buffer.shape
+    if not supports_direct(buffer) or start < 0 or start + nblocks * size > d:
+        raise ValueError(
+            f"native Woodbury Gram: needs a contiguous CPU float32/float64 buffer holding "
+            f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
+            f"{buffer.dtype} on {buffer.device}"
+        )
+    _check_store(store, nblocks, m)
+    lib = library()
+    fn = lib.mfac_woodbury_gram_f32 if buffer.dtype == torch.float32 else lib.mfac_woodbury_gram_f64
+    ptr = buffer.data_ptr() + start * buffer.element_size()
+    _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (store.data_ptr(),))
 
 
 def direct_invert(store: torch.Tensor, damp: float) -> torch.Tensor:
@@ -665,6 +728,9 @@ def direct_invert(store: torch.Tensor, damp: float) -> torch.Tensor:
     if lib is None:
         raise ValueError("native direct build: no compiled library")
     _blocks_in_parallel(
-        lib.mfac_direct_invert, nblocks, store.data_ptr(), size, float(damp), pivots.data_ptr()
+        lib.mfac_direct_invert,
+        nblocks,
+        (store.data_ptr(), size),
+        (float(damp), pivots.data_ptr()),
     )
     return pivots
