@@ -291,10 +291,14 @@ def bench_block_rank_one(m: int, d: int, block: int, reps: int) -> dict:
     return row
 
 
-def bench_oneshot(models: list[str], reps: int) -> list[dict]:
-    """End to end: ``mfac.prune.oneshot(..., method="mfac", recompute=16)`` (m = 256, B = 128,
-    the library's defaults otherwise) on benchmarks.prune's MLPs; medians of the precompute
-    time (the static builds, one per recomputation) and of the whole call."""
+def bench_oneshot(
+    models: list[str], reps: int, num_grads: tuple[int, ...] = (64, 256)
+) -> list[dict]:
+    """End to end: ``mfac.prune.oneshot(..., method="mfac", recompute=16)`` (B = 128, the
+    library's defaults otherwise) on benchmarks.prune's MLPs, with m = 64 (the default: B > m,
+    Woodbury blocks) and m = 256 (B <= m, direct blocks); medians of the precompute time (the
+    static builds, one per recomputation) and of the whole call, with the blocks built by the
+    C kernels and, interleaved, by the batched torch/LAPACK path."""
     import mfac.operators.blocks as blocks_module
     import mfac.prune as mp
 
@@ -302,45 +306,49 @@ def bench_oneshot(models: list[str], reps: int) -> list[dict]:
 
     tasks = load_tasks()
     rows = []
+    native = blocks_module.native_build_enabled
+    paths = ["native", "lapack"]
     for name in models:
         task = tasks[name]
         torch.manual_seed(0)
         state = task.make().state_dict()  # timing only: trained weights cost the same
         data = batches(task, 256, 100)
-        paths = ["native", "lapack"]  # the direct blocks' C build, and the torch/LAPACK path
-        pre: dict[str, list[float]] = {p: [] for p in paths}
-        total: dict[str, list[float]] = {p: [] for p in paths}
-        native = blocks_module.native_build_enabled
-        for _ in range(reps):
-            for path in paths:
-                model = task.make()
-                model.load_state_dict(state)
-                if path == "lapack":
-                    blocks_module.native_build_enabled = lambda: False
-                try:
-                    res = mp.oneshot(
-                        model, 0.9, "mfac", data=data, loss_fn=loss_fn, recompute=16, progress=False
-                    )
-                finally:
-                    blocks_module.native_build_enabled = native
-                pre[path].append(res.timings["precompute"])
-                total[path].append(res.timings["total"])
-        dim = sum(p.numel() for p in model.parameters() if p.ndim > 1)
-        med = {
-            k: {p: statistics.median(v[p]) for p in paths}
-            for k, v in (("pre", pre), ("tot", total))
-        }
-        rows.append(
-            {
-                "model": name,
-                "d": dim,
-                "precompute_s": med["pre"]["native"],
-                "total_s": med["tot"]["native"],
-                "precompute_share": med["pre"]["native"] / med["tot"]["native"],
-                "precompute_lapack_path_s": med["pre"]["lapack"],
-                "total_lapack_path_s": med["tot"]["lapack"],
-            }
-        )
+        for m in num_grads:
+            pre: dict[str, list[float]] = {p: [] for p in paths}
+            total: dict[str, list[float]] = {p: [] for p in paths}
+            for _ in range(reps):
+                for path in paths:
+                    model = task.make()
+                    model.load_state_dict(state)
+                    if path == "lapack":
+                        blocks_module.native_build_enabled = lambda: False
+                    try:
+                        res = mp.oneshot(
+                            model, 0.9, "mfac", data=data, loss_fn=loss_fn, recompute=16,
+                            num_grads=m, progress=False,
+                        )  # fmt: skip
+                    finally:
+                        blocks_module.native_build_enabled = native
+                    pre[path].append(res.timings["precompute"])
+                    total[path].append(res.timings["total"])
+            dim = sum(p.numel() for p in model.parameters() if p.ndim > 1)
+            med_pre = {p: statistics.median(pre[p]) for p in paths}
+            med_tot = {p: statistics.median(total[p]) for p in paths}
+            rows.append(
+                {
+                    "model": name,
+                    "d": dim,
+                    "m": m,
+                    "form": "direct" if m >= 128 else "woodbury",
+                    "precompute_s": med_pre["native"],
+                    "total_s": med_tot["native"],
+                    "precompute_share": med_pre["native"] / med_tot["native"],
+                    "precompute_lapack_path_s": med_pre["lapack"],
+                    "total_lapack_path_s": med_tot["lapack"],
+                    "precompute_speedup": med_pre["lapack"] / med_pre["native"],
+                    "total_speedup": med_tot["lapack"] / med_tot["native"],
+                }
+            )
     return rows
 
 
@@ -425,7 +433,7 @@ def compare(before_path: str, after_path: str) -> str:
         row(f"{tag}: precompute + diag, seconds", ra["ours_s"], rb["ours_s"])
         row(f"{tag}: speed-up over the batched rank-one recursion", ra["speedup"], rb["speedup"])
     for ra, rb in zip(a.get("oneshot", []), b.get("oneshot", []), strict=False):
-        tag = f"oneshot mfac recompute=16, {ra['model']} (d={ra['d']})"
+        tag = f"oneshot mfac recompute=16, {ra['model']} (d={ra['d']}, m={ra.get('m', 64)})"
         row(f"{tag}: precompute s", ra["precompute_s"], rb["precompute_s"])
         row(f"{tag}: total s", ra["total_s"], rb["total_s"])
     for ra, rb in zip(a.get("step", []), b.get("step", []), strict=False):
@@ -548,9 +556,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if "oneshot" in parts and DEVICE.type == "cpu":
         result["oneshot"] = bench_oneshot(["digits-mlp", "mnist-mlp"], args.reps)
-        print("\nmfac.prune.oneshot(..., method='mfac', recompute=16), m = 256, B = 128")
-        columns = ["model", "d", "precompute_s", "total_s", "precompute_share"]
-        columns += ["precompute_lapack_path_s", "total_lapack_path_s"]
+        print("\nmfac.prune.oneshot(..., method='mfac', recompute=16), B = 128")
+        columns = ["model", "d", "m", "form", "precompute_s", "total_s", "precompute_share"]
+        columns += ["precompute_lapack_path_s", "precompute_speedup", "total_speedup"]
         print(table(result["oneshot"], columns))
     name = "gpu" if DEVICE.type == "cuda" else "operators"
     name += ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
