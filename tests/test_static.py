@@ -305,6 +305,7 @@ def _lapack_build_path(monkeypatch: pytest.MonkeyPatch) -> None:
     damp=st.floats(-6, 0).map(lambda e: 10.0**e),
     correlated=st.booleans(),
     threads=st.sampled_from([1, 2]),
+    mode=st.sampled_from(["absolute", "relative"]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_native_direct_build_matches_float64_and_the_torch_path(
@@ -316,26 +317,29 @@ def test_native_direct_build_matches_float64_and_the_torch_path(
     damp: float,
     correlated: bool,
     threads: int,
+    mode: str,
     seed: int,
 ) -> None:
     # Block sizes across the kernels' 8-row, 16-column and 8-pivot edges, a shorter tail block,
-    # m from B upwards, and two threads splitting the blocks.
+    # m from B upwards, two threads splitting the blocks; absolute damping inverts each block
+    # right after its Gram, relative damping in a second pass once the damping is known.
     size = min(size, m)
     tail = tail % size
     d = size * nblocks + tail
     stored = make_grads(m, d, dtype, correlated, seed)
-    dense = dense_block_inverse_fisher(stored, damp, size)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        op = mfac.InverseFisher(stored.clone(), damp, size)
+        op = mfac.InverseFisher(stored.clone(), damp, size, damp_mode=mode)
     finally:
         torch.set_num_threads(before)
     assert all(g.direct and g.native for g in op.groups)
     with pytest.MonkeyPatch.context() as patch:
         _lapack_build_path(patch)
-        reference = mfac.InverseFisher(stored.clone(), damp, size)
+        reference = mfac.InverseFisher(stored.clone(), damp, size, damp_mode=mode)
     assert not any(g.native for g in reference.groups)
+    assert op.damp == pytest.approx(reference.damp, rel=1e-12)
+    dense = dense_block_inverse_fisher(stored, op.damp, size)
     # As accurate as the LAPACK path (within 4x its error against the oracle), and within the
     # suite's float32 tolerance / 1e-10 whenever LAPACK is.
     tol = TOL[dtype]

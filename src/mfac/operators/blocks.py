@@ -73,6 +73,8 @@ class BlockGroup:
         self.direct = size <= num_grads
         self.q_form = True
         self.native = False
+        self._pivots: torch.Tensor | None = None
+        self.damp_formed: float | None = None
 
     # ----------------------------------------------------------------- tiles of the buffer
     def _view(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -119,13 +121,21 @@ class BlockGroup:
         return torch.empty(elems, dtype=F64, device=device)
 
     # ----------------------------------------------------------------- precompute
-    def form(self, buffer: torch.Tensor, scratch: torch.Tensor, store: torch.Tensor) -> float:
+    def form(
+        self,
+        buffer: torch.Tensor,
+        scratch: torch.Tensor,
+        store: torch.Tensor,
+        damp: float | None = None,
+    ) -> float:
         """Phase one, part one: form every block's Gram into ``store``, reading the buffer only;
         return the sum of squares of the group's gradient entries (float64; NaN or Inf when an
         entry is non-finite or the sum overflows), read off the Grams' diagonals.
 
         ``store`` is (nblocks, B, B) for the direct form (G_b^T G_b / m, later inverted in
-        place) and (nblocks, m, m) for Woodbury (G_b G_b^T, later factored in place)."""
+        place) and (nblocks, m, m) for Woodbury (G_b G_b^T, later factored in place). With
+        ``damp`` given (absolute damping) the C build of a direct group also inverts each block
+        right after its Gram, while it is in cache; :meth:`factor` then only checks pivots."""
         self.q_form = buffer.dtype in (torch.float32, torch.float64)
         self.store = store
         self.native = (
@@ -133,6 +143,11 @@ class BlockGroup:
             and (self.direct or self.m <= NATIVE_WOODBURY_MAX_M)
             and native.supports_direct(buffer)
         )
+        self._pivots = None
+        if self.native and self.direct and damp is not None:
+            self._pivots, total = native.direct_build(buffer, self.start, self.size, store, damp)
+            self.damp_formed = damp
+            return total * self.m
         if self.native:
             gram = native.direct_gram if self.direct else native.woodbury_gram
             gram(buffer, self.start, self.size, store)
@@ -166,15 +181,25 @@ class BlockGroup:
         when a block does not factor."""
         self.damp = damp
         floor = damp if self.direct else self.m * damp
-        if self.native and self.direct:
-            pivots = native.direct_invert(self.store, floor)
+        if self.native:
+            # Direct: the inverses (C Cholesky, inverse of the factor, its Gram). Woodbury: the
+            # upper factors U (K_b = U^T U) that finish() solves with.
+            if self._pivots is not None and damp == self.damp_formed:
+                pivots = self._pivots  # inverted in form(), with this damping
+            else:
+                invert = native.direct_invert if self.direct else native.woodbury_factor
+                pivots = invert(self.store, floor)
+            self._pivots = None
             ok = (torch.isfinite(pivots) & (pivots >= PIVOT_SHARE * floor)).all(1)
             if not bool(ok.all()):
                 bad = int((~ok).nonzero()[0])
                 raise FisherFactorError(
                     self._failure(self._damped_gram(buffer, bad, floor), bad, floor, buffer)
                 )
-            self.inverse = self.store
+            if self.direct:
+                self.inverse = self.store
+            else:
+                self.upper = self.store
             del self.store
             return
         blocks = self._plan()[0]
@@ -209,9 +234,10 @@ class BlockGroup:
         raise FisherFactorError(self._failure(mats[bad], b0 + bad, floor, buffer))
 
     def _damped_gram(self, buffer: torch.Tensor, block: int, floor: float) -> torch.Tensor:
-        """lambda*I + G_b^T G_b / m of one direct block, formed again (float64) for a message."""
+        """One block's damped matrix, formed again (float64) for a message: lambda*I +
+        G_b^T G_b / m (direct) or m*lambda*I + G_b G_b^T (Woodbury)."""
         cols = self._view(buffer)[:, block, :].to(F64)
-        mat = cols.T @ cols / self.m
+        mat = cols.T @ cols / self.m if self.direct else cols @ cols.T
         mat.diagonal().add_(floor)
         return mat
 
@@ -241,6 +267,10 @@ class BlockGroup:
         """Phase two (after every group factored): overwrite G by Q = L^-1 G in place (q form)
         and drop the factors; nothing to do for the direct and g forms."""
         if self.direct or not self.q_form:
+            return
+        if self.native:  # q form from float32/float64: the C solve, tile by tile in cache
+            native.woodbury_solve(buffer, self.start, self.size, self.upper)
+            del self.upper
             return
         blocks, _, cols = self._plan()
         view = self._view(buffer)

@@ -428,6 +428,34 @@ static void cholesky_inverse(double *A, int64_t B, double damp, double *piv, dou
     }
 }
 
+/* The direct form in one pass per block while it is in cache: the Gram (scaled by alpha),
+   its trace into trace[b], then the damped inverse with its pivots (absolute damping, known
+   before the Gram). */
+#define DIRECT_BUILD(NAME, T)                                                                  \
+int NAME(const T *g, int64_t ld, int64_t m, int64_t B, int64_t b_begin, int64_t b_end,      \
+         double alpha, double damp, double *out, double *piv, double *trace) {               \
+    const int64_t bp = round_up(B, GRAM_COLS);                                               \
+    const int64_t pn = m * bp, wn = 2 * B * bp + PANEL * B;                                   \
+    double *P = calloc((size_t)(pn + wn), sizeof(double));                                   \
+    if (!P) return -1;                                                                       \
+    double *V = P + pn, *X = V + B * bp, *Up = X + B * bp;                                   \
+    for (int64_t b = b_begin; b < b_end; ++b) {                                              \
+        const T *src = g + b * B;                                                            \
+        double *A = out + b * B * B;                                                         \
+        for (int64_t r = 0; r < m; ++r)                                                      \
+            for (int64_t j = 0; j < B; ++j) P[r * bp + j] = (double)src[r * ld + j];         \
+        gram_upper(P, m, B, bp, alpha, A, 0, 0);                                             \
+        double t = 0.0;                                                                      \
+        for (int64_t i = 0; i < B; ++i) t += A[i * B + i];                                   \
+        trace[b] = t;                                                                        \
+        cholesky_inverse(A, B, damp, piv + b * B, V, X, Up, bp);                             \
+    }                                                                                        \
+    free(P);                                                                                 \
+    return 0;                                                                                \
+}
+DIRECT_BUILD(mfac_direct_build_f32, float)
+DIRECT_BUILD(mfac_direct_build_f64, double)
+
 int mfac_direct_invert(double *a, int64_t B, int64_t b_begin, int64_t b_end, double damp,
                        double *piv) {
     const int64_t bp = round_up(B, GRAM_COLS);
@@ -439,6 +467,92 @@ int mfac_direct_invert(double *a, int64_t B, int64_t b_begin, int64_t b_end, dou
     free(work);
     return 0;
 }
+
+/* Woodbury blocks: in place, K_b + damp*I = U^T U for every block's m x m K_b (upper triangle
+   read; U written to it), with the pivots as for the direct form. */
+int mfac_woodbury_factor(double *a, int64_t m, int64_t b_begin, int64_t b_end, double damp,
+                         double *piv) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
+        double *A = a + b * m * m;
+        for (int64_t i = 0; i < m; ++i) A[i * m + i] += damp;
+        cholesky_upper(A, m, piv + b * m);
+    }
+    return 0;
+}
+
+/* Woodbury blocks: G_b <- Q_b = U_b^-T G_b in place (U_b from mfac_woodbury_factor), column
+   tiles of each block widened into a float64 m x w panel that stays in cache (at most 256
+   KiB), solved PANEL rows at a time (the rows above the panel in one product: eight rows by
+   sixteen columns of accumulators), and written back in the buffer's precision. */
+#define WOODBURY_SOLVE(NAME, T)                                                                \
+int NAME(T *g, int64_t ld, int64_t m, int64_t B, int64_t b_begin, int64_t b_end,            \
+         const double *u) {                                                                  \
+    int64_t w = (32768 / m) / 16 * 16;                                                       \
+    if (w < 16) w = 16;                                                                      \
+    double *Q = calloc((size_t)(m * w + m * PANEL), sizeof(double));                        \
+    if (!Q) return -1;                                                                       \
+    double *Lp = Q + m * w;                                                                  \
+    for (int64_t b = b_begin; b < b_end; ++b) {                                              \
+        const double *U = u + b * m * m;                                                     \
+        for (int64_t c0 = 0; c0 < B; c0 += w) {                                              \
+            const int64_t wc = B - c0 < w ? B - c0 : w, wv = wc / 16 * 16;                   \
+            T *src = g + b * B + c0;                                                         \
+            for (int64_t i = 0; i < m; ++i)                                                  \
+                for (int64_t r = 0; r < wc; ++r) Q[i * w + r] = (double)src[i * ld + r];     \
+            for (int64_t K = 0; K < m; K += PANEL) {                                         \
+                const int64_t kw = m - K < PANEL ? m - K : PANEL;                            \
+                if (K > 0) {                                                                 \
+                    for (int64_t k = 0; k < K; ++k)                                          \
+                        for (int64_t r = 0; r < PANEL; ++r)                                  \
+                            Lp[k * PANEL + r] = r < kw ? U[k * m + K + r] : 0.0;             \
+                    for (int64_t j = 0; j < wv; j += 16) {                                   \
+                        v8d acc[PANEL][2];                                                   \
+                        for (int r = 0; r < PANEL; ++r) {                                    \
+                            const int64_t row = K + (r < kw ? r : 0);                        \
+                            acc[r][0] = *(v8d *)(Q + row * w + j);                           \
+                            acc[r][1] = *(v8d *)(Q + row * w + j + 8);                       \
+                        }                                                                    \
+                        for (int64_t k = 0; k < K; ++k) {                                    \
+                            const v8d q0 = *(const v8d *)(Q + k * w + j);                    \
+                            const v8d q1 = *(const v8d *)(Q + k * w + j + 8);                \
+                            for (int r = 0; r < PANEL; ++r) {                                \
+                                acc[r][0] -= Lp[k * PANEL + r] * q0;                         \
+                                acc[r][1] -= Lp[k * PANEL + r] * q1;                         \
+                            }                                                                \
+                        }                                                                    \
+                        for (int r = 0; r < kw; ++r) {                                       \
+                            *(v8d *)(Q + (K + r) * w + j) = acc[r][0];                       \
+                            *(v8d *)(Q + (K + r) * w + j + 8) = acc[r][1];                   \
+                        }                                                                    \
+                    }                                                                        \
+                    for (int64_t r = 0; r < kw; ++r)                                         \
+                        for (int64_t j = wv; j < wc; ++j) {                                  \
+                            double s = Q[(K + r) * w + j];                                   \
+                            for (int64_t k = 0; k < K; ++k) s -= Lp[k * PANEL + r] * Q[k * w + j]; \
+                            Q[(K + r) * w + j] = s;                                          \
+                        }                                                                    \
+                }                                                                            \
+                for (int64_t r = 0; r < kw; ++r) {                                           \
+                    const int64_t i = K + r;                                                 \
+                    double *qi = Q + i * w;                                                  \
+                    for (int64_t l = 0; l < r; ++l) {                                        \
+                        const double f = U[(K + l) * m + i];                                 \
+                        const double *ql = Q + (K + l) * w;                                  \
+                        for (int64_t j = 0; j < wc; ++j) qi[j] -= f * ql[j];                 \
+                    }                                                                        \
+                    const double inv = 1.0 / U[i * m + i];                                   \
+                    for (int64_t j = 0; j < wc; ++j) qi[j] *= inv;                           \
+                }                                                                            \
+            }                                                                                \
+            for (int64_t i = 0; i < m; ++i)                                                  \
+                for (int64_t r = 0; r < wc; ++r) src[i * ld + r] = (T)Q[i * w + r];         \
+        }                                                                                    \
+    }                                                                                        \
+    free(Q);                                                                                 \
+    return 0;                                                                                \
+}
+WOODBURY_SOLVE(mfac_woodbury_solve_f32, float)
+WOODBURY_SOLVE(mfac_woodbury_solve_f64, double)
 """
 
 SOURCE = _PASSES + _DENSE
@@ -538,6 +652,22 @@ def _load(compiler: str) -> ctypes.CDLL:
     for name in ("mfac_woodbury_gram_f32", "mfac_woodbury_gram_f64"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = woodbury, ctypes.c_int
+    for name in ("mfac_woodbury_solve_f32", "mfac_woodbury_solve_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = woodbury, ctypes.c_int
+    lib.mfac_woodbury_factor.argtypes = (
+        [ctypes.c_void_p]
+        + [ctypes.c_int64] * 3
+        + [
+            ctypes.c_double,
+            ctypes.c_void_p,
+        ]
+    )
+    lib.mfac_woodbury_factor.restype = ctypes.c_int
+    build = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_double] * 2
+    for name in ("mfac_direct_build_f32", "mfac_direct_build_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = build + [ctypes.c_void_p] * 3, ctypes.c_int
     lib.mfac_direct_invert.argtypes = (
         [ctypes.c_void_p]
         + [ctypes.c_int64] * 3
@@ -690,6 +820,31 @@ def direct_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor
     _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (1.0 / m, store.data_ptr()))
 
 
+def direct_build(
+    buffer: torch.Tensor, start: int, size: int, store: torch.Tensor, damp: float
+) -> tuple[torch.Tensor, float]:
+    """:func:`direct_gram` and :func:`direct_invert` in one pass per block while it is in
+    cache (the damping is known before the Grams: absolute damping). Returns the pivots and
+    the sum of the Grams' traces (the gradients' sum of squares / m)."""
+    nblocks = store.shape[0]
+    m, d = buffer.shape
+    if not supports_direct(buffer) or start < 0 or start + nblocks * size > d:
+        raise ValueError(
+            f"native direct build: needs a contiguous CPU float32/float64 buffer holding "
+            f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
+            f"{buffer.dtype} on {buffer.device}"
+        )
+    _check_store(store, nblocks, size)
+    lib = library()
+    fn = lib.mfac_direct_build_f32 if buffer.dtype == torch.float32 else lib.mfac_direct_build_f64
+    pivots = torch.empty(nblocks, size, dtype=torch.float64)
+    traces = torch.empty(nblocks, dtype=torch.float64)
+    ptr = buffer.data_ptr() + start * buffer.element_size()
+    tail = (1.0 / m, float(damp), store.data_ptr(), pivots.data_ptr(), traces.data_ptr())
+    _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), tail)
+    return pivots, float(traces.sum())
+
+
 def woodbury_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor) -> None:
     """store[b] = G_b G_b^T (m x m, float64, full symmetric) for the blocks of ``size`` columns
     from column ``start`` of ``buffer`` (m x d, float32/float64).
@@ -710,6 +865,45 @@ def woodbury_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tens
     fn = lib.mfac_woodbury_gram_f32 if buffer.dtype == torch.float32 else lib.mfac_woodbury_gram_f64
     ptr = buffer.data_ptr() + start * buffer.element_size()
     _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (store.data_ptr(),))
+
+
+def woodbury_factor(store: torch.Tensor, damp: float) -> torch.Tensor:
+    """Replace every block K_b of ``store`` (m x m, upper triangle read) by the upper factor U
+    of K_b + damp*I = U^T U (in its upper triangle) and return the (nblocks, m) pivots, as
+    :func:`direct_invert` does."""
+    nblocks, m = store.shape[0], store.shape[-1]
+    _check_store(store, nblocks, m)
+    pivots = torch.empty(nblocks, m, dtype=torch.float64)
+    lib = library()
+    if lib is None:
+        raise ValueError("native Woodbury factor: no compiled library")
+    _blocks_in_parallel(
+        lib.mfac_woodbury_factor, nblocks, (store.data_ptr(), m), (float(damp), pivots.data_ptr())
+    )
+    return pivots
+
+
+def woodbury_solve(buffer: torch.Tensor, start: int, size: int, upper: torch.Tensor) -> None:
+    """Overwrite the blocks of ``size`` columns from column ``start`` of ``buffer`` (m x d,
+    float32/float64) by Q_b = U_b^-T G_b, with the factors of :func:`woodbury_factor`; each
+    column tile is solved in float64 in cache and written back once."""
+    nblocks = upper.shape[0]
+    m, d = buffer.shape
+    if not supports_direct(buffer) or start < 0 or start + nblocks * size > d:
+        raise ValueError(
+            f"native Woodbury solve: needs a contiguous CPU float32/float64 buffer holding "
+            f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
+            f"{buffer.dtype} on {buffer.device}"
+        )
+    _check_store(upper, nblocks, m)
+    lib = library()
+    fn = (
+        lib.mfac_woodbury_solve_f32
+        if buffer.dtype == torch.float32
+        else lib.mfac_woodbury_solve_f64
+    )
+    ptr = buffer.data_ptr() + start * buffer.element_size()
+    _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (upper.data_ptr(),))
 
 
 def direct_invert(store: torch.Tensor, damp: float) -> torch.Tensor:
