@@ -321,8 +321,8 @@ def test_native_direct_build_matches_float64_and_the_torch_path(
     seed: int,
 ) -> None:
     # Block sizes across the kernels' 8-row, 16-column and 8-pivot edges, a shorter tail block,
-    # m from B upwards, two threads splitting the blocks; absolute damping inverts each block
-    # right after its Gram, relative damping in a second pass once the damping is known.
+    # m from B upwards, two threads splitting the blocks, and both damping modes (relative
+    # damping is read off the C Grams' traces).
     size = min(size, m)
     tail = tail % size
     d = size * nblocks + tail

@@ -73,8 +73,6 @@ class BlockGroup:
         self.direct = size <= num_grads
         self.q_form = True
         self.native = False
-        self._pivots: torch.Tensor | None = None
-        self.damp_formed: float | None = None
 
     # ----------------------------------------------------------------- tiles of the buffer
     def _view(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -121,21 +119,13 @@ class BlockGroup:
         return torch.empty(elems, dtype=F64, device=device)
 
     # ----------------------------------------------------------------- precompute
-    def form(
-        self,
-        buffer: torch.Tensor,
-        scratch: torch.Tensor,
-        store: torch.Tensor,
-        damp: float | None = None,
-    ) -> float:
+    def form(self, buffer: torch.Tensor, scratch: torch.Tensor, store: torch.Tensor) -> float:
         """Phase one, part one: form every block's Gram into ``store``, reading the buffer only;
         return the sum of squares of the group's gradient entries (float64; NaN or Inf when an
         entry is non-finite or the sum overflows), read off the Grams' diagonals.
 
         ``store`` is (nblocks, B, B) for the direct form (G_b^T G_b / m, later inverted in
-        place) and (nblocks, m, m) for Woodbury (G_b G_b^T, later factored in place). With
-        ``damp`` given (absolute damping) the C build of a direct group also inverts each block
-        right after its Gram, while it is in cache; :meth:`factor` then only checks pivots."""
+        place) and (nblocks, m, m) for Woodbury (G_b G_b^T, later factored in place)."""
         self.q_form = buffer.dtype in (torch.float32, torch.float64)
         self.store = store
         self.native = (
@@ -143,11 +133,6 @@ class BlockGroup:
             and (self.direct or self.m <= NATIVE_WOODBURY_MAX_M)
             and native.supports_direct(buffer)
         )
-        self._pivots = None
-        if self.native and self.direct and damp is not None:
-            self._pivots, total = native.direct_build(buffer, self.start, self.size, store, damp)
-            self.damp_formed = damp
-            return total * self.m
         if self.native:
             gram = native.direct_gram if self.direct else native.woodbury_gram
             gram(buffer, self.start, self.size, store)
@@ -184,12 +169,8 @@ class BlockGroup:
         if self.native:
             # Direct: the inverses (C Cholesky, inverse of the factor, its Gram). Woodbury: the
             # upper factors U (K_b = U^T U) that finish() solves with.
-            if self._pivots is not None and damp == self.damp_formed:
-                pivots = self._pivots  # inverted in form(), with this damping
-            else:
-                invert = native.direct_invert if self.direct else native.woodbury_factor
-                pivots = invert(self.store, floor)
-            self._pivots = None
+            invert = native.direct_invert if self.direct else native.woodbury_factor
+            pivots = invert(self.store, floor)
             ok = (torch.isfinite(pivots) & (pivots >= PIVOT_SHARE * floor)).all(1)
             if not bool(ok.all()):
                 bad = int((~ok).nonzero()[0])

@@ -428,34 +428,6 @@ static void cholesky_inverse(double *A, int64_t B, double damp, double *piv, dou
     }
 }
 
-/* The direct form in one pass per block while it is in cache: the Gram (scaled by alpha),
-   its trace into trace[b], then the damped inverse with its pivots (absolute damping, known
-   before the Gram). */
-#define DIRECT_BUILD(NAME, T)                                                                  \
-int NAME(const T *g, int64_t ld, int64_t m, int64_t B, int64_t b_begin, int64_t b_end,      \
-         double alpha, double damp, double *out, double *piv, double *trace) {               \
-    const int64_t bp = round_up(B, GRAM_COLS);                                               \
-    const int64_t pn = m * bp, wn = 2 * B * bp + PANEL * B;                                   \
-    double *P = calloc((size_t)(pn + wn), sizeof(double));                                   \
-    if (!P) return -1;                                                                       \
-    double *V = P + pn, *X = V + B * bp, *Up = X + B * bp;                                   \
-    for (int64_t b = b_begin; b < b_end; ++b) {                                              \
-        const T *src = g + b * B;                                                            \
-        double *A = out + b * B * B;                                                         \
-        for (int64_t r = 0; r < m; ++r)                                                      \
-            for (int64_t j = 0; j < B; ++j) P[r * bp + j] = (double)src[r * ld + j];         \
-        gram_upper(P, m, B, bp, alpha, A, 0, 0);                                             \
-        double t = 0.0;                                                                      \
-        for (int64_t i = 0; i < B; ++i) t += A[i * B + i];                                   \
-        trace[b] = t;                                                                        \
-        cholesky_inverse(A, B, damp, piv + b * B, V, X, Up, bp);                             \
-    }                                                                                        \
-    free(P);                                                                                 \
-    return 0;                                                                                \
-}
-DIRECT_BUILD(mfac_direct_build_f32, float)
-DIRECT_BUILD(mfac_direct_build_f64, double)
-
 int mfac_direct_invert(double *a, int64_t B, int64_t b_begin, int64_t b_end, double damp,
                        double *piv) {
     const int64_t bp = round_up(B, GRAM_COLS);
@@ -664,10 +636,6 @@ def _load(compiler: str) -> ctypes.CDLL:
         ]
     )
     lib.mfac_woodbury_factor.restype = ctypes.c_int
-    build = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_double] * 2
-    for name in ("mfac_direct_build_f32", "mfac_direct_build_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = build + [ctypes.c_void_p] * 3, ctypes.c_int
     lib.mfac_direct_invert.argtypes = (
         [ctypes.c_void_p]
         + [ctypes.c_int64] * 3
@@ -818,31 +786,6 @@ def direct_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor
     fn = lib.mfac_direct_gram_f32 if buffer.dtype == torch.float32 else lib.mfac_direct_gram_f64
     ptr = buffer.data_ptr() + start * buffer.element_size()
     _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (1.0 / m, store.data_ptr()))
-
-
-def direct_build(
-    buffer: torch.Tensor, start: int, size: int, store: torch.Tensor, damp: float
-) -> tuple[torch.Tensor, float]:
-    """:func:`direct_gram` and :func:`direct_invert` in one pass per block while it is in
-    cache (the damping is known before the Grams: absolute damping). Returns the pivots and
-    the sum of the Grams' traces (the gradients' sum of squares / m)."""
-    nblocks = store.shape[0]
-    m, d = buffer.shape
-    if not supports_direct(buffer) or start < 0 or start + nblocks * size > d:
-        raise ValueError(
-            f"native direct build: needs a contiguous CPU float32/float64 buffer holding "
-            f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
-            f"{buffer.dtype} on {buffer.device}"
-        )
-    _check_store(store, nblocks, size)
-    lib = library()
-    fn = lib.mfac_direct_build_f32 if buffer.dtype == torch.float32 else lib.mfac_direct_build_f64
-    pivots = torch.empty(nblocks, size, dtype=torch.float64)
-    traces = torch.empty(nblocks, dtype=torch.float64)
-    ptr = buffer.data_ptr() + start * buffer.element_size()
-    tail = (1.0 / m, float(damp), store.data_ptr(), pivots.data_ptr(), traces.data_ptr())
-    _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), tail)
-    return pivots, float(traces.sum())
 
 
 def woodbury_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor) -> None:

@@ -187,11 +187,7 @@ class InverseFisher(LinearOperatorMixin):
         work = BlockGroup.new_scratch(self.groups, device)
         # The Grams' diagonals give the sum of squares: the finiteness check and the mean
         # diagonal of relative damping, without a separate pass over the buffer.
-        # Absolute damping is known now: direct blocks can be inverted as soon as formed.
-        known = damp if damp_mode == "absolute" else None
-        total = sum(
-            g.form(self.buffer, work, s, known) for g, s in zip(self.groups, stores, strict=True)
-        )
+        total = sum(g.form(self.buffer, work, s) for g, s in zip(self.groups, stores, strict=True))
         if not math.isfinite(total):
             self._refuse_non_finite()
         m, d = self.num_grads, self.dim
