@@ -309,13 +309,63 @@ int NAME(const T *g, int64_t ld, int64_t m, int64_t B, int64_t b_begin, int64_t 
 WOODBURY_GRAM(mfac_woodbury_gram_f32, float)
 WOODBURY_GRAM(mfac_woodbury_gram_f64, double)
 
-/* In place: the upper triangle of A (row-major B x B) becomes U with A = U^T U (right-looking
-   Cholesky, PANEL rows at a time; rows past the panel get one rank-PANEL update, two rows per
-   sweep over the panel's rows). piv receives the pivots d_p (U[p][p]^2): a pivot that is not
-   positive and finite means A is not positive definite in float64. Only j >= i is touched. */
-static void cholesky_upper(double *A, int64_t B, double *piv) {
+/* In place: the upper triangle of A (row-major B x B) becomes U with A = U^T U (left-looking
+   Cholesky, PANEL rows at a time: the rows above the panel update it in one product with
+   eight rows by sixteen columns of accumulators, then the panel is factored row by row). piv
+   receives the pivots d_p (U[p][p]^2): a pivot that is not positive and finite means A is not
+   positive definite in float64. Entries below the diagonal are never read. Up: PANEL x B. */
+static void cholesky_upper(double *A, int64_t B, double *piv, double *Up) {
     for (int64_t K = 0; K < B; K += PANEL) {
         const int64_t kw = B - K < PANEL ? B - K : PANEL;
+        if (K > 0) {
+            for (int64_t k = 0; k < K; ++k)
+                for (int64_t r = 0; r < PANEL; ++r)
+                    Up[k * PANEL + r] = r < kw ? A[k * B + K + r] : 0.0;
+            int64_t j = K;
+            for (; j + 16 <= B; j += 16) {
+                v8d acc[PANEL][2];
+                for (int r = 0; r < PANEL; ++r) {
+                    const int64_t row = K + (r < kw ? r : 0);
+                    acc[r][0] = *(v8d *)(A + row * B + j);
+                    acc[r][1] = *(v8d *)(A + row * B + j + 8);
+                }
+                for (int64_t k = 0; k < K; ++k) {
+                    const v8d u0 = *(const v8d *)(A + k * B + j);
+                    const v8d u1 = *(const v8d *)(A + k * B + j + 8);
+                    for (int r = 0; r < PANEL; ++r) {
+                        acc[r][0] -= Up[k * PANEL + r] * u0;
+                        acc[r][1] -= Up[k * PANEL + r] * u1;
+                    }
+                }
+                for (int r = 0; r < kw; ++r) {
+                    *(v8d *)(A + (K + r) * B + j) = acc[r][0];
+                    *(v8d *)(A + (K + r) * B + j + 8) = acc[r][1];
+                }
+            }
+            for (; j + 8 <= B; j += 8) {
+                v8d acc[PANEL];
+                for (int r = 0; r < PANEL; ++r)
+                    acc[r] = *(v8d *)(A + (K + (r < kw ? r : 0)) * B + j);
+                for (int64_t k = 0; k < K; ++k) {
+                    const v8d u0 = *(const v8d *)(A + k * B + j);
+                    for (int r = 0; r < PANEL; ++r) acc[r] -= Up[k * PANEL + r] * u0;
+                }
+                for (int r = 0; r < kw; ++r) *(v8d *)(A + (K + r) * B + j) = acc[r];
+            }
+            for (; j < B; ++j) /* fewer than 8 columns left: four partial sums per entry */
+                for (int64_t r = 0; r < kw; ++r) {
+                    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+                    int64_t k = 0;
+                    for (; k + 4 <= K; k += 4) {
+                        s0 += Up[k * PANEL + r] * A[k * B + j];
+                        s1 += Up[(k + 1) * PANEL + r] * A[(k + 1) * B + j];
+                        s2 += Up[(k + 2) * PANEL + r] * A[(k + 2) * B + j];
+                        s3 += Up[(k + 3) * PANEL + r] * A[(k + 3) * B + j];
+                    }
+                    for (; k < K; ++k) s0 += Up[k * PANEL + r] * A[k * B + j];
+                    A[(K + r) * B + j] -= (s0 + s1) + (s2 + s3);
+                }
+        }
         for (int64_t p = K; p < K + kw; ++p) {
             double *ap = A + p * B;
             for (int64_t l = K; l < p; ++l) {
@@ -328,41 +378,6 @@ static void cholesky_upper(double *A, int64_t B, double *piv) {
             const double u = __builtin_sqrt(d), inv = 1.0 / u;
             ap[p] = u;
             for (int64_t j = p + 1; j < B; ++j) ap[j] *= inv;
-        }
-        const double *T = A + K * B; /* the panel's rows of U */
-        for (int64_t i = K + kw; i < B; i += 2) {
-            const int two = i + 1 < B;
-            double *a0 = A + i * B, *a1 = two ? a0 + B : a0;
-            double c[PANEL] = {0}, e[PANEL] = {0};
-            for (int64_t k = 0; k < kw; ++k) {
-                c[k] = T[k * B + i];
-                e[k] = two ? T[k * B + i + 1] : 0.0;
-            }
-            for (int64_t k = 0; k < kw; ++k) a0[i] -= c[k] * T[k * B + i];
-            int64_t j = i + 1;
-            for (; j < B && j % 8; ++j)
-                for (int64_t k = 0; k < kw; ++k) {
-                    a0[j] -= c[k] * T[k * B + j];
-                    a1[j] -= e[k] * T[k * B + j];
-                }
-            if (kw == PANEL) {
-                for (; j + 8 <= B; j += 8) {
-                    v8d x = *(v8d *)(a0 + j), y = *(v8d *)(a1 + j), x1 = {0}, y1 = {0};
-                    for (int k = 0; k < PANEL; k += 2) {
-                        const v8d t0 = *(const v8d *)(T + k * B + j);
-                        const v8d t1 = *(const v8d *)(T + (k + 1) * B + j);
-                        x -= c[k] * t0; y -= e[k] * t0;
-                        x1 -= c[k + 1] * t1; y1 -= e[k + 1] * t1;
-                    }
-                    *(v8d *)(a0 + j) = x + x1;
-                    if (two) *(v8d *)(a1 + j) = y + y1;
-                }
-            }
-            for (; j < B; ++j)
-                for (int64_t k = 0; k < kw; ++k) {
-                    a0[j] -= c[k] * T[k * B + j];
-                    a1[j] -= e[k] * T[k * B + j];
-                }
         }
     }
 }
@@ -410,7 +425,7 @@ static void invert_upper(const double *U, int64_t B, double *V, int64_t bp, doub
 static void cholesky_inverse(double *A, int64_t B, double damp, double *piv, double *V,
                              double *X, double *Up, int64_t bp) {
     for (int64_t i = 0; i < B; ++i) A[i * B + i] += damp;
-    cholesky_upper(A, B, piv);
+    cholesky_upper(A, B, piv, Up);
     invert_upper(A, B, V, bp, Up);
     for (int64_t i0 = 0; i0 < B; i0 += 8) /* X = V^T, 8 x 8 tiles */
         for (int64_t k0 = i0; k0 < B; k0 += 8)
@@ -444,11 +459,14 @@ int mfac_direct_invert(double *a, int64_t B, int64_t b_begin, int64_t b_end, dou
    read; U written to it), with the pivots as for the direct form. */
 int mfac_woodbury_factor(double *a, int64_t m, int64_t b_begin, int64_t b_end, double damp,
                          double *piv) {
+    double *Up = malloc((size_t)(PANEL * m) * sizeof(double));
+    if (!Up) return -1;
     for (int64_t b = b_begin; b < b_end; ++b) {
         double *A = a + b * m * m;
         for (int64_t i = 0; i < m; ++i) A[i * m + i] += damp;
-        cholesky_upper(A, m, piv + b * m);
+        cholesky_upper(A, m, piv + b * m, Up);
     }
+    free(Up);
     return 0;
 }
 
