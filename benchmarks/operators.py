@@ -360,6 +360,9 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, part in zip(axes, ("step", "precompute"), strict=True):
+        if part not in result:
+            ax.axis("off")
     if "step" in result:
         ax = axes[0]
         labels = [f"m={r['m']}\nd={r['d']:.0e}" for r in result["step"]]
