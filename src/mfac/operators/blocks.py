@@ -14,7 +14,8 @@ The build runs in two phases so that a failure never leaves the caller's buffer 
 factors it (both only read the buffer); :meth:`BlockGroup.finish` then overwrites G by Q.
 All small matrices are formed and factored in float64, a cache-sized tile at a time, through
 one reused scratch tile, so the float64 scratch stays within ``TILE_BYTES`` and the m x d
-buffer is never copied whole.
+buffer is never copied whole. On the CPU, float32/float64 gradients take C kernels instead
+(:func:`native_build_enabled`), which do the same per block in cache-sized float64 panels.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ TILE_BYTES = 8 * 2**20
 PIVOT_SHARE = 0.5
 
 
-#: Woodbury blocks take the C Gram up to this m (its m x m float64 result stays in cache);
+#: Woodbury blocks take the C build up to this m (their m x m float64 Gram stays in cache);
 #: past it, tiles through the BLAS product, which blocks for cache itself.
 NATIVE_WOODBURY_MAX_M = 256
 
@@ -45,8 +46,9 @@ NATIVE_WOODBURY_MAX_M = 256
 def native_build_enabled() -> bool:
     """Whether blocks of float32/float64 gradients on the CPU may take the C build
     (:mod:`mfac.operators.native`): the direct form's Gram and inverse, the Woodbury form's
-    Gram (m <= ``NATIVE_WOODBURY_MAX_M``). ``MFAC_NATIVE_BUILD=0`` leaves them to batched
-    torch/LAPACK calls, as do ``MFAC_NO_COMPILE=1`` and a machine without a C compiler."""
+    Gram, Cholesky factor and solve (m <= ``NATIVE_WOODBURY_MAX_M``). ``MFAC_NATIVE_BUILD=0``
+    leaves them to batched torch/LAPACK calls, as do ``MFAC_NO_COMPILE=1`` and a machine
+    without a C compiler."""
     return os.environ.get("MFAC_NATIVE_BUILD", "1") != "0"
 
 
@@ -131,7 +133,7 @@ class BlockGroup:
         self.native = (
             native_build_enabled()
             and (self.direct or self.m <= NATIVE_WOODBURY_MAX_M)
-            and native.supports_direct(buffer)
+            and native.supports_build(buffer)
         )
         if self.native:
             gram = native.direct_gram if self.direct else native.woodbury_gram

@@ -1,8 +1,10 @@
-"""A small C kernel for the two passes over a bfloat16/float16 window on the CPU.
+"""Small C kernels for the CPU: the two passes over a bfloat16/float16 window, and the static
+build's blocks (float64 Gram, Cholesky, inverse or triangular solve, in cache-sized panels;
+see :func:`direct_gram`, :func:`direct_invert` and :func:`woodbury_gram`).
 
-Each 16-bit entry is widened to float32 in registers (bfloat16 by a 16-bit shift, float16 by
-the compiler's half-precision conversion) and accumulated in float32, so the window is read
-once at half the bytes of float32:
+In the passes, each 16-bit entry is widened to float32 in registers (bfloat16 by a 16-bit
+shift, float16 by the compiler's half-precision conversion) and accumulated in float32, so the
+window is read once at half the bytes of float32:
 
 * ``G^T c`` walks column tiles of 65536 columns: four rows at a time add into a float32 tile
   of the result (256 KiB, in L2), which is written once; long tiles keep each row's stream
@@ -15,7 +17,8 @@ The C source is built once per machine with the system C compiler (``$CC``, else
 ctypes; there is no Python extension module and no dependency beyond the compiler. Threads are
 Python threads over disjoint column (``G^T c``) or row (``G @ x``) ranges; ctypes releases the
 GIL. When no compiler is present, the build fails, or ``MFAC_NO_COMPILE=1``, :func:`library`
-returns None and :mod:`mfac.operators.kernels` uses its other paths.
+returns None: :mod:`mfac.operators.kernels` uses its other paths, and the static build its
+batched torch/LAPACK path.
 """
 
 from __future__ import annotations
@@ -744,7 +747,7 @@ def rows_dot(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- direct-form blocks
-def supports_direct(buffer: torch.Tensor) -> bool:
+def supports_build(buffer: torch.Tensor) -> bool:
     """Whether the C direct-form build can read ``buffer``: a contiguous CPU float32/float64
     m x d matrix (other dtypes and devices take the batched torch path)."""
     return (
@@ -793,7 +796,7 @@ def direct_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor
     flops of a general product)."""
     nblocks = store.shape[0]
     m, d = buffer.shape
-    if not supports_direct(buffer) or start < 0 or start + nblocks * size > d:
+    if not supports_build(buffer) or start < 0 or start + nblocks * size > d:
         raise ValueError(
             f"native direct build: needs a contiguous CPU float32/float64 buffer holding "
             f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
@@ -815,7 +818,7 @@ def woodbury_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tens
     result; meant for m up to a few hundred, where that result stays in cache."""
     nblocks = store.shape[0]
     m, d = buffer.shape
-    if not supports_direct(buffer) or start < 0 or start + nblocks * size > d:
+    if not supports_build(buffer) or start < 0 or start + nblocks * size > d:
         raise ValueError(
             f"native Woodbury Gram: needs a contiguous CPU float32/float64 buffer holding "
             f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
@@ -850,7 +853,7 @@ def woodbury_solve(buffer: torch.Tensor, start: int, size: int, upper: torch.Ten
     column tile is solved in float64 in cache and written back once."""
     nblocks = upper.shape[0]
     m, d = buffer.shape
-    if not supports_direct(buffer) or start < 0 or start + nblocks * size > d:
+    if not supports_build(buffer) or start < 0 or start + nblocks * size > d:
         raise ValueError(
             f"native Woodbury solve: needs a contiguous CPU float32/float64 buffer holding "
             f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
