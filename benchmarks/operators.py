@@ -17,6 +17,7 @@ every part on a GPU (``make gpu-check``). Writes benchmarks/results/operators.js
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -111,46 +112,94 @@ def bench_step(m: int, d: int, reps: int, stock_bf16: bool) -> dict:
     return row
 
 
+def precompute_flops(m: int, d: int, size: int) -> tuple[float, float]:
+    """(honest, previous) flop counts of a static build with blocks of ``size`` coordinates.
+
+    Honest: what the exact method needs, with each product counted once. Direct form (B <= m):
+    the symmetric Gram G_b^T G_b is m*B^2 flops per block (one triangle), Cholesky B^3/3 and
+    the inverse from it 2B^3/3, so m*B*d + B^2*d in all. Woodbury: the symmetric Gram m^2 d,
+    one m x m Cholesky per block, the triangular solve m^2 d. Previous: the count of the first
+    benchmark (both Gram triangles, and 2B^3 for the inverse), kept for comparison."""
+    if size <= m:
+        honest = m * size * d + d * size**2
+        previous = 2 * m * size * d + d * size**2 / 3 + 2 * d * size**2
+    else:
+        honest = 2 * m * m * d + (d // size) * m**3 / 3
+        previous = 3 * m * m * d + (d // size) * m**3 / 3
+    return honest, previous
+
+
+def gram_shaped_matmul(m: int, d: int, size: int, reps: int) -> float:
+    """float64 GFLOP/s of the plain product that has the Gram's shape: the batched
+    (nblocks, B, m) @ (nblocks, m, B) for the direct form, (m, d) @ (d, m) for Woodbury
+    (the full product, 2*m*B*d or 2*m^2*d flops)."""
+    size = min(size, d)
+    if size <= m:
+        nblocks = d // size
+        a = torch.randn(nblocks, size, m, dtype=F64, device=DEVICE)
+        b = torch.randn(nblocks, m, size, dtype=F64, device=DEVICE)
+        t = interleaved_medians({"bmm": synced(lambda: torch.bmm(a, b))}, reps)["bmm"]
+        return 2 * nblocks * size * m * size / t / 1e9
+    g = torch.randn(m, d, dtype=F64, device=DEVICE)
+    t = interleaved_medians({"mm": synced(lambda: g @ g.T)}, reps)["mm"]
+    return 2 * m * m * d / t / 1e9
+
+
 def bench_precompute(m: int, d: int, blocks: list[int | None], reps: int) -> list[dict]:
-    """Static precompute GFLOP/s against float32/float64 matmul GFLOP/s of the same run."""
+    """Static precompute GFLOP/s (honest count, see :func:`precompute_flops`) against the
+    float32/float64 2048 x 2048 matmul rates and the Gram-shaped float64 product, all measured
+    in the same run, the builds interleaved with the matmuls. On the CPU the direct form is
+    also timed through the batched torch/LAPACK path (the fallback without a C compiler)."""
+    import mfac.operators.blocks as blocks_module
+
     torch.manual_seed(1)
     master = randn(m, d)
     work = torch.empty_like(master)
+    native = blocks_module.native_build_enabled
     rows = []
     for block in blocks:
-        size = d if block is None else block
-        if size <= m:  # direct B x B: Gram, Cholesky, inverse per block
-            flops = 2 * m * size * d + d * size**2 / 3 + 2 * d * size**2
-        else:  # Woodbury: Gram, Cholesky, triangular solve per block
-            flops = 3 * m * m * d + (d // size) * m**3 / 3
-        times = []
+        size = d if block is None else min(block, d)
+        direct = size <= m
+        paths = ["native", "torch"] if direct and DEVICE.type == "cpu" else ["default"]
+        times: dict[str, list[float]] = {path: [] for path in paths}
         f32, f64 = [], []
         for _ in range(reps):
-            work.copy_(master)  # the operator consumes its input in place
             f32.append(matmul_gflops(torch.float32, reps=3))
-            start = time.perf_counter()
-            synced(lambda b=block: InverseFisher(work, 1e-5, b))()
-            times.append(time.perf_counter() - start)
+            for path in paths:
+                blocks_module.native_build_enabled = native if path != "torch" else lambda: False
+                try:
+                    work.copy_(master)  # the operator consumes its input in place
+                    start = time.perf_counter()
+                    synced(lambda b=block: InverseFisher(work, 1e-5, b))()
+                    times[path].append(time.perf_counter() - start)
+                finally:
+                    blocks_module.native_build_enabled = native
             f64.append(matmul_gflops(F64, reps=3))
-        times.sort()
-        f32.sort()
-        f64.sort()
-        seconds, mm32, mm64 = times[reps // 2], f32[reps // 2], f64[reps // 2]
-        achieved = flops / seconds / 1e9
-        rows.append(
-            {
-                "m": m,
-                "d": d,
-                "block": "full" if block is None else block,
-                "form": "direct" if size <= m else "woodbury",
-                "seconds": seconds,
-                "GFLOPs": achieved,
-                "matmul_f32_GFLOPs": mm32,
-                "matmul_f64_GFLOPs": mm64,
-                "ratio_to_f32_matmul": achieved / mm32,
-                "ratio_to_f64_matmul": achieved / mm64,
-            }
-        )
+        mm32, mm64 = statistics.median(f32), statistics.median(f64)
+        shaped = gram_shaped_matmul(m, d, size, reps)
+        honest, previous = precompute_flops(m, d, size)
+        for path in paths:
+            seconds = statistics.median(times[path])
+            rate = honest / seconds / 1e9
+            rows.append(
+                {
+                    "m": m,
+                    "d": d,
+                    "block": "full" if block is None else block,
+                    "form": ("direct" if direct else "woodbury")
+                    + (" (torch/LAPACK path)" if path == "torch" else ""),
+                    "seconds": seconds,
+                    "GFLOPs": rate,
+                    "flops": honest,
+                    "matmul_f32_GFLOPs": mm32,
+                    "matmul_f64_GFLOPs": mm64,
+                    "gram_shaped_f64_GFLOPs": shaped,
+                    "ratio_to_f32_matmul": rate / mm32,
+                    "ratio_to_f64_matmul": rate / mm64,
+                    "ratio_to_gram_shaped_f64": rate / shaped,
+                    "ratio_to_f64_matmul_previous_count": previous / seconds / 1e9 / mm64,
+                }
+            )
     return rows
 
 
@@ -195,10 +244,24 @@ def bench_block_rank_one(m: int, d: int, block: int, reps: int) -> dict:
     def rank_one() -> torch.Tensor:
         return BlockRankOneInverseFisher(grads, damp, block).diag()
 
-    times: dict[str, list[float]] = {"ours": [], "rank_one": []}
+    import mfac.operators.blocks as blocks_module
+
+    native = blocks_module.native_build_enabled
+
+    def ours_lapack() -> torch.Tensor:  # the direct blocks through batched torch/LAPACK calls
+        blocks_module.native_build_enabled = lambda: False
+        try:
+            return ours()
+        finally:
+            blocks_module.native_build_enabled = native
+
+    fns = {"ours": ours, "rank_one": rank_one}
+    if DEVICE.type == "cpu":
+        fns["ours_lapack"] = ours_lapack
+    times: dict[str, list[float]] = {name: [] for name in fns}
     mm64 = []
     for _ in range(reps):
-        for name, fn in (("ours", ours), ("rank_one", rank_one)):
+        for name, fn in fns.items():
             work.copy_(grads)  # the Woodbury form consumes its input; not timed
             start = time.perf_counter()
             synced(fn)()
@@ -206,15 +269,11 @@ def bench_block_rank_one(m: int, d: int, block: int, reps: int) -> dict:
         mm64.append(matmul_gflops(F64, reps=3))
     ours_s, rank_one_s = (sorted(times[k])[reps // 2] for k in ("ours", "rank_one"))
     mm = sorted(mm64)[reps // 2]
-    size = min(block, d)
-    if size <= m:
-        flops = 2 * m * size * d + d * size**2 / 3 + 2 * d * size**2
-    else:
-        flops = 3 * m * m * d + (d // size) * m**3 / 3
+    flops = precompute_flops(m, d, min(block, d))[0]
     exact = BlockRankOneInverseFisher(grads.double(), damp, block).diag()
     work.copy_(grads)
     agree = float((ours().double() - exact).norm() / exact.norm())
-    return {
+    row = {
         "m": m,
         "d": d,
         "block": block,
@@ -225,42 +284,71 @@ def bench_block_rank_one(m: int, d: int, block: int, reps: int) -> dict:
         "matmul_f64_GFLOPs": mm,
         "diag_rel_diff_vs_float64_recursion": agree,
     }
+    if "ours_lapack" in times:
+        lapack_s = statistics.median(times["ours_lapack"])
+        row["ours_lapack_path_s"] = lapack_s
+        row["lapack_path_speedup"] = rank_one_s / lapack_s
+    return row
 
 
-def bench_oneshot(models: list[str], reps: int) -> list[dict]:
-    """End to end: ``mfac.prune.oneshot(..., method="mfac", recompute=16)`` (m = 256, B = 128,
-    the library's defaults otherwise) on benchmarks.prune's MLPs; medians of the precompute
-    time (the static builds, one per recomputation) and of the whole call."""
+def bench_oneshot(
+    models: list[str], reps: int, num_grads: tuple[int, ...] = (64, 256)
+) -> list[dict]:
+    """End to end: ``mfac.prune.oneshot(..., method="mfac", recompute=16)`` (B = 128, the
+    library's defaults otherwise) on benchmarks.prune's MLPs, with m = 64 (the default: B > m,
+    Woodbury blocks) and m = 256 (B <= m, direct blocks); medians of the precompute time (the
+    static builds, one per recomputation) and of the whole call, with the blocks built by the
+    C kernels and, interleaved, by the batched torch/LAPACK path."""
+    import mfac.operators.blocks as blocks_module
     import mfac.prune as mp
 
     from benchmarks.prune import batches, load_tasks, loss_fn
 
     tasks = load_tasks()
     rows = []
+    native = blocks_module.native_build_enabled
+    paths = ["native", "lapack"]
     for name in models:
         task = tasks[name]
         torch.manual_seed(0)
         state = task.make().state_dict()  # timing only: trained weights cost the same
         data = batches(task, 256, 100)
-        pre, total = [], []
-        for _ in range(reps):
-            model = task.make()
-            model.load_state_dict(state)
-            res = mp.oneshot(
-                model, 0.9, "mfac", data=data, loss_fn=loss_fn, recompute=16, progress=False
+        for m in num_grads:
+            pre: dict[str, list[float]] = {p: [] for p in paths}
+            total: dict[str, list[float]] = {p: [] for p in paths}
+            for _ in range(reps):
+                for path in paths:
+                    model = task.make()
+                    model.load_state_dict(state)
+                    if path == "lapack":
+                        blocks_module.native_build_enabled = lambda: False
+                    try:
+                        res = mp.oneshot(
+                            model, 0.9, "mfac", data=data, loss_fn=loss_fn, recompute=16,
+                            num_grads=m, progress=False,
+                        )  # fmt: skip
+                    finally:
+                        blocks_module.native_build_enabled = native
+                    pre[path].append(res.timings["precompute"])
+                    total[path].append(res.timings["total"])
+            dim = sum(p.numel() for p in model.parameters() if p.ndim > 1)
+            med_pre = {p: statistics.median(pre[p]) for p in paths}
+            med_tot = {p: statistics.median(total[p]) for p in paths}
+            rows.append(
+                {
+                    "model": name,
+                    "d": dim,
+                    "m": m,
+                    "form": "direct" if m >= 128 else "woodbury",
+                    "precompute_s": med_pre["native"],
+                    "total_s": med_tot["native"],
+                    "precompute_share": med_pre["native"] / med_tot["native"],
+                    "precompute_lapack_path_s": med_pre["lapack"],
+                    "total_lapack_path_s": med_tot["lapack"],
+                    "precompute_speedup": med_pre["lapack"] / med_pre["native"],
+                    "total_speedup": med_tot["lapack"] / med_tot["native"],
+                }
             )
-            pre.append(res.timings["precompute"])
-            total.append(res.timings["total"])
-        dim = sum(p.numel() for p in model.parameters() if p.ndim > 1)
-        rows.append(
-            {
-                "model": name,
-                "d": dim,
-                "precompute_s": sorted(pre)[reps // 2],
-                "total_s": sorted(total)[reps // 2],
-                "precompute_share": sorted(pre)[reps // 2] / sorted(total)[reps // 2],
-            }
-        )
     return rows
 
 
@@ -272,6 +360,9 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, part in zip(axes, ("step", "precompute"), strict=True):
+        if part not in result:
+            ax.axis("off")
     if "step" in result:
         ax = axes[0]
         labels = [f"m={r['m']}\nd={r['d']:.0e}" for r in result["step"]]
@@ -294,24 +385,27 @@ def plot(result: dict, path: str) -> None:
     if "precompute" in result:
         ax = axes[1]
         rows = result["precompute"]
-        labels = [f"B={r['block']}\n{r['form']}" for r in rows]
+        labels = [
+            f"m={r['m']} B={r['block']}\n{r['form'].replace(' (torch/LAPACK path)', ', LAPACK')}"
+            for r in rows
+        ]
         xs = range(len(rows))
         ax.bar(
             [x - 0.18 for x in xs],
-            [r["ratio_to_f32_matmul"] for r in rows],
+            [r["ratio_to_f64_matmul"] for r in rows],
             0.36,
-            label="vs float32 matmul",
+            label="vs float64 2048^2 matmul",
         )
         ax.bar(
             [x + 0.18 for x in xs],
-            [r["ratio_to_f64_matmul"] for r in rows],
+            [r.get("ratio_to_gram_shaped_f64", float("nan")) for r in rows],
             0.36,
-            label="vs float64 matmul",
+            label="vs float64 Gram-shaped product",
         )
-        ax.axhline(0.5, color="k", lw=1, ls="--", label="target 0.5 of float32")
-        ax.set_xticks(list(xs), labels)
-        ax.set_ylabel("achieved GFLOP/s / matmul GFLOP/s")
-        ax.set_title(f"static precompute (m={rows[0]['m']}, d={rows[0]['d']})")
+        ax.axhline(0.5, color="k", lw=1, ls="--", label="target 0.5")
+        ax.set_xticks(list(xs), labels, fontsize=6)
+        ax.set_ylabel("GFLOP/s (honest count) / matmul GFLOP/s")
+        ax.set_title(f"static precompute (d={rows[0]['d']})")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -342,7 +436,7 @@ def compare(before_path: str, after_path: str) -> str:
         row(f"{tag}: precompute + diag, seconds", ra["ours_s"], rb["ours_s"])
         row(f"{tag}: speed-up over the batched rank-one recursion", ra["speedup"], rb["speedup"])
     for ra, rb in zip(a.get("oneshot", []), b.get("oneshot", []), strict=False):
-        tag = f"oneshot mfac recompute=16, {ra['model']} (d={ra['d']})"
+        tag = f"oneshot mfac recompute=16, {ra['model']} (d={ra['d']}, m={ra.get('m', 64)})"
         row(f"{tag}: precompute s", ra["precompute_s"], rb["precompute_s"])
         row(f"{tag}: total s", ra["total_s"], rb["total_s"])
     for ra, rb in zip(a.get("step", []), b.get("step", []), strict=False):
@@ -365,8 +459,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", help="torch device (cuda: writes gpu.json)")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--precompute-d", type=int, default=None, help="d of the precompute part")
     parser.add_argument(
-        "--precompute-d", type=int, default=None, help="d of the precompute part (m = 1024)"
+        "--precompute-m",
+        type=int,
+        nargs="*",
+        default=None,
+        help="m of the precompute part (default 256 and 1024; --quick: 256)",
     )
     parser.add_argument(
         "--tests-junit",
@@ -389,13 +488,12 @@ def main(argv: list[str] | None = None) -> dict:
     parts = set(args.only or every)
     blocked = (256, 2**16, 128)  # the issue's comparison: d = 2^16, m = 256, B = 128
     if args.quick:
-        steps, pre, r1 = [(64, 200_000), (256, 200_000)], (256, 2**16), (64, 2**15)
+        steps, pre, r1 = [(64, 200_000), (256, 200_000)], ([256], 2**16), (64, 2**15)
     else:
-        steps, pre, r1 = [(256, 1_000_000), (1024, 1_000_000)], (1024, 2**20), (256, 2**18)
+        steps, pre, r1 = [(256, 1_000_000), (1024, 1_000_000)], ([256, 1024], 2**20), (256, 2**18)
         if DEVICE.type == "cuda":  # d large enough that one pass is far above launch latency
             steps = [(256, 2**23), (1024, 2**22)]
-    if args.precompute_d:
-        pre = (pre[0], args.precompute_d)
+    pre = (args.precompute_m or pre[0], args.precompute_d or pre[1])
     info = machine()
     if DEVICE.type == "cuda":
         info["device"] = torch.cuda.get_device_name(DEVICE)
@@ -420,8 +518,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
         )
     if "precompute" in parts:
-        result["precompute"] = bench_precompute(pre[0], pre[1], [128, None], args.reps)
-        print("\nstatic precompute against this machine's matmul rate")
+        result["precompute"] = [
+            row for m in pre[0] for row in bench_precompute(m, pre[1], [128, None], args.reps)
+        ]
+        print("\nstatic precompute (honest flop count) against this machine's matmul rates")
         print(
             table(
                 result["precompute"],
@@ -432,8 +532,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "form",
                     "seconds",
                     "GFLOPs",
-                    "ratio_to_f32_matmul",
                     "ratio_to_f64_matmul",
+                    "ratio_to_gram_shaped_f64",
+                    "ratio_to_f64_matmul_previous_count",
                 ],
             )
         )
@@ -460,14 +561,16 @@ def main(argv: list[str] | None = None) -> dict:
                     "rank_one_s",
                     "speedup",
                     "ours_ratio_to_f64_matmul",
+                    "lapack_path_speedup",
                     "diag_rel_diff_vs_float64_recursion",
                 ],
             )
         )
     if "oneshot" in parts and DEVICE.type == "cpu":
         result["oneshot"] = bench_oneshot(["digits-mlp", "mnist-mlp"], args.reps)
-        print("\nmfac.prune.oneshot(..., method='mfac', recompute=16), m = 256, B = 128")
-        columns = ["model", "d", "precompute_s", "total_s", "precompute_share"]
+        print("\nmfac.prune.oneshot(..., method='mfac', recompute=16), B = 128")
+        columns = ["model", "d", "m", "form", "precompute_s", "total_s", "precompute_share"]
+        columns += ["precompute_lapack_path_s", "precompute_speedup", "total_speedup"]
         print(table(result["oneshot"], columns))
     name = "gpu" if DEVICE.type == "cuda" else "operators"
     name += ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mfac
-from mfac.operators import kernels
+from mfac.operators import blocks, kernels, native
 
 from oracle import dense_block_inverse_fisher, rel_err
 
@@ -281,3 +283,210 @@ def test_nan_in_a_later_tile_is_named_before_an_earlier_block_that_does_not_fact
     grads[3, -1] = 0.0  # without the NaN, the failing block is named
     with pytest.raises(mfac.operators.static.FisherFactorError, match="block 0 of size 4"):
         mfac.InverseFisher(grads, 1e-20, size)
+
+
+# ------------------------------------------------------------------ the direct form's C build
+needs_native_direct = pytest.mark.skipif(
+    not native.supports_build(torch.zeros(1, 1)), reason="no C compiler here"
+)
+
+
+def _lapack_build_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks take the batched torch/LAPACK path (the CUDA and no-compiler path)."""
+    monkeypatch.setattr(blocks, "native_build_enabled", lambda: False)
+
+
+@needs_native_direct
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.integers(1, 70),
+    size=st.integers(1, 40),
+    nblocks=st.integers(1, 3),
+    tail=st.integers(0, 39),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    damp=st.floats(-6, 0).map(lambda e: 10.0**e),
+    correlated=st.booleans(),
+    threads=st.sampled_from([1, 2]),
+    mode=st.sampled_from(["absolute", "relative"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_native_direct_build_matches_float64_and_the_torch_path(
+    m: int,
+    size: int,
+    nblocks: int,
+    tail: int,
+    dtype: torch.dtype,
+    damp: float,
+    correlated: bool,
+    threads: int,
+    mode: str,
+    seed: int,
+) -> None:
+    # Block sizes across the kernels' 8-row, 16-column and 8-pivot edges, a shorter tail block,
+    # m from B upwards, two threads splitting the blocks, and both damping modes (relative
+    # damping is read off the C Grams' traces).
+    size = min(size, m)
+    tail = tail % size
+    d = size * nblocks + tail
+    stored = make_grads(m, d, dtype, correlated, seed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        op = mfac.InverseFisher(stored.clone(), damp, size, damp_mode=mode)
+    finally:
+        torch.set_num_threads(before)
+    assert all(g.direct and g.native for g in op.groups)
+    with pytest.MonkeyPatch.context() as patch:
+        _lapack_build_path(patch)
+        reference = mfac.InverseFisher(stored.clone(), damp, size, damp_mode=mode)
+    assert not any(g.native for g in reference.groups)
+    assert op.damp == pytest.approx(reference.damp, rel=1e-12)
+    dense = dense_block_inverse_fisher(stored, op.damp, size)
+    # As accurate as the LAPACK path (within 4x its error against the oracle), and within the
+    # suite's float32 tolerance / 1e-10 whenever LAPACK is.
+    tol = TOL[dtype]
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(d, 2, generator=gen, dtype=dtype)
+    idx = torch.randint(0, d, (min(d, 10),), generator=gen)
+    queries = {
+        "ihvp": (lambda o: o.ihvp(x), dense @ x.double()),
+        "diag": (lambda o: o.diag(), dense.diagonal()),
+        "submatrix": (lambda o: o.submatrix(idx), dense[idx][:, idx]),
+        "inverses": (
+            lambda o: torch.cat([g.inverse.reshape(-1) for g in o.groups]),
+            torch.cat(
+                [
+                    dense[a : a + g.size, a : a + g.size].reshape(-1)
+                    for g in op.groups
+                    for a in range(g.start, g.stop, g.size)
+                ]
+            ),
+        ),
+    }
+    for name, (query, exact) in queries.items():
+        ours, lapack = rel_err(query(op), exact), rel_err(query(reference), exact)
+        assert ours <= max(tol, 4 * lapack), (name, ours, lapack)
+    for group in op.groups:  # full symmetric inverses, as the torch path stores them
+        assert torch.equal(group.inverse, group.inverse.transpose(1, 2))
+
+
+@needs_native_direct
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_direct_block_that_does_not_factor_is_named_by_both_paths(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # m = 6, B = 4: blocks 0, 1 and 3 are random, block 2 has four equal columns (rank one),
+    # so at damp 1e-20 its pivots are rounding noise; both paths name block 2 and write nothing.
+    if path == "torch":
+        _lapack_build_path(monkeypatch)
+    grads = torch.randn(6, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads[:, 8:12] = grads[:, 8:9]
+    before = bits(grads)
+    with pytest.raises(mfac.operators.static.FisherFactorError) as err:
+        mfac.InverseFisher(grads, 1e-20, block_size=4)
+    message = str(err.value)
+    assert "block 2 of size 4 (coordinates 8..11)" in message and "damp=1e-20" in message
+    assert "linearly dependent" in message and "increase damp" in message
+    assert torch.equal(bits(grads), before)
+    op = mfac.InverseFisher(grads, 1e-3, block_size=4)  # damping above rounding: it builds
+    assert all(g.native == (path == "native") for g in op.groups)
+    assert rel_err(op.diag(), dense_block_inverse_fisher(grads, 1e-3, 4).diagonal()) < 1e-10
+
+
+@needs_native_direct
+def test_native_direct_build_refuses_mismatched_tensors_before_running() -> None:
+    grads = torch.randn(8, 12)
+    with pytest.raises(ValueError, match=r"\(3, 4, 4\) store"):
+        native.direct_gram(grads, 0, 4, torch.empty(3, 4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"columns 4\.\.15"):  # past the buffer's 12 columns
+        native.direct_gram(grads, 4, 4, torch.empty(3, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="float32/float64 buffer"):
+        native.direct_gram(grads.bfloat16(), 0, 4, torch.empty(3, 4, 4, dtype=torch.float64))
+    store = torch.empty(3, 4, 4)  # float32
+    with pytest.raises(ValueError, match="float64"):
+        native.direct_invert(store, 1e-3)
+
+
+def test_direct_build_without_a_compiler_takes_the_torch_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(native, "library", lambda: None)
+    stored = torch.randn(20, 50, dtype=torch.float64)
+    op = mfac.InverseFisher(stored.clone(), 1e-3, block_size=8)
+    assert all(g.direct and not g.native for g in op.groups)
+    dense = dense_block_inverse_fisher(stored, 1e-3, 8)
+    assert rel_err(op.diag(), dense.diagonal()) < 1e-10
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are Linux's")
+def test_float64_store_is_advised_onto_huge_pages() -> None:
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("transparent huge pages are off on this machine")
+    store = mfac.operators.static._float64_store((4, 1024, 1024), torch.device("cpu"), 2**40, "x")
+    store.fill_(1.5)  # first touch after the advice
+    start = -(-store.data_ptr() // 2**21) * 2**21  # the first whole 2 MiB page inside it
+    huge = 0
+    mapping = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            mapping = lo <= start < hi
+        elif mapping and head == "AnonHugePages:":
+            huge = int(line.split()[1])
+    assert huge >= 2048  # kB: at least one 2 MiB page backs the store
+    assert float(store.sum()) == 1.5 * 4 * 2**20
+
+
+@needs_native_direct
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.integers(1, 40),
+    extra=st.integers(1, 60),
+    nblocks=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    damp=st.floats(-6, 0).map(lambda e: 10.0**e),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_native_woodbury_gram_matches_float64_and_the_torch_path(
+    m: int, extra: int, nblocks: int, dtype: torch.dtype, damp: float, threads: int, seed: int
+) -> None:
+    # B > m: Woodbury blocks, whose Grams G_b G_b^T the C kernel forms (m <= 256).
+    size = m + extra
+    d = size * nblocks
+    stored = make_grads(m, d, dtype, True, seed)
+    dense = dense_block_inverse_fisher(stored, damp, size)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        op = mfac.InverseFisher(stored.clone(), damp, size)
+    finally:
+        torch.set_num_threads(before)
+    assert all(not g.direct and g.native for g in op.groups)
+    with pytest.MonkeyPatch.context() as patch:
+        _lapack_build_path(patch)
+        reference = mfac.InverseFisher(stored.clone(), damp, size)
+    assert not any(g.native for g in reference.groups)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(d, 2, generator=gen, dtype=dtype)
+    for query, exact in ((lambda o: o.ihvp(x), dense @ x.double()), (lambda o: o.diag(), None)):
+        exact = dense.diagonal() if exact is None else exact
+        ours, lapack = rel_err(query(op), exact), rel_err(query(reference), exact)
+        assert ours <= max(TOL[dtype], 4 * lapack), (ours, lapack)
+
+
+@needs_native_direct
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_woodbury_gram_sums_every_column_tile(dtype: torch.dtype) -> None:
+    # m = 200: the kernel packs 152 columns at a time, so B = 401 takes three tiles, the last
+    # one short; the result is the full symmetric float64 Gram of each block.
+    gen = torch.Generator().manual_seed(7)
+    grads = torch.randn(200, 2 * 401 + 5, generator=gen, dtype=torch.float64).to(dtype)
+    store = torch.full((2, 200, 200), float("nan"), dtype=torch.float64)
+    native.woodbury_gram(grads, 5, 401, store)
+    cols = grads[:, 5:].double().view(200, 2, 401).permute(1, 0, 2)
+    exact = cols @ cols.transpose(1, 2)
+    assert rel_err(store, exact) < 1e-14
+    assert torch.equal(store, store.transpose(1, 2))

@@ -14,15 +14,18 @@ The build runs in two phases so that a failure never leaves the caller's buffer 
 factors it (both only read the buffer); :meth:`BlockGroup.finish` then overwrites G by Q.
 All small matrices are formed and factored in float64, a cache-sized tile at a time, through
 one reused scratch tile, so the float64 scratch stays within ``TILE_BYTES`` and the m x d
-buffer is never copied whole.
+buffer is never copied whole. On the CPU, float32/float64 gradients take C kernels instead
+(:func:`native_build_enabled`), which do the same per block in cache-sized float64 panels.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
 
+from . import native
 from .threads import single_threaded
 
 F64 = torch.float64
@@ -63,6 +66,20 @@ def inverse_from_cholesky(
     return torch.bmm(inv_l.transpose(1, 2), inv_l, out=out)
 
 
+#: Woodbury blocks take the C build up to this m (their m x m float64 Gram stays in cache);
+#: past it, tiles through the BLAS product, which blocks for cache itself.
+NATIVE_WOODBURY_MAX_M = 256
+
+
+def native_build_enabled() -> bool:
+    """Whether blocks of float32/float64 gradients on the CPU may take the C build
+    (:mod:`mfac.operators.native`): the direct form's Gram and inverse, the Woodbury form's
+    Gram, Cholesky factor and solve (m <= ``NATIVE_WOODBURY_MAX_M``). ``MFAC_NATIVE_BUILD=0``
+    leaves them to batched torch/LAPACK calls, as do ``MFAC_NO_COMPILE=1`` and a machine
+    without a C compiler."""
+    return os.environ.get("MFAC_NATIVE_BUILD", "1") != "0"
+
+
 class FisherFactorError(ValueError):
     """A block of the damped Fisher does not factor in float64; nothing was written."""
 
@@ -86,6 +103,7 @@ class BlockGroup:
         self.direct = size <= num_grads
         self.q_form = True
         self.tile_bytes = TILE_BYTES
+        self.native = False
 
     # ----------------------------------------------------------------- tiles of the buffer
     def _view(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -143,6 +161,15 @@ class BlockGroup:
         place) and (nblocks, m, m) for Woodbury (G_b G_b^T, later factored in place)."""
         self.q_form = buffer.dtype in (torch.float32, torch.float64)
         self.store = store
+        self.native = (
+            native_build_enabled()
+            and (self.direct or self.m <= NATIVE_WOODBURY_MAX_M)
+            and native.supports_build(buffer)
+        )
+        if self.native:
+            gram = native.direct_gram if self.direct else native.woodbury_gram
+            gram(buffer, self.start, self.size, store)
+            return float(store.diagonal(dim1=1, dim2=2).sum()) * (self.m if self.direct else 1)
         blocks, rows, cols = self._plan()
         view = self._view(buffer)
         total = torch.zeros((), dtype=F64, device=buffer.device)
@@ -172,6 +199,23 @@ class BlockGroup:
         when a block does not factor."""
         self.damp = damp
         floor = damp if self.direct else self.m * damp
+        if self.native:
+            # Direct: the inverses (C Cholesky, inverse of the factor, its Gram). Woodbury: the
+            # upper factors U (K_b = U^T U) that finish() solves with.
+            invert = native.direct_invert if self.direct else native.woodbury_factor
+            pivots = invert(self.store, floor)
+            ok = (torch.isfinite(pivots) & (pivots >= PIVOT_SHARE * floor)).all(1)
+            if not bool(ok.all()):
+                bad = int((~ok).nonzero()[0])
+                raise FisherFactorError(
+                    self._failure(self._damped_gram(buffer, bad, floor), bad, floor, buffer)
+                )
+            if self.direct:
+                self.inverse = self.store
+            else:
+                self.upper = self.store
+            del self.store
+            return
         blocks = self._plan()[0]
         for b0, b1 in _chunks(self.nblocks, blocks):
             mats = self.store[b0:b1]
@@ -202,6 +246,14 @@ class BlockGroup:
         bad = int((~ok).nonzero()[0])
         raise FisherFactorError(self._failure(mats[bad], b0 + bad, floor, buffer))
 
+    def _damped_gram(self, buffer: torch.Tensor, block: int, floor: float) -> torch.Tensor:
+        """One block's damped matrix, formed again (float64) for a message: lambda*I +
+        G_b^T G_b / m (direct) or m*lambda*I + G_b G_b^T (Woodbury)."""
+        cols = self._view(buffer)[:, block, :].to(F64)
+        mat = cols.T @ cols / self.m if self.direct else cols @ cols.T
+        mat.diagonal().add_(floor)
+        return mat
+
     def _failure(self, mat: torch.Tensor, block: int, floor: float, buffer: torch.Tensor) -> str:
         lo = self.start + block * self.size
         where = f"block {block} of size {self.size} (coordinates {lo}..{lo + self.size - 1})"
@@ -228,6 +280,10 @@ class BlockGroup:
         """Phase two (after every group factored): overwrite G by Q = L^-1 G in place (q form)
         and drop the factors; nothing to do for the direct and g forms."""
         if self.direct or not self.q_form:
+            return
+        if self.native:  # q form from float32/float64: the C solve, tile by tile in cache
+            native.woodbury_solve(buffer, self.start, self.size, self.upper)
+            del self.upper
             return
         blocks, _, cols = self._plan()
         view = self._view(buffer)

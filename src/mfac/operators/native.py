@@ -1,8 +1,10 @@
-"""A small C kernel for the two passes over a bfloat16/float16 window on the CPU.
+"""Small C kernels for the CPU: the two passes over a bfloat16/float16 window, and the static
+build's blocks (float64 Gram, Cholesky, inverse or triangular solve, in cache-sized panels;
+see :func:`direct_gram`, :func:`direct_invert` and :func:`woodbury_gram`).
 
-Each 16-bit entry is widened to float32 in registers (bfloat16 by a 16-bit shift, float16 by
-the compiler's half-precision conversion) and accumulated in float32, so the window is read
-once at half the bytes of float32:
+In the passes, each 16-bit entry is widened to float32 in registers (bfloat16 by a 16-bit
+shift, float16 by the compiler's half-precision conversion) and accumulated in float32, so the
+window is read once at half the bytes of float32:
 
 * ``G^T c`` walks column tiles of 65536 columns: four rows at a time add into a float32 tile
   of the result (256 KiB, in L2), which is written once; long tiles keep each row's stream
@@ -15,7 +17,8 @@ The C source is built once per machine with the system C compiler (``$CC``, else
 ctypes; there is no Python extension module and no dependency beyond the compiler. Threads are
 Python threads over disjoint column (``G^T c``) or row (``G @ x``) ranges; ctypes releases the
 GIL. When no compiler is present, the build fails, or ``MFAC_NO_COMPILE=1``, :func:`library`
-returns None and :mod:`mfac.operators.kernels` uses its other paths.
+returns None: :mod:`mfac.operators.kernels` uses its other paths, and the static build its
+batched torch/LAPACK path.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .._paths import atomic_file, cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = r"""
+_PASSES = r"""
 #include <stdint.h>
 #include <string.h>
 
@@ -207,6 +210,346 @@ COLS_DOT(mfac_cols_dot_bf16, from_bf16)
 COLS_DOT(mfac_cols_dot_f16, from_f16)
 """
 
+#: The direct form of the static build's B x B blocks (float64): Gram and inverse.
+_DENSE = r"""
+#include <stdlib.h>
+
+/* float64 vectors of 8 lanes, any alignment (GCC/Clang vector extensions: AVX-512 registers
+   with -march=native on such CPUs, pairs or quads of narrower registers elsewhere). */
+typedef double v8d __attribute__((vector_size(64), aligned(8)));
+#define PANEL 8
+/* Gram tiles: GRAM_ROWS rows by GRAM_COLS columns (16 accumulators of 8 lanes), the
+   fastest of 3..12 rows by 16..64 columns in one run. Factor panels: PANEL rows at a time. */
+#define GRAM_COLS 16
+#define GRAM_ROWS 8
+
+static inline int64_t round_up(int64_t x, int64_t k) { return (x + k - 1) / k * k; }
+
+/* C[i][j] = alpha * sum_r P[r][i] P[r][j] for j >= i (row-major B x B, upper triangle; some
+   entries below the diagonal of the diagonal tiles are written too). P is m x bp, zero-padded. */
+static void gram_upper(const double *P, int64_t m, int64_t B, int64_t bp, double alpha,
+                       double *C, int triangular, int accumulate) {
+    double tmp[GRAM_ROWS][GRAM_COLS];
+    for (int64_t i0 = 0; i0 < B; i0 += GRAM_ROWS) {
+        for (int64_t j0 = i0 / GRAM_COLS * GRAM_COLS; j0 < B; j0 += GRAM_COLS) {
+            v8d acc[GRAM_ROWS][GRAM_COLS / 8];
+            for (int a = 0; a < GRAM_ROWS; ++a)
+                for (int b = 0; b < GRAM_COLS / 8; ++b) acc[a][b] = (v8d){0};
+            const int64_t r0 = triangular ? j0 : 0; /* P lower triangular: rows < j0 add 0 */
+            const double *row = P + r0 * bp;
+            for (int64_t r = r0; r < m; ++r, row += bp) {
+                v8d x[GRAM_COLS / 8];
+                for (int b = 0; b < GRAM_COLS / 8; ++b) x[b] = *(const v8d *)(row + j0 + 8 * b);
+                for (int a = 0; a < GRAM_ROWS; ++a) {
+                    const double s = row[i0 + a];
+                    for (int b = 0; b < GRAM_COLS / 8; ++b) acc[a][b] += s * x[b];
+                }
+            }
+            for (int a = 0; a < GRAM_ROWS; ++a)
+                for (int b = 0; b < GRAM_COLS / 8; ++b)
+                    *(v8d *)&tmp[a][8 * b] = alpha * acc[a][b];
+            const int64_t rows = B - i0 < GRAM_ROWS ? B - i0 : GRAM_ROWS;
+            const int64_t cols = B - j0 < GRAM_COLS ? B - j0 : GRAM_COLS;
+            for (int64_t ii = 0; ii < rows; ++ii) {
+                double *c = C + (i0 + ii) * B + j0;
+                if (accumulate)
+                    for (int64_t jj = 0; jj < cols; ++jj) c[jj] += tmp[ii][jj];
+                else
+                    memcpy(c, tmp[ii], (size_t)cols * sizeof(double));
+            }
+        }
+    }
+}
+
+#define DIRECT_GRAM(NAME, T)                                                                   \
+int NAME(const T *g, int64_t ld, int64_t m, int64_t B, int64_t b_begin, int64_t b_end,      \
+         double alpha, double *out) {                                                        \
+    const int64_t bp = round_up(B, GRAM_COLS);                                               \
+    double *P = calloc((size_t)(m * bp), sizeof(double));                                    \
+    if (!P) return -1;                                                                       \
+    for (int64_t b = b_begin; b < b_end; ++b) {                                              \
+        const T *src = g + b * B;                                                            \
+        for (int64_t r = 0; r < m; ++r)                                                      \
+            for (int64_t j = 0; j < B; ++j) P[r * bp + j] = (double)src[r * ld + j];         \
+        gram_upper(P, m, B, bp, alpha, out + b * B * B, 0, 0);                                     \
+    }                                                                                        \
+    free(P);                                                                                 \
+    return 0;                                                                                \
+}
+DIRECT_GRAM(mfac_direct_gram_f32, float)
+DIRECT_GRAM(mfac_direct_gram_f64, double)
+
+/* Woodbury blocks (B > m): out[b] = G_b G_b^T (m x m, full symmetric) for blocks [b_begin,
+   b_end) of B columns. Column tiles of each block are packed transposed (rows of the panel are
+   columns of G) into a float64 panel that stays in cache, and their Grams, upper triangle
+   only, are summed into out[b] with the same kernel as the direct form. */
+#define WOODBURY_GRAM(NAME, T)                                                                 \
+int NAME(const T *g, int64_t ld, int64_t m, int64_t B, int64_t b_begin, int64_t b_end,      \
+         double *out) {                                                                      \
+    const int64_t bp = round_up(m, GRAM_COLS);                                               \
+    int64_t w = (32768 / bp) / 8 * 8; /* panel of at most 256 KiB */                          \
+    if (w < 8) w = 8;                                                                        \
+    double *P = calloc((size_t)(w * bp), sizeof(double));                                    \
+    if (!P) return -1;                                                                       \
+    for (int64_t b = b_begin; b < b_end; ++b) {                                              \
+        double *C = out + b * m * m;                                                         \
+        for (int64_t c0 = 0; c0 < B; c0 += w) {                                              \
+            const int64_t wc = B - c0 < w ? B - c0 : w;                                      \
+            const T *src = g + b * B + c0;                                                   \
+            for (int64_t i0 = 0; i0 < m; i0 += 8)                                            \
+                for (int64_t r0 = 0; r0 < wc; r0 += 8)                                       \
+                    for (int64_t i = i0; i < i0 + 8 && i < m; ++i)                           \
+                        for (int64_t r = r0; r < r0 + 8 && r < wc; ++r)                      \
+                            P[r * bp + i] = (double)src[i * ld + r];                         \
+            gram_upper(P, wc, m, bp, 1.0, C, 0, c0 > 0);                                     \
+        }                                                                                    \
+        for (int64_t i = 0; i < m; ++i)                                                      \
+            for (int64_t j = i + 1; j < m; ++j) C[j * m + i] = C[i * m + j];                 \
+    }                                                                                        \
+    free(P);                                                                                 \
+    return 0;                                                                                \
+}
+WOODBURY_GRAM(mfac_woodbury_gram_f32, float)
+WOODBURY_GRAM(mfac_woodbury_gram_f64, double)
+
+/* In place: the upper triangle of A (row-major B x B) becomes U with A = U^T U (left-looking
+   Cholesky, PANEL rows at a time: the rows above the panel update it in one product with
+   eight rows by sixteen columns of accumulators, then the panel is factored row by row). piv
+   receives the pivots d_p (U[p][p]^2): a pivot that is not positive and finite means A is not
+   positive definite in float64. Entries below the diagonal are never read. Up: PANEL x B. */
+static void cholesky_upper(double *A, int64_t B, double *piv, double *Up) {
+    for (int64_t K = 0; K < B; K += PANEL) {
+        const int64_t kw = B - K < PANEL ? B - K : PANEL;
+        if (K > 0) {
+            for (int64_t k = 0; k < K; ++k)
+                for (int64_t r = 0; r < PANEL; ++r)
+                    Up[k * PANEL + r] = r < kw ? A[k * B + K + r] : 0.0;
+            int64_t j = K;
+            for (; j + 16 <= B; j += 16) {
+                v8d acc[PANEL][2];
+                for (int r = 0; r < PANEL; ++r) {
+                    const int64_t row = K + (r < kw ? r : 0);
+                    acc[r][0] = *(v8d *)(A + row * B + j);
+                    acc[r][1] = *(v8d *)(A + row * B + j + 8);
+                }
+                for (int64_t k = 0; k < K; ++k) {
+                    const v8d u0 = *(const v8d *)(A + k * B + j);
+                    const v8d u1 = *(const v8d *)(A + k * B + j + 8);
+                    for (int r = 0; r < PANEL; ++r) {
+                        acc[r][0] -= Up[k * PANEL + r] * u0;
+                        acc[r][1] -= Up[k * PANEL + r] * u1;
+                    }
+                }
+                for (int r = 0; r < kw; ++r) {
+                    *(v8d *)(A + (K + r) * B + j) = acc[r][0];
+                    *(v8d *)(A + (K + r) * B + j + 8) = acc[r][1];
+                }
+            }
+            for (; j + 8 <= B; j += 8) {
+                v8d acc[PANEL];
+                for (int r = 0; r < PANEL; ++r)
+                    acc[r] = *(v8d *)(A + (K + (r < kw ? r : 0)) * B + j);
+                for (int64_t k = 0; k < K; ++k) {
+                    const v8d u0 = *(const v8d *)(A + k * B + j);
+                    for (int r = 0; r < PANEL; ++r) acc[r] -= Up[k * PANEL + r] * u0;
+                }
+                for (int r = 0; r < kw; ++r) *(v8d *)(A + (K + r) * B + j) = acc[r];
+            }
+            for (; j < B; ++j) /* fewer than 8 columns left: four partial sums per entry */
+                for (int64_t r = 0; r < kw; ++r) {
+                    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+                    int64_t k = 0;
+                    for (; k + 4 <= K; k += 4) {
+                        s0 += Up[k * PANEL + r] * A[k * B + j];
+                        s1 += Up[(k + 1) * PANEL + r] * A[(k + 1) * B + j];
+                        s2 += Up[(k + 2) * PANEL + r] * A[(k + 2) * B + j];
+                        s3 += Up[(k + 3) * PANEL + r] * A[(k + 3) * B + j];
+                    }
+                    for (; k < K; ++k) s0 += Up[k * PANEL + r] * A[k * B + j];
+                    A[(K + r) * B + j] -= (s0 + s1) + (s2 + s3);
+                }
+        }
+        for (int64_t p = K; p < K + kw; ++p) {
+            double *ap = A + p * B;
+            for (int64_t l = K; l < p; ++l) {
+                const double f = A[l * B + p];
+                const double *al = A + l * B;
+                for (int64_t j = p; j < B; ++j) ap[j] -= f * al[j];
+            }
+            const double d = ap[p];
+            piv[p] = d;
+            const double u = __builtin_sqrt(d), inv = 1.0 / u;
+            ap[p] = u;
+            for (int64_t j = p + 1; j < B; ++j) ap[j] *= inv;
+        }
+    }
+}
+
+/* V = U^-1 for the upper triangular U in A's upper triangle (row-major, stride B), written to
+   the upper triangle of V (stride bp; its other entries are zero and stay zero), PANEL rows at
+   a time from the bottom: V[i][j] = (delta_ij - sum_{i<k<=j} U[i][k] V[k][j]) / U[i][i]. The
+   part over rows below the panel is one product (eight accumulators of 8 columns); Up holds
+   the panel's entries of U, transposed. */
+static void invert_upper(const double *U, int64_t B, double *V, int64_t bp, double *Up) {
+    for (int64_t K = (B - 1) / PANEL * PANEL; K >= 0; K -= PANEL) {
+        const int64_t kw = B - K < PANEL ? B - K : PANEL, E = K + kw;
+        for (int64_t k = E; k < B; ++k)
+            for (int64_t r = 0; r < PANEL; ++r) Up[k * PANEL + r] = U[(K + r) * B + k];
+        for (int64_t j = E; j < B; j += 8) { /* kw == PANEL here: E is a multiple of 8 */
+            v8d acc[PANEL];
+            for (int r = 0; r < PANEL; ++r) acc[r] = (v8d){0};
+            const int64_t stop = j + 8 < B ? j + 8 : B;
+            for (int64_t k = E; k < stop; ++k) {
+                const v8d v = *(const v8d *)(V + k * bp + j);
+                for (int r = 0; r < PANEL; ++r) acc[r] += Up[k * PANEL + r] * v;
+            }
+            for (int r = 0; r < PANEL; ++r) *(v8d *)(V + (K + r) * bp + j) = -acc[r];
+        }
+        for (int64_t r = kw - 1; r >= 0; --r) {
+            const int64_t i = K + r;
+            double *vi = V + i * bp;
+            for (int64_t j = i + 1; j < E; ++j) vi[j] = 0.0;
+            for (int64_t l = r + 1; l < kw; ++l) {
+                const double f = U[i * B + K + l];
+                const double *vl = V + (K + l) * bp;
+                for (int64_t j = K + l; j < B; ++j) vi[j] -= f * vl[j];
+            }
+            const double inv = 1.0 / U[i * B + i];
+            for (int64_t j = i + 1; j < B; ++j) vi[j] *= inv;
+            vi[i] = inv;
+        }
+    }
+}
+
+/* A <- (A + damp*I)^-1 for a symmetric positive definite A given by its upper triangle: the
+   Cholesky factor U, its inverse V, and A^-1 = V V^T = X^T X with X = V^T (lower triangular),
+   formed by the Gram kernel over X's rows; then mirrored into a full symmetric matrix. B^3
+   flops in all, as LAPACK's potrf + potri, with every step's inner loops vectorised. */
+static void cholesky_inverse(double *A, int64_t B, double damp, double *piv, double *V,
+                             double *X, double *Up, int64_t bp) {
+    for (int64_t i = 0; i < B; ++i) A[i * B + i] += damp;
+    cholesky_upper(A, B, piv, Up);
+    invert_upper(A, B, V, bp, Up);
+    for (int64_t i0 = 0; i0 < B; i0 += 8) /* X = V^T, 8 x 8 tiles */
+        for (int64_t k0 = i0; k0 < B; k0 += 8)
+            for (int64_t i = i0; i < i0 + 8 && i < B; ++i)
+                for (int64_t k = k0 > i ? k0 : i; k < k0 + 8 && k < B; ++k)
+                    X[k * bp + i] = V[i * bp + k];
+    gram_upper(X, B, B, bp, 1.0, A, 1, 0);
+    for (int64_t i0 = 0; i0 < B; i0 += 8) { /* mirror the upper triangle, 8 x 8 tiles */
+        const int64_t i1 = i0 + 8 < B ? i0 + 8 : B;
+        for (int64_t j0 = i0; j0 < B; j0 += 8) {
+            const int64_t j1 = j0 + 8 < B ? j0 + 8 : B;
+            for (int64_t i = i0; i < i1; ++i)
+                for (int64_t j = j0 > i + 1 ? j0 : i + 1; j < j1; ++j) A[j * B + i] = A[i * B + j];
+        }
+    }
+}
+
+int mfac_direct_invert(double *a, int64_t B, int64_t b_begin, int64_t b_end, double damp,
+                       double *piv) {
+    const int64_t bp = round_up(B, GRAM_COLS);
+    double *work = calloc((size_t)(2 * B * bp + PANEL * B), sizeof(double));
+    if (!work) return -1;
+    double *V = work, *X = work + B * bp, *Up = work + 2 * B * bp;
+    for (int64_t b = b_begin; b < b_end; ++b)
+        cholesky_inverse(a + b * B * B, B, damp, piv + b * B, V, X, Up, bp);
+    free(work);
+    return 0;
+}
+
+/* Woodbury blocks: in place, K_b + damp*I = U^T U for every block's m x m K_b (upper triangle
+   read; U written to it), with the pivots as for the direct form. */
+int mfac_woodbury_factor(double *a, int64_t m, int64_t b_begin, int64_t b_end, double damp,
+                         double *piv) {
+    double *Up = malloc((size_t)(PANEL * m) * sizeof(double));
+    if (!Up) return -1;
+    for (int64_t b = b_begin; b < b_end; ++b) {
+        double *A = a + b * m * m;
+        for (int64_t i = 0; i < m; ++i) A[i * m + i] += damp;
+        cholesky_upper(A, m, piv + b * m, Up);
+    }
+    free(Up);
+    return 0;
+}
+
+/* Woodbury blocks: G_b <- Q_b = U_b^-T G_b in place (U_b from mfac_woodbury_factor), column
+   tiles of each block widened into a float64 m x w panel that stays in cache (at most 256
+   KiB), solved PANEL rows at a time (the rows above the panel in one product: eight rows by
+   sixteen columns of accumulators), and written back in the buffer's precision. */
+#define WOODBURY_SOLVE(NAME, T)                                                                \
+int NAME(T *g, int64_t ld, int64_t m, int64_t B, int64_t b_begin, int64_t b_end,            \
+         const double *u) {                                                                  \
+    int64_t w = (32768 / m) / 16 * 16;                                                       \
+    if (w < 16) w = 16;                                                                      \
+    double *Q = calloc((size_t)(m * w + m * PANEL), sizeof(double));                        \
+    if (!Q) return -1;                                                                       \
+    double *Lp = Q + m * w;                                                                  \
+    for (int64_t b = b_begin; b < b_end; ++b) {                                              \
+        const double *U = u + b * m * m;                                                     \
+        for (int64_t c0 = 0; c0 < B; c0 += w) {                                              \
+            const int64_t wc = B - c0 < w ? B - c0 : w, wv = wc / 16 * 16;                   \
+            T *src = g + b * B + c0;                                                         \
+            for (int64_t i = 0; i < m; ++i)                                                  \
+                for (int64_t r = 0; r < wc; ++r) Q[i * w + r] = (double)src[i * ld + r];     \
+            for (int64_t K = 0; K < m; K += PANEL) {                                         \
+                const int64_t kw = m - K < PANEL ? m - K : PANEL;                            \
+                if (K > 0) {                                                                 \
+                    for (int64_t k = 0; k < K; ++k)                                          \
+                        for (int64_t r = 0; r < PANEL; ++r)                                  \
+                            Lp[k * PANEL + r] = r < kw ? U[k * m + K + r] : 0.0;             \
+                    for (int64_t j = 0; j < wv; j += 16) {                                   \
+                        v8d acc[PANEL][2];                                                   \
+                        for (int r = 0; r < PANEL; ++r) {                                    \
+                            const int64_t row = K + (r < kw ? r : 0);                        \
+                            acc[r][0] = *(v8d *)(Q + row * w + j);                           \
+                            acc[r][1] = *(v8d *)(Q + row * w + j + 8);                       \
+                        }                                                                    \
+                        for (int64_t k = 0; k < K; ++k) {                                    \
+                            const v8d q0 = *(const v8d *)(Q + k * w + j);                    \
+                            const v8d q1 = *(const v8d *)(Q + k * w + j + 8);                \
+                            for (int r = 0; r < PANEL; ++r) {                                \
+                                acc[r][0] -= Lp[k * PANEL + r] * q0;                         \
+                                acc[r][1] -= Lp[k * PANEL + r] * q1;                         \
+                            }                                                                \
+                        }                                                                    \
+                        for (int r = 0; r < kw; ++r) {                                       \
+                            *(v8d *)(Q + (K + r) * w + j) = acc[r][0];                       \
+                            *(v8d *)(Q + (K + r) * w + j + 8) = acc[r][1];                   \
+                        }                                                                    \
+                    }                                                                        \
+                    for (int64_t r = 0; r < kw; ++r)                                         \
+                        for (int64_t j = wv; j < wc; ++j) {                                  \
+                            double s = Q[(K + r) * w + j];                                   \
+                            for (int64_t k = 0; k < K; ++k) s -= Lp[k * PANEL + r] * Q[k * w + j]; \
+                            Q[(K + r) * w + j] = s;                                          \
+                        }                                                                    \
+                }                                                                            \
+                for (int64_t r = 0; r < kw; ++r) {                                           \
+                    const int64_t i = K + r;                                                 \
+                    double *qi = Q + i * w;                                                  \
+                    for (int64_t l = 0; l < r; ++l) {                                        \
+                        const double f = U[(K + l) * m + i];                                 \
+                        const double *ql = Q + (K + l) * w;                                  \
+                        for (int64_t j = 0; j < wc; ++j) qi[j] -= f * ql[j];                 \
+                    }                                                                        \
+                    const double inv = 1.0 / U[i * m + i];                                   \
+                    for (int64_t j = 0; j < wc; ++j) qi[j] *= inv;                           \
+                }                                                                            \
+            }                                                                                \
+            for (int64_t i = 0; i < m; ++i)                                                  \
+                for (int64_t r = 0; r < wc; ++r) src[i * ld + r] = (T)Q[i * w + r];         \
+        }                                                                                    \
+    }                                                                                        \
+    free(Q);                                                                                 \
+    return 0;                                                                                \
+}
+WOODBURY_SOLVE(mfac_woodbury_solve_f32, float)
+WOODBURY_SOLVE(mfac_woodbury_solve_f64, double)
+"""
+
+SOURCE = _PASSES + _DENSE
+
 #: Compiler flag sets tried in order (the first that builds wins).
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"],
@@ -294,6 +637,35 @@ def _load(compiler: str) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.mfac_has_f16.restype = ctypes.c_int
+    gram = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_double, ctypes.c_void_p]
+    for name in ("mfac_direct_gram_f32", "mfac_direct_gram_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = gram, ctypes.c_int
+    woodbury = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
+    for name in ("mfac_woodbury_gram_f32", "mfac_woodbury_gram_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = woodbury, ctypes.c_int
+    for name in ("mfac_woodbury_solve_f32", "mfac_woodbury_solve_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = woodbury, ctypes.c_int
+    lib.mfac_woodbury_factor.argtypes = (
+        [ctypes.c_void_p]
+        + [ctypes.c_int64] * 3
+        + [
+            ctypes.c_double,
+            ctypes.c_void_p,
+        ]
+    )
+    lib.mfac_woodbury_factor.restype = ctypes.c_int
+    lib.mfac_direct_invert.argtypes = (
+        [ctypes.c_void_p]
+        + [ctypes.c_int64] * 3
+        + [
+            ctypes.c_double,
+            ctypes.c_void_p,
+        ]
+    )
+    lib.mfac_direct_invert.restype = ctypes.c_int
     lib.mfac_vector_width.restype = ctypes.c_int
     return lib
 
@@ -372,3 +744,151 @@ def rows_dot(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(g.shape[0], dtype=torch.float32)
     _run(fn, g, x, out, g.shape[0], _MIN_ROWS)
     return out
+
+
+# ---------------------------------------------------------------------- direct-form blocks
+def supports_build(buffer: torch.Tensor) -> bool:
+    """Whether the C direct-form build can read ``buffer``: a contiguous CPU float32/float64
+    m x d matrix (other dtypes and devices take the batched torch path)."""
+    return (
+        buffer.device.type == "cpu"
+        and buffer.dim() == 2
+        and buffer.is_contiguous()
+        and buffer.dtype in (torch.float32, torch.float64)
+        and library() is not None
+    )
+
+
+def _blocks_in_parallel(fn, nblocks: int, head: tuple, tail: tuple) -> None:
+    """``fn(*head, b_begin, b_end, *tail)`` over disjoint block ranges, one per torch thread;
+    a C-side allocation failure (return value -1) becomes a MemoryError."""
+    ranges = _split(nblocks, torch.get_num_threads(), 1)
+    if len(ranges) == 1:
+        codes = [fn(*head, *ranges[0], *tail)]
+    else:
+        pool = _pool(len(ranges))
+        codes = [f.result() for f in [pool.submit(fn, *head, a, b, *tail) for a, b in ranges]]
+    if any(code != 0 for code in codes):
+        raise MemoryError("the static build could not allocate its float64 scratch (a panel)")
+
+
+def _check_store(store: torch.Tensor, nblocks: int, size: int) -> None:
+    """The C code trusts its sizes: refuse anything else before it runs."""
+    if (
+        store.device.type != "cpu"
+        or store.dtype != torch.float64
+        or tuple(store.shape) != (nblocks, size, size)
+        or not store.is_contiguous()
+    ):
+        raise ValueError(
+            f"native direct build: needs a contiguous CPU float64 ({nblocks}, {size}, {size}) "
+            f"store, got {tuple(store.shape)} {store.dtype} on {store.device}"
+        )
+
+
+def direct_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor) -> None:
+    """store[b] = G_b^T G_b / m in float64 for the blocks of ``size`` columns from column
+    ``start`` of ``buffer`` (m x d, float32/float64); only the upper triangle (j >= i) of each
+    block is written in full, which is what :func:`direct_invert` reads.
+
+    Each block's columns are widened into a float64 m x B panel that stays in cache, and the
+    Gram is formed from it by a register-blocked kernel over the upper triangle only (half the
+    flops of a general product)."""
+    nblocks = store.shape[0]
+    m, d = buffer.shape
+    if not supports_build(buffer) or start < 0 or start + nblocks * size > d:
+        raise ValueError(
+            f"native direct build: needs a contiguous CPU float32/float64 buffer holding "
+            f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
+            f"{buffer.dtype} on {buffer.device}"
+        )
+    _check_store(store, nblocks, size)
+    lib = library()
+    fn = lib.mfac_direct_gram_f32 if buffer.dtype == torch.float32 else lib.mfac_direct_gram_f64
+    ptr = buffer.data_ptr() + start * buffer.element_size()
+    _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (1.0 / m, store.data_ptr()))
+
+
+def woodbury_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor) -> None:
+    """store[b] = G_b G_b^T (m x m, float64, full symmetric) for the blocks of ``size`` columns
+    from column ``start`` of ``buffer`` (m x d, float32/float64).
+
+    Column tiles of each block are packed transposed into a float64 panel of at most 256 KiB
+    and their Grams (one triangle, the direct form's kernel) are summed into the block's m x m
+    result; meant for m up to a few hundred, where that result stays in cache."""
+    nblocks = store.shape[0]
+    m, d = buffer.shape
+    if not supports_build(buffer) or start < 0 or start + nblocks * size > d:
+        raise ValueError(
+            f"native Woodbury Gram: needs a contiguous CPU float32/float64 buffer holding "
+            f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
+            f"{buffer.dtype} on {buffer.device}"
+        )
+    _check_store(store, nblocks, m)
+    lib = library()
+    fn = lib.mfac_woodbury_gram_f32 if buffer.dtype == torch.float32 else lib.mfac_woodbury_gram_f64
+    ptr = buffer.data_ptr() + start * buffer.element_size()
+    _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (store.data_ptr(),))
+
+
+def woodbury_factor(store: torch.Tensor, damp: float) -> torch.Tensor:
+    """Replace every block K_b of ``store`` (m x m, upper triangle read) by the upper factor U
+    of K_b + damp*I = U^T U (in its upper triangle) and return the (nblocks, m) pivots, as
+    :func:`direct_invert` does."""
+    nblocks, m = store.shape[0], store.shape[-1]
+    _check_store(store, nblocks, m)
+    pivots = torch.empty(nblocks, m, dtype=torch.float64)
+    lib = library()
+    if lib is None:
+        raise ValueError("native Woodbury factor: no compiled library")
+    _blocks_in_parallel(
+        lib.mfac_woodbury_factor, nblocks, (store.data_ptr(), m), (float(damp), pivots.data_ptr())
+    )
+    return pivots
+
+
+def woodbury_solve(buffer: torch.Tensor, start: int, size: int, upper: torch.Tensor) -> None:
+    """Overwrite the blocks of ``size`` columns from column ``start`` of ``buffer`` (m x d,
+    float32/float64) by Q_b = U_b^-T G_b, with the factors of :func:`woodbury_factor`; each
+    column tile is solved in float64 in cache and written back once."""
+    nblocks = upper.shape[0]
+    m, d = buffer.shape
+    if not supports_build(buffer) or start < 0 or start + nblocks * size > d:
+        raise ValueError(
+            f"native Woodbury solve: needs a contiguous CPU float32/float64 buffer holding "
+            f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
+            f"{buffer.dtype} on {buffer.device}"
+        )
+    _check_store(upper, nblocks, m)
+    lib = library()
+    fn = (
+        lib.mfac_woodbury_solve_f32
+        if buffer.dtype == torch.float32
+        else lib.mfac_woodbury_solve_f64
+    )
+    ptr = buffer.data_ptr() + start * buffer.element_size()
+    _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (upper.data_ptr(),))
+
+
+def direct_invert(store: torch.Tensor, damp: float) -> torch.Tensor:
+    """Replace every block A_b of ``store`` (upper triangle read) by (A_b + damp*I)^-1 in
+    place (full symmetric result), and return the (nblocks, B) float64 pivots: the squares of
+    the Cholesky factor's diagonal. A pivot that is not a positive finite number means the
+    block is not positive definite in float64; its inverse is then meaningless.
+
+    The same steps as LAPACK's potrf + potri (Cholesky A = U^T U, V = U^-1, A^-1 = V V^T;
+    B^3 flops per block, errors of the same size), blocked eight rows at a time with
+    vectorised inner loops, each block's matrices staying in cache."""
+    nblocks, size = store.shape[0], store.shape[-1]
+    _check_store(store, nblocks, size)
+    pivots = torch.empty(nblocks, size, dtype=torch.float64)
+    lib = library()
+    if lib is None:
+        raise ValueError("native direct build: no compiled library")
+    _blocks_in_parallel(
+        lib.mfac_direct_invert,
+        nblocks,
+        (store.data_ptr(), size),
+        (float(damp), pivots.data_ptr()),
+    )
+    return pivots

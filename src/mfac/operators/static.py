@@ -4,8 +4,10 @@ block-diagonal), never forming a d x d matrix."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 from typing import Any, Literal
 
 import torch
@@ -50,6 +52,34 @@ def device_memory_budget(device: torch.device, memory_budget: int | None) -> int
     return default_memory_budget()
 
 
+_HUGE_PAGE = 2**21
+_MADV_HUGEPAGE = 14
+_libc: list[ctypes.CDLL | None] = []
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask Linux to back a freshly allocated, untouched CPU tensor with 2 MiB pages
+    (transparent huge pages), so that its first writes take one page fault per 2 MiB instead
+    of one per 4 KiB (a 64 MiB store: 32 faults instead of 16384). Only a hint: a no-op off
+    Linux, on other devices, for small tensors, and wherever the kernel declines."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if sys.platform != "linux" or tensor.device.type != "cpu" or nbytes < 2 * _HUGE_PAGE:
+        return
+    if not _libc:
+        try:
+            libc = ctypes.CDLL(None)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _libc.append(libc)
+        except (OSError, AttributeError):
+            _libc.append(None)
+    if _libc[0] is None:
+        return
+    start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # whole huge pages inside it
+    stop = (tensor.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if stop > start:
+        _libc[0].madvise(start, stop - start, _MADV_HUGEPAGE)
+
+
 def _float64_store(
     shape: tuple[int, ...], device: torch.device, budget: int, what: str
 ) -> torch.Tensor:
@@ -57,7 +87,9 @@ def _float64_store(
     memory-mapped file; MemoryError before anything is allocated when neither can hold it."""
     nbytes = 8 * math.prod(shape)
     if nbytes <= budget:
-        return torch.empty(shape, dtype=F64, device=device)
+        store = torch.empty(shape, dtype=F64, device=device)
+        advise_huge_pages(store)
+        return store
     if device.type != "cpu":
         raise MemoryError(
             f"{what} need {nbytes / 2**30:.2f} GiB of float64 on {device}, over the "
