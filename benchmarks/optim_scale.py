@@ -178,15 +178,32 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _read_window(op: TopKSlidingInverseFisher) -> None:
+    """One streaming read of the window's values and indices (integer max reductions over
+    their bytes: vectorised, no conversion)."""
+    ints = {4: torch.int32, 2: torch.int16}
+    op.values.view(ints[op.values.element_size()]).max()
+    op.indices.max()
+
+
 def topk_one(
-    dim: int, m: int, density: float, reps: int, memory_budget: int | None = None
+    dim: int,
+    m: int,
+    density: float,
+    reps: int,
+    memory_budget: int | None = None,
+    value_dtype: torch.dtype = torch.float32,
+    compare_torch: bool = False,
 ) -> dict[str, Any]:
-    """One configuration, in this process: step time, floor, peak RSS. ``memory_budget``
-    (bytes) overrides the window's default ceiling of half the available RAM."""
+    """One configuration, in this process: step time, floor, peak RSS (and, with
+    ``compare_torch``, the torch path's step on the same window, timed after the peak RSS is
+    read). ``memory_budget`` (bytes) overrides the window's default ceiling."""
     torch.set_num_threads(1)
     k = round(density * dim)
     rss0 = _peak_rss()
-    op = TopKSlidingInverseFisher(dim, m, k, damp=1e-4, memory_budget=memory_budget)
+    op = TopKSlidingInverseFisher(
+        dim, m, k, damp=1e-4, dtype=value_dtype, memory_budget=memory_budget
+    )
     gen = torch.Generator().manual_seed(0)
     # a full window: random rows (near-orthogonal at these densities), K from their norms
     stride = dim // k
@@ -195,8 +212,9 @@ def topk_one(
     for r in range(m):  # one random coordinate per stratum: sorted, distinct, O(k)
         idx = base + torch.randint(0, stride, (k,), generator=gen)
         op.indices[r] = idx.to(op.indices.dtype)
-        op.values[r].normal_(generator=gen)
+        op.values[r] = torch.randn(k, generator=gen).to(value_dtype)
         norms[r] = float(op.values[r].double().square().sum())
+    del idx, base
     op.factor.rebuild(torch.diag(norms) + m * op.damp * torch.eye(m, dtype=F64))
     grads = [torch.randn(dim, generator=gen) for _ in range(2)]
     op.push_ihvp(grads[0])  # warm-up
@@ -210,39 +228,62 @@ def topk_one(
     x, y, z = grads[0], grads[1], torch.empty(dim)
     for _ in range(reps):
         t = time.perf_counter()
-        op.values.sum()
-        op.indices.sum(dtype=torch.int64)
+        _read_window(op)
         read_t.append(time.perf_counter() - t)
         t = time.perf_counter()
         torch.add(x, y, out=z)
         pass_t.append(time.perf_counter() - t)
+    del z
+    peak = _peak_rss()
     step = statistics.median(step_t)
     floor = 2 * statistics.median(read_t) + 4 * statistics.median(pass_t)
-    return {
+    row = {
         "dim": dim,
         "ngrads": m,
         "density": density,
         "k": k,
+        "value_dtype": str(value_dtype).replace("torch.", ""),
+        "native": op.native,
         "step_s": step,
+        "steps_s": step_t,
         "floor_s": floor,
         "ratio": step / floor,
         "read_window_s": statistics.median(read_t),
         "pass_over_d_s": statistics.median(pass_t),
         "window_bytes": op.window_nbytes,
         "state_bytes": op.nbytes,
-        "required_bytes": TopKSlidingInverseFisher.required_bytes(dim, m, k),
-        "peak_rss_bytes": _peak_rss(),
+        "required_bytes": TopKSlidingInverseFisher.required_bytes(dim, m, k, value_dtype),
+        "peak_rss_bytes": peak,
         "rss_before_bytes": rss0,
+        "benchmark_vectors_bytes": 2 * dim * 4,  # its two gradients (x, y of the floor)
     }
+    if compare_torch and op.native:
+        op.native = False
+        op.push_ihvp(grads[0])  # warm-up (allocates the torch path's dense row)
+        torch_t = []
+        for i in range(reps):
+            t = time.perf_counter()
+            op.push_ihvp(grads[i % 2])
+            torch_t.append(time.perf_counter() - t)
+        row["torch_step_s"] = statistics.median(torch_t)
+        row["speedup_over_torch"] = row["torch_step_s"] / step
+    return row
 
 
 def topk_bench(
-    dim: int, ms: list[int], densities: list[float], reps: int, max_bytes: int
+    dim: int,
+    ms: list[int],
+    densities: list[float],
+    reps: int,
+    max_bytes: int,
+    value_dtype: str = "float32",
+    compare_torch: bool = False,
 ) -> dict[str, Any]:
     rows, skipped = [], []
+    dtype = getattr(torch, value_dtype)
     for m in ms:
         for density in densities:
-            need = TopKSlidingInverseFisher.required_bytes(dim, m, round(density * dim))
+            need = TopKSlidingInverseFisher.required_bytes(dim, m, round(density * dim), dtype)
             if need > max_bytes:  # what the optimizer's own check would refuse under this cap
                 skipped.append(
                     {"dim": dim, "ngrads": m, "density": density, "required_bytes": need}
@@ -252,14 +293,16 @@ def topk_bench(
                 continue
             cmd = [sys.executable, "-m", "benchmarks.optim_scale", "_topk_one"]
             cmd += ["--dim", str(dim), "--m", str(m), "--density", str(density)]
-            cmd += ["--reps", str(reps)]
+            cmd += ["--reps", str(reps), "--value-dtype", value_dtype]
+            cmd += ["--compare-torch"] if compare_torch else []
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(
                 f"topk d={dim} m={m} density={density}: step {row['step_s'] * 1e3:.0f} ms, "
-                f"floor {row['floor_s'] * 1e3:.0f} ms, ratio {row['ratio']:.2f}, peak RSS "
+                f"floor {row['floor_s'] * 1e3:.0f} ms, ratio {row['ratio']:.2f}, "
+                f"torch path {row.get('torch_step_s', float('nan')) * 1e3:.0f} ms, peak RSS "
                 f"{row['peak_rss_bytes'] / 2**30:.2f} GiB (window {row['window_bytes'] / 2**30:.2f}"
                 f" GiB, estimate {row['required_bytes'] / 2**30:.2f} GiB)",
                 flush=True,
@@ -348,13 +391,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--budget-gib", type=float, default=None, help="_topk_one: the window's memory budget"
     )
+    ap.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--compare-torch", action="store_true", help="also time the torch path's step"
+    )
     args = ap.parse_args(argv)
     if args.what == "report":
         print(report())
         return
     if args.what == "_topk_one":
         budget = None if args.budget_gib is None else int(args.budget_gib * 2**30)
-        print(json.dumps(topk_one(args.dim, args.m, args.density, args.reps, budget)))
+        row = topk_one(
+            args.dim, args.m, args.density, args.reps, budget,
+            getattr(torch, args.value_dtype), args.compare_torch,
+        )  # fmt: skip
+        print(json.dumps(row))
         return
     path = RESULTS / "optim_scale.json"
     res = json.loads(path.read_text()) if path.exists() else {}
@@ -364,8 +415,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.what in ("topk", "all"):
         cap = int(args.max_gib * 2**30)
         res["topk"] = topk_bench(
-            args.dim, args.topk_ms, args.densities, max(3, args.reps // 3), cap
-        )
+            args.dim, args.topk_ms, args.densities, max(3, args.reps // 3), cap,
+            args.value_dtype, args.compare_torch,
+        )  # fmt: skip
         res["topk"]["command"] = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
     write_json("optim_scale", res)
     plot(res.get("factor"), res.get("topk"))
