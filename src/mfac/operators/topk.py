@@ -333,14 +333,16 @@ class TopKSlidingInverseFisher(FactorBacked):
         return self._row
 
     def _select(self, flat: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-        """acc = e + g and the ascending coordinates of the k largest |acc|; raises on NaN/Inf."""
+        """acc = e + g and the coordinates of the k largest |acc| (ascending, as the C kernels
+        need; the torch path keeps torch.topk's order); raises on NaN/Inf."""
         if self.native and self.dim > SMALL_SELECT and 4 * self.k < self.dim:
             grad = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
             return _native_select(self.error, grad.contiguous(), acc, self.k)
         torch.add(self.error, flat.to(torch.float32), out=acc)
         if not finite_fast(acc):
             raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
-        return topk_indices(acc.abs(), self.k).sort().values
+        idx = topk_indices(acc.abs(), self.k)
+        return idx.sort().values if self.native else idx
 
     def _insert(self, flat: torch.Tensor) -> int:
         """Compress e + g into the next slot, update K, keep the new error; return the slot.
@@ -464,7 +466,8 @@ class TopKSlidingInverseFisher(FactorBacked):
         self.factor.load_state_dict(state, check=False)
         self.values.copy_(state["values"])
         self.indices.copy_(state["indices"])
-        self._sort_rows()
+        if self.native:
+            self._sort_rows()
         self.error = state["error"].to(self.error.device, torch.float32).clone()
 
     def __repr__(self) -> str:
