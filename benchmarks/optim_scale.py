@@ -286,14 +286,16 @@ def topk_bench(
             need = TopKSlidingInverseFisher.required_bytes(dim, m, round(density * dim), dtype)
             if need > max_bytes:  # what the optimizer's own check would refuse under this cap
                 skipped.append(
-                    {"dim": dim, "ngrads": m, "density": density, "required_bytes": need}
-                )
+                    {"dim": dim, "ngrads": m, "density": density, "required_bytes": need,
+                     "value_dtype": value_dtype, "max_bytes": max_bytes}
+                )  # fmt: skip
                 print(f"topk d={dim} m={m} density={density}: needs {need / 2**30:.2f} GiB, "
                       f"over the {max_bytes / 2**30:.2f} GiB cap: not run", flush=True)  # fmt: skip
                 continue
             cmd = [sys.executable, "-m", "benchmarks.optim_scale", "_topk_one"]
             cmd += ["--dim", str(dim), "--m", str(m), "--density", str(density)]
             cmd += ["--reps", str(reps), "--value-dtype", value_dtype]
+            cmd += ["--budget-gib", str(max_bytes / 2**30)]  # the cap is the window's budget
             cmd += ["--compare-torch"] if compare_torch else []
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
@@ -309,6 +311,22 @@ def topk_bench(
             )
     return {"threads": 1, "reps": reps, "rows": rows, "skipped": skipped, "max_bytes": max_bytes,
             "machine": machine()}  # fmt: skip
+
+
+def _merge_topk(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Rows of earlier runs stay unless this run measured (or skipped) the same configuration
+    (d, m, density, value dtype); rows without a value dtype (older runs) are dropped."""
+
+    def key(r: dict[str, Any]) -> tuple:
+        return (r["dim"], r["ngrads"], r["density"], r.get("value_dtype", "float32"))
+
+    if not old:
+        return new
+    done = {key(r) for r in new["rows"] + new["skipped"]}
+    keep = [r for r in old.get("rows", []) if "value_dtype" in r and key(r) not in done]
+    skipped = [r for r in old.get("skipped", []) if key(r) not in done]
+    rows = sorted(keep + new["rows"], key=key)
+    return {**new, "rows": rows, "skipped": skipped + new["skipped"]}
 
 
 def plot(factor: dict[str, Any] | None, topk: dict[str, Any] | None) -> None:
@@ -414,11 +432,14 @@ def main(argv: list[str] | None = None) -> None:
         res["factor"]["command"] = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
     if args.what in ("topk", "all"):
         cap = int(args.max_gib * 2**30)
-        res["topk"] = topk_bench(
+        new = topk_bench(
             args.dim, args.topk_ms, args.densities, max(3, args.reps // 3), cap,
             args.value_dtype, args.compare_torch,
         )  # fmt: skip
-        res["topk"]["command"] = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
+        command = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
+        for entry in new["rows"] + new["skipped"]:
+            entry["command"] = command
+        res["topk"] = _merge_topk(res.get("topk"), new)
     write_json("optim_scale", res)
     plot(res.get("factor"), res.get("topk"))
 
