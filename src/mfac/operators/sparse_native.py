@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import itertools
 import logging
+import math
 import os
 import platform
 import shutil
@@ -335,6 +336,51 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+#: Huge-page size on x86-64 and arm64 Linux; buffers of at least HUGE_MIN bytes are aligned
+#: to it and advised to use huge pages.
+HUGE_PAGE = 2 * 2**20
+HUGE_MIN = 8 * HUGE_PAGE
+_MADV_HUGEPAGE = 14
+
+
+def _madvise():
+    fn = _state.get("madvise", False)
+    if fn is False:
+        fn = None
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                fn = libc.madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                fn.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                fn = None
+        _state["madvise"] = fn
+    return fn
+
+
+def empty_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised CPU tensor whose memory the kernel is asked to back with huge pages
+    (Linux ``madvise(MADV_HUGEPAGE)``, before any page is touched), aligned to 2 MiB.
+
+    The window's sweeps touch a new 4 KiB page every few hundred entries; with huge pages the
+    address translations stay cached (a page walk under virtualisation costs about as much as
+    reading a page). Elsewhere, or for small buffers, a plain ``torch.empty``."""
+    numel = math.prod(shape)
+    size = torch.empty((), dtype=dtype).element_size()
+    advise = _madvise() if device.type == "cpu" else None
+    if advise is None or numel * size < HUGE_MIN or HUGE_PAGE % size:
+        return torch.empty(shape, dtype=dtype, device=device)
+    pad = HUGE_PAGE // size
+    raw = torch.empty(numel + pad, dtype=dtype)
+    start = (-raw.data_ptr() % HUGE_PAGE) // size
+    # the aligned part as a tensor of its own (not a view: no base keeps a second reference)
+    out = torch.empty(0, dtype=dtype).set_(raw.untyped_storage(), start, shape)
+    del raw
+    advise(out.data_ptr(), (numel * size) // HUGE_PAGE * HUGE_PAGE, _MADV_HUGEPAGE)
+    return out
+
+
 def supports(values: torch.Tensor, indices: torch.Tensor) -> bool:
     """Whether the kernels take this window: contiguous CPU (m, k) values in float32,
     bfloat16 or float16 and int16/int32 indices, and a library that loads."""
@@ -524,6 +570,7 @@ def kth_largest(a: torch.Tensor, k: int) -> float:
 
 __all__ = [
     "TILE",
+    "empty_huge",
     "gather",
     "kth_largest",
     "library",

@@ -167,9 +167,10 @@ class TopKSlidingInverseFisher(FactorBacked):
         )
         self.dim, self.window, self.k = dim, window, k
         self.factor = GramFactor(window, damp, device)
-        self.values = torch.zeros(window, k, dtype=dtype, device=device)
-        self.indices = torch.zeros(window, k, dtype=index_dtype, device=device)
-        self.error = torch.zeros(dim, dtype=torch.float32, device=device)
+        huge = sparse_native.empty_huge  # big buffers on huge pages (fewer page walks)
+        self.values = huge((window, k), dtype, device).zero_()
+        self.indices = huge((window, k), index_dtype, device).zero_()
+        self.error = huge((dim,), torch.float32, device).zero_()
         #: Whether the C kernels run the gathers, scatters and the selection (CPU, float32 /
         #: bfloat16 / float16 values and a working C compiler); else the torch path.
         self.native = sparse_native.supports(self.values, self.indices)
@@ -323,7 +324,7 @@ class TopKSlidingInverseFisher(FactorBacked):
     def _scratch(self) -> torch.Tensor:
         """The d-sized float32 buffer for a = e + g, reused across steps (no page faults)."""
         if getattr(self, "_spare", None) is None:
-            self._spare = torch.empty(self.dim, dtype=torch.float32, device=self.device)
+            self._spare = sparse_native.empty_huge((self.dim,), torch.float32, self.device)
         return self._spare
 
     def _dense_row(self) -> torch.Tensor:
@@ -400,7 +401,8 @@ class TopKSlidingInverseFisher(FactorBacked):
         (more than a streaming pass over d)."""
         out = getattr(self, "_out", None)
         if out is None or not _unshared(out):
-            self._out = out = torch.empty(self.dim, dtype=torch.float32, device=self.device)
+            out = sparse_native.empty_huge((self.dim,), torch.float32, self.device)
+            self._out = out
         return out
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
@@ -468,7 +470,7 @@ class TopKSlidingInverseFisher(FactorBacked):
         self.indices.copy_(state["indices"])
         if self.native:
             self._sort_rows()
-        self.error = state["error"].to(self.error.device, torch.float32).clone()
+        self.error.copy_(state["error"])
 
     def __repr__(self) -> str:
         return (
