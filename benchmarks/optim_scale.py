@@ -378,19 +378,27 @@ def report() -> str:
             )
     if res.get("topk"):
         for r in res["topk"].get("skipped", []):
+            cap = r.get("max_bytes", res["topk"]["max_bytes"])
             out.append(f"\nNot run (needs {r['required_bytes'] / 2**30:.1f} GiB, over the "
-                       f"{res['topk']['max_bytes'] / 2**30:.1f} GiB cap): d = {r['dim']:,}, "
-                       f"m = {r['ngrads']}, density {r['density']:.1%}.")  # fmt: skip
+                       f"{cap / 2**30:.1f} GiB cap): d = {r['dim']:,}, "
+                       f"m = {r['ngrads']}, density {r['density']:.1%}, "
+                       f"{r.get('value_dtype', 'float32')} values.")  # fmt: skip
         out.append("")
-        out.append("| d | m | density | step s | floor s | step/floor | peak RSS GiB | window GiB "
-                   "| estimate GiB |")  # fmt: skip
-        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        out.append("| d | m | density | values | step s | floor s | step/floor | torch path s "
+                   "| peak RSS GiB | window GiB | estimate GiB |")  # fmt: skip
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in res["topk"]["rows"]:
+            torch_s = f"{r['torch_step_s']:.2f}" if "torch_step_s" in r else "-"
             out.append(
-                f"| {r['dim']:,} | {r['ngrads']} | {r['density']:.1%} | {r['step_s']:.2f} | "
-                f"{r['floor_s']:.2f} | {r['ratio']:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-                f"{r['window_bytes'] / 2**30:.2f} | {r['required_bytes'] / 2**30:.2f} |"
+                f"| {r['dim']:,} | {r['ngrads']} | {r['density']:.1%} | {r['value_dtype']} | "
+                f"{r['step_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {torch_s} | "
+                f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['window_bytes'] / 2**30:.2f} | "
+                f"{r['required_bytes'] / 2**30:.2f} |"
             )
+        out.append("\nCommands (one process per row; `--compare-torch` also times the torch path "
+                   "on the same window after the peak RSS is read):")  # fmt: skip
+        for command in sorted({r["command"] for r in res["topk"]["rows"] if "command" in r}):
+            out.append(f"`{command}`  ")
     return "\n".join(out)
 
 

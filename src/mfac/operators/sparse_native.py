@@ -130,13 +130,17 @@ int NAME(const VT *vals, const IT *idx, int64_t k, int64_t r0, int64_t r1, const
                 PREFETCH_RUN(idx + (r0 + r + AHEAD) * k, vals + (r0 + r + AHEAD) * k, c,     \
                              run < left ? run : left);                                       \
             }                                                                                \
-            int64_t p = seek_##IT(ir, cur[r], k, t0), e = seek_##IT(ir, p, k, t1), q = p;    \
+            int64_t q = cur[r];                                                              \
+            if (q < k && (int64_t)ir[q] < t0) q = seek_##IT(ir, q, k, t0); /* skipped tiles */ \
             int32_t off = (int32_t)t0;                                                       \
             float s[LANES] = {0};                                                            \
-            for (; q + LANES <= e; q += LANES)                                               \
+            /* whole blocks while the block's last entry is inside the tile, then one by one */ \
+            for (; q + LANES <= k && (int64_t)ir[q + LANES - 1] < t1; q += LANES)            \
                 for (int l = 0; l < LANES; ++l)                                              \
                     s[l] += CONV(vr[q + l]) * xt[(int32_t)ir[q + l] - off];                  \
-            for (; q < e; ++q) s[0] += CONV(vr[q]) * xt[(int32_t)ir[q] - off];               \
+            for (; q < k && (int64_t)ir[q] < t1; ++q)                                        \
+                s[0] += CONV(vr[q]) * xt[(int32_t)ir[q] - off];                              \
+            int64_t e = q;                                                                   \
             float tot = 0.0f;                                                                \
             for (int l = 0; l < LANES; ++l) tot += s[l];                                     \
             out[r0 + r] += (double)tot;                                                      \
@@ -173,11 +177,20 @@ int NAME(const VT *vals, const IT *idx, int64_t r0, int64_t m, int64_t k, const 
                 PREFETCH_RUN(idx + (r + AHEAD) * k, vals + (r + AHEAD) * k, c,               \
                              run < left ? run : left);                                       \
             }                                                                                \
-            int64_t p = seek_##IT(ir, cur[r], k, t0), e = seek_##IT(ir, p, k, t1);           \
+            int64_t q = cur[r];                                                              \
+            if (q < k && (int64_t)ir[q] < t0) q = seek_##IT(ir, q, k, t0);                   \
             int32_t off = (int32_t)t0;                                                       \
             float c = coef[r];                                                               \
-            if (c != 0.0f)                                                                   \
-                for (int64_t q = p; q < e; ++q) ot[(int32_t)ir[q] - off] += c * CONV(vr[q]); \
+            if (c != 0.0f) {                                                                 \
+                for (; q + LANES <= k && (int64_t)ir[q + LANES - 1] < t1; q += LANES)        \
+                    for (int l = 0; l < LANES; ++l)                                          \
+                        ot[(int32_t)ir[q + l] - off] += c * CONV(vr[q + l]);                 \
+                for (; q < k && (int64_t)ir[q] < t1; ++q)                                    \
+                    ot[(int32_t)ir[q] - off] += c * CONV(vr[q]);                             \
+            } else {                                                                         \
+                q = seek_##IT(ir, q, k, t1);                                                 \
+            }                                                                                \
+            int64_t e = q;                                                                   \
             cur[r] = e;                                                                      \
         }                                                                                    \
     }                                                                                        \

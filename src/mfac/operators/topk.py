@@ -71,6 +71,19 @@ def sample_stride(d: int) -> int:
     return max(1, d // (1 << 18))
 
 
+def largest_among(cand: torch.Tensor, mag: torch.Tensor, k: int) -> torch.Tensor:
+    """The k candidates (ascending coordinates ``cand``, magnitudes ``mag``) of largest
+    magnitude, in ascending order. When most candidates stay, the few smallest are dropped
+    instead (torch.topk of the smaller side: 7x faster at k = 1.35M of 1.77M)."""
+    n = cand.numel()
+    if n - k < k:
+        drop = torch.topk(mag, n - k, largest=False, sorted=False).indices
+        keep = torch.ones(n, dtype=torch.bool, device=cand.device)
+        keep[drop] = False
+        return cand[keep]
+    return cand[torch.topk(mag, k, sorted=False).indices.sort().values]
+
+
 def topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (int64) of the k largest entries of the non-negative vector ``mag``.
 
@@ -86,7 +99,7 @@ def topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
     cand = torch.nonzero(mag >= threshold).squeeze(1)
     if cand.numel() < k or cand.numel() > candidate_cap(k):
         return torch.topk(mag, k, sorted=False).indices
-    return cand[torch.topk(mag[cand], k, sorted=False).indices.sort().values]
+    return largest_among(cand, mag[cand], k)
 
 
 def _native_select(
@@ -104,12 +117,12 @@ def _native_select(
     if bad:
         raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
     if k <= count <= cap:
-        return cand[torch.topk(acc[cand].abs(), k, sorted=False).indices.sort().values]
+        return largest_among(cand, acc[cand].abs(), k)
     del cand
     kth = sparse_native.kth_largest(acc, k)
     cand, count = sparse_native.list_range(acc, kth, math.inf, cap)
     if count <= cap:
-        return cand[torch.topk(acc[cand].abs(), k, sorted=False).indices.sort().values]
+        return largest_among(cand, acc[cand].abs(), k)
     above_kth = float(torch.tensor(kth).nextafter(torch.tensor(math.inf)))  # in float32
     above, n_above = sparse_native.list_range(acc, above_kth, math.inf, k)
     ties, _ = sparse_native.list_range(acc, kth, kth, k - n_above)
