@@ -418,9 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         "--budget-gib", type=float, default=None, help="_topk_one: the window's memory budget"
     )
     ap.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument(
-        "--compare-torch", action="store_true", help="also time the torch path's step"
-    )
+    ap.add_argument("--compare-torch", action="store_true", help="also time the torch path's step")
     args = ap.parse_args(argv)
     if args.what == "report":
         print(report())

@@ -129,15 +129,18 @@ def _native_select(
     return torch.cat([above, ties]).sort().values
 
 
+def _references(t: torch.Tensor) -> int:
+    """Python references to ``t`` as seen from here (compared only with itself)."""
+    return sys.getrefcount(t)
+
+
 def _unshared(t: torch.Tensor) -> bool:
-    """True when only the caller's one reference (an attribute and the argument) holds ``t``:
-    no other Python reference, no other tensor on its TensorImpl (autograd, views' bases) and
-    no other owner of its storage (views, NumPy arrays). False when torch cannot tell."""
+    """True when no other tensor shares ``t``'s TensorImpl (autograd, views' bases) and no
+    other owner holds its storage (views, NumPy arrays). False when torch cannot tell."""
     storage_uses = getattr(torch._C, "_storage_Use_Count", None)
     if storage_uses is None or not hasattr(t, "_use_count"):
         return False
-    # references: the owner's attribute, the caller's local, this argument, getrefcount's
-    if sys.getrefcount(t) != 4 or t._use_count() != 1:
+    if t._use_count() != 1:
         return False
     return storage_uses(t.untyped_storage()._cdata) == 2  # the tensor and this storage object
 
@@ -413,9 +416,12 @@ class TopKSlidingInverseFisher(FactorBacked):
         reference), else a fresh one. Reusing it spares the page faults of a fresh d-vector
         (more than a streaming pass over d)."""
         out = getattr(self, "_out", None)
-        if out is None or not _unshared(out):
+        # Python references are compared with the count taken here right after allocation
+        # (the attribute and this local), so the check does not depend on the interpreter
+        if out is None or _references(out) != self._out_alone or not _unshared(out):
             out = sparse_native.empty_huge((self.dim,), torch.float32, self.device)
             self._out = out
+            self._out_alone = _references(out)
         return out
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
