@@ -315,19 +315,21 @@ def topk_bench(
 
 
 def _merge_topk(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """Rows of earlier runs stay unless this run measured (or skipped) the same configuration
-    (d, m, density, value dtype); rows without a value dtype (older runs) are dropped."""
+    """Rows of earlier runs stay unless this run measured the same configuration (d, m,
+    density, value dtype); rows without a value dtype (older runs) are dropped; a "not run"
+    note stays only while no row measures its configuration."""
 
     def key(r: dict[str, Any]) -> tuple:
         return (r["dim"], r["ngrads"], r["density"], r.get("value_dtype", "float32"))
 
-    if not old:
-        return new
-    done = {key(r) for r in new["rows"] + new["skipped"]}
+    old = old or {"rows": [], "skipped": []}
+    done = {key(r) for r in new["rows"]}
     keep = [r for r in old.get("rows", []) if "value_dtype" in r and key(r) not in done]
-    skipped = [r for r in old.get("skipped", []) if key(r) not in done]
     rows = sorted(keep + new["rows"], key=key)
-    return {**new, "rows": rows, "skipped": skipped + new["skipped"]}
+    measured = {key(r) for r in rows}  # a measured row outranks any "not run" note
+    skipped = {key(r): r for r in old.get("skipped", []) + new["skipped"]}
+    skipped = [r for k, r in skipped.items() if k not in measured]
+    return {**new, "rows": rows, "skipped": skipped}
 
 
 def plot(factor: dict[str, Any] | None, topk: dict[str, Any] | None) -> None:
