@@ -2,8 +2,11 @@
 
 Each gradient g is added to the error e, the k largest magnitudes c of a = e + g are stored
 (k values + int16/int32 indices), and e = a - c carries the rest into later steps. G x is a
-gather, G^T y a scatter-add, both O(m k), done in row chunks of bounded size so that no
-temporary grows with m k; the m x m algebra is :class:`mfac.operators.gram.GramFactor`.
+gather, G^T y a scatter-add, both O(m k); the m x m algebra is
+:class:`mfac.operators.gram.GramFactor`. On the CPU (float32/bfloat16/float16 values) the C
+kernels of :mod:`mfac.operators.sparse_native` sweep the rows, kept in ascending coordinate
+order, tile by tile, and select without d-sized temporaries; otherwise torch does the same in
+row chunks of bounded size, so that no temporary grows with m k.
 """
 
 from __future__ import annotations
@@ -240,7 +243,8 @@ class TopKSlidingInverseFisher(FactorBacked):
             # dense row, |a|, the mask, torch.topk's fallback (value + index per coordinate),
             # and one chunk of the gather / scatter
             passes = dim * 4 + dim * 4 + dim + dim * 12 + CHUNK_BYTES
-        return window_bytes + vectors + gram_nbytes(window) + selection + passes
+        align = 5 * sparse_native.HUGE_PAGE  # each big buffer is padded to a 2 MiB boundary
+        return window_bytes + vectors + gram_nbytes(window) + selection + passes + align
 
     # ------------------------------------------------------------------ properties
     @property
