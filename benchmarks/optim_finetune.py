@@ -89,6 +89,10 @@ def build_optimizer(
         from mfac import MFAC
 
         opts = {"ngrads": 1024, "history": "topk", "topk": 0.001, **options}
+        if isinstance(opts.get("history_dtype"), str):  # JSON names the dtype
+            opts["history_dtype"] = getattr(torch, opts["history_dtype"])
+        if isinstance(opts.get("memory_budget"), str):  # e.g. "16GiB"
+            opts["memory_budget"] = int(float(opts["memory_budget"].removesuffix("GiB")) * 2**30)
         return [MFAC(params, lr=lr, **opts)]
     if name == "scaled":
         from mfac import ScaledMFAC

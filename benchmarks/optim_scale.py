@@ -14,7 +14,8 @@ implementation, kept below as the baseline class). Also the m x m work alone (``
 their norms) at dimension d, one subprocess per (m, density) so that each peak RSS is its own.
 The floor is what the step cannot avoid: reading the m x k values and indices twice (G c and
 G^T y) plus four streaming passes over d (a = e + g, |a| and its threshold test, e = a - c,
-the scattered result), each timed in the same process.
+the scattered result), timed right after each step in the same process; the ratio is the
+median of the per-step ratios.
 """
 
 from __future__ import annotations
@@ -178,15 +179,32 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _read_window(op: TopKSlidingInverseFisher) -> None:
+    """One streaming read of the window's values and indices (integer max reductions over
+    their bytes: vectorised, no conversion)."""
+    ints = {4: torch.int32, 2: torch.int16}
+    op.values.view(ints[op.values.element_size()]).max()
+    op.indices.max()
+
+
 def topk_one(
-    dim: int, m: int, density: float, reps: int, memory_budget: int | None = None
+    dim: int,
+    m: int,
+    density: float,
+    reps: int,
+    memory_budget: int | None = None,
+    value_dtype: torch.dtype = torch.float32,
+    compare_torch: bool = False,
 ) -> dict[str, Any]:
-    """One configuration, in this process: step time, floor, peak RSS. ``memory_budget``
-    (bytes) overrides the window's default ceiling of half the available RAM."""
+    """One configuration, in this process: step time, floor, peak RSS (and, with
+    ``compare_torch``, the torch path's step on the same window, timed after the peak RSS is
+    read). ``memory_budget`` (bytes) overrides the window's default ceiling."""
     torch.set_num_threads(1)
     k = round(density * dim)
     rss0 = _peak_rss()
-    op = TopKSlidingInverseFisher(dim, m, k, damp=1e-4, memory_budget=memory_budget)
+    op = TopKSlidingInverseFisher(
+        dim, m, k, damp=1e-4, dtype=value_dtype, memory_budget=memory_budget
+    )
     gen = torch.Generator().manual_seed(0)
     # a full window: random rows (near-orthogonal at these densities), K from their norms
     stride = dim // k
@@ -195,77 +213,123 @@ def topk_one(
     for r in range(m):  # one random coordinate per stratum: sorted, distinct, O(k)
         idx = base + torch.randint(0, stride, (k,), generator=gen)
         op.indices[r] = idx.to(op.indices.dtype)
-        op.values[r].normal_(generator=gen)
+        op.values[r] = torch.randn(k, generator=gen).to(value_dtype)
         norms[r] = float(op.values[r].double().square().sum())
+    del idx, base
     op.factor.rebuild(torch.diag(norms) + m * op.damp * torch.eye(m, dtype=F64))
     grads = [torch.randn(dim, generator=gen) for _ in range(2)]
     op.push_ihvp(grads[0])  # warm-up
-    step_t = []
+    # step and floor interleaved (each step is followed by its floor's reads and pass), so
+    # that a drift of the machine's load moves both; the ratio is the median of per-rep ratios
+    step_t, read_t, pass_t = [], [], []
+    x, y, z = grads[0], grads[1], torch.empty(dim)
     for i in range(reps):
         t = time.perf_counter()
         op.push_ihvp(grads[i % 2])
         step_t.append(time.perf_counter() - t)
-    # the floor, measured now: read values + indices (one pass), and one pass over d
-    read_t, pass_t = [], []
-    x, y, z = grads[0], grads[1], torch.empty(dim)
-    for _ in range(reps):
         t = time.perf_counter()
-        op.values.sum()
-        op.indices.sum(dtype=torch.int64)
+        _read_window(op)
         read_t.append(time.perf_counter() - t)
         t = time.perf_counter()
         torch.add(x, y, out=z)
         pass_t.append(time.perf_counter() - t)
+    floors = [2 * r + 4 * p for r, p in zip(read_t, pass_t, strict=True)]
+    del z
+    peak = _peak_rss()
     step = statistics.median(step_t)
-    floor = 2 * statistics.median(read_t) + 4 * statistics.median(pass_t)
-    return {
+    floor = statistics.median(floors)
+    row = {
         "dim": dim,
         "ngrads": m,
         "density": density,
         "k": k,
+        "value_dtype": str(value_dtype).replace("torch.", ""),
+        "native": op.native,
         "step_s": step,
+        "steps_s": step_t,
         "floor_s": floor,
-        "ratio": step / floor,
+        "ratio": statistics.median(s / f for s, f in zip(step_t, floors, strict=True)),
         "read_window_s": statistics.median(read_t),
         "pass_over_d_s": statistics.median(pass_t),
         "window_bytes": op.window_nbytes,
         "state_bytes": op.nbytes,
-        "required_bytes": TopKSlidingInverseFisher.required_bytes(dim, m, k),
-        "peak_rss_bytes": _peak_rss(),
+        "required_bytes": TopKSlidingInverseFisher.required_bytes(dim, m, k, value_dtype),
+        "peak_rss_bytes": peak,
         "rss_before_bytes": rss0,
+        "benchmark_vectors_bytes": 2 * dim * 4,  # its two gradients (x, y of the floor)
     }
+    if compare_torch and op.native:
+        op.native = False
+        op.push_ihvp(grads[0])  # warm-up (allocates the torch path's dense row)
+        torch_t = []
+        for i in range(reps):
+            t = time.perf_counter()
+            op.push_ihvp(grads[i % 2])
+            torch_t.append(time.perf_counter() - t)
+        row["torch_step_s"] = statistics.median(torch_t)
+        row["speedup_over_torch"] = row["torch_step_s"] / step
+    return row
 
 
 def topk_bench(
-    dim: int, ms: list[int], densities: list[float], reps: int, max_bytes: int
+    dim: int,
+    ms: list[int],
+    densities: list[float],
+    reps: int,
+    max_bytes: int,
+    value_dtype: str = "float32",
+    compare_torch: bool = False,
 ) -> dict[str, Any]:
     rows, skipped = [], []
+    dtype = getattr(torch, value_dtype)
     for m in ms:
         for density in densities:
-            need = TopKSlidingInverseFisher.required_bytes(dim, m, round(density * dim))
+            need = TopKSlidingInverseFisher.required_bytes(dim, m, round(density * dim), dtype)
             if need > max_bytes:  # what the optimizer's own check would refuse under this cap
                 skipped.append(
-                    {"dim": dim, "ngrads": m, "density": density, "required_bytes": need}
-                )
+                    {"dim": dim, "ngrads": m, "density": density, "required_bytes": need,
+                     "value_dtype": value_dtype, "max_bytes": max_bytes}
+                )  # fmt: skip
                 print(f"topk d={dim} m={m} density={density}: needs {need / 2**30:.2f} GiB, "
                       f"over the {max_bytes / 2**30:.2f} GiB cap: not run", flush=True)  # fmt: skip
                 continue
             cmd = [sys.executable, "-m", "benchmarks.optim_scale", "_topk_one"]
             cmd += ["--dim", str(dim), "--m", str(m), "--density", str(density)]
-            cmd += ["--reps", str(reps)]
+            cmd += ["--reps", str(reps), "--value-dtype", value_dtype]
+            cmd += ["--budget-gib", str(max_bytes / 2**30)]  # the cap is the window's budget
+            cmd += ["--compare-torch"] if compare_torch else []
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(
                 f"topk d={dim} m={m} density={density}: step {row['step_s'] * 1e3:.0f} ms, "
-                f"floor {row['floor_s'] * 1e3:.0f} ms, ratio {row['ratio']:.2f}, peak RSS "
+                f"floor {row['floor_s'] * 1e3:.0f} ms, ratio {row['ratio']:.2f}, "
+                f"torch path {row.get('torch_step_s', float('nan')) * 1e3:.0f} ms, peak RSS "
                 f"{row['peak_rss_bytes'] / 2**30:.2f} GiB (window {row['window_bytes'] / 2**30:.2f}"
                 f" GiB, estimate {row['required_bytes'] / 2**30:.2f} GiB)",
                 flush=True,
             )
     return {"threads": 1, "reps": reps, "rows": rows, "skipped": skipped, "max_bytes": max_bytes,
             "machine": machine()}  # fmt: skip
+
+
+def _merge_topk(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Rows of earlier runs stay unless this run measured the same configuration (d, m,
+    density, value dtype); rows without a value dtype (older runs) are dropped; a "not run"
+    note stays only while no row measures its configuration."""
+
+    def key(r: dict[str, Any]) -> tuple:
+        return (r["dim"], r["ngrads"], r["density"], r.get("value_dtype", "float32"))
+
+    old = old or {"rows": [], "skipped": []}
+    done = {key(r) for r in new["rows"]}
+    keep = [r for r in old.get("rows", []) if "value_dtype" in r and key(r) not in done]
+    rows = sorted(keep + new["rows"], key=key)
+    measured = {key(r) for r in rows}  # a measured row outranks any "not run" note
+    skipped = {key(r): r for r in old.get("skipped", []) + new["skipped"]}
+    skipped = [r for k, r in skipped.items() if k not in measured]
+    return {**new, "rows": rows, "skipped": skipped}
 
 
 def plot(factor: dict[str, Any] | None, topk: dict[str, Any] | None) -> None:
@@ -317,19 +381,27 @@ def report() -> str:
             )
     if res.get("topk"):
         for r in res["topk"].get("skipped", []):
+            cap = r.get("max_bytes", res["topk"]["max_bytes"])
             out.append(f"\nNot run (needs {r['required_bytes'] / 2**30:.1f} GiB, over the "
-                       f"{res['topk']['max_bytes'] / 2**30:.1f} GiB cap): d = {r['dim']:,}, "
-                       f"m = {r['ngrads']}, density {r['density']:.1%}.")  # fmt: skip
+                       f"{cap / 2**30:.1f} GiB cap): d = {r['dim']:,}, "
+                       f"m = {r['ngrads']}, density {r['density']:.1%}, "
+                       f"{r.get('value_dtype', 'float32')} values.")  # fmt: skip
         out.append("")
-        out.append("| d | m | density | step s | floor s | step/floor | peak RSS GiB | window GiB "
-                   "| estimate GiB |")  # fmt: skip
-        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        out.append("| d | m | density | values | step s | floor s | step/floor | torch path s "
+                   "| peak RSS GiB | window GiB | estimate GiB |")  # fmt: skip
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in res["topk"]["rows"]:
+            torch_s = f"{r['torch_step_s']:.2f}" if "torch_step_s" in r else "-"
             out.append(
-                f"| {r['dim']:,} | {r['ngrads']} | {r['density']:.1%} | {r['step_s']:.2f} | "
-                f"{r['floor_s']:.2f} | {r['ratio']:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-                f"{r['window_bytes'] / 2**30:.2f} | {r['required_bytes'] / 2**30:.2f} |"
+                f"| {r['dim']:,} | {r['ngrads']} | {r['density']:.1%} | {r['value_dtype']} | "
+                f"{r['step_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {torch_s} | "
+                f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['window_bytes'] / 2**30:.2f} | "
+                f"{r['required_bytes'] / 2**30:.2f} |"
             )
+        out.append("\nCommands (one process per row; `--compare-torch` also times the torch path "
+                   "on the same window after the peak RSS is read):")  # fmt: skip
+        for command in sorted({r["command"] for r in res["topk"]["rows"] if "command" in r}):
+            out.append(f"`{command}`  ")
     return "\n".join(out)
 
 
@@ -348,13 +420,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--budget-gib", type=float, default=None, help="_topk_one: the window's memory budget"
     )
+    ap.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--compare-torch", action="store_true", help="also time the torch path's step")
     args = ap.parse_args(argv)
     if args.what == "report":
         print(report())
         return
     if args.what == "_topk_one":
         budget = None if args.budget_gib is None else int(args.budget_gib * 2**30)
-        print(json.dumps(topk_one(args.dim, args.m, args.density, args.reps, budget)))
+        row = topk_one(
+            args.dim, args.m, args.density, args.reps, budget,
+            getattr(torch, args.value_dtype), args.compare_torch,
+        )  # fmt: skip
+        print(json.dumps(row))
         return
     path = RESULTS / "optim_scale.json"
     res = json.loads(path.read_text()) if path.exists() else {}
@@ -363,10 +441,14 @@ def main(argv: list[str] | None = None) -> None:
         res["factor"]["command"] = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
     if args.what in ("topk", "all"):
         cap = int(args.max_gib * 2**30)
-        res["topk"] = topk_bench(
-            args.dim, args.topk_ms, args.densities, max(3, args.reps // 3), cap
-        )
-        res["topk"]["command"] = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
+        new = topk_bench(
+            args.dim, args.topk_ms, args.densities, max(3, args.reps // 3), cap,
+            args.value_dtype, args.compare_torch,
+        )  # fmt: skip
+        command = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
+        for entry in new["rows"] + new["skipped"]:
+            entry["command"] = command
+        res["topk"] = _merge_topk(res.get("topk"), new)
     write_json("optim_scale", res)
     plot(res.get("factor"), res.get("topk"))
 

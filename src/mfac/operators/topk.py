@@ -2,19 +2,24 @@
 
 Each gradient g is added to the error e, the k largest magnitudes c of a = e + g are stored
 (k values + int16/int32 indices), and e = a - c carries the rest into later steps. G x is a
-gather, G^T y a scatter-add, both O(m k), done in row chunks of bounded size so that no
-temporary grows with m k; the m x m algebra is :class:`mfac.operators.gram.GramFactor`.
+gather, G^T y a scatter-add, both O(m k); the m x m algebra is
+:class:`mfac.operators.gram.GramFactor`. On the CPU (float32/bfloat16/float16 values) the C
+kernels of :mod:`mfac.operators.sparse_native` sweep the rows, kept in ascending coordinate
+order, tile by tile, and select without d-sized temporaries; otherwise torch does the same in
+row chunks of bounded size, so that no temporary grows with m k.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
+from . import sparse_native
 from .gram import FactorBacked, GramFactor
 from .memory import check_fits, gram_nbytes
 
@@ -49,6 +54,39 @@ def resolve_k(topk: int | float | None, dim: int) -> int:
     raise TypeError(f"topk must be an int or a float density, got {type(topk).__name__}")
 
 
+def sample_threshold(sample: torch.Tensor, k: int, d: int) -> float:
+    """A magnitude t read off ``sample`` (a strided sample of the d magnitudes) such that, with
+    high probability, a little more than k of the d entries satisfy |a| >= t."""
+    s = sample.numel()
+    p = k / d
+    p_cand = min(1.0, 1.2 * p + 6.0 * math.sqrt(p * (1.0 - p) / s) + 2.0 / s)
+    rank = max(1, min(s, math.floor((1.0 - p_cand) * s)))
+    return float(torch.kthvalue(sample, rank).values)
+
+
+def candidate_cap(k: int) -> int:
+    """Most candidates the sampled threshold may let through before the exact fallback runs."""
+    return 4 * k + 1024
+
+
+def sample_stride(d: int) -> int:
+    """Stride of the threshold's sample (about 2^18 entries)."""
+    return max(1, d // (1 << 18))
+
+
+def largest_among(cand: torch.Tensor, mag: torch.Tensor, k: int) -> torch.Tensor:
+    """The k candidates (ascending coordinates ``cand``, magnitudes ``mag``) of largest
+    magnitude, in ascending order. When most candidates stay, the few smallest are dropped
+    instead (torch.topk of the smaller side: 7x faster at k = 1.35M of 1.77M)."""
+    n = cand.numel()
+    if n - k < k:
+        drop = torch.topk(mag, n - k, largest=False, sorted=False).indices
+        keep = torch.ones(n, dtype=torch.bool, device=cand.device)
+        keep[drop] = False
+        return cand[keep]
+    return cand[torch.topk(mag, k, sorted=False).indices.sort().values]
+
+
 def topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (int64) of the k largest entries of the non-negative vector ``mag``.
 
@@ -60,17 +98,54 @@ def topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
     d = mag.numel()
     if d <= SMALL_SELECT or 4 * k >= d:
         return torch.topk(mag, k, sorted=False).indices
-    stride = max(1, d // (1 << 18))
-    sample = mag[::stride]
-    s = sample.numel()
-    p = k / d
-    p_cand = min(1.0, 1.2 * p + 6.0 * math.sqrt(p * (1.0 - p) / s) + 2.0 / s)
-    rank = max(1, min(s, math.floor((1.0 - p_cand) * s)))
-    threshold = float(torch.kthvalue(sample, rank).values)
+    threshold = sample_threshold(mag[:: sample_stride(d)], k, d)
     cand = torch.nonzero(mag >= threshold).squeeze(1)
-    if cand.numel() < k or cand.numel() > 4 * k + 1024:
+    if cand.numel() < k or cand.numel() > candidate_cap(k):
         return torch.topk(mag, k, sorted=False).indices
-    return cand[torch.topk(mag[cand], k, sorted=False).indices.sort().values]
+    return largest_among(cand, mag[cand], k)
+
+
+def _native_select(
+    error: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor, k: int
+) -> torch.Tensor:
+    """acc = error + grad and the ascending coordinates of its k largest magnitudes, with the C
+    selection pass (no d-sized temporary). Same choice as :func:`topk_indices` on |acc| when
+    the sampled threshold holds; otherwise the exact k-th largest magnitude by bisection, all
+    entries above it and the lowest coordinates among its ties. Raises on NaN/Inf."""
+    d = acc.numel()
+    stride = sample_stride(d)
+    threshold = sample_threshold((error[::stride] + grad[::stride]).abs_(), k, d)
+    cap = candidate_cap(k)
+    cand, count, bad = sparse_native.select(error, grad, acc, threshold, cap)
+    if bad:
+        raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
+    if k <= count <= cap:
+        return largest_among(cand, acc[cand].abs(), k)
+    del cand
+    kth = sparse_native.kth_largest(acc, k)
+    cand, count = sparse_native.list_range(acc, kth, math.inf, cap)
+    if count <= cap:
+        return largest_among(cand, acc[cand].abs(), k)
+    above_kth = float(torch.tensor(kth).nextafter(torch.tensor(math.inf)))  # in float32
+    above, n_above = sparse_native.list_range(acc, above_kth, math.inf, k)
+    ties, _ = sparse_native.list_range(acc, kth, kth, k - n_above)
+    return torch.cat([above, ties]).sort().values
+
+
+def _references(t: torch.Tensor) -> int:
+    """Python references to ``t`` as seen from here (compared only with itself)."""
+    return sys.getrefcount(t)
+
+
+def _unshared(t: torch.Tensor) -> bool:
+    """True when no other tensor shares ``t``'s TensorImpl (autograd, views' bases) and no
+    other owner holds its storage (views, NumPy arrays). False when torch cannot tell."""
+    storage_uses = getattr(torch._C, "_storage_Use_Count", None)
+    if storage_uses is None or not hasattr(t, "_use_count"):
+        return False
+    if t._use_count() != 1:
+        return False
+    return storage_uses(t.untyped_storage()._cdata) == 2  # the tensor and this storage object
 
 
 class TopKSlidingInverseFisher(FactorBacked):
@@ -111,9 +186,13 @@ class TopKSlidingInverseFisher(FactorBacked):
         )
         self.dim, self.window, self.k = dim, window, k
         self.factor = GramFactor(window, damp, device)
-        self.values = torch.zeros(window, k, dtype=dtype, device=device)
-        self.indices = torch.zeros(window, k, dtype=index_dtype, device=device)
-        self.error = torch.zeros(dim, dtype=torch.float32, device=device)
+        huge = sparse_native.empty_huge  # big buffers on huge pages (fewer page walks)
+        self.values = huge((window, k), dtype, device).zero_()
+        self.indices = huge((window, k), index_dtype, device).zero_()
+        self.error = huge((dim,), torch.float32, device).zero_()
+        #: Whether the C kernels run the gathers, scatters and the selection (CPU, float32 /
+        #: bfloat16 / float16 values and a working C compiler); else the torch path.
+        self.native = sparse_native.supports(self.values, self.indices)
 
     @staticmethod
     def index_dtype(dim: int) -> torch.dtype:
@@ -121,16 +200,51 @@ class TopKSlidingInverseFisher(FactorBacked):
         return torch.int16 if dim <= torch.iinfo(torch.int16).max else torch.int32
 
     @staticmethod
-    def required_bytes(dim: int, window: int, k: int, dtype: torch.dtype = torch.float32) -> int:
-        """Peak bytes: values and indices (m k), the error vector, the m x m float64 matrices,
-        and a step's temporaries: a = e + g, |a|, the candidate mask and indices, the dense
-        compressed row, the scattered result (d each, counted as 6 float32 vectors), plus
-        the selection's k-sized buffers and one gather/scatter chunk."""
+    def native_for(dtype: torch.dtype, device: torch.device | str | None = None) -> bool:
+        """Whether a window storing ``dtype`` values on ``device`` runs the C kernels."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        return sparse_native.supports(
+            torch.empty(1, 1, dtype=dtype), torch.empty(1, 1, dtype=torch.int32)
+        )
+
+    @staticmethod
+    def required_bytes(
+        dim: int,
+        window: int,
+        k: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        grad_dtype: torch.dtype = torch.float32,
+    ) -> int:
+        """Peak bytes of the window and of a step, counted buffer by buffer before anything is
+        allocated: values and indices (m k), the error vector and its spare (a = e + g), the
+        returned step (d float32 each), the m x m float64 matrices (with a refactor's scratch),
+        a float32 copy of a gradient of another dtype, the selection's candidates and its
+        k-sized buffers, and the rollback copy of the replaced row. On the torch path also
+        the dense copy of the new row, |a|, the candidate mask and torch.topk's fallback copy
+        (index + value per coordinate)."""
         value_bytes = torch.empty((), dtype=dtype).element_size()
         index_bytes = 2 if dim <= torch.iinfo(torch.int16).max else 4
         window_bytes = window * k * (value_bytes + index_bytes)
-        step_bytes = 6 * dim * 4 + 5 * k * 8 * 4 + CHUNK_BYTES
-        return window_bytes + dim * 4 + gram_nbytes(window) + step_bytes
+        vectors = 3 * dim * 4  # error, spare, the returned step
+        if grad_dtype != torch.float32:
+            vectors += dim * 4
+        cap = candidate_cap(k)
+        threads = max(1, torch.get_num_threads())
+        # candidates (int64, one buffer per thread), |a[cand]| and its copy, topk's values and
+        # indices, the sort of k positions, idx, kept values (float32 and stored), rollback
+        selection = threads * cap * 8 + 2 * cap * 4 + k * (4 + 8) + 2 * k * 8 + k * 8
+        selection += k * (4 + value_bytes) + k * (value_bytes + index_bytes)
+        if TopKSlidingInverseFisher.native_for(dtype, device):
+            passes = 2 * sparse_native.TILE * 4 + window * 8 * 2  # tile buffers and cursors
+        else:
+            # dense row, |a|, the mask, torch.topk's fallback (value + index per coordinate),
+            # and one chunk of the gather / scatter
+            passes = dim * 4 + dim * 4 + dim + dim * 12 + CHUNK_BYTES
+        align = 5 * sparse_native.HUGE_PAGE  # each big buffer is padded to a 2 MiB boundary
+        return window_bytes + vectors + gram_nbytes(window) + selection + passes + align
 
     # ------------------------------------------------------------------ properties
     @property
@@ -153,9 +267,11 @@ class TopKSlidingInverseFisher(FactorBacked):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: window, error-feedback vector (and, once stepping, its two d-sized
-        scratch buffers), K and K^-1."""
-        vectors = 1 if getattr(self, "_spare", None) is None else 3
+        """Bytes held: window, error-feedback vector (and, once stepping, its d-sized spare,
+        the result buffer the C path reuses, or the torch path's dense row), K and K^-1."""
+        vectors = 1 + (getattr(self, "_spare", None) is not None)
+        vectors += getattr(self, "_row", None) is not None
+        vectors += getattr(self, "_out", None) is not None
         return self.window_nbytes + vectors * self.dim * 4 + 2 * self.window**2 * 8
 
     # ------------------------------------------------------------------ sparse passes
@@ -167,7 +283,10 @@ class TopKSlidingInverseFisher(FactorBacked):
         return flat if flat.dtype == torch.int32 else flat.to(torch.int32)
 
     def _gather(self, x: torch.Tensor, values=None, indices=None) -> torch.Tensor:
-        """G x (m,) float64 for a dense float32 x: a gather of m*k entries, by row chunks."""
+        """G x (m,) float64 for a dense float32 x: a gather of m*k entries (the C tile sweep for
+        this window's own rows, else torch by row chunks)."""
+        if values is None and self.native:
+            return sparse_native.gather(self.values, self.indices, self.dim, x=x.contiguous())
         values = self.values if values is None else values
         indices = self.indices if indices is None else indices
         m = values.shape[0]
@@ -181,7 +300,10 @@ class TopKSlidingInverseFisher(FactorBacked):
         return out.to(F64)
 
     def _scatter(self, coeff: torch.Tensor, values=None, indices=None) -> torch.Tensor:
-        """G^T c (d,) float32 for c of shape (m,): a scatter-add of m*k entries, by row chunks."""
+        """G^T c (d,) float32 for c of shape (m,): a scatter-add of m*k entries (the C tile
+        sweep for this window's own rows, else torch by row chunks)."""
+        if values is None and self.native:
+            return sparse_native.scatter(self.values, self.indices, self.dim, coeff)
         values = self.values if values is None else values
         indices = self.indices if indices is None else indices
         out = torch.zeros(self.dim, dtype=torch.float32, device=values.device)
@@ -193,6 +315,19 @@ class TopKSlidingInverseFisher(FactorBacked):
             contrib = values[a:b].to(torch.float32) * coeff[a:b, None]
             out.index_add_(0, self._index(indices[a:b]), contrib.reshape(-1))
         return out
+
+    def _sort_rows(self) -> None:
+        """Order every row's entries by coordinate (the C kernels' invariant; rows written by
+        a push already are), in row chunks; the matrix the rows stand for is unchanged."""
+        step = self._chunk_rows()
+        for a in range(0, self.window, step):
+            b = min(self.window, a + step)
+            rows = self.indices[a:b].long()
+            if bool((rows[:, 1:] >= rows[:, :-1]).all()):
+                continue
+            order, perm = rows.sort(dim=1, stable=True)
+            self.indices[a:b] = order.to(self.indices.dtype)
+            self.values[a:b] = self.values[a:b].gather(1, perm)
 
     # ------------------------------------------------------------------ updates
     def _check_grad(self, g: torch.Tensor) -> torch.Tensor:
@@ -206,40 +341,60 @@ class TopKSlidingInverseFisher(FactorBacked):
             raise ValueError(f"gradient is on device {g.device}, the window lives on {self.device}")
         return flat
 
-    def _scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two d-sized float32 buffers reused across steps (no page faults per step)."""
+    def _scratch(self) -> torch.Tensor:
+        """The d-sized float32 buffer for a = e + g, reused across steps (no page faults)."""
         if getattr(self, "_spare", None) is None:
-            self._spare = torch.empty(self.dim, dtype=torch.float32, device=self.device)
+            self._spare = sparse_native.empty_huge((self.dim,), torch.float32, self.device)
+        return self._spare
+
+    def _dense_row(self) -> torch.Tensor:
+        """The torch path's zeroed d-sized buffer for the new row (kept zero between steps)."""
+        if getattr(self, "_row", None) is None:
             self._row = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
-        return self._spare, self._row
+        return self._row
+
+    def _select(self, flat: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+        """acc = e + g and the coordinates of the k largest |acc| (ascending, as the C kernels
+        need; the torch path keeps torch.topk's order); raises on NaN/Inf."""
+        if self.native and self.dim > SMALL_SELECT and 4 * self.k < self.dim:
+            grad = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
+            return _native_select(self.error, grad.contiguous(), acc, self.k)
+        torch.add(self.error, flat.to(torch.float32), out=acc)
+        if not finite_fast(acc):
+            raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
+        idx = topk_indices(acc.abs(), self.k)
+        return idx.sort().values if self.native else idx
 
     def _insert(self, flat: torch.Tensor) -> int:
         """Compress e + g into the next slot, update K, keep the new error; return the slot.
 
         a = e + g goes into a spare buffer, so a refused gradient leaves e as it was; on
-        success the spare and e swap. The dense copy of the new row is written and cleared
-        sparsely (k entries), never zeroed in full."""
-        acc, dense_c = self._scratch()
-        torch.add(self.error, flat.to(torch.float32), out=acc)
-        if not finite_fast(acc):
-            raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
-        idx = topk_indices(acc.abs(), self.k)
+        success the spare and e swap. The new row's products with the window come from its
+        k entries (the C path spreads them per tile; the torch path writes and clears them in
+        a dense buffer)."""
+        acc = self._scratch()
+        idx = self._select(flat, acc)
         vals = acc[idx].to(self.values.dtype)
         slot = self.factor.next_slot
         old_vals, old_idx = self.values[slot].clone(), self.indices[slot].clone()
         self.values[slot] = vals
         self.indices[slot] = idx.to(self.indices.dtype)
-        kept = vals.to(torch.float32)
-        dense_c[idx] = kept  # the row as stored (rounded to the window dtype)
+        kept = vals.to(torch.float32)  # the row as stored (rounded to the window dtype)
         try:
-            u = self._gather(dense_c)
+            if self.native:
+                u = sparse_native.gather(self.values, self.indices, self.dim, sparse=(idx, kept))
+            else:
+                dense_c = self._dense_row()
+                dense_c[idx] = kept
+                try:
+                    u = self._gather(dense_c)
+                finally:
+                    dense_c[idx] = 0.0
             u[slot] = float(kept.double().square().sum())
             self.factor.commit(u)
         except (RuntimeError, NonFiniteGradientError):
             self.values[slot], self.indices[slot] = old_vals, old_idx
             raise
-        finally:
-            dense_c[idx] = 0.0
         acc[idx] -= kept  # e = a - c
         self._spare, self.error = self.error, acc
         return slot
@@ -251,7 +406,27 @@ class TopKSlidingInverseFisher(FactorBacked):
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Error-feedback compress ``g`` into the window and return F^-1 c (shape of g)."""
         slot = self._insert(self._check_grad(g))
-        return self._scatter(self.factor.slot_coeff(slot)[:, 0]).to(g.dtype).view_as(g)
+        coeff = self.factor.slot_coeff(slot)[:, 0]
+        if self.native:
+            out = self._result_buffer()
+            sparse_native.scatter(self.values, self.indices, self.dim, coeff, out)
+        else:
+            out = self._scatter(coeff)
+        return out.to(g.dtype).view_as(g)
+
+    def _result_buffer(self) -> torch.Tensor:
+        """The d-sized float32 buffer the C scatter writes the step into: the previous step's,
+        when nothing outside the window still holds it (no tensor, view, array or autograd
+        reference), else a fresh one. Reusing it spares the page faults of a fresh d-vector
+        (more than a streaming pass over d)."""
+        out = getattr(self, "_out", None)
+        # Python references are compared with the count taken here right after allocation
+        # (the attribute and this local), so the check does not depend on the interpreter
+        if out is None or _references(out) != self._out_alone or not _unshared(out):
+            out = sparse_native.empty_huge((self.dim,), torch.float32, self.device)
+            self._out = out
+            self._out_alone = _references(out)
+        return out
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         """F^-1 x = (x - G^T K^-1 G x) / lambda for x of shape (d,)."""
@@ -316,7 +491,9 @@ class TopKSlidingInverseFisher(FactorBacked):
         self.factor.load_state_dict(state, check=False)
         self.values.copy_(state["values"])
         self.indices.copy_(state["indices"])
-        self.error = state["error"].to(self.error.device, torch.float32).clone()
+        if self.native:
+            self._sort_rows()
+        self.error.copy_(state["error"])
 
     def __repr__(self) -> str:
         return (
@@ -325,4 +502,10 @@ class TopKSlidingInverseFisher(FactorBacked):
         )
 
 
-__all__ = ["TopKSlidingInverseFisher", "finite_fast", "resolve_k", "topk_indices"]
+__all__ = [
+    "TopKSlidingInverseFisher",
+    "finite_fast",
+    "resolve_k",
+    "sample_threshold",
+    "topk_indices",
+]

@@ -1,0 +1,321 @@
+"""The top-k window's C kernels and its C path, against float64 dense oracles and the torch path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mfac._validation import NonFiniteGradientError
+from mfac.operators import sparse_native
+from mfac.operators.topk import (
+    SMALL_SELECT,
+    TopKSlidingInverseFisher,
+    _native_select,
+    candidate_cap,
+    topk_indices,
+)
+
+F64 = torch.float64
+pytestmark = pytest.mark.skipif(
+    sparse_native.library() is None, reason="no C compiler: the window runs its torch path"
+)
+VALUE_DTYPES = [torch.float32, torch.bfloat16] + (
+    [torch.float16] if sparse_native.library() and sparse_native.library().mfac_sp_has_f16() else []
+)
+
+
+def woodbury_oracle(rows: torch.Tensor, damp: float, x: torch.Tensor) -> torch.Tensor:
+    """F^-1 x for F = damp*I + G^T G / m, in float64 from the dense rows (the d x d inverse
+    does not fit at these d): (x - G^T (m damp I + G G^T)^-1 G x) / damp."""
+    g, x = rows.to(F64), x.to(F64)
+    m = g.shape[0]
+    inner = g @ g.T + m * damp * torch.eye(m, dtype=F64)
+    return (x - g.T @ torch.linalg.solve(inner, g @ x)) / damp
+
+
+def _rows(m: int, k: int, d: int, dtype: torch.dtype, index_dtype: torch.dtype, seed: int):
+    """m sorted rows of k distinct coordinates (some rows empty: all zeros, as never written)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(d, generator=gen)[:k].sort().values for _ in range(m)])
+    vals = torch.randn(m, k, generator=gen)
+    if m > 1:
+        idx[-1], vals[-1] = 0, 0.0  # an empty row
+    return vals.to(dtype), idx.to(index_dtype)
+
+
+def _dense(vals: torch.Tensor, idx: torch.Tensor, d: int) -> torch.Tensor:
+    out = torch.zeros(vals.shape[0], d, dtype=F64)
+    return out.index_put_(
+        (torch.arange(vals.shape[0])[:, None].expand_as(idx), idx.long()),
+        vals.to(F64),
+        accumulate=True,
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 9),
+    d=st.sampled_from([1, 7, 4096, 4097, 20_000, 70_001, 140_000]),
+    density=st.sampled_from([0.001, 0.01, 0.3, 1.0]),
+    dtype=st.sampled_from(VALUE_DTYPES),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernels_match_the_float64_oracle(m, d, density, dtype, threads, seed) -> None:
+    """G x (dense and sparse x) and G^T c equal the dense float64 products up to float32
+    rounding, for int16 and int32 indices, tiles cut anywhere, and any thread count."""
+    k = max(1, min(d, round(density * d)))
+    index_dtype = TopKSlidingInverseFisher.index_dtype(d)
+    vals, idx = _rows(m, k, d, dtype, index_dtype, seed)
+    dense = _dense(vals, idx, d)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(d, generator=gen)
+    sidx = torch.randperm(d, generator=gen)[: max(1, d // 3)].sort().values
+    sval = torch.randn(sidx.numel(), generator=gen)
+    xs = torch.zeros(d).index_put_((sidx,), sval)
+    c = torch.randn(m, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got_x = sparse_native.gather(vals, idx, d, x=x)
+        got_s = sparse_native.gather(vals, idx, d, sparse=(sidx, sval))
+        got_t = sparse_native.scatter(vals, idx, d, c)
+    finally:
+        torch.set_num_threads(before)
+    scale = float(vals.float().abs().sum()) + 1.0
+    torch.testing.assert_close(got_x, dense @ x.to(F64), rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(got_s, dense @ xs.to(F64), rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(got_t.to(F64), dense.T @ c.to(F64), rtol=0, atol=1e-5 * scale)
+
+
+def test_kernels_do_not_depend_on_the_thread_count() -> None:
+    """Rows (G x) and tiles (G^T c) split across threads: bit-identical results."""
+    d, m, k = 300_000, 24, 3000
+    vals, idx = _rows(m, k, d, torch.float32, torch.int32, 0)
+    x, c = torch.randn(d), torch.randn(m)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append((sparse_native.gather(vals, idx, d, x=x),
+                            sparse_native.scatter(vals, idx, d, c)))  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    for g, s in results[1:]:
+        assert torch.equal(g, results[0][0]) and torch.equal(s, results[0][1])
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    d=st.integers(1, 5000),
+    t=st.floats(0.0, 3.0),
+    cap=st.integers(0, 6000),
+    seed=st.integers(0, 2**16),
+)
+def test_selection_pass(d: int, t: float, cap: int, seed: int) -> None:
+    """acc = e + g bit for bit; the listed coordinates are those with |acc| >= t, ascending,
+    cut at cap with the full count; list_range agrees; NaN and Inf are flagged."""
+    gen = torch.Generator().manual_seed(seed)
+    e, g, acc = torch.randn(d, generator=gen), torch.randn(d, generator=gen), torch.empty(d)
+    cand, count, bad = sparse_native.select(e, g, acc, t, cap)
+    t32 = float(torch.tensor(t, dtype=torch.float32))
+    want = torch.nonzero((e + g).abs() >= t32).squeeze(1)
+    assert torch.equal(acc, e + g) and not bad
+    assert count == want.numel() and torch.equal(cand, want[:cap])
+    listed, n = sparse_native.list_range(acc, t32, math.inf, cap)
+    assert n == count and torch.equal(listed, want[:cap])
+    for poison in (math.nan, math.inf, -math.inf):
+        g2 = g.clone()
+        g2[seed % d] = poison
+        assert sparse_native.select(e, g2, acc, t, cap)[2]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    d=st.integers(70_000, 250_000),
+    density=st.sampled_from([0.0001, 0.001, 0.01, 0.1, 0.24]),
+    kind=st.sampled_from(["normal", "ties", "sparse", "spike", "constant"]),
+    seed=st.integers(0, 2**16),
+)
+def test_native_selection_is_exact(d: int, density: float, kind: str, seed: int) -> None:
+    """The C selection keeps k distinct coordinates, ascending, whose magnitudes are the k
+    largest (the smallest kept >= the largest dropped) -- also when the sampled threshold
+    misjudges (heavy ties, constant vectors: the bisection path) -- and it picks the same
+    coordinates as the torch path whenever the sample holds."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(d, generator=gen)
+    if kind == "ties":
+        g = torch.randint(-20, 20, (d,), generator=gen).float()
+    elif kind == "sparse":
+        g = g * (torch.rand(d, generator=gen) < 0.002)
+    elif kind == "spike":
+        g[::997] *= 1e6
+    elif kind == "constant":
+        g = torch.full((d,), -0.5)
+    e = torch.zeros(d)
+    k = max(1, round(density * d))
+    acc = torch.empty(d)
+    idx = _native_select(e, g, acc, k)
+    assert idx.numel() == k and torch.equal(idx, idx.unique())  # distinct and ascending
+    kept = torch.zeros(d, dtype=torch.bool)
+    kept[idx] = True
+    mag = g.abs()
+    if k < d:
+        assert float(mag[kept].min()) >= float(mag[~kept].max())
+    ref = topk_indices(mag, k).sort().values
+    if kind in ("normal", "spike"):
+        assert torch.equal(idx, ref)
+
+
+def test_kth_largest_is_exact() -> None:
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(100_003, generator=gen)
+    a[::7] = 0.0
+    for k in (1, 2, 500, 14_286, 100_003):
+        want = float(a.abs().topk(k).values[-1])
+        assert sparse_native.kth_largest(a, k) == want
+
+
+# ---------------------------------------------------------------------- the window's C path
+D = SMALL_SELECT + 4321  # above the plain-topk size, so the C selection runs
+
+
+def _window(dtype=torch.float32, m: int = 5, k: int = 700, damp: float = 1e-2):
+    op = TopKSlidingInverseFisher(D, m, k, damp, dtype=dtype)
+    assert op.native
+    return op
+
+
+@pytest.mark.parametrize("dtype", VALUE_DTYPES)
+def test_window_matches_the_float64_oracle_over_wraparounds(dtype: torch.dtype) -> None:
+    """Over 4 wrap-arounds: c + e_new = e_old + g, c keeps the k largest |e_old + g|, rows stay
+    sorted, K matches the stored rows, and the step equals F^-1 c of the dense float64 rows;
+    ihvp(x) too."""
+    m, k, damp = 5, 700, 1e-2
+    op = _window(dtype, m, k, damp)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4 * m + 2):
+        g = torch.randn(D, generator=gen) * (1.0 + 10.0 * torch.rand(1, generator=gen))
+        e_old, slot = op.error.clone(), op.factor.next_slot
+        a = e_old + g
+        step = op.push_ihvp(g)
+        rows = op.dense_rows().to(F64)
+        c = rows[slot]
+        assert int((c != 0).sum()) <= k
+        kept = c != 0
+        assert float(a.abs()[kept].min()) >= float(a.abs()[~kept].max())
+        torch.testing.assert_close(c.float() + op.error, a)
+        assert bool((op.indices[:, 1:] >= op.indices[:, :-1]).all())
+        gram = rows @ rows.T + m * damp * torch.eye(m, dtype=F64)
+        torch.testing.assert_close(op.factor.gram, gram, rtol=1e-5, atol=1e-4)
+        want = woodbury_oracle(rows, damp, c)
+        torch.testing.assert_close(
+            step.to(F64), want, rtol=1e-4, atol=1e-4 * float(want.abs().max())
+        )
+    x = torch.randn(D, generator=gen)
+    want = woodbury_oracle(op.dense_rows(), damp, x)
+    torch.testing.assert_close(op.ihvp(x).to(F64), want, rtol=1e-4, atol=1e-3)
+
+
+def test_c_path_agrees_with_the_torch_path() -> None:
+    """Same gradients through the C path and the torch path: identical rows and errors (the
+    same selection), steps equal up to float32 rounding."""
+    a, b = _window(), _window()
+    b.native = False
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        g = torch.randn(D, generator=gen)
+        sa, sb = a.push_ihvp(g), b.push_ihvp(g)
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values)
+        assert torch.equal(a.error, b.error)
+        torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-5 * float(sb.abs().max()))
+
+
+def test_bit_identical_resume_on_the_c_path() -> None:
+    a = _window()
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(D, generator=gen) for _ in range(14)]
+    for g in grads[:7]:
+        a.push_ihvp(g)
+    b = _window()
+    b.load_state_dict(a.state_dict())
+    for g in grads[7:]:
+        assert torch.equal(a.push_ihvp(g), b.push_ihvp(g))
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]) if torch.is_tensor(value) else True
+
+
+def test_loading_unsorted_rows_sorts_them_and_keeps_the_matrix() -> None:
+    """A state whose rows are not in coordinate order (any valid state) loads with its rows
+    sorted, the same dense rows, and the C products of the dense rows."""
+    a = _window()
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(7):
+        a.push_ihvp(torch.randn(D, generator=gen))
+    state = a.state_dict()
+    perm = torch.randperm(a.k, generator=gen)
+    state["values"], state["indices"] = state["values"][:, perm], state["indices"][:, perm]
+    b = _window()
+    b.load_state_dict(state)
+    assert bool((b.indices[:, 1:] >= b.indices[:, :-1]).all())
+    assert torch.equal(b.dense_rows(), a.dense_rows())
+    x = torch.randn(D, generator=gen)
+    torch.testing.assert_close(b.ihvp(x), a.ihvp(x))
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+def test_refused_gradient_leaves_everything_unchanged(poison: float) -> None:
+    op = _window()
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        op.push_ihvp(torch.randn(D, generator=gen))
+    before = {k: v.clone() for k, v in op.state_dict().items() if torch.is_tensor(v)}
+    g = torch.randn(D, generator=gen)
+    g[123] = poison
+    g_before = g.clone()
+    with pytest.raises(NonFiniteGradientError):
+        op.push_ihvp(g)
+    assert (
+        torch.equal(
+            g,
+            g_before,
+        )
+        if not math.isnan(poison)
+        else bool(g.isnan()[123])
+    )
+    for key, value in op.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, before[key]), key
+
+
+def test_returned_step_is_never_overwritten_while_held() -> None:
+    """The C path reuses its result buffer only once nothing outside holds it: a held step,
+    a view of it or a NumPy array of it keeps its values after later pushes."""
+    op = _window()
+    gen = torch.Generator().manual_seed(6)
+    held = op.push_ihvp(torch.randn(D, generator=gen))
+    copy = held.clone()
+    view = op.push_ihvp(torch.randn(D, generator=gen))[5:]
+    view_copy = view.clone()
+    array = op.push_ihvp(torch.randn(D, generator=gen)).numpy()
+    array_copy = array.copy()
+    for _ in range(3):
+        op.push_ihvp(torch.randn(D, generator=gen))
+    assert torch.equal(held, copy) and torch.equal(view, view_copy)
+    assert (array == array_copy).all()
+
+
+def test_required_bytes_counts_the_step() -> None:
+    """The estimate covers the window, three d-sized float32 vectors, the m x m matrices and
+    the selection's candidates; a window over the budget is refused before allocating."""
+    d, m, k = 134_515_008, 1024, 1_345_150
+    need = TopKSlidingInverseFisher.required_bytes(d, m, k, torch.bfloat16)
+    floor = m * k * 6 + 3 * d * 4 + 4 * m * m * 8 + candidate_cap(k) * 8
+    assert floor <= need <= floor * 1.05
+    with pytest.raises(MemoryError, match=r"needs .* GiB .* over the memory budget"):
+        TopKSlidingInverseFisher(d, m, k, dtype=torch.bfloat16, memory_budget=need - 1)
