@@ -93,7 +93,7 @@ def build_optimizer(
             opts["history_dtype"] = getattr(torch, opts["history_dtype"])
         if isinstance(opts.get("memory_budget"), str):  # e.g. "16GiB"
             opts["memory_budget"] = int(float(opts["memory_budget"].removesuffix("GiB")) * 2**30)
-        return [MFAC(params, lr=lr, **opts)]
+        return [MFAC(params, lr=lr, mode="paper", **opts)]
     if name == "scaled":
         from mfac import ScaledMFAC
 
@@ -202,10 +202,14 @@ def coords_in_window(opts: list[torch.optim.Optimizer], steps: int) -> int | Non
 
 
 def state_bytes(opts: list[torch.optim.Optimizer]) -> int:
-    """Bytes of every tensor the optimizers hold in their state (M-FAC: its window too)."""
+    """Bytes of every tensor the optimizers hold in their state (M-FAC: its window too; the
+    default rule reports its own, windows outside ``opt.state`` included)."""
     total = 0
     seen: set[int] = set()
     for o in opts:
+        if hasattr(o, "state_nbytes"):
+            total += int(o.state_nbytes)
+            continue
         for st in o.state.values():
             for v in st.values():
                 if isinstance(v, torch.Tensor) and id(v) not in seen:

@@ -526,3 +526,10 @@ def test_default_rule_checks_memory_before_allocating() -> None:
         MFAC([p], lr=1e-3, ngrads=64, memory_budget=100_000)
     opt = MFAC([p], lr=1e-3, ngrads=4, memory_budget=1_000_000)
     assert opt.state_nbytes <= 1_000_000
+
+
+def test_default_rule_memory_error_points_to_what_helps() -> None:
+    p = nn.Parameter(torch.randn(1000))
+    with pytest.raises(MemoryError, match=r"mode='paper', history='topk'") as err:
+        MFAC([p], lr=1e-3, ngrads=64, memory_budget=100_000)
+    assert "process group" not in str(err.value)  # not an option of this rule

@@ -45,7 +45,12 @@ def gram_nbytes(window: int, resident: int = 2, scratch: int = 2) -> int:
 
 
 def check_fits(
-    nbytes: int, what: str, memory_budget: int | None, device: torch.device | None = None
+    nbytes: int,
+    what: str,
+    memory_budget: int | None,
+    device: torch.device | None = None,
+    hint: str = "use a smaller window (ngrads), bfloat16 history, a sparser top-k history or "
+    "a process group",
 ) -> None:
     """Raise MemoryError, before allocating, when ``nbytes`` exceed the memory budget.
 
@@ -69,8 +74,7 @@ def check_fits(
     if nbytes > budget:
         raise MemoryError(
             f"{what} needs {_gib(nbytes)} ({nbytes} bytes), over the memory budget of "
-            f"{_gib(budget)} ({source}; {free}); use a smaller "
-            "window (ngrads), bfloat16 history, a sparser top-k history or a process group"
+            f"{_gib(budget)} ({source}; {free}); {hint}"
         )
 
 

@@ -239,6 +239,8 @@ class ScaledMFAC(MFAC):
             "float64 m x m matrices, Adam's moments and the step's buffers)",
             memory_budget,
             device,
+            hint="use a smaller window (ngrads), or the paper's step with a compressed window "
+            "(mode='paper', history='topk')",
         )
         if self.cfg.blocks == "global":
             self._blocks = [_Block(sum(sizes), self.cfg.ngrads, device)]
