@@ -13,7 +13,7 @@ Optimizers: ``adamw`` (torch.optim.AdamW); ``muon`` (torch.optim.Muon on the 2-D
 weights with ``adjust_lr_fn="match_rms_adamw"``, AdamW at the same lr on the tied
 embedding/head and the norms, as Muon's documentation advises); ``mfac`` (``mfac.MFAC`` over
 the whole model, ``history="topk"``, every other option at its default apart from lr, ngrads
-and topk); ``scaled`` (``mfac.ScaledMFAC``, dense per-tensor windows of Adam-whitened
+and topk); ``scaled`` (``mfac.MFAC``'s default rule, ``ScaledMFAC``: dense per-tensor windows of Adam-whitened
 gradients). Each run is its own process, so its peak RSS is its own.
 
     python -m benchmarks.optim_finetune run --opt adamw --lr 3e-5
