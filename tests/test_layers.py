@@ -16,7 +16,7 @@ SRC = ROOT / "src" / "mfac"
 RANK = {
     "_config": 0, "_result": 0, "_validation": 0, "_paths": 0,
     "operators": 1, "optim": 2, "prune": 2, "recovery": 2, "curvature": 2,
-    "experiments": 3, "cli": 4,
+    "experiments": 3, "cli": 4, "__main__": 5,  # python -m mfac: the command, above the cli
 }  # fmt: skip
 
 
