@@ -24,21 +24,12 @@ batched torch/LAPACK path.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import itertools
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from .._paths import atomic_file, cache_dir
+from . import cbuild
 
 log = logging.getLogger(__name__)
 
@@ -563,70 +554,18 @@ _MIN_ROWS = 4
 _state: dict[str, object] = {}
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cpu_signature() -> str:
-    """What the built code depends on: the instruction set (``-march=native``)."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return f"{platform.machine()}|{platform.processor()}|{flags}"
-
-
-def _build(compiler: str, target: Path) -> None:
-    """Compile SOURCE into the shared library ``target`` (written atomically), trying each
-    flag set in turn; raise with the compiler's messages when none builds."""
-    errors = []
-    with tempfile.TemporaryDirectory() as tmp:
-        src, lib = Path(tmp) / "mfac_lowp.c", Path(tmp) / "mfac_lowp.so"
-        src.write_text(SOURCE)
-        for flags in _FLAG_SETS:
-            cmd = [compiler, *flags, "-fPIC", "-shared", str(src), "-o", str(lib)]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if done.returncode == 0:
-                with atomic_file(target) as out:
-                    shutil.copyfile(lib, out)
-                return
-            errors.append(done.stderr.strip()[-300:])
-    raise RuntimeError("the C compiler failed: " + " | ".join(errors))
+_compiler = cbuild.find_compiler
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, built on first use; None when it cannot be had."""
-    if "lib" in _state:
-        return _state["lib"]  # type: ignore[return-value]
-    lib = None
-    if os.environ.get("MFAC_NO_COMPILE") != "1" and sys.platform != "win32":
-        compiler = _compiler()
-        if compiler is not None:
-            try:
-                lib = _load(compiler)
-            except Exception as exc:  # no working compiler, or the library does not load
-                log.warning("native low-precision kernel unavailable (%s)", exc)
-                lib = None
-    _state["lib"] = lib
-    return lib
+    return cbuild.cached_library(
+        _state, "native low-precision kernel", lambda: _compiler(), _load, log
+    )
 
 
 def _load(compiler: str) -> ctypes.CDLL:
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=30
-    ).stdout
-    key = hashlib.sha256(
-        "\n".join([SOURCE, compiler, version, repr(_FLAG_SETS), _cpu_signature()]).encode()
-    ).hexdigest()[:20]
-    target = cache_dir() / "kernels" / f"lowp-{key}.so"
-    if not target.exists():
-        _build(compiler, target)
-    lib = ctypes.CDLL(str(target))
+    lib = cbuild.load(SOURCE, _FLAG_SETS, "lowp", compiler)
     args = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     for name in (
         "mfac_cols_dot_bf16",
@@ -684,22 +623,10 @@ def supports(g: torch.Tensor) -> bool:
 
 def _pool(threads: int) -> ThreadPoolExecutor:
     """The worker threads, made again in a forked child (whose copy has no live threads)."""
-    pool = _state.get("pool")
-    size = getattr(pool, "_max_workers", 0)
-    if pool is None or _state.get("pid") != os.getpid() or size < threads:
-        if pool is not None and _state.get("pid") == os.getpid():
-            pool.shutdown(wait=False)  # type: ignore[attr-defined]
-        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mfac-kernel")
-        _state["pool"], _state["pid"] = pool, os.getpid()
-    return pool  # type: ignore[return-value]
+    return cbuild.worker_pool(_state, threads, "mfac-kernel")
 
 
-def _split(n: int, parts: int, grain: int) -> list[tuple[int, int]]:
-    parts = max(1, min(parts, n // grain))
-    edges = [n * p // parts for p in range(parts + 1)]
-    if grain > 1:  # keep the inner boundaries on multiples of the grain
-        edges = [edges[0]] + [e - e % grain for e in edges[1:-1]] + [edges[-1]]
-    return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
+_split = cbuild.split_range
 
 
 def _run(fn, g: torch.Tensor, v: torch.Tensor, out: torch.Tensor, n: int, grain: int) -> None:
@@ -786,6 +713,19 @@ def _check_store(store: torch.Tensor, nblocks: int, size: int) -> None:
         )
 
 
+def _columns(buffer: torch.Tensor, start: int, width: int, what: str) -> int:
+    """The address of column ``start`` of ``buffer`` (m x d), after checking that the C build
+    can take it and that columns [start, start + width) exist (the C code trusts its sizes)."""
+    d = buffer.shape[-1]
+    if not supports_build(buffer) or start < 0 or start + width > d:
+        raise ValueError(
+            f"{what}: needs a contiguous CPU float32/float64 buffer holding "
+            f"columns {start}..{start + width - 1}, got {tuple(buffer.shape)} "
+            f"{buffer.dtype} on {buffer.device}"
+        )
+    return buffer.data_ptr() + start * buffer.element_size()
+
+
 def direct_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor) -> None:
     """store[b] = G_b^T G_b / m in float64 for the blocks of ``size`` columns from column
     ``start`` of ``buffer`` (m x d, float32/float64); only the upper triangle (j >= i) of each
@@ -796,16 +736,10 @@ def direct_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor
     flops of a general product)."""
     nblocks = store.shape[0]
     m, d = buffer.shape
-    if not supports_build(buffer) or start < 0 or start + nblocks * size > d:
-        raise ValueError(
-            f"native direct build: needs a contiguous CPU float32/float64 buffer holding "
-            f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
-            f"{buffer.dtype} on {buffer.device}"
-        )
+    ptr = _columns(buffer, start, nblocks * size, "native direct build")
     _check_store(store, nblocks, size)
     lib = library()
     fn = lib.mfac_direct_gram_f32 if buffer.dtype == torch.float32 else lib.mfac_direct_gram_f64
-    ptr = buffer.data_ptr() + start * buffer.element_size()
     _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (1.0 / m, store.data_ptr()))
 
 
@@ -818,16 +752,10 @@ def woodbury_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tens
     result; meant for m up to a few hundred, where that result stays in cache."""
     nblocks = store.shape[0]
     m, d = buffer.shape
-    if not supports_build(buffer) or start < 0 or start + nblocks * size > d:
-        raise ValueError(
-            f"native Woodbury Gram: needs a contiguous CPU float32/float64 buffer holding "
-            f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
-            f"{buffer.dtype} on {buffer.device}"
-        )
+    ptr = _columns(buffer, start, nblocks * size, "native Woodbury Gram")
     _check_store(store, nblocks, m)
     lib = library()
     fn = lib.mfac_woodbury_gram_f32 if buffer.dtype == torch.float32 else lib.mfac_woodbury_gram_f64
-    ptr = buffer.data_ptr() + start * buffer.element_size()
     _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (store.data_ptr(),))
 
 
@@ -853,12 +781,7 @@ def woodbury_solve(buffer: torch.Tensor, start: int, size: int, upper: torch.Ten
     column tile is solved in float64 in cache and written back once."""
     nblocks = upper.shape[0]
     m, d = buffer.shape
-    if not supports_build(buffer) or start < 0 or start + nblocks * size > d:
-        raise ValueError(
-            f"native Woodbury solve: needs a contiguous CPU float32/float64 buffer holding "
-            f"columns {start}..{start + nblocks * size - 1}, got {tuple(buffer.shape)} "
-            f"{buffer.dtype} on {buffer.device}"
-        )
+    ptr = _columns(buffer, start, nblocks * size, "native Woodbury solve")
     _check_store(upper, nblocks, m)
     lib = library()
     fn = (
@@ -866,7 +789,6 @@ def woodbury_solve(buffer: torch.Tensor, start: int, size: int, upper: torch.Ten
         if buffer.dtype == torch.float32
         else lib.mfac_woodbury_solve_f64
     )
-    ptr = buffer.data_ptr() + start * buffer.element_size()
     _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (upper.data_ptr(),))
 
 

@@ -18,22 +18,14 @@ returns None and the window uses its torch path.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import itertools
 import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from .._paths import atomic_file, cache_dir
+from . import cbuild
 
 log = logging.getLogger(__name__)
 
@@ -276,46 +268,11 @@ _MIN_ROWS = 8
 _state: dict[str, object] = {}
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
-
-
-def _build(compiler: str, target: Path) -> None:
-    errors = []
-    with tempfile.TemporaryDirectory() as tmp:
-        src, lib = Path(tmp) / "mfac_sparse.c", Path(tmp) / "mfac_sparse.so"
-        src.write_text(SOURCE)
-        for flags in _FLAG_SETS:
-            cmd = [compiler, *flags, "-fPIC", "-shared", str(src), "-o", str(lib)]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if done.returncode == 0:
-                with atomic_file(target) as out:
-                    shutil.copyfile(lib, out)
-                return
-            errors.append(done.stderr.strip()[-300:])
-    raise RuntimeError("the C compiler failed: " + " | ".join(errors))
+_compiler = cbuild.find_compiler
 
 
 def _load(compiler: str) -> ctypes.CDLL:
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=30
-    ).stdout
-    key = "\n".join([SOURCE, compiler, version, repr(_FLAG_SETS), platform.machine(), _cpu_flags()])
-    target = cache_dir() / "kernels" / f"sparse-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
-    if not target.exists():
-        _build(compiler, target)
-    lib = ctypes.CDLL(str(target))
+    lib = cbuild.load(SOURCE, _FLAG_SETS, "sparse", compiler)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for v in _VALUE_NAMES.values():
         for i in _INDEX_NAMES.values():
@@ -335,18 +292,7 @@ def _load(compiler: str) -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, built on first use; None when it cannot be had."""
-    if "lib" in _state:
-        return _state["lib"]  # type: ignore[return-value]
-    lib = None
-    if os.environ.get("MFAC_NO_COMPILE") != "1" and sys.platform != "win32":
-        compiler = _compiler()
-        if compiler is not None:
-            try:
-                lib = _load(compiler)
-            except Exception as exc:  # no working compiler, or the library does not load
-                log.warning("native top-k kernels unavailable (%s)", exc)
-    _state["lib"] = lib
-    return lib
+    return cbuild.cached_library(_state, "native top-k kernels", lambda: _compiler(), _load, log)
 
 
 #: Huge-page size on x86-64 and arm64 Linux; buffers of at least HUGE_MIN bytes are aligned
@@ -413,19 +359,10 @@ def supports(values: torch.Tensor, indices: torch.Tensor) -> bool:
 
 def _pool(threads: int) -> ThreadPoolExecutor:
     """The worker threads, made again in a forked child (whose copy has no live threads)."""
-    pool = _state.get("pool")
-    if pool is None or _state.get("pid") != os.getpid() or pool._max_workers < threads:  # type: ignore[attr-defined]
-        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mfac-topk")
-        _state["pool"], _state["pid"] = pool, os.getpid()
-    return pool  # type: ignore[return-value]
+    return cbuild.worker_pool(_state, threads, "mfac-topk")
 
 
-def _split(n: int, parts: int, grain: int) -> list[tuple[int, int]]:
-    parts = max(1, min(parts, n // max(1, grain)))
-    edges = [n * p // parts for p in range(parts + 1)]
-    if grain > 1:
-        edges = [edges[0]] + [e - e % grain for e in edges[1:-1]] + [edges[-1]]
-    return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
+_split = cbuild.split_range
 
 
 def _run(calls: list[tuple]) -> None:
