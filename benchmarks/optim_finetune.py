@@ -11,10 +11,11 @@ clipping at 1.0, a linear decay of the lr to 0 and no weight decay.
 
 Optimizers: ``adamw`` (torch.optim.AdamW); ``muon`` (torch.optim.Muon on the 2-D hidden
 weights with ``adjust_lr_fn="match_rms_adamw"``, AdamW at the same lr on the tied
-embedding/head and the norms, as Muon's documentation advises); ``mfac`` (``mfac.MFAC`` over
-the whole model, ``history="topk"``, every other option at its default apart from lr, ngrads
-and topk); ``scaled`` (``mfac.MFAC``'s default rule, ``ScaledMFAC``: dense per-tensor windows of Adam-whitened
-gradients). Each run is its own process, so its peak RSS is its own.
+embedding/head and the norms, as Muon's documentation advises); ``mfac`` (the paper's step,
+``mfac.MFAC(..., mode="paper")`` over the whole model, ``history="topk"``, every other option
+at its default apart from lr, ngrads and topk); ``scaled`` (``mfac.MFAC``'s default rule,
+``ScaledMFAC``: dense per-tensor windows of Adam-whitened gradients). Each run is its own
+process, so its peak RSS is its own.
 
     python -m benchmarks.optim_finetune run --opt adamw --lr 3e-5
     python -m benchmarks.optim_finetune run --opt mfac --lr 1e-4 --label mfac-m1024-0.1% \
