@@ -498,7 +498,7 @@ def test_mfac_default_is_the_adam_rule_and_paper_is_one_argument_away() -> None:
 
 @pytest.mark.parametrize(
     "option",
-    ["momentum", "decoupled_weight_decay", "history_dtype", "history", "topk", "process_group",
+    ["momentum", "decoupled_weight_decay", "history", "topk", "process_group",
      "gradient_scaling"],
 )  # fmt: skip
 def test_paper_only_options_are_refused_by_name_in_the_default_mode(option: str) -> None:

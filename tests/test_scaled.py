@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mfac.optim import MFAC
 from mfac.optim.scaled import ScaledMFAC, window_coeff, window_coeffs
 
 F64 = torch.float64
@@ -21,9 +22,12 @@ def dense_power(s: torch.Tensor, lam: float, power: float) -> torch.Tensor:
     return (evecs * f) @ evecs.T
 
 
-def oracle_run(shapes, grads, lr, wd, ngrads, damp, power, whiten, blocks, betas, eps, graft):
+def oracle_run(
+    shapes, grads, lr, wd, ngrads, damp, power, whiten, blocks, betas, eps, graft, stored=F64
+):
     """Parameters after the given gradient steps, everything dense in float64; ``graft``
-    rescales each block's step to the length of AdamW's step on the block."""
+    rescales each block's step to the length of AdamW's step on the block; the window holds
+    the whitened gradients rounded to ``stored``."""
     params = [torch.zeros(s, dtype=F64) for s in shapes]
     torch.manual_seed(0)
     params = [torch.randn(s).to(F64) for s in shapes]
@@ -47,7 +51,7 @@ def oracle_run(shapes, grads, lr, wd, ngrads, damp, power, whiten, blocks, betas
             else:
                 zs.append(g)
                 us.append(mhat)
-        history.append(zs)
+        history.append([z.to(stored).to(F64) for z in zs])
         window = history[-ngrads:]
         groups = (
             [list(range(len(params)))] if blocks == "global" else [[i] for i in range(len(params))]
@@ -114,6 +118,66 @@ def test_matches_dense_float64_oracle(case, ngrads, graft):
         opt.step()
     for p, w in zip(params, want, strict=True):
         torch.testing.assert_close(p.detach().to(F64), w, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", CASES[2:4], ids=["tensor-inverse", "tensor-sqrt"])
+def test_bfloat16_window_is_the_oracle_of_its_rounded_rows(case):
+    """history_dtype=bfloat16 stores the whitened gradients rounded to bfloat16 and applies the
+    exact operator of those rows (float64 oracle on the rounded rows), at half the bytes."""
+    shapes = [(3, 40), (50,)]
+    gen = torch.Generator().manual_seed(2)
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(7)]
+    kw = dict(lr=0.05, wd=0.0, ngrads=3, damp=0.3, betas=(0.9, 0.99), eps=1e-8, graft=True)
+    want = oracle_run(shapes, grads, **kw, **case, stored=torch.bfloat16)
+    unrounded = oracle_run(shapes, grads, **kw, **case)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = ScaledMFAC(
+        params, lr=0.05, ngrads=3, damp=0.3, betas=(0.9, 0.99), history_dtype=torch.bfloat16,
+        **case,
+    )  # fmt: skip
+    plain = ScaledMFAC([torch.nn.Parameter(torch.randn(s)) for s in shapes], ngrads=3)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    for p, w, u in zip(params, want, unrounded, strict=True):
+        torch.testing.assert_close(p.detach().to(F64), w, rtol=2e-5, atol=2e-6)
+        assert not torch.allclose(w, u, rtol=1e-7, atol=0)  # the rounding is visible
+    window = sum(b.rows.numel() for b in opt._blocks)
+    assert plain.state_nbytes - opt.state_nbytes == 2 * window  # 4 bytes -> 2 per entry
+
+
+def test_bfloat16_window_resumes_bit_identically_and_refuses_a_float32_state():
+    torch.manual_seed(0)
+    x = torch.randn(16, 6)
+
+    def steps(model, opt, first, last):
+        for i in range(first, last):
+            opt.zero_grad()
+            model(x * (i + 1)).square().mean().backward()
+            opt.step()
+
+    model = torch.nn.Linear(6, 3)
+    opt = MFAC(model.parameters(), lr=1e-2, ngrads=4, history_dtype=torch.bfloat16)
+    steps(model, opt, 0, 5)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    steps(model, opt, 5, 9)
+    again = torch.nn.Linear(6, 3)
+    again.load_state_dict(saved_model)
+    resumed = MFAC(again.parameters(), lr=1e-2, ngrads=4, history_dtype=torch.bfloat16)
+    resumed.load_state_dict(saved_opt)
+    steps(again, resumed, 5, 9)
+    for a, b in zip(model.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)
+    f32 = MFAC(again.parameters(), lr=1e-2, ngrads=4)
+    before = copy.deepcopy(f32.state_dict())
+    with pytest.raises(ValueError, match="history_dtype"):
+        f32.load_state_dict(saved_opt)
+    after = f32.state_dict()  # nothing changed: Adam's moments, windows, step count
+    assert after["scaled"]["steps"] == before["scaled"]["steps"] == 0
+    assert after["state"] == before["state"] == {}
+    assert torch.equal(before["scaled"]["blocks"][0]["rows"], after["scaled"]["blocks"][0]["rows"])
 
 
 @settings(max_examples=25, deadline=None)

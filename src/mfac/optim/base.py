@@ -28,7 +28,6 @@ MODES = ("adam", "paper")
 PAPER_ONLY = (
     "momentum",
     "decoupled_weight_decay",
-    "history_dtype",
     "history",
     "topk",
     "process_group",
@@ -55,7 +54,8 @@ class MFAC(torch.optim.Optimizer):
             AdamW's step length; options ``ngrads`` (window per tensor, default 32), ``damp``
             (relative to the window's mean eigenvalue, default 1), ``betas``, ``eps``,
             ``weight_decay`` (decoupled), ``graft``, ``power``, ``whiten``, ``blocks``,
-            ``memory_budget``; see :class:`mfac.optim.scaled.ScaledMFAC`.
+            ``history_dtype`` (float32 or bfloat16), ``memory_budget``; see
+            :class:`mfac.optim.scaled.ScaledMFAC`.
             ``"paper"``: the paper's step; options ``ngrads`` (default 1024), ``damp``
             (absolute, default 1e-5), ``momentum``, ``weight_decay``,
             ``decoupled_weight_decay``, ``history_dtype``, ``history`` ("dense" or "topk"),

@@ -36,6 +36,7 @@ import torch
 
 from .._config import Options, option
 from .._validation import NonFiniteGradientError, check_positive_int
+from ..operators.kernels import cols_dot, rows_dot
 from ..operators.memory import check_fits
 from ..operators.topk import finite_fast
 from .base import MFAC
@@ -45,6 +46,7 @@ F64 = torch.float64
 WHITENINGS = ("adam", "none")
 BLOCKINGS = ("global", "tensor")
 POWERS = (1.0, 0.5)
+HISTORY_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class ScaledConfig(Options):
     graft: bool = option(
         True, "rescale each block's step to the norm of AdamW's step (AdamW's lr scale)"
     )
+    history_dtype: Any = option(
+        torch.float32, "storage dtype of the windows: float32, or bfloat16 (half the bytes)",
+        kind="any",
+    )
 
     def validate(self) -> None:
         """The checks that involve several fields, or a type the field kinds do not cover."""
@@ -80,6 +86,10 @@ class ScaledConfig(Options):
             isinstance(b, (int, float)) and 0.0 <= float(b) < 1.0 for b in betas
         ):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.history_dtype not in HISTORY_DTYPES:
+            raise ValueError(
+                f"history_dtype must be one of {HISTORY_DTYPES}, got {self.history_dtype!r}"
+            )
 
 
 def window_coeffs(
@@ -116,8 +126,10 @@ def window_coeff(
 class _Block:
     """One preconditioned block: a ring of the last m whitened gradients and K = Z Z^T / m."""
 
-    def __init__(self, dim: int, window: int, device: torch.device) -> None:
-        self.rows = torch.zeros(window, dim, dtype=torch.float32, device=device)
+    def __init__(
+        self, dim: int, window: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.rows = torch.zeros(window, dim, dtype=dtype, device=device)
         self.gram = torch.zeros(window, window, dtype=F64, device=device)
         self.next_slot = 0
         self.num_pushed = 0
@@ -132,7 +144,11 @@ class _Block:
         under the updated window (float64)."""
         m = self.rows.shape[0]
         slot = self.next_slot
-        prod = (self.rows @ torch.stack([z, u], 1)).to(F64)  # old row still in slot
+        if self.rows.dtype != torch.float32:  # the window holds z rounded: K is built from that
+            z = z.to(self.rows.dtype).float()
+            prod = rows_dot(self.rows, torch.stack([z, u], 1)).to(F64)  # one pass, float32 sums
+        else:
+            prod = (self.rows @ torch.stack([z, u], 1)).to(F64)  # old row still in slot
         col = prod[:, 0] / m
         col[slot] = float(torch.dot(z, z)) / m
         self.gram[slot, :] = col
@@ -148,7 +164,10 @@ class _Block:
         """lam^-q (u + Z^T c), the second pass; c = W Z u from :func:`window_coeffs`."""
         if lam == 0.0:  # an all-zero window: no curvature information
             return u.clone() if whiten == "adam" else torch.zeros_like(u)
-        out = u + self.rows.T @ c.to(torch.float32)
+        if self.rows.dtype != torch.float32:
+            out = u + cols_dot(self.rows, c.to(torch.float32)[:, None])[:, 0]
+        else:
+            out = u + self.rows.T @ c.to(torch.float32)
         if whiten == "none":
             out.mul_(lam**-0.5)
         return out
@@ -166,6 +185,11 @@ class _Block:
             raise ValueError(
                 f"state holds a window of shape {tuple(state['rows'].shape)}, "
                 f"this block has {tuple(self.rows.shape)}"
+            )
+        if state["rows"].dtype != self.rows.dtype:
+            raise ValueError(
+                f"state holds a {state['rows'].dtype} window, this block stores "
+                f"{self.rows.dtype} (history_dtype)"
             )
         self.rows.copy_(state["rows"])
         self.gram.copy_(state["gram"])
@@ -207,6 +231,7 @@ class ScaledMFAC(MFAC):
         weight_decay: float = 0.0,
         graft: bool = True,
         *,
+        history_dtype: torch.dtype = torch.float32,
         memory_budget: int | None = None,
         mode: str = "adam",
     ) -> None:
@@ -215,7 +240,7 @@ class ScaledMFAC(MFAC):
         if memory_budget is not None:
             check_positive_int(memory_budget, "memory_budget")
         self.cfg = ScaledConfig(
-            ngrads, damp, float(power), whiten, blocks, tuple(betas), eps, graft
+            ngrads, damp, float(power), whiten, blocks, tuple(betas), eps, graft, history_dtype
         )
         defaults = {
             "lr": check_option(lr, "lr"),
@@ -233,7 +258,7 @@ class ScaledMFAC(MFAC):
         device = devices.pop()
         sizes = [p.numel() for p in self._params]
         check_fits(
-            self.required_bytes(sizes, self.cfg.ngrads, self.cfg.blocks),
+            self.required_bytes(sizes, self.cfg.ngrads, self.cfg.blocks, history_dtype),
             f"MFAC(mode='adam') over {sum(sizes)} coordinates in {len(sizes)} tensors with "
             f"windows of {self.cfg.ngrads} gradients ({self.cfg.blocks} blocks; windows, their "
             "float64 m x m matrices, Adam's moments and the step's buffers)",
@@ -243,9 +268,9 @@ class ScaledMFAC(MFAC):
             "(mode='paper', history='topk')",
         )
         if self.cfg.blocks == "global":
-            self._blocks = [_Block(sum(sizes), self.cfg.ngrads, device)]
+            self._blocks = [_Block(sum(sizes), self.cfg.ngrads, device, history_dtype)]
         else:
-            self._blocks = [_Block(n, self.cfg.ngrads, device) for n in sizes]
+            self._blocks = [_Block(n, self.cfg.ngrads, device, history_dtype) for n in sizes]
         self._steps = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -258,19 +283,27 @@ class ScaledMFAC(MFAC):
         super().add_param_group(param_group)
 
     @staticmethod
-    def required_bytes(sizes: list[int], ngrads: int, blocks: str = "tensor") -> int:
-        """Bytes a step needs: the float32 windows and their float64 m x m Gram matrices, Adam's
-        two moments, and the step's float32 temporaries (z, u and the direction, plus the
-        eigendecomposition's m x m work per block)."""
+    def required_bytes(
+        sizes: list[int],
+        ngrads: int,
+        blocks: str = "tensor",
+        history_dtype: torch.dtype = torch.float32,
+    ) -> int:
+        """Bytes a step needs: the windows (in ``history_dtype``) and their float64 m x m Gram
+        matrices, Adam's two moments, and the step's float32 temporaries (z, u and the
+        direction, plus the eigendecomposition's m x m work per block)."""
         dim = sum(sizes)
         nblocks = 1 if blocks == "global" else len(sizes)
-        windows = 4 * ngrads * dim + 8 * nblocks * ngrads * ngrads
+        elem = torch.empty((), dtype=history_dtype).element_size()
+        windows = elem * ngrads * dim + 8 * nblocks * ngrads * ngrads
         return windows + 2 * 4 * dim + 3 * 4 * dim + 3 * 8 * nblocks * ngrads * ngrads
 
     @property
     def state_nbytes(self) -> int:
         """Bytes of optimizer state: windows, their m x m matrices, Adam's two moments."""
-        window = sum(b.rows.numel() * 4 + b.gram.numel() * 8 for b in self._blocks)
+        window = sum(
+            b.rows.numel() * b.rows.element_size() + b.gram.numel() * 8 for b in self._blocks
+        )
         return window + 2 * 4 * sum(p.numel() for p in self._params)
 
     def _whiten(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -380,6 +413,11 @@ class ScaledMFAC(MFAC):
                 raise ValueError(
                     f"state holds a window of shape {tuple(s['rows'].shape)}, "
                     f"this optimizer has {tuple(b.rows.shape)}"
+                )
+            if s["rows"].dtype != b.rows.dtype:
+                raise ValueError(
+                    f"state holds a {s['rows'].dtype} window, this optimizer stores "
+                    f"{b.rows.dtype} (history_dtype); nothing was loaded"
                 )
         super().load_state_dict(sd)
         for b, s in zip(self._blocks, extra["blocks"], strict=True):
