@@ -587,24 +587,9 @@ def _load(compiler: str) -> ctypes.CDLL:
     for name in ("mfac_woodbury_solve_f32", "mfac_woodbury_solve_f64"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = woodbury, ctypes.c_int
-    lib.mfac_woodbury_factor.argtypes = (
-        [ctypes.c_void_p]
-        + [ctypes.c_int64] * 3
-        + [
-            ctypes.c_double,
-            ctypes.c_void_p,
-        ]
-    )
-    lib.mfac_woodbury_factor.restype = ctypes.c_int
-    lib.mfac_direct_invert.argtypes = (
-        [ctypes.c_void_p]
-        + [ctypes.c_int64] * 3
-        + [
-            ctypes.c_double,
-            ctypes.c_void_p,
-        ]
-    )
-    lib.mfac_direct_invert.restype = ctypes.c_int
+    factor = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_double, ctypes.c_void_p]
+    for fn in (lib.mfac_woodbury_factor, lib.mfac_direct_invert):
+        fn.argtypes, fn.restype = factor, ctypes.c_int
     lib.mfac_vector_width.restype = ctypes.c_int
     return lib
 
