@@ -93,7 +93,15 @@ def _chunks(n: int, step: int) -> Iterator[tuple[int, int]]:
 class BlockGroup:
     """``nblocks`` blocks of ``size`` coordinates starting at ``start`` of the flat vector."""
 
-    def __init__(self, start: int, nblocks: int, size: int, num_grads: int, damp: float) -> None:
+    def __init__(
+        self,
+        start: int,
+        nblocks: int,
+        size: int,
+        num_grads: int,
+        damp: float,
+        tile_bytes: int = TILE_BYTES,
+    ) -> None:
         self.start = start
         self.nblocks = nblocks
         self.size = size
@@ -102,7 +110,7 @@ class BlockGroup:
         self.damp = damp
         self.direct = size <= num_grads
         self.q_form = True
-        self.tile_bytes = TILE_BYTES
+        self.tile_bytes = tile_bytes
         self.native = False
 
     # ----------------------------------------------------------------- tiles of the buffer

@@ -711,6 +711,29 @@ def _columns(buffer: torch.Tensor, start: int, width: int, what: str) -> int:
     return buffer.data_ptr() + start * buffer.element_size()
 
 
+def _over_column_blocks(
+    kernel: str,
+    buffer: torch.Tensor,
+    start: int,
+    size: int,
+    store: torch.Tensor,
+    square: int,
+    what: str,
+    head: tuple = (),
+) -> None:
+    """Run ``kernel`` (its _f32 or _f64 variant, by the buffer's dtype) on every block of
+    ``size`` columns from column ``start`` of ``buffer`` (m x d) and its ``square`` x
+    ``square`` float64 matrix in ``store``, the blocks split over the worker threads; the
+    kernel takes (columns, d, m, size, *head, store)."""
+    nblocks = store.shape[0]
+    m, d = buffer.shape
+    ptr = _columns(buffer, start, nblocks * size, what)
+    _check_store(store, nblocks, square)
+    suffix = "f32" if buffer.dtype == torch.float32 else "f64"
+    fn = getattr(library(), f"{kernel}_{suffix}")
+    _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (*head, store.data_ptr()))
+
+
 def direct_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor) -> None:
     """store[b] = G_b^T G_b / m in float64 for the blocks of ``size`` columns from column
     ``start`` of ``buffer`` (m x d, float32/float64); only the upper triangle (j >= i) of each
@@ -719,13 +742,10 @@ def direct_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor
     Each block's columns are widened into a float64 m x B panel that stays in cache, and the
     Gram is formed from it by a register-blocked kernel over the upper triangle only (half the
     flops of a general product)."""
-    nblocks = store.shape[0]
-    m, d = buffer.shape
-    ptr = _columns(buffer, start, nblocks * size, "native direct build")
-    _check_store(store, nblocks, size)
-    lib = library()
-    fn = lib.mfac_direct_gram_f32 if buffer.dtype == torch.float32 else lib.mfac_direct_gram_f64
-    _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (1.0 / m, store.data_ptr()))
+    _over_column_blocks(
+        "mfac_direct_gram", buffer, start, size, store, size, "native direct build",
+        (1.0 / buffer.shape[0],),
+    )  # fmt: skip
 
 
 def woodbury_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tensor) -> None:
@@ -735,13 +755,9 @@ def woodbury_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tens
     Column tiles of each block are packed transposed into a float64 panel of at most 256 KiB
     and their Grams (one triangle, the direct form's kernel) are summed into the block's m x m
     result; meant for m up to a few hundred, where that result stays in cache."""
-    nblocks = store.shape[0]
-    m, d = buffer.shape
-    ptr = _columns(buffer, start, nblocks * size, "native Woodbury Gram")
-    _check_store(store, nblocks, m)
-    lib = library()
-    fn = lib.mfac_woodbury_gram_f32 if buffer.dtype == torch.float32 else lib.mfac_woodbury_gram_f64
-    _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (store.data_ptr(),))
+    _over_column_blocks(
+        "mfac_woodbury_gram", buffer, start, size, store, buffer.shape[0], "native Woodbury Gram"
+    )
 
 
 def woodbury_factor(store: torch.Tensor, damp: float) -> torch.Tensor:
@@ -764,17 +780,9 @@ def woodbury_solve(buffer: torch.Tensor, start: int, size: int, upper: torch.Ten
     """Overwrite the blocks of ``size`` columns from column ``start`` of ``buffer`` (m x d,
     float32/float64) by Q_b = U_b^-T G_b, with the factors of :func:`woodbury_factor`; each
     column tile is solved in float64 in cache and written back once."""
-    nblocks = upper.shape[0]
-    m, d = buffer.shape
-    ptr = _columns(buffer, start, nblocks * size, "native Woodbury solve")
-    _check_store(upper, nblocks, m)
-    lib = library()
-    fn = (
-        lib.mfac_woodbury_solve_f32
-        if buffer.dtype == torch.float32
-        else lib.mfac_woodbury_solve_f64
+    _over_column_blocks(
+        "mfac_woodbury_solve", buffer, start, size, upper, buffer.shape[0], "native Woodbury solve"
     )
-    _blocks_in_parallel(fn, nblocks, (ptr, d, m, size), (upper.data_ptr(),))
 
 
 def direct_invert(store: torch.Tensor, damp: float) -> torch.Tensor:

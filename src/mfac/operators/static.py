@@ -163,8 +163,6 @@ class InverseFisher(LinearOperatorMixin):
         factors and inverses against ``memory_budget`` (past it they are memory-mapped on CPU;
         on an accelerator, which cannot page to a file, a MemoryError is raised)."""
         device = self.buffer.device
-        for group in self.groups:
-            group.tile_bytes = tile_bytes(device)
         scratch = max(g.scratch_bytes() for g in self.groups)
         free = device_memory_budget(device, None)
         if scratch > free:
@@ -233,9 +231,10 @@ class InverseFisher(LinearOperatorMixin):
     def _make_groups(self, damp: float) -> list[BlockGroup]:
         d, size, m = self.dim, self.block_size, self.num_grads
         full = d // size
-        groups = [BlockGroup(0, full, size, m, damp)] if full else []
+        tile = tile_bytes(self.buffer.device)
+        groups = [BlockGroup(0, full, size, m, damp, tile)] if full else []
         if d - full * size:
-            groups.append(BlockGroup(full * size, 1, d - full * size, m, damp))
+            groups.append(BlockGroup(full * size, 1, d - full * size, m, damp, tile))
         return groups
 
     # ------------------------------------------------------------------ properties

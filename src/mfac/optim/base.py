@@ -24,15 +24,17 @@ import torch
 
 MODES = ("adam", "paper")
 
-#: Options of the paper's step that the adam rule has no counterpart for.
-PAPER_ONLY = (
-    "momentum",
-    "decoupled_weight_decay",
-    "history",
-    "topk",
-    "process_group",
-    "gradient_scaling",
-)
+def paper_only_options() -> tuple[str, ...]:
+    """Options of the paper's step that the default rule has no counterpart for: read off the
+    two classes' signatures, so the list cannot drift from them."""
+    import inspect
+
+    from .mfac import PaperMFAC
+    from .scaled import ScaledMFAC
+
+    paper = inspect.signature(PaperMFAC.__init__).parameters
+    adam = inspect.signature(ScaledMFAC.__init__).parameters
+    return tuple(name for name in paper if name not in adam)
 
 
 def _check_mode(mode: Any) -> str:
@@ -85,7 +87,7 @@ class MFAC(torch.optim.Optimizer):
                 "MFAC(mode='adam') takes its options after lr by keyword (e.g. ngrads=32); "
                 "positional options belong to mode='paper'"
             )
-        given = [key for key in PAPER_ONLY if key in options]
+        given = [key for key in options if key in paper_only_options()]
         if given:
             hint = " (mode='adam' takes betas=(b1, b2) instead)" if given[0] == "momentum" else ""
             raise TypeError(
@@ -97,4 +99,4 @@ class MFAC(torch.optim.Optimizer):
         return super().__new__(ScaledMFAC)
 
 
-__all__ = ["MFAC", "MODES", "PAPER_ONLY"]
+__all__ = ["MFAC", "MODES", "paper_only_options"]
