@@ -29,6 +29,32 @@ from .._paths import atomic_file, cache_dir
 
 log = logging.getLogger(__name__)
 
+#: C prelude of every kernel source: 16-bit floats widened to float32 in registers (bfloat16
+#: by a shift; IEEE half through the compiler's _Float16, where it has one: MFAC_HAS_F16).
+HALF_FLOATS = r"""
+#include <stdint.h>
+#include <string.h>
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#if defined(__FLT16_MAX__)
+#define MFAC_HAS_F16 1
+static inline float from_f16(uint16_t h) {
+    _Float16 v;
+    memcpy(&v, &h, sizeof v);
+    return (float)v;
+}
+#else
+#define MFAC_HAS_F16 0
+static inline float from_f16(uint16_t h) { (void)h; return 0.0f; }
+#endif
+"""
+
 
 def find_compiler() -> str | None:
     """The first C compiler found: ``$CC``, then ``cc``, ``gcc``, ``clang``."""
@@ -134,6 +160,7 @@ def split_range(n: int, parts: int, grain: int) -> list[tuple[int, int]]:
 
 
 __all__ = [
+    "HALF_FLOATS",
     "build",
     "cached_library",
     "cpu_signature",

@@ -33,7 +33,7 @@ from . import cbuild
 
 log = logging.getLogger(__name__)
 
-_PASSES = r"""
+_PASSES = cbuild.HALF_FLOATS + r"""
 #include <stdint.h>
 #include <string.h>
 
@@ -41,24 +41,7 @@ _PASSES = r"""
 #define ROW_TILE 16384
 #define LANES 16
 
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-#if defined(__FLT16_MAX__)
-static inline float from_f16(uint16_t h) {
-    _Float16 v;
-    memcpy(&v, &h, sizeof v);
-    return (float)v;
-}
-int mfac_has_f16(void) { return 1; }
-#else
-static inline float from_f16(uint16_t h) { (void)h; return 0.0f; }
-int mfac_has_f16(void) { return 0; }
-#endif
+int mfac_has_f16(void) { return MFAC_HAS_F16; }
 
 /* out[j] = sum_i c[i] * g[i, j] for columns j in [j_begin, j_end); g is m x d row-major. */
 #define COLS_DOT(NAME, CONV)                                                                   \
@@ -760,20 +743,27 @@ def woodbury_gram(buffer: torch.Tensor, start: int, size: int, store: torch.Tens
     )
 
 
+def _factor_blocks(kernel: str, store: torch.Tensor, damp: float, what: str) -> torch.Tensor:
+    """Run the in-place factor ``kernel`` on every square float64 block of ``store`` (damping
+    ``damp`` added to the diagonal), the blocks split over the worker threads; return the
+    (nblocks, size) float64 pivots it reports."""
+    nblocks, size = store.shape[0], store.shape[-1]
+    _check_store(store, nblocks, size)
+    pivots = torch.empty(nblocks, size, dtype=torch.float64)
+    lib = library()
+    if lib is None:
+        raise ValueError(f"{what}: no compiled library")
+    _blocks_in_parallel(
+        getattr(lib, kernel), nblocks, (store.data_ptr(), size), (float(damp), pivots.data_ptr())
+    )
+    return pivots
+
+
 def woodbury_factor(store: torch.Tensor, damp: float) -> torch.Tensor:
     """Replace every block K_b of ``store`` (m x m, upper triangle read) by the upper factor U
     of K_b + damp*I = U^T U (in its upper triangle) and return the (nblocks, m) pivots, as
     :func:`direct_invert` does."""
-    nblocks, m = store.shape[0], store.shape[-1]
-    _check_store(store, nblocks, m)
-    pivots = torch.empty(nblocks, m, dtype=torch.float64)
-    lib = library()
-    if lib is None:
-        raise ValueError("native Woodbury factor: no compiled library")
-    _blocks_in_parallel(
-        lib.mfac_woodbury_factor, nblocks, (store.data_ptr(), m), (float(damp), pivots.data_ptr())
-    )
-    return pivots
+    return _factor_blocks("mfac_woodbury_factor", store, damp, "native Woodbury factor")
 
 
 def woodbury_solve(buffer: torch.Tensor, start: int, size: int, upper: torch.Tensor) -> None:
@@ -794,16 +784,4 @@ def direct_invert(store: torch.Tensor, damp: float) -> torch.Tensor:
     The same steps as LAPACK's potrf + potri (Cholesky A = U^T U, V = U^-1, A^-1 = V V^T;
     B^3 flops per block, errors of the same size), blocked eight rows at a time with
     vectorised inner loops, each block's matrices staying in cache."""
-    nblocks, size = store.shape[0], store.shape[-1]
-    _check_store(store, nblocks, size)
-    pivots = torch.empty(nblocks, size, dtype=torch.float64)
-    lib = library()
-    if lib is None:
-        raise ValueError("native direct build: no compiled library")
-    _blocks_in_parallel(
-        lib.mfac_direct_invert,
-        nblocks,
-        (store.data_ptr(), size),
-        (float(damp), pivots.data_ptr()),
-    )
-    return pivots
+    return _factor_blocks("mfac_direct_invert", store, damp, "native direct build")

@@ -36,7 +36,7 @@ MIN_TILE = 4096
 #: Entries per row and tile the tile length aims at (16384 coordinates at 1 % density).
 RUN = 160
 
-SOURCE = r"""
+SOURCE = cbuild.HALF_FLOATS + r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,23 +46,7 @@ SOURCE = r"""
 #define PF_LOCALITY 3
 
 static inline float cv_f32(float v) { return v; }
-static inline float cv_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-#if defined(__FLT16_MAX__)
-static inline float cv_f16(uint16_t h) {
-    _Float16 v;
-    memcpy(&v, &h, sizeof v);
-    return (float)v;
-}
-int mfac_sp_has_f16(void) { return 1; }
-#else
-static inline float cv_f16(uint16_t h) { (void)h; return 0.0f; }
-int mfac_sp_has_f16(void) { return 0; }
-#endif
+int mfac_sp_has_f16(void) { return MFAC_HAS_F16; }
 
 /* Prefetch n entries of a row from q on: its indices and values, one cache line at a time. */
 #define PREFETCH_RUN(IR, VR, Q, N)                                                           \
@@ -191,17 +175,17 @@ int NAME(const VT *vals, const IT *idx, int64_t r0, int64_t m, int64_t k, const 
 }
 
 GATHER(mfac_sp_gather_f32_i32, float, int32_t, cv_f32)
-GATHER(mfac_sp_gather_bf16_i32, uint16_t, int32_t, cv_bf16)
-GATHER(mfac_sp_gather_f16_i32, uint16_t, int32_t, cv_f16)
+GATHER(mfac_sp_gather_bf16_i32, uint16_t, int32_t, from_bf16)
+GATHER(mfac_sp_gather_f16_i32, uint16_t, int32_t, from_f16)
 GATHER(mfac_sp_gather_f32_i16, float, int16_t, cv_f32)
-GATHER(mfac_sp_gather_bf16_i16, uint16_t, int16_t, cv_bf16)
-GATHER(mfac_sp_gather_f16_i16, uint16_t, int16_t, cv_f16)
+GATHER(mfac_sp_gather_bf16_i16, uint16_t, int16_t, from_bf16)
+GATHER(mfac_sp_gather_f16_i16, uint16_t, int16_t, from_f16)
 SCATTER(mfac_sp_scatter_f32_i32, float, int32_t, cv_f32)
-SCATTER(mfac_sp_scatter_bf16_i32, uint16_t, int32_t, cv_bf16)
-SCATTER(mfac_sp_scatter_f16_i32, uint16_t, int32_t, cv_f16)
+SCATTER(mfac_sp_scatter_bf16_i32, uint16_t, int32_t, from_bf16)
+SCATTER(mfac_sp_scatter_f16_i32, uint16_t, int32_t, from_f16)
 SCATTER(mfac_sp_scatter_f32_i16, float, int16_t, cv_f32)
-SCATTER(mfac_sp_scatter_bf16_i16, uint16_t, int16_t, cv_bf16)
-SCATTER(mfac_sp_scatter_f16_i16, uint16_t, int16_t, cv_f16)
+SCATTER(mfac_sp_scatter_bf16_i16, uint16_t, int16_t, from_bf16)
+SCATTER(mfac_sp_scatter_f16_i16, uint16_t, int16_t, from_f16)
 
 /* The coordinates (plus base) with lo <= |a| <= hi, a over [0, n): the first cap of them go to
    cand (cap may be 0, to count only); the count is returned. */
