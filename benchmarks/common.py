@@ -77,3 +77,23 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def fill_topk_window(op: Any, generator: torch.Generator) -> None:
+    """Fill every slot of a top-k window (``TopKSlidingInverseFisher``) with a random sparse
+    row and rebuild K, so that a timing sees a full window without pushing m real gradients.
+
+    Each row keeps one random coordinate per stratum of d/k coordinates (sorted and distinct,
+    O(k) to draw); at these densities such rows are near-orthogonal, so K is their squared
+    norms on the diagonal plus the damping."""
+    m, k, dim = op.window, op.k, op.dim
+    stride = dim // k
+    base = torch.arange(k, dtype=torch.int64) * stride
+    norms = torch.empty(m, dtype=torch.float64)
+    for r in range(m):  # a row at a time: no m x k temporaries beside the window itself
+        op.indices[r] = (base + torch.randint(0, stride, (k,), generator=generator)).to(
+            op.indices.dtype
+        )
+        op.values[r] = torch.randn(k, generator=generator).to(op.values.dtype)
+        norms[r] = float(op.values[r].double().square().sum())
+    op.factor.rebuild(torch.diag(norms) + m * op.damp * torch.eye(m, dtype=torch.float64))

@@ -263,6 +263,78 @@ def timing(args: argparse.Namespace) -> dict:
     return out
 
 
+def iteration(args: argparse.Namespace) -> dict:
+    """A whole iteration (forward, backward, clipping, step) of AdamW and of M-FAC with a
+    *full* top-k window, in one process, on the same batches.
+
+    A fine-tuning run of 60 steps never fills a window of m = 1024 rows, and an empty row
+    costs less than a full one (its coordinates all sit at 0, in cache). Here M-FAC's window
+    is filled with m random sparse rows before the timing (``common.fill_topk_window``), so
+    the step sweeps m x k real entries. AdamW runs first and again last, so drift of the
+    machine shows as a difference between its two medians."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.common import fill_topk_window
+
+    torch.set_num_threads(args.threads)
+    convert()
+    tok = AutoTokenizer.from_pretrained(CACHE)
+    train = windows(DATA / "lee_background.cor", tok, args.seq)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    options = json.loads(args.options)
+    out: dict = {
+        "threads": torch.get_num_threads(),
+        "reps": args.reps,
+        "batch": args.batch,
+        "seq": args.seq,
+        "dim": sum(p.numel() for p in params),
+        "options": options,
+    }
+
+    def one_iteration(opts: list[torch.optim.Optimizer], i: int) -> tuple[float, float]:
+        ids = train[i * args.batch : (i + 1) * args.batch]
+        t0 = time.perf_counter()
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        t1 = time.perf_counter()
+        for o in opts:
+            o.step()
+        t2 = time.perf_counter()
+        return t2 - t0, t2 - t1
+
+    for name in ("adamw", "mfac", "adamw"):
+        opts = build_optimizer(name, model, 1e-7, options if name == "mfac" else {})
+        one_iteration(opts, 0)  # allocates the state
+        if name == "mfac":
+            window = opts[0].state[params[0]]["window"]
+            fill_topk_window(window, torch.Generator().manual_seed(0))
+            out["window_bytes"] = window.window_nbytes
+            one_iteration(opts, 1)  # warm-up on the full window
+        iters, steps = zip(*(one_iteration(opts, 2 + i) for i in range(args.reps)), strict=True)
+        key = name if name not in out else f"{name}_again"
+        out[key] = {"iter_median_s": statistics.median(iters),
+                    "step_median_s": statistics.median(steps),
+                    "iter_s": list(iters), "step_s": list(steps)}  # fmt: skip
+        print(key, out[key]["iter_median_s"], out[key]["step_median_s"], flush=True)
+        del opts
+    base = (out["adamw"]["iter_median_s"] + out["adamw_again"]["iter_median_s"]) / 2
+    out["iter_vs_adamw"] = out["mfac"]["iter_median_s"] / base
+    out["peak_rss_gib"] = peak_rss_gib()
+    out["commit"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    name = f"optim_finetune_iteration{'_' + args.tag if args.tag else ''}.json"
+    (RESULTS / name).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k not in ("options",)}))
+    return out
+
+
 # ---------------------------------------------------------------------------------- report
 def load_runs() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
@@ -440,12 +512,28 @@ def main() -> None:
     t.add_argument("--seq", type=int, default=64)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--options", default='{"mfac": {"ngrads": 1024, "topk": 0.001}}')
+    it = sub.add_parser(
+        "iteration", help="iteration time of AdamW and M-FAC with a full window, one process"
+    )
+    it.add_argument("--reps", type=int, default=5)
+    it.add_argument("--batch", type=int, default=4)
+    it.add_argument("--seq", type=int, default=64)
+    it.add_argument("--threads", type=int, default=1)
+    it.add_argument("--tag", default="", help="suffix of the result file's name")
+    it.add_argument(
+        "--options",
+        default=(
+            '{"ngrads": 1024, "topk": 0.01, "history_dtype": "bfloat16", "memory_budget": "15GiB"}'
+        ),
+    )
     sub.add_parser("report", help="tables, JSON and PNG from the runs")
     args = ap.parse_args()
     if args.cmd == "run":
         run(args)
     elif args.cmd == "timing":
         timing(args)
+    elif args.cmd == "iteration":
+        iteration(args)
     else:
         report(args)
 
