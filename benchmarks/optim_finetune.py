@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import resource
 import statistics
 import subprocess
@@ -40,6 +41,7 @@ from benchmarks.prune_llm import CACHE, DATA, convert, wiki_windows, windows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "optim_finetune_runs"
+METRICS = ("val", "wiki", "lee")
 
 
 def peak_rss_gib() -> float:
@@ -352,8 +354,9 @@ def report(args: argparse.Namespace) -> None:
     """Pick each label's lr on validation loss, write the summary JSON, PNG and tables."""
     runs = load_runs()
     by_label: dict[str, list[dict]] = {}
-    for r in runs:
-        by_label.setdefault(r["label"], []).append(r)
+    for r in runs:  # the lr sweeps (seed 0); other seeds repeat the chosen lr only
+        if base_label(r["label"]) == r["label"]:
+            by_label.setdefault(r["label"], []).append(r)
     adamw_step = None
     if "adamw" in by_label:
         adamw_step = statistics.fmean(r["step_s_mean"] for r in by_label["adamw"])
@@ -386,6 +389,7 @@ def report(args: argparse.Namespace) -> None:
             row["iter_vs_adamw"] = row["iter_s"] / adamw_iter
         rows.append(row)
     rows.sort(key=lambda r: r["val_loss"])
+    add_seeds(rows, runs)
     summary = {"rows": rows, "runs": [
         {k: r[k] for k in ("label", "lr", "curve", "peak_rss_gib", "step_s_mean", "iter_s_mean",
                            "failed", "train_loss")} for r in runs]}  # fmt: skip
@@ -394,8 +398,63 @@ def report(args: argparse.Namespace) -> None:
     plot(rows, by_label)
     print(markdown(rows))
     print()
+    print(seeds_table(rows))
+    print()
     print(scale_table(rows))
     print(f"wrote {out}")
+
+
+def base_label(label: str) -> str:
+    """A run's row: ``adamw-seed1`` is another seed of ``adamw``."""
+    return re.sub(r"-seed\d+$", "", label)
+
+
+def add_seeds(rows: list[dict], runs: list[dict]) -> None:
+    """Every seed run at a row's chosen lr: each metric's mean and std over seeds, and the
+    paired difference to AdamW on the same seed (same batches, same order)."""
+    at_lr = {
+        (base_label(r["label"]), r["seed"]): r
+        for r in runs
+        if any(base_label(r["label"]) == row["label"] and r["lr"] == row["lr"] for row in rows)
+    }
+    for row in rows:
+        seeds = sorted(s for (lab, s) in at_lr if lab == row["label"])
+        row["seeds"] = {
+            str(s): {k: final(at_lr[row["label"], s], k) for k in METRICS} for s in seeds
+        }
+        for k in METRICS:
+            vals = [row["seeds"][str(s)][k] for s in seeds]
+            row[f"{k}_mean"] = statistics.fmean(vals)
+            row[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+            paired = [
+                row["seeds"][str(s)][k] - final(at_lr["adamw", s], k)
+                for s in seeds
+                if ("adamw", s) in at_lr
+            ]
+            row[f"{k}_minus_adamw"] = paired
+
+
+def seeds_table(rows: list[dict]) -> str:
+    """Mean (std) over seeds at each row's chosen lr, and the paired gap to AdamW."""
+    lines = [
+        "| optimizer | lr | seeds | validation loss | Wikipedia loss | lee.cor loss | "
+        "gap to AdamW, same seed (val / Wikipedia / lee; negative: better) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def cell(r: dict, k: str) -> str:
+        std = r[f"{k}_std"]
+        return f"{r[f'{k}_mean']:.3f}" + (f" ({std:.3f})" if std is not None else "")
+
+    for r in rows:
+        gaps = []
+        for k in METRICS:
+            d = r[f"{k}_minus_adamw"]
+            gaps.append(f"{statistics.fmean(d):+.3f}" if d else "-")
+        cells = [r["label"], f"{r['lr']:g}", str(len(r["seeds"]))]
+        cells += [cell(r, k) for k in METRICS] + [" / ".join(gaps)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def scale_table(rows: list[dict]) -> str:

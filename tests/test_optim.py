@@ -299,6 +299,21 @@ def test_resume_is_bit_identical(kwargs: dict) -> None:
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"history": "topk", "topk": 0.3}], ids=["dense", "topk"])
+def test_state_dict_holds_the_window_without_a_copy(kwargs: dict) -> None:
+    """A checkpoint must not double the largest buffer: state_dict() hands out the window (and
+    the top-k error vector) by reference, as torch.optim hands out its moments, and a
+    torch.save of it still resumes exactly (test_resume_is_bit_identical)."""
+    model = _model()
+    opt = PaperMFAC(model.parameters(), lr=1e-2, ngrads=6, damp=1e-4, **kwargs)
+    _train(model, opt, 3)
+    window = opt.state[opt._state_key]["window"]
+    saved = opt.state_dict()["state"][0]["window"]
+    names = ("values", "indices", "error") if kwargs else ("grads",)
+    for name in names:
+        assert saved[name].data_ptr() == getattr(window, name).data_ptr(), name
+
+
 # ---------------------------------------------------------------------- torch.optim contract
 def test_lr_scheduler_and_closure() -> None:
     p = _vec_param(5)

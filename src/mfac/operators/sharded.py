@@ -178,9 +178,10 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
         return slot
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shard, its bounds, and the replicated K (each rank saves its own)."""
+        """This rank's shard (by reference, as ``torch.optim`` returns its state), its bounds,
+        and the replicated K (each rank saves its own)."""
         return {
-            "grads": self.grads.clone(),
+            "grads": self.grads,
             "lo": self.lo,
             "hi": self.hi,
             "world": self.world,

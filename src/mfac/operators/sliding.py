@@ -160,8 +160,12 @@ class SlidingInverseFisher(DenseRowsBacked):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-identically (window, K, K^-1, the pointer)."""
-        return {"grads": self.grads.clone(), **self.factor.state_dict()}
+        """Everything needed to resume bit-identically (window, K, K^-1, the pointer).
+
+        The m x d window is returned by reference, as ``torch.optim`` returns its state: a
+        checkpoint must not hold a second copy of the largest buffer. Save (``torch.save``)
+        or copy it before the next push."""
+        return {"grads": self.grads, **self.factor.state_dict()}
 
     def check_state(self, state: Mapping[str, Any]) -> None:
         """Raise, naming the field, unless ``state`` fits this operator and is consistent

@@ -442,11 +442,15 @@ class TopKSlidingInverseFisher(FactorBacked):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Window values/indices, error-feedback vector, K, K^-1, pointer (all cloned)."""
+        """Window values/indices, error-feedback vector, K, K^-1, pointer.
+
+        The window and the error vector are returned by reference, as ``torch.optim`` returns
+        its state (a clone would double the largest buffers at every checkpoint); save or
+        copy them before the next push. K and K^-1 (m x m) are copies."""
         return {
-            "values": self.values.clone(),
-            "indices": self.indices.clone(),
-            "error": self.error.clone(),
+            "values": self.values,
+            "indices": self.indices,
+            "error": self.error,
             **self.factor.state_dict(),
         }
 
