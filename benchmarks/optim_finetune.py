@@ -88,19 +88,20 @@ def build_optimizer(
             hidden, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw", **options
         )
         return [muon, torch.optim.AdamW(rest, lr=lr, weight_decay=0.0)]
+    opts = dict(options)
+    if isinstance(opts.get("history_dtype"), str):  # JSON names the dtype
+        opts["history_dtype"] = getattr(torch, opts["history_dtype"])
+    if isinstance(opts.get("memory_budget"), str):  # e.g. "16GiB"
+        opts["memory_budget"] = int(float(opts["memory_budget"].removesuffix("GiB")) * 2**30)
     if name == "mfac":
         from mfac import MFAC
 
-        opts = {"ngrads": 1024, "history": "topk", "topk": 0.001, **options}
-        if isinstance(opts.get("history_dtype"), str):  # JSON names the dtype
-            opts["history_dtype"] = getattr(torch, opts["history_dtype"])
-        if isinstance(opts.get("memory_budget"), str):  # e.g. "16GiB"
-            opts["memory_budget"] = int(float(opts["memory_budget"].removesuffix("GiB")) * 2**30)
+        opts = {"ngrads": 1024, "history": "topk", "topk": 0.001, **opts}
         return [MFAC(params, lr=lr, mode="paper", **opts)]
     if name == "scaled":
         from mfac import ScaledMFAC
 
-        return [ScaledMFAC(params, lr=lr, **options)]
+        return [ScaledMFAC(params, lr=lr, **opts)]
     raise ValueError(f"unknown optimizer {name!r}")
 
 
