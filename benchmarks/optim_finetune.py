@@ -461,18 +461,20 @@ def seeds_table(rows: list[dict]) -> str:
 def scale_table(rows: list[dict]) -> str:
     """docs/optim.md's d = 135M rows: held-out loss of each M-FAC window against AdamW."""
     lines = [
-        "| optimizer | m | density | lr | validation loss | Wikipedia loss | lee.cor loss | "
+        "| optimizer | rule | m | density | lr | validation loss | Wikipedia loss | lee.cor loss | "
         "step() s | iteration / AdamW | peak RSS GiB | coordinates the window covers |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    rules = {"adamw": "-", "mfac": "paper", "scaled": "default"}
     for r in sorted(rows, key=lambda r: (r["opt"] != "adamw", r["label"])):
-        if r["opt"] not in ("adamw", "mfac"):
-            continue
+        if r["opt"] != "adamw" and "topk" not in r["options"] and r["opt"] != "mfac":
+            continue  # the windows at d = 135M: the paper's step and the default rule's top-k
         m = r["options"].get("ngrads", "-")
         density = r["options"].get("topk")
         cover = r.get("coords_in_window")
         cells = [
-            r["label"], str(m), f"{density:.1%}" if density else "-", f"{r['lr']:g}",
+            r["label"], rules.get(r["opt"], r["opt"]), str(m),
+            f"{density:.1%}" if density else "-", f"{r['lr']:g}",
             f"{r['val_loss']:.3f}", f"{r['wiki_loss']:.3f}", f"{r['lee_loss']:.3f}",
             f"{r['step_s']:.2f}", f"{r.get('iter_vs_adamw', float('nan')):.2f}",
             f"{r['peak_rss_gib']:.2f}",
