@@ -26,8 +26,8 @@ def oracle_run(
     shapes, grads, lr, wd, ngrads, damp, power, whiten, blocks, betas, eps, graft, stored=F64
 ):
     """Parameters after the given gradient steps, everything dense in float64; ``graft``
-    rescales each block's step to the length of AdamW's step on the block; the window holds
-    the whitened gradients rounded to ``stored``."""
+    rescales each tensor's piece of the step to the length of AdamW's step on the tensor (also
+    with one global block); the window holds the whitened gradients rounded to ``stored``."""
     params = [torch.zeros(s, dtype=F64) for s in shapes]
     torch.manual_seed(0)
     params = [torch.randn(s).to(F64) for s in shapes]
@@ -65,10 +65,8 @@ def oracle_run(
             s = dense_power(smat, lam, power) @ u
             if whiten == "none":
                 s = s / lam**0.5
-            if graft:
-                s = s * torch.cat([adamw[i] for i in grp]).norm() / s.norm()
             for i, piece in zip(grp, s.split([sizes[i] for i in grp]), strict=True):
-                dirs[i] = piece
+                dirs[i] = piece * adamw[i].norm() / piece.norm() if graft else piece
         for i, p in enumerate(params):
             p.mul_(1 - lr * wd)
             p.sub_(lr * dirs[i].view_as(p))
@@ -223,8 +221,9 @@ def test_huge_damp_is_adamw():
 
 @pytest.mark.parametrize("blocks", ["tensor", "global"])
 def test_graft_keeps_the_direction_and_takes_adamw_length(blocks):
-    """graft=True: every block's step is the ungrafted step's direction, at AdamW's length
-    (AdamW's step = the step at damp -> inf), over steps that wrap the window."""
+    """graft=True: every tensor's step is the ungrafted step's direction on that tensor, at
+    AdamW's length (AdamW's step = the step at damp -> inf), over steps that wrap the window;
+    with one global window the graft is still per tensor."""
     torch.manual_seed(0)
     base = torch.nn.Linear(6, 3)
     mods = [copy.deepcopy(base) for _ in range(3)]
@@ -253,7 +252,7 @@ def test_graft_keeps_the_direction_and_takes_adamw_length(blocks):
             for bs, mod in zip(before, mods, strict=True)
         ]
         sizes = [p.numel() for p in base.parameters()]
-        parts = [s.split(sizes) if blocks == "tensor" else [s] for s in steps]
+        parts = [s.split(sizes) for s in steps]  # per tensor, for global blocks too
         for grafted, plain, adamw in zip(*parts, strict=True):
             torch.testing.assert_close(grafted.norm(), adamw.norm(), rtol=1e-5, atol=0)
             cos = torch.dot(grafted, plain) / (grafted.norm() * plain.norm())
