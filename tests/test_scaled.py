@@ -644,3 +644,23 @@ def test_topk_nonfinite_gradient_changes_nothing():
         assert torch.equal(pa, pb)
     for key in ("values", "indices", "error", "gram"):
         assert torch.equal(before[0]["scaled"]["blocks"][0][key], after["scaled"]["blocks"][0][key])
+
+
+def test_topk_torch_path_matches_the_c_kernels():
+    """The torch gathers/scatters/selection (CUDA, or no C compiler) give the C kernels' steps."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(30, 20)
+    mods = [copy.deepcopy(base) for _ in range(2)]
+    kw = dict(lr=1e-2, ngrads=3, blocks="global", history="topk", topk=0.05)
+    opts = [MFAC(mod.parameters(), **kw) for mod in mods]
+    opts[1]._blocks[0].op.native = False
+    for i in range(7):
+        x = torch.randn(16, 30, generator=torch.Generator().manual_seed(i))
+        for mod, opt in zip(mods, opts, strict=True):
+            opt.zero_grad()
+            mod(x).square().mean().backward()
+            opt.step()
+    for pa, pb in zip(*(mod.parameters() for mod in mods), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    rows = [opt._blocks[0].op.dense_rows() for opt in opts]
+    torch.testing.assert_close(rows[0], rows[1], rtol=1e-5, atol=1e-6)
