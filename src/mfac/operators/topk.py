@@ -439,10 +439,13 @@ class TopKSlidingInverseFisher(FactorBacked):
         their own m x m algebra on the stored rows (``MFAC``'s default rule on a top-k window)."""
         return self._gather(self._check_grad(x).to(torch.float32).contiguous())
 
-    def scatter(self, coeff: torch.Tensor) -> torch.Tensor:
+    def scatter(self, coeff: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """G^T c (d,) float32 for c of shape (m,): the window's scatter-add, public as
-        :meth:`gather` is."""
-        return self._scatter(coeff)
+        :meth:`gather` is; written into ``out`` (a contiguous float32 d-vector) when given."""
+        if out is not None and self.native:
+            return sparse_native.scatter(self.values, self.indices, self.dim, coeff, out)
+        result = self._scatter(coeff)
+        return result if out is None else out.copy_(result)
 
     def dense_rows(self) -> torch.Tensor:
         """The window as a dense m x d float32 matrix (for tests and inspection)."""

@@ -36,6 +36,7 @@ the window takes m k (value + index) bytes instead of m d floats.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -186,8 +187,11 @@ class _Block:
         proj[slot] = float(torch.dot(z, u))
         return proj
 
-    def finish(self, u: torch.Tensor, c: torch.Tensor, lam: float, whiten: str) -> torch.Tensor:
-        """lam^-q (u + Z^T c), the second pass; c = W Z u from :func:`window_coeffs`."""
+    def finish(
+        self, u: torch.Tensor, c: torch.Tensor, lam: float, whiten: str, out: torch.Tensor
+    ) -> torch.Tensor:
+        """lam^-q (u + Z^T c), the second pass; c = W Z u from :func:`window_coeffs`. (``out``,
+        the vector z came in, is left alone: a per-tensor z may be the gradient itself.)"""
         if lam == 0.0:  # an all-zero window: no curvature information
             return u.clone() if whiten == "adam" else torch.zeros_like(u)
         if self.rows.dtype != torch.float32:
@@ -357,11 +361,14 @@ class _TopKBlock:
         self.op.push(z)
         return self.op.gather(u)
 
-    def finish(self, u: torch.Tensor, c: torch.Tensor, lam: float, whiten: str) -> torch.Tensor:
-        """lam^-q (u + Z^T c) by one scatter-add over the rows."""
+    def finish(
+        self, u: torch.Tensor, c: torch.Tensor, lam: float, whiten: str, out: torch.Tensor
+    ) -> torch.Tensor:
+        """lam^-q (u + Z^T c) by one scatter-add over the rows, written into ``out`` (the
+        d-vector z came in: the window has its own copy)."""
         if lam == 0.0:
-            return u.clone() if whiten == "adam" else torch.zeros_like(u)
-        out = self.op.scatter(c).add_(u)
+            return out.copy_(u) if whiten == "adam" else out.zero_()
+        out = self.op.scatter(c, out=out).add_(u)
         if whiten == "none":
             out.mul_(lam**-0.5)
         return out
@@ -484,6 +491,7 @@ class ScaledMFAC(MFAC):
             self._blocks = [_Block(sum(sizes), cfg.ngrads, device, history_dtype)]
         else:
             self._blocks = [_Block(n, cfg.ngrads, device, history_dtype) for n in sizes]
+        self._flat: tuple[torch.Tensor, ...] | None = None
         self._steps = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -528,21 +536,30 @@ class ScaledMFAC(MFAC):
         window = sum(b.nbytes for b in self._blocks)
         return window + 2 * 4 * sum(p.numel() for p in self._params)
 
+    def _flat_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole model's z and u (float32 d-vectors), kept across steps so that a step
+        writes into memory it already owns (a fresh d-vector costs its page faults)."""
+        if self._flat is None:
+            dim = sum(p.numel() for p in self._params)
+            device = self._params[0].device
+            self._flat = tuple(
+                torch.empty(dim, dtype=torch.float32, device=device) for _ in range(2)
+            )
+        return self._flat
+
     def _whiten(
         self, flat: bool
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Update Adam's moments; return (z, u) as flat float32 vectors, one per parameter or,
         with ``flat``, one of the whole model (written in place, no concatenation), and the
         squared length of each parameter's AdamW direction (the graft's target; it is |u|^2
-        with Adam whitening)."""
+        with Adam whitening). D is formed where z goes, then divided into z in place."""
         b1, b2 = self.cfg.betas
         t = self._steps + 1
+        bc1, bc2 = 1.0 - b1**t, math.sqrt(1.0 - b2**t)
         zs, us, targets = [], [], []
         if flat:
-            dim = sum(p.numel() for p in self._params)
-            device = self._params[0].device
-            zflat = torch.empty(dim, dtype=torch.float32, device=device)
-            uflat = torch.empty(dim, dtype=torch.float32, device=device)
+            zflat, uflat = self._flat_buffers()
             sizes = [p.numel() for p in self._params]
             zviews, uviews = zflat.split(sizes), uflat.split(sizes)
         for i, p in enumerate(self._params):
@@ -555,22 +572,18 @@ class ScaledMFAC(MFAC):
             ea, es = st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)
             ea.lerp_(g, 1.0 - b1)
             es.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            mhat = ea / (1.0 - b1**t)
+            den = torch.sqrt(es, out=zviews[i] if flat else None)
+            den.div_(bc2).add_(self.cfg.eps)  # D = sqrt(v / (1 - b2^t)) + eps
             if self.cfg.whiten == "adam":
-                denom = (es / (1.0 - b2**t)).sqrt_().add_(self.cfg.eps)
-                if flat:
-                    z, u = torch.div(g, denom, out=zviews[i]), torch.div(mhat, denom, out=uviews[i])
-                else:
-                    z, u = g / denom, mhat / denom
-                targets.append(u.square().sum())
+                u = torch.div(ea, den, out=uviews[i] if flat else None).div_(bc1)
+                z = torch.div(g, den, out=den)  # D is not needed after u
+                targets.append(torch.dot(u, u))
             else:
-                if flat:
-                    z, u = zviews[i].copy_(g), uviews[i].copy_(mhat)
-                else:
-                    z, u = g, mhat  # z read only: the window stores its own copy
                 if self.cfg.graft:
-                    denom = (es / (1.0 - b2**t)).sqrt_().add_(self.cfg.eps)
-                    targets.append((mhat / denom).square().sum())
+                    adamw = torch.div(ea, den)
+                    targets.append(torch.dot(adamw, adamw) / bc1**2)
+                u = torch.div(ea, bc1, out=uviews[i] if flat else None)
+                z = zviews[i].copy_(g) if flat else g  # z read only: the window copies it
             zs.append(z)
             us.append(u)
         if flat:
@@ -602,8 +615,8 @@ class ScaledMFAC(MFAC):
         )
         cs = (coeff @ torch.stack(projs)[:, :, None])[:, :, 0]
         dirs = [
-            b.finish(u, c, lam, self.cfg.whiten)
-            for b, u, c, lam in zip(self._blocks, us, cs, lams, strict=True)
+            b.finish(u, c, lam, self.cfg.whiten, z)
+            for b, u, c, lam, z in zip(self._blocks, us, cs, lams, zs, strict=True)
         ]
         if is_global:  # views: the graft below scales them in place
             dirs = list(dirs[0].split([p.numel() for p in self._params]))
