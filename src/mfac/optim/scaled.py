@@ -16,7 +16,7 @@ diagonal statistics and applies a matrix function of the window's (whitened) Fis
     s   = lam^-q (I + S / lam)^-p u     (p = power: 1 is the M-FAC inverse, 1/2 is GGT's
                                          inverse square root; q = 0 with "adam" whitening,
                                          q = 1/2 without, so s never depends on the scale of g)
-    s  *= |u| / |s|                     (graft, the default: AdamW's step length, per block)
+    s_T *= |u_T| / |s_T|                (graft, the default: AdamW's step length, per tensor T)
     p  *= 1 - lr * wd;   p -= lr * s
 
 With whitening, s -> u (exactly AdamW) as damp -> infinity, and the window only shrinks the
