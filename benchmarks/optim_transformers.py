@@ -121,6 +121,8 @@ def make_optimizer(
         return SOAP(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY, **extra)
     if name == "mfac-default":  # MFAC(params, lr) with every default: mode="adam"
         return MFAC(decay_groups(model), lr=lr, **extra)
+    if name in DEFAULT_VARIANTS:  # MFAC(params, lr, **options): the default rule, other window
+        return MFAC(decay_groups(model), lr=lr, **{**DEFAULT_VARIANTS[name], **extra})
     if name == "mfac":  # the paper's step with every default (ngrads=1024, damp=1e-5)
         return MFAC(decay_groups(model), lr=lr, mode="paper")
     if name == "mfac-m128":  # the example's former settings
@@ -139,6 +141,15 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "adam-ggt-tensor": {"power": 0.5, "whiten": "adam", "blocks": "tensor", "graft": False},
     "ggt": {"power": 0.5, "whiten": "none", "blocks": "global", "graft": False},
     "ggt-tensor": {"power": 0.5, "whiten": "none", "blocks": "tensor", "graft": False},
+}
+# MFAC's default rule (grafted per tensor) on one window over the whole model: dense, or
+# error-feedback top-k rows at a density (the runs pass the same options to mfac-default).
+DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
+    "mfac-global-dense": {"blocks": "global"},
+    "mfac-global-topk10": {"blocks": "global", "history": "topk", "topk": 0.1},
+    "mfac-global-topk1": {"blocks": "global", "history": "topk", "topk": 0.01},
+    "mfac-global-topk10-m128": {"blocks": "global", "history": "topk", "topk": 0.1, "ngrads": 128},
+    "mfac-global-topk1-m128": {"blocks": "global", "history": "topk", "topk": 0.01, "ngrads": 128},
 }
 
 
@@ -265,7 +276,8 @@ def report(steps: int) -> str:
 
     def line(r: dict[str, Any]) -> str:
         rec = next(x for x in runs if x["optimizer"] == r["optimizer"])
-        same_cost = "ngrads" not in rec["options"]  # other options do not change the cost
+        # other options do not change the cost
+        same_cost = not {"ngrads", "blocks", "history", "topk"} & set(rec["options"])
         ratio = ratios.get(r["optimizer"], ratios.get(rec["base"]) if same_cost else None)
         ratio_text = f"{ratio:.1f}" if ratio is not None else "-"
         return (
@@ -350,7 +362,7 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], steps: int) -> 
     fig.savefig(RESULTS / "optim_transformers.png", dpi=110)
 
 
-def timing(names: list[str], reps: int = 30) -> dict[str, Any]:
+def timing(names: list[str], reps: int = 30, out_file: str | None = None) -> dict[str, Any]:
     """Median step() time of every optimizer on the same model and gradient, measured round-robin
     in one process (so machine noise hits all alike); ratios against AdamW."""
     torch.set_num_threads(1)
@@ -373,7 +385,8 @@ def timing(names: list[str], reps: int = 30) -> dict[str, Any]:
         "ratio_vs_adamw": {n: t / med["adamw"] for n, t in med.items()},
         "state_bytes": {n: getattr(o, "state_nbytes", None) for n, o in opts.items()},
     }
-    (RESULTS / "optim_transformers_timing.json").write_text(json.dumps(out, indent=1))
+    path = RESULTS / (out_file or "optim_transformers_timing.json")
+    path.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -389,11 +402,12 @@ def main() -> None:
     run.add_argument("--label", default=None, help="name to record (default: --opt)")
     tim = sub.add_parser("timing")
     tim.add_argument("--opts", nargs="+", required=True)
+    tim.add_argument("--out", default=None, help="file in results/ (default: the main table's)")
     rep = sub.add_parser("report")
     rep.add_argument("--steps", type=int, default=300)
     args = ap.parse_args()
     if args.cmd == "timing":
-        print(json.dumps(timing(args.opts), indent=1))
+        print(json.dumps(timing(args.opts, out_file=args.out), indent=1))
         return
     if args.cmd == "report":
         print(report(args.steps))

@@ -13,7 +13,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 import mfac
-from mfac.optim import MFAC, PaperMFAC, TopKSlidingInverseFisher
+from mfac.optim import MFAC, PaperMFAC, ScaledMFAC, TopKSlidingInverseFisher
+from mfac.optim.base import paper_only_options
 
 from oracle import dense_inverse_fisher
 
@@ -512,16 +513,26 @@ def test_mfac_default_is_the_adam_rule_and_paper_is_one_argument_away() -> None:
 
 
 @pytest.mark.parametrize(
-    "option",
-    ["momentum", "decoupled_weight_decay", "history", "topk", "process_group",
-     "gradient_scaling"],
-)  # fmt: skip
+    "option", ["momentum", "decoupled_weight_decay", "process_group", "gradient_scaling"]
+)
 def test_paper_only_options_are_refused_by_name_in_the_default_mode(option: str) -> None:
     p = nn.Parameter(torch.randn(4))
     before = p.detach().clone()
     with pytest.raises(TypeError, match=f"'{option}' is an option of mode='paper'"):
         MFAC([p], lr=1e-3, **{option: None})
     assert torch.equal(p.detach(), before) and p.grad is None
+    assert option in paper_only_options()
+
+
+def test_history_and_topk_are_options_of_both_modes() -> None:
+    """The default rule takes a top-k window too (one over the whole model), so history and
+    topk are not paper-only; its own checks refuse them where they do not apply."""
+    p = nn.Parameter(torch.randn(4))
+    assert not {"history", "topk"} & set(paper_only_options())
+    opt = MFAC([p], lr=1e-3, blocks="global", history="topk", topk=0.5)
+    assert type(opt) is ScaledMFAC and opt.cfg.history == "topk"
+    with pytest.raises(ValueError, match="needs blocks='global'"):
+        MFAC([p], lr=1e-3, history="topk", topk=0.5)
 
 
 def test_default_mode_refuses_positional_options_and_unknown_modes() -> None:

@@ -26,8 +26,8 @@ def oracle_run(
     shapes, grads, lr, wd, ngrads, damp, power, whiten, blocks, betas, eps, graft, stored=F64
 ):
     """Parameters after the given gradient steps, everything dense in float64; ``graft``
-    rescales each block's step to the length of AdamW's step on the block; the window holds
-    the whitened gradients rounded to ``stored``."""
+    rescales each tensor's piece of the step to the length of AdamW's step on the tensor (also
+    with one global block); the window holds the whitened gradients rounded to ``stored``."""
     params = [torch.zeros(s, dtype=F64) for s in shapes]
     torch.manual_seed(0)
     params = [torch.randn(s).to(F64) for s in shapes]
@@ -65,10 +65,8 @@ def oracle_run(
             s = dense_power(smat, lam, power) @ u
             if whiten == "none":
                 s = s / lam**0.5
-            if graft:
-                s = s * torch.cat([adamw[i] for i in grp]).norm() / s.norm()
             for i, piece in zip(grp, s.split([sizes[i] for i in grp]), strict=True):
-                dirs[i] = piece
+                dirs[i] = piece * adamw[i].norm() / piece.norm() if graft else piece
         for i, p in enumerate(params):
             p.mul_(1 - lr * wd)
             p.sub_(lr * dirs[i].view_as(p))
@@ -223,8 +221,9 @@ def test_huge_damp_is_adamw():
 
 @pytest.mark.parametrize("blocks", ["tensor", "global"])
 def test_graft_keeps_the_direction_and_takes_adamw_length(blocks):
-    """graft=True: every block's step is the ungrafted step's direction, at AdamW's length
-    (AdamW's step = the step at damp -> inf), over steps that wrap the window."""
+    """graft=True: every tensor's step is the ungrafted step's direction on that tensor, at
+    AdamW's length (AdamW's step = the step at damp -> inf), over steps that wrap the window;
+    with one global window the graft is still per tensor."""
     torch.manual_seed(0)
     base = torch.nn.Linear(6, 3)
     mods = [copy.deepcopy(base) for _ in range(3)]
@@ -253,7 +252,7 @@ def test_graft_keeps_the_direction_and_takes_adamw_length(blocks):
             for bs, mod in zip(before, mods, strict=True)
         ]
         sizes = [p.numel() for p in base.parameters()]
-        parts = [s.split(sizes) if blocks == "tensor" else [s] for s in steps]
+        parts = [s.split(sizes) for s in steps]  # per tensor, for global blocks too
         for grafted, plain, adamw in zip(*parts, strict=True):
             torch.testing.assert_close(grafted.norm(), adamw.norm(), rtol=1e-5, atol=0)
             cos = torch.dot(grafted, plain) / (grafted.norm() * plain.norm())
@@ -365,3 +364,309 @@ def test_batched_coeffs_match_one_by_one():
         wi, lam = window_coeff(grams[i], filled, 0.7, 1.0)
         assert lam == pytest.approx(lams[i], rel=1e-15)
         torch.testing.assert_close(w[i], wi, rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------- one top-k window (EFCP)
+
+
+def topk_oracle_step(
+    state, params, grads, opt, lr, damp, power, whiten, graft, betas, eps, stored=F64
+):
+    """One step of the global top-k rule in float64, after ``opt.step()`` ran on the same
+    gradients: Adam moments, z and u; a = e + z; the optimizer's new row must be a top-k of
+    |a| (its choice among ties is taken); c = a on those coordinates (rounded to ``stored``,
+    the window's dtype), e = a - c; the window
+    holds the last m rows c; S = Z^T Z / m, lam = damp tr(S) / n, s = (I + S/lam)^-p u (dense
+    d x d), grafted per tensor. Returns the float64 parameters after the step."""
+    b1, b2 = betas
+    state["t"] += 1
+    t = state["t"]
+    zs, us, adamw = [], [], []
+    for i, g in enumerate(grads):
+        g = g.to(F64).reshape(-1)
+        state["ea"][i] = b1 * state["ea"][i] + (1 - b1) * g
+        state["es"][i] = b2 * state["es"][i] + (1 - b2) * g * g
+        mhat = state["ea"][i] / (1 - b1**t)
+        den = torch.sqrt(state["es"][i] / (1 - b2**t)) + eps
+        adamw.append(mhat / den)
+        zs.append(g / den if whiten == "adam" else g)
+        us.append(mhat / den if whiten == "adam" else mhat)
+    z, u = torch.cat(zs), torch.cat(us)
+    a = state["e"] + z
+    op = opt._blocks[0].op
+    chosen = op.indices[(t - 1) % op.window].long()
+    rest = torch.ones_like(a, dtype=torch.bool)
+    rest[chosen] = False
+    assert chosen.unique().numel() == op.k
+    if bool(rest.any()):  # a top-k of |a| (up to float32 rounding of ties)
+        assert float(a[chosen].abs().min()) >= float(a[rest].abs().max()) * (1 - 1e-5)
+    c = torch.zeros_like(a)
+    c[chosen] = a[chosen].to(stored).to(F64)
+    state["e"] = a - c
+    state["rows"].append(c)
+    m = op.window
+    zmat = torch.zeros(m, a.numel(), dtype=F64)
+    window = state["rows"][-m:]
+    zmat[: len(window)] = torch.stack(window)
+    smat = zmat.T @ zmat / m
+    lam = damp * float(torch.trace(smat)) / len(window)
+    s = dense_power(smat, lam, power) @ u
+    if whiten == "none":
+        s = s / lam**0.5
+    sizes = [p.numel() for p in params]
+    out = []
+    for p, piece, aw in zip(params, s.split(sizes), adamw, strict=True):
+        if graft:
+            piece = piece * aw.norm() / piece.norm()
+        out.append(p - lr * piece.view_as(p))
+    return out
+
+
+TOPK_CASES = [
+    dict(power=1.0, whiten="adam", graft=True, topk=0.3),
+    dict(power=1.0, whiten="adam", graft=False, topk=5),
+    dict(power=0.5, whiten="adam", graft=True, topk=0.3),
+    dict(power=0.5, whiten="none", graft=False, topk=0.5),
+    dict(power=1.0, whiten="adam", graft=True, topk=1.0),  # k = d: the dense global window
+    dict(power=1.0, whiten="adam", graft=True, topk=0.3, history_dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", TOPK_CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_topk_window_matches_dense_float64_oracle(case):
+    """The global top-k rule equals the float64 formula on the dense rows c of an
+    error-feedback top-k window, over 8 steps that wrap a 3-slot window."""
+    shapes = [(3, 4), (5,), (2, 2)]
+    gen = torch.Generator().manual_seed(4)
+    scales = [1.0, 1e-3, 30.0]
+    lr, damp, betas, eps = 0.05, 0.3, (0.9, 0.99), 1e-8
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    want = [p.detach().to(F64) for p in params]
+    opt = ScaledMFAC(
+        params, lr=lr, ngrads=3, damp=damp, betas=betas, blocks="global", history="topk",
+        **case,
+    )  # fmt: skip
+    assert opt._blocks[0].op.k == (5 if case["topk"] == 5 else round(case["topk"] * 21))
+    state = {
+        "t": 0,
+        "ea": [torch.zeros(p.numel(), dtype=F64) for p in params],
+        "es": [torch.zeros(p.numel(), dtype=F64) for p in params],
+        "e": torch.zeros(21, dtype=F64),
+        "rows": [],
+    }
+    kw = {k: case[k] for k in ("power", "whiten", "graft")}
+    kw["stored"] = case.get("history_dtype", F64)
+    for _ in range(8):
+        grads = [torch.randn(s, generator=gen) * sc for s, sc in zip(shapes, scales, strict=True)]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        want = topk_oracle_step(state, want, grads, opt, lr, damp, betas=betas, eps=eps, **kw)
+        for p, w in zip(params, want, strict=True):
+            torch.testing.assert_close(p.detach().to(F64), w, rtol=2e-5, atol=2e-6)
+    op = opt._blocks[0].op
+    rows = torch.stack(state["rows"][-3:])  # slots of steps 6, 7, 8: 2, 0, 1
+    rtol = 1e-5 if kw["stored"] == F64 else 1e-2  # one bfloat16 rounding step, at most
+    torch.testing.assert_close(op.dense_rows().to(F64)[[2, 0, 1]], rows, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(op.error.to(F64), state["e"], rtol=1e-5, atol=1e-5)
+
+
+def test_topk_window_at_native_selection_size_matches_svd_oracle():
+    """d > 65,536 (the C selection pass): the step equals u + V((1 + sigma^2/(m lam))^-1 - 1)
+    V^T u from a float64 SVD of the dense rows (no d x d matrix), over a wrapped window."""
+    sizes = [70_000, 7]
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+    opt = ScaledMFAC(
+        params, lr=1.0, ngrads=3, blocks="global", history="topk", topk=0.01, graft=False,
+        betas=(0.0, 0.5),
+    )  # fmt: skip
+    op = opt._blocks[0].op
+    es = torch.zeros(sum(sizes), dtype=F64)
+    err = torch.zeros(sum(sizes), dtype=F64)
+    rows: list[torch.Tensor] = []
+    for t in range(1, 6):
+        g = torch.randn(sum(sizes), generator=gen) * torch.linspace(0.1, 3.0, sum(sizes))
+        for p, piece in zip(params, g.split(sizes), strict=True):
+            p.grad = piece.clone()
+        before = torch.cat([p.detach().reshape(-1) for p in params]).to(F64)
+        opt.step()
+        step = before - torch.cat([p.detach().reshape(-1) for p in params]).to(F64)
+        g64 = g.to(F64)
+        es = 0.5 * es + 0.5 * g64 * g64
+        den = torch.sqrt(es / (1 - 0.5**t)) + 1e-8
+        u = g64 / den  # b1 = 0: the momentum is the gradient
+        a = err + u
+        chosen = op.indices[(t - 1) % 3].long()
+        c = torch.zeros_like(a)
+        c[chosen] = a[chosen]
+        kth = float(a.abs().kthvalue(a.numel() - op.k + 1).values)
+        assert float(a[chosen].abs().min()) >= kth * (1 - 1e-5)  # a top-k of |a|
+        err = a - c
+        rows.append(c)
+        zmat = torch.stack(rows[-3:])
+        lam = float((zmat * zmat).sum()) / 3 / zmat.shape[0]
+        _, sig, vt = torch.linalg.svd(zmat, full_matrices=False)
+        f = 1.0 / (1.0 + sig**2 / (3 * lam)) - 1.0
+        want = u + vt.T @ (f * (vt @ u))
+        torch.testing.assert_close(step, want, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    m=st.integers(1, 4),
+    steps=st.integers(1, 9),
+    d=st.integers(2, 30),
+    frac=st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_topk_window_invariants_over_wraparound(m, steps, d, frac, seed):
+    """Error feedback loses nothing (sum of every row ever pushed + e = sum of every z), and
+    the stored G G^T is the Gram matrix of the stored rows, however often the ring wraps."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.nn.Parameter(torch.zeros(d))
+    opt = ScaledMFAC([p], ngrads=m, blocks="global", history="topk", topk=frac, betas=(0.0, 0.9))
+    op = opt._blocks[0].op
+    pushed = torch.zeros(d, dtype=F64)
+    zsum = torch.zeros(d, dtype=F64)
+    es = torch.zeros(d, dtype=F64)
+    for t in range(1, steps + 1):
+        g = torch.randn(d, generator=gen)
+        p.grad = g.clone()
+        opt.step()
+        es = 0.9 * es + 0.1 * g.to(F64) ** 2
+        zsum += g.to(F64) / (torch.sqrt(es / (1 - 0.9**t)) + 1e-8)
+        pushed += op.dense_rows()[(t - 1) % m].to(F64)
+    torch.testing.assert_close(pushed + op.error.to(F64), zsum, rtol=1e-5, atol=1e-5)
+    rows = op.dense_rows().to(F64)
+    torch.testing.assert_close(op.factor.gram, rows @ rows.T, rtol=1e-6, atol=1e-6)
+    assert opt._blocks[0].filled == min(steps, m)
+
+
+def _topk_train(mod, opt, steps):
+    for i in steps:
+        x = torch.randn(9, 4, generator=torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        mod(x).square().mean().backward()
+        opt.step()
+
+
+def test_topk_resume_is_bit_identical_and_a_wrong_state_changes_nothing():
+    kw = dict(lr=1e-2, ngrads=3, blocks="global", history="topk", topk=0.4)
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(4, 3)
+    ref = copy.deepcopy(mod)
+    opt = MFAC(mod.parameters(), **kw)
+    assert type(opt) is ScaledMFAC
+    _topk_train(mod, opt, range(5))
+    saved_mod, saved_opt = copy.deepcopy(mod.state_dict()), copy.deepcopy(opt.state_dict())
+    _topk_train(mod, opt, range(5, 9))
+    ref_opt = MFAC(ref.parameters(), **kw)
+    ref.load_state_dict(saved_mod)
+    ref_opt.load_state_dict(saved_opt)
+    _topk_train(ref, ref_opt, range(5, 9))
+    for pa, pb in zip(mod.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    # states that do not fit: a dense window, another k, an edited row; nothing is written
+    dense = MFAC(torch.nn.Linear(4, 3).parameters(), lr=1e-2, ngrads=3, blocks="global")
+    _topk_train(torch.nn.Linear(4, 3), dense, range(1))
+    other_k = copy.deepcopy(saved_opt)
+    blk = other_k["scaled"]["blocks"][0]
+    blk["values"], blk["indices"] = blk["values"][:, :-1], blk["indices"][:, :-1]
+    edited = copy.deepcopy(saved_opt)
+    edited["scaled"]["blocks"][0]["values"][0, 0] += 1.0
+    fresh = MFAC(torch.nn.Linear(4, 3).parameters(), **kw)
+    _topk_train(torch.nn.Linear(4, 3), fresh, range(2))
+    before = copy.deepcopy(fresh.state_dict())
+    for bad, match in (
+        (dense.state_dict(), "dense window"),
+        (other_k, "values has shape"),
+        (edited, "differs from G G"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fresh.load_state_dict(bad)
+        after = fresh.state_dict()
+        assert after["scaled"]["steps"] == before["scaled"]["steps"]
+        for key, v in before["scaled"]["blocks"][0].items():
+            assert torch.equal(v, after["scaled"]["blocks"][0][key]) if torch.is_tensor(v) else (
+                v == after["scaled"]["blocks"][0][key]
+            )
+        for k2, v in before["state"].items():
+            assert torch.equal(v["exp_avg_sq"], after["state"][k2]["exp_avg_sq"])
+
+
+def test_topk_memory_is_checked_before_anything_is_built():
+    p = torch.nn.Parameter(torch.randn(5000))
+    before = p.detach().clone()
+    kw = dict(lr=1e-3, ngrads=64, blocks="global", history="topk", topk=0.5)
+    with pytest.raises(MemoryError, match=r"top-k window of 64 rows x 2500 entries.*needs"):
+        MFAC([p], memory_budget=100_000, **kw)
+    assert torch.equal(p.detach(), before) and p.grad is None
+    need = ScaledMFAC.required_bytes([5000], 64, "global", torch.float32, 2500)
+    opt = MFAC([p], memory_budget=need, **kw)
+    assert opt.state_nbytes <= need
+    dense = ScaledMFAC.required_bytes([10**7], 256, "global")
+    sparse = ScaledMFAC.required_bytes([10**7], 256, "global", torch.float32, 10**5)
+    assert 256 * 10**5 * 8 < sparse < dense / 10  # 1 % rows: values + int32 indices
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(topk=0.0), r"density must lie in \(0, 1\]"),
+        (dict(topk=1.5), r"density must lie in \(0, 1\]"),
+        (dict(topk=float("nan")), r"density must lie in \(0, 1\]"),
+        (dict(topk=0), "topk must be >= 1"),
+        (dict(topk=True), "topk must be an int or a float"),
+        (dict(topk="1%"), "topk must be an int or a float"),
+        (dict(topk=None), "needs topk"),
+        (dict(blocks="tensor", topk=0.1), "needs blocks='global'"),
+        (dict(history="sparse", topk=0.1), "history must be one of"),
+        (dict(history="dense", topk=0.1), "topk is only used with history='topk'"),
+    ],
+)
+def test_bad_topk_options_are_refused_by_name(kwargs, match):
+    p = torch.nn.Parameter(torch.randn(6))
+    before = p.detach().clone()
+    kw = {"blocks": "global", "history": "topk", **kwargs}
+    with pytest.raises((ValueError, TypeError), match=match):
+        MFAC([p], lr=1e-3, **kw)
+    assert torch.equal(p.detach(), before) and p.grad is None
+
+
+def test_topk_nonfinite_gradient_changes_nothing():
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(3, 2)
+    opt = MFAC(mod.parameters(), lr=1e-2, ngrads=2, blocks="global", history="topk", topk=2)
+    mod(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in mod.parameters()]
+    mod.weight.grad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="#0"):
+        opt.step()
+    after = opt.state_dict()
+    for pa, pb in zip(before[1], mod.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    for key in ("values", "indices", "error", "gram"):
+        assert torch.equal(before[0]["scaled"]["blocks"][0][key], after["scaled"]["blocks"][0][key])
+
+
+def test_topk_torch_path_matches_the_c_kernels():
+    """The torch gathers/scatters/selection (CUDA, or no C compiler) give the C kernels' steps."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(30, 20)
+    mods = [copy.deepcopy(base) for _ in range(2)]
+    kw = dict(lr=1e-2, ngrads=3, blocks="global", history="topk", topk=0.05)
+    opts = [MFAC(mod.parameters(), **kw) for mod in mods]
+    opts[1]._blocks[0].op.native = False
+    for i in range(7):
+        x = torch.randn(16, 30, generator=torch.Generator().manual_seed(i))
+        for mod, opt in zip(mods, opts, strict=True):
+            opt.zero_grad()
+            mod(x).square().mean().backward()
+            opt.step()
+    for pa, pb in zip(*(mod.parameters() for mod in mods), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    rows = [opt._blocks[0].op.dense_rows() for opt in opts]
+    torch.testing.assert_close(rows[0], rows[1], rtol=1e-5, atol=1e-6)

@@ -434,6 +434,19 @@ class TopKSlidingInverseFisher(FactorBacked):
         c = self.factor.solve(self._gather(xf)[:, None])[:, 0]
         return ((xf - self._scatter(c)) / self.damp).to(x.dtype).view_as(x)
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """G x (m,) float64 for x of shape (d,): the window's gather, public for rules that do
+        their own m x m algebra on the stored rows (``MFAC``'s default rule on a top-k window)."""
+        return self._gather(self._check_grad(x).to(torch.float32).contiguous())
+
+    def scatter(self, coeff: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """G^T c (d,) float32 for c of shape (m,): the window's scatter-add, public as
+        :meth:`gather` is; written into ``out`` (a contiguous float32 d-vector) when given."""
+        if out is not None and self.native:
+            return sparse_native.scatter(self.values, self.indices, self.dim, coeff, out)
+        result = self._scatter(coeff)
+        return result if out is None else out.copy_(result)
+
     def dense_rows(self) -> torch.Tensor:
         """The window as a dense m x d float32 matrix (for tests and inspection)."""
         out = torch.zeros(self.window, self.dim, dtype=torch.float32, device=self.values.device)

@@ -56,8 +56,9 @@ class MFAC(torch.optim.Optimizer):
             AdamW's step length; options ``ngrads`` (window per tensor, default 32), ``damp``
             (relative to the window's mean eigenvalue, default 1), ``betas``, ``eps``,
             ``weight_decay`` (decoupled), ``graft``, ``power``, ``whiten``, ``blocks``,
-            ``history_dtype`` (float32 or bfloat16), ``memory_budget``; see
-            :class:`mfac.optim.scaled.ScaledMFAC`.
+            ``history_dtype`` (float32 or bfloat16), ``history`` ("dense", or "topk": one
+            error-feedback top-k window over the model, with ``blocks="global"``), ``topk``,
+            ``memory_budget``; see :class:`mfac.optim.scaled.ScaledMFAC`.
             ``"paper"``: the paper's step; options ``ngrads`` (default 1024), ``damp``
             (absolute, default 1e-5), ``momentum``, ``weight_decay``,
             ``decoupled_weight_decay``, ``history_dtype``, ``history`` ("dense" or "topk"),

@@ -16,18 +16,27 @@ diagonal statistics and applies a matrix function of the window's (whitened) Fis
     s   = lam^-q (I + S / lam)^-p u     (p = power: 1 is the M-FAC inverse, 1/2 is GGT's
                                          inverse square root; q = 0 with "adam" whitening,
                                          q = 1/2 without, so s never depends on the scale of g)
-    s  *= |u| / |s|                     (graft, the default: AdamW's step length, per block)
+    s_T *= |u_T| / |s_T|                (graft, the default: AdamW's step length, per tensor T)
     p  *= 1 - lr * wd;   p -= lr * s
 
 With whitening, s -> u (exactly AdamW) as damp -> infinity, and the window only shrinks the
 step along the directions its recent gradients share. Blocks are each parameter tensor
 (``blocks="tensor"``, the default: the design chosen in docs/optim_transformers.md) or the whole
-model (``blocks="global"``). Every block's product costs two passes over its window and an
-m x m float64 eigendecomposition (one batched call for all blocks): O(m d + m^3).
+model (``blocks="global"``); the graft is per parameter tensor either way (each tensor's piece of
+s gets the length of that tensor's AdamW step). Every block's product costs two passes over its
+window and an m x m float64 eigendecomposition (one batched call for all blocks): O(m d + m^3).
+
+``history="topk"`` (with ``blocks="global"``) stores the window as error-feedback top-k rows
+(EFCP, :class:`mfac.operators.topk.TopKSlidingInverseFisher`'s storage, selection and sparse
+kernels): each step a = e + z keeps its k largest magnitudes c as the new row and e = a - c,
+and Z above is the matrix of the rows c. The formulas are the same with that Z; K = Z Z^T / m
+gets the new row's products from a sparse gather, Z u is a gather and Z^T c a scatter-add, so
+the window takes m k (value + index) bytes instead of m d floats.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -36,15 +45,17 @@ import torch
 
 from .._config import Options, option
 from .._validation import NonFiniteGradientError, check_positive_int
+from ..operators.gram import GramFactor
 from ..operators.kernels import cols_dot, rows_dot
 from ..operators.memory import check_fits
-from ..operators.topk import finite_fast
+from ..operators.topk import TopKSlidingInverseFisher, finite_fast, resolve_k
 from .base import MFAC
 from .mfac import check_option
 
 F64 = torch.float64
 WHITENINGS = ("adam", "none")
 BLOCKINGS = ("global", "tensor")
+HISTORIES = ("dense", "topk")
 POWERS = (1.0, 0.5)
 HISTORY_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -65,11 +76,18 @@ class ScaledConfig(Options):
     betas: Any = option((0.9, 0.999), "Adam's decay rates (b1, b2), each in [0, 1)", kind="any")
     eps: float = option(1e-8, "Adam's epsilon", low=0, low_open=True)
     graft: bool = option(
-        True, "rescale each block's step to the norm of AdamW's step (AdamW's lr scale)"
+        True, "rescale each tensor's step to the norm of AdamW's step (AdamW's lr scale)"
     )
     history_dtype: Any = option(
         torch.float32, "storage dtype of the windows: float32, or bfloat16 (half the bytes)",
         kind="any",
+    )
+    history: str = option(
+        "dense", "dense windows, or one error-feedback top-k window (needs blocks='global')",
+        choices=HISTORIES,
+    )
+    topk: Any = option(
+        None, "history='topk': entries kept per row, an int k or a density in (0, 1]", kind="any"
     )
 
     def validate(self) -> None:
@@ -90,6 +108,15 @@ class ScaledConfig(Options):
             raise ValueError(
                 f"history_dtype must be one of {HISTORY_DTYPES}, got {self.history_dtype!r}"
             )
+        if self.history == "topk":
+            if self.blocks != "global":
+                raise ValueError(
+                    f"history='topk' needs blocks='global' (one top-k window over the whole "
+                    f"model; per-tensor windows are dense), got blocks={self.blocks!r}"
+                )
+            resolve_k(self.topk, 1)  # the type and range of topk, before any dimension is known
+        elif self.topk is not None:
+            raise ValueError(f"topk is only used with history='topk', got topk={self.topk!r}")
 
 
 def window_coeffs(
@@ -160,8 +187,11 @@ class _Block:
         proj[slot] = float(torch.dot(z, u))
         return proj
 
-    def finish(self, u: torch.Tensor, c: torch.Tensor, lam: float, whiten: str) -> torch.Tensor:
-        """lam^-q (u + Z^T c), the second pass; c = W Z u from :func:`window_coeffs`."""
+    def finish(
+        self, u: torch.Tensor, c: torch.Tensor, lam: float, whiten: str, out: torch.Tensor
+    ) -> torch.Tensor:
+        """lam^-q (u + Z^T c), the second pass; c = W Z u from :func:`window_coeffs`. (``out``,
+        the vector z came in, is left alone: a per-tensor z may be the gradient itself.)"""
         if lam == 0.0:  # an all-zero window: no curvature information
             return u.clone() if whiten == "adam" else torch.zeros_like(u)
         if self.rows.dtype != torch.float32:
@@ -180,21 +210,190 @@ class _Block:
             "num_pushed": self.num_pushed,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise unless ``state`` is a dense window of this block's shape and dtype."""
+        if "rows" not in state:
+            raise ValueError(
+                "state holds a top-k window (history='topk'); this optimizer has dense windows "
+                "(history='dense'); nothing was loaded"
+            )
         if tuple(state["rows"].shape) != tuple(self.rows.shape):
             raise ValueError(
                 f"state holds a window of shape {tuple(state['rows'].shape)}, "
-                f"this block has {tuple(self.rows.shape)}"
+                f"this optimizer has {tuple(self.rows.shape)}; nothing was loaded"
             )
         if state["rows"].dtype != self.rows.dtype:
             raise ValueError(
-                f"state holds a {state['rows'].dtype} window, this block stores "
-                f"{self.rows.dtype} (history_dtype)"
+                f"state holds a {state['rows'].dtype} window, this optimizer stores "
+                f"{self.rows.dtype} (history_dtype); nothing was loaded"
             )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the window and its m x m matrix."""
+        return self.rows.numel() * self.rows.element_size() + self.gram.numel() * 8
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         self.rows.copy_(state["rows"])
         self.gram.copy_(state["gram"])
         self.next_slot = int(state["next_slot"])
         self.num_pushed = int(state["num_pushed"])
+
+
+class _RingGram(GramFactor):
+    """G G^T (float64, unscaled) of a top-k window's rows and its ring pointer: what
+    :class:`TopKSlidingInverseFisher`'s push updates when this rule owns the window. The rule
+    decomposes K = G G^T / m by ``eigh`` every step, so no damped inverse is kept (and no
+    damping: K is only positive semi-definite)."""
+
+    def __init__(self, window: int, device: torch.device) -> None:  # no GramFactor state
+        self.window = window
+        self.damp = 0.0
+        self.gram = torch.zeros(window, window, dtype=F64, device=device)
+        self.inverse = torch.empty(0, dtype=F64, device=device)
+        self.next_slot = 0
+        self.num_pushed = 0
+        self.since_refactor = 0
+        self.refactors = 0
+
+    def commit(self, u: torch.Tensor) -> int:
+        """Write u = G c_new (u[slot] = c_new . c_new) into row and column ``slot`` of G G^T
+        and advance the ring; return the slot. On a non-finite u nothing changes."""
+        u = u.to(F64).reshape(-1)
+        if not bool(torch.isfinite(u).all()):
+            raise NonFiniteGradientError(
+                "the products of the window with the new row overflow float64; the window is "
+                "unchanged"
+            )
+        slot = self.next_slot
+        self.gram[slot, :] = u
+        self.gram[:, slot] = u
+        self.next_slot = (slot + 1) % self.window
+        self.num_pushed += 1
+        return slot
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "gram": self.gram.clone(),
+            "next_slot": self.next_slot,
+            "num_pushed": self.num_pushed,
+        }
+
+    def check_state(
+        self,
+        state: Any,
+        window_gram: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        prefix: str = "",
+    ) -> None:
+        """Raise, naming the field, unless ``state`` holds this window's G G^T (shape, dtype,
+        finite, symmetric, equal to the stored rows' on a probe) and a consistent pointer."""
+        m = self.window
+        for key in ("gram", "next_slot", "num_pushed"):
+            if key not in state:
+                raise KeyError(f"state is missing the field {prefix}{key!r}")
+        gram = state["gram"]
+        if not isinstance(gram, torch.Tensor) or gram.dtype != F64 or gram.shape != (m, m):
+            raise ValueError(f"{prefix}gram must be a float64 ({m}, {m}) tensor")
+        if not bool(torch.isfinite(gram).all()):
+            raise ValueError(f"{prefix}gram contains NaN or Inf")
+        nxt, pushed = state["next_slot"], state["num_pushed"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (nxt, pushed)):
+            raise TypeError(f"{prefix}next_slot and {prefix}num_pushed must be ints")
+        if pushed < 0 or nxt != pushed % m:
+            raise ValueError(
+                f"{prefix}next_slot = {nxt} disagrees with {prefix}num_pushed = {pushed}"
+            )
+        gram = gram.to(self.gram.device)
+        if not torch.equal(gram, gram.T):
+            raise ValueError(f"{prefix}gram is not symmetric")
+        if window_gram is not None:
+            probe = torch.randn(m, dtype=F64, generator=torch.Generator().manual_seed(0))
+            probe = probe.to(self.gram.device)
+            err = float((gram @ probe - window_gram(probe).to(F64)).norm())
+            size = float(gram.norm()) * float(probe.norm())
+            if not err <= 1e-4 * size:
+                raise ValueError(
+                    f"{prefix}gram differs from G G^T of the stored rows (relative error "
+                    f"{err / max(size, 1e-300):.1e}); the window was edited after K was formed"
+                )
+
+    def load_state_dict(self, state: Any, check: bool = True) -> None:
+        if check:
+            self.check_state(state)
+        self.gram.copy_(state["gram"])
+        self.next_slot = int(state["next_slot"])
+        self.num_pushed = int(state["num_pushed"])
+
+
+class _TopKBlock:
+    """The whole model's window as error-feedback top-k rows: the storage, selection and
+    sparse kernels of :class:`TopKSlidingInverseFisher`, with its K^-1 factor replaced by the
+    plain G G^T this rule decomposes (:class:`_RingGram`)."""
+
+    def __init__(
+        self,
+        dim: int,
+        window: int,
+        k: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        memory_budget: int | None,
+    ) -> None:
+        self.op = TopKSlidingInverseFisher(
+            dim, window, k, dtype=dtype, device=device, memory_budget=memory_budget
+        )
+        self.op.factor = _RingGram(window, device)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """K = Z Z^T / m (float64), Z the stored rows."""
+        return self.op.factor.gram / self.op.window
+
+    @property
+    def filled(self) -> int:
+        """Slots holding a row."""
+        return min(self.op.num_pushed, self.op.window)
+
+    def push(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Compress e + z into the next slot (the new row's products by a sparse gather), keep
+        the new error; return Z u under the updated window (float64)."""
+        self.op.push(z)
+        return self.op.gather(u)
+
+    def finish(
+        self, u: torch.Tensor, c: torch.Tensor, lam: float, whiten: str, out: torch.Tensor
+    ) -> torch.Tensor:
+        """lam^-q (u + Z^T c) by one scatter-add over the rows, written into ``out`` (the
+        d-vector z came in: the window has its own copy)."""
+        if lam == 0.0:
+            return out.copy_(u) if whiten == "adam" else out.zero_()
+        out = self.op.scatter(c, out=out).add_(u)
+        if whiten == "none":
+            out.mul_(lam**-0.5)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows (values + indices), the error vector and G G^T."""
+        return self.op.window_nbytes + 4 * self.op.dim + self.op.factor.gram.numel() * 8
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rows (values, indices), the error vector, G G^T and the pointer, cloned."""
+        return self.op.state_dict()
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise, naming the field, unless ``state`` fits this window (the operator's checks:
+        shapes, dtypes, finite values, indices in range, G G^T against the rows)."""
+        if "rows" in state:
+            raise ValueError(
+                "state holds a dense window (history='dense'); this optimizer has a top-k "
+                "window (history='topk'); nothing was loaded"
+            )
+        self.op.check_state(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.op.load_state_dict(state)
 
 
 class ScaledMFAC(MFAC):
@@ -207,6 +406,11 @@ class ScaledMFAC(MFAC):
         lr: learning rate (AdamW's scale: 1e-3 from scratch).
         weight_decay: decoupled, as in AdamW.
         ngrads, damp, power, whiten, blocks, betas, eps, graft: see :class:`ScaledConfig`.
+        history_dtype: storage dtype of the windows (float32 or bfloat16).
+        history: ``"dense"`` (m x d_b floats per block) or ``"topk"`` (one window over the
+            whole model, ``blocks="global"``, of error-feedback top-k rows: m k values and
+            indices; see the module docstring).
+        topk: for ``history="topk"``: entries kept per row, an int k or a density in (0, 1].
         memory_budget: bytes the windows, Adam's moments and the step's buffers may take
             (default: half the available RAM; the free memory on CUDA); checked before
             anything is allocated.
@@ -232,6 +436,8 @@ class ScaledMFAC(MFAC):
         graft: bool = True,
         *,
         history_dtype: torch.dtype = torch.float32,
+        history: str = "dense",
+        topk: int | float | None = None,
         memory_budget: int | None = None,
         mode: str = "adam",
     ) -> None:
@@ -240,8 +446,9 @@ class ScaledMFAC(MFAC):
         if memory_budget is not None:
             check_positive_int(memory_budget, "memory_budget")
         self.cfg = ScaledConfig(
-            ngrads, damp, float(power), whiten, blocks, tuple(betas), eps, graft, history_dtype
-        )
+            ngrads, damp, float(power), whiten, blocks, tuple(betas), eps, graft, history_dtype,
+            history, topk,
+        )  # fmt: skip
         defaults = {
             "lr": check_option(lr, "lr"),
             "weight_decay": check_option(weight_decay, "weight_decay"),
@@ -257,20 +464,34 @@ class ScaledMFAC(MFAC):
             )
         device = devices.pop()
         sizes = [p.numel() for p in self._params]
+        cfg = self.cfg
+        k = resolve_k(cfg.topk, sum(sizes)) if cfg.history == "topk" else None
+        layout = (
+            f"one top-k window of {cfg.ngrads} rows x {k} entries"
+            if k is not None
+            else f"windows of {cfg.ngrads} gradients ({cfg.blocks} blocks)"
+        )
         check_fits(
-            self.required_bytes(sizes, self.cfg.ngrads, self.cfg.blocks, history_dtype),
+            self.required_bytes(sizes, cfg.ngrads, cfg.blocks, history_dtype, k, device),
             f"MFAC(mode='adam') over {sum(sizes)} coordinates in {len(sizes)} tensors with "
-            f"windows of {self.cfg.ngrads} gradients ({self.cfg.blocks} blocks; windows, their "
-            "float64 m x m matrices, Adam's moments and the step's buffers)",
+            f"{layout} (windows, their float64 m x m matrices, Adam's moments and the step's "
+            "buffers)",
             memory_budget,
             device,
-            hint="use a smaller window (ngrads), or the paper's step with a compressed window "
-            "(mode='paper', history='topk')",
+            hint="use a smaller window (ngrads), bfloat16 history, or one top-k window "
+            "(blocks='global', history='topk', a small topk); the paper's step also takes a "
+            "compressed window (mode='paper', history='topk')",
         )
-        if self.cfg.blocks == "global":
-            self._blocks = [_Block(sum(sizes), self.cfg.ngrads, device, history_dtype)]
+        self._blocks: list[_Block] | list[_TopKBlock]
+        if k is not None:
+            self._blocks = [
+                _TopKBlock(sum(sizes), cfg.ngrads, k, device, history_dtype, memory_budget)
+            ]
+        elif cfg.blocks == "global":
+            self._blocks = [_Block(sum(sizes), cfg.ngrads, device, history_dtype)]
         else:
-            self._blocks = [_Block(n, self.cfg.ngrads, device, history_dtype) for n in sizes]
+            self._blocks = [_Block(n, cfg.ngrads, device, history_dtype) for n in sizes]
+        self._flat: tuple[torch.Tensor, ...] | None = None
         self._steps = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -288,11 +509,21 @@ class ScaledMFAC(MFAC):
         ngrads: int,
         blocks: str = "tensor",
         history_dtype: torch.dtype = torch.float32,
+        topk: int | None = None,
+        device: torch.device | str | None = None,
     ) -> int:
         """Bytes a step needs: the windows (in ``history_dtype``) and their float64 m x m Gram
         matrices, Adam's two moments, and the step's float32 temporaries (z, u and the
-        direction, plus the eigendecomposition's m x m work per block)."""
+        direction, plus the eigendecomposition's m x m work per block). With ``topk`` (k
+        entries per row: one top-k window over the whole model) the window and its step
+        buffers are :meth:`TopKSlidingInverseFisher.required_bytes` (the direction is its
+        returned step), plus z, u, the moments and the eigendecomposition's work."""
         dim = sum(sizes)
+        if topk is not None:
+            window = TopKSlidingInverseFisher.required_bytes(
+                dim, ngrads, topk, history_dtype, device
+            )
+            return window + 2 * 4 * dim + 2 * 4 * dim + 3 * 8 * ngrads * ngrads
         nblocks = 1 if blocks == "global" else len(sizes)
         elem = torch.empty((), dtype=history_dtype).element_size()
         windows = elem * ngrads * dim + 8 * nblocks * ngrads * ngrads
@@ -300,20 +531,38 @@ class ScaledMFAC(MFAC):
 
     @property
     def state_nbytes(self) -> int:
-        """Bytes of optimizer state: windows, their m x m matrices, Adam's two moments."""
-        window = sum(
-            b.rows.numel() * b.rows.element_size() + b.gram.numel() * 8 for b in self._blocks
-        )
+        """Bytes of optimizer state: windows (a top-k window's error vector included), their
+        m x m matrices, Adam's two moments."""
+        window = sum(b.nbytes for b in self._blocks)
         return window + 2 * 4 * sum(p.numel() for p in self._params)
 
-    def _whiten(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Update Adam's moments; return per-parameter (z, u) as flat float32 vectors, and the
+    def _flat_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole model's z and u (float32 d-vectors), kept across steps so that a step
+        writes into memory it already owns (a fresh d-vector costs its page faults)."""
+        if self._flat is None:
+            dim = sum(p.numel() for p in self._params)
+            device = self._params[0].device
+            self._flat = tuple(
+                torch.empty(dim, dtype=torch.float32, device=device) for _ in range(2)
+            )
+        return self._flat
+
+    def _whiten(
+        self, flat: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Update Adam's moments; return (z, u) as flat float32 vectors, one per parameter or,
+        with ``flat``, one of the whole model (written in place, no concatenation), and the
         squared length of each parameter's AdamW direction (the graft's target; it is |u|^2
-        with Adam whitening)."""
+        with Adam whitening). D is formed where z goes, then divided into z in place."""
         b1, b2 = self.cfg.betas
         t = self._steps + 1
+        bc1, bc2 = 1.0 - b1**t, math.sqrt(1.0 - b2**t)
         zs, us, targets = [], [], []
-        for p in self._params:
+        if flat:
+            zflat, uflat = self._flat_buffers()
+            sizes = [p.numel() for p in self._params]
+            zviews, uviews = zflat.split(sizes), uflat.split(sizes)
+        for i, p in enumerate(self._params):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             st = self.state[p]
             if not st:
@@ -323,18 +572,22 @@ class ScaledMFAC(MFAC):
             ea, es = st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)
             ea.lerp_(g, 1.0 - b1)
             es.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            mhat = ea / (1.0 - b1**t)
+            den = torch.sqrt(es, out=zviews[i] if flat else None)
+            den.div_(bc2).add_(self.cfg.eps)  # D = sqrt(v / (1 - b2^t)) + eps
             if self.cfg.whiten == "adam":
-                denom = (es / (1.0 - b2**t)).sqrt_().add_(self.cfg.eps)
-                zs.append(g / denom)
-                us.append(mhat / denom)
-                targets.append(us[-1].square().sum())
+                u = torch.div(ea, den, out=uviews[i] if flat else None).div_(bc1)
+                z = torch.div(g, den, out=den)  # D is not needed after u
+                targets.append(torch.dot(u, u))
             else:
-                zs.append(g)  # read only: the window stores its own copy
-                us.append(mhat)
                 if self.cfg.graft:
-                    denom = (es / (1.0 - b2**t)).sqrt_().add_(self.cfg.eps)
-                    targets.append((mhat / denom).square().sum())
+                    adamw = torch.div(ea, den)
+                    targets.append(torch.dot(adamw, adamw) / bc1**2)
+                u = torch.div(ea, bc1, out=uviews[i] if flat else None)
+                z = zviews[i].copy_(g) if flat else g  # z read only: the window copies it
+            zs.append(z)
+            us.append(u)
+        if flat:
+            return [zflat], [uflat], targets
         return zs, us, targets
 
     @torch.no_grad()
@@ -353,10 +606,8 @@ class ScaledMFAC(MFAC):
                     f"ScaledMFAC.step: the gradient of parameter #{i} (shape "
                     f"{tuple(p.shape)}) contains NaN or Inf; nothing was changed"
                 )
-        zs, us, targets = self._whiten()
-        if self.cfg.blocks == "global":
-            zs, us = [torch.cat(zs)], [torch.cat(us)]
-            targets = [torch.stack(targets).sum()] if targets else []
+        is_global = self.cfg.blocks == "global"
+        zs, us, targets = self._whiten(flat=is_global)
         projs = [b.push(z, u) for b, z, u in zip(self._blocks, zs, us, strict=True)]
         grams = torch.stack([b.gram for b in self._blocks])
         coeff, lams = window_coeffs(
@@ -364,17 +615,17 @@ class ScaledMFAC(MFAC):
         )
         cs = (coeff @ torch.stack(projs)[:, :, None])[:, :, 0]
         dirs = [
-            b.finish(u, c, lam, self.cfg.whiten)
-            for b, u, c, lam in zip(self._blocks, us, cs, lams, strict=True)
+            b.finish(u, c, lam, self.cfg.whiten, z)
+            for b, u, c, lam, z in zip(self._blocks, us, cs, lams, zs, strict=True)
         ]
-        if self.cfg.graft:  # keep the window's direction, take AdamW's step length
+        if is_global:  # views: the graft below scales them in place
+            dirs = list(dirs[0].split([p.numel() for p in self._params]))
+        if self.cfg.graft:  # per tensor: the window's direction at AdamW's step length
             d_norms = torch.stack([d.norm() for d in dirs])
             u_norms = torch.stack(targets).sqrt()
             scales = torch.where(d_norms > 0, u_norms / d_norms, torch.ones_like(d_norms))
             for d, scale in zip(dirs, scales, strict=True):  # no host sync per tensor
                 d.mul_(scale)
-        if self.cfg.blocks == "global":
-            dirs = list(dirs[0].split([p.numel() for p in self._params]))
         owner = {p: g for g in self.param_groups for p in g["params"]}
         for p, d in zip(self._params, dirs, strict=True):
             if p.grad is None:
@@ -389,9 +640,11 @@ class ScaledMFAC(MFAC):
 
     def __repr__(self) -> str:
         c = self.cfg
+        window = f"history='topk', topk={c.topk!r}, " if c.history == "topk" else ""
         return (
             f"MFAC(mode='adam', ngrads={c.ngrads}, damp={c.damp:g}, blocks={c.blocks!r}, "
-            f"windows={len(self._blocks)}, graft={c.graft}, groups={len(self.param_groups)})"
+            f"{window}windows={len(self._blocks)}, graft={c.graft}, "
+            f"groups={len(self.param_groups)})"
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -401,7 +654,8 @@ class ScaledMFAC(MFAC):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (same parameters and options)."""
+        """Restore from :meth:`state_dict` (same parameters and options); every window is
+        checked before anything is written."""
         sd = dict(state_dict)
         extra = sd.pop("scaled")
         if len(extra["blocks"]) != len(self._blocks):
@@ -409,16 +663,7 @@ class ScaledMFAC(MFAC):
                 f"state holds {len(extra['blocks'])} blocks, this optimizer {len(self._blocks)}"
             )
         for b, s in zip(self._blocks, extra["blocks"], strict=True):
-            if tuple(s["rows"].shape) != tuple(b.rows.shape):
-                raise ValueError(
-                    f"state holds a window of shape {tuple(s['rows'].shape)}, "
-                    f"this optimizer has {tuple(b.rows.shape)}"
-                )
-            if s["rows"].dtype != b.rows.dtype:
-                raise ValueError(
-                    f"state holds a {s['rows'].dtype} window, this optimizer stores "
-                    f"{b.rows.dtype} (history_dtype); nothing was loaded"
-                )
+            b.check_state(s)
         super().load_state_dict(sd)
         for b, s in zip(self._blocks, extra["blocks"], strict=True):
             b.load_state_dict(s)
