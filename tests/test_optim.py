@@ -315,6 +315,17 @@ def test_state_dict_holds_the_window_without_a_copy(kwargs: dict) -> None:
         assert saved[name].data_ptr() == getattr(window, name).data_ptr(), name
 
 
+@pytest.mark.parametrize("blocks", ["tensor", "global"])
+def test_default_rule_state_dict_holds_its_windows_without_a_copy(blocks: str) -> None:
+    """The default rule's dense windows are handed out by reference too."""
+    model = _model()
+    opt = ScaledMFAC(model.parameters(), lr=1e-2, ngrads=4, blocks=blocks)
+    _train(model, opt, 3)
+    saved = opt.state_dict()["scaled"]["blocks"]
+    for block, state in zip(opt._blocks, saved, strict=True):
+        assert state["rows"].data_ptr() == block.rows.data_ptr()
+
+
 # ---------------------------------------------------------------------- torch.optim contract
 def test_lr_scheduler_and_closure() -> None:
     p = _vec_param(5)

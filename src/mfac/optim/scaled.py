@@ -203,8 +203,10 @@ class _Block:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """The window by reference (as torch.optim hands out its moments: a checkpoint must
+        not double the largest buffer), K as a copy, and the ring pointer."""
         return {
-            "rows": self.rows.clone(),
+            "rows": self.rows,
             "gram": self.gram.clone(),
             "next_slot": self.next_slot,
             "num_pushed": self.num_pushed,
