@@ -96,4 +96,8 @@ def fill_topk_window(op: Any, generator: torch.Generator) -> None:
         )
         op.values[r] = torch.randn(k, generator=generator).to(op.values.dtype)
         norms[r] = float(op.values[r].double().square().sum())
-    op.factor.rebuild(torch.diag(norms) + m * op.damp * torch.eye(m, dtype=torch.float64))
+    if hasattr(op.factor, "rebuild"):  # the paper's step: a damped, factored K
+        op.factor.rebuild(torch.diag(norms) + m * op.damp * torch.eye(m, dtype=torch.float64))
+    else:  # the default rule's plain ring of G G^T (decomposed at every step)
+        op.factor.gram = torch.diag(norms)
+        op.factor.num_pushed = max(op.factor.num_pushed, m)
