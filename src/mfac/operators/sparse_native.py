@@ -48,13 +48,29 @@ SOURCE = cbuild.HALF_FLOATS + r"""
 static inline float cv_f32(float v) { return v; }
 int mfac_sp_has_f16(void) { return MFAC_HAS_F16; }
 
-/* Prefetch n entries of a row from q on: its indices and values, one cache line at a time. */
-#define PREFETCH_RUN(IR, VR, Q, N)                                                           \
+/* Prefetch of the run of the row AHEAD places later (its n entries from q on: indices and
+   values), spread over the blocks of the row being summed, one cache line of each per block
+   (PF_STEP), the rest after the row (PF_REST): a burst of a whole run's prefetches at the
+   row's start fills the miss buffers and stalls the sums behind it. */
+#define PF_BEGIN(IR, VR, Q, N)                                                               \
+    const char *pf_i = NULL, *pf_v = NULL, *pf_ie = NULL, *pf_ve = NULL;                     \
     do {                                                                                     \
-        const char *pi = (const char *)((IR) + (Q)), *pv = (const char *)((VR) + (Q));       \
-        int64_t bi = (int64_t)sizeof(*(IR)) * (N), bv = (int64_t)sizeof(*(VR)) * (N);        \
-        for (int64_t o = 0; o < bi; o += 64) __builtin_prefetch(pi + o, 0, PF_LOCALITY);     \
-        for (int64_t o = 0; o < bv; o += 64) __builtin_prefetch(pv + o, 0, PF_LOCALITY);     \
+        if ((N) > 0) {                                                                       \
+            pf_i = (const char *)((uintptr_t)((IR) + (Q)) & ~(uintptr_t)63);                 \
+            pf_v = (const char *)((uintptr_t)((VR) + (Q)) & ~(uintptr_t)63);                 \
+            pf_ie = (const char *)((IR) + (Q) + (N));                                        \
+            pf_ve = (const char *)((VR) + (Q) + (N));                                        \
+        }                                                                                    \
+    } while (0)
+#define PF_STEP()                                                                            \
+    do {                                                                                     \
+        if (pf_i < pf_ie) { __builtin_prefetch(pf_i, 0, PF_LOCALITY); pf_i += 64; }          \
+        if (pf_v < pf_ve) { __builtin_prefetch(pf_v, 0, PF_LOCALITY); pf_v += 64; }          \
+    } while (0)
+#define PF_REST()                                                                            \
+    do {                                                                                     \
+        for (; pf_i < pf_ie; pf_i += 64) __builtin_prefetch(pf_i, 0, PF_LOCALITY);           \
+        for (; pf_v < pf_ve; pf_v += 64) __builtin_prefetch(pf_v, 0, PF_LOCALITY);           \
     } while (0)
 
 /* First q in [p, k) with ir[q] >= bound (ir ascending): gallop from p, then bisect. */
@@ -101,21 +117,22 @@ int NAME(const VT *vals, const IT *idx, int64_t k, int64_t r0, int64_t r1, const
         for (int64_t r = 0; r < n; ++r) {                                                    \
             const IT *ir = idx + (r0 + r) * k;                                               \
             const VT *vr = vals + (r0 + r) * k;                                              \
-            if (r + AHEAD < n) {                                                             \
-                int64_t c = cur[r + AHEAD], left = k - c;                                    \
-                PREFETCH_RUN(idx + (r0 + r + AHEAD) * k, vals + (r0 + r + AHEAD) * k, c,     \
-                             run < left ? run : left);                                       \
-            }                                                                                \
+            int64_t pr = r + AHEAD < n ? r + AHEAD : r, pc = pr > r ? cur[pr] : k;           \
+            int64_t left = k - pc;                                                           \
+            PF_BEGIN(idx + (r0 + pr) * k, vals + (r0 + pr) * k, pc, run < left ? run : left); \
             int64_t q = cur[r];                                                              \
             if (q < k && (int64_t)ir[q] < t0) q = seek_##IT(ir, q, k, t0); /* skipped tiles */ \
             int32_t off = (int32_t)t0;                                                       \
             float s[LANES] = {0};                                                            \
             /* whole blocks while the block's last entry is inside the tile, then one by one */ \
-            for (; q + LANES <= k && (int64_t)ir[q + LANES - 1] < t1; q += LANES)            \
+            for (; q + LANES <= k && (int64_t)ir[q + LANES - 1] < t1; q += LANES) {          \
+                PF_STEP();                                                                   \
                 for (int l = 0; l < LANES; ++l)                                              \
                     s[l] += CONV(vr[q + l]) * xt[(int32_t)ir[q + l] - off];                  \
+            }                                                                                \
             for (; q < k && (int64_t)ir[q] < t1; ++q)                                        \
                 s[0] += CONV(vr[q]) * xt[(int32_t)ir[q] - off];                              \
+            PF_REST();                                                                       \
             int64_t e = q;                                                                   \
             float tot = 0.0f;                                                                \
             for (int l = 0; l < LANES; ++l) tot += s[l];                                     \
@@ -148,24 +165,25 @@ int NAME(const VT *vals, const IT *idx, int64_t r0, int64_t m, int64_t k, const 
         for (int64_t r = 0; r < m; ++r) {                                                    \
             const IT *ir = idx + r * k;                                                      \
             const VT *vr = vals + r * k;                                                     \
-            if (r + AHEAD < m) {                                                             \
-                int64_t c = cur[r + AHEAD], left = k - c;                                    \
-                PREFETCH_RUN(idx + (r + AHEAD) * k, vals + (r + AHEAD) * k, c,               \
-                             run < left ? run : left);                                       \
-            }                                                                                \
+            int64_t pr = r + AHEAD < m ? r + AHEAD : r, pc = pr > r ? cur[pr] : k;           \
+            int64_t left = k - pc;                                                           \
+            PF_BEGIN(idx + pr * k, vals + pr * k, pc, run < left ? run : left);              \
             int64_t q = cur[r];                                                              \
             if (q < k && (int64_t)ir[q] < t0) q = seek_##IT(ir, q, k, t0);                   \
             int32_t off = (int32_t)t0;                                                       \
             float c = coef[r];                                                               \
             if (c != 0.0f) {                                                                 \
-                for (; q + LANES <= k && (int64_t)ir[q + LANES - 1] < t1; q += LANES)        \
+                for (; q + LANES <= k && (int64_t)ir[q + LANES - 1] < t1; q += LANES) {      \
+                    PF_STEP();                                                               \
                     for (int l = 0; l < LANES; ++l)                                          \
                         ot[(int32_t)ir[q + l] - off] += c * CONV(vr[q + l]);                 \
+                }                                                                            \
                 for (; q < k && (int64_t)ir[q] < t1; ++q)                                    \
                     ot[(int32_t)ir[q] - off] += c * CONV(vr[q]);                             \
             } else {                                                                         \
                 q = seek_##IT(ir, q, k, t1);                                                 \
             }                                                                                \
+            PF_REST();                                                                       \
             int64_t e = q;                                                                   \
             cur[r] = e;                                                                      \
         }                                                                                    \
