@@ -160,8 +160,9 @@ def test_native_selection_is_exact(d: int, density: float, kind: str, seed: int)
     e = torch.zeros(d)
     k = max(1, round(density * d))
     acc = torch.empty(d)
-    idx = _native_select(e, g, acc, k)
+    idx, picked = _native_select(e, g, acc, k)
     assert idx.numel() == k and torch.equal(idx, idx.unique())  # distinct and ascending
+    assert torch.equal(picked, acc[idx]) and torch.equal(acc, e + g)
     kept = torch.zeros(d, dtype=torch.bool)
     kept[idx] = True
     mag = g.abs()

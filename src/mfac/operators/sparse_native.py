@@ -40,6 +40,9 @@ SOURCE = cbuild.HALF_FLOATS + r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define LANES 16
 #define AHEAD 4
@@ -229,31 +232,87 @@ int64_t mfac_sp_list(const float *a, int64_t n, float lo, float hi, int64_t base
     return c;
 }
 
-/* a = e + g over [0, n); the coordinates (plus base) with |a| >= t go to cand (the first cap
-   of them; the count is returned); *bad is set when some a is NaN or +-Inf. */
+/* a = e + g over [0, n); the coordinates (plus base) with |a| >= t go to cand and, when cval
+   is not NULL, their a to cval (the first cap of them; the count is returned); *bad is set
+   when some a is NaN or +-Inf. With AVX-512, 16 at a time: a is written with streaming stores
+   where it is 64-byte aligned (no read of a's old lines), the hits of a block are packed in
+   registers and stored whole. */
 int64_t mfac_sp_select(const float *e, const float *g, float *a, int64_t n, float t,
-                       int64_t base, int64_t *cand, int64_t cap, int32_t *bad) {
-    int64_t c = 0;
+                       int64_t base, int64_t *cand, float *cval, int64_t cap, int32_t *bad) {
+    int64_t c = 0, i = 0;
     int nonfinite = 0;
-    for (int64_t i0 = 0; i0 < n; i0 += 64) {
+#if defined(__AVX512F__)
+    for (; i < n && ((uintptr_t)(a + i) & 63); ++i) {
+        float v = e[i] + g[i];
+        a[i] = v;
+        nonfinite |= !(v - v == 0.0f);
+        if (v >= t || v <= -t) {
+            if (c < cap) { cand[c] = base + i; if (cval) cval[c] = v; }
+            ++c;
+        }
+    }
+    {
+        const __m512 tv = _mm512_set1_ps(t);
+        const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+        __m512 zero = _mm512_setzero_ps(); /* v - v summed: NaN once any v is NaN or Inf */
+        for (; i + 16 <= n; i += 16) {
+            __m512 v = _mm512_add_ps(_mm512_loadu_ps(e + i), _mm512_loadu_ps(g + i));
+            _mm512_stream_ps(a + i, v);
+            zero = _mm512_add_ps(zero, _mm512_sub_ps(v, v));
+            __mmask16 hit = _mm512_cmp_ps_mask(_mm512_abs_ps(v), tv, _CMP_GE_OQ);
+            if (!hit) continue;
+            int nh = __builtin_popcount(hit);
+            if (c + 16 <= cap) {
+                __m512i at = _mm512_add_epi64(_mm512_set1_epi64(base + i), lane);
+                __mmask8 lo = (__mmask8)(hit & 0xFF), hi = (__mmask8)(hit >> 8);
+                _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi64(lo, at));
+                _mm512_storeu_si512(cand + c + __builtin_popcount(lo),
+                                    _mm512_maskz_compress_epi64(
+                                        hi, _mm512_add_epi64(at, _mm512_set1_epi64(8))));
+                if (cval) _mm512_storeu_ps(cval + c, _mm512_maskz_compress_ps(hit, v));
+            } else {
+                float tmp[16];
+                _mm512_storeu_ps(tmp, v);
+                for (int l = 0; l < 16; ++l)
+                    if ((hit >> l) & 1) {
+                        if (c + 0 < cap) { cand[c] = base + i + l; if (cval) cval[c] = tmp[l]; }
+                        ++c;
+                    }
+                continue;
+            }
+            c += nh;
+        }
+        _mm_sfence();
+        nonfinite |= _mm512_cmp_ps_mask(zero, zero, _CMP_UNORD_Q) != 0;
+    }
+#endif
+    for (int64_t i0 = i; i0 < n; i0 += 64) {
         int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
         int hit = 0, nf = 0;
-        for (int64_t i = i0; i < i1; ++i) {
-            float v = e[i] + g[i];
-            a[i] = v;
+        for (int64_t j = i0; j < i1; ++j) {
+            float v = e[j] + g[j];
+            a[j] = v;
             hit |= (v >= t) | (v <= -t);
             nf |= !(v - v == 0.0f);
         }
         nonfinite |= nf;
         if (hit)
-            for (int64_t i = i0; i < i1; ++i)
-                if (a[i] >= t || a[i] <= -t) {
-                    if (c < cap) cand[c] = base + i;
+            for (int64_t j = i0; j < i1; ++j)
+                if (a[j] >= t || a[j] <= -t) {
+                    if (c < cap) { cand[c] = base + j; if (cval) cval[c] = a[j]; }
                     ++c;
                 }
     }
     *bad = nonfinite;
     return c;
+}
+
+/* a[idx[q]] -= v[q] for q in [0, n) (the error feedback's e = a - c at the kept coordinates). */
+void mfac_sp_sub_at(float *a, const int64_t *idx, const float *v, int64_t n) {
+    for (int64_t q = 0; q < n; ++q) {
+        if (q + 16 < n) __builtin_prefetch(a + idx[q + 16], 1, 3);
+        a[idx[q]] -= v[q];
+    }
 }
 """
 
@@ -284,10 +343,12 @@ def _load(compiler: str) -> ctypes.CDLL:
             scatter = getattr(lib, f"mfac_sp_scatter_{v}_{i}")
             scatter.argtypes = [p, p, i64, i64, i64, p, i64, i64, i64, i64, ctypes.c_int32, p]
             scatter.restype = ctypes.c_int
-    lib.mfac_sp_select.argtypes = [p, p, p, i64, ctypes.c_float, i64, p, i64, p]
+    lib.mfac_sp_select.argtypes = [p, p, p, i64, ctypes.c_float, i64, p, p, i64, p]
     lib.mfac_sp_select.restype = i64
     lib.mfac_sp_list.argtypes = [p, i64, ctypes.c_float, ctypes.c_float, i64, p, i64]
     lib.mfac_sp_list.restype = i64
+    lib.mfac_sp_sub_at.argtypes = [p, p, p, i64]
+    lib.mfac_sp_sub_at.restype = None
     lib.mfac_sp_has_f16.restype = ctypes.c_int
     return lib
 
@@ -466,9 +527,25 @@ def select(
     """acc = error + grad (float32, contiguous), and the ascending coordinates with
     |acc| >= threshold: returns (the first ``cap`` of them, their total count, whether acc
     holds a NaN or Inf)."""
+    cand, _, total, bad = select_values(error, grad, acc, threshold, cap, values=False)
+    return cand, total, bad
+
+
+def select_values(
+    error: torch.Tensor,
+    grad: torch.Tensor,
+    acc: torch.Tensor,
+    threshold: float,
+    cap: int,
+    values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
+    """:func:`select`, also returning acc at the listed coordinates (float32; None when
+    ``values`` is False), read in the same pass instead of gathered from acc afterwards:
+    (coordinates, their acc, total count, whether acc holds a NaN or Inf)."""
     n = acc.numel()
     parts = _split(n, torch.get_num_threads(), 1 << 20)
     bufs = [torch.empty(cap, dtype=torch.int64) for _ in parts]
+    vbufs = [torch.empty(cap if values else 0, dtype=torch.float32) for _ in parts]
     bads = torch.zeros(len(parts), dtype=torch.int32)
     counts = [0] * len(parts)
     lib = library()
@@ -477,7 +554,8 @@ def select(
         a, b = parts[p]
         counts[p] = lib.mfac_sp_select(
             error.data_ptr() + 4 * a, grad.data_ptr() + 4 * a, acc.data_ptr() + 4 * a, b - a,
-            threshold, a, bufs[p].data_ptr(), cap, bads.data_ptr() + 4 * p,
+            threshold, a, bufs[p].data_ptr(), vbufs[p].data_ptr() if values else None, cap,
+            bads.data_ptr() + 4 * p,
         )  # fmt: skip
 
     if len(parts) == 1:
@@ -487,10 +565,19 @@ def select(
             f.result()
     total = sum(counts)
     if len(parts) == 1:
-        cand = bufs[0][: min(cap, total)]
+        cand, cval = bufs[0][: min(cap, total)], vbufs[0][: min(cap, total)]
     else:
-        cand = torch.cat([b[: min(cap, c)] for b, c in zip(bufs, counts, strict=True)])[:cap]
-    return cand, total, bool(bads.any())
+        pairs = list(zip(bufs, vbufs, counts, strict=True))
+        cand = torch.cat([b[: min(cap, c)] for b, _, c in pairs])[:cap]
+        cval = torch.cat([v[: min(cap, c)] for _, v, c in pairs])[:cap] if values else None
+    return cand, (cval if values else None), total, bool(bads.any())
+
+
+def sub_at(a: torch.Tensor, idx: torch.Tensor, v: torch.Tensor) -> None:
+    """a[idx] -= v in place, for a contiguous float32 vector, int64 coordinates (ascending
+    reads best) and float32 values of the same length."""
+    lib = library()
+    lib.mfac_sp_sub_at(a.data_ptr(), idx.data_ptr(), v.data_ptr(), idx.numel())
 
 
 def list_range(a: torch.Tensor, lo: float, hi: float, cap: int) -> tuple[torch.Tensor, int]:
@@ -530,5 +617,7 @@ __all__ = [
     "plan",
     "scatter",
     "select",
+    "select_values",
+    "sub_at",
     "supports",
 ]
