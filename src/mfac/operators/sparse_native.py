@@ -332,8 +332,12 @@ _state: dict[str, object] = {}
 _compiler = cbuild.find_compiler
 
 
-def _load(compiler: str) -> ctypes.CDLL:
-    lib = cbuild.load(SOURCE, _FLAG_SETS, "sparse", compiler)
+def _load(
+    compiler: str, flag_sets: tuple[list[str], ...] = _FLAG_SETS, stem: str = "sparse"
+) -> ctypes.CDLL:
+    """The kernel library built with the first of ``flag_sets`` that compiles (tests build a
+    portable one too, without the host's vector extensions), with its argument types set."""
+    lib = cbuild.load(SOURCE, flag_sets, stem, compiler)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for v in _VALUE_NAMES.values():
         for i in _INDEX_NAMES.values():
