@@ -413,17 +413,35 @@ def report() -> str:
                        f"m = {r['ngrads']}, density {r['density']:.1%}, "
                        f"{r.get('value_dtype', 'float32')} values.")  # fmt: skip
         out.append("")
-        out.append("| d | m | density | values | step s | floor s | step/floor | torch path s "
-                   "| peak RSS GiB | window GiB | estimate GiB |")  # fmt: skip
-        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        out.append("| d | m | density | values | step s | floor s | step/floor | previous step s "
+                   "/ floor s / step/floor | torch path s | peak RSS GiB | window GiB "
+                   "| estimate GiB |")  # fmt: skip
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in res["topk"]["rows"]:
             torch_s = f"{r['torch_step_s']:.2f}" if "torch_step_s" in r else "-"
+            prev = r.get("previous")
+            before = (f"{prev['step_s']:.2f} / {prev['floor_s']:.2f} / {prev['ratio']:.2f}"
+                      if prev else "-")  # fmt: skip
             out.append(
                 f"| {r['dim']:,} | {r['ngrads']} | {r['density']:.1%} | {r['value_dtype']} | "
-                f"{r['step_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {torch_s} | "
-                f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['window_bytes'] / 2**30:.2f} | "
-                f"{r['required_bytes'] / 2**30:.2f} |"
+                f"{r['step_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {before} | "
+                f"{torch_s} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+                f"{r['window_bytes'] / 2**30:.2f} | {r['required_bytes'] / 2**30:.2f} |"
             )
+        swept = [r for r in res["topk"]["rows"] if "ns_per_entry_gather" in r]
+        if swept:
+            out.append("\nWhere the step's time goes (ns per kept entry, each sweep timed alone on "
+                       "the same window after the steps):\n")  # fmt: skip
+            out.append("| m | density | values | G c sweep s | G^T y sweep s | G c ns | G^T y ns "
+                       "| streaming read ns |")  # fmt: skip
+            out.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+            for r in swept:
+                out.append(
+                    f"| {r['ngrads']} | {r['density']:.1%} | {r['value_dtype']} | "
+                    f"{r['gather_sweep_s']:.2f} | {r['scatter_sweep_s']:.2f} | "
+                    f"{r['ns_per_entry_gather']:.2f} | {r['ns_per_entry_scatter']:.2f} | "
+                    f"{r['ns_per_entry_read']:.2f} |"
+                )
         out.append("\nCommands (one process per row; `--compare-torch` also times the torch path "
                    "on the same window after the peak RSS is read):")  # fmt: skip
         for command in sorted({r["command"] for r in res["topk"]["rows"] if "command" in r}):
