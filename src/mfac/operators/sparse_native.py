@@ -3,10 +3,12 @@
 The window's rows hold sorted coordinates, so both products walk the d coordinates in tiles
 (4096 to 65536 coordinates, at most 256 KiB of float32, in L2; see :func:`plan`) and, per
 tile, every row's run of entries inside it (a cursor per row moves forward only; the runs of
-the rows a few places ahead are prefetched). The dense vector is then touched once per tile instead
+the row a few places ahead is prefetched a cache line per block of the row being summed, so the
+prefetches never come in a burst). The dense vector is then touched once per tile instead
 of at m k scattered places: G x reads x once and the window once; G^T c writes each tile of
 the result once (zeroed in cache) and reads the window once. The selection pass forms
-a = e + g, flags NaN/Inf, and lists the coordinates with |a| >= t in one sweep.
+a = e + g (streaming stores with AVX-512), flags NaN/Inf, and lists the coordinates with
+|a| >= t together with their a in one sweep, so the kept values need no later gather from a.
 
 Accumulation order is fixed (rows in order within a tile, tiles in order), so results do
 not depend on the thread count: threads take disjoint row ranges (G x) or tile ranges (G^T c).
