@@ -2,7 +2,7 @@
 
 The window's rows hold sorted coordinates, so both products walk the d coordinates in tiles
 (4096 to 65536 coordinates, at most 256 KiB of float32, in L2; see :func:`plan`) and, per
-tile, every row's run of entries inside it (a cursor per row moves forward only; the runs of
+tile, every row's run of entries inside it (a cursor per row moves forward only; the run of
 the row a few places ahead is prefetched a cache line per block of the row being summed, so the
 prefetches never come in a burst). The dense vector is then touched once per tile instead
 of at m k scattered places: G x reads x once and the window once; G^T c writes each tile of
