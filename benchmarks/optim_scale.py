@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mfac.operators import sparse_native
 from mfac.operators.gram import F64, GramFactor
 from mfac.operators.threads import single_threaded
 from mfac.operators.topk import TopKSlidingInverseFisher
@@ -258,6 +259,25 @@ def topk_one(
         "rss_before_bytes": rss0,
         "benchmark_vectors_bytes": 2 * dim * 4,  # its two gradients (x, y of the floor)
     }
+    if op.native:  # where the step's time goes: its two sweeps over the window, alone
+        slot = (op.factor.next_slot - 1) % m
+        sidx, sval = op.indices[slot].long(), op.values[slot].float()
+        coeff = torch.randn(m, dtype=F64, generator=gen)
+        out = op._result_buffer()
+        gather_t, scatter_t = [], []
+        for _ in range(3):
+            t = time.perf_counter()
+            sparse_native.gather(op.values, op.indices, dim, sparse=(sidx, sval))
+            gather_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            sparse_native.scatter(op.values, op.indices, dim, coeff, out)
+            scatter_t.append(time.perf_counter() - t)
+        row["gather_sweep_s"] = statistics.median(gather_t)
+        row["scatter_sweep_s"] = statistics.median(scatter_t)
+        row["ns_per_entry_gather"] = row["gather_sweep_s"] / (m * k) * 1e9
+        row["ns_per_entry_scatter"] = row["scatter_sweep_s"] / (m * k) * 1e9
+        row["ns_per_entry_read"] = row["read_window_s"] / (m * k) * 1e9
+        del sidx, sval, out
     if compare_torch and op.native:
         op.native = False
         op.push_ihvp(grads[0])  # warm-up (allocates the torch path's dense row)
@@ -316,13 +336,19 @@ def topk_bench(
 
 def _merge_topk(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     """Rows of earlier runs stay unless this run measured the same configuration (d, m,
-    density, value dtype); rows without a value dtype (older runs) are dropped; a "not run"
-    note stays only while no row measures its configuration."""
+    density, value dtype); a replaced row's step, floor and ratio stay in the new row under
+    "previous" (with the command that measured them); rows without a value dtype (older
+    runs) are dropped; a "not run" note stays only while no row measures its configuration."""
 
     def key(r: dict[str, Any]) -> tuple:
         return (r["dim"], r["ngrads"], r["density"], r.get("value_dtype", "float32"))
 
     old = old or {"rows": [], "skipped": []}
+    replaced = {key(r): r for r in old.get("rows", []) if "value_dtype" in r}
+    kept_fields = ("step_s", "floor_s", "ratio", "peak_rss_bytes", "command")
+    for r in new["rows"]:
+        if key(r) in replaced:
+            r["previous"] = {f: replaced[key(r)][f] for f in kept_fields if f in replaced[key(r)]}
     done = {key(r) for r in new["rows"]}
     keep = [r for r in old.get("rows", []) if "value_dtype" in r and key(r) not in done]
     rows = sorted(keep + new["rows"], key=key)
@@ -387,17 +413,35 @@ def report() -> str:
                        f"m = {r['ngrads']}, density {r['density']:.1%}, "
                        f"{r.get('value_dtype', 'float32')} values.")  # fmt: skip
         out.append("")
-        out.append("| d | m | density | values | step s | floor s | step/floor | torch path s "
-                   "| peak RSS GiB | window GiB | estimate GiB |")  # fmt: skip
-        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        out.append("| d | m | density | values | step s | floor s | step/floor | previous step s "
+                   "/ floor s / step/floor | torch path s | peak RSS GiB | window GiB "
+                   "| estimate GiB |")  # fmt: skip
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in res["topk"]["rows"]:
             torch_s = f"{r['torch_step_s']:.2f}" if "torch_step_s" in r else "-"
+            prev = r.get("previous")
+            before = (f"{prev['step_s']:.2f} / {prev['floor_s']:.2f} / {prev['ratio']:.2f}"
+                      if prev else "-")  # fmt: skip
             out.append(
                 f"| {r['dim']:,} | {r['ngrads']} | {r['density']:.1%} | {r['value_dtype']} | "
-                f"{r['step_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {torch_s} | "
-                f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['window_bytes'] / 2**30:.2f} | "
-                f"{r['required_bytes'] / 2**30:.2f} |"
+                f"{r['step_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {before} | "
+                f"{torch_s} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+                f"{r['window_bytes'] / 2**30:.2f} | {r['required_bytes'] / 2**30:.2f} |"
             )
+        swept = [r for r in res["topk"]["rows"] if "ns_per_entry_gather" in r]
+        if swept:
+            out.append("\nWhere the step's time goes (ns per kept entry, each sweep timed alone on "
+                       "the same window after the steps):\n")  # fmt: skip
+            out.append("| m | density | values | G c sweep s | G^T y sweep s | G c ns | G^T y ns "
+                       "| streaming read ns |")  # fmt: skip
+            out.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+            for r in swept:
+                out.append(
+                    f"| {r['ngrads']} | {r['density']:.1%} | {r['value_dtype']} | "
+                    f"{r['gather_sweep_s']:.2f} | {r['scatter_sweep_s']:.2f} | "
+                    f"{r['ns_per_entry_gather']:.2f} | {r['ns_per_entry_scatter']:.2f} | "
+                    f"{r['ns_per_entry_read']:.2f} |"
+                )
         out.append("\nCommands (one process per row; `--compare-torch` also times the torch path "
                    "on the same window after the peak RSS is read):")  # fmt: skip
         for command in sorted({r["command"] for r in res["topk"]["rows"] if "command" in r}):

@@ -160,8 +160,9 @@ def test_native_selection_is_exact(d: int, density: float, kind: str, seed: int)
     e = torch.zeros(d)
     k = max(1, round(density * d))
     acc = torch.empty(d)
-    idx = _native_select(e, g, acc, k)
+    idx, picked = _native_select(e, g, acc, k)
     assert idx.numel() == k and torch.equal(idx, idx.unique())  # distinct and ascending
+    assert torch.equal(picked, acc[idx]) and torch.equal(acc, e + g)
     kept = torch.zeros(d, dtype=torch.bool)
     kept[idx] = True
     mag = g.abs()
@@ -319,3 +320,95 @@ def test_required_bytes_counts_the_step() -> None:
     assert floor <= need <= floor * 1.05
     with pytest.raises(MemoryError, match=r"needs .* GiB .* over the memory budget"):
         TopKSlidingInverseFisher(d, m, k, dtype=torch.bfloat16, memory_budget=need - 1)
+
+
+# ---------------------------------------------------------------------- selection with values
+@settings(max_examples=30, deadline=None)
+@given(
+    d=st.integers(1, 3000),
+    shift=st.integers(0, 15),
+    t=st.floats(0.0, 3.0),
+    cap=st.integers(0, 4000),
+    seed=st.integers(0, 2**16),
+)
+def test_selection_with_values(d: int, shift: int, t: float, cap: int, seed: int) -> None:
+    """select_values: acc = e + g bit for bit (also where acc does not start on a 64-byte
+    line, so the aligned vector body and the unaligned head and tail all run), the listed
+    coordinates and their acc values, ascending, cut at cap with the full count; a NaN or Inf
+    anywhere is flagged."""
+    gen = torch.Generator().manual_seed(seed)
+    e, g = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    acc = torch.empty(d + 16)[shift : shift + d]
+    cand, cval, count, bad = sparse_native.select_values(e, g, acc, t, cap)
+    t32 = float(torch.tensor(t, dtype=torch.float32))
+    want = torch.nonzero((e + g).abs() >= t32).squeeze(1)
+    assert torch.equal(acc, e + g) and not bad
+    assert count == want.numel() and torch.equal(cand, want[:cap])
+    assert torch.equal(cval, (e + g)[want[:cap]])
+    for poison in (math.nan, math.inf, -math.inf):
+        g2 = g.clone()
+        g2[seed % d] = poison
+        assert sparse_native.select_values(e, g2, acc, t, cap)[3]
+
+
+def test_selection_does_not_depend_on_the_thread_count() -> None:
+    """Parts of the vector go to threads; candidates, values and acc come out bit-identical."""
+    d = 3 * 2**20 + 77
+    gen = torch.Generator().manual_seed(8)
+    e, g = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            acc = torch.empty(d)
+            cand, cval, count, bad = sparse_native.select_values(e, g, acc, 2.5, 20_000)
+            results.append((acc, cand, cval, count, bad))
+    finally:
+        torch.set_num_threads(before)
+    want = torch.nonzero((e + g).abs() >= 2.5).squeeze(1)
+    assert results[0][3] == want.numel() and torch.equal(results[0][1], want[:20_000])
+    for acc, cand, cval, count, bad in results[1:]:
+        assert torch.equal(acc, results[0][0]) and torch.equal(cand, results[0][1])
+        assert torch.equal(cval, results[0][2]) and count == results[0][3] and not bad
+
+
+@settings(max_examples=20, deadline=None)
+@given(d=st.integers(1, 50_000), frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_sub_at_matches_torch(d: int, frac: float, seed: int) -> None:
+    """a[idx] -= v in C equals torch's indexed subtraction bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, generator=gen)
+    idx = torch.randperm(d, generator=gen)[: round(frac * d)].sort().values
+    v = torch.randn(idx.numel(), generator=gen)
+    want = a.clone()
+    want[idx] -= v
+    sparse_native.sub_at(a, idx, v)
+    assert torch.equal(a, want)
+
+
+def test_portable_build_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels built without the host's vector extensions (the scalar selection loop, no
+    AVX-512) give the same selection bit for bit and the same products up to rounding."""
+    from mfac.operators import cbuild
+
+    compiler = cbuild.find_compiler()
+    portable = sparse_native._load(compiler, (["-O2"],), "sparse-portable")
+    d, m, k = 200_003, 6, 2_000
+    vals, idx = _rows(m, k, d, torch.float32, torch.int32, 9)
+    gen = torch.Generator().manual_seed(10)
+    e, g, x, c = (torch.randn(n, generator=gen) for n in (d, d, d, m))
+    native = [
+        sparse_native.select_values(e, g, torch.empty(d), 2.0, 50_000),
+        sparse_native.gather(vals, idx, d, x=x),
+        sparse_native.scatter(vals, idx, d, c),
+    ]
+    monkeypatch.setitem(sparse_native._state, "lib", portable)
+    acc = torch.empty(d)
+    cand, cval, count, bad = sparse_native.select_values(e, g, acc, 2.0, 50_000)
+    assert torch.equal(acc, e + g) and count == native[0][2] and not bad
+    assert torch.equal(cand, native[0][0]) and torch.equal(cval, native[0][1])
+    scale = float(vals.abs().sum())
+    tol = {"rtol": 0, "atol": 1e-6 * scale}  # float32 sums, with and without fused multiply-add
+    torch.testing.assert_close(sparse_native.gather(vals, idx, d, x=x), native[1], **tol)
+    torch.testing.assert_close(sparse_native.scatter(vals, idx, d, c), native[2], **tol)

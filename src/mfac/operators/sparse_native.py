@@ -2,11 +2,13 @@
 
 The window's rows hold sorted coordinates, so both products walk the d coordinates in tiles
 (4096 to 65536 coordinates, at most 256 KiB of float32, in L2; see :func:`plan`) and, per
-tile, every row's run of entries inside it (a cursor per row moves forward only; the runs of
-the rows a few places ahead are prefetched). The dense vector is then touched once per tile instead
+tile, every row's run of entries inside it (a cursor per row moves forward only; the run of
+the row a few places ahead is prefetched a cache line per block of the row being summed, so the
+prefetches never come in a burst). The dense vector is then touched once per tile instead
 of at m k scattered places: G x reads x once and the window once; G^T c writes each tile of
 the result once (zeroed in cache) and reads the window once. The selection pass forms
-a = e + g, flags NaN/Inf, and lists the coordinates with |a| >= t in one sweep.
+a = e + g (streaming stores with AVX-512), flags NaN/Inf, and lists the coordinates with
+|a| >= t together with their a in one sweep, so the kept values need no later gather from a.
 
 Accumulation order is fixed (rows in order within a tile, tiles in order), so results do
 not depend on the thread count: threads take disjoint row ranges (G x) or tile ranges (G^T c).
@@ -40,6 +42,9 @@ SOURCE = cbuild.HALF_FLOATS + r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define LANES 16
 #define AHEAD 4
@@ -48,13 +53,29 @@ SOURCE = cbuild.HALF_FLOATS + r"""
 static inline float cv_f32(float v) { return v; }
 int mfac_sp_has_f16(void) { return MFAC_HAS_F16; }
 
-/* Prefetch n entries of a row from q on: its indices and values, one cache line at a time. */
-#define PREFETCH_RUN(IR, VR, Q, N)                                                           \
+/* Prefetch of the run of the row AHEAD places later (its n entries from q on: indices and
+   values), spread over the blocks of the row being summed, one cache line of each per block
+   (PF_STEP), the rest after the row (PF_REST): a burst of a whole run's prefetches at the
+   row's start fills the miss buffers and stalls the sums behind it. */
+#define PF_BEGIN(IR, VR, Q, N)                                                               \
+    const char *pf_i = NULL, *pf_v = NULL, *pf_ie = NULL, *pf_ve = NULL;                     \
     do {                                                                                     \
-        const char *pi = (const char *)((IR) + (Q)), *pv = (const char *)((VR) + (Q));       \
-        int64_t bi = (int64_t)sizeof(*(IR)) * (N), bv = (int64_t)sizeof(*(VR)) * (N);        \
-        for (int64_t o = 0; o < bi; o += 64) __builtin_prefetch(pi + o, 0, PF_LOCALITY);     \
-        for (int64_t o = 0; o < bv; o += 64) __builtin_prefetch(pv + o, 0, PF_LOCALITY);     \
+        if ((N) > 0) {                                                                       \
+            pf_i = (const char *)((uintptr_t)((IR) + (Q)) & ~(uintptr_t)63);                 \
+            pf_v = (const char *)((uintptr_t)((VR) + (Q)) & ~(uintptr_t)63);                 \
+            pf_ie = (const char *)((IR) + (Q) + (N));                                        \
+            pf_ve = (const char *)((VR) + (Q) + (N));                                        \
+        }                                                                                    \
+    } while (0)
+#define PF_STEP()                                                                            \
+    do {                                                                                     \
+        if (pf_i < pf_ie) { __builtin_prefetch(pf_i, 0, PF_LOCALITY); pf_i += 64; }          \
+        if (pf_v < pf_ve) { __builtin_prefetch(pf_v, 0, PF_LOCALITY); pf_v += 64; }          \
+    } while (0)
+#define PF_REST()                                                                            \
+    do {                                                                                     \
+        for (; pf_i < pf_ie; pf_i += 64) __builtin_prefetch(pf_i, 0, PF_LOCALITY);           \
+        for (; pf_v < pf_ve; pf_v += 64) __builtin_prefetch(pf_v, 0, PF_LOCALITY);           \
     } while (0)
 
 /* First q in [p, k) with ir[q] >= bound (ir ascending): gallop from p, then bisect. */
@@ -101,21 +122,22 @@ int NAME(const VT *vals, const IT *idx, int64_t k, int64_t r0, int64_t r1, const
         for (int64_t r = 0; r < n; ++r) {                                                    \
             const IT *ir = idx + (r0 + r) * k;                                               \
             const VT *vr = vals + (r0 + r) * k;                                              \
-            if (r + AHEAD < n) {                                                             \
-                int64_t c = cur[r + AHEAD], left = k - c;                                    \
-                PREFETCH_RUN(idx + (r0 + r + AHEAD) * k, vals + (r0 + r + AHEAD) * k, c,     \
-                             run < left ? run : left);                                       \
-            }                                                                                \
+            int64_t pr = r + AHEAD < n ? r + AHEAD : r, pc = pr > r ? cur[pr] : k;           \
+            int64_t left = k - pc;                                                           \
+            PF_BEGIN(idx + (r0 + pr) * k, vals + (r0 + pr) * k, pc, run < left ? run : left); \
             int64_t q = cur[r];                                                              \
             if (q < k && (int64_t)ir[q] < t0) q = seek_##IT(ir, q, k, t0); /* skipped tiles */ \
             int32_t off = (int32_t)t0;                                                       \
             float s[LANES] = {0};                                                            \
             /* whole blocks while the block's last entry is inside the tile, then one by one */ \
-            for (; q + LANES <= k && (int64_t)ir[q + LANES - 1] < t1; q += LANES)            \
+            for (; q + LANES <= k && (int64_t)ir[q + LANES - 1] < t1; q += LANES) {          \
+                PF_STEP();                                                                   \
                 for (int l = 0; l < LANES; ++l)                                              \
                     s[l] += CONV(vr[q + l]) * xt[(int32_t)ir[q + l] - off];                  \
+            }                                                                                \
             for (; q < k && (int64_t)ir[q] < t1; ++q)                                        \
                 s[0] += CONV(vr[q]) * xt[(int32_t)ir[q] - off];                              \
+            PF_REST();                                                                       \
             int64_t e = q;                                                                   \
             float tot = 0.0f;                                                                \
             for (int l = 0; l < LANES; ++l) tot += s[l];                                     \
@@ -148,24 +170,25 @@ int NAME(const VT *vals, const IT *idx, int64_t r0, int64_t m, int64_t k, const 
         for (int64_t r = 0; r < m; ++r) {                                                    \
             const IT *ir = idx + r * k;                                                      \
             const VT *vr = vals + r * k;                                                     \
-            if (r + AHEAD < m) {                                                             \
-                int64_t c = cur[r + AHEAD], left = k - c;                                    \
-                PREFETCH_RUN(idx + (r + AHEAD) * k, vals + (r + AHEAD) * k, c,               \
-                             run < left ? run : left);                                       \
-            }                                                                                \
+            int64_t pr = r + AHEAD < m ? r + AHEAD : r, pc = pr > r ? cur[pr] : k;           \
+            int64_t left = k - pc;                                                           \
+            PF_BEGIN(idx + pr * k, vals + pr * k, pc, run < left ? run : left);              \
             int64_t q = cur[r];                                                              \
             if (q < k && (int64_t)ir[q] < t0) q = seek_##IT(ir, q, k, t0);                   \
             int32_t off = (int32_t)t0;                                                       \
             float c = coef[r];                                                               \
             if (c != 0.0f) {                                                                 \
-                for (; q + LANES <= k && (int64_t)ir[q + LANES - 1] < t1; q += LANES)        \
+                for (; q + LANES <= k && (int64_t)ir[q + LANES - 1] < t1; q += LANES) {      \
+                    PF_STEP();                                                               \
                     for (int l = 0; l < LANES; ++l)                                          \
                         ot[(int32_t)ir[q + l] - off] += c * CONV(vr[q + l]);                 \
+                }                                                                            \
                 for (; q < k && (int64_t)ir[q] < t1; ++q)                                    \
                     ot[(int32_t)ir[q] - off] += c * CONV(vr[q]);                             \
             } else {                                                                         \
                 q = seek_##IT(ir, q, k, t1);                                                 \
             }                                                                                \
+            PF_REST();                                                                       \
             int64_t e = q;                                                                   \
             cur[r] = e;                                                                      \
         }                                                                                    \
@@ -211,31 +234,87 @@ int64_t mfac_sp_list(const float *a, int64_t n, float lo, float hi, int64_t base
     return c;
 }
 
-/* a = e + g over [0, n); the coordinates (plus base) with |a| >= t go to cand (the first cap
-   of them; the count is returned); *bad is set when some a is NaN or +-Inf. */
+/* a = e + g over [0, n); the coordinates (plus base) with |a| >= t go to cand and, when cval
+   is not NULL, their a to cval (the first cap of them; the count is returned); *bad is set
+   when some a is NaN or +-Inf. With AVX-512, 16 at a time: a is written with streaming stores
+   where it is 64-byte aligned (no read of a's old lines), the hits of a block are packed in
+   registers and stored whole. */
 int64_t mfac_sp_select(const float *e, const float *g, float *a, int64_t n, float t,
-                       int64_t base, int64_t *cand, int64_t cap, int32_t *bad) {
-    int64_t c = 0;
+                       int64_t base, int64_t *cand, float *cval, int64_t cap, int32_t *bad) {
+    int64_t c = 0, i = 0;
     int nonfinite = 0;
-    for (int64_t i0 = 0; i0 < n; i0 += 64) {
+#if defined(__AVX512F__)
+    for (; i < n && ((uintptr_t)(a + i) & 63); ++i) {
+        float v = e[i] + g[i];
+        a[i] = v;
+        nonfinite |= !(v - v == 0.0f);
+        if (v >= t || v <= -t) {
+            if (c < cap) { cand[c] = base + i; if (cval) cval[c] = v; }
+            ++c;
+        }
+    }
+    {
+        const __m512 tv = _mm512_set1_ps(t);
+        const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+        __m512 zero = _mm512_setzero_ps(); /* v - v summed: NaN once any v is NaN or Inf */
+        for (; i + 16 <= n; i += 16) {
+            __m512 v = _mm512_add_ps(_mm512_loadu_ps(e + i), _mm512_loadu_ps(g + i));
+            _mm512_stream_ps(a + i, v);
+            zero = _mm512_add_ps(zero, _mm512_sub_ps(v, v));
+            __mmask16 hit = _mm512_cmp_ps_mask(_mm512_abs_ps(v), tv, _CMP_GE_OQ);
+            if (!hit) continue;
+            int nh = __builtin_popcount(hit);
+            if (c + 16 <= cap) {
+                __m512i at = _mm512_add_epi64(_mm512_set1_epi64(base + i), lane);
+                __mmask8 lo = (__mmask8)(hit & 0xFF), hi = (__mmask8)(hit >> 8);
+                _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi64(lo, at));
+                _mm512_storeu_si512(cand + c + __builtin_popcount(lo),
+                                    _mm512_maskz_compress_epi64(
+                                        hi, _mm512_add_epi64(at, _mm512_set1_epi64(8))));
+                if (cval) _mm512_storeu_ps(cval + c, _mm512_maskz_compress_ps(hit, v));
+            } else {
+                float tmp[16];
+                _mm512_storeu_ps(tmp, v);
+                for (int l = 0; l < 16; ++l)
+                    if ((hit >> l) & 1) {
+                        if (c + 0 < cap) { cand[c] = base + i + l; if (cval) cval[c] = tmp[l]; }
+                        ++c;
+                    }
+                continue;
+            }
+            c += nh;
+        }
+        _mm_sfence();
+        nonfinite |= _mm512_cmp_ps_mask(zero, zero, _CMP_UNORD_Q) != 0;
+    }
+#endif
+    for (int64_t i0 = i; i0 < n; i0 += 64) {
         int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
         int hit = 0, nf = 0;
-        for (int64_t i = i0; i < i1; ++i) {
-            float v = e[i] + g[i];
-            a[i] = v;
+        for (int64_t j = i0; j < i1; ++j) {
+            float v = e[j] + g[j];
+            a[j] = v;
             hit |= (v >= t) | (v <= -t);
             nf |= !(v - v == 0.0f);
         }
         nonfinite |= nf;
         if (hit)
-            for (int64_t i = i0; i < i1; ++i)
-                if (a[i] >= t || a[i] <= -t) {
-                    if (c < cap) cand[c] = base + i;
+            for (int64_t j = i0; j < i1; ++j)
+                if (a[j] >= t || a[j] <= -t) {
+                    if (c < cap) { cand[c] = base + j; if (cval) cval[c] = a[j]; }
                     ++c;
                 }
     }
     *bad = nonfinite;
     return c;
+}
+
+/* a[idx[q]] -= v[q] for q in [0, n) (the error feedback's e = a - c at the kept coordinates). */
+void mfac_sp_sub_at(float *a, const int64_t *idx, const float *v, int64_t n) {
+    for (int64_t q = 0; q < n; ++q) {
+        if (q + 16 < n) __builtin_prefetch(a + idx[q + 16], 1, 3);
+        a[idx[q]] -= v[q];
+    }
 }
 """
 
@@ -255,8 +334,12 @@ _state: dict[str, object] = {}
 _compiler = cbuild.find_compiler
 
 
-def _load(compiler: str) -> ctypes.CDLL:
-    lib = cbuild.load(SOURCE, _FLAG_SETS, "sparse", compiler)
+def _load(
+    compiler: str, flag_sets: tuple[list[str], ...] = _FLAG_SETS, stem: str = "sparse"
+) -> ctypes.CDLL:
+    """The kernel library built with the first of ``flag_sets`` that compiles (tests build a
+    portable one too, without the host's vector extensions), with its argument types set."""
+    lib = cbuild.load(SOURCE, flag_sets, stem, compiler)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for v in _VALUE_NAMES.values():
         for i in _INDEX_NAMES.values():
@@ -266,10 +349,12 @@ def _load(compiler: str) -> ctypes.CDLL:
             scatter = getattr(lib, f"mfac_sp_scatter_{v}_{i}")
             scatter.argtypes = [p, p, i64, i64, i64, p, i64, i64, i64, i64, ctypes.c_int32, p]
             scatter.restype = ctypes.c_int
-    lib.mfac_sp_select.argtypes = [p, p, p, i64, ctypes.c_float, i64, p, i64, p]
+    lib.mfac_sp_select.argtypes = [p, p, p, i64, ctypes.c_float, i64, p, p, i64, p]
     lib.mfac_sp_select.restype = i64
     lib.mfac_sp_list.argtypes = [p, i64, ctypes.c_float, ctypes.c_float, i64, p, i64]
     lib.mfac_sp_list.restype = i64
+    lib.mfac_sp_sub_at.argtypes = [p, p, p, i64]
+    lib.mfac_sp_sub_at.restype = None
     lib.mfac_sp_has_f16.restype = ctypes.c_int
     return lib
 
@@ -448,9 +533,25 @@ def select(
     """acc = error + grad (float32, contiguous), and the ascending coordinates with
     |acc| >= threshold: returns (the first ``cap`` of them, their total count, whether acc
     holds a NaN or Inf)."""
+    cand, _, total, bad = select_values(error, grad, acc, threshold, cap, values=False)
+    return cand, total, bad
+
+
+def select_values(
+    error: torch.Tensor,
+    grad: torch.Tensor,
+    acc: torch.Tensor,
+    threshold: float,
+    cap: int,
+    values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
+    """:func:`select`, also returning acc at the listed coordinates (float32; None when
+    ``values`` is False), read in the same pass instead of gathered from acc afterwards:
+    (coordinates, their acc, total count, whether acc holds a NaN or Inf)."""
     n = acc.numel()
     parts = _split(n, torch.get_num_threads(), 1 << 20)
     bufs = [torch.empty(cap, dtype=torch.int64) for _ in parts]
+    vbufs = [torch.empty(cap if values else 0, dtype=torch.float32) for _ in parts]
     bads = torch.zeros(len(parts), dtype=torch.int32)
     counts = [0] * len(parts)
     lib = library()
@@ -459,7 +560,8 @@ def select(
         a, b = parts[p]
         counts[p] = lib.mfac_sp_select(
             error.data_ptr() + 4 * a, grad.data_ptr() + 4 * a, acc.data_ptr() + 4 * a, b - a,
-            threshold, a, bufs[p].data_ptr(), cap, bads.data_ptr() + 4 * p,
+            threshold, a, bufs[p].data_ptr(), vbufs[p].data_ptr() if values else None, cap,
+            bads.data_ptr() + 4 * p,
         )  # fmt: skip
 
     if len(parts) == 1:
@@ -469,10 +571,19 @@ def select(
             f.result()
     total = sum(counts)
     if len(parts) == 1:
-        cand = bufs[0][: min(cap, total)]
+        cand, cval = bufs[0][: min(cap, total)], vbufs[0][: min(cap, total)]
     else:
-        cand = torch.cat([b[: min(cap, c)] for b, c in zip(bufs, counts, strict=True)])[:cap]
-    return cand, total, bool(bads.any())
+        pairs = list(zip(bufs, vbufs, counts, strict=True))
+        cand = torch.cat([b[: min(cap, c)] for b, _, c in pairs])[:cap]
+        cval = torch.cat([v[: min(cap, c)] for _, v, c in pairs])[:cap] if values else None
+    return cand, (cval if values else None), total, bool(bads.any())
+
+
+def sub_at(a: torch.Tensor, idx: torch.Tensor, v: torch.Tensor) -> None:
+    """a[idx] -= v in place, for a contiguous float32 vector, int64 coordinates (ascending
+    reads best) and float32 values of the same length."""
+    lib = library()
+    lib.mfac_sp_sub_at(a.data_ptr(), idx.data_ptr(), v.data_ptr(), idx.numel())
 
 
 def list_range(a: torch.Tensor, lo: float, hi: float, cap: int) -> tuple[torch.Tensor, int]:
@@ -512,5 +623,7 @@ __all__ = [
     "plan",
     "scatter",
     "select",
+    "select_values",
+    "sub_at",
     "supports",
 ]

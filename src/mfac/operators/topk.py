@@ -74,17 +74,23 @@ def sample_stride(d: int) -> int:
     return max(1, d // (1 << 18))
 
 
-def largest_among(cand: torch.Tensor, mag: torch.Tensor, k: int) -> torch.Tensor:
-    """The k candidates (ascending coordinates ``cand``, magnitudes ``mag``) of largest
-    magnitude, in ascending order. When most candidates stay, the few smallest are dropped
-    instead (torch.topk of the smaller side: 7x faster at k = 1.35M of 1.77M)."""
-    n = cand.numel()
+def largest_positions(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (ascending) of the k largest entries of ``mag``. When most entries stay, the
+    few smallest are dropped instead (torch.topk of the smaller side: 7x faster at k = 1.35M
+    of 1.77M)."""
+    n = mag.numel()
     if n - k < k:
         drop = torch.topk(mag, n - k, largest=False, sorted=False).indices
-        keep = torch.ones(n, dtype=torch.bool, device=cand.device)
+        keep = torch.ones(n, dtype=torch.bool, device=mag.device)
         keep[drop] = False
-        return cand[keep]
-    return cand[torch.topk(mag, k, sorted=False).indices.sort().values]
+        return keep.nonzero().squeeze(1)
+    return torch.topk(mag, k, sorted=False).indices.sort().values
+
+
+def largest_among(cand: torch.Tensor, mag: torch.Tensor, k: int) -> torch.Tensor:
+    """The k candidates (ascending coordinates ``cand``, magnitudes ``mag``) of largest
+    magnitude, in ascending order."""
+    return cand[largest_positions(mag, k)]
 
 
 def topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
@@ -107,29 +113,33 @@ def topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
 
 def _native_select(
     error: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor, k: int
-) -> torch.Tensor:
-    """acc = error + grad and the ascending coordinates of its k largest magnitudes, with the C
-    selection pass (no d-sized temporary). Same choice as :func:`topk_indices` on |acc| when
-    the sampled threshold holds; otherwise the exact k-th largest magnitude by bisection, all
-    entries above it and the lowest coordinates among its ties. Raises on NaN/Inf."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """acc = error + grad, the ascending coordinates of its k largest magnitudes and acc there,
+    with the C selection pass (no d-sized temporary; the candidates' values come out of the
+    same pass). Same choice as :func:`topk_indices` on |acc| when the sampled threshold holds;
+    otherwise the exact k-th largest magnitude by bisection, all entries above it and the
+    lowest coordinates among its ties. Raises on NaN/Inf."""
     d = acc.numel()
     stride = sample_stride(d)
     threshold = sample_threshold((error[::stride] + grad[::stride]).abs_(), k, d)
     cap = candidate_cap(k)
-    cand, count, bad = sparse_native.select(error, grad, acc, threshold, cap)
+    cand, cval, count, bad = sparse_native.select_values(error, grad, acc, threshold, cap)
     if bad:
         raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
     if k <= count <= cap:
-        return largest_among(cand, acc[cand].abs(), k)
-    del cand
+        pos = largest_positions(cval.abs(), k)
+        return cand[pos], cval[pos]
+    del cand, cval
     kth = sparse_native.kth_largest(acc, k)
     cand, count = sparse_native.list_range(acc, kth, math.inf, cap)
     if count <= cap:
-        return largest_among(cand, acc[cand].abs(), k)
+        idx = largest_among(cand, acc[cand].abs(), k)
+        return idx, acc[idx]
     above_kth = float(torch.tensor(kth).nextafter(torch.tensor(math.inf)))  # in float32
     above, n_above = sparse_native.list_range(acc, above_kth, math.inf, k)
     ties, _ = sparse_native.list_range(acc, kth, kth, k - n_above)
-    return torch.cat([above, ties]).sort().values
+    idx = torch.cat([above, ties]).sort().values
+    return idx, acc[idx]
 
 
 def _references(t: torch.Tensor) -> int:
@@ -233,10 +243,11 @@ class TopKSlidingInverseFisher(FactorBacked):
             vectors += dim * 4
         cap = candidate_cap(k)
         threads = max(1, torch.get_num_threads())
-        # candidates (int64, one buffer per thread), |a[cand]| and its copy, topk's values and
-        # indices, the sort of k positions, idx, kept values (float32 and stored), rollback
-        selection = threads * cap * 8 + 2 * cap * 4 + k * (4 + 8) + 2 * k * 8 + k * 8
-        selection += k * (4 + value_bytes) + k * (value_bytes + index_bytes)
+        # candidates (int64 + their float32 value, one buffer per thread), |a[cand]| and its
+        # copy, topk's values and indices, the kept mask, the sort of k positions, idx, kept
+        # values (picked, float32 and stored), rollback
+        selection = threads * cap * (8 + 4) + 2 * cap * 4 + k * (4 + 8) + cap + 2 * k * 8
+        selection += k * 8 + k * (4 + 4 + value_bytes) + k * (value_bytes + index_bytes)
         if TopKSlidingInverseFisher.native_for(dtype, device):
             passes = 2 * sparse_native.TILE * 4 + window * 8 * 2  # tile buffers and cursors
         else:
@@ -353,9 +364,11 @@ class TopKSlidingInverseFisher(FactorBacked):
             self._row = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
         return self._row
 
-    def _select(self, flat: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-        """acc = e + g and the coordinates of the k largest |acc| (ascending, as the C kernels
-        need; the torch path keeps torch.topk's order); raises on NaN/Inf."""
+    def _select(
+        self, flat: torch.Tensor, acc: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """acc = e + g, the coordinates of the k largest |acc| (ascending, as the C kernels
+        need; the torch path keeps torch.topk's order) and acc there; raises on NaN/Inf."""
         if self.native and self.dim > SMALL_SELECT and 4 * self.k < self.dim:
             grad = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
             return _native_select(self.error, grad.contiguous(), acc, self.k)
@@ -363,7 +376,8 @@ class TopKSlidingInverseFisher(FactorBacked):
         if not finite_fast(acc):
             raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
         idx = topk_indices(acc.abs(), self.k)
-        return idx.sort().values if self.native else idx
+        idx = idx.sort().values if self.native else idx
+        return idx, acc[idx]
 
     def _insert(self, flat: torch.Tensor) -> int:
         """Compress e + g into the next slot, update K, keep the new error; return the slot.
@@ -373,8 +387,8 @@ class TopKSlidingInverseFisher(FactorBacked):
         k entries (the C path spreads them per tile; the torch path writes and clears them in
         a dense buffer)."""
         acc = self._scratch()
-        idx = self._select(flat, acc)
-        vals = acc[idx].to(self.values.dtype)
+        idx, picked = self._select(flat, acc)
+        vals = picked.to(self.values.dtype)
         slot = self.factor.next_slot
         old_vals, old_idx = self.values[slot].clone(), self.indices[slot].clone()
         self.values[slot] = vals
@@ -395,7 +409,10 @@ class TopKSlidingInverseFisher(FactorBacked):
         except (RuntimeError, NonFiniteGradientError):
             self.values[slot], self.indices[slot] = old_vals, old_idx
             raise
-        acc[idx] -= kept  # e = a - c
+        if self.native:
+            sparse_native.sub_at(acc, idx, kept)  # e = a - c
+        else:
+            acc[idx] -= kept  # e = a - c
         self._spare, self.error = self.error, acc
         return slot
 
