@@ -39,7 +39,7 @@ from mfac.operators.threads import single_threaded
 from mfac.operators.topk import TopKSlidingInverseFisher
 from mfac.optim import MFAC
 
-from benchmarks.common import RESULTS, machine, write_json
+from benchmarks.common import RESULTS, fill_topk_window, machine, write_json
 
 
 class RefactorEachPush(GramFactor):
@@ -207,17 +207,7 @@ def topk_one(
         dim, m, k, damp=1e-4, dtype=value_dtype, memory_budget=memory_budget
     )
     gen = torch.Generator().manual_seed(0)
-    # a full window: random rows (near-orthogonal at these densities), K from their norms
-    stride = dim // k
-    norms = torch.empty(m, dtype=F64)
-    base = torch.arange(k, dtype=torch.int64) * stride
-    for r in range(m):  # one random coordinate per stratum: sorted, distinct, O(k)
-        idx = base + torch.randint(0, stride, (k,), generator=gen)
-        op.indices[r] = idx.to(op.indices.dtype)
-        op.values[r] = torch.randn(k, generator=gen).to(value_dtype)
-        norms[r] = float(op.values[r].double().square().sum())
-    del idx, base
-    op.factor.rebuild(torch.diag(norms) + m * op.damp * torch.eye(m, dtype=F64))
+    fill_topk_window(op, gen)  # a full window of random sparse rows, K from their norms
     grads = [torch.randn(dim, generator=gen) for _ in range(2)]
     op.push_ihvp(grads[0])  # warm-up
     # step and floor interleaved (each step is followed by its floor's reads and pass), so
