@@ -9,6 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mfac import NonFiniteGradientError
+from mfac.operators import TopKSlidingInverseFisher
+from mfac.operators.topk import SMALL_SELECT
 from mfac.optim import MFAC
 from mfac.optim.scaled import ScaledMFAC, window_coeff, window_coeffs
 
@@ -655,13 +658,14 @@ def test_topk_nonfinite_gradient_changes_nothing():
 def test_topk_torch_path_matches_the_c_kernels():
     """The torch gathers/scatters/selection (CUDA, or no C compiler) give the C kernels' steps."""
     torch.manual_seed(0)
-    base = torch.nn.Linear(30, 20)
+    base = torch.nn.Linear(300, 250)  # d = 75,250 > SMALL_SELECT: the C selection runs
+    assert sum(p.numel() for p in base.parameters()) > SMALL_SELECT
     mods = [copy.deepcopy(base) for _ in range(2)]
     kw = dict(lr=1e-2, ngrads=3, blocks="global", history="topk", topk=0.05)
     opts = [MFAC(mod.parameters(), **kw) for mod in mods]
     opts[1]._blocks[0].op.native = False
     for i in range(7):
-        x = torch.randn(16, 30, generator=torch.Generator().manual_seed(i))
+        x = torch.randn(16, 300, generator=torch.Generator().manual_seed(i))
         for mod, opt in zip(mods, opts, strict=True):
             opt.zero_grad()
             mod(x).square().mean().backward()
@@ -670,3 +674,149 @@ def test_topk_torch_path_matches_the_c_kernels():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
     rows = [opt._blocks[0].op.dense_rows() for opt in opts]
     torch.testing.assert_close(rows[0], rows[1], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- checkpoints: refusals, dtypes
+def _state_equal(a: dict, b: dict) -> bool:
+    """Two state dicts hold the same values (tensors compared exactly)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _drop(path: tuple):
+    def edit(sd: dict) -> None:
+        target = sd
+        for key in path[:-1]:
+            target = target[key]
+        del target[path[-1]]
+
+    return edit
+
+
+def _set(path: tuple, value):
+    def edit(sd: dict) -> None:
+        target = sd
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value(target[path[-1]]) if callable(value) else value
+
+    return edit
+
+
+def _nan_first(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+CORRUPTIONS = {
+    "missing gram of the last block": (_drop(("scaled", "blocks", 1, "gram")), KeyError, "gram"),
+    "missing steps": (_drop(("scaled", "steps")), KeyError, "steps"),
+    "negative steps": (_set(("scaled", "steps"), -1), ValueError, "steps"),
+    "pointer off the ring": (
+        _set(("scaled", "blocks", 0, "next_slot"), 7), ValueError, "next_slot"
+    ),
+    "NaN in a row": (_set(("scaled", "blocks", 1, "rows"), _nan_first), ValueError, "NaN"),
+    "row edited after K": (
+        _set(("scaled", "blocks", 0, "rows"), lambda t: t * 2), ValueError, "kept across"
+    ),
+    "no scaled entry": (_drop(("scaled",)), ValueError, "scaled"),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_a_bad_state_is_refused_before_anything_is_written(name):
+    """Every field is checked before the moments, windows or step count change."""
+    edit, error, match = CORRUPTIONS[name]
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(4, 3)  # two tensors: two windows
+    opt = ScaledMFAC(mod.parameters(), ngrads=3)
+    _topk_train(mod, opt, range(5))
+    saved = copy.deepcopy(opt.state_dict())
+    edit(saved)
+    other = torch.nn.Linear(4, 3)
+    target = ScaledMFAC(other.parameters(), ngrads=3)
+    _topk_train(other, target, range(10, 12))
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(error, match=match):
+        target.load_state_dict(saved)
+    assert _state_equal(before, target.state_dict())
+
+
+@pytest.mark.parametrize("blocks", ["tensor", "global"])
+def test_a_state_dict_kept_across_a_step_is_refused(blocks):
+    """state_dict() holds the windows by reference; kept across a step its K no longer matches
+    its rows, and loading it is refused instead of silently mixing two steps."""
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(4, 3)
+    opt = ScaledMFAC(mod.parameters(), ngrads=3, blocks=blocks)
+    _topk_train(mod, opt, range(4))
+    held = opt.state_dict()
+    _topk_train(mod, opt, range(4, 5))
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="kept across a later step"):
+        opt.load_state_dict(held)
+    assert _state_equal(before, opt.state_dict())
+
+
+def test_bfloat16_parameters_resume_with_float32_moments_of_their_own():
+    """torch casts loaded moments to the parameter's dtype and shares them with the given
+    dict; this rule keeps float32 moments, copied."""
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    opt = ScaledMFAC(mod.parameters(), ngrads=3)
+
+    def train(steps):
+        for i in steps:
+            x = torch.randn(9, 4, generator=torch.Generator().manual_seed(i)).bfloat16()
+            opt.zero_grad()
+            mod(x).float().square().mean().backward()
+            opt.step()
+
+    train(range(3))
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(saved)
+    for index, p in enumerate(mod.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            mine = opt.state[p][key]
+            assert mine.dtype == torch.float32
+            assert torch.equal(mine, saved["state"][index][key])
+            assert mine.data_ptr() != saved["state"][index][key].data_ptr()
+    train(range(3, 5))  # steps after the load run
+
+
+def test_topk_scatter_refuses_a_wrong_buffer_or_coefficients():
+    op = TopKSlidingInverseFisher(100, 3, 10)
+    op.push(torch.randn(100))
+    coeff = torch.randn(3, dtype=torch.float64)
+    for out in (torch.zeros(100, dtype=torch.float64), torch.zeros(99), torch.zeros(200)[::2]):
+        with pytest.raises(ValueError, match="out must be"):
+            op.scatter(coeff, out=out)
+    with pytest.raises(ValueError, match="coeff"):
+        op.scatter(torch.randn(4, dtype=torch.float64))
+    torch.testing.assert_close(
+        op.scatter(coeff, out=torch.empty(100)), op.dense_rows().T @ coeff.float()
+    )
+
+
+def test_topk_without_whitening_refuses_an_overflowing_error_feedback_sum():
+    """With whiten='none' the window compresses e + g for the raw g; a sum past float32's
+    range is refused before Adam's moments change."""
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(3, 2)
+    kw = dict(ngrads=2, blocks="global", history="topk", topk=2, whiten="none", power=0.5)
+    opt = ScaledMFAC(mod.parameters(), **kw)
+    mod(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    opt._blocks[0].op.error.fill_(torch.finfo(torch.float32).max)
+    before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in mod.parameters()]
+    with pytest.raises(NonFiniteGradientError, match="overflows float32"):
+        opt.step()
+    assert _state_equal(before[0], opt.state_dict())
+    for pa, pb in zip(before[1], mod.parameters(), strict=True):
+        assert torch.equal(pa, pb)

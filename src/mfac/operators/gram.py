@@ -246,7 +246,8 @@ class GramFactor:
                     raise ValueError(
                         f"{prefix}gram is stale: it differs from m*damp*I + G G^T of the stored "
                         f"window (relative error {err / size:.1e}); the window was edited after "
-                        "K was formed"
+                        "K was formed, or the state dict was kept across a later step (it holds "
+                        "the window by reference: save or copy it before stepping on)"
                     )
 
     def load_state_dict(self, state: Mapping[str, Any], check: bool = True) -> None:

@@ -243,10 +243,11 @@ class TopKSlidingInverseFisher(FactorBacked):
             vectors += dim * 4
         cap = candidate_cap(k)
         threads = max(1, torch.get_num_threads())
-        # candidates (int64 + their float32 value, one buffer per thread), |a[cand]| and its
+        # candidates (int64 + their float32 value, one buffer per thread, and the joined
+        # copy of the threads' parts), |a[cand]| and its
         # copy, topk's values and indices, the kept mask, the sort of k positions, idx, kept
         # values (picked, float32 and stored), rollback
-        selection = threads * cap * (8 + 4) + 2 * cap * 4 + k * (4 + 8) + cap + 2 * k * 8
+        selection = (threads + 1) * cap * (8 + 4) + 2 * cap * 4 + k * (4 + 8) + cap + 2 * k * 8
         selection += k * 8 + k * (4 + 4 + value_bytes) + k * (value_bytes + index_bytes)
         if TopKSlidingInverseFisher.native_for(dtype, device):
             passes = 2 * sparse_native.TILE * 4 + window * 8 * 2  # tile buffers and cursors
@@ -459,6 +460,18 @@ class TopKSlidingInverseFisher(FactorBacked):
     def scatter(self, coeff: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """G^T c (d,) float32 for c of shape (m,): the window's scatter-add, public as
         :meth:`gather` is; written into ``out`` (a contiguous float32 d-vector) when given."""
+        if not isinstance(coeff, torch.Tensor) or coeff.numel() != self.window:
+            raise ValueError(f"coeff must be a tensor of {self.window} entries (one per row)")
+        if out is not None and (
+            not isinstance(out, torch.Tensor)
+            or out.dtype != torch.float32
+            or out.numel() != self.dim
+            or not out.is_contiguous()
+            or out.device != self.device
+        ):
+            raise ValueError(
+                f"out must be a contiguous float32 tensor of {self.dim} entries on {self.device}"
+            )
         if out is not None and self.native:
             return sparse_native.scatter(self.values, self.indices, self.dim, coeff, out)
         result = self._scatter(coeff)

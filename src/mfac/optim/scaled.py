@@ -16,7 +16,8 @@ diagonal statistics and applies a matrix function of the window's (whitened) Fis
     s   = lam^-q (I + S / lam)^-p u     (p = power: 1 is the M-FAC inverse, 1/2 is GGT's
                                          inverse square root; q = 0 with "adam" whitening,
                                          q = 1/2 without, so s never depends on the scale of g)
-    s_T *= |u_T| / |s_T|                (graft, the default: AdamW's step length, per tensor T)
+    s_T *= |a_T| / |s_T|                (graft, the default: AdamW's step length per tensor T,
+                                         a = m_hat / D; a = u with "adam" whitening)
     p  *= 1 - lr * wd;   p -= lr * s
 
 With whitening, s -> u (exactly AdamW) as damp -> infinity, and the window only shrinks the
@@ -37,7 +38,7 @@ the window takes m k (value + index) bytes instead of m d floats.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,6 +230,16 @@ class _Block:
                 f"state holds a {state['rows'].dtype} window, this optimizer stores "
                 f"{self.rows.dtype} (history_dtype); nothing was loaded"
             )
+        rows = state["rows"].to(self.rows.device)
+        if not finite_fast(rows):
+            raise ValueError("the window's rows contain NaN or Inf; nothing was loaded")
+        m = self.rows.shape[0]
+
+        def window_gram(probe: torch.Tensor) -> torch.Tensor:  # Z Z^T probe / m, two passes
+            back = cols_dot(rows, probe.to(torch.float32)[:, None])
+            return rows_dot(rows, back).to(F64)[:, 0] / m
+
+        _RingGram(m, self.gram.device).check_state(state, window_gram)
 
     @property
     def nbytes(self) -> int:
@@ -317,7 +328,9 @@ class _RingGram(GramFactor):
             if not err <= 1e-4 * size:
                 raise ValueError(
                     f"{prefix}gram differs from G G^T of the stored rows (relative error "
-                    f"{err / max(size, 1e-300):.1e}); the window was edited after K was formed"
+                    f"{err / max(size, 1e-300):.1e}); the window was edited after K was formed, "
+                    "or the state dict was kept across a later step (it holds the window by "
+                    "reference: save or copy it before stepping on)"
                 )
 
     def load_state_dict(self, state: Any, check: bool = True) -> None:
@@ -377,8 +390,8 @@ class _TopKBlock:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the rows (values + indices), the error vector and G G^T."""
-        return self.op.window_nbytes + 4 * self.op.dim + self.op.factor.gram.numel() * 8
+        """Bytes of the rows (values + indices), the error vector and its spare, and G G^T."""
+        return self.op.window_nbytes + 2 * 4 * self.op.dim + self.op.factor.gram.numel() * 8
 
     def state_dict(self) -> dict[str, Any]:
         """Rows (values, indices), the error vector, G G^T and the pointer, cloned."""
@@ -420,7 +433,8 @@ class ScaledMFAC(MFAC):
 
     A parameter whose ``.grad`` is None in a step is not updated; its Adam moments and window
     see a zero gradient. NaN/Inf in a gradient raises :class:`mfac.NonFiniteGradientError`
-    before anything changes. ``state_dict`` holds the windows: resuming is bit-identical.
+    before anything changes. ``state_dict`` holds the windows, by reference (as torch.optim
+    holds its moments; save or deepcopy it before the next step): resuming is bit-identical.
     """
 
     def __init__(
@@ -511,7 +525,7 @@ class ScaledMFAC(MFAC):
         ngrads: int,
         blocks: str = "tensor",
         history_dtype: torch.dtype = torch.float32,
-        topk: int | None = None,
+        topk: int | float | None = None,
         device: torch.device | str | None = None,
     ) -> int:
         """Bytes a step needs: the windows (in ``history_dtype``) and their float64 m x m Gram
@@ -522,6 +536,7 @@ class ScaledMFAC(MFAC):
         returned step), plus z, u, the moments and the eigendecomposition's work."""
         dim = sum(sizes)
         if topk is not None:
+            topk = resolve_k(topk, dim)  # an int k, or a density in (0, 1]
             window = TopKSlidingInverseFisher.required_bytes(
                 dim, ngrads, topk, history_dtype, device
             )
@@ -529,14 +544,17 @@ class ScaledMFAC(MFAC):
         nblocks = 1 if blocks == "global" else len(sizes)
         elem = torch.empty((), dtype=history_dtype).element_size()
         windows = elem * ngrads * dim + 8 * nblocks * ngrads * ngrads
-        return windows + 2 * 4 * dim + 3 * 4 * dim + 3 * 8 * nblocks * ngrads * ngrads
+        # temporaries: z, u, the direction, and the (d, 2) stack of z and u one pass reads
+        return windows + 2 * 4 * dim + 4 * 4 * dim + 3 * 8 * nblocks * ngrads * ngrads
 
     @property
     def state_nbytes(self) -> int:
-        """Bytes of optimizer state: windows (a top-k window's error vector included), their
-        m x m matrices, Adam's two moments."""
+        """Bytes the optimizer holds between steps: windows (a top-k window's error vector and
+        its spare included), their m x m matrices, Adam's two moments, and the whole model's
+        z and u buffers a global window keeps across steps."""
         window = sum(b.nbytes for b in self._blocks)
-        return window + 2 * 4 * sum(p.numel() for p in self._params)
+        flat = sum(t.numel() * t.element_size() for t in self._flat or ())
+        return window + flat + 2 * 4 * sum(p.numel() for p in self._params)
 
     def _flat_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole model's z and u (float32 d-vectors), kept across steps so that a step
@@ -608,6 +626,8 @@ class ScaledMFAC(MFAC):
                     f"ScaledMFAC.step: the gradient of parameter #{i} (shape "
                     f"{tuple(p.shape)}) contains NaN or Inf; nothing was changed"
                 )
+        if self.cfg.history == "topk" and self.cfg.whiten == "none":
+            self._check_error_feedback_fits(live)
         is_global = self.cfg.blocks == "global"
         zs, us, targets = self._whiten(flat=is_global)
         projs = [b.push(z, u) for b, z, u in zip(self._blocks, zs, us, strict=True)]
@@ -640,6 +660,19 @@ class ScaledMFAC(MFAC):
         self._steps += 1
         return loss
 
+    def _check_error_feedback_fits(self, live: list[torch.Tensor]) -> None:
+        """Without whitening the top-k window compresses e + g for the raw gradient g: refuse,
+        before Adam's moments change, a gradient for which that sum could overflow float32.
+        (Adam-whitened entries are bounded by about (1 - b2)^-1/2, so the check is only needed
+        here.)"""
+        g_max = max(float(p.grad.abs().max()) for p in live)
+        e_max = float(self._blocks[0].op.error.abs().max())
+        if not g_max + e_max < torch.finfo(torch.float32).max:
+            raise NonFiniteGradientError(
+                f"ScaledMFAC.step: the gradient's largest entry ({g_max:.3g}) plus the top-k "
+                f"window's error feedback ({e_max:.3g}) overflows float32; nothing was changed"
+            )
+
     def __repr__(self) -> str:
         c = self.cfg
         window = f"history='topk', topk={c.topk!r}, " if c.history == "topk" else ""
@@ -658,8 +691,19 @@ class ScaledMFAC(MFAC):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict` (same parameters and options); every window is
         checked before anything is written."""
+        if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("scaled"), Mapping):
+            raise ValueError(
+                "state_dict has no 'scaled' entry: it is not a state of MFAC(mode='adam'); "
+                "nothing was loaded"
+            )
         sd = dict(state_dict)
         extra = sd.pop("scaled")
+        for key in ("blocks", "steps"):
+            if key not in extra:
+                raise KeyError(f"state is missing the field 'scaled.{key}'; nothing was loaded")
+        steps = extra["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"scaled.steps must be an int >= 0, got {steps!r}; nothing was loaded")
         if len(extra["blocks"]) != len(self._blocks):
             raise ValueError(
                 f"state holds {len(extra['blocks'])} blocks, this optimizer {len(self._blocks)}"
@@ -667,9 +711,19 @@ class ScaledMFAC(MFAC):
         for b, s in zip(self._blocks, extra["blocks"], strict=True):
             b.check_state(s)
         super().load_state_dict(sd)
+        # torch casts the moments to each parameter's dtype and shares them with the given
+        # dict; this rule keeps them float32 and its own (copies of the saved values)
+        saved = sd.get("state", {})
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, p in enumerate(params):
+            for key in ("exp_avg", "exp_avg_sq"):
+                if index in saved and key in saved[index]:
+                    self.state[p][key] = saved[index][key].to(
+                        device=p.device, dtype=torch.float32, copy=True
+                    )
         for b, s in zip(self._blocks, extra["blocks"], strict=True):
             b.load_state_dict(s)
-        self._steps = int(extra["steps"])
+        self._steps = steps
 
 
 __all__ = ["ScaledConfig", "ScaledMFAC", "window_coeff", "window_coeffs"]
