@@ -405,6 +405,8 @@ def report(args: argparse.Namespace) -> None:
     print()
     print(seeds_table(rows))
     print()
+    print(iteration_table())
+    print()
     print(scale_table(rows))
     print(f"wrote {out}")
 
@@ -458,6 +460,34 @@ def seeds_table(rows: list[dict]) -> str:
             gaps.append(f"{statistics.fmean(d):+.3f}" if d else "-")
         cells = [r["label"], f"{r['lr']:g}", str(len(r["seeds"]))]
         cells += [cell(r, k) for k in METRICS] + [" / ".join(gaps)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def iteration_table() -> str:
+    """Whole iterations with a full window next to AdamW's, one process per file
+    (``optim_finetune_iteration*.json`` from the ``iteration`` command)."""
+    lines = [
+        "| run (commit) | rule | window | AdamW iteration s (first / last) | M-FAC iteration s | "
+        "M-FAC step() s | iteration / AdamW | peak RSS GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for path in sorted(RESULTS.glob("optim_finetune_iteration*.json")):
+        rec = json.loads(path.read_text())
+        opt = rec.get("opt", "mfac")
+        o = rec["options"]
+        window = (
+            f"m = {o.get('ngrads')}, {o.get('topk', 0):.1%}, "
+            f"{o.get('history_dtype', 'float32')}"
+        )
+        tag = path.stem.removeprefix("optim_finetune_iteration").lstrip("_") or "-"
+        cells = [
+            f"{tag} ({rec.get('commit', '?')})",
+            {"mfac": "paper", "scaled": "default (global top-k)"}.get(opt, opt), window,
+            f"{rec['adamw']['iter_median_s']:.2f} / {rec['adamw_again']['iter_median_s']:.2f}",
+            f"{rec[opt]['iter_median_s']:.2f}", f"{rec[opt]['step_median_s']:.2f}",
+            f"{rec['iter_vs_adamw']:.2f}", f"{rec['peak_rss_gib']:.2f}",
+        ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
