@@ -14,6 +14,8 @@ from mfac.operators import TopKSlidingInverseFisher
 from mfac.operators.topk import SMALL_SELECT
 from mfac.optim import MFAC
 from mfac.optim.scaled import ScaledMFAC, window_coeff, window_coeffs
+from test_optim import assert_state_equal
+from test_optim_state import _delete, _set
 
 F64 = torch.float64
 
@@ -677,37 +679,6 @@ def test_topk_torch_path_matches_the_c_kernels():
 
 
 # ------------------------------------------------------------- checkpoints: refusals, dtypes
-def _state_equal(a: dict, b: dict) -> bool:
-    """Two state dicts hold the same values (tensors compared exactly)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
-def _drop(path: tuple):
-    def edit(sd: dict) -> None:
-        target = sd
-        for key in path[:-1]:
-            target = target[key]
-        del target[path[-1]]
-
-    return edit
-
-
-def _set(path: tuple, value):
-    def edit(sd: dict) -> None:
-        target = sd
-        for key in path[:-1]:
-            target = target[key]
-        target[path[-1]] = value(target[path[-1]]) if callable(value) else value
-
-    return edit
-
-
 def _nan_first(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     t.view(-1)[0] = float("nan")
@@ -715,8 +686,8 @@ def _nan_first(t: torch.Tensor) -> torch.Tensor:
 
 
 CORRUPTIONS = {
-    "missing gram of the last block": (_drop(("scaled", "blocks", 1, "gram")), KeyError, "gram"),
-    "missing steps": (_drop(("scaled", "steps")), KeyError, "steps"),
+    "missing gram of the last block": (_delete(("scaled", "blocks", 1, "gram")), KeyError, "gram"),
+    "missing steps": (_delete(("scaled", "steps")), KeyError, "steps"),
     "negative steps": (_set(("scaled", "steps"), -1), ValueError, "steps"),
     "pointer off the ring": (
         _set(("scaled", "blocks", 0, "next_slot"), 7), ValueError, "next_slot"
@@ -725,7 +696,7 @@ CORRUPTIONS = {
     "row edited after K": (
         _set(("scaled", "blocks", 0, "rows"), lambda t: t * 2), ValueError, "kept across"
     ),
-    "no scaled entry": (_drop(("scaled",)), ValueError, "scaled"),
+    "no scaled entry": (_delete(("scaled",)), ValueError, "scaled"),
 }
 
 
@@ -745,7 +716,7 @@ def test_a_bad_state_is_refused_before_anything_is_written(name):
     before = copy.deepcopy(target.state_dict())
     with pytest.raises(error, match=match):
         target.load_state_dict(saved)
-    assert _state_equal(before, target.state_dict())
+    assert_state_equal(before, target.state_dict())
 
 
 @pytest.mark.parametrize("blocks", ["tensor", "global"])
@@ -761,7 +732,7 @@ def test_a_state_dict_kept_across_a_step_is_refused(blocks):
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match="kept across a later step"):
         opt.load_state_dict(held)
-    assert _state_equal(before, opt.state_dict())
+    assert_state_equal(before, opt.state_dict())
 
 
 def test_bfloat16_parameters_resume_with_float32_moments_of_their_own():
@@ -817,6 +788,6 @@ def test_topk_without_whitening_refuses_an_overflowing_error_feedback_sum():
     before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in mod.parameters()]
     with pytest.raises(NonFiniteGradientError, match="overflows float32"):
         opt.step()
-    assert _state_equal(before[0], opt.state_dict())
+    assert_state_equal(before[0], opt.state_dict())
     for pa, pb in zip(before[1], mod.parameters(), strict=True):
         assert torch.equal(pa, pb)
