@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -79,6 +80,11 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def fill_topk_window(op: Any, generator: torch.Generator) -> None:
     """Fill every slot of a top-k window (``TopKSlidingInverseFisher``) with a random sparse
     row and rebuild K, so that a timing sees a full window without pushing m real gradients.
@@ -96,8 +102,5 @@ def fill_topk_window(op: Any, generator: torch.Generator) -> None:
         )
         op.values[r] = torch.randn(k, generator=generator).to(op.values.dtype)
         norms[r] = float(op.values[r].double().square().sum())
-    if hasattr(op.factor, "rebuild"):  # the paper's step: a damped, factored K
-        op.factor.rebuild(torch.diag(norms) + m * op.damp * torch.eye(m, dtype=torch.float64))
-    else:  # the default rule's plain ring of G G^T (decomposed at every step)
-        op.factor.gram = torch.diag(norms)
-        op.factor.num_pushed = max(op.factor.num_pushed, m)
+    # K = m damp I + G G^T (the default rule's plain ring has damp 0)
+    op.factor.rebuild(torch.diag(norms) + m * op.damp * torch.eye(m, dtype=torch.float64))

@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import re
-import resource
 import statistics
 import subprocess
 import time
@@ -37,16 +36,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import fill_topk_window, peak_rss_gib
 from benchmarks.prune_llm import CACHE, DATA, convert, wiki_windows, windows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "optim_finetune_runs"
 METRICS = ("val", "wiki", "lee")
-
-
-def peak_rss_gib() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def load_data(tok: object, args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -277,7 +272,6 @@ def iteration(args: argparse.Namespace) -> dict:
     machine shows as a difference between its two medians."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.common import fill_topk_window
 
     torch.set_num_threads(args.threads)
     convert()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 
@@ -24,13 +23,8 @@ import torch
 
 from mfac import MFAC
 
-from .common import RESULTS
+from .common import RESULTS, fill_topk_window, peak_rss_gib
 from .prune_llm import CACHE, DATA, convert, windows
-
-
-def peak_rss_gib() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -41,19 +35,6 @@ def timed(fn, reps: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t0)
     return out
-
-
-def fill_window(op, gen: torch.Generator) -> None:
-    """Set the rows not pushed yet to ascending, spread coordinates (one per stride of d/k)."""
-    d, k, m = op.dim, op.k, op.window
-    stride = d // k
-    for r in range(op.factor.num_pushed, m):
-        idx = torch.arange(k) * stride + torch.randint(0, stride, (k,), generator=gen)
-        op.indices[r] = idx.to(op.indices.dtype)
-        op.values[r] = torch.randn(k, generator=gen).to(op.values.dtype)
-    # K's values do not change what an eigh costs: a scaled identity stands in for the rows'
-    op.factor.gram.copy_(torch.eye(m, dtype=torch.float64) * float(k))
-    op.factor.num_pushed, op.factor.next_slot = m, 0
 
 
 def main() -> None:
@@ -92,7 +73,7 @@ def main() -> None:
     need = opt.required_bytes(sizes, args.ngrads, "global", torch.float32, op.k)
     out["checked_gib"] = need / 2**30
     out["first_steps_s"] = timed(opt.step, 4)
-    fill_window(op, torch.Generator().manual_seed(0))
+    fill_topk_window(op, torch.Generator().manual_seed(0))
     out["full_steps_s"] = timed(opt.step, 4)
     out["full_step_s"] = statistics.median(out["full_steps_s"])
     out["early_step_s"] = statistics.median(out["first_steps_s"][1:])

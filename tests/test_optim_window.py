@@ -135,6 +135,24 @@ def test_update_matches_refactor_each_push() -> None:
         assert rel_err(op.inverse, exact) < 1e-11
 
 
+def hard_vector(d: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """A d-vector that is hard for a top-k selection: "normal", "ties" (few distinct
+    magnitudes), "sparse" (mostly zeros), "sorted", "spike" (a few huge entries) or
+    "constant" (every magnitude tied)."""
+    x = torch.randn(d, generator=gen)
+    if kind == "ties":
+        x = torch.randint(-20, 20, (d,), generator=gen).float()
+    elif kind == "sparse":
+        x = x * (torch.rand(d, generator=gen) < 0.002)
+    elif kind == "sorted":
+        x = x.abs().sort().values
+    elif kind == "spike":
+        x[::997] *= 1e6
+    elif kind == "constant":
+        x = torch.full((d,), -0.5)
+    return x
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     d=st.integers(70_000, 300_000),
@@ -147,16 +165,7 @@ def test_sort_free_topk_selection_is_exact(d: int, density: float, kind: str, se
     broken either way): the smallest kept value is >= the largest dropped one."""
     from mfac.operators.topk import topk_indices
 
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(d, generator=gen).abs()
-    if kind == "ties":
-        x = torch.randint(0, 20, (d,), generator=gen).float()
-    elif kind == "sparse":
-        x = x * (torch.rand(d, generator=gen) < 0.002)
-    elif kind == "sorted":
-        x = x.sort().values
-    elif kind == "spike":
-        x[::997] *= 1e6
+    x = hard_vector(d, kind, torch.Generator().manual_seed(seed)).abs()
     k = max(1, round(density * d))
     idx = topk_indices(x, k)
     assert idx.numel() == k and idx.unique().numel() == k

@@ -18,6 +18,7 @@ from mfac.operators.topk import (
     candidate_cap,
     topk_indices,
 )
+from test_optim_window import hard_vector
 
 F64 = torch.float64
 pytestmark = pytest.mark.skipif(
@@ -147,16 +148,7 @@ def test_native_selection_is_exact(d: int, density: float, kind: str, seed: int)
     largest (the smallest kept >= the largest dropped) -- also when the sampled threshold
     misjudges (heavy ties, constant vectors: the bisection path) -- and it picks the same
     coordinates as the torch path whenever the sample holds."""
-    gen = torch.Generator().manual_seed(seed)
-    g = torch.randn(d, generator=gen)
-    if kind == "ties":
-        g = torch.randint(-20, 20, (d,), generator=gen).float()
-    elif kind == "sparse":
-        g = g * (torch.rand(d, generator=gen) < 0.002)
-    elif kind == "spike":
-        g[::997] *= 1e6
-    elif kind == "constant":
-        g = torch.full((d,), -0.5)
+    g = hard_vector(d, kind, torch.Generator().manual_seed(seed))
     e = torch.zeros(d)
     k = max(1, round(density * d))
     acc = torch.empty(d)

@@ -197,18 +197,17 @@ int NAME(const VT *vals, const IT *idx, int64_t r0, int64_t m, int64_t k, const 
     return 0;                                                                                \
 }
 
-GATHER(mfac_sp_gather_f32_i32, float, int32_t, cv_f32)
-GATHER(mfac_sp_gather_bf16_i32, uint16_t, int32_t, from_bf16)
-GATHER(mfac_sp_gather_f16_i32, uint16_t, int32_t, from_f16)
-GATHER(mfac_sp_gather_f32_i16, float, int16_t, cv_f32)
-GATHER(mfac_sp_gather_bf16_i16, uint16_t, int16_t, from_bf16)
-GATHER(mfac_sp_gather_f16_i16, uint16_t, int16_t, from_f16)
-SCATTER(mfac_sp_scatter_f32_i32, float, int32_t, cv_f32)
-SCATTER(mfac_sp_scatter_bf16_i32, uint16_t, int32_t, from_bf16)
-SCATTER(mfac_sp_scatter_f16_i32, uint16_t, int32_t, from_f16)
-SCATTER(mfac_sp_scatter_f32_i16, float, int16_t, cv_f32)
-SCATTER(mfac_sp_scatter_bf16_i16, uint16_t, int16_t, from_bf16)
-SCATTER(mfac_sp_scatter_f16_i16, uint16_t, int16_t, from_f16)
+/* Every (value, index) type pair, each kernel once: mfac_sp_<kernel>_<value>_<index>. */
+#define EACH_TYPE_PAIR(KERNEL, kernel)                                                       \
+    KERNEL(mfac_sp_##kernel##_f32_i32, float, int32_t, cv_f32)                               \
+    KERNEL(mfac_sp_##kernel##_bf16_i32, uint16_t, int32_t, from_bf16)                        \
+    KERNEL(mfac_sp_##kernel##_f16_i32, uint16_t, int32_t, from_f16)                          \
+    KERNEL(mfac_sp_##kernel##_f32_i16, float, int16_t, cv_f32)                               \
+    KERNEL(mfac_sp_##kernel##_bf16_i16, uint16_t, int16_t, from_bf16)                        \
+    KERNEL(mfac_sp_##kernel##_f16_i16, uint16_t, int16_t, from_f16)
+
+EACH_TYPE_PAIR(GATHER, gather)
+EACH_TYPE_PAIR(SCATTER, scatter)
 
 /* The coordinates (plus base) with lo <= |a| <= hi, a over [0, n): the first cap of them go to
    cand (cap may be 0, to count only); the count is returned. */

@@ -151,6 +151,48 @@ def window_coeff(
     return w[0], lam[0]
 
 
+def check_ring_state(
+    state: Any,
+    m: int,
+    device: torch.device,
+    window_gram: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prefix: str = "",
+) -> None:
+    """Raise, naming the field, unless ``state`` holds an m x m G G^T ring (shape, dtype,
+    finite, symmetric, equal to ``window_gram`` of the stored rows on a probe) and a
+    consistent pointer. Writes nothing."""
+    for key in ("gram", "next_slot", "num_pushed"):
+        if key not in state:
+            raise KeyError(f"state is missing the field {prefix}{key!r}")
+    gram = state["gram"]
+    if not isinstance(gram, torch.Tensor) or gram.dtype != F64 or gram.shape != (m, m):
+        raise ValueError(f"{prefix}gram must be a float64 ({m}, {m}) tensor")
+    if not bool(torch.isfinite(gram).all()):
+        raise ValueError(f"{prefix}gram contains NaN or Inf")
+    nxt, pushed = state["next_slot"], state["num_pushed"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (nxt, pushed)):
+        raise TypeError(f"{prefix}next_slot and {prefix}num_pushed must be ints")
+    if pushed < 0 or nxt != pushed % m:
+        raise ValueError(
+            f"{prefix}next_slot = {nxt} disagrees with {prefix}num_pushed = {pushed}"
+        )
+    gram = gram.to(device)
+    if not torch.equal(gram, gram.T):
+        raise ValueError(f"{prefix}gram is not symmetric")
+    if window_gram is not None:
+        probe = torch.randn(m, dtype=F64, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(device)
+        err = float((gram @ probe - window_gram(probe).to(F64)).norm())
+        size = float(gram.norm()) * float(probe.norm())
+        if not err <= 1e-4 * size:
+            raise ValueError(
+                f"{prefix}gram differs from G G^T of the stored rows (relative error "
+                f"{err / max(size, 1e-300):.1e}); the window was edited after K was formed, "
+                "or the state dict was kept across a later step (it holds the window by "
+                "reference: save or copy it before stepping on)"
+            )
+
+
 class _Block:
     """One preconditioned block: a ring of the last m whitened gradients and K = Z Z^T / m."""
 
@@ -239,7 +281,7 @@ class _Block:
             back = cols_dot(rows, probe.to(torch.float32)[:, None])
             return rows_dot(rows, back).to(F64)[:, 0] / m
 
-        _RingGram(m, self.gram.device).check_state(state, window_gram)
+        check_ring_state(state, m, self.gram.device, window_gram)
 
     @property
     def nbytes(self) -> int:
@@ -286,6 +328,13 @@ class _RingGram(GramFactor):
         self.num_pushed += 1
         return slot
 
+    def rebuild(self, gram: torch.Tensor) -> None:
+        """Replace G G^T by that of a filled window (``GramFactor.rebuild``'s counterpart; no
+        damping term here, ``damp`` is 0): every slot then counts as holding a row."""
+        self.gram = gram.to(device=self.gram.device, dtype=F64).clone()
+        self.num_pushed = max(self.num_pushed, self.window)
+        self.next_slot = self.num_pushed % self.window
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "gram": self.gram.clone(),
@@ -299,39 +348,8 @@ class _RingGram(GramFactor):
         window_gram: Callable[[torch.Tensor], torch.Tensor] | None = None,
         prefix: str = "",
     ) -> None:
-        """Raise, naming the field, unless ``state`` holds this window's G G^T (shape, dtype,
-        finite, symmetric, equal to the stored rows' on a probe) and a consistent pointer."""
-        m = self.window
-        for key in ("gram", "next_slot", "num_pushed"):
-            if key not in state:
-                raise KeyError(f"state is missing the field {prefix}{key!r}")
-        gram = state["gram"]
-        if not isinstance(gram, torch.Tensor) or gram.dtype != F64 or gram.shape != (m, m):
-            raise ValueError(f"{prefix}gram must be a float64 ({m}, {m}) tensor")
-        if not bool(torch.isfinite(gram).all()):
-            raise ValueError(f"{prefix}gram contains NaN or Inf")
-        nxt, pushed = state["next_slot"], state["num_pushed"]
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (nxt, pushed)):
-            raise TypeError(f"{prefix}next_slot and {prefix}num_pushed must be ints")
-        if pushed < 0 or nxt != pushed % m:
-            raise ValueError(
-                f"{prefix}next_slot = {nxt} disagrees with {prefix}num_pushed = {pushed}"
-            )
-        gram = gram.to(self.gram.device)
-        if not torch.equal(gram, gram.T):
-            raise ValueError(f"{prefix}gram is not symmetric")
-        if window_gram is not None:
-            probe = torch.randn(m, dtype=F64, generator=torch.Generator().manual_seed(0))
-            probe = probe.to(self.gram.device)
-            err = float((gram @ probe - window_gram(probe).to(F64)).norm())
-            size = float(gram.norm()) * float(probe.norm())
-            if not err <= 1e-4 * size:
-                raise ValueError(
-                    f"{prefix}gram differs from G G^T of the stored rows (relative error "
-                    f"{err / max(size, 1e-300):.1e}); the window was edited after K was formed, "
-                    "or the state dict was kept across a later step (it holds the window by "
-                    "reference: save or copy it before stepping on)"
-                )
+        """:func:`check_ring_state` for this ring (the operator's checks call it by name)."""
+        check_ring_state(state, self.window, self.gram.device, window_gram, prefix)
 
     def load_state_dict(self, state: Any, check: bool = True) -> None:
         if check:
