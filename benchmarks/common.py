@@ -96,11 +96,12 @@ def fill_topk_window(op: Any, generator: torch.Generator) -> None:
     stride = dim // k
     base = torch.arange(k, dtype=torch.int64) * stride
     norms = torch.empty(m, dtype=torch.float64)
-    for r in range(m):  # a row at a time: no m x k temporaries beside the window itself
-        op.indices[r] = (base + torch.randint(0, stride, (k,), generator=generator)).to(
-            op.indices.dtype
-        )
-        op.values[r] = torch.randn(k, generator=generator).to(op.values.dtype)
-        norms[r] = float(op.values[r].double().square().sum())
+    chunk = getattr(getattr(op, "rows", None), "rows", 1)  # the C layout's group size
+    for r in range(0, m, chunk):  # a group at a time: no m x k temporaries beside the window
+        n = min(chunk, m - r)
+        indices = base + torch.randint(0, stride, (n, k), generator=generator)
+        values = torch.randn(n, k, generator=generator).to(op.dtype)
+        op.write_rows(r, values, indices)
+        norms[r : r + n] = values.double().square().sum(dim=1)
     # K = m damp I + G G^T (the default rule's plain ring has damp 0)
     op.factor.rebuild(torch.diag(norms) + m * op.damp * torch.eye(m, dtype=torch.float64))

@@ -194,10 +194,10 @@ def coords_in_window(opts: list[torch.optim.Optimizer], steps: int) -> int | Non
     step is a combination of the window's rows, so no other coordinate has moved yet."""
     first = opts[0].param_groups[0]["params"][0]
     window = opts[0].state.get(first, {}).get("window")
-    if window is None or not hasattr(window, "indices"):
+    if window is None or not hasattr(window, "row"):
         return None
-    rows = window.indices[: min(steps, window.window)]
-    return int(torch.unique(rows.reshape(-1)).numel())
+    rows = [window.row(slot)[1] for slot in range(min(steps, window.window))]
+    return int(torch.unique(torch.cat(rows)).numel())
 
 
 def state_bytes(opts: list[torch.optim.Optimizer]) -> int:

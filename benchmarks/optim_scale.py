@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mfac.operators import sparse_native
 from mfac.operators.gram import F64, GramFactor
 from mfac.operators.threads import single_threaded
 from mfac.operators.topk import TopKSlidingInverseFisher
@@ -181,11 +180,12 @@ def _peak_rss() -> int:
 
 
 def _read_window(op: TopKSlidingInverseFisher) -> None:
-    """One streaming read of the window's values and indices (integer max reductions over
-    their bytes: vectorised, no conversion)."""
+    """One streaming read of m k values and indices (integer max reductions over their bytes:
+    vectorised, no conversion); the C layout's spare group and offsets are not counted."""
     ints = {4: torch.int32, 2: torch.int16}
-    op.values.view(ints[op.values.element_size()]).max()
-    op.indices.max()
+    n = op.window * op.k
+    op.values.view(ints[op.values.element_size()]).view(-1)[:n].max()
+    op.indices.view(-1)[:n].max()
 
 
 def topk_one(
@@ -251,25 +251,30 @@ def topk_one(
     }
     if op.native:  # where the step's time goes: its two sweeps over the window, alone
         slot = (op.factor.next_slot - 1) % m
-        sidx, sval = op.indices[slot].long(), op.values[slot].float()
+        sval, sidx = op.row(slot)
+        sidx, sval = sidx.long(), sval.float()
         coeff = torch.randn(m, dtype=F64, generator=gen)
         out = op._result_buffer()
-        gather_t, scatter_t = [], []
+        gather_t, scatter_t, replace_t = [], [], []
         for _ in range(3):
             t = time.perf_counter()
-            sparse_native.gather(op.values, op.indices, dim, sparse=(sidx, sval))
+            op.rows.gather(sparse=(sidx, sval))
             gather_t.append(time.perf_counter() - t)
             t = time.perf_counter()
-            sparse_native.scatter(op.values, op.indices, dim, coeff, out)
+            op.rows.scatter(coeff, out)
             scatter_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            op.rows.replace(slot, sidx, sval.to(op.dtype))  # the same row again
+            replace_t.append(time.perf_counter() - t)
         row["gather_sweep_s"] = statistics.median(gather_t)
         row["scatter_sweep_s"] = statistics.median(scatter_t)
+        row["replace_row_s"] = statistics.median(replace_t)
         row["ns_per_entry_gather"] = row["gather_sweep_s"] / (m * k) * 1e9
         row["ns_per_entry_scatter"] = row["scatter_sweep_s"] / (m * k) * 1e9
         row["ns_per_entry_read"] = row["read_window_s"] / (m * k) * 1e9
         del sidx, sval, out
     if compare_torch and op.native:
-        op.native = False
+        op.to_torch_path()
         op.push_ihvp(grads[0])  # warm-up (allocates the torch path's dense row)
         torch_t = []
         for i in range(reps):

@@ -399,7 +399,7 @@ def topk_oracle_step(
     z, u = torch.cat(zs), torch.cat(us)
     a = state["e"] + z
     op = opt._blocks[0].op
-    chosen = op.indices[(t - 1) % op.window].long()
+    chosen = op.row((t - 1) % op.window)[1].long()
     rest = torch.ones_like(a, dtype=torch.bool)
     rest[chosen] = False
     assert chosen.unique().numel() == op.k
@@ -503,7 +503,7 @@ def test_topk_window_at_native_selection_size_matches_svd_oracle():
         den = torch.sqrt(es / (1 - 0.5**t)) + 1e-8
         u = g64 / den  # b1 = 0: the momentum is the gradient
         a = err + u
-        chosen = op.indices[(t - 1) % 3].long()
+        chosen = op.row((t - 1) % 3)[1].long()
         c = torch.zeros_like(a)
         c[chosen] = a[chosen]
         kth = float(a.abs().kthvalue(a.numel() - op.k + 1).values)
@@ -580,13 +580,13 @@ def test_topk_resume_is_bit_identical_and_a_wrong_state_changes_nothing():
     blk = other_k["scaled"]["blocks"][0]
     blk["values"], blk["indices"] = blk["values"][:, :-1], blk["indices"][:, :-1]
     edited = copy.deepcopy(saved_opt)
-    edited["scaled"]["blocks"][0]["values"][0, 0] += 1.0
+    edited["scaled"]["blocks"][0]["values"].add_(1.0)  # every stored row (and the spare)
     fresh = MFAC(torch.nn.Linear(4, 3).parameters(), **kw)
     _topk_train(torch.nn.Linear(4, 3), fresh, range(2))
     before = copy.deepcopy(fresh.state_dict())
     for bad, match in (
         (dense.state_dict(), "dense window"),
-        (other_k, "values has shape"),
+        (other_k, "do not hold 3 rows of 6 entries"),
         (edited, "differs from G G"),
     ):
         with pytest.raises(ValueError, match=match):
@@ -665,7 +665,7 @@ def test_topk_torch_path_matches_the_c_kernels():
     mods = [copy.deepcopy(base) for _ in range(2)]
     kw = dict(lr=1e-2, ngrads=3, blocks="global", history="topk", topk=0.05)
     opts = [MFAC(mod.parameters(), **kw) for mod in mods]
-    opts[1]._blocks[0].op.native = False
+    opts[1]._blocks[0].op.to_torch_path()
     for i in range(7):
         x = torch.randn(16, 300, generator=torch.Generator().manual_seed(i))
         for mod, opt in zip(mods, opts, strict=True):

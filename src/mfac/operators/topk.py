@@ -3,10 +3,11 @@
 Each gradient g is added to the error e, the k largest magnitudes c of a = e + g are stored
 (k values + int16/int32 indices), and e = a - c carries the rest into later steps. G x is a
 gather, G^T y a scatter-add, both O(m k); the m x m algebra is
-:class:`mfac.operators.gram.GramFactor`. On the CPU (float32/bfloat16/float16 values) the C
-kernels of :mod:`mfac.operators.sparse_native` sweep the rows, kept in ascending coordinate
-order, tile by tile, and select without d-sized temporaries; otherwise torch does the same in
-row chunks of bounded size, so that no temporary grows with m k.
+:class:`mfac.operators.gram.GramFactor`. On the CPU (float32/bfloat16/float16 values) the rows
+live in the tile-major layout of :mod:`mfac.operators.tiled`, whose C sweeps stream the window,
+and :mod:`mfac.operators.sparse_native` selects without d-sized temporaries; otherwise torch
+keeps the rows as (m, k) tensors and does the same in row chunks of bounded size, so that no
+temporary grows with m k.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
-from . import sparse_native
+from . import sparse_native, tiled
 from .gram import FactorBacked, GramFactor
 from .memory import check_fits, gram_nbytes
 
@@ -197,12 +198,21 @@ class TopKSlidingInverseFisher(FactorBacked):
         self.dim, self.window, self.k = dim, window, k
         self.factor = GramFactor(window, damp, device)
         huge = sparse_native.empty_huge  # big buffers on huge pages (fewer page walks)
-        self.values = huge((window, k), dtype, device).zero_()
-        self.indices = huge((window, k), index_dtype, device).zero_()
-        self.error = huge((dim,), torch.float32, device).zero_()
         #: Whether the C kernels run the gathers, scatters and the selection (CPU, float32 /
         #: bfloat16 / float16 values and a working C compiler); else the torch path.
-        self.native = sparse_native.supports(self.values, self.indices)
+        self.native = self.native_for(dtype, device)
+        if self.native:
+            #: The rows in the tile-major layout (the C path).
+            self.rows = tiled.TiledRows(
+                dim, window, k, dtype, index_dtype, empty=lambda shape, dt: huge(shape, dt, device)
+            )
+            self.values, self.indices = self.rows.values, self.rows.indices
+        else:
+            #: The rows as (m, k) tensors (the torch path).
+            self.values = huge((window, k), dtype, device).zero_()
+            self.indices = huge((window, k), index_dtype, device)
+            self.indices.copy_(torch.arange(k, device=device))  # empty rows: zeros at 0..k-1
+        self.error = huge((dim,), torch.float32, device).zero_()
 
     @staticmethod
     def index_dtype(dim: int) -> torch.dtype:
@@ -213,11 +223,7 @@ class TopKSlidingInverseFisher(FactorBacked):
     def native_for(dtype: torch.dtype, device: torch.device | str | None = None) -> bool:
         """Whether a window storing ``dtype`` values on ``device`` runs the C kernels."""
         device = torch.device(device) if device is not None else torch.device("cpu")
-        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return False
-        return sparse_native.supports(
-            torch.empty(1, 1, dtype=dtype), torch.empty(1, 1, dtype=torch.int32)
-        )
+        return tiled.supports(dtype, device) and sparse_native.library() is not None
 
     @staticmethod
     def required_bytes(
@@ -237,7 +243,11 @@ class TopKSlidingInverseFisher(FactorBacked):
         (index + value per coordinate)."""
         value_bytes = torch.empty((), dtype=dtype).element_size()
         index_bytes = 2 if dim <= torch.iinfo(torch.int16).max else 4
-        window_bytes = window * k * (value_bytes + index_bytes)
+        native = TopKSlidingInverseFisher.native_for(dtype, device)
+        if native:  # the groups, the spare group and the run offsets
+            window_bytes = tiled.layout_bytes(window, k, dim, value_bytes, index_bytes)
+        else:
+            window_bytes = window * k * (value_bytes + index_bytes)
         vectors = 3 * dim * 4  # error, spare, the returned step
         if grad_dtype != torch.float32:
             vectors += dim * 4
@@ -249,8 +259,8 @@ class TopKSlidingInverseFisher(FactorBacked):
         # values (picked, float32 and stored), rollback
         selection = (threads + 1) * cap * (8 + 4) + 2 * cap * 4 + k * (4 + 8) + cap + 2 * k * 8
         selection += k * 8 + k * (4 + 4 + value_bytes) + k * (value_bytes + index_bytes)
-        if TopKSlidingInverseFisher.native_for(dtype, device):
-            passes = 2 * sparse_native.TILE * 4 + window * 8 * 2  # tile buffers and cursors
+        if native:
+            passes = 2 * tiled.MAX_TILE * 4 + window * 8 * 2  # tile buffers, outputs
         else:
             # dense row, |a|, the mask, torch.topk's fallback (value + index per coordinate),
             # and one chunk of the gather / scatter
@@ -271,7 +281,10 @@ class TopKSlidingInverseFisher(FactorBacked):
 
     @property
     def window_nbytes(self) -> int:
-        """Bytes of the compressed window only (values + indices)."""
+        """Bytes of the compressed window only (values + indices; on the C path also the spare
+        group and the run offsets)."""
+        if self.native:
+            return self.rows.nbytes
         return (
             self.values.numel() * self.values.element_size()
             + self.indices.numel() * self.indices.element_size()
@@ -298,7 +311,7 @@ class TopKSlidingInverseFisher(FactorBacked):
         """G x (m,) float64 for a dense float32 x: a gather of m*k entries (the C tile sweep for
         this window's own rows, else torch by row chunks)."""
         if values is None and self.native:
-            return sparse_native.gather(self.values, self.indices, self.dim, x=x.contiguous())
+            return self.rows.gather(x=x.contiguous())
         values = self.values if values is None else values
         indices = self.indices if indices is None else indices
         m = values.shape[0]
@@ -315,7 +328,7 @@ class TopKSlidingInverseFisher(FactorBacked):
         """G^T c (d,) float32 for c of shape (m,): a scatter-add of m*k entries (the C tile
         sweep for this window's own rows, else torch by row chunks)."""
         if values is None and self.native:
-            return sparse_native.scatter(self.values, self.indices, self.dim, coeff)
+            return self.rows.scatter(coeff)
         values = self.values if values is None else values
         indices = self.indices if indices is None else indices
         out = torch.zeros(self.dim, dtype=torch.float32, device=values.device)
@@ -327,19 +340,6 @@ class TopKSlidingInverseFisher(FactorBacked):
             contrib = values[a:b].to(torch.float32) * coeff[a:b, None]
             out.index_add_(0, self._index(indices[a:b]), contrib.reshape(-1))
         return out
-
-    def _sort_rows(self) -> None:
-        """Order every row's entries by coordinate (the C kernels' invariant; rows written by
-        a push already are), in row chunks; the matrix the rows stand for is unchanged."""
-        step = self._chunk_rows()
-        for a in range(0, self.window, step):
-            b = min(self.window, a + step)
-            rows = self.indices[a:b].long()
-            if bool((rows[:, 1:] >= rows[:, :-1]).all()):
-                continue
-            order, perm = rows.sort(dim=1, stable=True)
-            self.indices[a:b] = order.to(self.indices.dtype)
-            self.values[a:b] = self.values[a:b].gather(1, perm)
 
     # ------------------------------------------------------------------ updates
     def _check_grad(self, g: torch.Tensor) -> torch.Tensor:
@@ -384,35 +384,32 @@ class TopKSlidingInverseFisher(FactorBacked):
         """Compress e + g into the next slot, update K, keep the new error; return the slot.
 
         a = e + g goes into a spare buffer, so a refused gradient leaves e as it was; on
-        success the spare and e swap. The new row's products with the window come from its
+        success the spare and e swap. The new row's products with the other rows come from its
         k entries (the C path spreads them per tile; the torch path writes and clears them in
-        a dense buffer)."""
+        a dense buffer), its own from the kept values; the row is written once K took it, so
+        a refused update leaves the window as it was."""
         acc = self._scratch()
         idx, picked = self._select(flat, acc)
         vals = picked.to(self.values.dtype)
         slot = self.factor.next_slot
-        old_vals, old_idx = self.values[slot].clone(), self.indices[slot].clone()
-        self.values[slot] = vals
-        self.indices[slot] = idx.to(self.indices.dtype)
         kept = vals.to(torch.float32)  # the row as stored (rounded to the window dtype)
-        try:
-            if self.native:
-                u = sparse_native.gather(self.values, self.indices, self.dim, sparse=(idx, kept))
-            else:
-                dense_c = self._dense_row()
-                dense_c[idx] = kept
-                try:
-                    u = self._gather(dense_c)
-                finally:
-                    dense_c[idx] = 0.0
-            u[slot] = float(kept.double().square().sum())
-            self.factor.commit(u)
-        except (RuntimeError, NonFiniteGradientError):
-            self.values[slot], self.indices[slot] = old_vals, old_idx
-            raise
         if self.native:
+            u = self.rows.gather(sparse=(idx, kept))
+        else:
+            dense_c = self._dense_row()
+            dense_c[idx] = kept
+            try:
+                u = self._gather(dense_c)
+            finally:
+                dense_c[idx] = 0.0
+        u[slot] = float(kept.double().square().sum())
+        self.factor.commit(u)  # raises before anything changed
+        if self.native:
+            self.rows.replace(slot, idx, vals)
             sparse_native.sub_at(acc, idx, kept)  # e = a - c
         else:
+            self.values[slot] = vals
+            self.indices[slot] = idx.to(self.indices.dtype)
             acc[idx] -= kept  # e = a - c
         self._spare, self.error = self.error, acc
         return slot
@@ -426,8 +423,7 @@ class TopKSlidingInverseFisher(FactorBacked):
         slot = self._insert(self._check_grad(g))
         coeff = self.factor.slot_coeff(slot)[:, 0]
         if self.native:
-            out = self._result_buffer()
-            sparse_native.scatter(self.values, self.indices, self.dim, coeff, out)
+            out = self.rows.scatter(coeff, self._result_buffer())
         else:
             out = self._scatter(coeff)
         return out.to(g.dtype).view_as(g)
@@ -473,59 +469,188 @@ class TopKSlidingInverseFisher(FactorBacked):
                 f"out must be a contiguous float32 tensor of {self.dim} entries on {self.device}"
             )
         if out is not None and self.native:
-            return sparse_native.scatter(self.values, self.indices, self.dim, coeff, out)
+            return self.rows.scatter(coeff, out)
         result = self._scatter(coeff)
         return result if out is None else out.copy_(result)
 
+    def row(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) of the row in ``slot`` (k each; ascending coordinates on the C
+        path), copies."""
+        if not 0 <= slot < self.window:
+            raise IndexError(f"slot {slot} is outside the window's {self.window} rows")
+        if self.native:
+            return self.rows.row(slot)
+        return self.values[slot].clone(), self.indices[slot].clone()
+
+    def to_torch_path(self) -> None:
+        """Keep the rows as (m, k) tensors and run the torch path from now on (the C path's
+        results by other means: for comparisons and tests). Rows and K are unchanged."""
+        if not self.native:
+            return
+        groups = [self.rows.group(g) for g in range(self.rows.groups)]
+        del self.rows
+        self.values = torch.cat([v for v, _ in groups])
+        self.indices = torch.cat([i for _, i in groups])
+        self.native = False
+
     def dense_rows(self) -> torch.Tensor:
         """The window as a dense m x d float32 matrix (for tests and inspection)."""
-        out = torch.zeros(self.window, self.dim, dtype=torch.float32, device=self.values.device)
-        out.scatter_(1, self.indices.long(), self.values.float())
+        out = torch.zeros(self.window, self.dim, dtype=torch.float32, device=self.device)
+        for slot in range(self.window):
+            values, indices = self.row(slot)
+            out[slot].scatter_(0, indices.long(), values.float())
         return out
+
+    def write_rows(self, first: int, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """Rows ``first``, ``first + 1``, ... := ``values``/``indices`` ((n, k) each, every
+        row's coordinates strictly ascending in [0, d)), without touching K: for filling a
+        window whose K is then rebuilt (benchmarks, tests). Whole groups of the C layout are
+        written in place; other rows go through the spare group."""
+        n = values.shape[0] if values.dim() == 2 else -1
+        if tuple(values.shape) != (n, self.k) or tuple(indices.shape) != (n, self.k):
+            raise ValueError(f"values and indices must be (n, {self.k}) each")
+        if not 0 <= first <= first + n <= self.window:
+            raise ValueError(f"rows {first}..{first + n - 1} are outside the window")
+        coords = indices.long()
+        if n and (
+            int(coords.min()) < 0
+            or int(coords.max()) >= self.dim
+            or not bool((coords[:, 1:] > coords[:, :-1]).all())
+        ):
+            raise ValueError(f"each row's indices must be strictly ascending in [0, {self.dim})")
+        if not self.native:
+            self.values[first : first + n] = values.to(self.dtype)
+            self.indices[first : first + n] = indices.to(self.indices.dtype)
+            return
+        values = values.to(self.dtype)
+        slot = first
+        while slot < first + n:
+            g, j = divmod(slot, self.rows.rows)
+            size = self.rows.group_rows(g)
+            at = slot - first
+            if j == 0 and at + size <= n:
+                self.rows.write_group(g, values[at : at + size], indices[at : at + size])
+                slot += size
+            else:
+                self.rows.replace(slot, coords[at], values[at])
+                slot += 1
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Window values/indices, error-feedback vector, K, K^-1, pointer.
+        """Window rows, error-feedback vector, K, K^-1, pointer.
 
-        The window and the error vector are returned by reference, as ``torch.optim`` returns
-        its state (a clone would double the largest buffers at every checkpoint); save or
-        copy them before the next push. K and K^-1 (m x m) are copies."""
-        return {
-            "values": self.values,
-            "indices": self.indices,
-            "error": self.error,
-            **self.factor.state_dict(),
-        }
+        On the C path the rows are the tile-major layout's tensors (``values``, ``indices``,
+        ``starts``, ``block_of``); on the torch path (m, k) ``values`` and ``indices``. Either
+        loads into either path. The rows and the error vector are returned by reference, as
+        ``torch.optim`` returns its state (a clone would double the largest buffers at every
+        checkpoint); save or copy them before the next push. K and K^-1 (m x m) are copies."""
+        rows = self.rows.state() if self.native else {
+            "values": self.values, "indices": self.indices
+        }  # fmt: skip
+        return {**rows, "error": self.error, **self.factor.state_dict()}
+
+    def _tiled_view(self, state: Mapping[str, Any]) -> tiled.TiledRows | None:
+        """The state's rows as a tile-major layout this window's kernels can sweep in place,
+        or None (a row-major state, or no C path here)."""
+        if "starts" not in state or not self.native:
+            return None
+        return tiled.TiledRows.over(self.dim, self.window, self.k, dict(state))
+
+    def _state_groups(self, state: Mapping[str, Any]):
+        """The state's rows as row-major (values, indices) pieces, in slot order."""
+        if "starts" not in state:
+            yield state["values"], state["indices"]
+            return
+        block_of, starts = state["block_of"], state["starts"]
+        groups = block_of.numel() - 1
+        rows = starts.shape[1] // groups - 1
+        for g in range(groups):
+            n = min(rows, self.window - g * rows)
+            b = int(block_of[g])
+            yield tiled.unpack_group(
+                state["values"][b * rows : (b + 1) * rows],
+                state["indices"][b * rows : (b + 1) * rows],
+                starts[:, g * (rows + 1) : g * (rows + 1) + n + 1],
+            )
+
+    def _check_tiled_fields(self, state: Mapping[str, Any]) -> None:
+        """Types, shapes and the block map of a tile-major state (any version's layout)."""
+        for key in ("values", "indices", "starts", "block_of"):
+            if key not in state:
+                raise KeyError(f"state is missing the field {key!r}")
+            if not isinstance(state[key], torch.Tensor):
+                raise TypeError(f"{key} must be a tensor, got {type(state[key]).__name__}")
+        values, indices = state["values"], state["indices"]
+        starts, block_of = state["starts"], state["block_of"]
+        if values.dtype != self.dtype:
+            raise TypeError(f"values: state stores {values.dtype}, this window stores {self.dtype}")
+        if indices.dtype != self.indices.dtype:
+            raise TypeError(
+                f"indices: state stores {indices.dtype}, this window stores {self.indices.dtype}"
+            )
+        groups = block_of.numel() - 1
+        if block_of.dim() != 1 or groups < 1 or starts.dim() != 2 or starts.shape[1] % groups:
+            raise ValueError("block_of and starts do not describe a tile-major layout")
+        rows = starts.shape[1] // groups - 1
+        if (
+            rows < 1
+            or -(-self.window // rows) != groups
+            or tuple(values.shape) != ((groups + 1) * rows, self.k)
+            or values.shape != indices.shape
+        ):
+            raise ValueError(
+                f"values, indices and starts do not hold {self.window} rows of {self.k} entries"
+            )
+        if not torch.equal(block_of.long().sort().values, torch.arange(groups + 1)):
+            raise ValueError("block_of must be a permutation of the layout's blocks")
+        if starts.dtype != torch.int32:
+            raise TypeError(f"starts must be int32, got {starts.dtype}")
 
     def check_state(self, state: Mapping[str, Any]) -> None:
         """Raise, naming the field, unless ``state`` fits this window and is consistent
-        (shapes, dtypes, finite values, indices in range, pointer, damping, K against the
-        stored rows); writes nothing."""
+        (shapes, dtypes, finite values, indices in range and ascending, the layout's offsets,
+        pointer, damping, K against the stored rows); writes nothing."""
         if not isinstance(state, Mapping):
             raise TypeError(f"window state must be a mapping, got {type(state).__name__}")
-        want = {
-            "values": ((self.window, self.k), self.values.dtype),
-            "indices": ((self.window, self.k), self.indices.dtype),
-            "error": ((self.dim,), torch.float32),
-        }
-        for key, (shape, dtype) in want.items():
-            if key not in state:
-                raise KeyError(f"state is missing the field {key!r}")
-            t = state[key]
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{key} must be a tensor, got {type(t).__name__}")
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{key} has shape {tuple(t.shape)}, this window needs {shape}")
-            if t.dtype != dtype:
-                raise TypeError(f"{key}: state stores {t.dtype}, this window stores {dtype}")
-        values = state["values"].to(self.device)
-        indices = state["indices"].to(self.device)
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError("values contains NaN or Inf")
-        if not bool(torch.isfinite(state["error"]).all()):
+        if "error" not in state:
+            raise KeyError("state is missing the field 'error'")
+        error = state["error"]
+        if not isinstance(error, torch.Tensor):
+            raise TypeError(f"error must be a tensor, got {type(error).__name__}")
+        if tuple(error.shape) != (self.dim,) or error.dtype != torch.float32:
+            raise ValueError(f"error must be a float32 vector of {self.dim} entries")
+        if not bool(torch.isfinite(error).all()):
             raise ValueError("error contains NaN or Inf")
+        if "starts" in state:
+            self._check_tiled_fields(state)
+        else:
+            want = ((self.window, self.k),)
+            for key, dtype in (("values", self.dtype), ("indices", self.indices.dtype)):
+                if key not in state:
+                    raise KeyError(f"state is missing the field {key!r}")
+                t = state[key]
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{key} must be a tensor, got {type(t).__name__}")
+                if tuple(t.shape) != want[0]:
+                    raise ValueError(
+                        f"{key} has shape {tuple(t.shape)}, this window needs {want[0]}"
+                    )
+                if t.dtype != dtype:
+                    raise TypeError(f"{key}: state stores {t.dtype}, this window stores {dtype}")
+        if not bool(torch.isfinite(state["values"]).all()):
+            raise ValueError("values contains NaN or Inf")
+        view = self._tiled_view(state)
+        if view is not None:  # the C check of every run, then K through the C sweeps
+            view.check()
+            self.factor.check_state(state, lambda z: view.gather(x=view.scatter(z)))
+            return
+        values, indices = (torch.cat(t) for t in zip(*self._state_groups(state), strict=True))
+        values, indices = values.to(self.device), indices.to(self.device)
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.dim):
             raise ValueError(f"indices must lie in [0, {self.dim})")
+        repeats = (indices.sort(dim=1).values.diff(dim=1) == 0).any(dim=1)
+        if bool((repeats & (values != 0).any(dim=1)).any()):
+            raise ValueError("indices: a row with non-zero values repeats a coordinate")
 
         def window_gram(z: torch.Tensor) -> torch.Tensor:
             return self._gather(self._scatter(z, values, indices), values, indices)
@@ -533,13 +658,24 @@ class TopKSlidingInverseFisher(FactorBacked):
         self.factor.check_state(state, window_gram)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`; checks everything before writing."""
+        """Restore a state from :meth:`state_dict` (either path's); checks everything before
+        writing."""
         self.check_state(state)
         self.factor.load_state_dict(state, check=False)
-        self.values.copy_(state["values"])
-        self.indices.copy_(state["indices"])
-        if self.native:
-            self._sort_rows()
+        view = self._tiled_view(state)
+        if view is not None:
+            for key, t in view.state().items():
+                self.rows.state()[key].copy_(t)
+        else:
+            slot = 0
+            for values, indices in self._state_groups(state):
+                indices, order = indices.long().sort(dim=1, stable=True)
+                values = values.gather(1, order)
+                # an empty slot saved by an older version (k zeros at coordinate 0)
+                empty = (indices.diff(dim=1) == 0).any(dim=1)
+                indices[empty] = torch.arange(self.k, device=indices.device)
+                self.write_rows(slot, values, indices)
+                slot += values.shape[0]
         self.error.copy_(state["error"])
 
     def __repr__(self) -> str:

@@ -1,0 +1,647 @@
+"""The top-k window's rows in a tile-major layout, and the C sweeps over it (CPU).
+
+The d coordinates are cut into tiles (a power of two, 4096 to 65536 coordinates, so that a
+tile of a dense float32 vector sits in L1 or L2). Rows are kept in groups of ``B`` consecutive
+slots; a group's entries are stored tile by tile, and within a tile row by row, each row's run
+in ascending coordinates. A sweep (G x, G^T c) then visits a tile once and reads every group's
+entries for it as one contiguous segment, instead of 2m short runs scattered over m row
+buffers: the window streams from memory.
+
+Replacing a row rewrites its group into a spare block (one pass over B k entries) and the
+spare becomes the group's block; the ring's order is unchanged. Groups of about m / 32 rows
+keep that rewrite a few per cent of a sweep, and the spare block a few per cent of the window.
+
+Accumulation order is fixed (rows in slot order within a tile, tiles in order), so results do
+not depend on the thread count: threads take disjoint group ranges (G x) or tile ranges (G^T c).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from typing import Any
+
+import torch
+
+from . import cbuild
+
+log = logging.getLogger(__name__)
+
+#: Tile lengths (coordinates) a layout may use.
+MIN_TILE, MAX_TILE = 4096, 65536
+#: Entries per row and tile the tile length aims at (4096 coordinates at 1 % density).
+RUN = 32
+#: Groups the rows are cut into (about; a group holds at least one row).
+GROUPS = 32
+
+SOURCE = cbuild.HALF_FLOATS + r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+static inline float cv_f32(float v) { return v; }
+int mfac_tw_has_f16(void) { return MFAC_HAS_F16; }
+
+/* Group g lives in block blk[g]: values vb + blk[g] B k, indices ib + blk[g] B k. Its run
+   offsets for tile t are the nr + 1 ints at sb + t SW + g (B + 1) (SW = groups (B + 1)): run
+   (t, j) of row j is [st[j], st[j + 1]), st[nr] is the next tile's st[0], the last is nr k.
+   The offsets of all groups for a tile are contiguous, so a sweep reads them as one stream. */
+#define LAYOUT_ARGS(VT, IT) const VT *vb, const IT *ib, const int32_t *sb, const int64_t *blk, \
+                    int64_t B, int64_t m, int64_t k, int64_t nt, int64_t d, int64_t tile
+#define SW (((m + B - 1) / B) * (B + 1))
+#define GROUP(g, VT, IT) int64_t nr = m - (g) * B < B ? m - (g) * B : B, b = blk[g];         \
+    const VT *v = vb + b * B * k; const IT *ix = ib + b * B * k;                             \
+    const int32_t *s = sb + (g) * (B + 1)
+
+/* Prefetch of the next group's segment of a tile (values and indices), one cache line of
+   each per block of entries summed, so that the stream of segments never waits on a cold
+   start; what is left after the group is issued at once. */
+typedef struct { const char *v, *ve, *i, *ie; } prefetch_t;
+static inline void pf_step(prefetch_t *p) {
+    if (p->v < p->ve) { __builtin_prefetch(p->v, 0, 3); p->v += 64; }
+    if (p->i < p->ie) { __builtin_prefetch(p->i, 0, 3); p->i += 64; }
+}
+static inline void pf_rest(prefetch_t *p) { while (p->v < p->ve || p->i < p->ie) pf_step(p); }
+/* PF := the segment of group G in tile T (empty when T is past the last tile). */
+#define SEGMENT(PF, G, T, VT, IT) do {                                                       \
+    (PF).v = (PF).ve = (PF).i = (PF).ie = NULL;                                              \
+    if ((T) < nt) {                                                                          \
+        int64_t nr_ = m - (G) * B < B ? m - (G) * B : B, b_ = blk[G];                        \
+        const int32_t *s_ = sb + (T) * SW + (G) * (B + 1);                                   \
+        const VT *v_ = vb + b_ * B * k; const IT *i_ = ib + b_ * B * k;                      \
+        (PF).v = (const char *)((uintptr_t)(v_ + s_[0]) & ~(uintptr_t)63);                   \
+        (PF).ve = (const char *)(v_ + s_[nr_]);                                              \
+        (PF).i = (const char *)((uintptr_t)(i_ + s_[0]) & ~(uintptr_t)63);                   \
+        (PF).ie = (const char *)(i_ + s_[nr_]);                                              \
+    }                                                                                        \
+} while (0)
+
+/* sum_q v[q] xt[ix[q] - off] over one run [q, e): with AVX-512, 16 entries at a time (a gather
+   from the tile, which sits in L1); else 8 scalar partial sums. The order is fixed per build. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+static inline __m512 lv_f32(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+static inline __m512 lv_bf16(const uint16_t *p, __mmask16 k) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+static inline __m512 lv_f16(const uint16_t *p, __mmask16 k) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+}
+static inline __m512i li_i32(const int32_t *p, __mmask16 k) {
+    return _mm512_maskz_loadu_epi32(k, p);
+}
+static inline __m512i li_i16(const int16_t *p, __mmask16 k) {
+    return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k, (const void *)p));
+}
+#define LV_cv_f32 lv_f32
+#define LV_from_bf16 lv_bf16
+#define LV_from_f16 lv_f16
+#define LI_int32_t li_i32
+#define LI_int16_t li_i16
+#define RUN_DOT_DEF(VT, IT, CONV)                                                            \
+static inline float dot_##CONV##_##IT(const VT *v, const IT *ix, int64_t q, int64_t e,      \
+                                      const float *xt, int32_t off, prefetch_t *pf) {        \
+    __m512 acc = _mm512_setzero_ps();                                                        \
+    __m512i shift = _mm512_set1_epi32(off);                                                  \
+    for (; q + 16 <= e; q += 16) {                                                           \
+        pf_step(pf);                                                                         \
+        __m512i at = _mm512_sub_epi32(LI_##IT(ix + q, 0xFFFF), shift);                       \
+        acc = _mm512_fmadd_ps(LV_##CONV(v + q, 0xFFFF), _mm512_i32gather_ps(at, xt, 4), acc); \
+    }                                                                                        \
+    if (q < e) {                                                                             \
+        __mmask16 k = (__mmask16)((1u << (e - q)) - 1);                                      \
+        __m512i at = _mm512_sub_epi32(LI_##IT(ix + q, k), shift);                            \
+        __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, at, xt, 4);             \
+        acc = _mm512_fmadd_ps(LV_##CONV(v + q, k), xv, acc);                                 \
+    }                                                                                        \
+    return _mm512_reduce_add_ps(acc);                                                        \
+}
+#else
+#define RUN_DOT_DEF(VT, IT, CONV)                                                            \
+static inline float dot_##CONV##_##IT(const VT *v, const IT *ix, int64_t q, int64_t e,      \
+                                      const float *xt, int32_t off, prefetch_t *pf) {        \
+    float a[8] = {0};                                                                        \
+    for (; q + 8 <= e; q += 8) {                                                             \
+        pf_step(pf);                                                                         \
+        for (int l = 0; l < 8; ++l) a[l] += CONV(v[q + l]) * xt[(int32_t)ix[q + l] - off];   \
+    }                                                                                        \
+    for (; q < e; ++q) a[0] += CONV(v[q]) * xt[(int32_t)ix[q] - off];                        \
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));                \
+}
+#endif
+RUN_DOT_DEF(float, int32_t, cv_f32)
+RUN_DOT_DEF(uint16_t, int32_t, from_bf16)
+RUN_DOT_DEF(uint16_t, int32_t, from_f16)
+RUN_DOT_DEF(float, int16_t, cv_f32)
+RUN_DOT_DEF(uint16_t, int16_t, from_bf16)
+RUN_DOT_DEF(uint16_t, int16_t, from_f16)
+#define RUN_DOT(VT, IT, CONV, v, ix, q, e, xt, off, pf) dot_##CONV##_##IT(v, ix, q, e, xt, off, pf)
+
+/* out[r] = sum_q v[r, q] x[i[r, q]] for the rows of groups [g0, g1). x is dense (x != NULL),
+   or the sparse vector (sidx ascending, sval) of sk entries, spread per tile into a buffer. */
+#define GATHER(NAME, VT, IT, CONV)                                                           \
+int NAME(LAYOUT_ARGS(VT, IT), int64_t g0, int64_t g1, const float *x, const int64_t *sidx,   \
+         const float *sval, int64_t sk, double *out) {                                       \
+    int64_t r1 = g1 * B < m ? g1 * B : m, sp = 0;                                            \
+    float *buf = x ? NULL : calloc((size_t)tile, sizeof(float));                             \
+    if (!x && !buf) return 1;                                                                \
+    for (int64_t r = g0 * B; r < r1; ++r) out[r] = 0.0;                                      \
+    for (int64_t t = 0; t < nt; ++t) {                                                       \
+        int64_t t0 = t * tile, t1 = t0 + tile < d ? t0 + tile : d, s0 = sp;                  \
+        const float *xt;                                                                     \
+        if (x) {                                                                             \
+            xt = x + t0;                                                                     \
+        } else {                                                                             \
+            while (sp < sk && sidx[sp] < t1) { buf[sidx[sp] - t0] = sval[sp]; ++sp; }        \
+            if (sp == s0) continue;                                                          \
+            xt = buf;                                                                        \
+        }                                                                                    \
+        int32_t off = (int32_t)t0;                                                           \
+        for (int64_t g = g0; g < g1; ++g) {                                                  \
+            GROUP(g, VT, IT);                                                                \
+            const int32_t *st = s + t * SW;                                                  \
+            prefetch_t pf;                                                                   \
+            if (g + 1 < g1) SEGMENT(pf, g + 1, t, VT, IT);                                   \
+            else SEGMENT(pf, g0, t + 1, VT, IT);                                             \
+            for (int64_t j = 0; j < nr; ++j) {                                               \
+                int64_t q = st[j], e = st[j + 1];                                            \
+                out[g * B + j] += (double)RUN_DOT(VT, IT, CONV, v, ix, q, e, xt, off, &pf);  \
+            }                                                                                \
+            pf_rest(&pf);                                                                    \
+        }                                                                                    \
+        if (!x) for (int64_t q = s0; q < sp; ++q) buf[sidx[q] - t0] = 0.0f;                  \
+    }                                                                                        \
+    free(buf);                                                                               \
+    return 0;                                                                                \
+}
+
+/* out[j] = sum_r coef[r] v[r, q] over the entries with i[r, q] = j, for tiles [ta, tb); every
+   coordinate of those tiles is written (zeros included). */
+#define SCATTER(NAME, VT, IT, CONV)                                                          \
+int NAME(LAYOUT_ARGS(VT, IT), int64_t ta, int64_t tb, const float *coef, float *out) {       \
+    int64_t groups = (m + B - 1) / B;                                                        \
+    for (int64_t t = ta; t < tb; ++t) {                                                      \
+        int64_t t0 = t * tile, t1 = t0 + tile < d ? t0 + tile : d;                           \
+        float *ot = out + t0;                                                                \
+        int32_t off = (int32_t)t0;                                                           \
+        memset(ot, 0, (size_t)(t1 - t0) * sizeof(float));                                    \
+        for (int64_t g = 0; g < groups; ++g) {                                               \
+            GROUP(g, VT, IT);                                                                \
+            const int32_t *st = s + t * SW;                                                  \
+            prefetch_t pf;                                                                   \
+            if (g + 1 < groups) SEGMENT(pf, g + 1, t, VT, IT);                               \
+            else SEGMENT(pf, 0, t + 1 < tb ? t + 1 : nt, VT, IT);                            \
+            for (int64_t j = 0; j < nr; ++j) {                                               \
+                float c = coef[g * B + j];                                                   \
+                int64_t q = st[j], e = st[j + 1];                                            \
+                if (c == 0.0f) continue;                                                     \
+                for (; q + 8 <= e; q += 8) { /* loads first: the stores may not alias them */ \
+                    pf_step(&pf);                                                            \
+                    int32_t at[8]; float add[8];                                             \
+                    for (int l = 0; l < 8; ++l) {                                            \
+                        at[l] = (int32_t)ix[q + l] - off;                                    \
+                        add[l] = c * CONV(v[q + l]);                                         \
+                    }                                                                        \
+                    for (int l = 0; l < 8; ++l) ot[at[l]] += add[l];                         \
+                }                                                                            \
+                for (; q < e; ++q) ot[(int32_t)ix[q] - off] += c * CONV(v[q]);               \
+            }                                                                                \
+            pf_rest(&pf);                                                                    \
+        }                                                                                    \
+    }                                                                                        \
+    return 0;                                                                                \
+}
+
+/* Group g rewritten into block dst with row j replaced by the sorted row (ni, nv) of k
+   entries; its offsets are rewritten in place (each tile's are read before they change). */
+#define REPLACE(NAME, VT, IT, CONV)                                                          \
+void NAME(LAYOUT_ARGS(VT, IT), int64_t g, int64_t dst, int64_t j, const int64_t *ni,         \
+          const VT *nv) {                                                                    \
+    GROUP(g, VT, IT);                                                                        \
+    VT *dv = (VT *)vb + dst * B * k; IT *di = (IT *)ib + dst * B * k;                        \
+    int64_t p = 0, c = 0;                                                                    \
+    for (int64_t t = 0; t < nt; ++t) {                                                       \
+        int32_t *st = (int32_t *)s + t * SW;                                                 \
+        int64_t t1 = (t + 1) * tile < d ? (t + 1) * tile : d;                                \
+        for (int64_t jj = 0; jj < nr; ++jj) {                                                \
+            int64_t q = st[jj], n = st[jj + 1] - q;                                          \
+            st[jj] = (int32_t)p;                                                             \
+            if (jj == j) {                                                                   \
+                for (; c < k && ni[c] < t1; ++c, ++p) { dv[p] = nv[c]; di[p] = (IT)ni[c]; }  \
+            } else {                                                                         \
+                memcpy(dv + p, v + q, (size_t)n * sizeof(VT));                               \
+                memcpy(di + p, ix + q, (size_t)n * sizeof(IT));                              \
+                p += n;                                                                      \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    for (int64_t t = 0; t + 1 < nt; ++t) /* each tile's end is the next tile's start */      \
+        ((int32_t *)s)[t * SW + nr] = s[(t + 1) * SW];                                       \
+    ((int32_t *)s)[(nt - 1) * SW + nr] = (int32_t)p;                                         \
+}
+
+/* Group g written into its block from nr row-major rows (rv, ri: nr x k, each ascending). */
+#define PACK(NAME, VT, IT, CONV)                                                             \
+int NAME(LAYOUT_ARGS(VT, IT), int64_t g, const VT *rv, const IT *ri) {                       \
+    GROUP(g, VT, IT);                                                                        \
+    VT *dv = (VT *)v; IT *di = (IT *)ix;                                                     \
+    int64_t *cur = calloc((size_t)nr, sizeof(int64_t)), p = 0;                               \
+    if (!cur) return 1;                                                                      \
+    for (int64_t t = 0; t < nt; ++t) {                                                       \
+        int32_t *st = (int32_t *)s + t * SW;                                                 \
+        int64_t t1 = (t + 1) * tile < d ? (t + 1) * tile : d;                                \
+        if (t > 0) st[-SW + nr] = (int32_t)p;                                                \
+        for (int64_t j = 0; j < nr; ++j) {                                                   \
+            const IT *rij = ri + j * k; const VT *rvj = rv + j * k;                          \
+            st[j] = (int32_t)p;                                                              \
+            for (int64_t q = cur[j]; q < k && (int64_t)rij[q] < t1; ++q, ++p) {              \
+                dv[p] = rvj[q]; di[p] = rij[q]; cur[j] = q + 1;                              \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    ((int32_t *)s)[(nt - 1) * SW + nr] = (int32_t)p;                                         \
+    free(cur);                                                                               \
+    return 0;                                                                                \
+}
+
+/* Group g's nr zero rows, each at the coordinates 0..k-1. */
+#define ZERO(NAME, VT, IT, CONV)                                                             \
+void NAME(LAYOUT_ARGS(VT, IT), int64_t g) {                                                  \
+    GROUP(g, VT, IT);                                                                        \
+    VT *dv = (VT *)v; IT *di = (IT *)ix;                                                     \
+    int64_t p = 0;                                                                           \
+    for (int64_t t = 0; t < nt; ++t) {                                                       \
+        int32_t *st = (int32_t *)s + t * SW;                                                 \
+        int64_t t0 = t * tile, t1 = t0 + tile < k ? t0 + tile : k;                           \
+        if (t > 0) st[-SW + nr] = (int32_t)p;                                                \
+        for (int64_t j = 0; j < nr; ++j) {                                                   \
+            st[j] = (int32_t)p;                                                              \
+            for (int64_t c = t0; c < t1; ++c, ++p) { dv[p] = (VT)0; di[p] = (IT)c; }         \
+        }                                                                                    \
+    }                                                                                        \
+    ((int32_t *)s)[(nt - 1) * SW + nr] = (int32_t)p;                                         \
+}
+
+/* Row j of group g, row-major: its k values and indices, ascending. */
+#define ROW(NAME, VT, IT, CONV)                                                              \
+void NAME(LAYOUT_ARGS(VT, IT), int64_t g, int64_t j, VT *ov, IT *oi) {                       \
+    GROUP(g, VT, IT);                                                                        \
+    int64_t p = 0;                                                                           \
+    for (int64_t t = 0; t < nt; ++t) {                                                       \
+        const int32_t *st = s + t * SW;                                                      \
+        int64_t q = st[j], n = st[j + 1] - q;                                                \
+        memcpy(ov + p, v + q, (size_t)n * sizeof(VT));                                       \
+        memcpy(oi + p, ix + q, (size_t)n * sizeof(IT));                                      \
+        p += n;                                                                              \
+    }                                                                                        \
+}
+
+/* 0 when group g is a valid layout: offsets from 0, non-decreasing, each tile's end the next
+   tile's start, ending at nr k; every row k entries, each run inside its tile and strictly
+   ascending. Else 1 + the first bad tile (or 1 for the totals); -1 without memory. */
+#define CHECK(NAME, VT, IT, CONV)                                                            \
+int64_t NAME(LAYOUT_ARGS(VT, IT), int64_t g) {                                               \
+    GROUP(g, VT, IT);                                                                        \
+    (void)v;                                                                                 \
+    int64_t *count = calloc((size_t)nr, sizeof(int64_t)), prev = 0, bad = 0;                 \
+    if (!count) return -1;                                                                   \
+    for (int64_t t = 0; t < nt && !bad; ++t) {                                               \
+        const int32_t *st = s + t * SW;                                                      \
+        int64_t t0 = t * tile, t1 = t0 + tile < d ? t0 + tile : d;                           \
+        if (st[0] != prev) { bad = 1 + t; break; }                                           \
+        for (int64_t j = 0; j < nr && !bad; ++j) {                                           \
+            int64_t q = st[j], e = st[j + 1];                                                \
+            if (e < q || q < 0 || e > nr * k) { bad = 1 + t; break; }                        \
+            count[j] += e - q;                                                               \
+            for (int64_t p = q; p < e; ++p) {                                                \
+                int64_t i = ix[p];                                                           \
+                if (i < t0 || i >= t1 || (p > q && i <= (int64_t)ix[p - 1])) {              \
+                    bad = 1 + t; break;                                                      \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+        prev = st[nr];                                                                       \
+    }                                                                                        \
+    if (!bad && prev != nr * k) bad = 1;                                                     \
+    for (int64_t j = 0; j < nr && !bad; ++j) if (count[j] != k) bad = 1;                     \
+    free(count);                                                                             \
+    return bad;                                                                              \
+}
+
+/* Every (value, index) type pair, each kernel once: mfac_tw_<kernel>_<value>_<index>. */
+#define EACH_TYPE_PAIR(KERNEL, kernel)                                                       \
+    KERNEL(mfac_tw_##kernel##_f32_i32, float, int32_t, cv_f32)                               \
+    KERNEL(mfac_tw_##kernel##_bf16_i32, uint16_t, int32_t, from_bf16)                        \
+    KERNEL(mfac_tw_##kernel##_f16_i32, uint16_t, int32_t, from_f16)                          \
+    KERNEL(mfac_tw_##kernel##_f32_i16, float, int16_t, cv_f32)                               \
+    KERNEL(mfac_tw_##kernel##_bf16_i16, uint16_t, int16_t, from_bf16)                        \
+    KERNEL(mfac_tw_##kernel##_f16_i16, uint16_t, int16_t, from_f16)
+
+EACH_TYPE_PAIR(GATHER, gather)
+EACH_TYPE_PAIR(SCATTER, scatter)
+EACH_TYPE_PAIR(REPLACE, replace)
+EACH_TYPE_PAIR(PACK, pack)
+EACH_TYPE_PAIR(ROW, row)
+EACH_TYPE_PAIR(CHECK, check)
+EACH_TYPE_PAIR(ZERO, zero)
+"""
+
+_KERNELS = ("gather", "scatter", "replace", "pack", "row", "check", "zero")
+_VALUE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_INDEX_NAMES = {torch.int32: "i32", torch.int16: "i16"}
+#: Compiler flag sets tried in order (the first that builds wins). Scalar loops: the sweeps'
+#: reads of a tile are random, and vector gathers/scatters of them measured slower.
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fno-tree-vectorize", "-fno-math-errno", "-fno-trapping-math"],
+    ["-O3", "-fno-tree-vectorize", "-fno-math-errno", "-fno-trapping-math"],
+)
+
+_state: dict[str, object] = {}
+
+
+def _load(
+    compiler: str, flag_sets: tuple[list[str], ...] = _FLAG_SETS, stem: str = "tiled"
+) -> ctypes.CDLL:
+    """The kernel library built with the first of ``flag_sets`` that compiles (tests build a
+    portable one too), with its argument types set."""
+    lib = cbuild.load(SOURCE, flag_sets, stem, compiler)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    layout = [p, p, p, p, i64, i64, i64, i64, i64, i64]
+    extra = {
+        "gather": ([i64, i64, p, p, p, i64, p], ctypes.c_int),
+        "scatter": ([i64, i64, p, p], ctypes.c_int),
+        "replace": ([i64, i64, i64, p, p], None),
+        "pack": ([i64, p, p], ctypes.c_int),
+        "row": ([i64, i64, p, p], None),
+        "check": ([i64], i64),
+        "zero": ([i64], None),
+    }
+    for v in _VALUE_NAMES.values():
+        for i in _INDEX_NAMES.values():
+            for kernel, (args, restype) in extra.items():
+                fn = getattr(lib, f"mfac_tw_{kernel}_{v}_{i}")
+                fn.argtypes = layout + args
+                fn.restype = restype
+    lib.mfac_tw_has_f16.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first use; None when it cannot be had."""
+    return cbuild.cached_library(
+        _state, "native top-k kernels", cbuild.find_compiler, _load, log
+    )
+
+
+def supports(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the C kernels take a window of ``dtype`` values on ``device``."""
+    if device.type != "cpu" or dtype not in _VALUE_NAMES:
+        return False
+    lib = library()
+    if lib is None:
+        return False
+    return dtype != torch.float16 or bool(lib.mfac_tw_has_f16())
+
+
+def plan(m: int, k: int, dim: int) -> tuple[int, int]:
+    """(tile, rows per group) of a layout: tiles long enough that a row has about RUN entries
+    in one (MIN_TILE..MAX_TILE coordinates), about GROUPS groups, and a group's entries
+    addressable by int32 offsets."""
+    tile = MIN_TILE
+    while tile < MAX_TILE and tile * k < RUN * dim:
+        tile *= 2
+    rows = max(1, -(-m // GROUPS))
+    rows = max(1, min(rows, (2**31 - 1) // k))
+    return tile, rows
+
+
+def layout_bytes(m: int, k: int, dim: int, value_bytes: int, index_bytes: int) -> int:
+    """Bytes of a tiled window: the groups' blocks and the spare (values and indices) and the
+    int32 run offsets (rows + 1 per group and tile)."""
+    tile, rows = plan(m, k, dim)
+    groups = -(-m // rows)
+    tiles = -(-dim // tile)
+    return (groups + 1) * rows * k * (value_bytes + index_bytes) + tiles * groups * (rows + 1) * 4
+
+
+class TiledRows:
+    """m sparse rows of k entries each over d coordinates, in the tile-major group layout.
+
+    ``values``/``indices`` hold groups + 1 blocks of ``rows`` x k entries each (one is the
+    spare), ``block_of`` says which block holds each group (its last entry: the spare), and
+    ``starts`` (tiles, groups * (rows + 1)) the run offsets, each tile's of all groups
+    together. Slot r is row r % rows of group r // rows."""
+
+    def __init__(
+        self,
+        dim: int,
+        window: int,
+        k: int,
+        dtype: torch.dtype,
+        index_dtype: torch.dtype,
+        empty: Any = None,
+    ) -> None:
+        self.dim, self.window, self.k = dim, window, k
+        self.tile, self.rows = plan(window, k, dim)
+        self.tiles = -(-dim // self.tile)
+        self.groups = -(-window // self.rows)
+        blocks = self.groups + 1
+        empty = empty or (lambda shape, dt: torch.empty(shape, dtype=dt))
+        self.values = empty((blocks * self.rows, k), dtype)
+        self.indices = empty((blocks * self.rows, k), index_dtype)
+        self.starts = torch.zeros(self.tiles, self.groups * (self.rows + 1), dtype=torch.int32)
+        self.block_of = torch.arange(blocks, dtype=torch.int64)  # the last is the spare
+        for g in range(self.groups):
+            self._call("zero", g)
+        spare = slice(self.groups * self.rows, blocks * self.rows)
+        self.values[spare].zero_()  # touched now, not in the first replace
+        self.indices[spare].zero_()
+
+    @classmethod
+    def over(
+        cls, dim: int, window: int, k: int, tensors: dict[str, torch.Tensor]
+    ) -> TiledRows | None:
+        """A layout over existing tensors (``values``, ``indices``, ``starts``, ``block_of``:
+        a saved state), without copying; None unless their shapes and dtypes are what this
+        version lays out for (dim, window, k) with those value and index dtypes."""
+        rows = cls.__new__(cls)
+        rows.dim, rows.window, rows.k = dim, window, k
+        rows.tile, rows.rows = plan(window, k, dim)
+        rows.tiles = -(-dim // rows.tile)
+        rows.groups = -(-window // rows.rows)
+        shapes = {
+            "values": (rows.groups + 1) * rows.rows,
+            "indices": (rows.groups + 1) * rows.rows,
+        }
+        try:
+            values, indices = tensors["values"], tensors["indices"]
+            starts, block_of = tensors["starts"], tensors["block_of"]
+        except KeyError:
+            return None
+        if (
+            any(tuple(tensors[n].shape) != (r, k) for n, r in shapes.items())
+            or tuple(starts.shape) != (rows.tiles, rows.groups * (rows.rows + 1))
+            or starts.dtype != torch.int32
+            or tuple(block_of.shape) != (rows.groups + 1,)
+            or block_of.dtype != torch.int64
+            or values.dtype not in _VALUE_NAMES
+            or indices.dtype not in _INDEX_NAMES
+            or any(
+                t.device.type != "cpu" or not t.is_contiguous()
+                for t in (values, indices, starts, block_of)
+            )
+        ):
+            return None
+        rows.values, rows.indices, rows.starts, rows.block_of = values, indices, starts, block_of
+        return rows
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def spare(self) -> int:
+        """The block no group uses."""
+        return int(self.block_of[self.groups])
+
+    def group_rows(self, g: int) -> int:
+        """Rows of group g (the last group may hold fewer)."""
+        return min(self.rows, self.window - g * self.rows)
+
+    def _fn(self, kernel: str):
+        lib = library()
+        suffix = f"{_VALUE_NAMES[self.values.dtype]}_{_INDEX_NAMES[self.indices.dtype]}"
+        return getattr(lib, f"mfac_tw_{kernel}_{suffix}")
+
+    def _layout(self) -> tuple:
+        return (
+            self.values.data_ptr(), self.indices.data_ptr(), self.starts.data_ptr(),
+            self.block_of.data_ptr(), self.rows, self.window, self.k, self.tiles, self.dim,
+            self.tile,
+        )  # fmt: skip
+
+    def _call(self, kernel: str, *args: Any) -> Any:
+        return self._fn(kernel)(*self._layout(), *args)
+
+    def _run(self, kernel: str, parts: list[tuple]) -> None:
+        """One call per part, on the worker threads when there are several."""
+        fn, layout = self._fn(kernel), self._layout()
+        if len(parts) == 1:
+            results = [fn(*layout, *parts[0])]
+        else:
+            pool = cbuild.worker_pool(_state, len(parts), "mfac-tiled")
+            results = [f.result() for f in [pool.submit(fn, *layout, *a) for a in parts]]
+        if any(results):
+            raise MemoryError("tiled top-k kernel: could not allocate its buffers")
+
+    # ------------------------------------------------------------------ sweeps
+    def gather(
+        self, x: torch.Tensor | None = None, sparse: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """G x (float64, (m,)) for a dense contiguous float32 x of d entries, or a sparse x
+        given as ``(ascending int64 coordinates, float32 values)``."""
+        out = torch.empty(self.window, dtype=torch.float64)
+        if x is not None:
+            tail = (x.data_ptr(), None, None, 0, out.data_ptr())
+        else:
+            sidx, sval = sparse  # type: ignore[misc]
+            tail = (None, sidx.data_ptr(), sval.data_ptr(), sidx.numel(), out.data_ptr())
+        parts = cbuild.split_range(self.groups, torch.get_num_threads(), 1)
+        self._run("gather", [(a, b, *tail) for a, b in parts])
+        return out
+
+    def scatter(self, coeff: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """G^T c (float32, (d,)) for c of shape (m,), written into ``out`` when given (a
+        contiguous float32 vector of d entries)."""
+        coeff = coeff.to(torch.float32).contiguous()
+        if out is None:
+            out = torch.empty(self.dim, dtype=torch.float32)
+        parts = cbuild.split_range(self.tiles, torch.get_num_threads(), 1)
+        self._run("scatter", [(a, b, coeff.data_ptr(), out.data_ptr()) for a, b in parts])
+        return out
+
+    # ------------------------------------------------------------------ rows
+    def replace(self, slot: int, idx: torch.Tensor, vals: torch.Tensor) -> None:
+        """Row ``slot`` := the k entries (ascending int64 ``idx``, ``vals`` in the stored
+        dtype): its group is rewritten into the spare block, which then becomes the group's."""
+        g, j = divmod(slot, self.rows)
+        idx, vals = idx.contiguous(), vals.contiguous()
+        spare = self.spare
+        self._call("replace", g, spare, j, idx.data_ptr(), vals.data_ptr())
+        self.block_of[self.groups], self.block_of[g] = self.block_of[g].clone(), spare
+
+    def row(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) of row ``slot``, k each, ascending coordinates."""
+        g, j = divmod(slot, self.rows)
+        vals = torch.empty(self.k, dtype=self.values.dtype)
+        idx = torch.empty(self.k, dtype=self.indices.dtype)
+        self._call("row", g, j, vals.data_ptr(), idx.data_ptr())
+        return vals, idx
+
+    def group(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) of group g's rows, row-major ((rows, k) each)."""
+        n = self.group_rows(g)
+        vals = torch.empty(n, self.k, dtype=self.values.dtype)
+        idx = torch.empty(n, self.k, dtype=self.indices.dtype)
+        for j in range(n):
+            self._call("row", g, j, vals[j].data_ptr(), idx[j].data_ptr())
+        return vals, idx
+
+    def write_group(self, g: int, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """Group g := the row-major rows ``values``/``indices`` ((rows of g, k), each row's
+        coordinates strictly ascending), written in place."""
+        n = self.group_rows(g)
+        if tuple(values.shape) != (n, self.k) or tuple(indices.shape) != (n, self.k):
+            raise ValueError(f"group {g} holds {n} rows of {self.k} entries")
+        values = values.to(self.values.dtype).contiguous()
+        indices = indices.to(self.indices.dtype).contiguous()
+        if self._call("pack", g, values.data_ptr(), indices.data_ptr()):
+            raise MemoryError("tiled top-k kernel: could not allocate its cursors")
+
+    def check(self) -> None:
+        """Raise unless every group's block is a valid layout (offsets, every run inside its
+        tile and strictly ascending, k entries per row)."""
+        for g in range(self.groups):
+            bad = int(self._call("check", g))
+            if bad:
+                raise ValueError(
+                    f"tiled window: group {g} is not a valid layout"
+                    + (f" (tile {bad - 1})" if bad > 1 else "")
+                )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks (values, indices) and their offsets."""
+        return (
+            self.values.numel() * self.values.element_size()
+            + self.indices.numel() * self.indices.element_size()
+            + self.starts.numel() * 4
+        )
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The layout's tensors, by reference."""
+        return {
+            "values": self.values,
+            "indices": self.indices,
+            "starts": self.starts,
+            "block_of": self.block_of,
+        }
+
+
+def unpack_group(
+    values: torch.Tensor, indices: torch.Tensor, starts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's rows in row-major order ((rows, k) values and indices) with torch (any
+    device), from its block (``values``/``indices``, at least rows x k entries) and its offsets
+    ((tiles, rows + 1)): a stable sort of the entries by row keeps each row's tiles in order."""
+    rows = starts.shape[1] - 1
+    lengths = (starts[:, 1:] - starts[:, :-1]).reshape(-1).long()
+    row_of = torch.arange(lengths.numel(), device=lengths.device) % rows
+    entry_row = torch.repeat_interleave(row_of, lengths)
+    order = torch.sort(entry_row, stable=True).indices.to(values.device)
+    n = entry_row.numel()
+    flat_v, flat_i = values.reshape(-1)[:n], indices.reshape(-1)[:n]
+    return flat_v[order].view(rows, -1), flat_i[order].view(rows, -1)
+
+
+__all__ = ["TiledRows", "layout_bytes", "library", "plan", "supports", "unpack_group"]
