@@ -205,8 +205,16 @@ def test_any_edited_window_row_is_stale(history: str, row: int, factor: float) -
     opt = _fresh_loaded(history)
     before = copy.deepcopy(opt.state_dict())
     tampered = copy.deepcopy(SAVED[history])
-    key = "grads" if history == "dense" else "values"
-    _window_key(tampered)[key][row] *= factor
+    window = _window_key(tampered)
+    if history == "dense":
+        window["grads"][row] *= factor
+    elif "block_of" in window:  # the tile-major layout: a stretch of slot row's group
+        groups = window["block_of"].numel() - 1
+        rows = window["starts"].shape[1] // groups - 1
+        g, j = divmod(row, rows)
+        window["values"][int(window["block_of"][g]) * rows + j] *= factor
+    else:
+        window["values"][row] *= factor
     with pytest.raises(ValueError, match="stale"):
         opt.load_state_dict(tampered)
     assert_state_equal(opt.state_dict(), before)

@@ -65,6 +65,15 @@ static inline void pf_step(prefetch_t *p) {
     if (p->i < p->ie) { __builtin_prefetch(p->i, 0, 3); p->i += 64; }
 }
 static inline void pf_rest(prefetch_t *p) { while (p->v < p->ve || p->i < p->ie) pf_step(p); }
+/* The scatter's prefetch stops at L2: its tile of the result is read and written in L1, and
+   the window's lines brought there ahead of time evict it (measured slower). */
+static inline void pf_step_l2(prefetch_t *p) {
+    if (p->v < p->ve) { __builtin_prefetch(p->v, 0, 2); p->v += 64; }
+    if (p->i < p->ie) { __builtin_prefetch(p->i, 0, 2); p->i += 64; }
+}
+static inline void pf_rest_l2(prefetch_t *p) {
+    while (p->v < p->ve || p->i < p->ie) pf_step_l2(p);
+}
 /* PF := the segment of group G in tile T (empty when T is past the last tile). */
 #define SEGMENT(PF, G, T, VT, IT) do {                                                       \
     (PF).v = (PF).ve = (PF).i = (PF).ie = NULL;                                              \
@@ -199,7 +208,7 @@ int NAME(LAYOUT_ARGS(VT, IT), int64_t ta, int64_t tb, const float *coef, float *
                 int64_t q = st[j], e = st[j + 1];                                            \
                 if (c == 0.0f) continue;                                                     \
                 for (; q + 8 <= e; q += 8) { /* loads first: the stores may not alias them */ \
-                    pf_step(&pf);                                                            \
+                    pf_step_l2(&pf);                                                            \
                     int32_t at[8]; float add[8];                                             \
                     for (int l = 0; l < 8; ++l) {                                            \
                         at[l] = (int32_t)ix[q + l] - off;                                    \
@@ -209,7 +218,7 @@ int NAME(LAYOUT_ARGS(VT, IT), int64_t ta, int64_t tb, const float *coef, float *
                 }                                                                            \
                 for (; q < e; ++q) ot[(int32_t)ix[q] - off] += c * CONV(v[q]);               \
             }                                                                                \
-            pf_rest(&pf);                                                                    \
+            pf_rest_l2(&pf);                                                                    \
         }                                                                                    \
     }                                                                                        \
     return 0;                                                                                \
@@ -300,8 +309,9 @@ void NAME(LAYOUT_ARGS(VT, IT), int64_t g, int64_t j, VT *ov, IT *oi) {          
 }
 
 /* 0 when group g is a valid layout: offsets from 0, non-decreasing, each tile's end the next
-   tile's start, ending at nr k; every row k entries, each run inside its tile and strictly
-   ascending. Else 1 + the first bad tile (or 1 for the totals); -1 without memory. */
+   tile's start, ending at nr k, every row k entries (else 1 + 4 t, t the first bad tile, or 3
+   for the totals); each run inside its tile and strictly ascending (else 2 + 4 t); -1 without
+   memory. */
 #define CHECK(NAME, VT, IT, CONV)                                                            \
 int64_t NAME(LAYOUT_ARGS(VT, IT), int64_t g) {                                               \
     GROUP(g, VT, IT);                                                                        \
@@ -311,22 +321,22 @@ int64_t NAME(LAYOUT_ARGS(VT, IT), int64_t g) {                                  
     for (int64_t t = 0; t < nt && !bad; ++t) {                                               \
         const int32_t *st = s + t * SW;                                                      \
         int64_t t0 = t * tile, t1 = t0 + tile < d ? t0 + tile : d;                           \
-        if (st[0] != prev) { bad = 1 + t; break; }                                           \
+        if (st[0] != prev) { bad = 1 + 4 * t; break; }                                       \
         for (int64_t j = 0; j < nr && !bad; ++j) {                                           \
             int64_t q = st[j], e = st[j + 1];                                                \
-            if (e < q || q < 0 || e > nr * k) { bad = 1 + t; break; }                        \
+            if (e < q || q < 0 || e > nr * k) { bad = 1 + 4 * t; break; }                    \
             count[j] += e - q;                                                               \
             for (int64_t p = q; p < e; ++p) {                                                \
                 int64_t i = ix[p];                                                           \
                 if (i < t0 || i >= t1 || (p > q && i <= (int64_t)ix[p - 1])) {              \
-                    bad = 1 + t; break;                                                      \
+                    bad = 2 + 4 * t; break;                                                  \
                 }                                                                            \
             }                                                                                \
         }                                                                                    \
         prev = st[nr];                                                                       \
     }                                                                                        \
-    if (!bad && prev != nr * k) bad = 1;                                                     \
-    for (int64_t j = 0; j < nr && !bad; ++j) if (count[j] != k) bad = 1;                     \
+    if (!bad && prev != nr * k) bad = 3;                                                     \
+    for (int64_t j = 0; j < nr && !bad; ++j) if (count[j] != k) bad = 3;                     \
     free(count);                                                                             \
     return bad;                                                                              \
 }
@@ -599,15 +609,22 @@ class TiledRows:
             raise MemoryError("tiled top-k kernel: could not allocate its cursors")
 
     def check(self) -> None:
-        """Raise unless every group's block is a valid layout (offsets, every run inside its
-        tile and strictly ascending, k entries per row)."""
+        """Raise, naming the field, unless every group is a valid layout: ``starts`` (offsets
+        from 0, non-decreasing, k entries per row) and ``indices`` (each run inside its tile
+        and strictly ascending, so every coordinate lies in [0, d))."""
         for g in range(self.groups):
             bad = int(self._call("check", g))
+            if bad < 0:
+                raise MemoryError("tiled top-k kernel: could not allocate its counters")
             if bad:
-                raise ValueError(
-                    f"tiled window: group {g} is not a valid layout"
-                    + (f" (tile {bad - 1})" if bad > 1 else "")
-                )
+                tile = (bad - 1) // 4
+                if bad % 4 == 2:
+                    raise ValueError(
+                        f"indices: group {g}, tile {tile}: a coordinate outside its tile or "
+                        f"out of order (rows need ascending coordinates in [0, {self.dim}))"
+                    )
+                where = f", tile {tile}" if bad % 4 == 1 else ""
+                raise ValueError(f"starts: group {g}{where} does not describe k entries per row")
 
     @property
     def nbytes(self) -> int:
