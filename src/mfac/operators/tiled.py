@@ -3,13 +3,14 @@
 The d coordinates are cut into tiles (a power of two, 4096 to 65536 coordinates, so that a
 tile of a dense float32 vector sits in L1 or L2). Rows are kept in groups of ``B`` consecutive
 slots; a group's entries are stored tile by tile, and within a tile row by row, each row's run
-in ascending coordinates. A sweep (G x, G^T c) then visits a tile once and reads every group's
-entries for it as one contiguous segment, instead of 2m short runs scattered over m row
-buffers: the window streams from memory.
+in ascending coordinates. A sweep (G x, G^T c) visits a tile once and reads each group's
+entries for it as one contiguous segment (prefetched while the group before is summed),
+instead of m short runs scattered over m row buffers.
 
 Replacing a row rewrites its group into a spare block (one pass over B k entries) and the
-spare becomes the group's block; the ring's order is unchanged. Groups of about m / 32 rows
-keep that rewrite a few per cent of a sweep, and the spare block a few per cent of the window.
+spare becomes the group's block; the ring's order is unchanged. Groups of at most 16 rows keep
+that rewrite under 2 % of a sweep at m = 1024, and at least 8 groups keep the spare block
+within 1/8 of the window.
 
 Accumulation order is fixed (rows in slot order within a tile, tiles in order), so results do
 not depend on the thread count: threads take disjoint group ranges (G x) or tile ranges (G^T c).
@@ -31,8 +32,11 @@ log = logging.getLogger(__name__)
 MIN_TILE, MAX_TILE = 4096, 65536
 #: Entries per row and tile the tile length aims at (4096 coordinates at 1 % density).
 RUN = 32
-#: Groups the rows are cut into (about; a group holds at least one row).
-GROUPS = 32
+#: Most rows in a group: the sweeps measured no faster with more, and replacing a row
+#: rewrites its group.
+MAX_ROWS = 32
+#: Fewest groups: the spare group costs at most 1 / MIN_GROUPS of the window's memory.
+MIN_GROUPS = 8
 
 SOURCE = cbuild.HALF_FLOATS + r"""
 #include <stdint.h>
@@ -59,6 +63,9 @@ int mfac_tw_has_f16(void) { return MFAC_HAS_F16; }
 /* Prefetch of the next group's segment of a tile (values and indices), one cache line of
    each per block of entries summed, so that the stream of segments never waits on a cold
    start; what is left after the group is issued at once. */
+#ifndef PF_AHEAD
+#define PF_AHEAD 2
+#endif
 typedef struct { const char *v, *ve, *i, *ie; } prefetch_t;
 static inline void pf_step(prefetch_t *p) {
     if (p->v < p->ve) { __builtin_prefetch(p->v, 0, 3); p->v += 64; }
@@ -173,8 +180,8 @@ int NAME(LAYOUT_ARGS(VT, IT), int64_t g0, int64_t g1, const float *x, const int6
             GROUP(g, VT, IT);                                                                \
             const int32_t *st = s + t * SW;                                                  \
             prefetch_t pf;                                                                   \
-            if (g + 1 < g1) SEGMENT(pf, g + 1, t, VT, IT);                                   \
-            else SEGMENT(pf, g0, t + 1, VT, IT);                                             \
+            {   int64_t ng = g1 - g0, at = (g - g0) + PF_AHEAD, pg = g0 + at % ng, pt = t + at / ng; \
+                SEGMENT(pf, pg, pt, VT, IT); }                                               \
             for (int64_t j = 0; j < nr; ++j) {                                               \
                 int64_t q = st[j], e = st[j + 1];                                            \
                 out[g * B + j] += (double)RUN_DOT(VT, IT, CONV, v, ix, q, e, xt, off, &pf);  \
@@ -187,40 +194,56 @@ int NAME(LAYOUT_ARGS(VT, IT), int64_t g0, int64_t g1, const float *x, const int6
     return 0;                                                                                \
 }
 
+/* A finished tile of the result written to memory: with AVX-512 by streaming stores where
+   the destination is 64-byte aligned (the result is not read back into cache first). */
+static inline void store_tile(float *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i < n && ((uintptr_t)(dst + i) & 63); ++i) dst[i] = src[i];
+    for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+#endif
+    for (; i < n; ++i) dst[i] = src[i];
+}
+static inline void store_fence(void) {
+#if defined(__AVX512F__)
+    _mm_sfence();
+#endif
+}
+
 /* out[j] = sum_r coef[r] v[r, q] over the entries with i[r, q] = j, for tiles [ta, tb); every
-   coordinate of those tiles is written (zeros included). */
+   coordinate of those tiles is written (zeros included). The tile is summed in a buffer of
+   its own (in L1) and then stored. */
 #define SCATTER(NAME, VT, IT, CONV)                                                          \
 int NAME(LAYOUT_ARGS(VT, IT), int64_t ta, int64_t tb, const float *coef, float *out) {       \
     int64_t groups = (m + B - 1) / B;                                                        \
+    float *ot = aligned_alloc(64, (size_t)((tile * sizeof(float) + 63) / 64 * 64));          \
+    if (!ot) return 1;                                                                       \
     for (int64_t t = ta; t < tb; ++t) {                                                      \
         int64_t t0 = t * tile, t1 = t0 + tile < d ? t0 + tile : d;                           \
-        float *ot = out + t0;                                                                \
         int32_t off = (int32_t)t0;                                                           \
         memset(ot, 0, (size_t)(t1 - t0) * sizeof(float));                                    \
         for (int64_t g = 0; g < groups; ++g) {                                               \
             GROUP(g, VT, IT);                                                                \
             const int32_t *st = s + t * SW;                                                  \
             prefetch_t pf;                                                                   \
-            if (g + 1 < groups) SEGMENT(pf, g + 1, t, VT, IT);                               \
-            else SEGMENT(pf, 0, t + 1 < tb ? t + 1 : nt, VT, IT);                            \
+            {   int64_t at = g + PF_AHEAD, pt = t + at / groups;                             \
+                SEGMENT(pf, at % groups, pt < tb ? pt : nt, VT, IT); }                       \
             for (int64_t j = 0; j < nr; ++j) {                                               \
                 float c = coef[g * B + j];                                                   \
                 int64_t q = st[j], e = st[j + 1];                                            \
                 if (c == 0.0f) continue;                                                     \
-                for (; q + 8 <= e; q += 8) { /* loads first: the stores may not alias them */ \
-                    pf_step_l2(&pf);                                                            \
-                    int32_t at[8]; float add[8];                                             \
-                    for (int l = 0; l < 8; ++l) {                                            \
-                        at[l] = (int32_t)ix[q + l] - off;                                    \
-                        add[l] = c * CONV(v[q + l]);                                         \
-                    }                                                                        \
-                    for (int l = 0; l < 8; ++l) ot[at[l]] += add[l];                         \
+                for (; q + 8 <= e; q += 8) {                                                 \
+                    pf_step_l2(&pf);                                                         \
+                    for (int l = 0; l < 8; ++l) ot[(int32_t)ix[q + l] - off] += c * CONV(v[q + l]); \
                 }                                                                            \
                 for (; q < e; ++q) ot[(int32_t)ix[q] - off] += c * CONV(v[q]);               \
             }                                                                                \
-            pf_rest_l2(&pf);                                                                    \
+            pf_rest_l2(&pf);                                                                 \
         }                                                                                    \
+        store_tile(out + t0, ot, t1 - t0);                                                   \
     }                                                                                        \
+    store_fence();                                                                           \
+    free(ot);                                                                                \
     return 0;                                                                                \
 }
 
@@ -418,13 +441,12 @@ def supports(dtype: torch.dtype, device: torch.device) -> bool:
 
 def plan(m: int, k: int, dim: int) -> tuple[int, int]:
     """(tile, rows per group) of a layout: tiles long enough that a row has about RUN entries
-    in one (MIN_TILE..MAX_TILE coordinates), about GROUPS groups, and a group's entries
-    addressable by int32 offsets."""
+    in one (MIN_TILE..MAX_TILE coordinates); groups of at most MAX_ROWS rows, at least
+    MIN_GROUPS of them (where m allows), and a group's entries addressable by int32 offsets."""
     tile = MIN_TILE
     while tile < MAX_TILE and tile * k < RUN * dim:
         tile *= 2
-    rows = max(1, -(-m // GROUPS))
-    rows = max(1, min(rows, (2**31 - 1) // k))
+    rows = max(1, min(MAX_ROWS, m // MIN_GROUPS, (2**31 - 1) // k))
     return tile, rows
 
 
