@@ -16,6 +16,7 @@ from mfac.operators.topk import (
     TopKSlidingInverseFisher,
     _native_select,
     candidate_cap,
+    largest_positions,
     topk_indices,
 )
 from test_optim_window import hard_vector
@@ -409,3 +410,32 @@ def test_portable_build_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
     tol = {"rtol": 0, "atol": 1e-6 * scale}  # float32 sums, with and without fused multiply-add
     torch.testing.assert_close(sparse_native.gather(vals, idx, d, x=x), native[1], **tol)
     torch.testing.assert_close(sparse_native.scatter(vals, idx, d, c), native[2], **tol)
+
+
+# ---------------------------------------------------------------------- the k largest, ties
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 5000),
+    k=st.integers(1, 6000),
+    levels=st.sampled_from([0, 3, 50]),
+    seed=st.integers(0, 2**16),
+)
+def test_k_largest_keeps_the_lowest_coordinates_among_ties(
+    n: int, k: int, levels: int, seed: int
+) -> None:
+    """keep_largest (C) and largest_positions (torch) pick the same entries: every magnitude
+    above the k-th largest and, among the ties at it, the lowest coordinates; ascending."""
+    gen = torch.Generator().manual_seed(seed)
+    cand = torch.randperm(4 * n, generator=gen)[:n].sort().values
+    cval = torch.randn(n, generator=gen)
+    if levels:  # few distinct magnitudes: many ties (both signs)
+        cval = torch.randint(-levels, levels + 1, (n,), generator=gen).float()
+    idx, val = sparse_native.keep_largest(cand, cval, k)
+    keep = min(k, n)
+    mag = cval.abs()
+    kth = mag.sort(descending=True).values[keep - 1]
+    want = (mag > kth).nonzero().squeeze(1)
+    ties = (mag == kth).nonzero().squeeze(1)[: keep - want.numel()]
+    want = torch.cat([want, ties]).sort().values
+    assert torch.equal(idx, cand[want]) and torch.equal(val, cval[want])
+    assert torch.equal(largest_positions(mag, keep), want)

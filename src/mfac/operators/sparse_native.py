@@ -308,6 +308,45 @@ int64_t mfac_sp_select(const float *e, const float *g, float *a, int64_t n, floa
     return c;
 }
 
+/* Of n candidates (ascending coordinates cand, values cval), the k of largest |cval| into
+   (idx, val), in ascending order; ties at the k-th magnitude keep the lowest coordinates.
+   The k-th magnitude comes from a two-pass radix select on the bit patterns of |cval| (for
+   non-negative floats ordered like their values). Returns 1 without memory, else 0. */
+int mfac_sp_keep_largest(const int64_t *cand, const float *cval, int64_t n, int64_t k,
+                         int64_t *idx, float *val) {
+    uint32_t *hist = calloc(65536, sizeof(uint32_t));
+    if (!hist) return 1;
+    if (k >= n) {
+        memcpy(idx, cand, (size_t)n * sizeof(int64_t));
+        memcpy(val, cval, (size_t)n * sizeof(float));
+        free(hist);
+        return 0;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t b; memcpy(&b, cval + i, 4);
+        ++hist[(b & 0x7FFFFFFFu) >> 16];
+    }
+    int64_t above = 0, hi = 65535;
+    for (; hi > 0 && above + hist[hi] < k; --hi) above += hist[hi];
+    memset(hist, 0, 65536 * sizeof(uint32_t));
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t b; memcpy(&b, cval + i, 4);
+        b &= 0x7FFFFFFFu;
+        if ((int64_t)(b >> 16) == hi) ++hist[b & 0xFFFFu];
+    }
+    int64_t lo = 65535;
+    for (; lo > 0 && above + hist[lo] < k; --lo) above += hist[lo];
+    uint32_t kth = ((uint32_t)hi << 16) | (uint32_t)lo;
+    int64_t ties = k - above, c = 0; /* entries at kth to keep, lowest coordinates first */
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t b; memcpy(&b, cval + i, 4);
+        b &= 0x7FFFFFFFu;
+        if (b > kth || (b == kth && ties-- > 0)) { idx[c] = cand[i]; val[c] = cval[i]; ++c; }
+    }
+    free(hist);
+    return 0;
+}
+
 /* a[idx[q]] -= v[q] for q in [0, n) (the error feedback's e = a - c at the kept coordinates). */
 void mfac_sp_sub_at(float *a, const int64_t *idx, const float *v, int64_t n) {
     for (int64_t q = 0; q < n; ++q) {
@@ -352,6 +391,8 @@ def _load(
     lib.mfac_sp_select.restype = i64
     lib.mfac_sp_list.argtypes = [p, i64, ctypes.c_float, ctypes.c_float, i64, p, i64]
     lib.mfac_sp_list.restype = i64
+    lib.mfac_sp_keep_largest.argtypes = [p, p, i64, i64, p, p]
+    lib.mfac_sp_keep_largest.restype = ctypes.c_int
     lib.mfac_sp_sub_at.argtypes = [p, p, p, i64]
     lib.mfac_sp_sub_at.restype = None
     lib.mfac_sp_has_f16.restype = ctypes.c_int
@@ -578,6 +619,23 @@ def select_values(
     return cand, (cval if values else None), total, bool(bads.any())
 
 
+def keep_largest(
+    cand: torch.Tensor, cval: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the candidates (ascending int64 coordinates ``cand``, float32 values ``cval``), the
+    k of largest magnitude, in ascending order (ties at the k-th magnitude: the lowest
+    coordinates), with their values: a radix select in C, no sort."""
+    n = cand.numel()
+    idx = torch.empty(min(k, n), dtype=torch.int64)
+    val = torch.empty(min(k, n), dtype=torch.float32)
+    cand, cval = cand.contiguous(), cval.contiguous()
+    if library().mfac_sp_keep_largest(
+        cand.data_ptr(), cval.data_ptr(), n, min(k, n), idx.data_ptr(), val.data_ptr()
+    ):
+        raise MemoryError("native top-k kernel: could not allocate its histogram")
+    return idx, val
+
+
 def sub_at(a: torch.Tensor, idx: torch.Tensor, v: torch.Tensor) -> None:
     """a[idx] -= v in place, for a contiguous float32 vector, int64 coordinates (ascending
     reads best) and float32 values of the same length."""
@@ -616,6 +674,7 @@ __all__ = [
     "TILE",
     "empty_huge",
     "gather",
+    "keep_largest",
     "kth_largest",
     "library",
     "list_range",

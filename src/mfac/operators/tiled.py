@@ -180,8 +180,8 @@ int NAME(LAYOUT_ARGS(VT, IT), int64_t g0, int64_t g1, const float *x, const int6
             GROUP(g, VT, IT);                                                                \
             const int32_t *st = s + t * SW;                                                  \
             prefetch_t pf;                                                                   \
-            {   int64_t ng = g1 - g0, at = (g - g0) + PF_AHEAD, pg = g0 + at % ng, pt = t + at / ng; \
-                SEGMENT(pf, pg, pt, VT, IT); }                                               \
+            {   int64_t ng = g1 - g0, at = (g - g0) + PF_AHEAD;                              \
+                SEGMENT(pf, g0 + at % ng, t + at / ng, VT, IT); }                            \
             for (int64_t j = 0; j < nr; ++j) {                                               \
                 int64_t q = st[j], e = st[j + 1];                                            \
                 out[g * B + j] += (double)RUN_DOT(VT, IT, CONV, v, ix, q, e, xt, off, &pf);  \
@@ -234,7 +234,8 @@ int NAME(LAYOUT_ARGS(VT, IT), int64_t ta, int64_t tb, const float *coef, float *
                 if (c == 0.0f) continue;                                                     \
                 for (; q + 8 <= e; q += 8) {                                                 \
                     pf_step_l2(&pf);                                                         \
-                    for (int l = 0; l < 8; ++l) ot[(int32_t)ix[q + l] - off] += c * CONV(v[q + l]); \
+                    for (int l = 0; l < 8; ++l)                                              \
+                        ot[(int32_t)ix[q + l] - off] += c * CONV(v[q + l]);                  \
                 }                                                                            \
                 for (; q < e; ++q) ot[(int32_t)ix[q] - off] += c * CONV(v[q]);               \
             }                                                                                \

@@ -76,16 +76,21 @@ def sample_stride(d: int) -> int:
 
 
 def largest_positions(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions (ascending) of the k largest entries of ``mag``. When most entries stay, the
-    few smallest are dropped instead (torch.topk of the smaller side: 7x faster at k = 1.35M
-    of 1.77M)."""
+    """Positions (ascending) of the k largest entries of ``mag``; ties at the k-th largest
+    keep the lowest positions (as the C selection does, so both paths pick the same rows).
+    The k-th largest comes from torch.topk of the smaller side (the few smallest when most
+    entries stay: 7x faster at k = 1.35M of 1.77M)."""
     n = mag.numel()
-    if n - k < k:
-        drop = torch.topk(mag, n - k, largest=False, sorted=False).indices
-        keep = torch.ones(n, dtype=torch.bool, device=mag.device)
-        keep[drop] = False
-        return keep.nonzero().squeeze(1)
-    return torch.topk(mag, k, sorted=False).indices.sort().values
+    if k >= n:
+        return torch.arange(n, device=mag.device)
+    if n - k < k:  # the k-th largest is the largest of the n - k + 1 smallest
+        kth = torch.topk(mag, n - k + 1, largest=False, sorted=False).values.max()
+    else:
+        kth = torch.topk(mag, k, sorted=False).values.min()
+    keep = mag > kth
+    ties = (mag == kth).nonzero().squeeze(1)
+    keep[ties[: k - int(keep.sum())]] = True
+    return keep.nonzero().squeeze(1)
 
 
 def largest_among(cand: torch.Tensor, mag: torch.Tensor, k: int) -> torch.Tensor:
@@ -99,16 +104,17 @@ def topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
 
     Exact without sorting all of ``mag``: a threshold t is read off a strided sample so that a
     little more than k entries satisfy mag >= t; those candidates contain the k largest
-    (whenever at least k pass, the k-th largest is >= t), and torch.topk picks them from the
-    candidates. Falls back to torch.topk over everything when the sample misjudges. On the
-    fast path the indices come out ascending, so the window's gathers read memory in order."""
+    (whenever at least k pass, the k-th largest is >= t), and :func:`largest_positions` picks
+    them from the candidates. Falls back to all of ``mag`` when the sample misjudges. The
+    indices come out ascending (the window's gathers read memory in order), ties at the k-th
+    largest keep the lowest indices."""
     d = mag.numel()
     if d <= SMALL_SELECT or 4 * k >= d:
-        return torch.topk(mag, k, sorted=False).indices
+        return largest_positions(mag, k)
     threshold = sample_threshold(mag[:: sample_stride(d)], k, d)
     cand = torch.nonzero(mag >= threshold).squeeze(1)
     if cand.numel() < k or cand.numel() > candidate_cap(k):
-        return torch.topk(mag, k, sorted=False).indices
+        return largest_positions(mag, k)
     return largest_among(cand, mag[cand], k)
 
 
@@ -117,9 +123,10 @@ def _native_select(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """acc = error + grad, the ascending coordinates of its k largest magnitudes and acc there,
     with the C selection pass (no d-sized temporary; the candidates' values come out of the
-    same pass). Same choice as :func:`topk_indices` on |acc| when the sampled threshold holds;
-    otherwise the exact k-th largest magnitude by bisection, all entries above it and the
-    lowest coordinates among its ties. Raises on NaN/Inf."""
+    same pass), the k largest among the candidates by a radix select in C. Without enough
+    candidates (or too many), the exact k-th largest magnitude by bisection instead. Either
+    way: all entries above the k-th magnitude and the lowest coordinates among its ties.
+    Raises on NaN/Inf."""
     d = acc.numel()
     stride = sample_stride(d)
     threshold = sample_threshold((error[::stride] + grad[::stride]).abs_(), k, d)
@@ -128,14 +135,12 @@ def _native_select(
     if bad:
         raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
     if k <= count <= cap:
-        pos = largest_positions(cval.abs(), k)
-        return cand[pos], cval[pos]
+        return sparse_native.keep_largest(cand, cval, k)
     del cand, cval
     kth = sparse_native.kth_largest(acc, k)
     cand, count = sparse_native.list_range(acc, kth, math.inf, cap)
     if count <= cap:
-        idx = largest_among(cand, acc[cand].abs(), k)
-        return idx, acc[idx]
+        return sparse_native.keep_largest(cand, acc[cand], k)
     above_kth = float(torch.tensor(kth).nextafter(torch.tensor(math.inf)))  # in float32
     above, n_above = sparse_native.list_range(acc, above_kth, math.inf, k)
     ties, _ = sparse_native.list_range(acc, kth, kth, k - n_above)
@@ -368,8 +373,8 @@ class TopKSlidingInverseFisher(FactorBacked):
     def _select(
         self, flat: torch.Tensor, acc: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """acc = e + g, the coordinates of the k largest |acc| (ascending, as the C kernels
-        need; the torch path keeps torch.topk's order) and acc there; raises on NaN/Inf."""
+        """acc = e + g, the ascending coordinates of the k largest |acc| (ties at the k-th:
+        the lowest coordinates, on either path) and acc there; raises on NaN/Inf."""
         if self.native and self.dim > SMALL_SELECT and 4 * self.k < self.dim:
             grad = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
             return _native_select(self.error, grad.contiguous(), acc, self.k)
@@ -377,7 +382,6 @@ class TopKSlidingInverseFisher(FactorBacked):
         if not finite_fast(acc):
             raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
         idx = topk_indices(acc.abs(), self.k)
-        idx = idx.sort().values if self.native else idx
         return idx, acc[idx]
 
     def _insert(self, flat: torch.Tensor) -> int:
