@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
     sparse_native.library() is None, reason="no C compiler: the window runs its torch path"
 )
 VALUE_DTYPES = [torch.float32, torch.bfloat16] + (
-    [torch.float16] if sparse_native.library() and sparse_native.library().mfac_sp_has_f16() else []
+    [torch.float16] if tiled.supports(torch.float16, torch.device("cpu")) else []
 )
 
 
@@ -40,12 +40,13 @@ def woodbury_oracle(rows: torch.Tensor, damp: float, x: torch.Tensor) -> torch.T
 
 
 def _rows(m: int, k: int, d: int, dtype: torch.dtype, index_dtype: torch.dtype, seed: int):
-    """m sorted rows of k distinct coordinates (some rows empty: all zeros, as never written)."""
+    """m rows of k distinct ascending coordinates (the last one empty: zeros at 0..k-1, as a
+    slot never written holds)."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.stack([torch.randperm(d, generator=gen)[:k].sort().values for _ in range(m)])
     vals = torch.randn(m, k, generator=gen)
     if m > 1:
-        idx[-1], vals[-1] = 0, 0.0  # an empty row
+        idx[-1], vals[-1] = torch.arange(k), 0.0
     return vals.to(dtype), idx.to(index_dtype)
 
 
@@ -58,23 +59,44 @@ def _dense(vals: torch.Tensor, idx: torch.Tensor, d: int) -> torch.Tensor:
     )
 
 
+def _layout(vals: torch.Tensor, idx: torch.Tensor, d: int) -> tiled.TiledRows:
+    """The rows in the tile-major layout, written a group at a time."""
+    m, k = vals.shape
+    rows = tiled.TiledRows(d, m, k, vals.dtype, idx.dtype)
+    for g in range(rows.groups):
+        a = g * rows.rows
+        b = a + rows.group_rows(g)
+        rows.write_group(g, vals[a:b], idx[a:b])
+    return rows
+
+
 @settings(max_examples=25, deadline=None)
 @given(
-    m=st.integers(1, 9),
+    m=st.integers(1, 40),
     d=st.sampled_from([1, 7, 4096, 4097, 20_000, 70_001, 140_000]),
     density=st.sampled_from([0.001, 0.01, 0.3, 1.0]),
     dtype=st.sampled_from(VALUE_DTYPES),
     threads=st.sampled_from([1, 2]),
+    replaced=st.integers(0, 6),
     seed=st.integers(0, 2**16),
 )
-def test_kernels_match_the_float64_oracle(m, d, density, dtype, threads, seed) -> None:
-    """G x (dense and sparse x) and G^T c equal the dense float64 products up to float32
-    rounding, for int16 and int32 indices, tiles cut anywhere, and any thread count."""
+def test_kernels_match_the_float64_oracle(m, d, density, dtype, threads, replaced, seed) -> None:
+    """G x (dense and sparse x) and G^T c of the tile-major layout equal the dense float64
+    products up to float32 rounding, for int16 and int32 indices, tiles cut anywhere, groups
+    (and a short last group) of any size, rows replaced after the layout was written (the
+    spare block rotating through the groups), and any thread count; every row reads back."""
     k = max(1, min(d, round(density * d)))
     index_dtype = TopKSlidingInverseFisher.index_dtype(d)
     vals, idx = _rows(m, k, d, dtype, index_dtype, seed)
-    dense = _dense(vals, idx, d)
+    rows = _layout(vals, idx, d)
     gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(replaced):
+        slot = int(torch.randint(m, (1,), generator=gen))
+        idx[slot] = torch.randperm(d, generator=gen)[:k].sort().values.to(index_dtype)
+        vals[slot] = torch.randn(k, generator=gen).to(dtype)
+        rows.replace(slot, idx[slot].long(), vals[slot])
+    rows.check()
+    dense = _dense(vals, idx, d)
     x = torch.randn(d, generator=gen)
     sidx = torch.randperm(d, generator=gen)[: max(1, d // 3)].sort().values
     sval = torch.randn(sidx.numel(), generator=gen)
@@ -83,29 +105,32 @@ def test_kernels_match_the_float64_oracle(m, d, density, dtype, threads, seed) -
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got_x = sparse_native.gather(vals, idx, d, x=x)
-        got_s = sparse_native.gather(vals, idx, d, sparse=(sidx, sval))
-        got_t = sparse_native.scatter(vals, idx, d, c)
+        got_x = rows.gather(x=x)
+        got_s = rows.gather(sparse=(sidx, sval))
+        got_t = rows.scatter(c)
     finally:
         torch.set_num_threads(before)
     scale = float(vals.float().abs().sum()) + 1.0
     torch.testing.assert_close(got_x, dense @ x.to(F64), rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(got_s, dense @ xs.to(F64), rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(got_t.to(F64), dense.T @ c.to(F64), rtol=0, atol=1e-5 * scale)
+    for slot in range(m):
+        got_vals, got_idx = rows.row(slot)
+        assert torch.equal(got_idx, idx[slot]) and torch.equal(got_vals, vals[slot])
 
 
 def test_kernels_do_not_depend_on_the_thread_count() -> None:
-    """Rows (G x) and tiles (G^T c) split across threads: bit-identical results."""
+    """Groups (G x) and tiles (G^T c) split across threads: bit-identical results."""
     d, m, k = 300_000, 24, 3000
     vals, idx = _rows(m, k, d, torch.float32, torch.int32, 0)
+    rows = _layout(vals, idx, d)
     x, c = torch.randn(d), torch.randn(m)
     before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append((sparse_native.gather(vals, idx, d, x=x),
-                            sparse_native.scatter(vals, idx, d, c)))  # fmt: skip
+            results.append((rows.gather(x=x), rows.scatter(c)))
     finally:
         torch.set_num_threads(before)
     for g, s in results[1:]:
@@ -386,30 +411,34 @@ def test_sub_at_matches_torch(d: int, frac: float, seed: int) -> None:
 
 
 def test_portable_build_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernels built without the host's vector extensions (the scalar selection loop, no
-    AVX-512) give the same selection bit for bit and the same products up to rounding."""
+    """The kernels built without the host's vector extensions (the scalar selection loop and
+    sums, no AVX-512) give the same selection bit for bit and the same products up to
+    rounding."""
     from mfac.operators import cbuild
 
     compiler = cbuild.find_compiler()
     portable = sparse_native._load(compiler, (["-O2"],), "sparse-portable")
+    portable_tiled = tiled._load(compiler, (["-O2", "-fno-tree-vectorize"],), "tiled-portable")
     d, m, k = 200_003, 6, 2_000
     vals, idx = _rows(m, k, d, torch.float32, torch.int32, 9)
+    rows = _layout(vals, idx, d)
     gen = torch.Generator().manual_seed(10)
     e, g, x, c = (torch.randn(n, generator=gen) for n in (d, d, d, m))
     native = [
         sparse_native.select_values(e, g, torch.empty(d), 2.0, 50_000),
-        sparse_native.gather(vals, idx, d, x=x),
-        sparse_native.scatter(vals, idx, d, c),
+        rows.gather(x=x),
+        rows.scatter(c),
     ]
     monkeypatch.setitem(sparse_native._state, "lib", portable)
+    monkeypatch.setitem(tiled._state, "lib", portable_tiled)
     acc = torch.empty(d)
     cand, cval, count, bad = sparse_native.select_values(e, g, acc, 2.0, 50_000)
     assert torch.equal(acc, e + g) and count == native[0][2] and not bad
     assert torch.equal(cand, native[0][0]) and torch.equal(cval, native[0][1])
     scale = float(vals.abs().sum())
     tol = {"rtol": 0, "atol": 1e-6 * scale}  # float32 sums, with and without fused multiply-add
-    torch.testing.assert_close(sparse_native.gather(vals, idx, d, x=x), native[1], **tol)
-    torch.testing.assert_close(sparse_native.scatter(vals, idx, d, c), native[2], **tol)
+    torch.testing.assert_close(rows.gather(x=x), native[1], **tol)
+    torch.testing.assert_close(rows.scatter(c), native[2], **tol)
 
 
 # ---------------------------------------------------------------------- the k largest, ties
@@ -439,3 +468,83 @@ def test_k_largest_keeps_the_lowest_coordinates_among_ties(
     want = torch.cat([want, ties]).sort().values
     assert torch.equal(idx, cand[want]) and torch.equal(val, cval[want])
     assert torch.equal(largest_positions(mag, keep), want)
+
+
+# ---------------------------------------------------------------------- the layout in states
+def _pushed(op: TopKSlidingInverseFisher, n: int, seed: int) -> TopKSlidingInverseFisher:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        op.push_ihvp(torch.randn(D, generator=gen))
+    return op
+
+
+def test_states_load_across_the_two_layouts() -> None:
+    """A C-path state (tile-major) loads into a torch-path window and back: the same rows and
+    K, and the same steps afterwards (up to the paths' float32 rounding)."""
+    c_path = _pushed(_window(m=5), 8, 20)
+    torch_path = _window(m=5)
+    torch_path.to_torch_path()
+    torch_path.load_state_dict(c_path.state_dict())
+    assert torch.equal(torch_path.dense_rows(), c_path.dense_rows())
+    back = _window(m=5)
+    back.load_state_dict(torch_path.state_dict())
+    assert torch.equal(back.dense_rows(), c_path.dense_rows())
+    assert torch.equal(back.factor.gram, c_path.factor.gram)
+    g = torch.randn(D, generator=torch.Generator().manual_seed(21))
+    want = c_path.push_ihvp(g)
+    for op in (torch_path, back):
+        tol = 1e-5 * float(want.abs().max())
+        torch.testing.assert_close(op.push_ihvp(g), want, rtol=1e-4, atol=tol)
+
+
+def _edit_starts(state):
+    state["starts"][0, 1] += 1
+
+
+def _swap_blocks(state):
+    state["block_of"][0] = state["block_of"][1]
+
+
+def _reverse_a_run(state):
+    groups = state["block_of"].numel() - 1
+    rows = state["starts"].shape[1] // groups - 1
+    b = int(state["block_of"][0])
+    q, e = int(state["starts"][0, 0]), int(state["starts"][0, 1])
+    run = state["indices"].view(-1)[b * rows * state["indices"].shape[1] :][q:e]
+    run.copy_(run.flip(0))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "field"),
+    [(_edit_starts, "starts"), (_swap_blocks, "block_of"), (_reverse_a_run, "indices")],
+)
+def test_a_broken_layout_is_refused_and_changes_nothing(corrupt, field: str) -> None:
+    saved = _pushed(_window(m=5), 7, 22).state_dict()
+    state = {key: v.clone() if torch.is_tensor(v) else v for key, v in saved.items()}
+    corrupt(state)
+    kept = {key: v.clone() if torch.is_tensor(v) else v for key, v in state.items()}
+    op = _pushed(_window(m=5), 3, 23)
+    before = {key: v.clone() if torch.is_tensor(v) else v for key, v in op.state_dict().items()}
+    with pytest.raises(ValueError, match=field):
+        op.load_state_dict(state)
+    for key, value in op.state_dict().items():
+        assert torch.equal(value, before[key]) if torch.is_tensor(value) else value == before[key]
+    for key, value in state.items():  # the given state is not modified either
+        assert torch.equal(value, kept[key]) if torch.is_tensor(value) else value == kept[key]
+
+
+def test_write_rows_refuses_bad_rows_before_writing() -> None:
+    op = _pushed(_window(m=5), 6, 24)
+    rows = op.dense_rows()
+    good_idx = torch.arange(op.k).unsqueeze(0) * 3
+    vals = torch.ones(1, op.k)
+    for idx, match in (
+        (good_idx.flip(1), "strictly ascending"),
+        (good_idx + D, "strictly ascending"),
+        (good_idx[:, :-1], "values and indices"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            op.write_rows(2, vals, idx)
+    with pytest.raises(ValueError, match="outside the window"):
+        op.write_rows(5, vals, good_idx)
+    assert torch.equal(op.dense_rows(), rows)

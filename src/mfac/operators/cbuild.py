@@ -1,5 +1,6 @@
 """Building and loading the operators' small C kernels, shared by :mod:`.native` (the
-low-precision passes and the static build) and :mod:`.sparse_native` (the top-k window).
+low-precision passes and the static build), :mod:`.sparse_native` and :mod:`.tiled` (the
+top-k window).
 
 Each kernel library is compiled once with the system C compiler (``$CC``, ``cc``, ``gcc`` or
 ``clang``) into the cache folder (:func:`mfac._paths.cache_dir`), under a name hashed from its

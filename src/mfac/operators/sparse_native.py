@@ -1,20 +1,13 @@
-"""C kernels for the top-k window's passes on the CPU: G x, G^T c and the selection pass.
+"""C kernels for the top-k window's selection on the CPU (the sweeps over the rows are in
+:mod:`mfac.operators.tiled`).
 
-The window's rows hold sorted coordinates, so both products walk the d coordinates in tiles
-(4096 to 65536 coordinates, at most 256 KiB of float32, in L2; see :func:`plan`) and, per
-tile, every row's run of entries inside it (a cursor per row moves forward only; the run of
-the row a few places ahead is prefetched a cache line per block of the row being summed, so the
-prefetches never come in a burst). The dense vector is then touched once per tile instead
-of at m k scattered places: G x reads x once and the window once; G^T c writes each tile of
-the result once (zeroed in cache) and reads the window once. The selection pass forms
-a = e + g (streaming stores with AVX-512), flags NaN/Inf, and lists the coordinates with
-|a| >= t together with their a in one sweep, so the kept values need no later gather from a.
-
-Accumulation order is fixed (rows in order within a tile, tiles in order), so results do
-not depend on the thread count: threads take disjoint row ranges (G x) or tile ranges (G^T c).
-The source is built once per machine with the system C compiler into the cache folder and
-loaded with ctypes; without a compiler, or with ``MFAC_NO_COMPILE=1``, :func:`library`
-returns None and the window uses its torch path.
+The selection pass forms a = e + g (streaming stores with AVX-512), flags NaN/Inf, and lists
+the coordinates with |a| >= t together with their a in one sweep, so the kept values need no
+later gather from a; :func:`keep_largest` picks the k largest of those candidates by a radix
+select, and :func:`sub_at` leaves e = a - c. Threads take disjoint parts of the vector. The
+source is built once per machine with the system C compiler into the cache folder and loaded
+with ctypes; without a compiler, or with ``MFAC_NO_COMPILE=1``, :func:`library` returns None
+and the window uses its torch path.
 """
 
 from __future__ import annotations
@@ -31,183 +24,13 @@ from . import cbuild
 
 log = logging.getLogger(__name__)
 
-#: Coordinates per tile (a multiple of 64; tile ranges of threads start on multiples of it).
-TILE = 65536
-#: Shortest tile (coordinates) a sweep uses.
-MIN_TILE = 4096
-#: Entries per row and tile the tile length aims at (16384 coordinates at 1 % density).
-RUN = 160
-
-SOURCE = cbuild.HALF_FLOATS + r"""
+SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-
-#define LANES 16
-#define AHEAD 4
-#define PF_LOCALITY 3
-
-static inline float cv_f32(float v) { return v; }
-int mfac_sp_has_f16(void) { return MFAC_HAS_F16; }
-
-/* Prefetch of the run of the row AHEAD places later (its n entries from q on: indices and
-   values), spread over the blocks of the row being summed, one cache line of each per block
-   (PF_STEP), the rest after the row (PF_REST): a burst of a whole run's prefetches at the
-   row's start fills the miss buffers and stalls the sums behind it. */
-#define PF_BEGIN(IR, VR, Q, N)                                                               \
-    const char *pf_i = NULL, *pf_v = NULL, *pf_ie = NULL, *pf_ve = NULL;                     \
-    do {                                                                                     \
-        if ((N) > 0) {                                                                       \
-            pf_i = (const char *)((uintptr_t)((IR) + (Q)) & ~(uintptr_t)63);                 \
-            pf_v = (const char *)((uintptr_t)((VR) + (Q)) & ~(uintptr_t)63);                 \
-            pf_ie = (const char *)((IR) + (Q) + (N));                                        \
-            pf_ve = (const char *)((VR) + (Q) + (N));                                        \
-        }                                                                                    \
-    } while (0)
-#define PF_STEP()                                                                            \
-    do {                                                                                     \
-        if (pf_i < pf_ie) { __builtin_prefetch(pf_i, 0, PF_LOCALITY); pf_i += 64; }          \
-        if (pf_v < pf_ve) { __builtin_prefetch(pf_v, 0, PF_LOCALITY); pf_v += 64; }          \
-    } while (0)
-#define PF_REST()                                                                            \
-    do {                                                                                     \
-        for (; pf_i < pf_ie; pf_i += 64) __builtin_prefetch(pf_i, 0, PF_LOCALITY);           \
-        for (; pf_v < pf_ve; pf_v += 64) __builtin_prefetch(pf_v, 0, PF_LOCALITY);           \
-    } while (0)
-
-/* First q in [p, k) with ir[q] >= bound (ir ascending): gallop from p, then bisect. */
-#define SEEK(IT)                                                                             \
-static inline int64_t seek_##IT(const IT *ir, int64_t p, int64_t k, int64_t bound) {        \
-    if (p >= k || (int64_t)ir[p] >= bound) return p;                                         \
-    int64_t lo = p, step = 1;                                                                \
-    while (lo + step < k && (int64_t)ir[lo + step] < bound) { lo += step; step <<= 1; }      \
-    int64_t hi = lo + step < k ? lo + step : k;                                              \
-    while (hi - lo > 1) {                                                                    \
-        int64_t mid = lo + (hi - lo) / 2;                                                    \
-        if ((int64_t)ir[mid] < bound) lo = mid; else hi = mid;                               \
-    }                                                                                        \
-    return hi;                                                                               \
-}
-SEEK(int16_t)
-SEEK(int32_t)
-
-/* out[r] = sum_q v[r, q] x[i[r, q]] for rows [r0, r1). x is dense (x != NULL), or the
-   sparse vector (sidx ascending, sval) of sk entries, spread per tile into a buffer. */
-#define GATHER(NAME, VT, IT, CONV)                                                           \
-int NAME(const VT *vals, const IT *idx, int64_t k, int64_t r0, int64_t r1, const float *x,   \
-         const int64_t *sidx, const float *sval, int64_t sk, int64_t d, int64_t tile,        \
-         double *out) {                                                                      \
-    int64_t n = r1 - r0, sp = 0, run = k * tile / (d > 0 ? d : 1) + 16;                     \
-    volatile float sink = 0.0f;                                                              \
-    int64_t *cur = calloc((size_t)(n > 0 ? n : 1), sizeof(int64_t));                        \
-    float *buf = x ? NULL : calloc((size_t)tile, sizeof(float));                             \
-    if (!cur || (!x && !buf)) { free(cur); free(buf); return 1; }                            \
-    for (int64_t r = 0; r < n; ++r) out[r0 + r] = 0.0;                                      \
-    for (int64_t t0 = 0; t0 < d; t0 += tile) {                                               \
-        int64_t t1 = t0 + tile < d ? t0 + tile : d, s0 = sp;                                 \
-        const float *xt;                                                                     \
-        if (x) {                                                                             \
-            xt = x + t0;                                                                     \
-            float touch = 0.0f; /* stream the tile into cache before the random reads */     \
-            for (int64_t j = 0; j < t1 - t0; j += 16) touch += xt[j];                        \
-            sink += touch;                                                                   \
-        } else {                                                                             \
-            while (sp < sk && sidx[sp] < t1) { buf[sidx[sp] - t0] = sval[sp]; ++sp; }        \
-            if (sp == s0) continue;                                                          \
-            xt = buf;                                                                        \
-        }                                                                                    \
-        for (int64_t r = 0; r < n; ++r) {                                                    \
-            const IT *ir = idx + (r0 + r) * k;                                               \
-            const VT *vr = vals + (r0 + r) * k;                                              \
-            int64_t pr = r + AHEAD < n ? r + AHEAD : r, pc = pr > r ? cur[pr] : k;           \
-            int64_t left = k - pc;                                                           \
-            PF_BEGIN(idx + (r0 + pr) * k, vals + (r0 + pr) * k, pc, run < left ? run : left); \
-            int64_t q = cur[r];                                                              \
-            if (q < k && (int64_t)ir[q] < t0) q = seek_##IT(ir, q, k, t0); /* skipped tiles */ \
-            int32_t off = (int32_t)t0;                                                       \
-            float s[LANES] = {0};                                                            \
-            /* whole blocks while the block's last entry is inside the tile, then one by one */ \
-            for (; q + LANES <= k && (int64_t)ir[q + LANES - 1] < t1; q += LANES) {          \
-                PF_STEP();                                                                   \
-                for (int l = 0; l < LANES; ++l)                                              \
-                    s[l] += CONV(vr[q + l]) * xt[(int32_t)ir[q + l] - off];                  \
-            }                                                                                \
-            for (; q < k && (int64_t)ir[q] < t1; ++q)                                        \
-                s[0] += CONV(vr[q]) * xt[(int32_t)ir[q] - off];                              \
-            PF_REST();                                                                       \
-            int64_t e = q;                                                                   \
-            float tot = 0.0f;                                                                \
-            for (int l = 0; l < LANES; ++l) tot += s[l];                                     \
-            out[r0 + r] += (double)tot;                                                      \
-            cur[r] = e;                                                                      \
-        }                                                                                    \
-        if (!x) for (int64_t q = s0; q < sp; ++q) buf[sidx[q] - t0] = 0.0f;                  \
-    }                                                                                        \
-    free(cur);                                                                               \
-    free(buf);                                                                               \
-    return 0;                                                                                \
-}
-
-/* out[j] = sum_r coef[r] v[r, q] over the entries with i[r, q] = j, for the tiles starting in
-   [t_begin, t_end); every coordinate of those tiles is written (zeros included). */
-#define SCATTER(NAME, VT, IT, CONV)                                                          \
-int NAME(const VT *vals, const IT *idx, int64_t r0, int64_t m, int64_t k, const float *coef,  \
-         int64_t t_begin, int64_t t_end, int64_t d, int64_t tile, int32_t accumulate,        \
-         float *out) {                                                                       \
-    int64_t *cur = calloc((size_t)(m > 0 ? m : 1), sizeof(int64_t));                        \
-    int64_t run = k * tile / (d > 0 ? d : 1) + 16;                                           \
-    if (!cur) return 1;                                                                      \
-    vals += r0 * k;                                                                          \
-    idx += r0 * k;                                                                           \
-    coef += r0;                                                                              \
-    for (int64_t t0 = t_begin; t0 < t_end; t0 += tile) {                                     \
-        int64_t t1 = t0 + tile < d ? t0 + tile : d;                                          \
-        float *ot = out + t0;                                                                \
-        if (!accumulate) memset(ot, 0, (size_t)(t1 - t0) * sizeof(float));                   \
-        for (int64_t r = 0; r < m; ++r) {                                                    \
-            const IT *ir = idx + r * k;                                                      \
-            const VT *vr = vals + r * k;                                                     \
-            int64_t pr = r + AHEAD < m ? r + AHEAD : r, pc = pr > r ? cur[pr] : k;           \
-            int64_t left = k - pc;                                                           \
-            PF_BEGIN(idx + pr * k, vals + pr * k, pc, run < left ? run : left);              \
-            int64_t q = cur[r];                                                              \
-            if (q < k && (int64_t)ir[q] < t0) q = seek_##IT(ir, q, k, t0);                   \
-            int32_t off = (int32_t)t0;                                                       \
-            float c = coef[r];                                                               \
-            if (c != 0.0f) {                                                                 \
-                for (; q + LANES <= k && (int64_t)ir[q + LANES - 1] < t1; q += LANES) {      \
-                    PF_STEP();                                                               \
-                    for (int l = 0; l < LANES; ++l)                                          \
-                        ot[(int32_t)ir[q + l] - off] += c * CONV(vr[q + l]);                 \
-                }                                                                            \
-                for (; q < k && (int64_t)ir[q] < t1; ++q)                                    \
-                    ot[(int32_t)ir[q] - off] += c * CONV(vr[q]);                             \
-            } else {                                                                         \
-                q = seek_##IT(ir, q, k, t1);                                                 \
-            }                                                                                \
-            PF_REST();                                                                       \
-            int64_t e = q;                                                                   \
-            cur[r] = e;                                                                      \
-        }                                                                                    \
-    }                                                                                        \
-    free(cur);                                                                               \
-    return 0;                                                                                \
-}
-
-/* Every (value, index) type pair, each kernel once: mfac_sp_<kernel>_<value>_<index>. */
-#define EACH_TYPE_PAIR(KERNEL, kernel)                                                       \
-    KERNEL(mfac_sp_##kernel##_f32_i32, float, int32_t, cv_f32)                               \
-    KERNEL(mfac_sp_##kernel##_bf16_i32, uint16_t, int32_t, from_bf16)                        \
-    KERNEL(mfac_sp_##kernel##_f16_i32, uint16_t, int32_t, from_f16)                          \
-    KERNEL(mfac_sp_##kernel##_f32_i16, float, int16_t, cv_f32)                               \
-    KERNEL(mfac_sp_##kernel##_bf16_i16, uint16_t, int16_t, from_bf16)                        \
-    KERNEL(mfac_sp_##kernel##_f16_i16, uint16_t, int16_t, from_f16)
-
-EACH_TYPE_PAIR(GATHER, gather)
-EACH_TYPE_PAIR(SCATTER, scatter)
 
 /* The coordinates (plus base) with lo <= |a| <= hi, a over [0, n): the first cap of them go to
    cand (cap may be 0, to count only); the count is returned. */
@@ -361,10 +184,6 @@ _FLAG_SETS = (
     ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"],
     ["-O3", "-fno-math-errno", "-fno-trapping-math"],
 )
-_VALUE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-_INDEX_NAMES = {torch.int32: "i32", torch.int16: "i16"}
-#: Rows (G x) per thread task below which the work is not split.
-_MIN_ROWS = 8
 
 _state: dict[str, object] = {}
 
@@ -379,14 +198,6 @@ def _load(
     portable one too, without the host's vector extensions), with its argument types set."""
     lib = cbuild.load(SOURCE, flag_sets, stem, compiler)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    for v in _VALUE_NAMES.values():
-        for i in _INDEX_NAMES.values():
-            gather = getattr(lib, f"mfac_sp_gather_{v}_{i}")
-            gather.argtypes = [p, p, i64, i64, i64, p, p, p, i64, i64, i64, p]
-            gather.restype = ctypes.c_int
-            scatter = getattr(lib, f"mfac_sp_scatter_{v}_{i}")
-            scatter.argtypes = [p, p, i64, i64, i64, p, i64, i64, i64, i64, ctypes.c_int32, p]
-            scatter.restype = ctypes.c_int
     lib.mfac_sp_select.argtypes = [p, p, p, i64, ctypes.c_float, i64, p, p, i64, p]
     lib.mfac_sp_select.restype = i64
     lib.mfac_sp_list.argtypes = [p, i64, ctypes.c_float, ctypes.c_float, i64, p, i64]
@@ -395,7 +206,6 @@ def _load(
     lib.mfac_sp_keep_largest.restype = ctypes.c_int
     lib.mfac_sp_sub_at.argtypes = [p, p, p, i64]
     lib.mfac_sp_sub_at.restype = None
-    lib.mfac_sp_has_f16.restype = ctypes.c_int
     return lib
 
 
@@ -449,122 +259,12 @@ def empty_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return out
 
 
-def supports(values: torch.Tensor, indices: torch.Tensor) -> bool:
-    """Whether the kernels take this window: contiguous CPU (m, k) values in float32,
-    bfloat16 or float16 and int16/int32 indices, and a library that loads."""
-    if values.device.type != "cpu" or indices.device.type != "cpu":
-        return False
-    if values.dim() != 2 or values.shape != indices.shape:
-        return False
-    if not (values.is_contiguous() and indices.is_contiguous()):
-        return False
-    if values.dtype not in _VALUE_NAMES or indices.dtype not in _INDEX_NAMES:
-        return False
-    lib = library()
-    if lib is None:
-        return False
-    return values.dtype != torch.float16 or bool(lib.mfac_sp_has_f16())
-
-
 def _pool(threads: int) -> ThreadPoolExecutor:
     """The worker threads, made again in a forked child (whose copy has no live threads)."""
     return cbuild.worker_pool(_state, threads, "mfac-topk")
 
 
 _split = cbuild.split_range
-
-
-def _run(calls: list[tuple]) -> None:
-    fn = calls[0][0]
-    if len(calls) == 1:
-        results = [fn(*calls[0][1:])]
-    else:
-        futures = [_pool(len(calls)).submit(c[0], *c[1:]) for c in calls]
-        results = [f.result() for f in futures]
-    if any(results):
-        raise MemoryError("native top-k kernel: could not allocate its cursors")
-
-
-def _fn(kind: str, values: torch.Tensor, indices: torch.Tensor):
-    lib = library()
-    suffix = f"{_VALUE_NAMES[values.dtype]}_{_INDEX_NAMES[indices.dtype]}"
-    return getattr(lib, f"mfac_sp_{kind}_{suffix}")
-
-
-def plan(m: int, k: int, dim: int, entry_bytes: int) -> tuple[int, int]:
-    """(tile, rows per block) of a sweep: tiles long enough that each row has about RUN
-    entries in one (long runs stream well; short tiles keep the tile and the runs in cache).
-    One block of all rows measured best; the row blocks stay for callers that want them."""
-    del entry_bytes
-    tile = MIN_TILE
-    while tile < TILE and tile * k < RUN * dim:
-        tile *= 2
-    return tile, m
-
-
-def _entry_bytes(values: torch.Tensor, indices: torch.Tensor) -> int:
-    return values.element_size() + indices.element_size()
-
-
-def gather(
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    dim: int,
-    x: torch.Tensor | None = None,
-    sparse: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """G x (float64, (m,)) for a dense float32 x of ``dim`` entries, or for a sparse x given as
-    ``(ascending int64 coordinates, float32 values)``. Rows must hold ascending coordinates."""
-    m, k = values.shape
-    out = torch.empty(m, dtype=torch.float64)
-    if x is not None:
-        xp, sp, vp, sk = x.data_ptr(), None, None, 0
-    else:
-        sidx, sval = sparse  # type: ignore[misc]
-        xp, sp, vp, sk = None, sidx.data_ptr(), sval.data_ptr(), sidx.numel()
-    tile, rows = plan(m, k, dim, _entry_bytes(values, indices))
-    fn = _fn("gather", values, indices)
-    base = (values.data_ptr(), indices.data_ptr(), k)
-    tail = (xp, sp, vp, sk, dim, tile, out.data_ptr())
-    blocks = [(a, min(m, a + rows)) for a in range(0, m, rows)]
-    threads = torch.get_num_threads()
-    if threads > 1 and len(blocks) < threads:
-        blocks = _split(m, threads, _MIN_ROWS)
-    calls = [(fn, *base, a, b, *tail) for a, b in blocks]
-    for i in range(0, len(calls), threads):
-        _run(calls[i : i + threads])
-    return out
-
-
-def scatter(
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    dim: int,
-    coeff: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """G^T c (float32, (dim,)) for c of shape (m,), written into ``out`` when given (a
-    contiguous float32 vector of ``dim`` entries). Rows must hold ascending coordinates.
-    Row blocks add in order, so every coordinate sums its rows in row order."""
-    m, k = values.shape
-    coeff = coeff.to(torch.float32).contiguous()
-    if out is None:
-        out = torch.empty(dim, dtype=torch.float32)
-    tile, rows = plan(m, k, dim, _entry_bytes(values, indices))
-    fn = _fn("scatter", values, indices)
-    tiles = -(-dim // tile)
-    parts = _split(tiles, torch.get_num_threads(), 1)
-    ptrs = (values.data_ptr(), indices.data_ptr())
-    for r0 in range(0, m, rows):
-        n = min(m, r0 + rows) - r0
-        head = (*ptrs, r0, n, k, coeff.data_ptr())
-        _run(
-            [
-                (fn, *head, a * tile, min(dim, b * tile), dim, tile, int(r0 > 0), out.data_ptr())
-                for a, b in parts
-            ]
-        )
-    return out
 
 
 def select(
@@ -671,17 +371,12 @@ def kth_largest(a: torch.Tensor, k: int) -> float:
 
 
 __all__ = [
-    "TILE",
     "empty_huge",
-    "gather",
     "keep_largest",
     "kth_largest",
     "library",
     "list_range",
-    "plan",
-    "scatter",
     "select",
     "select_values",
     "sub_at",
-    "supports",
 ]

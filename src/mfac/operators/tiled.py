@@ -332,10 +332,10 @@ void NAME(LAYOUT_ARGS(VT, IT), int64_t g, int64_t j, VT *ov, IT *oi) {          
     }                                                                                        \
 }
 
-/* 0 when group g is a valid layout: offsets from 0, non-decreasing, each tile's end the next
-   tile's start, ending at nr k, every row k entries (else 1 + 4 t, t the first bad tile, or 3
-   for the totals); each run inside its tile and strictly ascending (else 2 + 4 t); -1 without
-   memory. */
+/* 0 when group g is a valid layout. First the offsets: from 0, non-decreasing, each tile's
+   end the next tile's start, ending at nr k, every row k entries (else 1 + 4 t, t the first
+   bad tile, or 3 for the totals); then each run inside its tile and strictly ascending (else
+   2 + 4 t); -1 without memory. */
 #define CHECK(NAME, VT, IT, CONV)                                                            \
 int64_t NAME(LAYOUT_ARGS(VT, IT), int64_t g) {                                               \
     GROUP(g, VT, IT);                                                                        \
@@ -344,23 +344,26 @@ int64_t NAME(LAYOUT_ARGS(VT, IT), int64_t g) {                                  
     if (!count) return -1;                                                                   \
     for (int64_t t = 0; t < nt && !bad; ++t) {                                               \
         const int32_t *st = s + t * SW;                                                      \
-        int64_t t0 = t * tile, t1 = t0 + tile < d ? t0 + tile : d;                           \
-        if (st[0] != prev) { bad = 1 + 4 * t; break; }                                       \
+        if (st[0] != prev) bad = 1 + 4 * t;                                                  \
         for (int64_t j = 0; j < nr && !bad; ++j) {                                           \
-            int64_t q = st[j], e = st[j + 1];                                                \
-            if (e < q || q < 0 || e > nr * k) { bad = 1 + 4 * t; break; }                    \
-            count[j] += e - q;                                                               \
-            for (int64_t p = q; p < e; ++p) {                                                \
-                int64_t i = ix[p];                                                           \
-                if (i < t0 || i >= t1 || (p > q && i <= (int64_t)ix[p - 1])) {              \
-                    bad = 2 + 4 * t; break;                                                  \
-                }                                                                            \
-            }                                                                                \
+            if (st[j + 1] < st[j] || st[j + 1] > nr * k) bad = 1 + 4 * t;                    \
+            count[j] += st[j + 1] - st[j];                                                   \
         }                                                                                    \
         prev = st[nr];                                                                       \
     }                                                                                        \
     if (!bad && prev != nr * k) bad = 3;                                                     \
     for (int64_t j = 0; j < nr && !bad; ++j) if (count[j] != k) bad = 3;                     \
+    for (int64_t t = 0; t < nt && !bad; ++t) {                                               \
+        const int32_t *st = s + t * SW;                                                      \
+        int64_t t0 = t * tile, t1 = t0 + tile < d ? t0 + tile : d;                           \
+        for (int64_t j = 0; j < nr && !bad; ++j)                                             \
+            for (int64_t p = st[j]; p < st[j + 1]; ++p) {                                    \
+                int64_t i = ix[p];                                                           \
+                if (i < t0 || i >= t1 || (p > st[j] && i <= (int64_t)ix[p - 1])) {          \
+                    bad = 2 + 4 * t; break;                                                  \
+                }                                                                            \
+            }                                                                                \
+    }                                                                                        \
     free(count);                                                                             \
     return bad;                                                                              \
 }
