@@ -548,3 +548,23 @@ def test_write_rows_refuses_bad_rows_before_writing() -> None:
     with pytest.raises(ValueError, match="outside the window"):
         op.write_rows(5, vals, good_idx)
     assert torch.equal(op.dense_rows(), rows)
+
+
+def test_push_gather_is_push_then_gather_in_one_sweep() -> None:
+    """push_gather(g, x) leaves the same window as push(g) and returns gather(x) of the updated
+    window (up to float32 rounding), on the C path and on the torch path."""
+    gen = torch.Generator().manual_seed(25)
+    grads = [torch.randn(D, generator=gen) for _ in range(9)]
+    xs = [torch.randn(D, generator=gen) for _ in range(9)]
+    for torch_path in (False, True):
+        fused, plain = _window(m=4), _window(m=4)
+        if torch_path:
+            fused.to_torch_path()
+            plain.to_torch_path()
+        for g, x in zip(grads, xs, strict=True):
+            got = fused.push_gather(g, x)
+            plain.push(g)
+            want = plain.gather(x)
+            assert torch.equal(fused.dense_rows(), plain.dense_rows())
+            assert torch.equal(fused.error, plain.error)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

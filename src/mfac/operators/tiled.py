@@ -134,6 +134,29 @@ static inline float dot_##CONV##_##IT(const VT *v, const IT *ix, int64_t q, int6
         acc = _mm512_fmadd_ps(LV_##CONV(v + q, k), xv, acc);                                 \
     }                                                                                        \
     return _mm512_reduce_add_ps(acc);                                                        \
+}                                                                                            \
+static inline void dot2_##CONV##_##IT(const VT *v, const IT *ix, int64_t q, int64_t e,      \
+                                      const float *xt, const float *yt, int32_t off,         \
+                                      prefetch_t *pf, float *sx, float *sy) {                \
+    __m512 ax = _mm512_setzero_ps(), ay = _mm512_setzero_ps();                               \
+    __m512i shift = _mm512_set1_epi32(off);                                                  \
+    for (; q + 16 <= e; q += 16) {                                                           \
+        pf_step(pf);                                                                         \
+        __m512i at = _mm512_sub_epi32(LI_##IT(ix + q, 0xFFFF), shift);                       \
+        __m512 val = LV_##CONV(v + q, 0xFFFF);                                               \
+        ax = _mm512_fmadd_ps(val, _mm512_i32gather_ps(at, xt, 4), ax);                       \
+        ay = _mm512_fmadd_ps(val, _mm512_i32gather_ps(at, yt, 4), ay);                       \
+    }                                                                                        \
+    if (q < e) {                                                                             \
+        __mmask16 k = (__mmask16)((1u << (e - q)) - 1);                                      \
+        __m512i at = _mm512_sub_epi32(LI_##IT(ix + q, k), shift);                            \
+        __m512 val = LV_##CONV(v + q, k);                                                    \
+        __m512 zero = _mm512_setzero_ps();                                                   \
+        ax = _mm512_fmadd_ps(val, _mm512_mask_i32gather_ps(zero, k, at, xt, 4), ax);         \
+        ay = _mm512_fmadd_ps(val, _mm512_mask_i32gather_ps(zero, k, at, yt, 4), ay);         \
+    }                                                                                        \
+    *sx = _mm512_reduce_add_ps(ax);                                                          \
+    *sy = _mm512_reduce_add_ps(ay);                                                          \
 }
 #else
 #define RUN_DOT_DEF(VT, IT, CONV)                                                            \
@@ -146,6 +169,26 @@ static inline float dot_##CONV##_##IT(const VT *v, const IT *ix, int64_t q, int6
     }                                                                                        \
     for (; q < e; ++q) a[0] += CONV(v[q]) * xt[(int32_t)ix[q] - off];                        \
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));                \
+}                                                                                            \
+static inline void dot2_##CONV##_##IT(const VT *v, const IT *ix, int64_t q, int64_t e,      \
+                                      const float *xt, const float *yt, int32_t off,         \
+                                      prefetch_t *pf, float *sx, float *sy) {                \
+    float a[4] = {0}, b[4] = {0};                                                            \
+    for (; q + 4 <= e; q += 4) {                                                             \
+        pf_step(pf);                                                                         \
+        for (int l = 0; l < 4; ++l) {                                                        \
+            float val = CONV(v[q + l]);                                                      \
+            int32_t at = (int32_t)ix[q + l] - off;                                           \
+            a[l] += val * xt[at];                                                            \
+            b[l] += val * yt[at];                                                            \
+        }                                                                                    \
+    }                                                                                        \
+    for (; q < e; ++q) {                                                                     \
+        a[0] += CONV(v[q]) * xt[(int32_t)ix[q] - off];                                       \
+        b[0] += CONV(v[q]) * yt[(int32_t)ix[q] - off];                                       \
+    }                                                                                        \
+    *sx = (a[0] + a[1]) + (a[2] + a[3]);                                                     \
+    *sy = (b[0] + b[1]) + (b[2] + b[3]);                                                     \
 }
 #endif
 RUN_DOT_DEF(float, int32_t, cv_f32)
@@ -155,26 +198,26 @@ RUN_DOT_DEF(float, int16_t, cv_f32)
 RUN_DOT_DEF(uint16_t, int16_t, from_bf16)
 RUN_DOT_DEF(uint16_t, int16_t, from_f16)
 #define RUN_DOT(VT, IT, CONV, v, ix, q, e, xt, off, pf) dot_##CONV##_##IT(v, ix, q, e, xt, off, pf)
+#define RUN_DOT2(VT, IT, CONV, v, ix, q, e, xt, yt, off, pf, sx, sy)                          \
+    dot2_##CONV##_##IT(v, ix, q, e, xt, yt, off, pf, sx, sy)
 
-/* out[r] = sum_q v[r, q] x[i[r, q]] for the rows of groups [g0, g1). x is dense (x != NULL),
-   or the sparse vector (sidx ascending, sval) of sk entries, spread per tile into a buffer. */
+/* out[r] = sum_q v[r, q] x[i[r, q]] for the rows of groups [g0, g1), x dense (x != NULL) or
+   the sparse vector (sidx ascending, sval) of sk entries, spread per tile into a buffer (sidx
+   != NULL). Given both, out takes the dense products and out2 the sparse ones, from one read
+   of the window. */
 #define GATHER(NAME, VT, IT, CONV)                                                           \
 int NAME(LAYOUT_ARGS(VT, IT), int64_t g0, int64_t g1, const float *x, const int64_t *sidx,   \
-         const float *sval, int64_t sk, double *out) {                                       \
-    int64_t r1 = g1 * B < m ? g1 * B : m, sp = 0;                                            \
-    float *buf = x ? NULL : calloc((size_t)tile, sizeof(float));                             \
-    if (!x && !buf) return 1;                                                                \
-    for (int64_t r = g0 * B; r < r1; ++r) out[r] = 0.0;                                      \
+         const float *sval, int64_t sk, double *out, double *out2) {                         \
+    int64_t r0 = g0 * B, r1 = g1 * B < m ? g1 * B : m, sp = 0;                               \
+    int both = x && sidx;                                                                    \
+    float *buf = sidx ? calloc((size_t)tile, sizeof(float)) : NULL;                          \
+    if (sidx && !buf) return 1;                                                              \
+    for (int64_t r = r0; r < r1; ++r) { out[r] = 0.0; if (both) out2[r] = 0.0; }             \
     for (int64_t t = 0; t < nt; ++t) {                                                       \
         int64_t t0 = t * tile, t1 = t0 + tile < d ? t0 + tile : d, s0 = sp;                  \
-        const float *xt;                                                                     \
-        if (x) {                                                                             \
-            xt = x + t0;                                                                     \
-        } else {                                                                             \
-            while (sp < sk && sidx[sp] < t1) { buf[sidx[sp] - t0] = sval[sp]; ++sp; }        \
-            if (sp == s0) continue;                                                          \
-            xt = buf;                                                                        \
-        }                                                                                    \
+        if (sidx) while (sp < sk && sidx[sp] < t1) { buf[sidx[sp] - t0] = sval[sp]; ++sp; }  \
+        if (!x && sp == s0) continue; /* no entries of the sparse x in this tile */          \
+        const float *xt = x ? x + t0 : buf, *yt = both && sp > s0 ? buf : NULL;              \
         int32_t off = (int32_t)t0;                                                           \
         for (int64_t g = g0; g < g1; ++g) {                                                  \
             GROUP(g, VT, IT);                                                                \
@@ -184,11 +227,18 @@ int NAME(LAYOUT_ARGS(VT, IT), int64_t g0, int64_t g1, const float *x, const int6
                 SEGMENT(pf, g0 + at % ng, t + at / ng, VT, IT); }                            \
             for (int64_t j = 0; j < nr; ++j) {                                               \
                 int64_t q = st[j], e = st[j + 1];                                            \
-                out[g * B + j] += (double)RUN_DOT(VT, IT, CONV, v, ix, q, e, xt, off, &pf);  \
+                if (yt) {                                                                    \
+                    float sx, sy;                                                            \
+                    RUN_DOT2(VT, IT, CONV, v, ix, q, e, xt, yt, off, &pf, &sx, &sy);         \
+                    out[g * B + j] += (double)sx;                                            \
+                    out2[g * B + j] += (double)sy;                                           \
+                } else {                                                                     \
+                    out[g * B + j] += (double)RUN_DOT(VT, IT, CONV, v, ix, q, e, xt, off, &pf); \
+                }                                                                            \
             }                                                                                \
             pf_rest(&pf);                                                                    \
         }                                                                                    \
-        if (!x) for (int64_t q = s0; q < sp; ++q) buf[sidx[q] - t0] = 0.0f;                  \
+        if (sidx) for (int64_t q = s0; q < sp; ++q) buf[sidx[q] - t0] = 0.0f;                \
     }                                                                                        \
     free(buf);                                                                               \
     return 0;                                                                                \
@@ -408,7 +458,7 @@ def _load(
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     layout = [p, p, p, p, i64, i64, i64, i64, i64, i64]
     extra = {
-        "gather": ([i64, i64, p, p, p, i64, p], ctypes.c_int),
+        "gather": ([i64, i64, p, p, p, i64, p, p], ctypes.c_int),
         "scatter": ([i64, i64, p, p], ctypes.c_int),
         "replace": ([i64, i64, i64, p, p], None),
         "pack": ([i64, p, p], ctypes.c_int),
@@ -573,18 +623,26 @@ class TiledRows:
     # ------------------------------------------------------------------ sweeps
     def gather(
         self, x: torch.Tensor | None = None, sparse: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """G x (float64, (m,)) for a dense contiguous float32 x of d entries, or a sparse x
-        given as ``(ascending int64 coordinates, float32 values)``."""
+        given as ``(ascending int64 coordinates, float32 values)``; given both, the pair
+        (G x, G x_sparse) from one sweep (the window is read once)."""
+        if x is None and sparse is None:
+            raise ValueError("gather needs x, sparse or both")
         out = torch.empty(self.window, dtype=torch.float64)
-        if x is not None:
-            tail = (x.data_ptr(), None, None, 0, out.data_ptr())
-        else:
-            sidx, sval = sparse  # type: ignore[misc]
-            tail = (None, sidx.data_ptr(), sval.data_ptr(), sidx.numel(), out.data_ptr())
+        out2 = torch.empty(self.window if x is not None and sparse else 0, dtype=torch.float64)
+        sidx, sval = sparse if sparse is not None else (None, None)
+        tail = (
+            x.data_ptr() if x is not None else None,
+            sidx.data_ptr() if sidx is not None else None,
+            sval.data_ptr() if sval is not None else None,
+            sidx.numel() if sidx is not None else 0,
+            out.data_ptr(),
+            out2.data_ptr() if out2.numel() else None,
+        )
         parts = cbuild.split_range(self.groups, torch.get_num_threads(), 1)
         self._run("gather", [(a, b, *tail) for a, b in parts])
-        return out
+        return (out, out2) if out2.numel() else out
 
     def scatter(self, coeff: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """G^T c (float32, (d,)) for c of shape (m,), written into ``out`` when given (a

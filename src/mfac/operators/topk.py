@@ -384,20 +384,25 @@ class TopKSlidingInverseFisher(FactorBacked):
         idx = topk_indices(acc.abs(), self.k)
         return idx, acc[idx]
 
-    def _insert(self, flat: torch.Tensor) -> int:
+    def _insert(self, flat: torch.Tensor, x: torch.Tensor | None = None) -> tuple[int, Any]:
         """Compress e + g into the next slot, update K, keep the new error; return the slot.
 
         a = e + g goes into a spare buffer, so a refused gradient leaves e as it was; on
         success the spare and e swap. The new row's products with the other rows come from its
         k entries (the C path spreads them per tile; the torch path writes and clears them in
         a dense buffer), its own from the kept values; the row is written once K took it, so
-        a refused update leaves the window as it was."""
+        a refused update leaves the window as it was. With ``x`` (a contiguous float32
+        d-vector), also G x under the updated window, from the same sweep on the C path:
+        returns (slot, G x or None)."""
         acc = self._scratch()
         idx, picked = self._select(flat, acc)
         vals = picked.to(self.values.dtype)
         slot = self.factor.next_slot
         kept = vals.to(torch.float32)  # the row as stored (rounded to the window dtype)
-        if self.native:
+        products = None
+        if self.native and x is not None:
+            products, u = self.rows.gather(x=x, sparse=(idx, kept))
+        elif self.native:
             u = self.rows.gather(sparse=(idx, kept))
         else:
             dense_c = self._dense_row()
@@ -416,15 +421,27 @@ class TopKSlidingInverseFisher(FactorBacked):
             self.indices[slot] = idx.to(self.indices.dtype)
             acc[idx] -= kept  # e = a - c
         self._spare, self.error = self.error, acc
-        return slot
+        if x is not None and products is None:
+            products = self._gather(x)
+        elif x is not None:  # the new row's own product (the sweep read the old one)
+            products[slot] = float((kept.double() * x[idx].double()).sum())
+        return slot, products
 
     def push(self, g: torch.Tensor) -> None:
         """Error-feedback compress ``g`` into the window (no product)."""
         self._insert(self._check_grad(g))
 
+    def push_gather(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Error-feedback compress ``g`` into the window and return G x (float64, (m,)) under
+        the updated window: on the C path one sweep serves the new row's products and G x
+        (for rules that do their own m x m algebra: ``MFAC``'s default rule)."""
+        flat = self._check_grad(g)
+        xf = self._check_grad(x).to(torch.float32).contiguous()
+        return self._insert(flat, xf)[1]
+
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Error-feedback compress ``g`` into the window and return F^-1 c (shape of g)."""
-        slot = self._insert(self._check_grad(g))
+        slot, _ = self._insert(self._check_grad(g))
         coeff = self.factor.slot_coeff(slot)[:, 0]
         if self.native:
             out = self.rows.scatter(coeff, self._result_buffer())

@@ -389,10 +389,9 @@ class _TopKBlock:
         return min(self.op.num_pushed, self.op.window)
 
     def push(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Compress e + z into the next slot (the new row's products by a sparse gather), keep
-        the new error; return Z u under the updated window (float64)."""
-        self.op.push(z)
-        return self.op.gather(u)
+        """Compress e + z into the next slot, keep the new error; return Z u under the updated
+        window (float64). The new row's products and Z u come from one sweep of the rows."""
+        return self.op.push_gather(z, u)
 
     def finish(
         self, u: torch.Tensor, c: torch.Tensor, lam: float, whiten: str, out: torch.Tensor
