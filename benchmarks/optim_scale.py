@@ -428,14 +428,15 @@ def report() -> str:
             out.append("\nWhere the step's time goes (ns per kept entry, each sweep timed alone on "
                        "the same window after the steps):\n")  # fmt: skip
             out.append("| m | density | values | G c sweep s | G^T y sweep s | G c ns | G^T y ns "
-                       "| streaming read ns |")  # fmt: skip
-            out.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+                       "| streaming read ns | row replace s |")  # fmt: skip
+            out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
             for r in swept:
+                replace = f"{r['replace_row_s']:.3f}" if "replace_row_s" in r else "-"
                 out.append(
                     f"| {r['ngrads']} | {r['density']:.1%} | {r['value_dtype']} | "
                     f"{r['gather_sweep_s']:.2f} | {r['scatter_sweep_s']:.2f} | "
                     f"{r['ns_per_entry_gather']:.2f} | {r['ns_per_entry_scatter']:.2f} | "
-                    f"{r['ns_per_entry_read']:.2f} |"
+                    f"{r['ns_per_entry_read']:.2f} | {replace} |"
                 )
         out.append("\nCommands (one process per row; `--compare-torch` also times the torch path "
                    "on the same window after the peak RSS is read):")  # fmt: skip
