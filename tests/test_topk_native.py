@@ -547,6 +547,8 @@ def test_write_rows_refuses_bad_rows_before_writing() -> None:
             op.write_rows(2, vals, idx)
     with pytest.raises(ValueError, match="outside the window"):
         op.write_rows(5, vals, good_idx)
+    with pytest.raises(ValueError, match="NaN"):
+        op.write_rows(2, vals * math.nan, good_idx)
     assert torch.equal(op.dense_rows(), rows)
 
 

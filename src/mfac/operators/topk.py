@@ -261,7 +261,7 @@ class TopKSlidingInverseFisher(FactorBacked):
         # candidates (int64 + their float32 value, one buffer per thread, and the joined
         # copy of the threads' parts), |a[cand]| and its
         # copy, topk's values and indices, the kept mask, the sort of k positions, idx, kept
-        # values (picked, float32 and stored), rollback
+        # values (picked, float32 and stored), the new row as stored
         selection = (threads + 1) * cap * (8 + 4) + 2 * cap * 4 + k * (4 + 8) + cap + 2 * k * 8
         selection += k * 8 + k * (4 + 4 + value_bytes) + k * (value_bytes + index_bytes)
         if native:
@@ -539,6 +539,8 @@ class TopKSlidingInverseFisher(FactorBacked):
             or not bool((coords[:, 1:] > coords[:, :-1]).all())
         ):
             raise ValueError(f"each row's indices must be strictly ascending in [0, {self.dim})")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("values contains NaN or Inf")
         if not self.native:
             self.values[first : first + n] = values.to(self.dtype)
             self.indices[first : first + n] = indices.to(self.indices.dtype)
