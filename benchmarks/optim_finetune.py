@@ -526,9 +526,15 @@ def window_table(rows: list[dict], runs: list[dict], reference: int = 256) -> st
     lines = [
         "| m | wraps in the run | lr | seeds | validation loss | Wikipedia loss | lee.cor loss | "
         f"gap to m = {reference}, same seed (val / Wikipedia / lee; negative: better) | "
-        "step() s | peak RSS GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "step() s in the runs | full-window iteration / AdamW | peak RSS GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    full = {}  # the ``iteration`` command's timings of the same windows, filled to m rows
+    for path in sorted(RESULTS.glob("optim_finetune_iteration*.json")):
+        rec = json.loads(path.read_text())
+        o = rec["options"]
+        if rec.get("opt") == "scaled" and "history_dtype" not in o and o.get("topk") == 0.01:
+            full[o["ngrads"]] = rec["iter_vs_adamw"]
     for r in sorted(chosen.values(), key=lambda r: r["options"]["ngrads"]):
         m = r["options"]["ngrads"]
         gaps = []
@@ -548,6 +554,7 @@ def window_table(rows: list[dict], runs: list[dict], reference: int = 256) -> st
               for k in METRICS),
             " / ".join(gaps),
             f"{statistics.fmean(x['step_s_mean'] for x in seed_runs):.2f}",
+            f"{full[m]:.2f}" if m in full else "-",
             f"{max(x['peak_rss_gib'] for x in seed_runs):.2f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
