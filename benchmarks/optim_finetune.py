@@ -402,6 +402,8 @@ def report(args: argparse.Namespace) -> None:
     print(iteration_table())
     print()
     print(scale_table(rows))
+    print()
+    print(window_table(rows, runs))
     print(f"wrote {out}")
 
 
@@ -507,6 +509,53 @@ def scale_table(rows: list[dict]) -> str:
             f"{r['step_s']:.2f}", f"{r.get('iter_vs_adamw', float('nan')):.2f}",
             f"{r['peak_rss_gib']:.2f}",
             f"{cover:,} ({cover / r['dim']:.1%})" if cover else "-",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def window_table(rows: list[dict], runs: list[dict], reference: int = 256) -> str:
+    """The default rule's global top-k window (1 %) at several sizes m, the smaller ones
+    wrapping (overwriting their oldest gradients) ``steps // m`` times; each m's gap to
+    ``m = reference`` is paired per seed (same batches, same order)."""
+    pattern = re.compile(r"mfac-global-m(\d+)-1%")
+    chosen = {r["label"]: r for r in rows if pattern.fullmatch(r["label"])}
+    if not chosen:
+        return ""
+    ref = next((r for r in chosen.values() if r["options"]["ngrads"] == reference), None)
+    lines = [
+        "| m | wraps in the run | lr | seeds | validation loss | Wikipedia loss | lee.cor loss | "
+        f"gap to m = {reference}, same seed (val / Wikipedia / lee; negative: better) | "
+        "step() s in the runs | full-window iteration / AdamW | peak RSS GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    full = {}  # the ``iteration`` command's timings of the same windows, filled to m rows
+    for path in sorted(RESULTS.glob("optim_finetune_iteration*.json")):
+        rec = json.loads(path.read_text())
+        o = rec["options"]
+        if rec.get("opt") == "scaled" and "history_dtype" not in o and o.get("topk") == 0.01:
+            full[o["ngrads"]] = rec["iter_vs_adamw"]
+    for r in sorted(chosen.values(), key=lambda r: r["options"]["ngrads"]):
+        m = r["options"]["ngrads"]
+        gaps = []
+        for k in METRICS:
+            d = [
+                v[k] - ref["seeds"][s][k]
+                for s, v in r["seeds"].items()
+                if ref is not None and ref["lr"] == r["lr"] and s in ref["seeds"]
+            ]
+            gaps.append(f"{statistics.fmean(d):+.3f}" if d and r is not ref else "-")
+        seed_runs = [
+            x for x in runs if base_label(x["label"]) == r["label"] and x["lr"] == r["lr"]
+        ]
+        cells = [
+            str(m), str(r["steps"] // m), f"{r['lr']:g}", str(len(r["seeds"])),
+            *(f"{r[f'{k}_mean']:.3f}" + (f" ({r[f'{k}_std']:.3f})" if r[f"{k}_std"] else "")
+              for k in METRICS),
+            " / ".join(gaps),
+            f"{statistics.fmean(x['step_s_mean'] for x in seed_runs):.2f}",
+            f"{full[m]:.2f}" if m in full else "-",
+            f"{max(x['peak_rss_gib'] for x in seed_runs):.2f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
