@@ -204,20 +204,30 @@ RUN_DOT_DEF(uint16_t, int16_t, from_f16)
 /* out[r] = sum_q v[r, q] x[i[r, q]] for the rows of groups [g0, g1), x dense (x != NULL) or
    the sparse vector (sidx ascending, sval) of sk entries, spread per tile into a buffer (sidx
    != NULL). Given both, out takes the dense products and out2 the sparse ones, from one read
-   of the window. */
+   of the window, and *xs (when not NULL) the product of x with the sparse vector itself. */
 #define GATHER(NAME, VT, IT, CONV)                                                           \
 int NAME(LAYOUT_ARGS(VT, IT), int64_t g0, int64_t g1, const float *x, const int64_t *sidx,   \
-         const float *sval, int64_t sk, double *out, double *out2) {                         \
+         const float *sval, int64_t sk, double *out, double *out2, double *xs) {             \
     int64_t r0 = g0 * B, r1 = g1 * B < m ? g1 * B : m, sp = 0;                               \
     int both = x && sidx;                                                                    \
+    volatile float sink = 0.0f;                                                              \
     float *buf = sidx ? calloc((size_t)tile, sizeof(float)) : NULL;                          \
     if (sidx && !buf) return 1;                                                              \
     for (int64_t r = r0; r < r1; ++r) { out[r] = 0.0; if (both) out2[r] = 0.0; }             \
+    if (xs) *xs = 0.0;                                                                       \
     for (int64_t t = 0; t < nt; ++t) {                                                       \
         int64_t t0 = t * tile, t1 = t0 + tile < d ? t0 + tile : d, s0 = sp;                  \
         if (sidx) while (sp < sk && sidx[sp] < t1) { buf[sidx[sp] - t0] = sval[sp]; ++sp; }  \
         if (!x && sp == s0) continue; /* no entries of the sparse x in this tile */          \
         const float *xt = x ? x + t0 : buf, *yt = both && sp > s0 ? buf : NULL;              \
+        if (x) { /* stream the tile of x into cache before the random reads (a sparse window \
+                    touches few of its lines, each a miss otherwise) */                      \
+            float touch = 0.0f;                                                              \
+            for (int64_t j = 0; j < t1 - t0; j += 16) touch += xt[j];                        \
+            sink += touch;                                                                   \
+        }                                                                                    \
+        if (xs && both)                                                                      \
+            for (int64_t q = s0; q < sp; ++q) *xs += (double)sval[q] * xt[sidx[q] - t0];     \
         int32_t off = (int32_t)t0;                                                           \
         for (int64_t g = g0; g < g1; ++g) {                                                  \
             GROUP(g, VT, IT);                                                                \
@@ -458,7 +468,7 @@ def _load(
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     layout = [p, p, p, p, i64, i64, i64, i64, i64, i64]
     extra = {
-        "gather": ([i64, i64, p, p, p, i64, p, p], ctypes.c_int),
+        "gather": ([i64, i64, p, p, p, i64, p, p, p], ctypes.c_int),
         "scatter": ([i64, i64, p, p], ctypes.c_int),
         "replace": ([i64, i64, i64, p, p], None),
         "pack": ([i64, p, p], ctypes.c_int),
@@ -623,26 +633,30 @@ class TiledRows:
     # ------------------------------------------------------------------ sweeps
     def gather(
         self, x: torch.Tensor | None = None, sparse: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, float]:
         """G x (float64, (m,)) for a dense contiguous float32 x of d entries, or a sparse x
-        given as ``(ascending int64 coordinates, float32 values)``; given both, the pair
-        (G x, G x_sparse) from one sweep (the window is read once)."""
+        given as ``(ascending int64 coordinates, float32 values)``; given both, from one sweep
+        (the window is read once): (G x, G x_sparse, x . x_sparse)."""
         if x is None and sparse is None:
             raise ValueError("gather needs x, sparse or both")
+        both = x is not None and sparse is not None
         out = torch.empty(self.window, dtype=torch.float64)
-        out2 = torch.empty(self.window if x is not None and sparse else 0, dtype=torch.float64)
+        out2 = torch.empty(self.window if both else 0, dtype=torch.float64)
+        cross = torch.zeros(1, dtype=torch.float64)
         sidx, sval = sparse if sparse is not None else (None, None)
-        tail = (
+        ptrs = (
             x.data_ptr() if x is not None else None,
             sidx.data_ptr() if sidx is not None else None,
             sval.data_ptr() if sval is not None else None,
             sidx.numel() if sidx is not None else 0,
             out.data_ptr(),
-            out2.data_ptr() if out2.numel() else None,
+            out2.data_ptr() if both else None,
         )
         parts = cbuild.split_range(self.groups, torch.get_num_threads(), 1)
-        self._run("gather", [(a, b, *tail) for a, b in parts])
-        return (out, out2) if out2.numel() else out
+        # x . x_sparse once, by the part that starts at group 0
+        calls = [(a, b, *ptrs, cross.data_ptr() if both and a == 0 else None) for a, b in parts]
+        self._run("gather", calls)
+        return (out, out2, float(cross)) if both else out
 
     def scatter(self, coeff: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """G^T c (float32, (d,)) for c of shape (m,), written into ``out`` when given (a

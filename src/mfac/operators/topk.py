@@ -400,8 +400,8 @@ class TopKSlidingInverseFisher(FactorBacked):
         slot = self.factor.next_slot
         kept = vals.to(torch.float32)  # the row as stored (rounded to the window dtype)
         products = None
-        if self.native and x is not None:
-            products, u = self.rows.gather(x=x, sparse=(idx, kept))
+        if self.native and x is not None:  # x . c_new too: G x's entry for the new row
+            products, u, own = self.rows.gather(x=x, sparse=(idx, kept))
         elif self.native:
             u = self.rows.gather(sparse=(idx, kept))
         else:
@@ -423,8 +423,8 @@ class TopKSlidingInverseFisher(FactorBacked):
         self._spare, self.error = self.error, acc
         if x is not None and products is None:
             products = self._gather(x)
-        elif x is not None:  # the new row's own product (the sweep read the old one)
-            products[slot] = float((kept.double() * x[idx].double()).sum())
+        elif x is not None:  # the sweep read the slot's old row
+            products[slot] = own
         return slot, products
 
     def push(self, g: torch.Tensor) -> None:
