@@ -751,9 +751,19 @@ def unpack_group(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A group's rows in row-major order ((rows, k) values and indices) with torch (any
     device), from its block (``values``/``indices``, at least rows x k entries) and its offsets
-    ((tiles, rows + 1)): a stable sort of the entries by row keeps each row's tiles in order."""
-    rows = starts.shape[1] - 1
-    lengths = (starts[:, 1:] - starts[:, :-1]).reshape(-1).long()
+    ((tiles, rows + 1)): a stable sort of the entries by row keeps each row's tiles in order.
+    Raises ValueError naming ``starts`` unless the offsets describe ``k`` entries per row."""
+    rows, k = starts.shape[1] - 1, values.shape[-1]
+    s = starts.long()
+    lengths = (s[:, 1:] - s[:, :-1]).reshape(-1)
+    if (
+        int(s[0, 0]) != 0
+        or bool((lengths < 0).any())
+        or not torch.equal(s[1:, 0], s[:-1, -1])
+        or int(s[-1, -1]) != rows * k
+        or not bool((lengths.view(-1, rows).sum(dim=0) == k).all())
+    ):
+        raise ValueError(f"starts: a group's offsets do not describe {k} entries per row")
     row_of = torch.arange(lengths.numel(), device=lengths.device) % rows
     entry_row = torch.repeat_interleave(row_of, lengths)
     order = torch.sort(entry_row, stable=True).indices.to(values.device)
