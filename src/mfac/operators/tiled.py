@@ -204,6 +204,19 @@ RUN_DOT_DEF(uint16_t, int16_t, from_f16)
 #define RUN_DOT2(VT, IT, CONV, v, ix, q, e, xt, yt, off, pf, sx, sy)                          \
     dot2_##CONV##_##IT(v, ix, q, e, xt, yt, off, pf, sx, sy)
 
+/* The tile of a dense x read once in order before the random reads (a sparse window touches
+   few of its lines, each a miss otherwise); kept out of line, so that the sweeps' loops are
+   compiled as without it. */
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+static void stream_tile(const float *xt, int64_t n) {
+    volatile float sink = 0.0f;
+    float touch = 0.0f;
+    for (int64_t j = 0; j < n; j += 16) touch += xt[j];
+    sink += touch;
+}
+
 /* out[r] = sum_q v[r, q] x[i[r, q]] for the rows of groups [g0, g1), x dense (x != NULL) or
    the sparse vector (sidx ascending, sval) of sk entries, spread per tile into a buffer (sidx
    != NULL). Given both, out takes the dense products and out2 the sparse ones, from one read
@@ -213,7 +226,6 @@ int NAME(LAYOUT_ARGS(VT, IT), int64_t g0, int64_t g1, const float *x, const int6
          const float *sval, int64_t sk, double *out, double *out2, double *xs) {             \
     int64_t r0 = g0 * B, r1 = g1 * B < m ? g1 * B : m, sp = 0;                               \
     int both = x && sidx;                                                                    \
-    volatile float sink = 0.0f;                                                              \
     float *buf = sidx ? calloc((size_t)tile, sizeof(float)) : NULL;                          \
     if (sidx && !buf) return 1;                                                              \
     for (int64_t r = r0; r < r1; ++r) { out[r] = 0.0; if (both) out2[r] = 0.0; }             \
@@ -223,12 +235,7 @@ int NAME(LAYOUT_ARGS(VT, IT), int64_t g0, int64_t g1, const float *x, const int6
         if (sidx) while (sp < sk && sidx[sp] < t1) { buf[sidx[sp] - t0] = sval[sp]; ++sp; }  \
         if (!x && sp == s0) continue; /* no entries of the sparse x in this tile */          \
         const float *xt = x ? x + t0 : buf, *yt = both && sp > s0 ? buf : NULL;              \
-        if (x) { /* stream the tile of x into cache before the random reads (a sparse window \
-                    touches few of its lines, each a miss otherwise) */                      \
-            float touch = 0.0f;                                                              \
-            for (int64_t j = 0; j < t1 - t0; j += 16) touch += xt[j];                        \
-            sink += touch;                                                                   \
-        }                                                                                    \
+        if (x) stream_tile(xt, t1 - t0);                                                     \
         if (xs && both)                                                                      \
             for (int64_t q = s0; q < sp; ++q) *xs += (double)sval[q] * xt[sidx[q] - t0];     \
         int32_t off = (int32_t)t0;                                                           \
