@@ -149,7 +149,7 @@ def test_selection_pass(d: int, t: float, cap: int, seed: int) -> None:
     cut at cap with the full count; list_range agrees; NaN and Inf are flagged."""
     gen = torch.Generator().manual_seed(seed)
     e, g, acc = torch.randn(d, generator=gen), torch.randn(d, generator=gen), torch.empty(d)
-    cand, count, bad = sparse_native.select(e, g, acc, t, cap)
+    cand, _, count, bad = sparse_native.select_values(e, g, acc, t, cap, values=False)
     t32 = float(torch.tensor(t, dtype=torch.float32))
     want = torch.nonzero((e + g).abs() >= t32).squeeze(1)
     assert torch.equal(acc, e + g) and not bad
@@ -159,7 +159,7 @@ def test_selection_pass(d: int, t: float, cap: int, seed: int) -> None:
     for poison in (math.nan, math.inf, -math.inf):
         g2 = g.clone()
         g2[seed % d] = poison
-        assert sparse_native.select(e, g2, acc, t, cap)[2]
+        assert sparse_native.select_values(e, g2, acc, t, cap, values=False)[3]
 
 
 @settings(max_examples=20, deadline=None)
@@ -581,3 +581,24 @@ def test_push_gather_is_push_then_gather_in_one_sweep() -> None:
             assert torch.equal(fused.dense_rows(), plain.dense_rows())
             assert torch.equal(fused.error, plain.error)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_scatter_plus_adds_the_vector_tile_by_tile() -> None:
+    """scatter(c, out, plus=p) = scatter(c) + p on both paths; a bad ``plus`` is refused by
+    name and ``out`` is left as it was."""
+    gen = torch.Generator().manual_seed(26)
+    c = torch.randn(4, generator=gen, dtype=F64)
+    plus = torch.randn(D, generator=gen)
+    for torch_path in (False, True):
+        op = _window(m=4)
+        if torch_path:
+            op.to_torch_path()
+        _pushed(op, 5, 27)
+        out = torch.full((D,), 7.0)
+        want = op.scatter(c) + plus
+        torch.testing.assert_close(op.scatter(c, out=out, plus=plus), want)
+        torch.testing.assert_close(out, want)
+        kept = out.clone()
+        with pytest.raises(ValueError, match="plus"):
+            op.scatter(c, out=out, plus=plus.double())
+        assert torch.equal(out, kept)

@@ -267,16 +267,6 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 _split = cbuild.split_range
 
 
-def select(
-    error: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor, threshold: float, cap: int
-) -> tuple[torch.Tensor, int, bool]:
-    """acc = error + grad (float32, contiguous), and the ascending coordinates with
-    |acc| >= threshold: returns (the first ``cap`` of them, their total count, whether acc
-    holds a NaN or Inf)."""
-    cand, _, total, bad = select_values(error, grad, acc, threshold, cap, values=False)
-    return cand, total, bad
-
-
 def select_values(
     error: torch.Tensor,
     grad: torch.Tensor,
@@ -285,9 +275,10 @@ def select_values(
     cap: int,
     values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
-    """:func:`select`, also returning acc at the listed coordinates (float32; None when
-    ``values`` is False), read in the same pass instead of gathered from acc afterwards:
-    (coordinates, their acc, total count, whether acc holds a NaN or Inf)."""
+    """acc = error + grad (float32, contiguous), and the ascending coordinates with
+    |acc| >= threshold with acc there (float32; None when ``values`` is False), read in the
+    same pass instead of gathered from acc afterwards: (the first ``cap`` coordinates, their
+    acc, the total count, whether acc holds a NaN or Inf)."""
     n = acc.numel()
     parts = _split(n, torch.get_num_threads(), 1 << 20)
     bufs = [torch.empty(cap, dtype=torch.int64) for _ in parts]
@@ -376,7 +367,6 @@ __all__ = [
     "kth_largest",
     "library",
     "list_range",
-    "select",
     "select_values",
     "sub_at",
 ]

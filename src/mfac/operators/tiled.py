@@ -264,15 +264,20 @@ int NAME(LAYOUT_ARGS(VT, IT), int64_t g0, int64_t g1, const float *x, const int6
     return 0;                                                                                \
 }
 
-/* A finished tile of the result written to memory: with AVX-512 by streaming stores where
-   the destination is 64-byte aligned (the result is not read back into cache first). */
-static inline void store_tile(float *dst, const float *src, int64_t n) {
+/* A finished tile of the result, plus the same tile of ``add`` when it is not NULL, written to
+   memory: with AVX-512 by streaming stores where the destination is 64-byte aligned (the
+   result is not read back into cache first). */
+static inline void store_tile(float *dst, const float *src, const float *add, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX512F__)
-    for (; i < n && ((uintptr_t)(dst + i) & 63); ++i) dst[i] = src[i];
-    for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+    for (; i < n && ((uintptr_t)(dst + i) & 63); ++i) dst[i] = src[i] + (add ? add[i] : 0.0f);
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(src + i);
+        if (add) v = _mm512_add_ps(v, _mm512_loadu_ps(add + i));
+        _mm512_stream_ps(dst + i, v);
+    }
 #endif
-    for (; i < n; ++i) dst[i] = src[i];
+    for (; i < n; ++i) dst[i] = src[i] + (add ? add[i] : 0.0f);
 }
 static inline void store_fence(void) {
 #if defined(__AVX512F__)
@@ -280,11 +285,12 @@ static inline void store_fence(void) {
 #endif
 }
 
-/* out[j] = sum_r coef[r] v[r, q] over the entries with i[r, q] = j, for tiles [ta, tb); every
-   coordinate of those tiles is written (zeros included). The tile is summed in a buffer of
-   its own (in L1) and then stored. */
+/* out[j] = add[j] + sum_r coef[r] v[r, q] over the entries with i[r, q] = j (add may be
+   NULL: zero), for tiles [ta, tb); every coordinate of those tiles is written. The tile is
+   summed in a buffer of its own (in L1) and then stored. */
 #define SCATTER(NAME, VT, IT, CONV)                                                          \
-int NAME(LAYOUT_ARGS(VT, IT), int64_t ta, int64_t tb, const float *coef, float *out) {       \
+int NAME(LAYOUT_ARGS(VT, IT), int64_t ta, int64_t tb, const float *coef, const float *add,  \
+         float *out) {                                                                       \
     int64_t groups = (m + B - 1) / B;                                                        \
     float *ot = aligned_alloc(64, (size_t)((tile * sizeof(float) + 63) / 64 * 64));          \
     if (!ot) return 1;                                                                       \
@@ -311,7 +317,7 @@ int NAME(LAYOUT_ARGS(VT, IT), int64_t ta, int64_t tb, const float *coef, float *
             }                                                                                \
             pf_rest_l2(&pf);                                                                 \
         }                                                                                    \
-        store_tile(out + t0, ot, t1 - t0);                                                   \
+        store_tile(out + t0, ot, add ? add + t0 : NULL, t1 - t0);                            \
     }                                                                                        \
     store_fence();                                                                           \
     free(ot);                                                                                \
@@ -479,7 +485,7 @@ def _load(
     layout = [p, p, p, p, i64, i64, i64, i64, i64, i64]
     extra = {
         "gather": ([i64, i64, p, p, p, i64, p, p, p], ctypes.c_int),
-        "scatter": ([i64, i64, p, p], ctypes.c_int),
+        "scatter": ([i64, i64, p, p, p], ctypes.c_int),
         "replace": ([i64, i64, i64, p, p], None),
         "pack": ([i64, p, p], ctypes.c_int),
         "row": ([i64, i64, p, p], None),
@@ -550,10 +556,7 @@ class TiledRows:
         index_dtype: torch.dtype,
         empty: Callable[[tuple[int, int], torch.dtype], torch.Tensor] | None = None,
     ) -> None:
-        self.dim, self.window, self.k = dim, window, k
-        self.tile, self.rows = plan(window, k, dim)
-        self.tiles = -(-dim // self.tile)
-        self.groups = -(-window // self.rows)
+        self._set_shape(dim, window, k)
         blocks = self.groups + 1
         empty = empty or (lambda shape, dt: torch.empty(shape, dtype=dt))
         self.values = empty((blocks * self.rows, k), dtype)
@@ -574,21 +577,16 @@ class TiledRows:
         a saved state), without copying; None unless their shapes and dtypes are what this
         version lays out for (dim, window, k) with those value and index dtypes."""
         rows = cls.__new__(cls)
-        rows.dim, rows.window, rows.k = dim, window, k
-        rows.tile, rows.rows = plan(window, k, dim)
-        rows.tiles = -(-dim // rows.tile)
-        rows.groups = -(-window // rows.rows)
-        shapes = {
-            "values": (rows.groups + 1) * rows.rows,
-            "indices": (rows.groups + 1) * rows.rows,
-        }
+        rows._set_shape(dim, window, k)
         try:
             values, indices = tensors["values"], tensors["indices"]
             starts, block_of = tensors["starts"], tensors["block_of"]
         except KeyError:
             return None
+        block_rows = (rows.groups + 1) * rows.rows
         if (
-            any(tuple(tensors[n].shape) != (r, k) for n, r in shapes.items())
+            tuple(values.shape) != (block_rows, k)
+            or tuple(indices.shape) != (block_rows, k)
             or tuple(starts.shape) != (rows.tiles, rows.groups * (rows.rows + 1))
             or starts.dtype != torch.int32
             or tuple(block_of.shape) != (rows.groups + 1,)
@@ -603,6 +601,14 @@ class TiledRows:
             return None
         rows.values, rows.indices, rows.starts, rows.block_of = values, indices, starts, block_of
         return rows
+
+    def _set_shape(self, dim: int, window: int, k: int) -> None:
+        """The layout's sizes for (dim, window, k): :func:`plan`'s tile and group size, the
+        number of tiles and of groups."""
+        self.dim, self.window, self.k = dim, window, k
+        self.tile, self.rows = plan(window, k, dim)
+        self.tiles = -(-dim // self.tile)
+        self.groups = -(-window // self.rows)
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -668,14 +674,21 @@ class TiledRows:
         self._run("gather", calls)
         return (out, out2, float(cross)) if both else out
 
-    def scatter(self, coeff: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """G^T c (float32, (d,)) for c of shape (m,), written into ``out`` when given (a
-        contiguous float32 vector of d entries)."""
+    def scatter(
+        self,
+        coeff: torch.Tensor,
+        out: torch.Tensor | None = None,
+        plus: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """G^T c (float32, (d,)) for c of shape (m,), plus ``plus`` when given (added per tile
+        while the tile is in cache: no extra pass over d), written into ``out`` when given.
+        ``out`` and ``plus`` are contiguous float32 vectors of d entries."""
         coeff = coeff.to(torch.float32).contiguous()
         if out is None:
             out = torch.empty(self.dim, dtype=torch.float32)
+        add = plus.data_ptr() if plus is not None else None
         parts = cbuild.split_range(self.tiles, torch.get_num_threads(), 1)
-        self._run("scatter", [(a, b, coeff.data_ptr(), out.data_ptr()) for a, b in parts])
+        self._run("scatter", [(a, b, coeff.data_ptr(), add, out.data_ptr()) for a, b in parts])
         return out
 
     # ------------------------------------------------------------------ rows

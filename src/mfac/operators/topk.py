@@ -474,24 +474,35 @@ class TopKSlidingInverseFisher(FactorBacked):
         their own m x m algebra on the stored rows (``MFAC``'s default rule on a top-k window)."""
         return self._gather(self._check_grad(x).to(torch.float32).contiguous())
 
-    def scatter(self, coeff: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def scatter(
+        self,
+        coeff: torch.Tensor,
+        out: torch.Tensor | None = None,
+        plus: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """G^T c (d,) float32 for c of shape (m,): the window's scatter-add, public as
-        :meth:`gather` is; written into ``out`` (a contiguous float32 d-vector) when given."""
+        :meth:`gather` is; plus ``plus`` when given (on the C path added per tile, with no
+        extra pass over d); written into ``out`` when given. ``out`` and ``plus`` are
+        contiguous float32 d-vectors on the window's device."""
         if not isinstance(coeff, torch.Tensor) or coeff.numel() != self.window:
             raise ValueError(f"coeff must be a tensor of {self.window} entries (one per row)")
-        if out is not None and (
-            not isinstance(out, torch.Tensor)
-            or out.dtype != torch.float32
-            or out.numel() != self.dim
-            or not out.is_contiguous()
-            or out.device != self.device
-        ):
-            raise ValueError(
-                f"out must be a contiguous float32 tensor of {self.dim} entries on {self.device}"
-            )
-        if out is not None and self.native:
-            return self.rows.scatter(coeff, out)
+        for name, t in (("out", out), ("plus", plus)):
+            if t is not None and (
+                not isinstance(t, torch.Tensor)
+                or t.dtype != torch.float32
+                or t.numel() != self.dim
+                or not t.is_contiguous()
+                or t.device != self.device
+            ):
+                raise ValueError(
+                    f"{name} must be a contiguous float32 tensor of {self.dim} entries on "
+                    f"{self.device}"
+                )
+        if self.native:
+            return self.rows.scatter(coeff, out, plus)
         result = self._scatter(coeff)
+        if plus is not None:
+            result.add_(plus.view(-1))
         return result if out is None else out.copy_(result)
 
     def row(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:

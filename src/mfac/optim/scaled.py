@@ -396,11 +396,11 @@ class _TopKBlock:
     def finish(
         self, u: torch.Tensor, c: torch.Tensor, lam: float, whiten: str, out: torch.Tensor
     ) -> torch.Tensor:
-        """lam^-q (u + Z^T c) by one scatter-add over the rows, written into ``out`` (the
-        d-vector z came in: the window has its own copy)."""
+        """lam^-q (u + Z^T c) by one scatter-add over the rows (u added tile by tile), written
+        into ``out`` (the d-vector z came in: the window has its own copy)."""
         if lam == 0.0:
             return out.copy_(u) if whiten == "adam" else out.zero_()
-        out = self.op.scatter(c, out=out).add_(u)
+        out = self.op.scatter(c, out=out, plus=u)
         if whiten == "none":
             out.mul_(lam**-0.5)
         return out
