@@ -196,11 +196,14 @@ def topk_one(
     memory_budget: int | None = None,
     value_dtype: torch.dtype = torch.float32,
     compare_torch: bool = False,
-) -> dict[str, Any]:
+    threads: tuple[int, ...] = (1,),
+) -> list[dict[str, Any]]:
     """One configuration, in this process: step time, floor, peak RSS (and, with
     ``compare_torch``, the torch path's step on the same window, timed after the peak RSS is
-    read). ``memory_budget`` (bytes) overrides the window's default ceiling."""
-    torch.set_num_threads(1)
+    read), one row per thread count in ``threads``. The thread counts take turns within each
+    repetition, and the floor is read with the same thread count as the step it is compared to.
+    ``memory_budget`` (bytes) overrides the window's default ceiling."""
+    torch.set_num_threads(max(threads))
     k = round(density * dim)
     rss0 = _peak_rss()
     op = TopKSlidingInverseFisher(
@@ -212,21 +215,55 @@ def topk_one(
     op.push_ihvp(grads[0])  # warm-up
     # step and floor interleaved (each step is followed by its floor's reads and pass), so
     # that a drift of the machine's load moves both; the ratio is the median of per-rep ratios
-    step_t, read_t, pass_t = [], [], []
+    times = {n: {"step": [], "read": [], "pass": []} for n in threads}
     x, y, z = grads[0], grads[1], torch.empty(dim)
     for i in range(reps):
-        t = time.perf_counter()
-        op.push_ihvp(grads[i % 2])
-        step_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        _read_window(op)
-        read_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        torch.add(x, y, out=z)
-        pass_t.append(time.perf_counter() - t)
-    floors = [2 * r + 4 * p for r, p in zip(read_t, pass_t, strict=True)]
+        for n in threads:
+            torch.set_num_threads(n)
+            t = time.perf_counter()
+            op.push_ihvp(grads[i % 2])
+            times[n]["step"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            _read_window(op)
+            times[n]["read"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            torch.add(x, y, out=z)
+            times[n]["pass"].append(time.perf_counter() - t)
     del z
     peak = _peak_rss()
+    rows = []
+    for n in threads:
+        torch.set_num_threads(n)
+        rows.append(_topk_row(op, gen, times[n], peak, rss0, value_dtype, density, n))
+    if compare_torch and op.native:  # the torch path, at the largest thread count (its row)
+        torch.set_num_threads(max(threads))
+        op.to_torch_path()
+        op.push_ihvp(grads[0])  # warm-up (allocates the torch path's dense row)
+        torch_t = []
+        for i in range(reps):
+            t = time.perf_counter()
+            op.push_ihvp(grads[i % 2])
+            torch_t.append(time.perf_counter() - t)
+        row = rows[threads.index(max(threads))]
+        row["torch_step_s"] = statistics.median(torch_t)
+        row["speedup_over_torch"] = row["torch_step_s"] / row["step_s"]
+    return rows
+
+
+def _topk_row(
+    op: TopKSlidingInverseFisher,
+    gen: torch.Generator,
+    times: dict[str, list[float]],
+    peak: int,
+    rss0: int,
+    value_dtype: torch.dtype,
+    density: float,
+    threads: int,
+) -> dict[str, Any]:
+    """One thread count's row: its step and floor times, and (C path) each sweep timed alone."""
+    dim, m, k = op.dim, op.window, op.k
+    step_t, read_t, pass_t = times["step"], times["read"], times["pass"]
+    floors = [2 * r + 4 * p for r, p in zip(read_t, pass_t, strict=True)]
     step = statistics.median(step_t)
     floor = statistics.median(floors)
     row = {
@@ -236,6 +273,7 @@ def topk_one(
         "k": k,
         "value_dtype": str(value_dtype).replace("torch.", ""),
         "native": op.native,
+        "threads": threads,
         "step_s": step,
         "steps_s": step_t,
         "floor_s": floor,
@@ -273,16 +311,6 @@ def topk_one(
         row["ns_per_entry_scatter"] = row["scatter_sweep_s"] / (m * k) * 1e9
         row["ns_per_entry_read"] = row["read_window_s"] / (m * k) * 1e9
         del sidx, sval, out
-    if compare_torch and op.native:
-        op.to_torch_path()
-        op.push_ihvp(grads[0])  # warm-up (allocates the torch path's dense row)
-        torch_t = []
-        for i in range(reps):
-            t = time.perf_counter()
-            op.push_ihvp(grads[i % 2])
-            torch_t.append(time.perf_counter() - t)
-        row["torch_step_s"] = statistics.median(torch_t)
-        row["speedup_over_torch"] = row["torch_step_s"] / step
     return row
 
 
@@ -294,6 +322,7 @@ def topk_bench(
     max_bytes: int,
     value_dtype: str = "float32",
     compare_torch: bool = False,
+    threads: tuple[int, ...] = (1,),
 ) -> dict[str, Any]:
     rows, skipped = [], []
     dtype = getattr(torch, value_dtype)
@@ -313,30 +342,36 @@ def topk_bench(
             cmd += ["--reps", str(reps), "--value-dtype", value_dtype]
             cmd += ["--budget-gib", str(max_bytes / 2**30)]  # the cap is the window's budget
             cmd += ["--compare-torch"] if compare_torch else []
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            cmd += ["--threads", *map(str, threads)]
+            most = str(max(threads))
+            env = {**os.environ, "OMP_NUM_THREADS": most, "MKL_NUM_THREADS": most}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(
-                f"topk d={dim} m={m} density={density}: step {row['step_s'] * 1e3:.0f} ms, "
-                f"floor {row['floor_s'] * 1e3:.0f} ms, ratio {row['ratio']:.2f}, "
-                f"torch path {row.get('torch_step_s', float('nan')) * 1e3:.0f} ms, peak RSS "
-                f"{row['peak_rss_bytes'] / 2**30:.2f} GiB (window {row['window_bytes'] / 2**30:.2f}"
-                f" GiB, estimate {row['required_bytes'] / 2**30:.2f} GiB)",
-                flush=True,
-            )
-    return {"threads": 1, "reps": reps, "rows": rows, "skipped": skipped, "max_bytes": max_bytes,
-            "machine": machine()}  # fmt: skip
+            for row in json.loads(out.stdout.strip().splitlines()[-1]):
+                rows.append(row)
+                print(
+                    f"topk d={dim} m={m} density={density} threads={row['threads']}: step "
+                    f"{row['step_s'] * 1e3:.0f} ms, floor {row['floor_s'] * 1e3:.0f} ms, ratio "
+                    f"{row['ratio']:.2f}, torch path "
+                    f"{row.get('torch_step_s', float('nan')) * 1e3:.0f} ms, peak RSS "
+                    f"{row['peak_rss_bytes'] / 2**30:.2f} GiB (window "
+                    f"{row['window_bytes'] / 2**30:.2f} GiB, estimate "
+                    f"{row['required_bytes'] / 2**30:.2f} GiB)",
+                    flush=True,
+                )
+    return {"threads": list(threads), "reps": reps, "rows": rows, "skipped": skipped,
+            "max_bytes": max_bytes, "machine": machine()}  # fmt: skip
 
 
 def _merge_topk(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     """Rows of earlier runs stay unless this run measured the same configuration (d, m,
-    density, value dtype); a replaced row's step, floor and ratio stay in the new row under
-    "previous" (with the command that measured them); rows without a value dtype (older
-    runs) are dropped; a "not run" note stays only while no row measures its configuration."""
+    density, value dtype, threads: 1 for rows that predate the field); a replaced row's step,
+    floor and ratio stay in the new row under "previous" (with the command that measured
+    them); rows without a value dtype (older runs) are dropped; a "not run" note stays only
+    while no row measures its configuration."""
 
     def key(r: dict[str, Any]) -> tuple:
-        return (r["dim"], r["ngrads"], r["density"], r.get("value_dtype", "float32"))
+        return (r["dim"], r["ngrads"], r["density"], r.get("value_dtype", "float32"),
+                r.get("threads", 1))  # fmt: skip
 
     old = old or {"rows": [], "skipped": []}
     replaced = {key(r): r for r in old.get("rows", []) if "value_dtype" in r}
@@ -371,7 +406,8 @@ def plot(factor: dict[str, Any] | None, topk: dict[str, Any] | None) -> None:
                     title="1 thread")  # fmt: skip
         axes[0].legend(fontsize=7)
     if topk and topk["rows"]:
-        labels = [f"m={r['ngrads']}\n{r['density']:.1%}" for r in topk["rows"]]
+        labels = [f"m={r['ngrads']}\n{r['density']:.1%}\n{r.get('threads', 1)} thr"
+                  for r in topk["rows"]]  # fmt: skip
         xs = range(len(labels))
         axes[1].bar([x - 0.2 for x in xs], [r["step_s"] for r in topk["rows"]], 0.4, label="step")
         axes[1].bar([x + 0.2 for x in xs], [r["floor_s"] for r in topk["rows"]], 0.4, label="floor")
@@ -408,10 +444,11 @@ def report() -> str:
                        f"m = {r['ngrads']}, density {r['density']:.1%}, "
                        f"{r.get('value_dtype', 'float32')} values.")  # fmt: skip
         out.append("")
-        out.append("| d | m | density | values | step s | floor s | step/floor | previous step s "
-                   "/ floor s / step/floor | torch path s | peak RSS GiB | window GiB "
-                   "| estimate GiB |")  # fmt: skip
-        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        out.append("| d | m | density | values | threads | step s | floor s | step/floor "
+                   "| previous step s / floor s / step/floor | torch path s | peak RSS GiB "
+                   "| window GiB | estimate GiB |")  # fmt: skip
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+                   "| --- |")  # fmt: skip
         for r in res["topk"]["rows"]:
             torch_s = f"{r['torch_step_s']:.2f}" if "torch_step_s" in r else "-"
             prev = r.get("previous")
@@ -419,7 +456,8 @@ def report() -> str:
                       if prev else "-")  # fmt: skip
             out.append(
                 f"| {r['dim']:,} | {r['ngrads']} | {r['density']:.1%} | {r['value_dtype']} | "
-                f"{r['step_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {before} | "
+                f"{r.get('threads', 1)} | {r['step_s']:.2f} | {r['floor_s']:.2f} | "
+                f"{r['ratio']:.2f} | {before} | "
                 f"{torch_s} | {r['peak_rss_bytes'] / 2**30:.2f} | "
                 f"{r['window_bytes'] / 2**30:.2f} | {r['required_bytes'] / 2**30:.2f} |"
             )
@@ -427,14 +465,15 @@ def report() -> str:
         if swept:
             out.append("\nWhere the step's time goes (ns per kept entry, each sweep timed alone on "
                        "the same window after the steps):\n")  # fmt: skip
-            out.append("| m | density | values | G c sweep s | G^T y sweep s | G c ns | G^T y ns "
-                       "| streaming read ns | row replace s |")  # fmt: skip
-            out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+            out.append("| m | density | values | threads | G c sweep s | G^T y sweep s | G c ns "
+                       "| G^T y ns | streaming read ns | row replace s |")  # fmt: skip
+            out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
             for r in swept:
                 replace = f"{r['replace_row_s']:.3f}" if "replace_row_s" in r else "-"
                 out.append(
                     f"| {r['ngrads']} | {r['density']:.1%} | {r['value_dtype']} | "
-                    f"{r['gather_sweep_s']:.2f} | {r['scatter_sweep_s']:.2f} | "
+                    f"{r.get('threads', 1)} | {r['gather_sweep_s']:.2f} | "
+                    f"{r['scatter_sweep_s']:.2f} | "
                     f"{r['ns_per_entry_gather']:.2f} | {r['ns_per_entry_scatter']:.2f} | "
                     f"{r['ns_per_entry_read']:.2f} | {replace} |"
                 )
@@ -462,17 +501,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--compare-torch", action="store_true", help="also time the torch path's step")
+    ap.add_argument(
+        "--threads", type=int, nargs="+", default=[1],
+        help="top-k: thread counts, taking turns on the same window (one row each)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.what == "report":
         print(report())
         return
     if args.what == "_topk_one":
         budget = None if args.budget_gib is None else int(args.budget_gib * 2**30)
-        row = topk_one(
+        rows = topk_one(
             args.dim, args.m, args.density, args.reps, budget,
-            getattr(torch, args.value_dtype), args.compare_torch,
+            getattr(torch, args.value_dtype), args.compare_torch, tuple(args.threads),
         )  # fmt: skip
-        print(json.dumps(row))
+        print(json.dumps(rows))
         return
     path = RESULTS / "optim_scale.json"
     res = json.loads(path.read_text()) if path.exists() else {}
@@ -483,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
         cap = int(args.max_gib * 2**30)
         new = topk_bench(
             args.dim, args.topk_ms, args.densities, max(3, args.reps // 3), cap,
-            args.value_dtype, args.compare_torch,
+            args.value_dtype, args.compare_torch, tuple(args.threads),
         )  # fmt: skip
         command = " ".join(["python -m benchmarks.optim_scale", *sys.argv[1:]])
         for entry in new["rows"] + new["skipped"]:
