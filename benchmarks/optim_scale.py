@@ -394,7 +394,7 @@ def plot(factor: dict[str, Any] | None, topk: dict[str, Any] | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [1, 2]})
     if factor:
         for dim in sorted({r["dim"] for r in factor["rows"]}):
             rows = [r for r in factor["rows"] if r["dim"] == dim]
@@ -406,12 +406,12 @@ def plot(factor: dict[str, Any] | None, topk: dict[str, Any] | None) -> None:
                     title="1 thread")  # fmt: skip
         axes[0].legend(fontsize=7)
     if topk and topk["rows"]:
-        labels = [f"m={r['ngrads']}\n{r['density']:.1%}\n{r.get('threads', 1)} thr"
-                  for r in topk["rows"]]  # fmt: skip
+        labels = [f"m={r['ngrads']}\n{r['density']:.1%}\n{r['value_dtype'].replace('float', 'f')}"
+                  f"\n{r.get('threads', 1)} thr" for r in topk["rows"]]  # fmt: skip
         xs = range(len(labels))
         axes[1].bar([x - 0.2 for x in xs], [r["step_s"] for r in topk["rows"]], 0.4, label="step")
         axes[1].bar([x + 0.2 for x in xs], [r["floor_s"] for r in topk["rows"]], 0.4, label="floor")
-        axes[1].set_xticks(list(xs), labels)
+        axes[1].set_xticks(list(xs), labels, fontsize=8)
         axes[1].set(ylabel="seconds", title=f"top-k push_ihvp, d = {topk['rows'][0]['dim']:,}")
         axes[1].legend()
     fig.tight_layout()
