@@ -30,13 +30,12 @@ import json
 import math
 import re
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import fill_topk_window, peak_rss_gib
+from benchmarks.common import fill_topk_window, git_commit, peak_rss_gib
 from benchmarks.prune_llm import CACHE, DATA, convert, wiki_windows, windows
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -128,9 +127,7 @@ def run(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(), "dim": sum(p.numel() for p in params),
         "train_windows": data["train"].shape[0], "val_windows": data["val"].shape[0],
         "eval_windows": args.eval_windows,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip(),
+        "commit": git_commit(),
         "rss_after_model_gib": rss_model,
     }  # fmt: skip
     curve: list[dict] = []
@@ -327,9 +324,7 @@ def iteration(args: argparse.Namespace) -> dict:
     out["opt"] = args.opt
     out["iter_vs_adamw"] = out[args.opt]["iter_median_s"] / base
     out["peak_rss_gib"] = peak_rss_gib()
-    out["commit"] = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    out["commit"] = git_commit()
     name = f"optim_finetune_iteration{'_' + args.tag if args.tag else ''}.json"
     (RESULTS / name).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k not in ("options",)}))

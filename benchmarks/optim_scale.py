@@ -38,7 +38,7 @@ from mfac.operators.threads import single_threaded
 from mfac.operators.topk import TopKSlidingInverseFisher
 from mfac.optim import MFAC
 
-from benchmarks.common import RESULTS, fill_topk_window, machine, write_json
+from benchmarks.common import RESULTS, fill_topk_window, git_commit, machine, write_json
 
 
 class RefactorEachPush(GramFactor):
@@ -347,6 +347,7 @@ def topk_bench(
             env = {**os.environ, "OMP_NUM_THREADS": most, "MKL_NUM_THREADS": most}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             for row in json.loads(out.stdout.strip().splitlines()[-1]):
+                row["commit"] = git_commit()
                 rows.append(row)
                 print(
                     f"topk d={dim} m={m} density={density} threads={row['threads']}: step "
@@ -375,7 +376,7 @@ def _merge_topk(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, An
 
     old = old or {"rows": [], "skipped": []}
     replaced = {key(r): r for r in old.get("rows", []) if "value_dtype" in r}
-    kept_fields = ("step_s", "floor_s", "ratio", "peak_rss_bytes", "command")
+    kept_fields = ("step_s", "floor_s", "ratio", "peak_rss_bytes", "command", "commit")
     for r in new["rows"]:
         if key(r) in replaced:
             r["previous"] = {f: replaced[key(r)][f] for f in kept_fields if f in replaced[key(r)]}
