@@ -455,6 +455,15 @@ def seeds_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def iteration_records() -> list[tuple[str, dict]]:
+    """(tag, record) of every ``iteration`` command's result file, sorted by file name."""
+    out = []
+    for path in sorted(RESULTS.glob("optim_finetune_iteration*.json")):
+        tag = path.stem.removeprefix("optim_finetune_iteration").lstrip("_") or "-"
+        out.append((tag, json.loads(path.read_text())))
+    return out
+
+
 def iteration_table() -> str:
     """Whole iterations with a full window next to AdamW's, one process per file
     (``optim_finetune_iteration*.json`` from the ``iteration`` command)."""
@@ -463,15 +472,13 @@ def iteration_table() -> str:
         "M-FAC step() s | iteration / AdamW | peak RSS GiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for path in sorted(RESULTS.glob("optim_finetune_iteration*.json")):
-        rec = json.loads(path.read_text())
+    for tag, rec in iteration_records():
         opt = rec.get("opt", "mfac")
         o = rec["options"]
         window = (
             f"m = {o.get('ngrads')}, {o.get('topk', 0):.1%}, "
             f"{o.get('history_dtype', 'float32')}"
         )
-        tag = path.stem.removeprefix("optim_finetune_iteration").lstrip("_") or "-"
         cells = [
             f"{tag} ({rec.get('commit', '?')})",
             {"mfac": "paper", "scaled": "default (global top-k)"}.get(opt, opt), window,
@@ -525,8 +532,7 @@ def window_table(rows: list[dict], runs: list[dict], reference: int = 256) -> st
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     full = {}  # the ``iteration`` command's timings of the same windows, filled to m rows
-    for path in sorted(RESULTS.glob("optim_finetune_iteration*.json")):
-        rec = json.loads(path.read_text())
+    for _, rec in iteration_records():
         o = rec["options"]
         if rec.get("opt") == "scaled" and "history_dtype" not in o and o.get("topk") == 0.01:
             full[o["ngrads"]] = rec["iter_vs_adamw"]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mfac
-from mfac.operators import SlidingInverseFisher, TopKSlidingInverseFisher
+from mfac.operators import SlidingInverseFisher, TopKSlidingInverseFisher, tiled
 from mfac.operators.memory import gram_nbytes
 from mfac.optim import MFAC, PaperMFAC
 from test_optim import _data, _model, _train, assert_state_equal
@@ -209,8 +209,7 @@ def test_any_edited_window_row_is_stale(history: str, row: int, factor: float) -
     if history == "dense":
         window["grads"][row] *= factor
     elif "block_of" in window:  # the tile-major layout: a stretch of slot row's group
-        groups = window["block_of"].numel() - 1
-        rows = window["starts"].shape[1] // groups - 1
+        rows = tiled.state_shape(window)[1]
         g, j = divmod(row, rows)
         window["values"][int(window["block_of"][g]) * rows + j] *= factor
     else:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -873,6 +873,14 @@ class TiledRows:
         }
 
 
+def state_shape(state: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(groups, rows per group) of a saved layout, read off its tensors: ``block_of`` names
+    groups + 1 blocks, ``starts`` holds rows + 1 offsets per group and tile (rows is 0 when
+    there are no groups)."""
+    groups = state["block_of"].numel() - 1
+    return groups, (state["starts"].shape[-1] // groups - 1 if groups > 0 else 0)
+
+
 def unpack_group(
     values: torch.Tensor, indices: torch.Tensor, starts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -899,4 +907,6 @@ def unpack_group(
     return flat_v[order].view(rows, -1), flat_i[order].view(rows, -1)
 
 
-__all__ = ["TiledRows", "layout_bytes", "library", "plan", "supports", "unpack_group"]
+__all__ = [
+    "TiledRows", "layout_bytes", "library", "plan", "state_shape", "supports", "unpack_group"
+]

@@ -596,8 +596,7 @@ class TopKSlidingInverseFisher(FactorBacked):
             yield state["values"], state["indices"]
             return
         block_of, starts = state["block_of"], state["starts"]
-        groups = block_of.numel() - 1
-        rows = starts.shape[1] // groups - 1
+        groups, rows = tiled.state_shape(state)
         for g in range(groups):
             n = min(rows, self.window - g * rows)
             b = int(block_of[g])
@@ -622,10 +621,9 @@ class TopKSlidingInverseFisher(FactorBacked):
             raise TypeError(
                 f"indices: state stores {indices.dtype}, this window stores {self.indices.dtype}"
             )
-        groups = block_of.numel() - 1
+        groups, rows = tiled.state_shape(state)
         if block_of.dim() != 1 or groups < 1 or starts.dim() != 2 or starts.shape[1] % groups:
             raise ValueError("block_of and starts do not describe a tile-major layout")
-        rows = starts.shape[1] // groups - 1
         if (
             rows < 1
             or -(-self.window // rows) != groups
