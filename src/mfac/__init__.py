@@ -5,16 +5,16 @@ from . import curvature, prune, recovery
 from ._validation import NonFiniteGradientError
 from .curvature import influence
 from .operators import GradientBuffer, InverseFisher, SlidingInverseFisher
-from .optim import MFAC, ScaledMFAC
+from .optim import MFAC, MFACSGD
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MFAC",
+    "MFACSGD",
     "GradientBuffer",
     "InverseFisher",
     "NonFiniteGradientError",
-    "ScaledMFAC",
     "SlidingInverseFisher",
     "__version__",
     "curvature",

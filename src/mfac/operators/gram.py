@@ -47,14 +47,24 @@ class GramFactor:
     row/column ``next_slot`` of K, updates B in O(m^2) (see the module docstring) and advances
     the ring pointer. When K would lose positive definiteness, K and B are restored and a
     RuntimeError says so.
+
+    ``damp=None`` keeps K = G G^T alone (positive semi-definite, no inverse): the form for a
+    rule that applies its own function of the window's spectrum (``mfac.MFAC``'s default
+    rule), so the O(m^2) inverse updates are not paid for nothing.
     """
 
-    def __init__(self, window: int, damp: float, device: torch.device | str | None) -> None:
+    def __init__(
+        self, window: int, damp: float | None, device: torch.device | str | None
+    ) -> None:
         self.window = check_positive_int(window, "window")
-        self.damp = check_damp(damp)
+        self.damp = None if damp is None else check_damp(damp)
         device = torch.device(device) if device is not None else torch.device("cpu")
-        self.gram = torch.eye(window, dtype=F64, device=device) * (window * self.damp)
-        self.inverse = torch.eye(window, dtype=F64, device=device) / (window * self.damp)
+        if self.damp is None:
+            self.gram = torch.zeros(window, window, dtype=F64, device=device)
+            self.inverse = torch.empty(0, dtype=F64, device=device)
+        else:
+            self.gram = torch.eye(window, dtype=F64, device=device) * (window * self.damp)
+            self.inverse = torch.eye(window, dtype=F64, device=device) / (window * self.damp)
         self.next_slot = 0
         self.num_pushed = 0
         self.since_refactor = 0
@@ -63,8 +73,33 @@ class GramFactor:
     # ------------------------------------------------------------------ updates
     @property
     def shift(self) -> float:
-        """m * lambda, the diagonal shift of K."""
-        return self.window * self.damp
+        """m * lambda, the diagonal shift of K (0 without damping)."""
+        return 0.0 if self.damp is None else self.window * self.damp
+
+    @property
+    def filled(self) -> int:
+        """Slots holding a row."""
+        return min(self.num_pushed, self.window)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of K and (when damped) K^-1."""
+        return (self.gram.numel() + self.inverse.numel()) * 8
+
+    def _require_inverse(self) -> None:
+        if self.damp is None:
+            raise RuntimeError(
+                "this window was built without damping (damp=None): it keeps G G^T for a rule "
+                "that applies its own function of the spectrum, and has no inverse to apply"
+            )
+
+    def _commit_undamped(self, u: torch.Tensor) -> int:
+        slot = self.next_slot
+        self.gram[slot, :] = u
+        self.gram[:, slot] = u
+        self.next_slot = (slot + 1) % self.window
+        self.num_pushed += 1
+        return slot
 
     def _refactor(self) -> None:
         """B = K^-1 from a float64 Cholesky factor of K; RuntimeError when K is not SPD."""
@@ -92,6 +127,8 @@ class GramFactor:
                     "loss down or clip the gradients (damping cannot help). The window is "
                     "unchanged."
                 )
+            if self.damp is None:
+                return self._commit_undamped(u)
             diag = float(u[slot]) + self.shift
             b = u.clone()
             b[slot] = 0.0
@@ -139,22 +176,28 @@ class GramFactor:
     # ------------------------------------------------------------------ products
     def slot_coeff(self, slot: int) -> torch.Tensor:
         """c = m K^-1 e_slot (m x 1, float64), so that F^-1 g_slot = G^T c."""
+        self._require_inverse()
         return self.inverse[:, slot : slot + 1] * float(self.window)
 
     def solve(self, gx: torch.Tensor) -> torch.Tensor:
         """K^-1 (G x) for G x of shape (m, k)."""
+        self._require_inverse()
         with single_threaded(device=self.gram.device):
             return self.inverse @ gx.to(F64)
 
     def rebuild(self, gram: torch.Tensor) -> None:
-        """Replace K (for instance by one computed from a filled window) and refactor it."""
+        """Replace K by that of a filled window (every slot then counts as holding a row) and
+        refactor it; on failure nothing changes."""
         old = self.gram
         self.gram = gram.to(device=old.device, dtype=F64).clone()
-        try:
-            self._refactor()
-        except RuntimeError:
-            self.gram = old
-            raise
+        if self.damp is not None:
+            try:
+                self._refactor()
+            except RuntimeError:
+                self.gram = old
+                raise
+        self.num_pushed = max(self.num_pushed, self.window)
+        self.next_slot = self.num_pushed % self.window
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -183,10 +226,24 @@ class GramFactor:
         is refused). Writes nothing.
         """
         m = self.window
+        if not isinstance(state, Mapping):
+            raise TypeError(f"window state must be a mapping, got {type(state).__name__}")
         for key in STATE_KEYS:
             if key not in state:
                 raise KeyError(f"state is missing the field {prefix}{key!r}")
-        for key in ("gram", "inverse"):
+        damp = state["damp"]
+        if damp is None or self.damp is None:
+            if damp is not self.damp and damp != self.damp:
+                raise ValueError(
+                    f"{prefix}damp = {damp!r} differs from this window's damp = {self.damp!r} "
+                    "(a damped window and an undamped one hold different K)"
+                )
+        elif isinstance(damp, bool) or not isinstance(damp, (int, float)) or damp != self.damp:
+            raise ValueError(
+                f"{prefix}damp = {damp!r} differs from this window's damp = {self.damp!r}; "
+                "construct the optimizer with the saved damp"
+            )
+        for key in ("gram", "inverse") if self.damp is not None else ("gram",):
             t = state[key]
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{prefix}{key} must be a tensor, got {type(t).__name__}")
@@ -214,41 +271,43 @@ class GramFactor:
                 f"{prefix}next_slot = {state['next_slot']} disagrees with {prefix}num_pushed = "
                 f"{state['num_pushed']} (expected num_pushed mod {m})"
             )
-        damp = state["damp"]
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or damp != self.damp:
-            raise ValueError(
-                f"{prefix}damp = {damp!r} differs from this window's damp = {self.damp!r}; "
-                "construct the optimizer with the saved damp"
-            )
         gram = state["gram"].to(self.gram.device)
-        inverse = state["inverse"].to(self.gram.device)
         with single_threaded(device=self.gram.device):
             if float((gram - gram.T).abs().max()) > 1e-12 * float(gram.abs().max()):
                 raise ValueError(f"{prefix}gram is not symmetric")
-            if int(torch.linalg.cholesky_ex(gram)[1]) != 0:
-                raise ValueError(f"{prefix}gram is not positive definite")
             probe = torch.randn(m, dtype=F64, generator=torch.Generator().manual_seed(0))
             probe = probe.to(self.gram.device)
-            y = inverse @ probe
-            resid = float((gram @ y - probe).abs().max())
-            scale = float(gram.diagonal().sum()) * float(y.abs().max())
-            if not resid <= INVERSE_TOL * scale:
-                raise ValueError(
-                    f"{prefix}inverse is not the inverse of {prefix}gram (relative residual "
-                    f"{resid / scale:.1e}); the state was edited or corrupted"
-                )
+            if self.damp is not None:
+                self._check_inverse(state, gram, probe, prefix)
             if window_gram is not None:
                 want = window_gram(probe).to(F64) + self.shift * probe
                 have = gram @ probe
                 err = float((have - want).norm())
                 size = float(gram.norm()) * float(probe.norm())
-                if not err <= STALE_TOL * size:
+                if not err <= STALE_TOL * max(size, 1e-300):
                     raise ValueError(
                         f"{prefix}gram is stale: it differs from m*damp*I + G G^T of the stored "
-                        f"window (relative error {err / size:.1e}); the window was edited after "
-                        "K was formed, or the state dict was kept across a later step (it holds "
-                        "the window by reference: save or copy it before stepping on)"
+                        f"window (relative error {err / max(size, 1e-300):.1e}); the window was "
+                        "edited after K was formed, or the state dict was kept across a later "
+                        "step (it holds the window by reference: save or copy it before "
+                        "stepping on)"
                     )
+
+    def _check_inverse(
+        self, state: Mapping[str, Any], gram: torch.Tensor, probe: torch.Tensor, prefix: str
+    ) -> None:
+        """A damped state's K must be positive definite and its stored inverse K^-1."""
+        inverse = state["inverse"].to(self.gram.device)
+        if int(torch.linalg.cholesky_ex(gram)[1]) != 0:
+            raise ValueError(f"{prefix}gram is not positive definite")
+        y = inverse @ probe
+        resid = float((gram @ y - probe).abs().max())
+        scale = float(gram.diagonal().sum()) * float(y.abs().max())
+        if not resid <= INVERSE_TOL * scale:
+            raise ValueError(
+                f"{prefix}inverse is not the inverse of {prefix}gram (relative residual "
+                f"{resid / scale:.1e}); the state was edited or corrupted"
+            )
 
     def load_state_dict(self, state: Mapping[str, Any], check: bool = True) -> None:
         """Restore from :meth:`state_dict` (checked first unless the caller already did)."""
@@ -256,7 +315,8 @@ class GramFactor:
             self.check_state(state)
         device = self.gram.device
         self.gram = state["gram"].to(device=device, dtype=F64).clone()
-        self.inverse = state["inverse"].to(device=device, dtype=F64).clone()
+        if self.damp is not None:
+            self.inverse = state["inverse"].to(device=device, dtype=F64).clone()
         self.next_slot = int(state["next_slot"])
         self.num_pushed = int(state["num_pushed"])
         self.since_refactor = int(state["since_refactor"])
@@ -269,13 +329,18 @@ class FactorBacked:
     factor: GramFactor
 
     @property
-    def damp(self) -> float:
-        """The absolute damping lambda."""
+    def damp(self) -> float | None:
+        """The absolute damping lambda (None: an undamped window, see :class:`GramFactor`)."""
         return self.factor.damp
 
     @property
+    def filled(self) -> int:
+        """Slots holding a row."""
+        return self.factor.filled
+
+    @property
     def gram(self) -> torch.Tensor:
-        """K = m*lambda*I + G G^T, float64 (m x m)."""
+        """K = m*lambda*I + G G^T, float64 (m x m); G G^T in an undamped window."""
         return self.factor.gram
 
     @property

@@ -57,7 +57,7 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
         self,
         dim: int,
         window: int,
-        damp: float = 1e-5,
+        damp: float | None = 1e-5,
         dtype: torch.dtype = torch.float32,
         process_group: dist.ProcessGroup | None = None,
         *,
@@ -98,7 +98,7 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
     @property
     def nbytes(self) -> int:
         """Bytes held on this rank: the shard plus the replicated K and K^-1."""
-        return self.window_nbytes + 2 * self.window**2 * 8
+        return self.window_nbytes + self.factor.nbytes
 
     def _gather_full(self, local: torch.Tensor) -> torch.Tensor:
         """All-gather every rank's column slice (float32) into the full vector (d,)."""
@@ -115,7 +115,7 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
 
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Push the full gradient ``g`` (d,) and return the full F^-1 g_stored (d,)."""
-        slot = self._insert(g)
+        slot, _ = self._insert(g)
         coeff = self.factor.slot_coeff(slot)
         local = cols_dot(self.grads, coeff)[:, 0].to(torch.float32)
         return self._gather_full(local).to(g.dtype).view_as(g)
@@ -134,22 +134,69 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
         local = (part - cols_dot(self.grads, c)[:, 0].to(torch.float32)) / self.damp
         return self._gather_full(local).to(x.dtype).view_as(x)
 
-    def _insert(self, g: torch.Tensor) -> int:
-        """Write this rank's slice of ``g`` into the next slot and update the replicated K."""
+    def push_gather(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Push the full ``g`` (d,) and return G x (m,) float64 under the updated window, for
+        the full x (d,): the products travel in the push's one all-reduce."""
+        flat = x.reshape(-1)
+        if flat.numel() != self.dim:
+            raise ValueError(f"x has {flat.numel()} entries, the window holds {self.dim}")
+        return self._insert(g, flat[self.lo : self.hi].to(torch.float32))[1]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """G x (m,) float64 for the full x (d,): local products, one all-reduce of m numbers."""
+        flat = x.reshape(-1)
+        if flat.numel() != self.dim:
+            raise ValueError(f"x has {flat.numel()} entries, the window holds {self.dim}")
+        part = flat[self.lo : self.hi].to(torch.float32)
+        gx = torch.zeros(self.window, dtype=F64, device=self.device)
+        if part.numel():
+            gx += rows_dot(self.grads, part.unsqueeze(1))[:, 0].to(F64)
+        dist.all_reduce(gx, group=self.group)
+        return gx
+
+    def scatter(
+        self,
+        coeff: torch.Tensor,
+        out: torch.Tensor | None = None,
+        plus: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """G^T c (d,) float32 for c (m,), plus ``plus``, into ``out`` when given: this rank's
+        columns, then one all-gather (every rank together)."""
+        if not isinstance(coeff, torch.Tensor) or coeff.numel() != self.window:
+            raise ValueError(f"coeff must be a tensor of {self.window} entries (one per row)")
+        c = coeff.reshape(-1, 1).to(device=self.device, dtype=torch.float32)
+        local = cols_dot(self.grads, c)[:, 0].to(torch.float32)
+        result = self._gather_full(local)
+        if plus is not None:
+            result = torch.add(plus.reshape(-1), result)
+        return result if out is None else out.view(-1).copy_(result)
+
+    def _insert(
+        self, g: torch.Tensor, part_x: torch.Tensor | None = None
+    ) -> tuple[int, torch.Tensor | None]:
+        """Write this rank's slice of ``g`` into the next slot and update the replicated K;
+        with ``part_x`` (this rank's slice of x, float32) also G x under the updated window.
+        Returns (slot, G x or None)."""
         flat = g.reshape(-1)
         if flat.numel() != self.dim:
             raise ValueError(f"gradient has {flat.numel()} entries, the window holds {self.dim}")
         part = flat[self.lo : self.hi]
         slot = self.factor.next_slot
         stored = part.to(self.grads.dtype)
-        # u_j = G_j . g for the old rows; entry `slot` becomes |g_stored|^2 below.
+        m = self.window
+        # u_j = G_j . g for the old rows; entry `slot` becomes |g_stored|^2 below. With x,
+        # u[m+3 : 2m+3] = G x (old rows) and u[2m+3] = g_stored . x ride in the same all-reduce.
         device = self.grads.device
-        u = torch.empty(self.window + 3, dtype=F64, device=device)
+        u = torch.zeros(m + 3 + (m + 1 if part_x is not None else 0), dtype=F64, device=device)
+        if part.numel() and part_x is None:
+            u[:m] = rows_dot(self.grads, stored.unsqueeze(1))[:, 0].to(F64)
+        elif part.numel():
+            wide = stored.to(torch.float32)
+            both = rows_dot(self.grads, torch.stack([wide, part_x], 1)).to(F64)
+            u[:m], u[m + 3 : 2 * m + 3] = both[:, 0], both[:, 1]
+            u[2 * m + 3] = float(torch.dot(wide, part_x))
         if part.numel():
-            u[: self.window] = rows_dot(self.grads, stored.unsqueeze(1))[:, 0].to(F64)
-            u[self.window] = float(stored.float().pow(2).sum()) if stored.numel() else 0.0
-        else:
-            u[: self.window + 1] = 0.0
+            u[m] = float(stored.float().pow(2).sum())
         # the whole gradient, not only this slice: gradients that differ across ranks (no DDP)
         # still make every rank raise together
         u[self.window + 1] = 0.0 if finite_fast(flat) else 1.0
@@ -175,7 +222,11 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
         except (RuntimeError, NonFiniteGradientError):
             self.grads[slot] = old
             raise
-        return slot
+        if part_x is None:
+            return slot, None
+        products = u[m + 3 : 2 * m + 3].clone()
+        products[slot] = u[2 * m + 3]
+        return slot, products
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard (by reference, as ``torch.optim`` returns its state), its bounds,

@@ -41,7 +41,7 @@ class SlidingInverseFisher(DenseRowsBacked):
         self,
         dim: int,
         window: int,
-        damp: float = 1e-5,
+        damp: float | None = 1e-5,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         *,
@@ -49,7 +49,8 @@ class SlidingInverseFisher(DenseRowsBacked):
     ) -> None:
         check_positive_int(dim, "dim")
         check_positive_int(window, "window")
-        check_damp(damp)
+        if damp is not None:
+            check_damp(damp)
         check_float_dtype(dtype, "dtype")
         device = torch.device(device) if device is not None else torch.device("cpu")
         check_fits(
@@ -75,7 +76,7 @@ class SlidingInverseFisher(DenseRowsBacked):
     @property
     def nbytes(self) -> int:
         """Bytes held: the window plus the two m x m float64 matrices (K and K^-1)."""
-        return self.grads.numel() * self.grads.element_size() + 2 * self.window**2 * 8
+        return self.grads.numel() * self.grads.element_size() + self.factor.nbytes
 
     # ------------------------------------------------------------------ updates
     def _check_grad(self, g: torch.Tensor) -> torch.Tensor:
@@ -92,17 +93,25 @@ class SlidingInverseFisher(DenseRowsBacked):
             raise ValueError(f"gradient is on device {g.device}, the window lives on {self.device}")
         return g.reshape(-1)
 
-    def _insert(self, flat: torch.Tensor) -> None:
+    def _insert(self, flat: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor | None:
         """Write ``flat`` into the next slot and update K and K^-1 (O(m^2)): one pass over G.
 
         u = G g is taken with the old row still in slot r, then u[r] is replaced by g.g, so
         nothing is written until every check has passed. g.g doubles as the NaN/Inf check
-        (a NaN or Inf entry makes it non-finite), which saves a separate pass over g.
+        (a NaN or Inf entry makes it non-finite), which saves a separate pass over g. With
+        ``x`` (float32 or float64, d), the same pass also reads G x; returns G x under the
+        updated window (float64), else None.
         """
         slot = self.next_slot
         with single_threaded(device=self.device):
             stored = flat.to(self.grads.dtype)
-        u = rows_dot(self.grads, stored.unsqueeze(1))[:, 0]  # the pass over G: all threads
+        if x is None:
+            u = rows_dot(self.grads, stored.unsqueeze(1))[:, 0]  # the pass over G: all threads
+            products = None
+        else:
+            acc = torch.float32 if self.grads.dtype != F64 else F64
+            both = rows_dot(self.grads, torch.stack([stored.to(acc), x.to(acc)], 1)).to(F64)
+            u, products = both[:, 0], both[:, 1]
         with single_threaded(device=self.device):
             u = u.to(F64)
             wide = stored.to(torch.float32 if stored.dtype != F64 else F64)
@@ -120,10 +129,42 @@ class SlidingInverseFisher(DenseRowsBacked):
         self.factor.commit(u)  # K's row/column and K^-1; raises with both restored
         with single_threaded(device=self.device):
             self.grads[slot] = stored
+            if products is not None:  # the pass read the slot's old row
+                products[slot] = float(torch.dot(wide, x.to(wide.dtype)))
+        return products
 
     def push(self, g: torch.Tensor) -> None:
         """Add a gradient to the window, replacing the oldest one when the window is full."""
         self._insert(self._check_grad(g))
+
+    def push_gather(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Push ``g`` and return G x (m,) float64 under the updated window, from the same pass
+        over G: for rules that apply their own function of the window's spectrum."""
+        flat = self._check_grad(g)
+        return self._insert(flat, self._check_grad(x))
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """G x (m,) float64 for x of shape (d,): one pass over G."""
+        xf = self._check_grad(x)
+        wide = torch.float32 if self.grads.dtype != F64 else F64
+        return rows_dot(self.grads, xf.to(wide).unsqueeze(1))[:, 0].to(F64)
+
+    def scatter(
+        self,
+        coeff: torch.Tensor,
+        out: torch.Tensor | None = None,
+        plus: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """G^T c (d,) for c of shape (m,) (float32, float64 for a float64 window), plus
+        ``plus`` when given, written into ``out`` when given: one pass over G."""
+        if not isinstance(coeff, torch.Tensor) or coeff.numel() != self.window:
+            raise ValueError(f"coeff must be a tensor of {self.window} entries (one per row)")
+        wide = torch.float32 if self.grads.dtype != F64 else F64
+        result = cols_dot(self.grads, coeff.reshape(-1, 1).to(device=self.device, dtype=wide))
+        result = result[:, 0]
+        if plus is not None:
+            result = torch.add(plus.reshape(-1), result)
+        return result if out is None else out.view(-1).copy_(result)
 
     # ------------------------------------------------------------------ products
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:

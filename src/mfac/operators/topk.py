@@ -179,7 +179,7 @@ class TopKSlidingInverseFisher(FactorBacked):
         dim: int,
         window: int,
         k: int,
-        damp: float = 1e-5,
+        damp: float | None = 1e-5,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         *,
@@ -302,7 +302,7 @@ class TopKSlidingInverseFisher(FactorBacked):
         vectors = 1 + (getattr(self, "_spare", None) is not None)
         vectors += getattr(self, "_row", None) is not None
         vectors += getattr(self, "_out", None) is not None
-        return self.window_nbytes + vectors * self.dim * 4 + 2 * self.window**2 * 8
+        return self.window_nbytes + vectors * self.dim * 4 + self.factor.nbytes
 
     # ------------------------------------------------------------------ sparse passes
     def _chunk_rows(self) -> int:
@@ -434,7 +434,7 @@ class TopKSlidingInverseFisher(FactorBacked):
     def push_gather(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Error-feedback compress ``g`` into the window and return G x (float64, (m,)) under
         the updated window: on the C path one sweep serves the new row's products and G x
-        (for rules that do their own m x m algebra: ``MFAC``'s default rule)."""
+        (for rules that apply their own function of the window's spectrum)."""
         flat = self._check_grad(g)
         xf = self._check_grad(x).to(torch.float32).contiguous()
         return self._insert(flat, xf)[1]
@@ -470,8 +470,7 @@ class TopKSlidingInverseFisher(FactorBacked):
         return ((xf - self._scatter(c)) / self.damp).to(x.dtype).view_as(x)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """G x (m,) float64 for x of shape (d,): the window's gather, public for rules that do
-        their own m x m algebra on the stored rows (``MFAC``'s default rule on a top-k window)."""
+        """G x (m,) float64 for x of shape (d,): the window's gather."""
         return self._gather(self._check_grad(x).to(torch.float32).contiguous())
 
     def scatter(
@@ -480,8 +479,8 @@ class TopKSlidingInverseFisher(FactorBacked):
         out: torch.Tensor | None = None,
         plus: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """G^T c (d,) float32 for c of shape (m,): the window's scatter-add, public as
-        :meth:`gather` is; plus ``plus`` when given (on the C path added per tile, with no
+        """G^T c (d,) float32 for c of shape (m,): the window's scatter-add; plus ``plus`` when
+        given (on the C path added per tile, with no
         extra pass over d); written into ``out`` when given. ``out`` and ``plus`` are
         contiguous float32 d-vectors on the window's device."""
         if not isinstance(coeff, torch.Tensor) or coeff.numel() != self.window:

@@ -1,11 +1,17 @@
-"""The contract every sliding-window inverse-Fisher operator satisfies (docs/algorithms.md,
-section 3).
+"""The contract every sliding-window operator satisfies (docs/algorithms.md, section 3), and the
+one place a window is built from its settings.
 
-Three layouts implement it: the dense window (:class:`mfac.operators.sliding.SlidingInverseFisher`),
-the error-feedback top-k window (:class:`mfac.operators.topk.TopKSlidingInverseFisher`) and the
-window sharded by coordinates over a process group
-(:class:`mfac.operators.sharded.ShardedSlidingInverseFisher`). The optimizer only talks to this
-protocol, so a new layout is one class with these members.
+Three layouts implement it: dense rows (:class:`mfac.operators.sliding.SlidingInverseFisher`,
+float32 / bfloat16 / float16 storage), error-feedback top-k rows
+(:class:`mfac.operators.topk.TopKSlidingInverseFisher`) and dense rows sharded by coordinates
+over a process group (:class:`mfac.operators.sharded.ShardedSlidingInverseFisher`). Both
+optimizer rules talk to this protocol only, so every layout serves both, and a new layout is
+one class with these members.
+
+A window is *damped* (``damp`` a number: it keeps K = m*damp*I + G G^T and K^-1, and applies
+F^-1 for F = damp*I + G^T G / m) or *undamped* (``damp=None``: it keeps G G^T alone, for a rule
+that applies its own function of the window's spectrum through ``push_gather``, ``gram`` and
+``scatter``).
 """
 
 from __future__ import annotations
@@ -15,14 +21,22 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .sharded import ShardedSlidingInverseFisher
+from .sliding import SlidingInverseFisher
+from .topk import TopKSlidingInverseFisher
+
+LAYOUTS = ("dense", "topk")
+
 
 @runtime_checkable
 class SlidingWindow(Protocol):
-    """F^-1 for F = damp*I + G^T G / m over a ring of the last m gradients of dimension d.
+    """A ring of the last m gradients G (m x d) and K, its m x m float64 Gram matrix.
 
-    ``push_ihvp(g)`` is the optimizer's step: push g (as stored: rounded, compressed) and return
-    F^-1 of it under the updated window. ``check_state`` validates a saved state without
-    touching the live one, so that a caller can check everything before loading anything;
+    ``push_ihvp(g)`` is the paper's step: push g (as stored: rounded, compressed) and return
+    F^-1 of it under the updated window. ``push_gather(g, x)`` pushes g and returns G x from the
+    same pass; with ``gram`` and ``scatter`` (G^T c) it lets a rule apply any function of the
+    window's spectrum in two passes. ``check_state`` validates a saved state without touching
+    the live one, so that a caller can check everything before loading anything;
     ``load_state_dict`` is all-or-nothing on its own.
     """
 
@@ -30,8 +44,13 @@ class SlidingWindow(Protocol):
     window: int
 
     @property
-    def damp(self) -> float:
-        """The absolute damping lambda."""
+    def damp(self) -> float | None:
+        """The absolute damping lambda; None for an undamped window."""
+        ...
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """K = m*damp*I + G G^T (float64, m x m); G G^T in an undamped window."""
         ...
 
     @property
@@ -50,6 +69,11 @@ class SlidingWindow(Protocol):
         ...
 
     @property
+    def filled(self) -> int:
+        """Slots holding a gradient: min(num_pushed, window)."""
+        ...
+
+    @property
     def next_slot(self) -> int:
         """The ring slot the next gradient goes to."""
         ...
@@ -64,15 +88,32 @@ class SlidingWindow(Protocol):
         ...
 
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
-        """Push ``g`` and return F^-1 g_stored under the updated window (shape of g)."""
+        """Push ``g`` and return F^-1 g_stored under the updated window (damped windows)."""
+        ...
+
+    def push_gather(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Push ``g`` and return G x (m,) float64 under the updated window."""
+        ...
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """G x (m,) float64 for x (d,)."""
+        ...
+
+    def scatter(
+        self,
+        coeff: torch.Tensor,
+        out: torch.Tensor | None = None,
+        plus: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """G^T c (d,) for c (m,), plus ``plus`` when given, written into ``out`` when given."""
         ...
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
-        """F^-1 x for a vector x (d,) under the current window."""
+        """F^-1 x for a vector x (d,) under the current window (damped windows)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-identically (cloned)."""
+        """Everything needed to resume bit-identically."""
         ...
 
     def check_state(self, state: Mapping[str, Any]) -> None:
@@ -84,4 +125,56 @@ class SlidingWindow(Protocol):
         ...
 
 
-__all__ = ["SlidingWindow"]
+def window_bytes(
+    dim: int,
+    window: int,
+    *,
+    layout: str = "dense",
+    dtype: torch.dtype = torch.float32,
+    topk: int | None = None,
+    world: int = 1,
+    device: torch.device | str | None = None,
+) -> int:
+    """Peak bytes :func:`make_window` with these settings allocates (on this rank)."""
+    if layout == "topk":
+        if topk is None:
+            raise ValueError("layout='topk' needs topk (entries kept per row)")
+        return TopKSlidingInverseFisher.required_bytes(dim, window, topk, dtype, device)
+    if world > 1:
+        return ShardedSlidingInverseFisher.required_bytes(dim, window, world, dtype)
+    return SlidingInverseFisher.required_bytes(dim, window, dtype)
+
+
+def make_window(
+    dim: int,
+    window: int,
+    damp: float | None,
+    *,
+    layout: str = "dense",
+    dtype: torch.dtype = torch.float32,
+    topk: int | None = None,
+    process_group: Any = None,
+    device: torch.device | str | None = None,
+    memory_budget: int | None = None,
+) -> SlidingWindow:
+    """A window of ``window`` rows over ``dim`` coordinates: dense rows in ``dtype``
+    (``layout="dense"``; sharded by columns over ``process_group`` when one is given) or
+    error-feedback top-k rows of ``topk`` entries (``layout="topk"``)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "topk":
+        if process_group is not None:
+            raise NotImplementedError("a top-k window cannot be sharded over a process group")
+        if topk is None:
+            raise ValueError("layout='topk' needs topk (entries kept per row)")
+        return TopKSlidingInverseFisher(
+            dim, window, topk, damp, dtype, device, memory_budget=memory_budget
+        )
+    if process_group is not None:
+        return ShardedSlidingInverseFisher(
+            dim, window, damp, dtype, process_group, device=device, memory_budget=memory_budget
+        )
+    return SlidingInverseFisher(dim, window, damp, dtype, device, memory_budget=memory_budget)
+
+
+__all__ = ["LAYOUTS", "SlidingWindow", "make_window", "window_bytes"]

@@ -1,26 +1,29 @@
-"""The M-FAC optimizer. ``MFAC(params, lr)`` builds the default rule (``mode="adam"``,
-:class:`ScaledMFAC`: per-tensor windows of Adam-whitened gradients, AdamW's step length);
-``MFAC(..., mode="paper")`` builds the paper's step (:class:`PaperMFAC`: dense, error-feedback
-top-k, or sharded over torch.distributed). docs/optim_transformers.md has the study.
+"""The M-FAC optimizers, one class per rule, as torch.optim does them.
 
-The windows live in :mod:`mfac.operators` (they satisfy :class:`mfac.operators.SlidingWindow`);
-they are re-exported here for the import paths of earlier versions."""
+- :class:`MFAC` (``mfac.MFAC(params, lr)``), the default: AdamW's direction preconditioned by
+  a sliding window's inverse Fisher of Adam-whitened gradients, with damping relative to the
+  window's scale, grafted to AdamW's step length (docs/optim_transformers.md has the study).
+- :class:`MFACSGD`, the paper's step: SGD preconditioned by (damp I + G^T G / m)^-1 over one
+  window of the last m raw gradients.
 
-from ..operators.gram import GramFactor
-from ..operators.sharded import ShardedSlidingInverseFisher
-from ..operators.topk import TopKSlidingInverseFisher
-from .base import MFAC
-from .functional import GradientScaling, mfac_step
-from .mfac import PaperMFAC
-from .scaled import ScaledMFAC
+Both keep their windows, from :mod:`mfac.operators.window` (dense, bfloat16, top-k, sharded),
+in ``self.state`` through :class:`mfac.optim.base.WindowOptimizer`, and validate their options
+through one typed config each (:mod:`mfac.optim.config`).
+"""
+
+from .base import WindowOptimizer
+from .config import MFACConfig, MFACSGDConfig
+from .functional import GradientScaling, mfac_step, window_coeffs
+from .mfac import MFAC
+from .sgd import MFACSGD
 
 __all__ = [
     "MFAC",
+    "MFACSGD",
     "GradientScaling",
-    "GramFactor",
-    "PaperMFAC",
-    "ScaledMFAC",
-    "ShardedSlidingInverseFisher",
-    "TopKSlidingInverseFisher",
+    "MFACConfig",
+    "MFACSGDConfig",
+    "WindowOptimizer",
     "mfac_step",
+    "window_coeffs",
 ]

@@ -1,103 +1,435 @@
-"""``mfac.MFAC``, the optimizer's one entry point, and the two step rules it chooses between.
+"""What both optimizer rules share: the parameters' flat layout, the windows, and the state
+kept where ``torch.optim`` keeps it.
 
-``MFAC(params, lr)`` builds the rule that trains transformers at AdamW's learning rates
-(``mode="adam"``, :class:`mfac.optim.scaled.ScaledMFAC`): AdamW's moments, each parameter
-tensor's own sliding window of Adam-whitened gradients with damping relative to the window's
-scale, the M-FAC inverse of that window applied to AdamW's direction, and the result grafted to
-AdamW's step length. docs/optim_transformers.md has the study that chose it.
+A rule subclasses :class:`WindowOptimizer` and supplies its options (a :mod:`mfac.optim.config`
+dataclass), the per-parameter tensors it keeps, how many bytes it needs, and ``step``. The
+base class does the rest, the same way for both rules:
 
-``MFAC(params, lr, mode="paper")`` builds the paper's exact step
-(:class:`mfac.optim.mfac.PaperMFAC`): SGD preconditioned by (damp I + G^T G / m)^-1 over one
-window of the last m raw gradients, with absolute damping; the dense, error-feedback top-k and
-sharded windows all serve it.
+- Layout: every parameter that requires grad, group after group; with masks (the paper's rule)
+  only the surviving coordinates. ``window_scope="tensor"`` gives each parameter its own
+  window, ``"model"`` one window over the whole flat vector.
+- State: ``self.state[p]`` holds each parameter's tensors (Adam's moments, momentum, its mask)
+  and, with per-tensor windows, its window; the model's window and the step count sit with the
+  first trainable parameter (as torch's LBFGS keeps its history). ``state_dict()`` replaces
+  every window by the window's own state dict.
+- ``load_state_dict`` checks every field (group options, per-parameter tensors, each window
+  against its rows) before anything changes, then installs copies: resuming is bit-identical
+  and a refused load leaves the optimizer exactly as it was.
+- ``add_param_group`` keeps every existing parameter's state and per-tensor windows; a
+  model-wide window restarts empty (its coordinates changed).
 
-Both are subclasses of :class:`MFAC`, which only dispatches (as ``pathlib.Path`` does), so
-``isinstance(opt, mfac.MFAC)`` holds for either.
+The windows are the operators' (:func:`mfac.operators.window.make_window`): this package keeps
+no ring, Gram matrix or factor of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-MODES = ("adam", "paper")
+from .._validation import NonFiniteGradientError
+from ..operators.memory import check_fits
+from ..operators.topk import finite_fast, resolve_k
+from ..operators.window import SlidingWindow, make_window
+from .config import WindowConfig, check_group_option
+from .functional import Segment
 
-def paper_only_options() -> tuple[str, ...]:
-    """Options of the paper's step that the default rule has no counterpart for: read off the
-    two classes' signatures, so the list cannot drift from them."""
-    import inspect
-
-    from .mfac import PaperMFAC
-    from .scaled import ScaledMFAC
-
-    paper = inspect.signature(PaperMFAC.__init__).parameters
-    adam = inspect.signature(ScaledMFAC.__init__).parameters
-    return tuple(name for name in paper if name not in adam)
+Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
-def _check_mode(mode: Any) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
+@dataclass
+class Plan:
+    """A laid-out set of parameters and its (empty) windows; building one changes nothing."""
+
+    params: list[torch.Tensor]
+    groups: list[int]
+    segments: list[Segment]
+    dim: int
+    device: torch.device
+    dtype: torch.dtype
+    windows: list[SlidingWindow]
 
 
-class MFAC(torch.optim.Optimizer):
-    """The M-FAC optimizer: a ``torch.optim.Optimizer`` preconditioned by the inverse of a
-    damped empirical Fisher over a sliding window of recent gradients.
+class WindowOptimizer(torch.optim.Optimizer):
+    """Base of :class:`mfac.MFAC` and :class:`mfac.MFACSGD` (see the module docstring)."""
 
-    Args:
-        params: parameters or parameter groups (dicts with ``params``, ``lr`` and
-            ``weight_decay``; ``momentum`` too with ``mode="paper"``).
-        lr: learning rate. With the default mode, AdamW's scale (1e-3 from scratch, 1e-5 to
-            1e-4 for fine-tuning).
-        mode: ``"adam"`` (default): per-tensor windows of Adam-whitened gradients, grafted to
-            AdamW's step length; options ``ngrads`` (window per tensor, default 32), ``damp``
-            (relative to the window's mean eigenvalue, default 1), ``betas``, ``eps``,
-            ``weight_decay`` (decoupled), ``graft``, ``power``, ``whiten``, ``blocks``,
-            ``history_dtype`` (float32 or bfloat16), ``history`` ("dense", or "topk": one
-            error-feedback top-k window over the model, with ``blocks="global"``), ``topk``,
-            ``memory_budget``; see :class:`mfac.optim.scaled.ScaledMFAC`.
-            ``"paper"``: the paper's step; options ``ngrads`` (default 1024), ``damp``
-            (absolute, default 1e-5), ``momentum``, ``weight_decay``,
-            ``decoupled_weight_decay``, ``history_dtype``, ``history`` ("dense" or "topk"),
-            ``topk``, ``process_group``, ``memory_budget``, ``gradient_scaling``; see
-            :class:`mfac.optim.mfac.PaperMFAC`.
+    #: Per-group numeric options, checked at construction and at every step.
+    group_options: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
+    #: Per-parameter tensors a rule keeps in ``self.state[p]`` (besides ``window``).
+    param_tensors: ClassVar[tuple[str, ...]] = ()
+    #: A rule's own fields in the first parameter's state entry (besides ``step``).
+    anchor_fields: ClassVar[tuple[str, ...]] = ()
+    #: Whether the rule restricts itself to masked coordinates.
+    supports_masks: ClassVar[bool] = False
 
-    With ``mode="adam"`` every option after ``lr`` is passed by keyword, and an option only the
-    paper's step has is refused with an error naming it, before anything is built.
-    """
+    cfg: WindowConfig
 
-    def __new__(
-        cls,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
-        lr: float = 1e-3,
-        *args: Any,
-        mode: str = "adam",
-        **options: Any,
-    ) -> MFAC:
-        if cls is not MFAC:  # a rule's own class, or unpickling: no dispatch
-            return super().__new__(cls)
-        if _check_mode(mode) == "paper":
-            from .mfac import PaperMFAC
+    def __init__(self, params: Params, defaults: dict[str, Any], cfg: WindowConfig) -> None:
+        self.cfg = cfg
+        self._ready = False
+        super().__init__(params, defaults)
+        masks: dict[torch.Tensor, torch.Tensor] = {}
+        if self.supports_masks:
+            for p in self._all_params():
+                mask = getattr(p, "mask", None)
+                if isinstance(mask, torch.Tensor):
+                    masks[p] = self._check_mask(p, mask)
+        self._install(self._plan(masks), masks, keep=False)
+        self._ready = True
 
-            return super().__new__(PaperMFAC)
-        if args:
-            raise TypeError(
-                "MFAC(mode='adam') takes its options after lr by keyword (e.g. ngrads=32); "
-                "positional options belong to mode='paper'"
+    # ------------------------------------------------------------------ options
+    @property
+    def window_scope(self) -> str:
+        """``"tensor"`` (one window per parameter) or ``"model"`` (one window)."""
+        return getattr(self.cfg, "window_scope", "model")
+
+    def _window_damp(self) -> float | None:
+        """The damping the rule's windows keep (None: undamped, the rule does the algebra)."""
+        return None
+
+    def required_bytes(self, sizes: list[int]) -> int:
+        """Bytes a step needs for parameters of these sizes (windows, state, temporaries)."""
+        raise NotImplementedError
+
+    def _check_groups(self) -> list[dict[str, float]]:
+        """Every group's options, checked (a scheduler or a user may have changed them)."""
+        return [
+            {
+                k: check_group_option(group[k], f"param_groups[{gi}][{k!r}]", k)
+                for k in self.group_options
+            }
+            for gi, group in enumerate(self.param_groups)
+        ]
+
+    # ------------------------------------------------------------------ layout
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @staticmethod
+    def _check_mask(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != tuple(p.shape):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, parameter {tuple(p.shape)}")
+        return (mask != 0).to(device=p.device)
+
+    def _current_masks(self) -> dict[torch.Tensor, torch.Tensor]:
+        return {p: s["mask"] for p, s in self.state.items() if "mask" in s}
+
+    def _plan(
+        self,
+        masks: Mapping[torch.Tensor, torch.Tensor],
+        keep: Mapping[torch.Tensor, SlidingWindow] | None = None,
+    ) -> Plan:
+        """Lay out the trainable parameters and build their windows (per-tensor windows in
+        ``keep`` are reused); checks the memory first and changes nothing."""
+        params, groups, segments, dtypes = [], [], [], set()
+        offset = 0
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                dtypes.add(p.dtype)
+                mask = masks.get(p)
+                index = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+                size = p.numel() if index is None else index.numel()
+                params.append(p)
+                groups.append(gi)
+                segments.append(Segment(offset, size, index))
+                offset += size
+        name = type(self).__name__
+        if offset == 0:
+            raise ValueError(f"{name} got no trainable coordinates (no parameter requires grad)")
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"all parameters must live on one device, got {sorted(map(str, devices))}"
             )
-        given = [key for key in options if key in paper_only_options()]
-        if given:
-            hint = " (mode='adam' takes betas=(b1, b2) instead)" if given[0] == "momentum" else ""
-            raise TypeError(
-                f"MFAC: {given[0]!r} is an option of mode='paper' (the paper's step on raw "
-                f"gradients), not of the default mode='adam'; pass mode='paper' to use it{hint}"
+        device = devices.pop()
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        sizes = [s.size for s in segments]
+        cfg = self.cfg
+        check_fits(
+            self.required_bytes(sizes),
+            f"{name} over {offset} coordinates in {len(sizes)} tensors with "
+            f"{self._describe_windows(offset)} (windows, their float64 m x m matrices, the "
+            "rule's state and the step's buffers)",
+            cfg.memory_budget,
+            device,
+            hint="use a smaller window (ngrads), window_dtype=torch.bfloat16, or one top-k "
+            "window (window_scope='model', layout='topk', a small topk)",
+        )
+        keep = keep or {}
+        if self.window_scope == "model":
+            windows = [self._make_window(offset, device)]
+        else:
+            windows = [
+                keep[p] if p in keep else self._make_window(s.size, device)
+                for p, s in zip(params, segments, strict=True)
+            ]
+        return Plan(params, groups, segments, offset, device, dtype, windows)
+
+    def _describe_windows(self, dim: int) -> str:
+        cfg = self.cfg
+        if cfg.layout == "topk":
+            return f"one top-k window of {cfg.ngrads} rows x {resolve_k(cfg.topk, dim)} entries"
+        return f"{self.window_scope}-wide windows of {cfg.ngrads} gradients"
+
+    def _make_window(self, dim: int, device: torch.device) -> SlidingWindow:
+        cfg = self.cfg
+        return make_window(
+            dim,
+            cfg.ngrads,
+            self._window_damp(),
+            layout=cfg.layout,
+            dtype=cfg.window_dtype,
+            topk=resolve_k(cfg.topk, dim) if cfg.layout == "topk" else None,
+            process_group=cfg.process_group,
+            device=device,
+            memory_budget=cfg.memory_budget,
+        )
+
+    def _holders(self, plan: Plan | None = None) -> list[torch.Tensor]:
+        """The parameters whose state entry holds a window, in window order."""
+        plan = plan or self._layout
+        return plan.params[:1] if self.window_scope == "model" else list(plan.params)
+
+    def _install(
+        self, plan: Plan, masks: Mapping[torch.Tensor, torch.Tensor], keep: bool
+    ) -> None:
+        """Adopt a plan: its windows go into the state; with ``keep`` every parameter's
+        tensors and the step count stay, else the state starts empty. Masked entries are
+        zeroed."""
+        old = {p: dict(s) for p, s in self.state.items()}
+        step = 0
+        if keep and hasattr(self, "_layout"):
+            step = old.get(self._layout.params[0], {}).get("step", 0)
+        self._layout = plan
+        self.state.clear()
+        for p in plan.params:
+            entry = self.state[p]
+            if keep:
+                entry.update({k: v for k, v in old.get(p, {}).items() if k in self.param_tensors})
+            if p in masks:
+                entry["mask"] = masks[p]
+                with torch.no_grad():
+                    p.masked_fill_(~masks[p], 0.0)
+        for p, window in zip(self._holders(plan), plan.windows, strict=True):
+            self.state[p]["window"] = window
+        self.state[plan.params[0]]["step"] = step
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (options checked first). Existing parameters keep their state and
+        per-tensor windows; a model-wide window restarts empty, since its coordinates change."""
+        checked = dict(param_group)
+        for key in self.group_options:
+            if key in checked:
+                checked[key] = check_group_option(checked[key], key)
+        if not getattr(self, "_ready", False):
+            super().add_param_group(checked)
+            return
+        old_groups = list(self.param_groups)
+        super().add_param_group(checked)  # torch's own checks (duplicates, types)
+        try:
+            masks = self._current_masks()
+            keep = dict(zip(self._holders(), self.windows, strict=True))
+            plan = self._plan(masks, keep if self.window_scope == "tensor" else None)
+        except BaseException:
+            self.param_groups[:] = old_groups
+            raise
+        self._install(plan, masks, keep=True)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def windows(self) -> list[SlidingWindow]:
+        """The sliding windows (one per parameter, or one for the model)."""
+        return [self.state[p]["window"] for p in self._holders()]
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (a step in which no parameter had a gradient does not count)."""
+        return int(self.state[self._layout.params[0]]["step"])
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of state held between steps: windows (with their m x m matrices and any
+        error feedback) and the per-parameter tensors."""
+        held = sum(int(w.nbytes) for w in self.windows)
+        for s in self.state.values():
+            for key in self.param_tensors:
+                t = s.get(key)
+                if isinstance(t, torch.Tensor):
+                    held += t.numel() * t.element_size()
+        return held
+
+    def _count_step(self) -> None:
+        self.state[self._layout.params[0]]["step"] += 1
+
+    def _check_finite(self, params: list[torch.Tensor]) -> None:
+        """Refuse NaN/Inf in any gradient, naming the parameter, before anything changes."""
+        for i, p in enumerate(params):
+            if p.grad is not None and not finite_fast(p.grad):
+                raise NonFiniteGradientError(
+                    f"{type(self).__name__}.step: the gradient of parameter #{i} (shape "
+                    f"{tuple(p.shape)}) contains NaN or Inf; nothing was changed"
+                )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict, every window replaced by its own state dict."""
+        sd = super().state_dict()
+        sd["state"] = {
+            index: {**entry, "window": entry["window"].state_dict()}
+            if "window" in entry
+            else entry
+            for index, entry in sd["state"].items()
+        }
+        return sd
+
+    def _check_state_dict(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """Check every field of a saved state against this optimizer; return what to install.
+        Raises naming the field; changes nothing (a new layout's windows are built, unused,
+        when the saved masks differ from the current ones)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise KeyError(f"state_dict is missing the field {key!r}")
+        saved_groups = state_dict["param_groups"]
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            n = len(saved_groups) if isinstance(saved_groups, list) else saved_groups
+            raise ValueError(
+                f"param_groups: state has {n} parameter groups, this optimizer "
+                f"{len(self.param_groups)}"
             )
-        from .scaled import ScaledMFAC
+        ids = []
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if not isinstance(saved, Mapping) or "params" not in saved:
+                raise ValueError(f"param_groups[{gi}] is not a parameter group")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param_groups[{gi}]['params']: state has {len(saved['params'])} parameters, "
+                    f"this optimizer {len(group['params'])}"
+                )
+            for key in self.group_options:
+                if key not in saved:
+                    raise KeyError(f"state is missing the field param_groups[{gi}][{key!r}]")
+                check_group_option(saved[key], f"param_groups[{gi}][{key!r}]", key)
+            ids.extend(saved["params"])
+        by_id = dict(zip(ids, self._all_params(), strict=True))
+        saved_state = state_dict["state"]
+        if not isinstance(saved_state, Mapping):
+            raise TypeError("state_dict['state'] must be a mapping")
+        masks: dict[torch.Tensor, torch.Tensor] = {}
+        for pid, entry in saved_state.items():
+            if pid not in by_id:
+                raise ValueError(f"state[{pid!r}] names no parameter of this optimizer")
+            if not isinstance(entry, Mapping):
+                raise TypeError(f"state[{pid!r}] must be a mapping")
+            if "mask" in entry:
+                p, mask = by_id[pid], entry["mask"]
+                if not self.supports_masks:
+                    raise ValueError(f"state[{pid!r}] has a mask; {type(self).__name__} has none")
+                if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                    raise TypeError(f"state[{pid!r}]['mask'] must be a bool tensor")
+                if tuple(mask.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"state[{pid!r}]['mask'] has shape {tuple(mask.shape)}, the parameter "
+                        f"{tuple(p.shape)}"
+                    )
+                masks[p] = mask.to(p.device)
+        current = self._current_masks()
+        same_layout = {id(p) for p in masks} == {id(p) for p in current} and all(
+            torch.equal(masks[p], current[p]) for p in masks
+        )
+        plan = self._layout if same_layout else self._plan(masks)
+        holders = {id(p): w for p, w in zip(self._holders(plan), plan.windows, strict=True)}
+        pid_of = {id(p): pid for pid, p in by_id.items()}
+        anchor = pid_of[id(plan.params[0])]
+        tensors: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        windows: list[tuple[SlidingWindow, Mapping[str, Any]]] = []
+        for pid, entry in saved_state.items():
+            p = by_id[pid]
+            allowed = (*self.param_tensors, "mask")
+            allowed += ("window",) if id(p) in holders else ()
+            allowed += ("step", *self.anchor_fields) if pid == anchor else ()
+            for key in entry:
+                if key not in allowed:
+                    raise ValueError(f"state[{pid!r}] has an unexpected field {key!r}")
+            for key in self.param_tensors:
+                if key in entry:
+                    self._check_param_tensor(entry[key], p, f"state[{pid!r}][{key!r}]", plan)
+                    tensors.setdefault(p, {})[key] = entry[key]
+        for p in self._holders(plan):
+            pid = pid_of[id(p)]
+            entry = saved_state.get(pid, {})
+            if "window" not in entry:
+                raise KeyError(f"state is missing the field state[{pid!r}]['window']")
+            window = holders[id(p)]
+            try:
+                window.check_state(entry["window"])
+            except (KeyError, ValueError, TypeError) as exc:
+                msg = exc.args[0] if exc.args else str(exc)
+                raise type(exc)(f"state[{pid!r}]['window']: {msg}") from None
+            windows.append((window, entry["window"]))
+        step = saved_state.get(anchor, {}).get("step")
+        if isinstance(step, torch.Tensor) and step.numel() == 1:
+            step = step.item()
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state[{anchor!r}]['step'] must be an int >= 0, got {step!r}")
+        return {
+            "plan": plan,
+            "masks": masks,
+            "tensors": tensors,
+            "windows": windows,
+            "step": step,
+            "extra": saved_state.get(anchor, {}),
+        }
 
-        return super().__new__(ScaledMFAC)
+    def _check_param_tensor(self, t: Any, p: torch.Tensor, field: str, plan: Plan) -> None:
+        """A saved per-parameter tensor must be finite, of the parameter's shape and of the
+        dtype this rule keeps (:meth:`_state_dtype`)."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{field} must be a tensor")
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"{field} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
+        dtype = self._state_dtype(plan)
+        if t.dtype != dtype:
+            raise TypeError(f"{field} has dtype {t.dtype}, this optimizer keeps {dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{field} contains NaN or Inf")
+
+    def _state_dtype(self, plan: Plan) -> torch.dtype:
+        """The dtype of the per-parameter tensors this rule keeps."""
+        return torch.float32
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (same parameters and options). All-or-nothing:
+        every field is checked first, and a refusal raises one error naming the field with
+        the optimizer unchanged. Tensors are copied: the given state is never written to."""
+        todo = self._check_state_dict(state_dict)
+        self._load_extra_check(todo["extra"])
+        super().load_state_dict({**state_dict, "state": {}})  # groups' options, torch's hooks
+        plan = todo["plan"]
+        self._install(plan, todo["masks"], keep=False)
+        for p, mask in todo["masks"].items():
+            self.state[p]["mask"] = mask.clone()
+        for window, saved in todo["windows"]:
+            window.load_state_dict(saved)
+        for p, entries in todo["tensors"].items():
+            for key, t in entries.items():
+                self.state[p][key] = t.to(device=p.device, copy=True)
+        self.state[plan.params[0]]["step"] = todo["step"]
+        self._load_extra(todo["extra"])
+
+    def _load_extra_check(self, entry: Mapping[str, Any]) -> None:
+        """Check a rule's own fields of the first parameter's saved entry (none by default)."""
+
+    def _load_extra(self, entry: Mapping[str, Any]) -> None:
+        """Install a rule's own fields of the first parameter's saved entry."""
 
 
-__all__ = ["MFAC", "MODES", "paper_only_options"]
+__all__ = ["Plan", "WindowOptimizer"]

@@ -1,10 +1,11 @@
-"""The M-FAC step as a function (docs/algorithms.md section 3), apart from the optimizer's
+"""The rules' maths as functions (docs/algorithms.md section 3), apart from the optimizers'
 bookkeeping.
 
-:func:`mfac_step` mirrors torch.optim's functional cores (``torch.optim.sgd.sgd``): it takes
-the parameters, their gradients and momentum buffers as lists and a sliding window, and
-updates them in place. The class :class:`mfac.optim.MFAC` only lays the parameters out, keeps
-the state and checks the options.
+:func:`mfac_step` is the paper's step and mirrors torch.optim's functional cores
+(``torch.optim.sgd.sgd``): it takes the parameters, their gradients and momentum buffers as
+lists and a sliding window, and updates them in place; :class:`mfac.MFACSGD` only lays the
+parameters out, keeps the state and checks the options. :func:`window_coeffs` is the m x m
+spectral function :class:`mfac.MFAC` applies to its windows.
 
 Extension point: ``gradient_scaling`` (any object with ``before_push`` and ``after_ihvp``)
 turns the step into D (lambda*I + G~^T G~ / m)^-1 D g with G~ the window of D-scaled gradients
@@ -23,6 +24,8 @@ import torch
 
 from .._validation import NonFiniteGradientError
 from ..operators.window import SlidingWindow
+
+F64 = torch.float64
 
 
 @runtime_checkable
@@ -157,4 +160,27 @@ def mfac_step(
     return True
 
 
-__all__ = ["GradientScaling", "Segment", "gather_gradients", "mfac_step"]
+def window_coeffs(
+    grams: torch.Tensor, filled: Sequence[int], damp: float, power: float
+) -> tuple[torch.Tensor, list[float]]:
+    """For a batch of K = Z Z^T / m (B x m x m, float64) return (W, lam) with
+    lam = damp * tr(K) / filled and W = V diag(h(L)) V^T / m, where K = V L V^T and
+    h(L) = ((1 + L/lam)^-power - 1) / L, so that (I + Z^T Z / (m lam))^-power x = x + Z^T W Z x.
+    h is evaluated in a closed form that stays exact as L -> 0 (rank-deficient windows need no
+    special case); a block with lam = 0 (an all-zero window) gets W = 0. One batched eigh."""
+    m = grams.shape[-1]
+    counts = torch.tensor([max(f, 1) for f in filled], dtype=F64, device=grams.device)
+    lam = damp * torch.diagonal(grams, dim1=-2, dim2=-1).sum(-1) / counts
+    safe = torch.where(lam > 0.0, lam, torch.ones_like(lam))[:, None]
+    evals, evecs = torch.linalg.eigh(grams)
+    evals = evals.clamp_min(0.0)
+    if power == 1.0:
+        h = -1.0 / (safe + evals)
+    else:  # ((1+t)^-1/2 - 1) / (lam t) = -1 / (lam sqrt(1+t) (1 + sqrt(1+t)))
+        r = torch.sqrt(1.0 + evals / safe)
+        h = -1.0 / (safe * r * (1.0 + r))
+    h = torch.where(lam[:, None] > 0.0, h, torch.zeros_like(h))
+    return (evecs * h[:, None, :]) @ evecs.transpose(-1, -2) / m, lam.tolist()
+
+
+__all__ = ["GradientScaling", "Segment", "gather_gradients", "mfac_step", "window_coeffs"]
