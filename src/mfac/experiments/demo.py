@@ -307,11 +307,11 @@ def part_optim(cfg: Config, seed: int, data: tuple, bar: Any = NoBar) -> dict[st
     """The same MLP, data order and epochs with M-FAC, SGD and Adam."""
     import torch
 
-    from ..optim import MFAC
+    from ..optim import MFACSGD
 
     xtr, ytr, xte, yte = data
     settings = {
-        "M-FAC (m=64, lr 1e-2)": lambda p: MFAC(p, lr=1e-2, ngrads=64, damp=1e-4, mode="paper"),
+        "M-FAC (m=64, lr 1e-2)": lambda p: MFACSGD(p, lr=1e-2, ngrads=64, damp=1e-4),
         "SGD (lr 0.05, momentum 0.9)": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
         "Adam (lr 1e-3)": lambda p: torch.optim.Adam(p, lr=1e-3),
     }

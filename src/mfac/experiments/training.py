@@ -96,12 +96,11 @@ def make_optimizer(name: str, params: Any, hp: dict[str, float], ngrads: int) ->
         return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    from ..optim import MFAC
+    from ..optim import MFACSGD
 
-    return MFAC(
-        params, lr=lr, ngrads=ngrads, damp=hp["damp"], momentum=mom, weight_decay=wd,
-        mode="paper",
-    )  # fmt: skip
+    return MFACSGD(
+        params, lr=lr, momentum=mom, weight_decay=wd, ngrads=ngrads, damp=hp["damp"]
+    )
 
 
 def save_checkpoint(
