@@ -1,4 +1,4 @@
-"""``mfac train``: train or fine-tune with :class:`mfac.optim.MFAC` (or SGD/Adam to compare),
+"""``mfac train``: train or fine-tune with :class:`mfac.MFACSGD` (the paper's step) (or SGD/Adam to compare),
 optionally holding the masks of ``mfac prune``, with checkpoints that resume exactly (the
 loop and the checkpoints are those of :mod:`mfac.experiments.training`)."""
 
