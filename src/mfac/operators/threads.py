@@ -5,9 +5,8 @@ in a step (O(d) vector work on one gradient, O(m^2)..O(m^3) float64 algebra, bat
 factorisations) is too small to split: each parallel op pays a thread barrier, and when another
 process holds a core that barrier waits for the scheduler, which can stall such ops by more than
 an order of magnitude on a busy machine with few cores. On a quiet machine one thread costs little
-(``python -m benchmarks.design_checks``: a 1e6-entry dot 0.20 ms on one thread against 0.31 ms
-on two; 64 Cholesky solves of 128 x 128 24 ms against 18 ms), so the choice trades a small
-loss when idle for robustness under load.
+(docs/operators.md gives the measurement, from ``python -m benchmarks.design_checks``), so the
+choice trades a small loss when idle for robustness under load.
 """
 
 from __future__ import annotations

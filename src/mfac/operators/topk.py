@@ -79,7 +79,7 @@ def largest_positions(mag: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (ascending) of the k largest entries of ``mag``; ties at the k-th largest
     keep the lowest positions (as the C selection does, so both paths pick the same rows).
     The k-th largest comes from torch.topk of the smaller side (the few smallest when most
-    entries stay: 7x faster at k = 1.35M of 1.77M)."""
+    entries stay), so the partial sort never exceeds min(k, n - k) entries."""
     n = mag.numel()
     if k >= n:
         return torch.arange(n, device=mag.device)
