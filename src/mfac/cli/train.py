@@ -1,6 +1,6 @@
-"""``mfac train``: train or fine-tune with :class:`mfac.MFACSGD` (the paper's step) (or SGD/Adam to compare),
-optionally holding the masks of ``mfac prune``, with checkpoints that resume exactly (the
-loop and the checkpoints are those of :mod:`mfac.experiments.training`)."""
+"""``mfac train``: train or fine-tune with :class:`mfac.MFACSGD`, the paper's step (or SGD/Adam
+to compare), optionally holding the masks of ``mfac prune``, with checkpoints that resume
+exactly (the loop and the checkpoints are those of :mod:`mfac.experiments.training`)."""
 
 from __future__ import annotations
 
