@@ -383,7 +383,9 @@ class DenseRowsBacked(FactorBacked):
         """Restore a state from ``state_dict``: everything is checked before anything is written."""
         self.check_state(state)
         self.factor.load_state_dict(state, check=False)
-        self.grads.copy_(state["grads"])
+        rows = state["grads"].shape[0]
+        self.grads[:rows].copy_(state["grads"])
+        self.grads[rows:].zero_()  # empty slots are zero rows
 
 
 __all__ = ["DenseRowsBacked", "FactorBacked", "GramFactor"]

@@ -203,10 +203,13 @@ class SlidingInverseFisher(DenseRowsBacked):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-identically (window, K, K^-1, the pointer).
 
-        The m x d window is returned by reference, as ``torch.optim`` returns its state: a
-        checkpoint must not hold a second copy of the largest buffer. Save (``torch.save``)
-        or copy it before the next push."""
-        return {"grads": self.grads, **self.factor.state_dict()}
+        ``grads`` holds the filled rows only, so a checkpoint grows with the window. A full
+        window is returned by reference, as ``torch.optim`` returns its state (a checkpoint
+        must not hold a second copy of the largest buffer): save (``torch.save``) or copy it
+        before the next push. A partly filled one is a copy of its filled rows."""
+        filled = self.filled
+        grads = self.grads if filled == self.window else self.grads[:filled].clone()
+        return {"grads": grads, **self.factor.state_dict()}
 
     def check_state(self, state: Mapping[str, Any]) -> None:
         """Raise, naming the field, unless ``state`` fits this operator and is consistent
@@ -218,10 +221,15 @@ class SlidingInverseFisher(DenseRowsBacked):
         grads = state["grads"]
         if not isinstance(grads, torch.Tensor):
             raise TypeError(f"grads must be a tensor, got {type(grads).__name__}")
-        if tuple(grads.shape) != (self.window, self.dim):
+        pushed = state.get("num_pushed")
+        filled = min(pushed, self.window) if isinstance(pushed, int) else self.window
+        if grads.ndim != 2 or grads.shape[1] != self.dim or grads.shape[0] not in (
+            filled,
+            self.window,
+        ):
             raise ValueError(
-                f"grads: state holds a window of shape {tuple(grads.shape)}, "
-                f"this operator has ({self.window}, {self.dim})"
+                f"grads: state holds rows of shape {tuple(grads.shape)}, this operator needs "
+                f"({filled}, {self.dim}) (the filled rows) or ({self.window}, {self.dim})"
             )
         if grads.dtype != self.grads.dtype:
             raise TypeError(
@@ -232,8 +240,12 @@ class SlidingInverseFisher(DenseRowsBacked):
             if not bool(torch.isfinite(grads).all()):
                 raise ValueError("grads contains NaN or Inf")
 
+        rows = grads.shape[0]
+
         def window_gram(z: torch.Tensor) -> torch.Tensor:
-            return rows_dot(grads, cols_dot(grads, z.unsqueeze(1)))[:, 0].to(F64)
+            out = torch.zeros(self.window, dtype=F64, device=z.device)
+            out[:rows] = rows_dot(grads, cols_dot(grads, z[:rows].unsqueeze(1)))[:, 0].to(F64)
+            return out
 
         self.factor.check_state(state, window_gram)
 
