@@ -12,13 +12,14 @@ window is read once at half the bytes of float32:
 * ``G @ x`` walks column tiles of x that stay in L2, four rows at a time, with sixteen float32
   partial sums per row and the rows prefetched ahead.
 
-The C source (``csrc/lowp.c``) is built once per machine with the system C compiler (``$CC``, else ``cc``,
-``gcc`` or ``clang``) into the cache folder (:func:`mfac._paths.cache_dir`) and loaded with
-ctypes; there is no Python extension module and no dependency beyond the compiler. Threads are
-Python threads over disjoint column (``G^T c``) or row (``G @ x``) ranges; ctypes releases the
-GIL. When no compiler is present, the build fails, or ``MFAC_NO_COMPILE=1``, :func:`library`
-returns None: :mod:`mfac.operators.kernels` uses its other paths, and the static build its
-batched torch/LAPACK path.
+The C source (``csrc/lowp.c``) is built once per machine with the system C compiler
+(``$CC``, else ``cc``, ``gcc`` or ``clang``) into the cache folder
+(:func:`mfac._paths.cache_dir`) and loaded with ctypes; there is no Python extension module
+and no dependency beyond the compiler. Threads are Python threads over disjoint column
+(``G^T c``) or row (``G @ x``) ranges; ctypes releases the GIL. When no compiler is present,
+the build fails, or ``MFAC_NO_COMPILE=1``, :func:`library` returns None:
+:mod:`mfac.operators.kernels` uses its other paths, and the static build its batched
+torch/LAPACK path.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ The selection pass forms a = e + g (streaming stores with AVX-512), flags NaN/In
 the coordinates with |a| >= t together with their a in one sweep, so the kept values need no
 later gather from a; :func:`keep_largest` picks the k largest of those candidates by a radix
 select, and :func:`sub_at` leaves e = a - c. Threads take disjoint parts of the vector. The
-source (``csrc/sparse.c``) is built once per machine with the system C compiler into the cache folder and loaded
-with ctypes; without a compiler, or with ``MFAC_NO_COMPILE=1``, :func:`library` returns None
-and the window uses its torch path.
+source (``csrc/sparse.c``) is built once per machine with the system C compiler into the cache
+folder and loaded with ctypes; without a compiler, or with ``MFAC_NO_COMPILE=1``,
+:func:`library` returns None and the window uses its torch path.
 """
 
 from __future__ import annotations
