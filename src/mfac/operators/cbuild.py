@@ -2,9 +2,10 @@
 low-precision passes and the static build), :mod:`.sparse_native` and :mod:`.tiled` (the
 top-k window).
 
-Each kernel library is compiled once with the system C compiler (``$CC``, ``cc``, ``gcc`` or
+Each kernel library is one C file of ``csrc/`` (package data, next to this module; the headers
+there are shared), compiled once with the system C compiler (``$CC``, ``cc``, ``gcc`` or
 ``clang``) into the cache folder (:func:`mfac._paths.cache_dir`), under a name hashed from its
-source, the compiler and its version, the flags and the CPU (``-march=native`` code runs only
+sources, the compiler and its version, the flags and the CPU (``-march=native`` code runs only
 where it was built), and loaded with ctypes. ``MFAC_NO_COMPILE=1``, Windows, a missing or
 failing compiler all give ``None``, and the callers fall back to torch. Work is split over a
 thread pool that is made again in a forked child.
@@ -22,39 +23,47 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 from pathlib import Path
 
 from .._paths import atomic_file, cache_dir
 
 log = logging.getLogger(__name__)
 
-#: C prelude of every kernel source: 16-bit floats widened to float32 in registers (bfloat16
-#: by a shift; IEEE half through the compiler's _Float16, where it has one: MFAC_HAS_F16).
-HALF_FLOATS = r"""
-#include <stdint.h>
-#include <string.h>
+#: The folder, next to this module, of the C sources (shipped as package data): one ``.c`` file
+#: per kernel library and the headers they share.
+CSRC = "csrc"
 
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
+#: Warnings the shipped C sources compile without, with any of the modules' flag sets; the
+#: test suite builds every source with them and ``-Werror`` (tests/operators/test_csrc.py).
+WARNINGS = (
+    "-Wall",
+    "-Wextra",
+    "-Wshadow",
+    "-Wstrict-prototypes",
+    "-Wpointer-arith",
+    "-Wundef",
+    "-Wvla",
+    "-Wwrite-strings",
+    "-Wconversion",
+    "-Wdouble-promotion",
+)
 
-#if defined(__FLT16_MAX__)
-#define MFAC_HAS_F16 1
-static inline float from_f16(uint16_t h) {
-    _Float16 v;
-    memcpy(&v, &h, sizeof v);
-    return (float)v;
-}
-#else
-#define MFAC_HAS_F16 0
-static inline float from_f16(uint16_t h) { (void)h; return 0.0f; }
-#endif
-"""
+
+def source_files() -> list[str]:
+    """The names of the shipped C files (``.c``, one per kernel library), sorted."""
+    root = resources.files(__package__) / CSRC
+    return sorted(entry.name for entry in root.iterdir() if entry.name.endswith(".c"))
+
+
+def kernel_source(name: str) -> dict[str, str]:
+    """The text of the C file ``name`` (first) and of every shared header, by file name: what
+    a build compiles, and what its cache key hashes."""
+    root = resources.files(__package__) / CSRC
+    headers = sorted(entry.name for entry in root.iterdir() if entry.name.endswith(".h"))
+    return {file: (root / file).read_text() for file in [name, *headers]}
 
 
 def find_compiler() -> str | None:
@@ -76,15 +85,25 @@ def cpu_signature() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
-def build(source: str, flag_sets: Sequence[Sequence[str]], compiler: str, target: Path) -> None:
-    """Compile ``source`` into the shared library ``target`` (written atomically), trying each
-    flag set in turn; raise with the compiler's messages when none builds."""
+def compile_command(compiler: str, flags: Sequence[str], source: Path, lib: Path) -> list[str]:
+    """The command that builds the shared library ``lib`` from the C file ``source``."""
+    return [compiler, *flags, "-fPIC", "-shared", str(source), "-o", str(lib)]
+
+
+def build(
+    sources: Mapping[str, str], flag_sets: Sequence[Sequence[str]], compiler: str, target: Path
+) -> None:
+    """Compile the first of ``sources`` (file name -> text; the others are the headers it may
+    include) into the shared library ``target`` (written atomically), trying each flag set in
+    turn; raise with the compiler's messages when none builds. The files keep their names, so
+    the compiler's messages point at lines of the shipped sources."""
     errors = []
     with tempfile.TemporaryDirectory() as tmp:
-        src, lib = Path(tmp) / "kernel.c", Path(tmp) / "kernel.so"
-        src.write_text(source)
+        for file, text in sources.items():
+            (Path(tmp) / file).write_text(text)
+        src, lib = Path(tmp) / next(iter(sources)), Path(tmp) / "kernel.so"
         for flags in flag_sets:
-            cmd = [compiler, *flags, "-fPIC", "-shared", str(src), "-o", str(lib)]
+            cmd = compile_command(compiler, flags, src, lib)
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
                 with atomic_file(target) as out:
@@ -95,21 +114,24 @@ def build(source: str, flag_sets: Sequence[Sequence[str]], compiler: str, target
 
 
 def load(
-    source: str,
+    name: str,
     flag_sets: Sequence[Sequence[str]],
     stem: str,
     compiler: str,
-    builder: Callable[[str, Sequence[Sequence[str]], str, Path], None] = build,
+    builder: Callable[[Mapping[str, str], Sequence[Sequence[str]], str, Path], None] = build,
 ) -> ctypes.CDLL:
-    """The library built from ``source``, from the cache (``kernels/<stem>-<hash>.so``), built
-    there first when missing."""
+    """The library built from the C file ``name`` (in :data:`CSRC`), from the cache
+    (``kernels/<stem>-<hash>.so``, the hash over the sources, the compiler and its version, the
+    flags and the CPU), built there first when missing."""
+    sources = kernel_source(name)
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, timeout=30
     ).stdout
-    key = "\n".join([source, compiler, version, repr(list(flag_sets)), cpu_signature()])
+    texts = [f"{file}\n{text}" for file, text in sources.items()]
+    key = "\n".join([*texts, compiler, version, repr(list(flag_sets)), cpu_signature()])
     target = cache_dir() / "kernels" / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
     if not target.exists():
-        builder(source, flag_sets, compiler, target)
+        builder(sources, flag_sets, compiler, target)
     return ctypes.CDLL(str(target))
 
 
@@ -161,12 +183,16 @@ def split_range(n: int, parts: int, grain: int) -> list[tuple[int, int]]:
 
 
 __all__ = [
-    "HALF_FLOATS",
+    "CSRC",
+    "WARNINGS",
     "build",
     "cached_library",
+    "compile_command",
     "cpu_signature",
     "find_compiler",
+    "kernel_source",
     "load",
+    "source_files",
     "split_range",
     "worker_pool",
 ]

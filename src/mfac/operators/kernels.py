@@ -68,9 +68,9 @@ _ROW_CHUNK = 8
 
 
 def _cols_dot_fused(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    # A reduction over all m rows at once walks m strided streams per column tile and ran at
-    # 0.9x the float32 time; summing 8 rows at a time into a float32 accumulator streams G once
-    # in row order (the accumulator, 4 bytes per column, is re-read m/8 times from cache/RAM).
+    # Summing 8 rows at a time into a float32 accumulator streams G once in row order (the
+    # accumulator, 4 bytes per column, is re-read m/8 times from cache/RAM), where a reduction
+    # over all m rows at once walks m strided streams per column tile (docs/operators.md).
     cols = []
     for i in range(c.shape[1]):
         acc = (g[:_ROW_CHUNK].float() * c[:_ROW_CHUNK, i, None]).sum(0)
