@@ -572,15 +572,39 @@ class TopKSlidingInverseFisher(FactorBacked):
     def state_dict(self) -> dict[str, Any]:
         """Window rows, error-feedback vector, K, K^-1, pointer.
 
-        On the C path the rows are the tile-major layout's tensors (``values``, ``indices``,
-        ``starts``, ``block_of``); on the torch path (m, k) ``values`` and ``indices``. Either
-        loads into either path. The rows and the error vector are returned by reference, as
-        ``torch.optim`` returns its state (a clone would double the largest buffers at every
-        checkpoint); save or copy them before the next push. K and K^-1 (m x m) are copies."""
-        rows = self.rows.state() if self.native else {
-            "values": self.values, "indices": self.indices
-        }  # fmt: skip
+        A full window on the C path saves the tile-major layout's tensors (``values``,
+        ``indices``, ``starts``, ``block_of``), on the torch path (m, k) ``values`` and
+        ``indices``; a partly filled window saves only its filled rows, row-major ((n, k)
+        each, copies), so a checkpoint grows with the window. Either loads into either path.
+        Full rows and the error vector are returned by reference, as ``torch.optim`` returns
+        its state (a clone would double the largest buffers at every checkpoint); save or copy
+        them before the next push. K and K^-1 (m x m) are copies."""
+        filled = self.filled
+        if filled == self.window:
+            rows = self.rows.state() if self.native else {
+                "values": self.values, "indices": self.indices
+            }  # fmt: skip
+        else:
+            rows = self._filled_rows(filled)
         return {**rows, "error": self.error, **self.factor.state_dict()}
+
+    def _filled_rows(self, n: int) -> dict[str, torch.Tensor]:
+        """The first ``n`` rows, row-major copies (values (n, k), indices (n, k))."""
+        if not self.native:
+            return {"values": self.values[:n].clone(), "indices": self.indices[:n].clone()}
+        values, indices, have = [], [], 0
+        for v, i in self._state_groups(self.rows.state()):
+            if have >= n:
+                break
+            take = min(n - have, v.shape[0])
+            values.append(v[:take])
+            indices.append(i[:take].to(self.indices.dtype))
+            have += take
+        empty = torch.empty(0, self.k)
+        return {
+            "values": torch.cat(values) if values else empty.to(self.dtype),
+            "indices": torch.cat(indices) if indices else empty.to(self.indices.dtype),
+        }
 
     def _tiled_view(self, state: Mapping[str, Any]) -> tiled.TiledRows | None:
         """The state's rows as a tile-major layout this window's kernels can sweep in place,
@@ -655,16 +679,19 @@ class TopKSlidingInverseFisher(FactorBacked):
         if "starts" in state:
             self._check_tiled_fields(state)
         else:
-            want = ((self.window, self.k),)
+            pushed = state.get("num_pushed")
+            filled = min(pushed, self.window) if isinstance(pushed, int) else self.window
+            want = ((filled, self.k), (self.window, self.k))
             for key, dtype in (("values", self.dtype), ("indices", self.indices.dtype)):
                 if key not in state:
                     raise KeyError(f"state is missing the field {key!r}")
                 t = state[key]
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"{key} must be a tensor, got {type(t).__name__}")
-                if tuple(t.shape) != want[0]:
+                if tuple(t.shape) not in want:
                     raise ValueError(
-                        f"{key} has shape {tuple(t.shape)}, this window needs {want[0]}"
+                        f"{key} has shape {tuple(t.shape)}, this window needs {want[0]} (the "
+                        f"filled rows) or {want[1]}"
                     )
                 if t.dtype != dtype:
                     raise TypeError(f"{key}: state stores {t.dtype}, this window stores {dtype}")
@@ -683,8 +710,15 @@ class TopKSlidingInverseFisher(FactorBacked):
         if bool((repeats & (values != 0).any(dim=1)).any()):
             raise ValueError("indices: a row with non-zero values repeats a coordinate")
 
+        rows = values.shape[0]
+
         def window_gram(z: torch.Tensor) -> torch.Tensor:
-            return self._gather(self._scatter(z, values, indices), values, indices)
+            out = torch.zeros(self.window, dtype=F64, device=z.device)
+            if rows:
+                out[:rows] = self._gather(
+                    self._scatter(z[:rows], values, indices), values, indices
+                )
+            return out
 
         self.factor.check_state(state, window_gram)
 
@@ -707,6 +741,13 @@ class TopKSlidingInverseFisher(FactorBacked):
                 indices[empty] = torch.arange(self.k, device=indices.device)
                 self.write_rows(slot, values, indices)
                 slot += values.shape[0]
+            if slot < self.window:  # rows a partly filled state does not hold are empty
+                n = self.window - slot
+                self.write_rows(
+                    slot,
+                    torch.zeros(n, self.k, dtype=self.dtype),
+                    torch.arange(self.k).expand(n, self.k).contiguous(),
+                )
         self.error.copy_(state["error"])
 
     def __repr__(self) -> str:
