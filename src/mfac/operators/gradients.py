@@ -302,19 +302,23 @@ class ModelGradients:
         dtype: torch.dtype | None = None,
         device: Any = None,
         eval_mode: bool = False,
+        trim: bool = True,
     ) -> Iterator[torch.Tensor]:
         """Yield chunks (k, d) of gradient rows, ``num_grads`` rows in all (fewer only when
         ``batches`` runs out): per-example gradients of the batches' examples in order, or one
-        row per batch. Non-finite losses and gradients are refused, naming batch and rows."""
+        row per batch. Non-finite losses and gradients are refused, naming batch and rows.
+        ``trim``: the last batch is cut to the examples still needed before its gradients are
+        taken (else all of them are taken and the surplus dropped, as the pruners do)."""
         check_positive_int(num_grads, "num_grads")
         filled = 0
         with eval_mode_of(self.model, eval_mode):
             for i, batch in enumerate(batches):
                 if per_sample:
                     need = num_grads - filled
-                    if batch_length(batch) > need:
+                    if trim and batch_length(batch) > need:
                         batch = slice_batch(batch, 0, need)
                     rows, losses = self.per_example(batch, dtype=dtype, device=device)
+                    rows, losses = rows[:need], losses[:need]
                 else:
                     row, losses = self.batch(batch, dtype=dtype, device=device)
                     rows = row[None]

@@ -77,7 +77,7 @@ def iter_gradients(
     bar = progress_bar(total=num_grads, desc=desc, disable=not progress)
     chunks = source.stream(
         cycle_batches(data, num_grads), num_grads, per_sample=per_sample, dtype=torch.float32,
-        device="cpu", eval_mode=True,
+        device="cpu", eval_mode=True, trim=False,
     )  # fmt: skip
     try:
         for rows in chunks:
