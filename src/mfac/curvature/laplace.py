@@ -27,7 +27,13 @@ from torch.func import functional_call, jacrev, vmap
 from torch.utils._pytree import tree_map
 
 from .._validation import check_damp, check_positive_int
-from ..operators.gradients import LossFn, collect_gradients, count_examples, resolve_params
+from ..operators.gradients import (
+    LossFn,
+    collect_gradients,
+    count_examples,
+    kept_intact,
+    resolve_params,
+)
 from ..operators.layout import FlatLayout
 from ..operators.static import InverseFisher
 
@@ -189,7 +195,8 @@ class Laplace:
             probs = torch.zeros(())
             for theta in self.sample(n_samples, generator):
                 params = {n: t.to(chosen[n].dtype) for n, t in layout.unflatten(theta).items()}
-                out = _logits_2d(_call(self.model, {**fixed, **params}, inputs))
+                with kept_intact(self.model):
+                    out = _logits_2d(_call(self.model, {**fixed, **params}, inputs))
                 probs = probs + torch.softmax(out.to(torch.float64), -1)
             return probs / n_samples
         if method != "glm":
@@ -205,8 +212,9 @@ class Laplace:
             single = tree_map(lambda t: t.unsqueeze(0), x)
             return _call(self.model, {**fixed, **p}, single).squeeze(0)
 
-        mean = _logits_2d(_call(self.model, {**fixed, **chosen}, inputs)).to(torch.float64)
-        jac = vmap(jacrev(logits), in_dims=(None, 0))(chosen, inputs)  # dict of (n, C, *shape)
+        with kept_intact(self.model):
+            mean = _logits_2d(_call(self.model, {**fixed, **chosen}, inputs)).to(torch.float64)
+            jac = vmap(jacrev(logits), in_dims=(None, 0))(chosen, inputs)  # (n, C, *shape) each
         n, c = mean.shape
         flat = layout.flatten({k: v.reshape(n * c, *v.shape[2:]) for k, v in jac.items()}, True)
         return mean, flat.to(torch.float64)

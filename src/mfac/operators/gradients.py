@@ -152,6 +152,12 @@ def tied_to(model: nn.Module, name: str) -> str | None:
     return None
 
 
+def _copies(fixed: dict[str, torch.Tensor], buffers: set[str]) -> dict[str, torch.Tensor]:
+    """``fixed`` with its buffers copied inside the transformed function, so that a module that
+    updates a buffer in place (BatchNorm in train mode) writes to a copy of its own."""
+    return {k: v.clone() if k in buffers else v for k, v in fixed.items()}
+
+
 class _Objective(nn.Module):
     """``loss_fn(model, batch)`` as a module, so that torch.func can swap the model's
     parameters while ``loss_fn`` calls the model."""
@@ -188,18 +194,28 @@ def eval_mode_of(model: nn.Module, enabled: bool = True) -> Iterator[None]:
 
 
 @contextmanager
-def _attributes_kept(model: nn.Module) -> Iterator[None]:
-    """Plain tensor attributes of the modules (not parameters or buffers: e.g. the ``weight``
-    that ``torch.nn.utils.prune``'s hook computes in forward) put back after a functional call,
-    so that no tensor of the transformed call stays on the model."""
+def kept_intact(model: nn.Module) -> Iterator[None]:
+    """Every module's parameters, buffers and plain tensor attributes (e.g. the ``weight`` that
+    ``torch.nn.utils.prune``'s hook computes in forward) put back after a functional call, so
+    that no tensor of the transformed call stays on the model (torch's ``functional_call`` does
+    not restore a module registered under two names)."""
     kept = [
-        (m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)})
-        for m in model.modules()
+        (
+            m,
+            dict(m._parameters),
+            dict(m._buffers),
+            {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)},
+        )
+        for m in model.modules(remove_duplicate=False)
     ]
     try:
         yield
     finally:
-        for m, attrs in kept:
+        for m, params, buffers, attrs in kept:
+            for store, saved in ((m._parameters, params), (m._buffers, buffers)):
+                for k, v in saved.items():
+                    if store.get(k) is not v:
+                        store[k] = v
             for k, v in attrs.items():
                 if m.__dict__.get(k) is not v:
                     setattr(m, k, v)
@@ -248,7 +264,7 @@ class ModelGradients:
         named = dict(self.model.named_parameters())
         free = {f"model.{n}": named[n].detach() for n in self.names}
         fixed = {f"model.{n}": p.detach() for n, p in named.items() if f"model.{n}" not in free}
-        fixed.update({f"model.{n}": b.detach().clone() for n, b in self.model.named_buffers()})
+        fixed.update({f"model.{n}": b.detach() for n, b in self.model.named_buffers()})
         return free, fixed
 
     def _rows(
@@ -267,13 +283,15 @@ class ModelGradients:
         _tensors(batch)
         batch_length(batch)
         free, fixed = self._state()
+        buffers = {f"model.{n}" for n, _ in self.model.named_buffers()}
         objective = self._objective
 
         def one(params: dict, sample: Any) -> torch.Tensor:
             single = tree_map(lambda t: t.unsqueeze(0), sample)
-            return _scalar(functional_call(objective, {**fixed, **params}, (single,)), True)
+            state = {**_copies(fixed, buffers), **params}
+            return _scalar(functional_call(objective, state, (single,)), True)
 
-        with _attributes_kept(self.model):
+        with kept_intact(self.model):
             grads, losses = vmap(grad_and_value(one), in_dims=(None, 0), randomness="different")(
                 free, batch
             )
@@ -284,12 +302,14 @@ class ModelGradients:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(d,) gradient of the batch's (mean) loss and the loss."""
         free, fixed = self._state()
+        buffers = {f"model.{n}" for n, _ in self.model.named_buffers()}
         objective = self._objective
 
         def whole(params: dict) -> torch.Tensor:
-            return _scalar(functional_call(objective, {**fixed, **params}, (batch,)), False)
+            state = {**_copies(fixed, buffers), **params}
+            return _scalar(functional_call(objective, state, (batch,)), False)
 
-        with _attributes_kept(self.model):
+        with kept_intact(self.model):
             grads, loss = grad_and_value(whole)(free)
         return self._rows(grads, False, dtype, device), loss.detach()
 
@@ -410,6 +430,7 @@ __all__ = [
     "count_examples",
     "eval_mode_of",
     "is_batch",
+    "kept_intact",
     "resolve_params",
     "slice_batch",
     "tied_to",

@@ -222,7 +222,7 @@ class FlatLayout:
                 full = vector.new_full((*lead, seg.numel), fill)
                 full[..., seg.index.to(vector.device)] = part
                 part = full
-            out[seg.name] = part.reshape(*lead, *seg.shape)
+            out[seg.name] = part.reshape((*lead, *seg.shape))
         return out
 
     # ------------------------------------------------------------------ buffer side
