@@ -214,7 +214,16 @@ class Laplace:
 
         with kept_intact(self.model):
             mean = _logits_2d(_call(self.model, {**fixed, **chosen}, inputs)).to(torch.float64)
-            jac = vmap(jacrev(logits), in_dims=(None, 0))(chosen, inputs)  # (n, C, *shape) each
+            try:
+                jac = vmap(jacrev(logits), in_dims=(None, 0))(chosen, inputs)  # (n, C, *shape)
+            except RuntimeError as err:  # data-dependent control flow (e.g. HF attention masks)
+                if "vmap" not in str(err):
+                    raise
+                rows = [
+                    jacrev(logits)(chosen, tree_map(lambda t, i=i: t[i], inputs))
+                    for i in range(mean.shape[0])
+                ]
+                jac = {k: torch.stack([r[k] for r in rows]) for k in chosen}
         n, c = mean.shape
         flat = layout.flatten({k: v.reshape(n * c, *v.shape[2:]) for k, v in jac.items()}, True)
         return mean, flat.to(torch.float64)
