@@ -5,6 +5,7 @@ tied weights, the refusals, and a model left bit for bit as it was."""
 from __future__ import annotations
 
 import ast
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,10 @@ def test_batch_helpers():
     assert isinstance(parts[0], dict) and torch.equal(parts[1]["y"], torch.tensor([3, 4]))
     assert count_examples([(x, y), (x[:2], y[:2])]) == 7
     assert isinstance(slice_batch([x, y], 0, 1), list)
+    Pair = namedtuple("Pair", "x y")
+    cut = slice_batch(Pair(x, y), 1, 3)
+    assert isinstance(cut, Pair) and torch.equal(cut.y, torch.tensor([1, 2]))
+    assert [len(b) for b in batches_of(x, 4)] == [4, 1]  # a bare tensor is one batch
 
 
 def test_torch_prune_reparametrisation_is_left_in_place():

@@ -45,8 +45,10 @@ ParamsArg = Sequence[str] | Sequence[torch.Tensor] | None
 
 # ---------------------------------------------------------------------------------- batches
 def is_batch(data: object) -> bool:
-    """True for one batch that the collector can cut along dim 0: a tuple of tensors or a dict
-    of tensors (a list is read as a sequence of batches)."""
+    """True for one batch that the collector can cut along dim 0: a tensor, a tuple of tensors
+    or a dict of tensors (a list is read as a sequence of batches)."""
+    if isinstance(data, torch.Tensor):
+        return True
     if isinstance(data, tuple):
         return bool(data) and all(isinstance(t, torch.Tensor) for t in data)
     if isinstance(data, Mapping):
@@ -55,13 +57,15 @@ def is_batch(data: object) -> bool:
 
 
 def _tensors(batch: object) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
     if isinstance(batch, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in batch):
         return list(batch)
     if isinstance(batch, Mapping) and all(isinstance(t, torch.Tensor) for t in batch.values()):
         return list(batch.values())
     raise TypeError(
         "per-example gradients cut a batch into examples along dim 0: the batch must be a "
-        f"tuple/list of tensors or a dict of tensors, got {type(batch).__name__}"
+        f"tensor, a tuple/list of tensors or a dict of tensors, got {type(batch).__name__}"
     )
 
 
@@ -77,16 +81,17 @@ def batch_length(batch: object) -> int:
 
 
 def slice_batch(batch: Any, start: int, stop: int) -> Any:
-    """Examples [start, stop) of a tuple/list or dict of tensors (every tensor sliced along
-    dim 0; the container type is kept)."""
+    """Examples [start, stop) of a tensor, a tuple/list or a dict of tensors (every tensor
+    sliced along dim 0; the container type is kept, named tuples included)."""
     _tensors(batch)
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
     if isinstance(batch, Mapping):
         return {k: v[start:stop] for k, v in batch.items()}
-    return (
-        type(batch)(t[start:stop] for t in batch)
-        if isinstance(batch, tuple)
-        else [t[start:stop] for t in batch]
-    )
+    parts = [t[start:stop] for t in batch]
+    if isinstance(batch, tuple):
+        return type(batch)(*parts) if hasattr(batch, "_fields") else tuple(parts)
+    return parts
 
 
 def batches_of(data: Any, chunk_size: int) -> Iterator[Any]:
@@ -97,9 +102,10 @@ def batches_of(data: Any, chunk_size: int) -> Iterator[Any]:
         for start in range(0, n, chunk_size):
             yield slice_batch(data, start, start + chunk_size)
         return
-    if not isinstance(data, Iterable) or isinstance(data, (str, bytes, torch.Tensor)):
+    if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
         raise TypeError(
-            "data must be one batch (a tuple or dict of tensors) or an iterable of batches, "
+            "data must be one batch (a tensor, a tuple or a dict of tensors) or an iterable of "
+            "batches, "
             f"got {type(data).__name__}"
         )
     yield from data
