@@ -40,6 +40,11 @@ F64 = torch.float64
 ce = nn.functional.cross_entropy
 
 
+def xent(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The library's loss convention, loss_fn(model, batch): the batch's mean cross-entropy."""
+    return ce(model(batch[0]), batch[1])
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -126,8 +131,8 @@ def influence_study(quick: bool, seed: int) -> dict[str, Any]:
     n_test = 20 if quick else 50
     test = (xte[:n_test], yte[:n_test])
     names = [n for n, _ in model.named_parameters()]
-    g_tr = example_gradients(model, ce, (xtr, ytr), names, dtype=F64)  # (N, d)
-    g_te = example_gradients(model, ce, test, names, dtype=F64)
+    g_tr = example_gradients(model, xent, (xtr, ytr), names, dtype=F64)  # (N, d)
+    g_te = example_gradients(model, xent, test, names, dtype=F64)
     n, d = g_tr.shape
     ef_diag = g_tr.square().mean(0)
     rows: list[dict[str, Any]] = []
@@ -170,9 +175,9 @@ def influence_study(quick: bool, seed: int) -> dict[str, Any]:
         for m, block in configs:
             start = time.perf_counter()
             op = InverseFisher.from_model(
-                model, (xtr, ytr), ce, m, damp=damp, block_size=block, chunk_size=250
+                model, (xtr, ytr), xent, m, damp=damp, block_size=block, chunk_size=250
             )
-            scores = mfac.influence(op, model, ce, (xtr, ytr), test, batch_size=250)
+            scores = mfac.influence(op, model, xent, (xtr, ytr), test, batch_size=250)
             seconds = time.perf_counter() - start
             label = f"M-FAC m={m}" + (f" B={block}" if block else "")
             record(label, scores, seconds, op.nbytes, m=m, block=block)
@@ -268,7 +273,7 @@ def laplace_study(quick: bool, seed: int) -> dict[str, Any]:
         if quick and m == 3000 and pred == "mc":
             continue
         start = time.perf_counter()
-        la = Laplace(model, ce, block_size=block).fit((xtr, ytr), num_grads=m)
+        la = Laplace(model, xent, block_size=block).fit((xtr, ytr), num_grads=m)
         tau = la.optimize_prior_precision((xva, yva), grid, method=pred, n_samples=50)
         fit_s = time.perf_counter() - start
         probs = la.predict(xte, pred, n_samples=100, generator=torch.Generator().manual_seed(0))

@@ -18,20 +18,57 @@ evidence (`log_marginal_likelihood`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
+from torch.utils._pytree import tree_map
 
 from .._validation import check_damp, check_positive_int
-from ..operators.linear import ParameterLayout
-from ..operators.model import LossFn, collect_gradients
+from ..operators.gradients import (
+    LossFn,
+    collect_gradients,
+    count_examples,
+    kept_intact,
+    resolve_params,
+)
+from ..operators.layout import FlatLayout
 from ..operators.static import InverseFisher
 
-Data = tuple[torch.Tensor, torch.Tensor]
+#: Held-out data for the predictive: ``(inputs, targets)`` with ``inputs`` what the model takes
+#: (a tensor, a tuple of positional tensors, or a dict of keyword tensors such as a Hugging Face
+#: tokenizer's output) and ``targets`` the class labels.
+Data = tuple[Any, torch.Tensor]
 Predictive = Literal["glm", "mc"]
+
+
+def _call(model: nn.Module, params: dict[str, torch.Tensor], inputs: Any) -> torch.Tensor:
+    """The model's logits on ``inputs`` with ``params`` swapped in: a tensor output, or the
+    ``.logits`` of a Hugging Face ``ModelOutput``."""
+    if isinstance(inputs, Mapping):
+        out = functional_call(model, params, (), dict(inputs))
+    elif isinstance(inputs, (tuple, list)):
+        out = functional_call(model, params, tuple(inputs))
+    else:
+        out = functional_call(model, params, (inputs,))
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            "the model must return logits: a tensor or an output with .logits, got "
+            f"{type(out).__name__}"
+        )
+    return logits
+
+
+def _logits_2d(logits: torch.Tensor) -> torch.Tensor:
+    if logits.ndim != 2:
+        raise ValueError(
+            "Laplace's predictive is for classifiers with logits of shape (n, C), got "
+            f"{tuple(logits.shape)}"
+        )
+    return logits
 
 
 def last_layer(model: nn.Module) -> list[str]:
@@ -47,8 +84,10 @@ def last_layer(model: nn.Module) -> list[str]:
 
 
 class Laplace:
-    """Laplace approximation over ``params`` (names; default: the last layer) of a trained
-    classifier whose ``loss_fn`` is the mean negative log-likelihood (e.g. cross-entropy)."""
+    """Laplace approximation over ``params`` (names, tied aliases accepted; default: the last
+    layer) of a trained classifier whose ``loss_fn(model, batch)`` is the batch's mean negative
+    log-likelihood (e.g. cross-entropy). Models may return a tensor of logits or a Hugging Face
+    output with ``.logits``."""
 
     def __init__(
         self,
@@ -60,19 +99,22 @@ class Laplace:
         prior_precision: float = 1.0,
     ) -> None:
         self.model, self.loss_fn = model, loss_fn
-        self.names = list(params) if params is not None else last_layer(model)
+        self.names = resolve_params(
+            model, list(params) if params is not None else last_layer(model)
+        )
         self.block_size = block_size
         self.prior_precision = check_damp(prior_precision, "prior_precision")
         self.grads: torch.Tensor | None = None
         self.num_data = 0
         self.inverse: InverseFisher | None = None
-        self.layout: ParameterLayout | None = None
+        self.layout: FlatLayout | None = None
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, train: Data, num_grads: int | None = None, chunk_size: int = 256) -> Laplace:
+    def fit(self, train: Any, num_grads: int | None = None, chunk_size: int = 256) -> Laplace:
         """Collect per-example gradients at the current (MAP) weights: ``num_grads`` of them
-        (default: every training example); N is the size of ``train``."""
-        self.num_data = int(train[0].shape[0])
+        (default: every training example); N is the number of examples in ``train`` (one batch,
+        a tuple or dict of tensors, or a re-iterable sequence of batches)."""
+        self.num_data = count_examples(train)
         m = self.num_data if num_grads is None else check_positive_int(num_grads, "num_grads")
         self.grads, self.layout = collect_gradients(
             self.model,
@@ -97,7 +139,7 @@ class Laplace:
             raise RuntimeError("call fit(train_data) first")
         return self.grads
 
-    def _op(self) -> tuple[InverseFisher, ParameterLayout]:
+    def _op(self) -> tuple[InverseFisher, FlatLayout]:
         self._fitted()
         assert self.inverse is not None and self.layout is not None
         return self.inverse, self.layout
@@ -134,13 +176,13 @@ class Laplace:
         named = dict(self.model.named_parameters())
         chosen = {n: named[n].detach() for n in self.names}
         fixed = {n: p.detach() for n, p in named.items() if n not in chosen}
-        fixed.update({n: b.detach() for n, b in self.model.named_buffers()})
+        fixed.update({n: b.detach().clone() for n, b in self.model.named_buffers()})
         return chosen, fixed
 
     @torch.no_grad()
     def predict(
         self,
-        inputs: torch.Tensor,
+        inputs: Any,
         method: Predictive = "glm",
         n_samples: int = 100,
         generator: torch.Generator | None = None,
@@ -153,23 +195,35 @@ class Laplace:
             probs = torch.zeros(())
             for theta in self.sample(n_samples, generator):
                 params = {n: t.to(chosen[n].dtype) for n, t in layout.unflatten(theta).items()}
-                out = functional_call(self.model, {**fixed, **params}, (inputs,))
+                with kept_intact(self.model):
+                    out = _logits_2d(_call(self.model, {**fixed, **params}, inputs))
                 probs = probs + torch.softmax(out.to(torch.float64), -1)
             return probs / n_samples
         if method != "glm":
             raise ValueError(f"method must be 'glm' or 'mc', got {method!r}")
         return self._probit(*self._linearise(inputs))
 
-    def _linearise(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _linearise(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """MAP logits (n, C) and the Jacobian rows d logits / d theta, (n*C, d), float64."""
         _, layout = self._op()
         chosen, fixed = self._split()
 
-        def logits(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.model, {**fixed, **p}, (x.unsqueeze(0),)).squeeze(0)
+        def logits(p: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+            single = tree_map(lambda t: t.unsqueeze(0), x)
+            return _call(self.model, {**fixed, **p}, single).squeeze(0)
 
-        mean = functional_call(self.model, {**fixed, **chosen}, (inputs,)).to(torch.float64)
-        jac = vmap(jacrev(logits), in_dims=(None, 0))(chosen, inputs)  # dict of (n, C, *shape)
+        with kept_intact(self.model):
+            mean = _logits_2d(_call(self.model, {**fixed, **chosen}, inputs)).to(torch.float64)
+            try:
+                jac = vmap(jacrev(logits), in_dims=(None, 0))(chosen, inputs)  # (n, C, *shape)
+            except RuntimeError as err:  # data-dependent control flow (e.g. HF attention masks)
+                if "vmap" not in str(err):
+                    raise
+                rows = [
+                    jacrev(logits)(chosen, tree_map(lambda t, i=i: t[i], inputs))
+                    for i in range(mean.shape[0])
+                ]
+                jac = {k: torch.stack([r[k] for r in rows]) for k in chosen}
         n, c = mean.shape
         flat = layout.flatten({k: v.reshape(n * c, *v.shape[2:]) for k, v in jac.items()}, True)
         return mean, flat.to(torch.float64)

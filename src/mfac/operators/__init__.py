@@ -1,6 +1,8 @@
 """M-FAC inverse-Fisher operators: the static (fixed gradients, optionally blocked) and the
 dynamic (sliding window) algorithms, and where their big buffers live."""
 
+from .gradients import LossFn, ModelGradients, collect_gradients
+from .layout import FlatLayout
 from .memory import GradientBuffer, allocate, available_memory, default_memory_budget
 from .sliding import SlidingInverseFisher
 from .static import InverseFisher, build_from_rows
@@ -8,13 +10,17 @@ from .topk import TopKSlidingInverseFisher
 from .window import SlidingWindow
 
 __all__ = [
+    "FlatLayout",
     "GradientBuffer",
     "InverseFisher",
+    "LossFn",
+    "ModelGradients",
     "SlidingInverseFisher",
     "SlidingWindow",
     "TopKSlidingInverseFisher",
     "allocate",
     "available_memory",
     "build_from_rows",
+    "collect_gradients",
     "default_memory_budget",
 ]

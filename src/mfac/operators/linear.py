@@ -1,5 +1,5 @@
 """The inverse Fisher as a linear operator: ``F_inv @ x``, a SciPy export, log det F, and draws
-from N(0, F^-1), plus the parameter layout of an operator built from a model.
+from N(0, F^-1), plus the parameter layout (`FlatLayout`) of an operator built from a model.
 
 Every query works block by block on the factors the operator already holds, never forming a
 d x d matrix. For a block of B coordinates with m gradients:
@@ -24,74 +24,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .._validation import check_positive_int, check_vector
+from .layout import FlatLayout
 
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
 
 F64 = torch.float64
 _TILE_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class ParameterLayout:
-    """Names and shapes of the parameters whose gradients make up the flat d-vector, in order."""
-
-    names: tuple[str, ...]
-    shapes: tuple[torch.Size, ...]
-
-    @property
-    def numels(self) -> tuple[int, ...]:
-        return tuple(math.prod(s) for s in self.shapes)
-
-    @property
-    def dim(self) -> int:
-        """d: the length of the flat vector."""
-        return sum(self.numels)
-
-    def flatten(
-        self, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor], batched: bool = False
-    ) -> torch.Tensor:
-        """Concatenate named tensors (a dict with exactly these names) or a sequence in layout
-        order (e.g. ``torch.autograd.grad``'s output) into a (d,) vector, or an (n, d) matrix
-        when ``batched`` (every tensor then has a leading dimension n)."""
-        if isinstance(tensors, Mapping):
-            missing = [n for n in self.names if n not in tensors]
-            extra = [n for n in tensors if n not in self.names]
-            if missing or extra:
-                raise KeyError(f"flatten: missing {missing[:5]}, unexpected {extra[:5]}")
-            items = [tensors[n] for n in self.names]
-        else:
-            items = list(tensors)
-            if len(items) != len(self.names):
-                raise ValueError(f"flatten: expected {len(self.names)} tensors, got {len(items)}")
-        lead = items[0].shape[:1] if batched and items[0].ndim else ()
-        for name, shape, t in zip(self.names, self.shapes, items, strict=True):
-            if tuple(t.shape) != (*lead, *shape):
-                raise ValueError(
-                    f"flatten: {name} has shape {tuple(t.shape)}, expected {(*lead, *shape)}"
-                )
-        if batched:
-            return torch.cat([t.reshape(t.shape[0], -1) for t in items], 1)
-        return torch.cat([t.reshape(-1) for t in items])
-
-    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split a (d,) vector (or an (n, d) matrix, row-wise) into named tensors (views)."""
-        if vector.ndim not in (1, 2) or vector.shape[-1] != self.dim:
-            raise ValueError(
-                f"unflatten: expected shape ({self.dim},) or (n, {self.dim}), "
-                f"got {tuple(vector.shape)}"
-            )
-        lead = vector.shape[:-1]
-        parts = torch.split(vector, list(self.numels), dim=-1)
-        return {
-            n: p.reshape(*lead, *s) for n, s, p in zip(self.names, self.shapes, parts, strict=True)
-        }
 
 
 class LinearOperatorMixin:
@@ -101,7 +45,7 @@ class LinearOperatorMixin:
     (contiguous groups of equal blocks) and ``ihvp``.
     """
 
-    layout: ParameterLayout | None = None
+    layout: FlatLayout | None = None
 
     # ------------------------------------------------------------------ products
     @property
@@ -135,7 +79,7 @@ class LinearOperatorMixin:
         """The operator's flat vector to named tensors, shaped like the model's parameters."""
         return self._layout().unflatten(vector)
 
-    def _layout(self) -> ParameterLayout:
+    def _layout(self) -> FlatLayout:
         if self.layout is None:
             raise AttributeError(
                 "this operator has no parameter layout: build it with InverseFisher.from_model"
@@ -276,4 +220,4 @@ def _factor(op: Any, group: Any) -> _DirectFactor | _WoodburyFactor:
     return _DirectFactor(op, group) if group.direct else _WoodburyFactor(op, group)
 
 
-__all__ = ["LinearOperatorMixin", "ParameterLayout"]
+__all__ = ["LinearOperatorMixin"]

@@ -8,6 +8,7 @@ import ctypes
 import math
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -21,6 +22,7 @@ from .._validation import (
     check_vector,
 )
 from .blocks import F64, BlockGroup, FisherFactorError, tile_bytes
+from .gradients import LossFn, collect_gradients
 from .linear import LinearOperatorMixin
 from .memory import allocate, default_memory_budget, is_memory_mapped
 
@@ -318,15 +320,34 @@ class InverseFisher(LinearOperatorMixin):
 
     @classmethod
     def from_model(
-        cls, model: torch.nn.Module, data: Any, loss_fn: Any, num_grads: int, **options: Any
+        cls,
+        model: torch.nn.Module,
+        data: Any,
+        loss_fn: LossFn,
+        num_grads: int,
+        *,
+        per_sample: bool = True,
+        block_size: int | None = None,
+        damp: float = 1e-5,
+        damp_mode: DampMode = "absolute",
+        params: Sequence[str] | Sequence[torch.Tensor] | None = None,
+        dtype: torch.dtype = torch.float32,
+        chunk_size: int = 64,
+        memory_budget: int | None = None,
     ) -> InverseFisher:
-        """The operator over ``num_grads`` per-example (or per-batch) gradients of ``model``'s
-        loss on ``data``, keeping the parameter layout for ``flatten``/``unflatten``; the options
-        (per_sample, block_size, damp, damp_mode, params, dtype, ...) are those of
-        :func:`mfac.operators.model.inverse_fisher_from_model`."""
-        from .model import inverse_fisher_from_model
-
-        return inverse_fisher_from_model(model, data, loss_fn, num_grads, **options)
+        """The operator over ``num_grads`` per-example (or, ``per_sample=False``, per-batch)
+        gradients of ``loss_fn(model, batch)`` (the batch's mean loss) on ``data``: one batch
+        (a tuple or dict of tensors, cut into chunks of ``chunk_size`` examples) or an iterable
+        of batches. ``params``: names (tied aliases accepted) or Parameter objects; default every
+        parameter that requires grad. The operator keeps the parameter layout for
+        ``flatten``/``unflatten``. See :mod:`mfac.operators.gradients`."""
+        rows, layout = collect_gradients(
+            model, data, loss_fn, num_grads, per_sample=per_sample, params=params, dtype=dtype,
+            chunk_size=chunk_size,
+        )  # fmt: skip
+        op = cls(rows, damp, block_size, damp_mode=damp_mode, memory_budget=memory_budget)
+        op.layout = layout
+        return op
 
 
 def build_from_rows(

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..operators.layout import FlatLayout
+
 #: Module types whose ``weight`` is pruned.
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -91,14 +93,13 @@ def current_masks(targets: Sequence[Target]) -> dict[str, torch.Tensor]:
     return masks
 
 
-class Layout:
-    """Flat positions of the surviving weights of several layers (flat vectors live on the CPU,
-    next to the gradient buffer, whatever device the model is on).
-
-    Layer l contributes its ``n_l`` unpruned coordinates, followed by zero padding up to a
-    multiple of ``block_size`` (when given), so that no Fisher block straddles two layers.
-    Padding positions carry zero gradients and zero weights and are never pruned.
-    """
+class Layout(FlatLayout):
+    """The flat layout (`mfac.operators.layout.FlatLayout`) of the surviving weights of several
+    layers, keeping the targets it was built from: layer l contributes its unpruned coordinates
+    (``masks[target.name]``), followed by zero padding up to a multiple of ``block_size`` (when
+    given), so that no Fisher block straddles two layers. Padding positions carry zero gradients
+    and zero weights and are never pruned. Flat vectors (``gather``/``scatter``) live on the
+    CPU, next to the gradient buffer, whatever device the model is on."""
 
     def __init__(
         self,
@@ -107,39 +108,9 @@ class Layout:
         block_size: int | None = None,
     ) -> None:
         self.targets = list(targets)
-        self.index = [masks[t.name].reshape(-1).nonzero().flatten() for t in self.targets]
-        self.counts = [int(i.numel()) for i in self.index]
-        pads = [((-n) % block_size) if block_size else 0 for n in self.counts]
-        self.pads = pads
-        self.offsets = []
-        pos = 0
-        for n, p in zip(self.counts, pads, strict=True):
-            self.offsets.append(pos)
-            pos += n + p
-        self.dim = pos
-        real = torch.zeros(pos, dtype=torch.bool)
-        layer = torch.full((pos,), -1, dtype=torch.long)
-        for li, (o, n) in enumerate(zip(self.offsets, self.counts, strict=True)):
-            real[o : o + n] = True
-            layer[o : o + n + pads[li]] = li
-        self.real = real
-        self.layer = layer
-
-    def gather(
-        self, tensors: Sequence[torch.Tensor | None], dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """The layout's flat vector from full-shape per-layer tensors (None reads as zeros)."""
-        out = torch.zeros(self.dim, dtype=dtype)
-        for t, idx, o, n in zip(tensors, self.index, self.offsets, self.counts, strict=True):
-            if t is not None and n:
-                out[o : o + n] = t.detach().reshape(-1)[idx.to(t.device)].to("cpu", dtype)
-        return out
-
-    def scatter(self, flat: torch.Tensor, fill: float = 0.0) -> list[torch.Tensor]:
-        """Full-shape per-layer tensors from a flat vector; pruned coordinates get ``fill``."""
-        out = []
-        for t, idx, o, n in zip(self.targets, self.index, self.offsets, self.counts, strict=True):
-            full = torch.full((t.numel,), fill, dtype=flat.dtype)
-            full[idx] = flat[o : o + n]
-            out.append(full.view(t.shape))
-        return out
+        super().__init__(
+            [t.name for t in self.targets],
+            [t.shape for t in self.targets],
+            [masks[t.name] for t in self.targets],
+            block_size or None,
+        )

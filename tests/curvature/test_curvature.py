@@ -17,6 +17,12 @@ F64 = torch.float64
 ce = nn.functional.cross_entropy
 
 
+def xent(model, batch):
+    """The library's loss convention: loss_fn(model, batch), the batch's mean loss."""
+    inputs, targets = batch
+    return ce(model(inputs), targets)
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -42,8 +48,8 @@ def loop_grads(model, x, y, names):
 def test_influence_matches_dense(m, block):
     model, x, y = tiny()
     train, test = (x[:30], y[:30]), (x[30:], y[30:])
-    op = InverseFisher.from_model(model, train, ce, m, damp=0.05, block_size=block, dtype=F64)
-    scores = mfac.influence(op, model, ce, train, test, batch_size=7)
+    op = InverseFisher.from_model(model, train, xent, m, damp=0.05, block_size=block, dtype=F64)
+    scores = mfac.influence(op, model, xent, train, test, batch_size=7)
     names = [n for n, _ in model.named_parameters()]
     g_fit = loop_grads(model, x[:m], y[:m], names)
     d = g_fit.shape[1]
@@ -63,15 +69,15 @@ def test_influence_refusals():
     model, x, y = tiny()
     plain = InverseFisher(torch.randn(5, 51, dtype=F64), 0.1)
     with pytest.raises(AttributeError, match="from_model"):
-        mfac.influence(plain, model, ce, (x, y), (x, y))
-    op = InverseFisher.from_model(model, (x, y), ce, 8, dtype=F64)
+        mfac.influence(plain, model, xent, (x, y), (x, y))
+    op = InverseFisher.from_model(model, (x, y), xent, 8, dtype=F64)
     other = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     with pytest.raises(ValueError, match="does not match"):
-        mfac.influence(op, other, ce, (x, y), (x, y))
+        mfac.influence(op, other, xent, (x, y), (x, y))
     bad = x.clone()
     bad[2, 0] = float("nan")
     with pytest.raises(mfac.NonFiniteGradientError):
-        example_gradients(model, ce, (bad, y), ["0.weight"])
+        example_gradients(model, xent, (bad, y), ["0.weight"])
 
 
 def test_last_layer_names():
@@ -90,7 +96,7 @@ def dense_laplace(model, x, y, names, tau, m):
 def test_laplace_glm_predictive_and_evidence_against_dense(block):
     model, x, y = tiny(1)
     tau = 2.0
-    la = Laplace(model, ce, block_size=block, prior_precision=tau).fit((x, y), num_grads=25)
+    la = Laplace(model, xent, block_size=block, prior_precision=tau).fit((x, y), num_grads=25)
     names = la.names
     precision = dense_laplace(model, x, y, names, tau, 25)
     d = precision.shape[0]
@@ -138,7 +144,7 @@ def test_laplace_glm_predictive_and_evidence_against_dense(block):
 
 def test_laplace_samples_follow_the_posterior():
     model, x, y = tiny(2)
-    la = Laplace(model, ce, prior_precision=5.0).fit((x, y), num_grads=20)
+    la = Laplace(model, xent, prior_precision=5.0).fit((x, y), num_grads=20)
     cov = torch.linalg.inv(dense_laplace(model, x, y, la.names, 5.0, 20))
     n = 40000
     draws = la.sample(n, torch.Generator().manual_seed(1)) - la.map_vector
@@ -154,7 +160,7 @@ def test_laplace_samples_follow_the_posterior():
 
 def test_prior_precision_is_the_validation_argmin():
     model, x, y = tiny(3)
-    la = Laplace(model, ce).fit((x[:30], y[:30]))
+    la = Laplace(model, xent).fit((x[:30], y[:30]))
     grid = [0.01, 1.0, 100.0]
     la.set_prior_precision(0.5)  # off the grid: optimize must move it to the chosen value
     chosen = la.optimize_prior_precision((x[30:], y[30:]), grid)
@@ -166,7 +172,7 @@ def test_prior_precision_is_the_validation_argmin():
         nlls.append(float(-torch.log(p[torch.arange(10), y[30:]]).mean()))
     assert chosen == grid[nlls.index(min(nlls))] and after == chosen
     with pytest.raises(RuntimeError, match="fit"):
-        Laplace(model, ce).predict(x)
+        Laplace(model, xent).predict(x)
 
 
 def test_operators_do_not_import_the_curvature_package():

@@ -149,6 +149,12 @@ class TinyNet(nn.Module):
         return self.out(torch.tanh(self.hidden(x + self.shift)))
 
 
+def xent(model, batch):
+    """The library's loss convention: loss_fn(model, batch), the batch's mean loss."""
+    inputs, targets = batch
+    return nn.functional.cross_entropy(model(inputs), targets)
+
+
 def tiny_data(n=20, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
@@ -182,9 +188,7 @@ def test_from_model_per_example_matches_autograd_loop():
     x, y = tiny_data()
     x = x.double()
     before = snapshot(model)
-    op = InverseFisher.from_model(
-        model, (x, y), nn.functional.cross_entropy, 12, damp=0.1, dtype=F64, chunk_size=5
-    )
+    op = InverseFisher.from_model(model, (x, y), xent, 12, damp=0.1, dtype=F64, chunk_size=5)
     assert same_state(model, before)
     assert all(p.grad is None for p in model.parameters())
     names = [n for n, _ in model.named_parameters()]
@@ -210,7 +214,7 @@ def test_from_model_blocked_subset_and_batches():
     op = InverseFisher.from_model(
         model,
         (x, y),
-        nn.functional.cross_entropy,
+        xent,
         9,
         params=[model.out.weight, model.out.bias],
         block_size=5,
@@ -227,9 +231,7 @@ def test_from_model_blocked_subset_and_batches():
     assert rel_err(op @ v, exact @ v) < 1e-10
     # per-batch gradients: one row per batch of the iterable
     batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 32, 4)]
-    opb = InverseFisher.from_model(
-        model, batches, nn.functional.cross_entropy, 6, per_sample=False, damp=0.1, dtype=F64
-    )
+    opb = InverseFisher.from_model(model, batches, xent, 6, per_sample=False, damp=0.1, dtype=F64)
     rows = []
     for xb, yb in batches[:6]:
         gs = torch.autograd.grad(nn.functional.cross_entropy(model(xb), yb), model.parameters())
@@ -244,7 +246,7 @@ def test_from_model_refusals_leave_the_model_as_it_was():
     model = TinyNet()
     x, y = tiny_data()
     before = snapshot(model)
-    ce = nn.functional.cross_entropy
+    ce = xent
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter that requires grad"):
@@ -253,10 +255,17 @@ def test_from_model_refusals_leave_the_model_as_it_was():
         p.requires_grad_(True)
     with pytest.raises(ValueError, match="one number per"):
         InverseFisher.from_model(
-            model, (x, y), lambda o, t: ce(o, t, reduction="none") * torch.ones(2), 4
+            model,
+            (x, y),
+            lambda net, b: (
+                nn.functional.cross_entropy(net(b[0]), b[1], reduction="none") * torch.ones(2)
+            ),
+            4,
         )
     with pytest.raises(ValueError, match="one number per"):
-        InverseFisher.from_model(model, (x, y), lambda o, t: o.sum(-1), 4, per_sample=False)
+        InverseFisher.from_model(
+            model, (x, y), lambda net, b: net(b[0]).sum(-1), 4, per_sample=False
+        )
     bad_x = x.clone()
     bad_x[3, 1] = float("inf")
     with pytest.raises(NonFiniteGradientError, match=r"gradients \[3\].*hidden.weight"):
@@ -276,7 +285,7 @@ def test_layout_errors_and_plain_operator_has_none():
     with pytest.raises(AttributeError, match="from_model"):
         op.unflatten(torch.zeros(5, dtype=F64))
     model = TinyNet()
-    op = InverseFisher.from_model(model, tiny_data(), nn.functional.cross_entropy, 3)
+    op = InverseFisher.from_model(model, tiny_data(), xent, 3)
     with pytest.raises(ValueError, match="expected shape"):
         op.unflatten(torch.zeros(op.dim + 1))
     with pytest.raises(KeyError, match="missing"):
