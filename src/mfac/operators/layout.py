@@ -59,6 +59,7 @@ class FlatLayout:
         shapes: Sequence[Sequence[int]],
         masks: MaskArg = None,
         block_size: int | None = None,
+        index_device: torch.device | str = "cpu",
     ) -> None:
         self.names: tuple[str, ...] = tuple(names)
         self.shapes: tuple[torch.Size, ...] = tuple(torch.Size(s) for s in shapes)
@@ -88,7 +89,7 @@ class FlatLayout:
                         f"the mask of {name} has shape {tuple(mask.shape)}, the parameter "
                         f"{tuple(shape)}"
                     )
-                index = mask.detach().reshape(-1).cpu().nonzero().flatten()
+                index = mask.detach().reshape(-1).cpu().nonzero().flatten().to(index_device)
                 size = int(index.numel())
             pad = (-size) % block_size if block_size else 0
             segments.append(Segment(name, shape, pos, size, pad, index))

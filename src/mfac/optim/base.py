@@ -31,11 +31,11 @@ from typing import Any, ClassVar
 import torch
 
 from .._validation import NonFiniteGradientError
+from ..operators.layout import FlatLayout, Segment
 from ..operators.memory import check_fits
 from ..operators.topk import finite_fast, resolve_k
 from ..operators.window import SlidingWindow, make_window
 from .config import WindowConfig, check_group_option
-from .functional import Segment
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -126,22 +126,14 @@ class WindowOptimizer(torch.optim.Optimizer):
     ) -> Plan:
         """Lay out the trainable parameters and build their windows (per-tensor windows in
         ``keep`` are reused); checks the memory first and changes nothing."""
-        params, groups, segments, dtypes = [], [], [], set()
-        offset = 0
+        params, groups = [], []
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                dtypes.add(p.dtype)
-                mask = masks.get(p)
-                index = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
-                size = p.numel() if index is None else index.numel()
-                params.append(p)
-                groups.append(gi)
-                segments.append(Segment(offset, size, index))
-                offset += size
+                if p.requires_grad:
+                    params.append(p)
+                    groups.append(gi)
         name = type(self).__name__
-        if offset == 0:
+        if not params:
             raise ValueError(f"{name} got no trainable coordinates (no parameter requires grad)")
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -149,7 +141,17 @@ class WindowOptimizer(torch.optim.Optimizer):
                 f"all parameters must live on one device, got {sorted(map(str, devices))}"
             )
         device = devices.pop()
+        dtypes = {p.dtype for p in params}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        layout = FlatLayout(
+            [str(i) for i in range(len(params))],  # positions: optimizers hold no names
+            [p.shape for p in params],
+            [masks.get(p) for p in params],
+            index_device=device,
+        )
+        segments, offset = list(layout.segments), layout.dim
+        if offset == 0:
+            raise ValueError(f"{name} got no trainable coordinates (every entry is masked)")
         sizes = [s.size for s in segments]
         cfg = self.cfg
         check_fits(

@@ -17,12 +17,12 @@ direction. Without it (the default) the step is the paper's: lr * F^-1 g.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from .._validation import NonFiniteGradientError
+from ..operators.layout import Segment
 from ..operators.window import SlidingWindow
 
 F64 = torch.float64
@@ -39,16 +39,6 @@ class GradientScaling(Protocol):
     def after_ihvp(self, direction: torch.Tensor) -> torch.Tensor:
         """The update direction, from F^-1 of the pushed vector (d,)."""
         ...
-
-
-@dataclass(frozen=True, eq=False)
-class Segment:
-    """Where one parameter lives in the flat vector: [offset, offset + size), and the flat
-    indices of its surviving entries (None: every entry survives)."""
-
-    offset: int
-    size: int
-    index: torch.Tensor | None
 
 
 def _view(flat: torch.Tensor, seg: Segment) -> torch.Tensor:
@@ -183,4 +173,4 @@ def window_coeffs(
     return (evecs * h[:, None, :]) @ evecs.transpose(-1, -2) / m, lam.tolist()
 
 
-__all__ = ["GradientScaling", "Segment", "gather_gradients", "mfac_step", "window_coeffs"]
+__all__ = ["GradientScaling", "gather_gradients", "mfac_step", "window_coeffs"]
