@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mfac.prune import blockwise
-from mfac.prune.layerwise import damped_inverse_factor, prune_layer, sparsegpt
-from mfac.prune.wanda import WandaConfig, wanda
+from mfac.prune import calibration
+from mfac.prune.methods.sparsegpt import damped_inverse_factor, prune_layer, sparsegpt
+from mfac.prune.methods.wanda import WandaConfig, wanda
 
 F64 = torch.float64
 
@@ -154,7 +154,7 @@ def test_sequential_block_replay_equals_full_passes(monkeypatch) -> None:
     for chain in (True, False):
         model, batches = _chain(3)
         if not chain:
-            monkeypatch.setattr(blockwise, "_is_chain", lambda *a: False)
+            monkeypatch.setattr(calibration, "_is_chain", lambda *a: False)
         info: dict[str, object] = {}
         masks, _ = sparsegpt(
             model, batches, _run, 0.6, layers=_layers, block=4, calib_batches=3,
@@ -188,9 +188,9 @@ def test_sequential_on_hugging_face_decoder() -> None:
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(cfg)
         info: dict[str, object] = {}
-        old = blockwise._is_chain
+        old = calibration._is_chain
         if not chain:
-            blockwise._is_chain = lambda *a: False  # type: ignore[assignment]
+            calibration._is_chain = lambda *a: False  # type: ignore[assignment]
         try:
             masks, _ = wanda(
                 model,
@@ -202,7 +202,7 @@ def test_sequential_on_hugging_face_decoder() -> None:
                 info=info,
             )
         finally:
-            blockwise._is_chain = old  # type: ignore[assignment]
+            calibration._is_chain = old  # type: ignore[assignment]
         outs.append((info["schedule"], masks, float(fwd(model, ids[0]).detach())))
     assert outs[0][0] == "sequential-blocks"
     assert outs[1][0] == "sequential-full-passes"
@@ -338,7 +338,7 @@ def test_sparsegpt_nonfinite_inputs_named_and_restored() -> None:
 def test_row_keep_property(rows, groups, sparsity, seed) -> None:
     """Every row drops exactly round(s * cols) weights, each dropped score <= each kept one;
     N:M keeps exactly N per group."""
-    from mfac.prune.wanda import row_keep
+    from mfac.prune.methods.wanda import row_keep
 
     cols = 4 * groups
     gen = torch.Generator().manual_seed(seed)
@@ -398,7 +398,7 @@ def _direct_owl(model: Chain, batches, sparsity: float, m: float, lam: float) ->
 
 
 def test_owl_matches_direct_implementation() -> None:
-    from mfac.prune.owl import OWLConfig, owl_sparsities
+    from mfac.prune.budgets.owl import OWLConfig, owl_sparsities
 
     model, batches = _chain(4)
     snap = _snapshot(model)
@@ -435,7 +435,7 @@ def test_owl_matches_direct_implementation() -> None:
 def test_owl_budgets_properties(ratios, sparsity, spread, seed) -> None:
     """Budgets stay in [S - lambda, S + lambda], keep the weighted mean, and never give a
     block with more outliers a higher sparsity."""
-    from mfac.prune.owl import MAX_SPARSITY, owl_budgets
+    from mfac.prune.budgets.owl import MAX_SPARSITY, owl_budgets
 
     gen = torch.Generator().manual_seed(seed)
     sizes = torch.randint(1, 100, (len(ratios),), generator=gen).tolist()
@@ -451,7 +451,7 @@ def test_owl_budgets_properties(ratios, sparsity, spread, seed) -> None:
 
 
 def test_owl_config_validates() -> None:
-    from mfac.prune.owl import OWLConfig
+    from mfac.prune.budgets.owl import OWLConfig
 
     for bad in ({"threshold": 0}, {"spread": 1.0}, {"calib_batches": 0}, {"granularity": "x"}):
         with pytest.raises(ValueError):
@@ -602,7 +602,7 @@ def test_save_pretrained_sparse_loads_without_mfac(tmp_path) -> None:
 
 
 def test_lower_triangular_inverse_and_factor() -> None:
-    from mfac.prune.layerwise import damped_inverse_factor, lower_triangular_inverse
+    from mfac.prune.methods.sparsegpt import damped_inverse_factor, lower_triangular_inverse
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(300, 300, generator=gen, dtype=F64)
@@ -635,7 +635,7 @@ def test_shared_input_statistics_equal_separate() -> None:
     from mfac.prune._layers import find_targets
 
     targets = find_targets(model)
-    stats = blockwise.InputStats(targets, "gram")
+    stats = calibration.InputStats(targets, "gram")
     with torch.no_grad():
         for x in xs:
             model(x)
@@ -652,8 +652,8 @@ def test_shared_input_statistics_equal_separate() -> None:
 
 def test_owl_sparsegpt_preset_is_owl_then_sequential_sparsegpt() -> None:
     from mfac.prune import oneshot
-    from mfac.prune.owl import OWLConfig, owl_sparsities
-    from mfac.prune.presets import OWLSparseGPTConfig
+    from mfac.prune.budgets.owl import OWLConfig, owl_sparsities
+    from mfac.prune.methods.presets import OWLSparseGPTConfig
 
     opts = {"calib_batches": 3, "block": 4, "owl_threshold": 2.0, "owl_spread": 0.1}
     for nm in (None, (2, 4)):
@@ -692,7 +692,7 @@ def test_owl_sparsegpt_preset_is_owl_then_sequential_sparsegpt() -> None:
 def test_nested_restore_takes_one_snapshot_and_restores() -> None:
     """oneshot guards the weights once; the layer-wise pruner inside it takes no second copy,
     and an error still leaves the weights as they were before the outer call."""
-    from mfac.prune.blockwise import restored_on_error
+    from mfac.prune.restore import restored_on_error
 
     w = torch.ones(3)
     with pytest.raises(RuntimeError, match="inner"):
@@ -721,8 +721,8 @@ def test_fisher_budgets_match_a_direct_computation_and_change_nothing() -> None:
     the train/eval mode are as before; oneshot prunes to exactly those budgets."""
     from mfac.prune import oneshot
     from mfac.prune._layers import find_targets
-    from mfac.prune.fisher_budget import fisher_sparsities
-    from mfac.prune.owl import owl_budgets
+    from mfac.prune.budgets import fisher_sparsities
+    from mfac.prune.budgets.owl import owl_budgets
 
     model, batches = _chain(3)
     targets = find_targets(model, _layers)

@@ -11,9 +11,9 @@ from torch import nn
 
 from mfac import InverseFisher
 from mfac.prune._layers import Layout, current_masks, find_targets
-from mfac.prune.exact import block_inverses, exact_step
-from mfac.prune.layerwise import prune_layer
-from mfac.prune.saliency import obs_step
+from mfac.prune.methods.mfac_exact import block_inverses, exact_step
+from mfac.prune.methods.mfac_obs import obs_step
+from mfac.prune.methods.sparsegpt import prune_layer
 
 from oracle import dense_block_inverse_fisher, dense_inverse_fisher
 
@@ -206,7 +206,7 @@ def test_prune_layer_float32_close_to_float64() -> None:
 def test_conv_hessian_from_patches_and_model_runner() -> None:
     """Conv2d calibration inputs are the im2col patches: H = 2 X^T X / n with X built by an
     explicit loop over output positions; the runner then prunes every layer per column block."""
-    from mfac.prune.layerwise import HessianRecorder, sparsegpt
+    from mfac.prune.methods.sparsegpt import HessianRecorder, sparsegpt
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, stride=2), nn.Flatten(), nn.Linear(64, 8))
@@ -248,7 +248,7 @@ def test_lowest_selects_exactly_count_with_ties() -> None:
 
 def test_exact_same_result_in_one_block_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunking only bounds memory: one block per chunk gives the same weights and masks."""
-    import mfac.prune.exact as exact_mod
+    import mfac.prune.methods.mfac_exact as exact_mod
 
     results = []
     for chunk_bytes in (exact_mod.CHUNK_BYTES, 16 * 8 * 8):  # all blocks at once, then one
@@ -263,7 +263,7 @@ def test_exact_same_result_in_one_block_chunks(monkeypatch: pytest.MonkeyPatch) 
 def test_joint_removal_lu_fallback_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
     """If the Cholesky of hinv[S, S] reports lost definiteness, the LU fallback gives the same
     joint OBS removal (the guard is reachable and right)."""
-    from mfac.prune.exact import greedy_obs, joint_removal
+    from mfac.prune.methods.mfac_exact import greedy_obs, joint_removal
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(3, 16, 24, dtype=F64, generator=gen)

@@ -384,11 +384,11 @@ def _ce(model, batch):
 
 
 def test_iobs_prune_digits_mlp():
-    pytest.importorskip("mfac.prune.layerwise")
+    pytest.importorskip("mfac.prune.methods.sparsegpt")
     import copy
 
     from mfac.prune import iobs_prune
-    from mfac.prune.layerwise import sparsegpt
+    from mfac.prune.methods.sparsegpt import sparsegpt
 
     model, batches, val = _digits_mlp()
     oneshot = copy.deepcopy(model)
@@ -417,7 +417,7 @@ def test_iobs_prune_digits_mlp():
 
 
 def test_iobs_prune_nm_and_errors():
-    pytest.importorskip("mfac.prune.layerwise")
+    pytest.importorskip("mfac.prune.methods.sparsegpt")
     from mfac.prune import iobs_prune
 
     model, batches, val = _digits_mlp()
