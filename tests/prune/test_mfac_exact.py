@@ -1,5 +1,4 @@
-"""OBS maths of the pruners against dense float64 oracles: the M-FAC pruner's summed updates,
-mfac-exact's greedy OBC inside blocks, and SparseGPT's column-by-column layer-wise OBS."""
+"""mfac-exact: the greedy correlated OBS inside Fisher blocks against dense references."""
 
 from __future__ import annotations
 
@@ -7,66 +6,14 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from mfac import InverseFisher
-from mfac.prune._layers import Layout, current_masks, find_targets
 from mfac.prune.methods.mfac_exact import block_inverses, exact_step
-from mfac.prune.methods.mfac_obs import obs_step
-from mfac.prune.methods.sparsegpt import prune_layer
 
-from oracle import dense_block_inverse_fisher, dense_inverse_fisher
+from oracle import dense_block_inverse_fisher
+from prune_models import _setup
 
 F64 = torch.float64
-
-
-def _setup(shape: tuple[int, int], m: int, block: int | None, damp: float, seed: int = 0):
-    """A one-layer model, its layout, random gradients and the operator over them."""
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Linear(shape[1], shape[0], bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(shape, generator=gen, dtype=F64))
-    targets = find_targets(model)
-    priors = current_masks(targets)
-    layout = Layout(targets, priors, block)
-    grads = torch.randn(m, layout.dim, generator=gen, dtype=F64)
-    grads[:, 0] *= 5.0  # uneven curvature, so OBS and magnitude disagree
-    dense = dense_inverse_fisher(grads, damp)
-    fisher = InverseFisher(grads.clone(), damp, block)
-    return model, targets, priors, layout, grads, dense, fisher
-
-
-def test_single_weight_obs_is_constrained_quadratic_minimum() -> None:
-    """Removing one weight: the OBS update is the exact minimiser of the quadratic
-    1/2 (w' - w)^T F (w' - w) subject to w'_q = 0, and q has the lowest saliency."""
-    model, targets, priors, layout, _grads, hinv, fisher = _setup((3, 4), 6, None, 0.1)
-    w = model.weight.detach().reshape(-1).clone()
-    f = torch.linalg.inv(hinv)
-    rho = w.square() / (2 * hinv.diagonal())
-    q = int(rho.argmin())
-    obs_step(targets, [priors[targets[0].name]], fisher, layout, 1 / 12)
-    # constrained minimum: free coordinates solve F_ff (w'_f - w_f) = F_fq w_q
-    free = [i for i in range(12) if i != q]
-    expect = w.clone()
-    expect[q] = 0.0
-    expect[free] = w[free] + torch.linalg.solve(f[free][:, free], f[free, q] * w[q])
-    got = model.weight.detach().reshape(-1)
-    assert torch.allclose(got, expect, atol=1e-9, rtol=1e-9)
-
-
-def test_summed_single_weight_updates_match_formula() -> None:
-    """Dropping a set P: delta = F^-1 t with t_q = -w_q / [F^-1]_qq on P (the paper's pruner)."""
-    model, targets, priors, layout, _grads, hinv, fisher = _setup((4, 8), 16, None, 0.05)
-    w = model.weight.detach().reshape(-1).clone()
-    rho = w.square() / (2 * hinv.diagonal())
-    drop = rho.argsort()[:12]
-    t = torch.zeros(32, dtype=F64)
-    t[drop] = -w[drop] / hinv.diagonal()[drop]
-    expect = w + hinv @ t
-    expect[drop] = 0.0
-    masks = obs_step(targets, [priors[targets[0].name]], fisher, layout, 12 / 32)
-    assert torch.allclose(model.weight.detach().reshape(-1), expect, atol=1e-9)
-    assert int((~masks[0]).sum()) == 12
 
 
 def _greedy_reference(
@@ -137,113 +84,6 @@ def test_exact_nm_is_valid() -> None:
     groups = masks[0].reshape(-1, 4).sum(1)
     assert bool((groups == 2).all())
     assert bool((model.weight.detach().reshape(-1, 4) != 0).sum(1).le(2).all())
-
-
-# --------------------------------------------------------------------------- SparseGPT
-def _sparsegpt_reference(w: torch.Tensor, h: torch.Tensor, sparsity: float, block: int, nm=None):
-    """The same algorithm written with explicit inverses of the trailing Hessian sub-matrices
-    (no Cholesky): column j uses Hj^-1 = inv(H[j:, j:]), error w_ij / [Hj^-1]_00 spread as
-    -err * [Hj^-1]_{0,:}; masks per block by w^2 / [Hj^-1]_00 at the block start."""
-    w = w.to(F64).clone()
-    h = h.to(F64).clone()
-    h.diagonal().add_(0.01 * float(h.diagonal().mean()))
-    rows, cols = w.shape
-    keep = torch.ones(rows, cols, dtype=torch.bool)
-    trailing = [torch.linalg.inv(h[j:, j:]) for j in range(cols)]
-    diag = torch.tensor([float(t[0, 0]) for t in trailing], dtype=F64)
-    for c0 in range(0, cols, block):
-        c1 = min(c0 + block, cols)
-        if nm is None:
-            score = w[:, c0:c1].square() / diag[c0:c1]
-            k = round(sparsity * score.numel())
-            flat = torch.ones(score.numel(), dtype=torch.bool)
-            flat[score.reshape(-1).argsort()[:k]] = False
-            keep[:, c0:c1] = flat.view(score.shape)
-        for j in range(c0, c1):
-            if nm is not None and (j - c0) % nm[1] == 0:
-                score = w[:, j : j + nm[1]].square() / diag[j : j + nm[1]]
-                drop = score.argsort(dim=1)[:, : nm[1] - nm[0]]
-                keep[:, j : j + nm[1]].scatter_(1, drop, False)
-            err = torch.where(keep[:, j], 0.0, w[:, j]) / trailing[j][0, 0]
-            w[:, j:] -= err[:, None] * trailing[j][0][None, :]
-            w[:, j] = torch.where(keep[:, j], w[:, j], 0.0)
-    return w, keep
-
-
-@pytest.mark.parametrize(
-    ("sparsity", "nm", "block"), [(0.5, None, 4), (0.7, None, 16), (0.0, (2, 4), 8)]
-)
-def test_prune_layer_matches_dense_reference(sparsity, nm, block) -> None:
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(200, 16, generator=gen, dtype=F64) @ torch.randn(
-        16, 16, generator=gen, dtype=F64
-    )
-    h = 2 * x.T @ x / 200
-    w = torch.randn(6, 16, generator=gen, dtype=F64)
-    new, keep = prune_layer(w, h, sparsity, nm, block)
-    ref_w, ref_keep = _sparsegpt_reference(w, h, sparsity, block, nm)
-    assert torch.equal(keep, ref_keep)
-    assert torch.allclose(new, ref_w, atol=1e-9)
-    assert bool((new[~keep] == 0).all())
-    # the layer-wise reconstruction loss beats plain masking at the same mask
-    err_obs = float(((new - w) @ x.T).norm())
-    err_mask = float(((w * keep - w) @ x.T).norm())
-    assert err_obs <= err_mask + 1e-12
-
-
-def test_prune_layer_float32_close_to_float64() -> None:
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(300, 32, generator=gen)
-    w = torch.randn(8, 32, generator=gen)
-    h = 2 * x.T @ x / 300
-    new32, keep32 = prune_layer(w, h, 0.5)
-    new64, keep64 = prune_layer(w.double(), h.double(), 0.5)
-    assert new32.dtype == torch.float32
-    assert torch.equal(keep32, keep64)
-    assert torch.allclose(new32.double(), new64, atol=1e-5)
-
-
-def test_conv_hessian_from_patches_and_model_runner() -> None:
-    """Conv2d calibration inputs are the im2col patches: H = 2 X^T X / n with X built by an
-    explicit loop over output positions; the runner then prunes every layer per column block."""
-    from mfac.prune.methods.sparsegpt import HessianRecorder, sparsegpt
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, stride=2), nn.Flatten(), nn.Linear(64, 8))
-    x = torch.randn(3, 2, 8, 8)
-    targets = find_targets(model)
-    rec = HessianRecorder(targets[:1])
-    with torch.no_grad():
-        model(x)
-    rec.remove()
-    padded = nn.functional.pad(x, (1, 1, 1, 1))
-    rows = [
-        padded[b, :, i : i + 3, j : j + 3].reshape(-1)
-        for b in range(3)
-        for i in range(0, 8, 2)
-        for j in range(0, 8, 2)
-    ]
-    patches = torch.stack(rows).double()
-    expect = 2 * patches.T @ patches / patches.shape[0]
-    assert torch.allclose(rec.hessian(targets[0].name), expect, atol=1e-5)
-    masks, timings = sparsegpt(model, [x], lambda m, b: m(b), 0.5, block=16, progress=False)
-    for name, keep in masks.items():
-        assert abs(1 - float(keep.float().mean()) - 0.5) < 0.02
-        assert bool((dict(model.named_modules())[name].weight[~keep] == 0).all())
-    assert set(timings) == {"collect", "precompute", "prune"}
-
-
-def test_lowest_selects_exactly_count_with_ties() -> None:
-    from mfac.prune.patterns import lowest
-
-    gen = torch.Generator().manual_seed(2)
-    for n, count in [(10, 0), (10, 10), (50, 17), (1000, 500)]:
-        values = torch.randint(0, 7, (n,), generator=gen).double()  # many ties
-        values[:3] = -math.inf
-        sel = lowest(values, count)
-        assert int(sel.sum()) == count
-        if 0 < count < n:
-            assert float(values[sel].max()) <= float(values[~sel].min())
 
 
 def test_exact_same_result_in_one_block_chunks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -184,7 +184,7 @@ def prune_layer(
             )  # fmt: skip
         width = c1 - c0
         for s0 in range(0, width, SUB_BLOCK):
-            # rank-one updates only inside a sub-block; the rest of the block gets the
+            # rank-one updates only inside a sub-block; the rest of the column block gets the
             # sub-block's errors in one matmul (same arithmetic, BLAS-3 instead of BLAS-1)
             s1 = min(s0 + SUB_BLOCK, width)
             for j in range(s0, s1):
