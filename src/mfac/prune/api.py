@@ -46,6 +46,8 @@ def oneshot(
     spec = get_method(method)
     cfg = spec.config.build(options, f"method {method!r}")
     nm = parse_pattern(pattern)
+    if nm is not None and not spec.patterns:
+        raise ValueError(f"method {method!r} does not take an N:M pattern")
     targets = find_targets(model, cfg.layers, getattr(cfg, "exclude", ()))
     check_pattern_fits(targets, nm)
     sparsity = check_nm_sparsity(sparsity, nm)

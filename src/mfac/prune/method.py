@@ -81,7 +81,9 @@ class Method:
     ``run(request, config)`` prunes ``request.targets`` in place and returns the keep-masks by
     layer name; ``check(request, config)`` refuses combinations that need the model (before
     any weight changes). ``restores`` is what is backed up for the error path: the pruned
-    weights ("targets") or the whole state ("model", for methods that train).
+    weights ("targets") or the whole state ("model", for methods that train). ``patterns``:
+    whether the method takes an N:M pattern (:func:`mfac.prune.oneshot` refuses one otherwise,
+    naming the method).
     """
 
     name: str
@@ -91,6 +93,7 @@ class Method:
     needs_data: bool = True
     check: Callable[[Request, Any], None] | None = None
     restores: str = "targets"
+    patterns: bool = True
 
 
 @torch.no_grad()
