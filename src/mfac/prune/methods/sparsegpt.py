@@ -59,7 +59,7 @@ class ProjectionOptions(LayerOptions):
 class SparseGPTConfig(CommonOptions, ProjectionOptions, BudgetOptions):
     """Options of ``method="sparsegpt"``."""
 
-    block: int = option(128, "columns pruned together (lazy batch updates)", low=1)
+    block: int = option(128, "columns pruned together: the column block of lazy updates", low=1)
 
 
 def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 128) -> torch.Tensor:

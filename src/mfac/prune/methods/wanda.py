@@ -35,7 +35,7 @@ class WandaConfig(CommonOptions, BudgetOptions):
     calib_batches: int = option(32, "calibration batches whose inputs give ||X_j||_2", low=1)
     sequential: bool = option(
         True,
-        "prune block by block, each calibrated on the pruned blocks' outputs (as the paper); "
+        "prune stage by stage, each calibrated on the pruned stages' outputs (as the paper); "
         "False takes every norm from one pass of the dense model",
     )
 
