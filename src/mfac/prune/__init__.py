@@ -1,7 +1,7 @@
 """Second-order pruning: one-shot OBS with the M-FAC inverse Fisher (summed single-weight
-updates, recomputation, exact per-block OBC), layer-wise OBS (SparseGPT), magnitude and
-diagonal-Fisher baselines, Wanda, OWL and Fisher budgets for transformers, I-OBS for networks,
-N:M patterns, masks that hold, Hugging Face export, and gradual pruning.
+updates, recomputation, exact OBC inside each Fisher block), layer-wise OBS (SparseGPT),
+magnitude and diagonal-Fisher baselines, Wanda, OWL and Fisher budgets for transformers, I-OBS
+for networks, N:M patterns, masks that hold, Hugging Face export, and gradual pruning.
 
 One module per method in :mod:`mfac.prune.methods`, registered in :mod:`mfac.prune.registry`;
 the shared pieces each in their own module: targets (:mod:`._layers`), N:M patterns
