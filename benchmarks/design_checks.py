@@ -6,7 +6,7 @@
    and float32, the reason for ``mfac.operators.kernels``.
 3. bf16 ``push_ihvp`` semantics: the first step with F^-1 of the stored (rounded) gradient
    against F^-1 of the unrounded one, both compared with the normalised-gradient step.
-4. mfac-exact's greedy trace (``mfac.prune.exact``): rewriting the B x B inverse with a
+4. mfac-exact's greedy trace (``mfac.prune.methods.mfac_exact``): rewriting the B x B inverse with a
    rank-one downdate per removal (two passes: trace, then replay) against the low-rank factor
    form (one trace pass, then a joint Cholesky solve), and cache-sized against large chunks.
 
@@ -134,7 +134,7 @@ def _rank_one_greedy(hinv: torch.Tensor, w: torch.Tensor, steps: int) -> torch.T
 
 def greedy(size: int = 1024, blocks: int = 4) -> dict:
     """mfac-exact's trace over ``blocks`` blocks of size B: seconds per block, same run."""
-    from mfac.prune.exact import greedy_obs, joint_removal
+    from mfac.prune.methods.mfac_exact import greedy_obs, joint_removal
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(blocks, size, size // 2, dtype=F64, generator=gen)

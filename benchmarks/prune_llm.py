@@ -133,8 +133,8 @@ def fisher_budgets(
     model: torch.nn.Module, targets: list, calib: list, sparsity: float, spread: float, out: dict
 ) -> dict[str, float]:
     """Per-block budgets set by global curvature: the diagonal-Fisher saliency ranked over all
-    layers, mapped into OWL's band (:func:`mfac.prune.fisher_budget.fisher_sparsities`)."""
-    from mfac.prune.fisher_budget import fisher_sparsities
+    layers, mapped into OWL's band (:func:`mfac.prune.budgets.fisher_sparsities`)."""
+    from mfac.prune.budgets import fisher_sparsities
 
     info: dict = {}
     budgets = fisher_sparsities(
@@ -151,11 +151,11 @@ def layerwise(
     args: argparse.Namespace, out: dict,
 ) -> None:  # fmt: skip
     """Run one of the layer-wise methods on ``model`` with its own function and config."""
+    from mfac.prune import sparsegpt
     from mfac.prune._layers import find_targets
-    from mfac.prune.layerwise import sparsegpt
-    from mfac.prune.owl import OWLConfig, owl_sparsities
+    from mfac.prune.budgets import OWLConfig, owl_sparsities
+    from mfac.prune.methods.wanda import WandaConfig, wanda
     from mfac.prune.patterns import parse_pattern
-    from mfac.prune.wanda import WandaConfig, wanda
 
     nm = parse_pattern(pattern)
     targets = find_targets(model, lambda name, _m: ".layers." in name)

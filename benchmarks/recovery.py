@@ -762,8 +762,7 @@ def part_dnn(quick: bool) -> None:
     from sklearn.datasets import load_digits
     from torch import nn
 
-    from mfac.prune import iobs_prune
-    from mfac.prune.layerwise import sparsegpt
+    from mfac.prune import iobs_prune, sparsegpt
 
     torch.manual_seed(0)
     X, y = load_digits(return_X_y=True)
@@ -852,7 +851,7 @@ def part_dnn(quick: bool) -> None:
             "dense_steps": dense_steps,
             "lr": lr,
             "optimizer": "adam",
-            "projection": "SparseGPT (mfac.prune.layerwise.sparsegpt), damp 0.01",
+            "projection": "SparseGPT (mfac.prune.sparsegpt), damp 0.01",
         },
         "control": f"one-shot SparseGPT + {dense_steps * (iters - 1)} Adam steps with the "
         "mask held (same optimiser budget as I-OBS)",

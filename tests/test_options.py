@@ -15,8 +15,8 @@ from torch import nn
 
 import mfac.prune as mp
 from mfac._config import Options, option, options_of
-from mfac.prune.base import Method, ScopedOptions, zero_pruned
-from mfac.prune.layerwise import sparsegpt
+from mfac.prune.method import Method, ScopedOptions, zero_pruned
+from mfac.prune.methods.sparsegpt import sparsegpt
 from mfac.recovery import METHODS as SOLVERS
 from mfac.recovery.options import CONFIGS
 

@@ -14,6 +14,12 @@ class NonFiniteGradientError(ValueError):
     """A gradient (or vector) holds NaN or Inf; nothing was written."""
 
 
+class SingularHessianError(ValueError):
+    """A Hessian is singular or not positive definite at the damping given (a layer's Hessian in
+    layer-wise pruning even after escalating the damping; a recovery problem's undamped
+    Hessian): the message says which damping to raise."""
+
+
 def check_damp(damp: float, name: str = "damp") -> float:
     """Return ``damp`` as a float, or raise if it is not a positive finite number."""
     try:

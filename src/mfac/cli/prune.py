@@ -170,7 +170,7 @@ def run_prune(args: argparse.Namespace) -> int:
 def _batches_needed(config: Any) -> int:
     """Batches to draw for the method: m gradients, or the calibration batches (I-OBS
     without its own count uses SparseGPT's default)."""
-    from ..prune.sparsegpt import SparseGPTConfig
+    from ..prune.methods.sparsegpt import SparseGPTConfig
 
     if hasattr(config, "num_grads"):
         return int(config.num_grads)

@@ -1,16 +1,20 @@
 """Second-order pruning: one-shot OBS with the M-FAC inverse Fisher (summed single-weight
-updates, recomputation, exact per-block OBC), layer-wise OBS (SparseGPT), magnitude and
-diagonal-Fisher baselines, Wanda and OWL budgets for transformers, I-OBS for networks, N:M
-patterns, masks that hold, Hugging Face export, and gradual pruning. Methods are registered in
-:mod:`mfac.prune.registry`."""
+updates, recomputation, exact OBC inside each Fisher block), layer-wise OBS (SparseGPT),
+magnitude and diagonal-Fisher baselines, Wanda, OWL and Fisher budgets for transformers, I-OBS
+for networks, N:M patterns, masks that hold, Hugging Face export, and gradual pruning.
 
-from .api import METHODS, density_steps, oneshot
-from .base import Method
+One module per method in :mod:`mfac.prune.methods`, registered in :mod:`mfac.prune.registry`;
+the shared pieces each in their own module: targets (:mod:`._layers`), N:M patterns
+(:mod:`.patterns`), masks (:mod:`.masks`), budgets (:mod:`.budgets`), calibration
+(:mod:`.calibration`), gradients (:mod:`.collect`), export (:mod:`.export`), the result
+(:mod:`.result`). No name below is also a submodule.
+"""
+
+from .._validation import SingularHessianError
+from .api import METHODS, oneshot
+from .budgets import OWLConfig, fisher_sparsities, owl_sparsities
 from .collect import collect_gradients, squared_gradient_mean
 from .export import save_pretrained_sparse
-from .gradual import cubic_schedule, finetune, gradual
-from .iobs import IOBSConfig, IOBSPruneResult, iobs_prune
-from .layerwise import prune_layer, sparsegpt
 from .masks import (
     MaskHolder,
     apply_masks,
@@ -23,11 +27,15 @@ from .masks import (
     save_sparse,
     to_torch_prune,
 )
-from .owl import OWLConfig, owl_sparsities
+from .method import Method
+from .methods.iobs import IOBSConfig, IOBSPruneResult, iobs_prune
+from .methods.mfac_obs import density_steps
+from .methods.sparsegpt import prune_layer, sparsegpt
+from .methods.wanda import WandaConfig, wanda
 from .patterns import parse_pattern
 from .registry import REGISTRY, get_method
 from .result import PruneResult
-from .wanda import WandaConfig, wanda
+from .schedule import cubic_schedule, finetune, gradual
 
 __all__ = [
     "METHODS",
@@ -38,6 +46,7 @@ __all__ = [
     "Method",
     "OWLConfig",
     "PruneResult",
+    "SingularHessianError",
     "WandaConfig",
     "apply_masks",
     "bake",
@@ -45,6 +54,7 @@ __all__ = [
     "cubic_schedule",
     "density_steps",
     "finetune",
+    "fisher_sparsities",
     "get_method",
     "gradual",
     "hold_masks",

@@ -8,18 +8,17 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 
 from ._layers import current_masks, find_targets
-from .base import Request
-from .blockwise import restored_on_error
 from .collect import LossFn
-from .fisher import density_steps
+from .method import Request
 from .patterns import check_nm_sparsity, check_pattern_fits, parse_pattern
 from .registry import REGISTRY, get_method
+from .restore import restored_on_error
 from .result import PruneResult, summarize
 
 #: Names of the registered methods (see :mod:`mfac.prune.registry`).
 METHODS = tuple(REGISTRY)
 
-__all__ = ["METHODS", "density_steps", "oneshot"]
+__all__ = ["METHODS", "oneshot"]
 
 
 def oneshot(
@@ -38,8 +37,8 @@ def oneshot(
     (the layer-wise methods only run it forward, for calibration). ``pattern`` is None
     (unstructured) or "N:M"; with a pattern, ``sparsity`` is None or 1 - N/M (a contradicting
     value is refused). ``options`` are the fields of the method's option set
-    (``REGISTRY[method].config``, e.g. :class:`mfac.prune.fisher.MFACConfig`; the tables in
-    docs/cli.md list them with their defaults); unknown names raise TypeError.
+    (``REGISTRY[method].config``, e.g. :class:`mfac.prune.methods.mfac_obs.MFACOBSConfig`; the
+    tables in docs/cli.md list them with their defaults); unknown names raise TypeError.
 
     Everything is validated first; on any error (including a NaN loss) the weights are restored
     and the model is left as it was.
@@ -47,6 +46,8 @@ def oneshot(
     spec = get_method(method)
     cfg = spec.config.build(options, f"method {method!r}")
     nm = parse_pattern(pattern)
+    if nm is not None and not spec.patterns:
+        raise ValueError(f"method {method!r} does not take an N:M pattern")
     targets = find_targets(model, cfg.layers, getattr(cfg, "exclude", ()))
     check_pattern_fits(targets, nm)
     sparsity = check_nm_sparsity(sparsity, nm)

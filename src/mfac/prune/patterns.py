@@ -113,8 +113,8 @@ def select(
 def lowest(values: torch.Tensor, count: int) -> torch.Tensor:
     """Bool mask of the ``count`` smallest entries of a 1-D tensor, ties broken by position.
 
-    A selection (``kthvalue``, linear time), several times faster on CPU than ``topk`` or a
-    sort when ``count`` is a large fraction of the entries, as in 50 % per-layer pruning.
+    A selection (``kthvalue``, linear time) rather than ``topk`` or a sort: ``count`` is often a
+    large fraction of the entries (50 % per-layer pruning), where those do the most work.
     """
     out = torch.zeros_like(values, dtype=torch.bool)
     if count <= 0:

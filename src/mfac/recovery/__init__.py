@@ -1,11 +1,14 @@
 """Sparse recovery: min f(x) s.t. ||x||_0 <= k with I-OBS and the classic baselines
 (IHT, normalised IHT, HTP, CoSaMP, OMP), for least squares and logistic regression.
 
-The network variant of I-OBS (SparseGPT projections) is a pruning method:
-:func:`mfac.prune.iobs_prune` / ``mfac.prune.oneshot(..., method="iobs")``."""
+I-OBS here is the solver for one sparse vector (:mod:`mfac.recovery.iobs`). The pruning method
+``iobs`` (:mod:`mfac.prune.methods.iobs`: dense training steps alternating with SparseGPT
+projections of a network) shares the idea, not the code: :func:`mfac.prune.iobs_prune` /
+``mfac.prune.oneshot(..., method="iobs")``."""
 
+from .._validation import SingularHessianError
 from .api import METHODS, solve
-from .curvature import DenseCurvature, MFACCurvature, SingularHessianError
+from .curvature import DenseCurvature, MFACCurvature
 from .problems import LeastSquares, Logistic, Problem, make_problem
 from .result import RecoveryResult
 

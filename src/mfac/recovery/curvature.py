@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import SingularHessianError
 from ..operators import InverseFisher
 from .problems import F64, Problem
-
-
-class SingularHessianError(ValueError):
-    """The (undamped) Hessian is singular, so the curvature step is undefined: pass damp > 0."""
 
 
 def _damp_value(diag_mean: float, damp: float, damp_mode: str) -> float:

@@ -4,57 +4,62 @@ The loss has Hessian H = 2 X X^T (shared by all rows of W). Columns are processe
 column j the inverse Hessian of the not-yet-processed columns is read off the upper Cholesky
 factor U of H^-1 (U^T U = H^-1): its row j is [H_j^-1]_{0,:} / sqrt([H_j^-1]_00), with H_j the
 trailing sub-matrix. Removing w_ij leaves error e_i = w_ij / U_jj, spread over the later
-columns as -e_i U_{j,k}. The mask is picked per block of ``block`` columns (unstructured) or per
-M columns (N:M) by w^2 / U_jj^2, and the block's errors are pushed to the rest in one matmul.
+columns as -e_i U_{j,k}. The mask is picked per column block (``block`` columns, unstructured)
+or per M columns (N:M) by w^2 / U_jj^2, and the column block's errors are pushed to the rest in
+one matmul.
+
+``method="sparsegpt"`` runs :func:`sparsegpt` over the targets, stage by stage
+(:mod:`mfac.prune.calibration`), at the uniform or a per-layer budget
+(:mod:`mfac.prune.budgets`).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .._validation import check_damp
-from ._layers import LayerFilter, Target, find_targets
-from .blockwise import (
-    InputStats,
-    calibration_batches,
-    check_layerwise_targets,
-    layer_inputs,
-    restored_on_error,
-    run_layerwise,
-    stages,
-)
-from .collect import progress_bar
-from .patterns import Pattern, check_nm_sparsity, check_pattern_fits, check_sparsity, lowest
-
-# layer_inputs and stages are re-exported for callers of the earlier layout
-__all__ = [
-    "HessianRecorder",
-    "damped_inverse_factor",
-    "layer_budgets",
-    "layer_inputs",
-    "prune_layer",
-    "sparsegpt",
-    "stages",
-]
+from ..._config import option
+from ..._validation import SingularHessianError, check_damp
+from .._layers import LayerFilter, Target, find_targets
+from ..budgets import BudgetOptions, Sparsity, layer_budgets, resolve_budget
+from ..calibration import InputStats, calibration_batches, check_layerwise_targets, run_layerwise
+from ..collect import progress_bar
+from ..method import CommonOptions, LayerOptions, Method, Request
+from ..patterns import Pattern, check_pattern_fits, lowest
+from ..restore import restored_on_error
 
 F64 = torch.float64
 
 
-#: Columns updated one at a time inside a block; the rest of the block is updated per
-#: sub-block with a matmul (a multiple of every M used in N:M patterns).
+#: Columns updated one at a time inside a column block; the rest of the column block is updated
+#: per sub-block with a matmul (a multiple of every M used in N:M patterns).
 SUB_BLOCK = 16
 
 #: Damping escalation after a failed Cholesky: at most this many retries, each 10x the last.
 DAMP_RETRIES = 4
 
 
-class SingularHessianError(ValueError):
-    """The damped layer Hessian did not factor even after escalating the damping."""
+@dataclass(frozen=True, kw_only=True)
+class ProjectionOptions(LayerOptions):
+    """Options shared by the methods built on SparseGPT projections."""
+
+    damp: float = option(0.01, "damping, relative to the Hessian diagonal", low=0, low_open=True)
+    calib_batches: int = option(32, "calibration batches per projection", low=1)
+    sequential: bool = option(
+        True, "re-run calibration per stage so later layers see the pruned earlier ones"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseGPTConfig(CommonOptions, ProjectionOptions, BudgetOptions):
+    """Options of ``method="sparsegpt"``."""
+
+    block: int = option(128, "columns pruned together: the column block of lazy updates", low=1)
 
 
 def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 128) -> torch.Tensor:
@@ -173,13 +178,13 @@ def prune_layer(
         errs = torch.zeros_like(wb)
         kb = torch.ones_like(wb, dtype=torch.bool)
         if pattern is None:
-            kb = _keep_block(
+            kb = _keep_columns(
                 wb, ub.diagonal(), sparsity, None if prior is None else prior[:, c0:c1],
                 alive[c0:c1],
             )  # fmt: skip
         width = c1 - c0
         for s0 in range(0, width, SUB_BLOCK):
-            # rank-one updates only inside a sub-block; the rest of the block gets the
+            # rank-one updates only inside a sub-block; the rest of the column block gets the
             # sub-block's errors in one matmul (same arithmetic, BLAS-3 instead of BLAS-1)
             s1 = min(s0 + SUB_BLOCK, width)
             for j in range(s0, s1):
@@ -209,7 +214,7 @@ def prune_layer(
     return w.to(dtype).reshape(shape), keep.reshape(shape)
 
 
-def _keep_block(
+def _keep_columns(
     wb: torch.Tensor,
     udiag: torch.Tensor,
     sparsity: float,
@@ -232,7 +237,6 @@ def _keep_block(
     return keep.view(score.shape)
 
 
-# --------------------------------------------------------------------------- the runner
 class HessianRecorder(InputStats):
     """Forward hooks accumulating H = 2 X^T X / n (float64) per layer from calibration passes."""
 
@@ -243,25 +247,6 @@ class HessianRecorder(InputStats):
         """2 X^T X / n for layer ``name``."""
         gram, count = self.get(name)
         return gram * (2.0 / max(count, 1))
-
-
-Sparsity = float | Mapping[str, float]
-
-
-def layer_budgets(
-    targets: Sequence[Target], sparsity: Sparsity | None, pattern: Pattern
-) -> dict[str, float]:
-    """Per-layer sparsity from one number or a mapping naming every target (e.g. OWL budgets);
-    checked against the N:M pattern, before anything runs."""
-    names = [t.name for t in targets]
-    if isinstance(sparsity, Mapping):
-        missing = [n for n in names if n not in sparsity]
-        if missing:
-            raise ValueError(f"per-layer sparsity misses layers: {missing[:5]}")
-        if pattern is not None:
-            raise ValueError("per-layer sparsities cannot be combined with an N:M pattern")
-        return {n: check_sparsity(sparsity[n]) for n in names}
-    return dict.fromkeys(names, check_nm_sparsity(sparsity, pattern))
 
 
 @torch.no_grad()
@@ -286,11 +271,11 @@ def sparsegpt(
     ``data`` (``forward_fn(model, batch)`` runs the model). Returns (keep-masks, timings).
 
     ``sparsity``: one fraction for every layer, or a mapping layer name -> fraction (per-layer
-    budgets such as :func:`mfac.prune.owl.owl_sparsities`); with an N:M ``pattern`` it is
+    budgets such as :func:`mfac.prune.budgets.owl_sparsities`); with an N:M ``pattern`` it is
     None or 1 - N/M (:func:`mfac.prune.patterns.check_nm_sparsity` refuses anything else).
-    Sequential mode prunes block by block, each block calibrated on the outputs of the
-    already-pruned blocks before it (inputs captured once and propagated; see
-    :mod:`mfac.prune.blockwise`). ``info``, when given, receives the schedule that ran and the
+    Sequential mode prunes stage by stage, each stage calibrated on the outputs of the
+    already-pruned stages before it (inputs captured once and propagated; see
+    :mod:`mfac.prune.calibration`). ``info``, when given, receives the schedule that ran and the
     damping used per layer where a failed Cholesky escalated it (``damp_escalated``). On any
     error the weights are restored.
     """
@@ -346,3 +331,21 @@ def sparsegpt(
         info["layer_seconds"] = seconds
         info["calib_batches"] = len(batches)
     return masks, timings
+
+
+def run(req: Request, cfg: SparseGPTConfig) -> dict[str, torch.Tensor]:
+    """``method="sparsegpt"``: one sequential (or single-pass) SparseGPT sweep over the targets,
+    at the uniform or a per-layer budget."""
+    assert req.data is not None and req.loss_fn is not None
+    budget = resolve_budget(req, cfg, cfg.calib_batches)
+    masks, timings = sparsegpt(
+        req.model, req.data, req.loss_fn, budget,
+        targets=req.targets, pattern=req.pattern, block=cfg.block, damp=cfg.damp,
+        calib_batches=cfg.calib_batches, sequential=cfg.sequential, priors=req.priors,
+        progress=cfg.progress, info=req.info,
+    )  # fmt: skip
+    req.timings.update(timings)
+    return masks
+
+
+METHOD = Method("sparsegpt", SparseGPTConfig, run, "layer-wise OBS from calibration inputs")

@@ -8,28 +8,26 @@ from dataclasses import dataclass
 
 import torch
 
-from .._config import option
-from ._layers import Layout
-from .base import Method, Request, ScopedOptions, zero_pruned
-from .collect import squared_gradient_mean
-from .patterns import select
-from .saliency import diag_fisher_scores
-
-
-@dataclass(frozen=True, kw_only=True)
-class GradientOptions(ScopedOptions):
-    """Methods that estimate the Fisher from m gradients."""
-
-    num_grads: int = option(64, "gradients m for the Fisher estimate", low=1)
-    damp: float = option(1e-2, "damping lambda (relative to the diagonal)", low=0, low_open=True)
-    per_sample: bool = option(
-        False, "m per-sample gradients (torch.func) instead of m mini-batch gradients"
-    )
+from .._layers import Layout
+from ..collect import squared_gradient_mean
+from ..method import GradientOptions, Method, Request, zero_pruned
+from ..patterns import select
 
 
 @dataclass(frozen=True, kw_only=True)
 class DiagFisherConfig(GradientOptions):
     """Options of ``method="diag-fisher"``."""
+
+
+def diag_fisher_scores(
+    layout: Layout, fisher_diag: torch.Tensor, damp: float
+) -> list[torch.Tensor]:
+    """OBS saliency under a diagonal Fisher: rho_q = w_q^2 (lambda + F_qq) / 2, with lambda
+    relative (``damp`` times the mean of F's diagonal), as for the M-FAC OBS method."""
+    lam = damp * float(fisher_diag[layout.real].mean())
+    w = layout.gather([t.param for t in layout.targets], torch.float64)
+    rho = 0.5 * w.square() * (lam + fisher_diag)
+    return layout.scatter(rho)
 
 
 def run(req: Request, cfg: DiagFisherConfig) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
-"""What every pruning method shares: the options common to them, the request a method runs
-on, and the registry entry that names a method's config and its run function."""
+"""What every pruning method shares: the option sets common to several methods, the request a
+method runs on, and :class:`Method`, the registry entry naming a method's config and its run
+function."""
 
 from __future__ import annotations
 
@@ -43,29 +44,14 @@ class ScopedOptions(CommonOptions):
     )
 
 
-THRESHOLD_HELP = "OWL's M: a score is an outlier above M times its block's mean score"
-SPREAD_HELP = "OWL's lambda: the largest deviation of a block's sparsity from the target"
-
-
-def budget_option(default: str) -> Any:
-    """The ``budget`` field of a layer-wise method, with ``default`` as its default."""
-    return option(default, "how sparsity is spread over layers", choices=BUDGETS)
-
-
-#: How a layer-wise method may spread its sparsity over layers (:mod:`mfac.prune.budgets`).
-BUDGETS = ("uniform", "owl", "fisher")
-
-
 @dataclass(frozen=True, kw_only=True)
-class OWLBudgetOptions(Options):
-    """The budget option of every layer-wise method: one sparsity for every layer, OWL's
-    outlier-weighted per-block budgets (:mod:`mfac.prune.owl`) or per-block budgets from the
-    global diagonal-Fisher saliency (:mod:`mfac.prune.fisher_budget`), with the same mean."""
+class GradientOptions(ScopedOptions):
+    """Methods that estimate the Fisher from m gradients."""
 
-    budget: str = budget_option("uniform")
-    owl_threshold: float = option(5.0, THRESHOLD_HELP + " (budget=owl)", low=0, low_open=True)
-    owl_spread: float = option(
-        0.08, SPREAD_HELP + " (budget=owl or fisher)", low=0, high=1, high_open=True
+    num_grads: int = option(64, "gradients m for the Fisher estimate", low=1)
+    damp: float = option(1e-2, "damping lambda (relative to the diagonal)", low=0, low_open=True)
+    per_sample: bool = option(
+        False, "m per-sample gradients (torch.func) instead of m mini-batch gradients"
     )
 
 
@@ -95,7 +81,9 @@ class Method:
     ``run(request, config)`` prunes ``request.targets`` in place and returns the keep-masks by
     layer name; ``check(request, config)`` refuses combinations that need the model (before
     any weight changes). ``restores`` is what is backed up for the error path: the pruned
-    weights ("targets") or the whole state ("model", for methods that train).
+    weights ("targets") or the whole state ("model", for methods that train). ``patterns``:
+    whether the method takes an N:M pattern (:func:`mfac.prune.oneshot` refuses one otherwise,
+    naming the method).
     """
 
     name: str
@@ -105,6 +93,7 @@ class Method:
     needs_data: bool = True
     check: Callable[[Request, Any], None] | None = None
     restores: str = "targets"
+    patterns: bool = True
 
 
 @torch.no_grad()

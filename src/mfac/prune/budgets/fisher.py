@@ -1,14 +1,15 @@
-"""Per-block sparsity budgets set by global curvature, for the layer-wise pruners.
+"""Per-stage sparsity budgets set by global curvature, for the layer-wise methods.
 
 The diagonal empirical Fisher F_ii (the mean squared loss gradient over the calibration batches)
 gives every weight the OBS saliency w_i^2 F_ii / 2 (docs/algorithms.md, section 1). Ranked over
-all pruned layers at once, these saliencies say how much of each transformer block a global
-pruner would keep at the target sparsity S. That kept share replaces OWL's outlier ratio in
-:func:`mfac.prune.owl.owl_budgets`: blocks that the loss's curvature protects are pruned less,
-each block's sparsity stays in [S - spread, S + spread], and the weight-count-weighted mean is
-exactly S. The layer-wise method (SparseGPT, Wanda) then prunes each layer to its block's share.
+all pruned layers at once, these saliencies say how much of each stage (transformer block) a
+global pruner would keep at the target sparsity S. That kept share replaces OWL's outlier ratio
+in :func:`mfac.prune.budgets.owl.owl_budgets`: stages that the loss's curvature protects are
+pruned less, each stage's sparsity stays in [S - spread, S + spread], and the
+weight-count-weighted mean is exactly S. The layer-wise method (SparseGPT, Wanda) then prunes
+each layer to its stage's share.
 
-Unlike a global pruner this keeps every block near S (a layer is never emptied); unlike OWL it
+Unlike a global pruner this keeps every stage near S (a layer is never emptied); unlike OWL it
 asks the loss, not the activations, where the sparsity should go.
 """
 
@@ -20,10 +21,10 @@ from itertools import islice
 import torch
 from torch import nn
 
-from ._layers import LayerFilter, Target, find_targets
-from .blockwise import check_layerwise_targets, stage_name
+from .._layers import LayerFilter, Target, find_targets
+from ..calibration import check_layerwise_targets, stage_name
+from ..patterns import check_sparsity
 from .owl import owl_budgets
-from .patterns import check_sparsity
 
 
 def fisher_sparsities(
@@ -41,7 +42,7 @@ def fisher_sparsities(
     """Budgets (layer name -> sparsity) for ``targets`` of ``model`` at overall ``sparsity`` from
     ``calib_batches`` batches of ``data`` (``loss_fn(model, batch)`` must return a scalar loss).
     The model's weights, its ``.grad`` attributes and its train/eval mode are left as they
-    were. ``info`` receives each block's kept share (``fisher_kept_share``) and budget
+    were. ``info`` receives each stage's kept share (``fisher_kept_share``) and budget
     (``fisher_group_sparsity``)."""
     s = check_sparsity(sparsity)
     if not 0.0 <= spread < 1.0:

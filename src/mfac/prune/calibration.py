@@ -1,25 +1,25 @@
-"""Calibration statistics of linear layers, gathered block by block for layer-wise pruners.
+"""Calibration: statistics of the pruned layers' inputs, gathered stage by stage for the
+layer-wise methods.
 
-Layer-wise pruners (SparseGPT, Wanda) need, for every pruned layer, a statistic of its inputs
-X (tokens x cols) over the calibration batches: the Gram X^T X (SparseGPT's Hessian is
-2 X^T X / n) or the squared column norms ||X_j||^2 (Wanda). Two schedules:
+Layer-wise methods (SparseGPT, Wanda) and the OWL budget need, for every pruned layer, a
+statistic of its inputs X (tokens x cols) over the calibration batches: the Gram X^T X
+(SparseGPT's Hessian is 2 X^T X / n) or the squared column norms ||X_j||^2 (Wanda). Two
+schedules:
 
 - one pass: all statistics from one run of the dense model over the batches;
-- sequential: the transformer blocks are pruned one after another, and each block's statistics
-  come from the outputs of the already-pruned blocks before it. The inputs of the first block are
-  captured once; each block is then run on its own (statistics pass, prune, output pass), so the
-  whole schedule costs about two forward passes of the model instead of one per block. When the
-  blocks do not form a chain (block i's output is block i+1's input, checked on one batch), the
-  model is re-run in full for every block instead.
+- sequential: the stages (a transformer block, see :func:`stages`) are pruned one after
+  another, and each stage's statistics come from the outputs of the already-pruned stages before
+  it. The inputs of the first stage are captured once; each stage is then run on its own
+  (statistics pass, prune, output pass), so the whole schedule costs about two forward passes of
+  the model instead of one per stage. When the stages do not form a chain (stage i's output is
+  stage i+1's input, checked on one batch), the model is re-run in full for every stage.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 
 import torch
@@ -31,7 +31,7 @@ from ._layers import Target
 F64 = torch.float64
 ForwardFn = Callable[[nn.Module, object], object]
 #: Keyword arguments of Hugging Face decoder blocks that carry a key/value cache: a captured
-#: block call is replayed without it (the cache would grow at every replay).
+#: stage call is replayed without it (the cache would grow at every replay).
 _CACHE_KWARGS = {"cache": None, "past_key_values": None, "past_key_value": None, "layer_past": None}
 
 
@@ -144,8 +144,9 @@ class InputStats:
 
 
 def stages(targets: Sequence[Target]) -> list[list[Target]]:
-    """Groups pruned together in sequential mode: layers sharing the name prefix up to the first
-    numeric component ("model.layers.3" for a transformer block, "0" in a Sequential)."""
+    """The stages, the groups pruned together in sequential mode: layers sharing the name prefix
+    up to the first numeric component ("model.layers.3" for a transformer block, "0" in a
+    Sequential)."""
     groups: dict[str, list[Target]] = {}
     for t in targets:
         groups.setdefault(stage_name(t.name), []).append(t)
@@ -153,14 +154,14 @@ def stages(targets: Sequence[Target]) -> list[list[Target]]:
 
 
 def stage_name(name: str) -> str:
-    """The block a layer belongs to (see :func:`stages`)."""
+    """The stage a layer belongs to (see :func:`stages`)."""
     parts = name.split(".")
     cut = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
     return ".".join(parts[: cut + 1])
 
 
 class _Stop(Exception):
-    """Raised by the capture hook to end a calibration forward at the first block."""
+    """Raised by the capture hook to end a calibration forward at the first stage."""
 
 
 def _first(out: object) -> torch.Tensor | None:
@@ -171,13 +172,15 @@ def _first(out: object) -> torch.Tensor | None:
     return None
 
 
-def _is_chain(model: nn.Module, blocks: list[nn.Module], batch: object, forward: ForwardFn) -> bool:
-    """True when, on ``batch``, every block runs once and block i's output is block i+1's
-    first input (so blocks can be replayed one after another on captured inputs)."""
-    inputs: dict[int, list[torch.Tensor | None]] = {i: [] for i in range(len(blocks))}
-    outputs: dict[int, list[torch.Tensor | None]] = {i: [] for i in range(len(blocks))}
+def _is_chain(
+    model: nn.Module, stage_modules: list[nn.Module], batch: object, forward: ForwardFn
+) -> bool:
+    """True when, on ``batch``, every stage runs once and stage i's output is stage i+1's
+    first input (so the stages can be replayed one after another on captured inputs)."""
+    inputs: dict[int, list[torch.Tensor | None]] = {i: [] for i in range(len(stage_modules))}
+    outputs: dict[int, list[torch.Tensor | None]] = {i: [] for i in range(len(stage_modules))}
     handles = []
-    for i, b in enumerate(blocks):
+    for i, b in enumerate(stage_modules):
         handles.append(
             b.register_forward_pre_hook(
                 lambda _m, a, i=i: inputs[i].append(a[0] if a else None)
@@ -191,7 +194,7 @@ def _is_chain(model: nn.Module, blocks: list[nn.Module], batch: object, forward:
             h.remove()
     if any(len(inputs[i]) != 1 or len(outputs[i]) != 1 for i in inputs):
         return False
-    for i in range(len(blocks) - 1):
+    for i in range(len(stage_modules) - 1):
         a, b = outputs[i][0], inputs[i + 1][0]
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
             return False
@@ -201,9 +204,9 @@ def _is_chain(model: nn.Module, blocks: list[nn.Module], batch: object, forward:
 
 
 def _capture(
-    model: nn.Module, block: nn.Module, batches: list[object], forward: ForwardFn
+    model: nn.Module, stage: nn.Module, batches: list[object], forward: ForwardFn
 ) -> list[tuple[tuple[object, ...], dict[str, object]]]:
-    """(args, kwargs) of ``block``'s call for every batch; the forward stops at the block."""
+    """(args, kwargs) of ``stage``'s call for every batch; the forward stops at the stage."""
     calls: list[tuple[tuple[object, ...], dict[str, object]]] = []
 
     def hook(_m: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
@@ -213,7 +216,7 @@ def _capture(
         calls.append((args, kw))
         raise _Stop
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = stage.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
             try:
@@ -240,8 +243,8 @@ def run_layerwise(
     on_stage: Callable[[], None] | None = None,
 ) -> None:
     """Gather ``kind`` statistics and call ``prune_group(group, stats)`` for every group of
-    ``targets``: one group after a single dense pass, or (``sequential``) one group per block,
-    with inputs propagated through the already-pruned blocks. ``timings['collect']`` adds the
+    ``targets``: one group after a single dense pass, or (``sequential``) one group per stage,
+    with inputs propagated through the already-pruned stages. ``timings['collect']`` adds the
     calibration passes; ``info['schedule']`` says which schedule ran."""
     was_training = model.training
     model.eval()
@@ -261,20 +264,20 @@ def run_layerwise(
             return
         groups = stages(targets)
         modules = dict(model.named_modules())
-        blocks = [modules[stage_name(g[0].name)] for g in groups]
+        stage_modules = [modules[stage_name(g[0].name)] for g in groups]
         t0 = time.perf_counter()
-        chain = _is_chain(model, blocks, batches[0], forward)
-        calls = _capture(model, blocks[0], batches, forward) if chain else []
+        chain = _is_chain(model, stage_modules, batches[0], forward)
+        calls = _capture(model, stage_modules[0], batches, forward) if chain else []
         timings["collect"] = timings.get("collect", 0.0) + time.perf_counter() - t0
         if info is not None:
             info["schedule"] = "sequential-blocks" if chain else "sequential-full-passes"
-        for group, block in zip(groups, blocks, strict=True):
+        for group, stage in zip(groups, stage_modules, strict=True):
             t0 = time.perf_counter()
             rec = InputStats(group, kind)
             try:
                 if chain:
                     for args, kwargs in calls:
-                        block(*args, **kwargs)
+                        stage(*args, **kwargs)
                 else:
                     for batch in batches:
                         forward(model, batch)
@@ -282,42 +285,13 @@ def run_layerwise(
                 rec.remove()
             timings["collect"] += time.perf_counter() - t0
             prune_group(group, rec)
-            if chain and block is not blocks[-1]:  # the last block's outputs feed nothing
+            if chain and stage is not stage_modules[-1]:  # the last stage's outputs feed nothing
                 t0 = time.perf_counter()
                 calls = [
-                    ((_first(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in calls
+                    ((_first(stage(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in calls
                 ]
                 timings["collect"] += time.perf_counter() - t0
             if on_stage is not None:
                 on_stage()
     finally:
         model.train(was_training)
-
-
-#: ids of the tensors an enclosing :func:`restored_on_error` already snapshots
-_GUARDED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
-    "mfac_guarded", default=frozenset()
-)
-
-
-@contextlib.contextmanager
-def restored_on_error(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Snapshot ``tensors``; on any exception write them back and re-raise. Nested calls over
-    tensors an enclosing call already guards (``oneshot`` around ``sparsegpt``) take no
-    second snapshot, so a pruning call holds one backup of the weights, not one per layer."""
-    ids = frozenset(id(t) for t in tensors)
-    outer = _GUARDED.get()
-    if ids <= outer:
-        yield
-        return
-    backup = [t.detach().clone() for t in tensors]
-    token = _GUARDED.set(outer | ids)
-    try:
-        yield
-    except BaseException:
-        with torch.no_grad():
-            for t, b in zip(tensors, backup, strict=True):
-                t.copy_(b)
-        raise
-    finally:
-        _GUARDED.reset(token)

@@ -1,4 +1,5 @@
-"""mfac-exact: correlated OBS inside each Fisher block (the OBC / CAP refinement).
+"""M-FAC exact OBS (``method="mfac-exact"``): correlated OBS inside each Fisher block (the
+OBC / CAP refinement), run by the group/sub-step runner of :mod:`mfac.prune.methods.mfac_obs`.
 
 Inside every block, weights are removed one at a time, greedily by OBS saliency, each removal
 applying its exact update and the inverse downdate
@@ -16,18 +17,46 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from ..operators import InverseFisher
-from ._layers import Layout, Target
-from .patterns import Pattern, lowest
+from ...operators import InverseFisher
+from .._layers import Layout, Target
+from ..method import Method, Request
+from ..patterns import Pattern, lowest
+from .mfac_obs import FisherOptions, run_steps
+from .mfac_obs import check as check_groups
 
 F64 = torch.float64
-#: float64 bytes (block inverses + downdate factors) processed at once: small enough to stay in
-#: a 32 MiB L3 (a chunk per step runs ~2.5x faster cache-resident than from DRAM at B = 1024;
-#: benchmarks/design_checks.py, part "greedy").
+#: float64 bytes (block inverses + downdate factors) processed at once: small enough to stay
+#: cache-resident (a 32 MiB L3), since every removal step rereads the whole chunk.
 CHUNK_BYTES = 16 * 2**20
+
+#: Largest float64 block inverse mfac-exact accepts (B = 4096 -> 128 MiB).
+EXACT_BLOCK_BYTES = 8 * 4096**2
+
+
+@dataclass(frozen=True, kw_only=True)
+class MFACExactConfig(FisherOptions):
+    """Options of ``method="mfac-exact"``."""
+
+
+def check(req: Request, cfg: MFACExactConfig) -> None:
+    """Refuse what needs the model to be known: per-layer budgets, N:M on pruned layers, block
+    sizes the dense per-block inverse cannot hold."""
+    check_groups(req, cfg)
+    nm = req.pattern
+    if nm is not None and not all(bool(p.all()) for p in req.priors.values()):
+        raise ValueError("mfac-exact with an N:M pattern needs layers without pruned weights")
+    if nm is not None and cfg.block_size and cfg.block_size % nm[1]:
+        raise ValueError(f"mfac-exact with N:M needs block_size divisible by M={nm[1]}")
+    size = cfg.block_size or sum(int(p.sum()) for p in req.priors.values())
+    if 8 * size**2 > EXACT_BLOCK_BYTES:
+        raise ValueError(
+            f"mfac-exact keeps a dense float64 inverse per block; block_size={size} needs "
+            f"{8 * size**2 / 2**30:.1f} GiB per block: use block_size <= 4096"
+        )
 
 
 def block_inverses(fisher: InverseFisher, b0: int, b1: int) -> torch.Tensor:
@@ -234,3 +263,23 @@ def _budgets(
         ((block_layer == li).nonzero().flatten(), round(sparsity * t.numel) - already[li])
         for li, t in enumerate(targets)
     ]
+
+
+def run(req: Request, cfg: MFACExactConfig) -> dict[str, torch.Tensor]:
+    """``method="mfac-exact"``: the exact greedy step in every sub-step."""
+
+    def step(
+        targets: list[Target], priors: list[torch.Tensor], fisher: InverseFisher,
+        layout: Layout, sparsity: float,
+    ) -> list[torch.Tensor]:  # fmt: skip
+        return exact_step(
+            targets, priors, fisher, layout, sparsity, scope=cfg.scope, pattern=req.pattern
+        )
+
+    return run_steps(req, cfg, step, one_block=True)
+
+
+METHOD = Method(
+    "mfac-exact", MFACExactConfig, run,
+    "correlated OBS inside each block of the inverse Fisher", check=check,
+)  # fmt: skip

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .base import Method, Request, ScopedOptions, zero_pruned
-from .patterns import select
-from .saliency import magnitude_scores
+from .._layers import Target
+from ..method import Method, Request, ScopedOptions, zero_pruned
+from ..patterns import select
 
 
 @dataclass(frozen=True, kw_only=True)
 class MagnitudeConfig(ScopedOptions):
     """Options of ``method="magnitude"``."""
+
+
+def magnitude_scores(targets: Sequence[Target]) -> list[torch.Tensor]:
+    """|w| for every weight of every layer."""
+    return [t.param.detach().abs().cpu() for t in targets]
 
 
 def run(req: Request, cfg: MagnitudeConfig) -> dict[str, torch.Tensor]:

@@ -16,32 +16,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._config import option
-from ._layers import LayerFilter, Target, find_targets
-from .base import CommonOptions, Method, OWLBudgetOptions, Request
-from .blockwise import (
-    InputStats,
-    calibration_batches,
-    check_layerwise_targets,
-    restored_on_error,
-    run_layerwise,
-)
-from .budgets import resolve_budget
-from .layerwise import Sparsity, layer_budgets
-from .patterns import Pattern, check_pattern_fits, nm_keep
-from .saliency import wanda_scores
+from ..._config import option
+from .._layers import LayerFilter, Target, find_targets
+from ..budgets import BudgetOptions, Sparsity, layer_budgets, resolve_budget
+from ..calibration import InputStats, calibration_batches, check_layerwise_targets, run_layerwise
+from ..method import CommonOptions, Method, Request
+from ..patterns import Pattern, check_pattern_fits, nm_keep
+from ..restore import restored_on_error
+from ..saliency import wanda_scores
 
 F64 = torch.float64
 
 
 @dataclass(frozen=True)
-class WandaConfig(CommonOptions, OWLBudgetOptions):
+class WandaConfig(CommonOptions, BudgetOptions):
     """Options of :func:`wanda` and of ``method="wanda"``."""
 
     calib_batches: int = option(32, "calibration batches whose inputs give ||X_j||_2", low=1)
     sequential: bool = option(
         True,
-        "prune block by block, each calibrated on the pruned blocks' outputs (as the paper); "
+        "prune stage by stage, each calibrated on the pruned stages' outputs (as the paper); "
         "False takes every norm from one pass of the dense model",
     )
 
@@ -121,7 +115,8 @@ def wanda(
 
 
 def run(req: Request, cfg: WandaConfig) -> dict[str, torch.Tensor]:
-    """``method="wanda"``: the uniform or OWL budget, then :func:`wanda` over the targets."""
+    """``method="wanda"``: the uniform or a per-layer budget, then :func:`wanda` over the
+    targets."""
     assert req.loss_fn is not None and req.data is not None
     budget = resolve_budget(req, cfg, cfg.calib_batches)
     masks, timings = wanda(

@@ -1,16 +1,17 @@
-"""OWL (outlier-weighted layer-wise sparsity): per-block sparsity budgets for layer-wise pruners.
+"""OWL (outlier-weighted layer-wise sparsity): per-stage sparsity budgets for layer-wise methods.
 
-For every block l (a transformer layer: the linear layers sharing the name prefix up to the first
-index, see :func:`mfac.prune.blockwise.stages`) take the Wanda scores A_ij = |W_ij| ||X_j||_2 of
-all its linear layers together, and its outlier ratio D_l = share of scores above M times the
-block's mean score. Blocks rich in outliers are pruned less:
+For every stage l (a transformer block: the linear layers sharing the name prefix up to the first
+index, see :func:`mfac.prune.calibration.stages`) take the Wanda scores A_ij = |W_ij| ||X_j||_2
+of all its linear layers together, and its outlier ratio D_l = share of scores above M times the
+stage's mean score. Stages rich in outliers are pruned less:
 
     s_l = S + lambda (1 - 2 (D_l - D_min) / (D_max - D_min)),   in [S - lambda, S + lambda],
 
 then shifted by one constant c, s_l <- clip(s_l + c, S - lambda, S + lambda) (and into [0, 1)),
 with c chosen so that the weight-count-weighted mean of the s_l is exactly S. The result is a
-mapping layer -> sparsity that :func:`mfac.prune.layerwise.sparsegpt`,
-:func:`mfac.prune.wanda.wanda` and any other layer-wise pruner accept in place of one sparsity.
+mapping layer -> sparsity that :func:`mfac.prune.methods.sparsegpt.sparsegpt`,
+:func:`mfac.prune.methods.wanda.wanda` and any other layer-wise solver accept in place of one
+sparsity.
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._config import Options, option
-from ._layers import LayerFilter, Target, find_targets
-from .base import SPREAD_HELP, THRESHOLD_HELP
-from .blockwise import (
+from ..._config import Options, option
+from .._layers import LayerFilter, Target, find_targets
+from ..calibration import (
     InputStats,
     calibration_batches,
     check_layerwise_targets,
     run_layerwise,
     stage_name,
 )
-from .patterns import check_sparsity
-from .saliency import wanda_scores
+from ..patterns import check_sparsity
+from ..saliency import wanda_scores
+
+THRESHOLD_HELP = "OWL's M: a score is an outlier above M times its stage's mean score"
+SPREAD_HELP = "OWL's lambda: the largest deviation of a stage's sparsity from the target"
 
 #: Highest sparsity a budget may reach (a layer keeps at least a few weights).
 MAX_SPARSITY = 0.99
@@ -46,7 +49,7 @@ class OWLConfig(Options):
     spread: float = option(0.08, SPREAD_HELP, low=0, high=1, high_open=True)
     calib_batches: int = option(32, "calibration batches whose inputs give ||X_j||_2", low=1)
     granularity: str = option(
-        "block", "one budget per transformer block (the paper) or per linear layer",
+        "block", "one budget per stage, i.e. transformer block (the paper), or per linear layer",
         choices=("block", "layer"),
     )  # fmt: skip
 

@@ -1,6 +1,8 @@
-"""I-OBS for networks: alternate dense optimisation steps on the calibration loss with a
-layer-wise OBS projection (SparseGPT, Hessians recomputed from the current inputs), keeping
-the iterate with the best validation loss (docs/algorithms.md section 6).
+"""I-OBS for networks (``method="iobs"``): alternate dense optimisation steps on the calibration
+loss with a layer-wise OBS projection (SparseGPT, Hessians recomputed from the current inputs),
+keeping the iterate with the best validation loss (docs/algorithms.md section 6). Not the
+sparse-recovery solver :mod:`mfac.recovery.iobs`, which projects one vector with its full
+curvature.
 
 Iteration 1 is the plain one-shot SparseGPT projection of the given (trained) model, so the
 returned model is never worse on the validation batches than one-shot SparseGPT.
@@ -17,14 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._config import option
-from ._layers import Target, find_targets
-from .base import CommonOptions, Method, Request
-from .collect import LossFn
-from .layerwise import sparsegpt
-from .patterns import Pattern, check_nm_sparsity, parse_pattern
-from .result import PruneResult, summarize
-from .sparsegpt import ProjectionOptions
+from ..._config import option
+from .._layers import Target, find_targets
+from ..collect import LossFn
+from ..method import CommonOptions, Method, Request
+from ..patterns import Pattern, check_nm_sparsity, parse_pattern
+from ..result import PruneResult, summarize
+from .sparsegpt import ProjectionOptions, sparsegpt
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,182 @@
+"""Budgets: OWL against a direct implementation and its properties; the diagonal-Fisher budget
+against a direct computation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mfac.prune.methods.sparsegpt import sparsegpt
+
+from prune_models import Chain, _chain, _layers, _run, _same, _snapshot
+from prune_models import _chain_loss as _loss
+
+F64 = torch.float64
+
+
+def _direct_owl(model: Chain, batches, sparsity: float, m: float, lam: float) -> dict[str, float]:
+    """OWL by loops: scores |w_ij| * ||x_j|| per block, outlier share, affine map, and the mean
+    restored by a root finder on the clipped weighted mean."""
+    from scipy.optimize import brentq
+
+    ratios, sizes, names = [], [], []
+    hs = [model.inp(b) for b in batches]
+    for k, block in enumerate(model.layers):
+        x_up = torch.cat([h.reshape(-1, h.shape[-1]) for h in hs])
+        x_down = torch.relu(block.up(x_up))
+        scores = []
+        for lin, x in ((block.up, x_up), (block.down, x_down)):
+            w = lin.weight.detach()
+            for i in range(w.shape[0]):
+                for j in range(w.shape[1]):
+                    scores.append(abs(float(w[i, j])) * math.sqrt(float((x[:, j] ** 2).sum())))
+        mean = sum(scores) / len(scores)
+        ratios.append(sum(s > m * mean for s in scores) / len(scores))
+        sizes.append(block.up.weight.numel() + block.down.weight.numel())
+        names.append([f"layers.{k}.up", f"layers.{k}.down"])
+        hs = [block(h, scale=0.5) for h in hs]
+    lo_r, hi_r = min(ratios), max(ratios)
+    raw = [sparsity + lam * (1 - 2 * (r - lo_r) / (hi_r - lo_r)) for r in ratios]
+    lo, hi = sparsity - lam, sparsity + lam
+
+    def gap(c: float) -> float:
+        vals = [min(max(v + c, lo), hi) for v in raw]
+        return sum(n * v for n, v in zip(sizes, vals, strict=True)) / sum(sizes) - sparsity
+
+    c = brentq(gap, -1, 1, xtol=1e-14)
+    out = {}
+    for group, v in zip(names, raw, strict=True):
+        for n in group:
+            out[n] = min(max(v + c, lo), hi)
+    return out
+
+
+def test_owl_matches_direct_implementation() -> None:
+    from mfac.prune.budgets.owl import OWLConfig, owl_sparsities
+
+    model, batches = _chain(4)
+    snap = _snapshot(model)
+    info: dict[str, object] = {}
+    got = owl_sparsities(
+        model, batches, _run, 0.6, OWLConfig(threshold=2.0, spread=0.1, calib_batches=3),
+        layers=_layers, info=info,
+    )  # fmt: skip
+    assert _same(model, snap)  # measuring changes nothing
+    ratios = list(info["owl_ratios"].values())  # type: ignore[union-attr]
+    assert len(set(ratios)) > 1  # the test exercises unequal budgets
+    with torch.no_grad():
+        expect = _direct_owl(model, batches, 0.6, 2.0, 0.1)
+    assert got.keys() == expect.keys()
+    for n in got:
+        assert got[n] == pytest.approx(expect[n], abs=1e-9), n
+    # the budgets drive a layer-wise pruner layer by layer, overall sparsity preserved
+    masks, _ = sparsegpt(
+        model, batches, _run, got, layers=_layers, block=4, calib_batches=3, progress=False
+    )
+    for n, keep in masks.items():
+        assert abs(1 - float(keep.float().mean()) - got[n]) < 0.02, n
+    total = sum(k.numel() for k in masks.values())
+    assert abs(sum(int((~k).sum()) for k in masks.values()) / total - 0.6) < 0.02
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ratios=st.lists(st.floats(0, 0.2), min_size=1, max_size=12),
+    sparsity=st.floats(0.05, 0.95),
+    spread=st.floats(0.0, 0.3),
+    seed=st.integers(0, 100),
+)
+def test_owl_budgets_properties(ratios, sparsity, spread, seed) -> None:
+    """Budgets stay in [S - lambda, S + lambda], keep the weighted mean, and never give a
+    block with more outliers a higher sparsity."""
+    from mfac.prune.budgets.owl import MAX_SPARSITY, owl_budgets
+
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 100, (len(ratios),), generator=gen).tolist()
+    hi = min(sparsity + spread, MAX_SPARSITY)
+    out = owl_budgets(ratios, sizes, sparsity, spread)
+    assert all(max(sparsity - spread, 0) - 1e-12 <= v <= hi + 1e-12 for v in out)
+    mean = sum(n * v for n, v in zip(sizes, out, strict=True)) / sum(sizes)
+    assert mean == pytest.approx(sparsity, abs=1e-9)
+    order = sorted(range(len(ratios)), key=lambda i: ratios[i])
+    for a, b in itertools.pairwise(order):
+        if ratios[a] < ratios[b]:
+            assert out[a] >= out[b] - 1e-12
+
+
+def test_owl_config_validates() -> None:
+    from mfac.prune.budgets.owl import OWLConfig
+
+    for bad in ({"threshold": 0}, {"spread": 1.0}, {"calib_batches": 0}, {"granularity": "x"}):
+        with pytest.raises(ValueError):
+            OWLConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_fisher_budgets_match_a_direct_computation_and_change_nothing() -> None:
+    """budget="fisher": per-block shares kept by the global ranking of w^2 * sum_b g_b^2
+    (computed here by hand, one batch at a time), mapped by owl_budgets; weights, .grad and
+    the train/eval mode are as before; oneshot prunes to exactly those budgets."""
+    from mfac.prune import oneshot
+    from mfac.prune._layers import find_targets
+    from mfac.prune.budgets import fisher_sparsities
+    from mfac.prune.budgets.owl import owl_budgets
+
+    model, batches = _chain(3)
+    targets = find_targets(model, _layers)
+    fisher = {t.name: torch.zeros_like(t.param) for t in targets}
+    for b in batches:
+        model.zero_grad()
+        _loss(model, b).backward()
+        for t in targets:
+            fisher[t.name] += t.param.grad.square()
+    scores = {t.name: t.param.detach().square() * fisher[t.name] for t in targets}
+    flat = torch.cat([v.reshape(-1) for v in scores.values()]).sort().values
+    threshold = flat[int(0.6 * flat.numel()) - 1]
+    blocks = sorted({n.rsplit(".", 1)[0] for n in scores})  # layers.0, layers.1, ...
+    members = {b: [n for n in scores if n.startswith(b + ".")] for b in blocks}
+    kept = [sum(int((scores[n] > threshold).sum()) for n in members[b]) for b in blocks]
+    sizes = [sum(scores[n].numel() for n in members[b]) for b in blocks]
+    expect = owl_budgets([k / s for k, s in zip(kept, sizes, strict=True)], sizes, 0.6, 0.1)
+
+    marker = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, g in zip(model.parameters(), marker, strict=True):
+        p.grad = g.clone()
+    model.train()
+    before = [p.detach().clone() for p in model.parameters()]
+    info: dict = {}
+    got = fisher_sparsities(model, batches, _loss, 0.6, spread=0.1, layers=_layers, info=info)
+    for block, budget in zip(blocks, expect, strict=True):
+        for name in scores:
+            if name.startswith(block + "."):
+                assert got[name] == pytest.approx(budget, abs=1e-12)
+    assert list(info["fisher_group_sparsity"].values()) == pytest.approx(expect, abs=1e-12)
+    assert len(set(expect)) > 1  # the blocks do get different budgets
+    total = sum(t.numel for t in targets)
+    assert sum(got[t.name] * t.numel for t in targets) / total == pytest.approx(0.6, abs=1e-9)
+    assert model.training
+    for p, b, g in zip(model.parameters(), before, marker, strict=True):
+        assert torch.equal(p, b) and torch.equal(p.grad, g)
+
+    ref, _ = _chain(3)
+    masks, _ = sparsegpt(ref, batches, _loss, got, layers=_layers, calib_batches=3, progress=False)
+    res = oneshot(model, 0.6, "sparsegpt", data=batches, loss_fn=_loss, layers=_layers,
+                  budget="fisher", owl_spread=0.1, calib_batches=3, progress=False)  # fmt: skip
+    assert "fisher" in res.timings and res.info["fisher_group_sparsity"]
+    assert all(torch.equal(res.masks[n], masks[n]) for n in masks)
+
+
+def test_fisher_budget_refuses_a_loss_that_is_not_a_scalar() -> None:
+    from mfac.prune import oneshot
+
+    model, batches = _chain(4)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="scalar loss"):
+        oneshot(model, 0.5, "sparsegpt", data=batches, loss_fn=_run, layers=_layers,
+                budget="fisher", calib_batches=3, progress=False)  # fmt: skip
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters())
