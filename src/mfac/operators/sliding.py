@@ -239,7 +239,8 @@ class SlidingInverseFisher(DenseRowsBacked):
 
     def __repr__(self) -> str:
         return (
-            f"SlidingInverseFisher(dim={self.dim}, window={self.window}, damp={self.damp:g}, "
+            f"SlidingInverseFisher(dim={self.dim}, window={self.window}, "
+            f"damp={self.damp if self.damp is None else format(self.damp, 'g')}, "
             f"dtype={self.dtype}, pushed={self.num_pushed})"
         )
 

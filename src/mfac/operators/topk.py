@@ -41,7 +41,7 @@ def finite_fast(x: torch.Tensor) -> bool:
 def resolve_k(topk: int | float | None, dim: int) -> int:
     """Entries kept per row: an int k (1 <= k <= dim) or a density in (0, 1]."""
     if topk is None:
-        raise ValueError("history='topk' needs topk: an int k or a density in (0, 1]")
+        raise ValueError("layout='topk' needs topk: an int k or a density in (0, 1]")
     if isinstance(topk, bool):
         raise TypeError(f"topk must be an int or a float density, got {topk!r}")
     if isinstance(topk, float):
@@ -712,7 +712,8 @@ class TopKSlidingInverseFisher(FactorBacked):
     def __repr__(self) -> str:
         return (
             f"TopKSlidingInverseFisher(dim={self.dim}, window={self.window}, k={self.k}, "
-            f"damp={self.damp:g}, pushed={self.num_pushed})"
+            f"damp={self.damp if self.damp is None else format(self.damp, 'g')}, "
+            f"pushed={self.num_pushed})"
         )
 
 
