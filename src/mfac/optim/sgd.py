@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from .._validation import check_damp
-from ..operators.window import window_bytes
 from ..operators.topk import resolve_k
+from ..operators.window import window_bytes
 from .base import Params, Plan, WindowOptimizer
 from .config import MFACSGDConfig, check_group_option
 from .functional import mfac_step
