@@ -115,6 +115,7 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
 
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Push the full gradient ``g`` (d,) and return the full F^-1 g_stored (d,)."""
+        self.factor._require_inverse()  # an undamped window refuses before pushing
         slot, _ = self._insert(g)
         coeff = self.factor.slot_coeff(slot)
         local = cols_dot(self.grads, coeff)[:, 0].to(torch.float32)

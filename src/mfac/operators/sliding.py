@@ -193,6 +193,7 @@ class SlidingInverseFisher(DenseRowsBacked):
         F^-1 of the unrounded g would add the rounding residual amplified by 1/lambda, a
         step of pure rounding noise.
         """
+        self.factor._require_inverse()  # an undamped window refuses before pushing
         flat = self._check_grad(g)
         slot = self.next_slot
         self._insert(flat)
