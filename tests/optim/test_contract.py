@@ -409,7 +409,7 @@ def test_a_valid_load_after_refusals_works(trained, case: OptimCase):
 
 
 # ---------------------------------------------------------------------- bad gradients
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     name=st.sampled_from([c.name for c in OPTIMS]),
     which=st.integers(0, 3),
@@ -426,6 +426,9 @@ def test_a_nonfinite_gradient_raises_and_changes_nothing(name: str, which: int, 
     opt.zero_grad()
     nn.functional.cross_entropy(mod(x), y).backward()
     p = list(mod.parameters())[which]
+    mask = opt.state[p].get("mask")
+    if mask is not None:  # a masked coordinate's gradient is never read: pick a survivor
+        entry = int(mask.reshape(-1).nonzero()[entry])
     p.grad.view(-1)[entry] = bad
     with pytest.raises(mfac.NonFiniteGradientError, match=f"#{which}"):
         opt.step()

@@ -154,7 +154,7 @@ def test_every_tampered_field_is_refused(layout: str, name: str) -> None:
     _check_refused(layout, name)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=st.sampled_from(CASES), extra=st.sampled_from(sorted(CORRUPTIONS)))
 def test_tampered_state_is_refused_and_nothing_changes(case: tuple[str, str], extra: str) -> None:
     """Two corruptions at once: still refused, one error, nothing changed."""
@@ -180,7 +180,7 @@ def test_tampered_state_is_refused_and_nothing_changes(case: tuple[str, str], ex
     assert_state_equal(opt.state_dict(), before)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     layout=st.sampled_from(["dense", "topk"]),
     row=st.integers(0, NGRADS - 1),
