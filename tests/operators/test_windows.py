@@ -249,6 +249,56 @@ def test_state_round_trip_is_bit_identical(group: object, name: str, damp: float
             assert value == saved[key], key
 
 
+@pytest.mark.parametrize(("name", "damp"), CASES, ids=IDS)
+def test_results_are_tensors_of_their_own(group: object, name: str, damp: float | None) -> None:
+    """A returned product is not a view of a buffer the window reuses: the next call leaves
+    it as it was (the sharded window's all-gather buffer once aliased its results)."""
+    dim, m = 10, 3
+    gen = torch.Generator().manual_seed(3)
+    w = build(name, dim, m, damp, group)
+    for _ in range(2):
+        w.push(torch.randn(dim, generator=gen))
+    x, c = torch.randn(dim, generator=gen), torch.randn(m, generator=gen, dtype=F64)
+    results = [w.gather(x), w.scatter(c), w.push_gather(torch.randn(dim, generator=gen), x)]
+    if damp is not None:
+        results += [w.ihvp(x), w.push_ihvp(torch.randn(dim, generator=gen))]
+    kept = [r.clone() for r in results]
+    w.gather(-x)
+    w.scatter(-c)
+    w.push_gather(torch.randn(dim, generator=gen), -x)
+    if damp is not None:
+        w.ihvp(-x)
+        w.push_ihvp(torch.randn(dim, generator=gen))
+    for i, (r, k) in enumerate(zip(results, kept, strict=True)):
+        assert torch.equal(r, k), i
+
+
+@pytest.mark.skipif(not NATIVE, reason="the top-k C path does not build here")
+@pytest.mark.parametrize("damp", [DAMP, None])
+def test_topk_states_load_across_paths(damp: float | None) -> None:
+    """A top-k state saved on the C path loads into a torch-path window and back, and the
+    two continue with the same products (the same rows and K, by other kernels)."""
+    dim, m, k = 40, 3, 7
+    gen = torch.Generator().manual_seed(4)
+    c_path = TopKSlidingInverseFisher(dim, m, k, damp)
+    for _ in range(4):
+        c_path.push(torch.randn(dim, generator=gen))
+    torch_path = TopKSlidingInverseFisher(dim, m, k, damp)
+    torch_path.to_torch_path()
+    torch_path.load_state_dict(copy.deepcopy(c_path.state_dict()))
+    assert torch.equal(torch_path.dense_rows(), c_path.dense_rows())
+    back = TopKSlidingInverseFisher(dim, m, k, damp)
+    back.load_state_dict(copy.deepcopy(torch_path.state_dict()))
+    assert back.native and torch.equal(back.dense_rows(), c_path.dense_rows())
+    x = torch.randn(dim, generator=gen)
+    for _ in range(3):
+        g = torch.randn(dim, generator=gen)
+        got = [w.push_gather(g, x) for w in (c_path, torch_path, back)]
+        torch.testing.assert_close(got[1], got[0], rtol=1e-6, atol=1e-6)
+        assert torch.equal(got[2], got[0])
+    torch.testing.assert_close(torch_path.gram, c_path.gram, rtol=1e-6, atol=1e-6)
+
+
 def _corrupt_gram_shape(state: dict) -> None:
     state["gram"] = state["gram"][:-1, :-1].clone()
 
