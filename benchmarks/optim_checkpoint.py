@@ -1,0 +1,139 @@
+"""Optimizer checkpoints that grow with the window, and a resume whose peak memory stays near
+training's.
+
+A model of about ``--params`` parameters (a stack of square linear layers) is trained for
+``--steps`` steps with ``mfac.MFAC`` on one error-feedback top-k window over the whole model
+(the fine-tuning setting of docs/optim_transformers.md), then its ``state_dict`` is saved with
+``torch.save``. A second process builds the same model and optimizer, loads the checkpoint and
+takes one step. Each process reports its peak RSS, so the two peaks are compared on one machine
+in one run:
+
+    PYTHONPATH=src python -m benchmarks.optim_checkpoint --params 20000000 --ngrads 256 \
+        --topk 0.01 --steps 3 32 256
+
+Writes results/optim_checkpoint.json: per step count k, the optimizer checkpoint's bytes
+against (k/m) x the full window plus AdamW's state (two float32 moments per parameter, what
+``torch.optim.AdamW`` saves), and the resume peak against the training peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .common import RESULTS
+
+OUT = RESULTS / "optim_checkpoint.json"
+
+
+def build(params: int, ngrads: int, topk: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model (layers of width w with about ``params`` weights) and its optimizer."""
+    import mfac
+
+    width = 1024
+    depth = max(1, round(params / (width * width)))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(depth)))
+    opt = mfac.MFAC(
+        model.parameters(), lr=1e-4, ngrads=ngrads, window_scope="model", layout="topk",
+        topk=topk,
+    )  # fmt: skip
+    return model, opt
+
+
+def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(8, model[0].in_features, generator=gen)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(args: argparse.Namespace) -> None:
+    """One side of the measurement, in its own process: ``train`` or ``resume``."""
+    torch.set_num_threads(1)
+    model, opt = build(args.params, args.ngrads, args.topk)
+    if args.child == "train":
+        train_steps(model, opt, args.steps[0])
+        torch.save(model.state_dict(), args.path + ".model")
+        torch.save(opt.state_dict(), args.path)
+        window = opt.windows[0]
+        out = {"window_bytes": int(window.window_nbytes), "dim": int(window.dim)}
+    else:
+        model.load_state_dict(torch.load(args.path + ".model", weights_only=True))
+        state = torch.load(args.path, weights_only=True)
+        opt.load_state_dict(state)
+        del state
+        train_steps(model, opt, 1)
+        out = {}
+    out["peak_rss"] = peak_rss()
+    print(json.dumps(out))
+
+
+def run_child(args: argparse.Namespace, side: str, steps: int, path: str) -> dict:
+    cmd = [
+        sys.executable, "-m", "benchmarks.optim_checkpoint", "--child", side, "--path", path,
+        "--params", str(args.params), "--ngrads", str(args.ngrads), "--topk", str(args.topk),
+        "--steps", str(steps),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", type=int, default=20_000_000)
+    ap.add_argument("--ngrads", type=int, default=256)
+    ap.add_argument("--topk", type=float, default=0.01)
+    ap.add_argument("--steps", type=int, nargs="+", default=[3, 32, 256])
+    ap.add_argument("--child", choices=["train", "resume"])
+    ap.add_argument("--path")
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for steps in args.steps:
+            path = str(Path(tmp) / f"ckpt-{steps}.pt")
+            train = run_child(args, "train", steps, path)
+            resume = run_child(args, "resume", steps, path)
+            size = Path(path).stat().st_size
+            dim = train["dim"]
+            adamw = 2 * 4 * dim  # AdamW's two float32 moments
+            filled = min(steps, args.ngrads)
+            bound = filled / args.ngrads * train["window_bytes"] + adamw
+            rows.append({
+                "steps": steps, "filled_rows": filled, "checkpoint_bytes": size,
+                "bound_bytes": int(bound), "checkpoint_over_bound": size / bound,
+                "train_peak_rss": train["peak_rss"], "resume_peak_rss": resume["peak_rss"],
+                "resume_over_train": resume["peak_rss"] / train["peak_rss"],
+            })  # fmt: skip
+            print(json.dumps(rows[-1]))
+    result = {
+        "params": dim, "ngrads": args.ngrads, "topk": args.topk,
+        "threads": 1, "rows": rows,
+        "note": "checkpoint = the optimizer's state_dict alone (torch.save); bound = "
+        "(filled/m) x the full top-k window + AdamW's two float32 moments (the error-feedback "
+        "vector, d float32, is state AdamW does not have); both peaks are of fresh processes",
+    }  # fmt: skip
+    OUT.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
