@@ -45,13 +45,21 @@ def insert_columns(
     window. ``bad``: this rank saw NaN/Inf. One all-reduce carries the m products, |g|^2, the
     two flags (every rank raises together) and, with x, the m + 1 products with x.
     Returns (slot, G x or None)."""
-    slot = win.factor.next_slot
+    u = column_products(win, part, part_x, bad)
+    dist.all_reduce(u, group=win.group)
+    check_flags(u, win.window)
+    return commit_columns(win, part, u, part_x is not None)
+
+
+def column_products(
+    win: Any, part: torch.Tensor, part_x: torch.Tensor | None, bad: bool
+) -> torch.Tensor:
+    """This rank's share of what :func:`insert_columns` all-reduces (float64): u[:m] = G g
+    (old rows), u[m] = |g_stored|^2, u[m+1] the NaN/Inf flag, u[m+2] the overflow flag, and
+    with x u[m+3 : 2m+3] = G x (old rows), u[2m+3] = g_stored . x."""
     stored = part.to(win.grads.dtype)
     m = win.window
-    # u_j = G_j . g for the old rows; entry `slot` becomes |g_stored|^2 below. With x,
-    # u[m+3 : 2m+3] = G x (old rows) and u[2m+3] = g_stored . x ride in the same all-reduce.
-    device = win.grads.device
-    u = torch.zeros(m + 3 + (m + 1 if part_x is not None else 0), dtype=F64, device=device)
+    u = torch.zeros(m + 3 + (m + 1 if part_x is not None else 0), dtype=F64, device=win.device)
     if part.numel() and not bad:
         if part_x is None:
             u[:m] = rows_dot(win.grads, stored.unsqueeze(1))[:, 0].to(F64)
@@ -66,7 +74,12 @@ def insert_columns(
     overflow = not bad and not bool(torch.isfinite(u[: m + 1]).all())
     u[m + 2] = 1.0 if overflow else 0.0
     u[: m + 1].nan_to_num_(0.0, 0.0, 0.0)
-    dist.all_reduce(u, group=win.group)
+    return u
+
+
+def check_flags(u: torch.Tensor, m: int) -> None:
+    """Raise (on every rank alike) when the all-reduced flags of :func:`column_products` say
+    that some rank saw NaN/Inf or an overflow."""
     if u[m + 1] > 0:
         raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
     if u[m + 2] > 0:
@@ -75,16 +88,25 @@ def insert_columns(
             "cannot be formed; scale the loss down or clip the gradients (damping cannot "
             "help). The window is unchanged."
         )
+
+
+def commit_columns(
+    win: Any, part: torch.Tensor, u: torch.Tensor, with_x: bool
+) -> tuple[int, torch.Tensor | None]:
+    """Store ``part`` in the next slot and update K from the all-reduced ``u`` (flags already
+    checked); returns (slot, G x under the updated window or None)."""
+    m = win.window
+    slot = win.factor.next_slot
     u_row = u[:m].clone()
     u_row[slot] = u[m]
     old = win.grads[slot].clone()
-    win.grads[slot] = stored
+    win.grads[slot] = part.to(win.grads.dtype)
     try:
         win.factor.commit(u_row)
     except (RuntimeError, NonFiniteGradientError):
         win.grads[slot] = old
         raise
-    if part_x is None:
+    if not with_x:
         return slot, None
     products = u[m + 3 : 2 * m + 3].clone()
     products[slot] = u[2 * m + 3]

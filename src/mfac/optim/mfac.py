@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from .._validation import NonFiniteGradientError
+from ..operators.fsdp import LocalShardedInverseFisher, push_gather_all
 from ..operators.topk import TopKSlidingInverseFisher, resolve_k
 from ..operators.window import SlidingWindow
 from .base import Params, WindowOptimizer, local
@@ -208,7 +209,10 @@ class MFAC(WindowOptimizer):
             self._check_error_feedback_fits(live, windows[0])
         model_wide = self.window_scope == "model"
         zs, us, targets = self._whiten(flat=model_wide)
-        projs = [w.push_gather(z, u) for w, z, u in zip(windows, zs, us, strict=True)]
+        if len(windows) > 1 and all(isinstance(w, LocalShardedInverseFisher) for w in windows):
+            projs = push_gather_all(windows, zs, us)  # FSDP2: one all-reduce for all windows
+        else:
+            projs = [w.push_gather(z, u) for w, z, u in zip(windows, zs, us, strict=True)]
         m = self.cfg.ngrads
         grams = torch.stack([w.gram for w in windows]) / m
         coeff, lams = window_coeffs(
