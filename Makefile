@@ -32,7 +32,7 @@ lint: $(STAMP)
 #   make gpu-check GPU_PY=python3
 GPU_PY  ?=
 GPU_RUN := $(if $(GPU_PY),PYTHONPATH=src $(GPU_PY),$(VPY))
-GPU_TESTS := tests/operators/test_static.py tests/test_sliding.py tests/test_device.py
+GPU_TESTS := tests/operators/test_static.py tests/operators/test_sliding.py tests/test_device.py
 
 gpu-preflight:
 	@nvidia-smi -L >/dev/null 2>&1 || { echo "gpu-check: no CUDA device (nvidia-smi finds no NVIDIA GPU); nothing was built or run" >&2; exit 2; }

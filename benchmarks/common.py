@@ -114,5 +114,7 @@ def fill_topk_window(op: Any, generator: torch.Generator) -> None:
         values = torch.randn(n, k, generator=generator).to(op.dtype)
         op.write_rows(r, values, indices)
         norms[r : r + n] = values.double().square().sum(dim=1)
-    # K = m damp I + G G^T (the default rule's plain ring has damp 0)
-    op.factor.rebuild(torch.diag(norms) + m * op.damp * torch.eye(m, dtype=torch.float64))
+    gram = torch.diag(norms)  # G G^T
+    if op.damp is not None:  # K = m damp I + G G^T (MFAC's windows are undamped: damp None)
+        gram = gram + m * op.damp * torch.eye(m, dtype=torch.float64)
+    op.factor.rebuild(gram)

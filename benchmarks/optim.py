@@ -1,5 +1,5 @@
 """M-FAC optimizer against SGD, Adam, K-FAC (ASDL), Shampoo and SOAP on real data, plus the
-optimizer's step overhead over the operator's two-pass floor and the EFCP top-k history.
+optimizer's step overhead over the operator's two-pass floor and the EFCP top-k window.
 
 Run from the repository root (one task per run, each < 10 min on 2 shared cores):
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mfac.optim import PaperMFAC
+from mfac.optim import MFACSGD
 
 RESULTS = Path(__file__).parent / "results"
 MFAC_DAMP = 1e-4
@@ -108,8 +108,8 @@ class Stepper:
             m = int(name.split("-")[1])
             kw: dict[str, Any] = {}
             if name.count("-") == 2:  # mfac-<m>-topk<density percent>
-                kw = {"history": "topk", "topk": float(name.split("topk")[1]) / 100}
-            self.opt = PaperMFAC(p, lr=lr, ngrads=m, damp=MFAC_DAMP, **kw)
+                kw = {"layout": "topk", "topk": float(name.split("topk")[1]) / 100}
+            self.opt = MFACSGD(p, lr=lr, ngrads=m, damp=MFAC_DAMP, **kw)
         elif name == "kfac":
             import asdl
 
@@ -323,7 +323,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 # ---------------------------------------------------------------------- step overhead
 def overhead(ngrads_list: list[int], reps: int) -> dict[str, Any]:
-    """MFAC.step() on a ~1.07M-parameter MLP against ``G @ x`` then ``y @ G`` on its window."""
+    """MFACSGD.step() on a ~1.07M-parameter MLP against ``G @ x`` then ``y @ G`` on its window."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 10)
@@ -333,7 +333,7 @@ def overhead(ngrads_list: list[int], reps: int) -> dict[str, Any]:
     d = sum(p.numel() for p in model.parameters())
     out = {"num_params": d, "threads": torch.get_num_threads(), "rows": []}
     for m in ngrads_list:
-        opt = PaperMFAC(model.parameters(), lr=0.0, ngrads=m, damp=1e-4)
+        opt = MFACSGD(model.parameters(), lr=0.0, ngrads=m, damp=1e-4)
         w = opt.window
         g = w.grads
         g.normal_()  # a full window (and its consistent K): the passes of the steady state
@@ -369,7 +369,7 @@ def overhead(ngrads_list: list[int], reps: int) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------------- top-k history
+# ---------------------------------------------------------------------- top-k window
 def topk_study(dataset: str, kind: str, m: int, epochs: int, seeds: int, lr: float | None) -> dict:
     """Dense vs EFCP top-k windows (10 %, 1 % density) at one lr: accuracy and window bytes."""
     data = load(dataset)
@@ -382,11 +382,11 @@ def topk_study(dataset: str, kind: str, m: int, epochs: int, seeds: int, lr: flo
         runs = [run(data, kind, name, lr, s, epochs) for s in range(seeds)]
         model = make_model(kind, data["xtr"].shape[-1])
         kw = (
-            {"history": "topk", "topk": float(name.split("topk")[1]) / 100}
+            {"layout": "topk", "topk": float(name.split("topk")[1]) / 100}
             if "topk" in name
             else {}
         )
-        opt = PaperMFAC(model.parameters(), ngrads=m, **kw)
+        opt = MFACSGD(model.parameters(), ngrads=m, **kw)
         w = opt.window
         wbytes = w.window_nbytes if "topk" in name else w.grads.numel() * w.grads.element_size()
         acc = np.array([r["test_acc"] for r in runs])
@@ -441,7 +441,7 @@ def report() -> str:
             f"\n**EFCP top-k** ({res['dataset']} {res['model']}, m = {res['ngrads']}, "
             f"lr = {res['lr']:g}, {res['epochs']} epochs, {res['seeds']} seeds)\n"
         )
-        out.append("| history | test acc | acc kept vs dense | window bytes | window / dense |")
+        out.append("| window | test acc | acc kept vs dense | window bytes | window / dense |")
         out.append("| --- | --- | --- | --- | --- |")
         for name, r in res["rows"].items():
             out.append(
@@ -455,7 +455,7 @@ def report() -> str:
         out.append(
             f"\n**Step overhead** ({res['num_params']} parameters, {res['threads']} thread)\n"
         )
-        out.append("| m | window MiB | MFAC.step() ms | G@x + y@G ms | ratio |")
+        out.append("| m | window MiB | MFACSGD.step() ms | G@x + y@G ms | ratio |")
         out.append("| --- | --- | --- | --- | --- |")
         for r in res["rows"]:
             out.append(

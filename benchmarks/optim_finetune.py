@@ -12,10 +12,9 @@ clipping at 1.0, a linear decay of the lr to 0 and no weight decay.
 Optimizers: ``adamw`` (torch.optim.AdamW); ``muon`` (torch.optim.Muon on the 2-D hidden
 weights with ``adjust_lr_fn="match_rms_adamw"``, AdamW at the same lr on the tied
 embedding/head and the norms, as Muon's documentation advises); ``mfac`` (the paper's step,
-``mfac.MFAC(..., mode="paper")`` over the whole model, ``history="topk"``, every other option
-at its default apart from lr, ngrads and topk); ``scaled`` (``mfac.MFAC``'s default rule,
-``ScaledMFAC``: dense per-tensor windows of Adam-whitened gradients). Each run is its own
-process, so its peak RSS is its own.
+``mfac.MFACSGD`` over the whole model, ``layout="topk"``, every other option at its default
+apart from lr, ngrads and topk); ``scaled`` (the default rule, ``mfac.MFAC``: dense per-tensor
+windows of Adam-whitened gradients). Each run is its own process, so its peak RSS is its own.
 
     python -m benchmarks.optim_finetune run --opt adamw --lr 3e-5
     python -m benchmarks.optim_finetune run --opt mfac --lr 1e-4 --label mfac-m1024-0.1% \
@@ -83,19 +82,19 @@ def build_optimizer(
         )
         return [muon, torch.optim.AdamW(rest, lr=lr, weight_decay=0.0)]
     opts = dict(options)
-    if isinstance(opts.get("history_dtype"), str):  # JSON names the dtype
-        opts["history_dtype"] = getattr(torch, opts["history_dtype"])
+    if isinstance(opts.get("window_dtype"), str):  # JSON names the dtype
+        opts["window_dtype"] = getattr(torch, opts["window_dtype"])
     if isinstance(opts.get("memory_budget"), str):  # e.g. "16GiB"
         opts["memory_budget"] = int(float(opts["memory_budget"].removesuffix("GiB")) * 2**30)
     if name == "mfac":
+        from mfac import MFACSGD
+
+        opts = {"ngrads": 1024, "layout": "topk", "topk": 0.001, **opts}
+        return [MFACSGD(params, lr=lr, **opts)]
+    if name == "scaled":
         from mfac import MFAC
 
-        opts = {"ngrads": 1024, "history": "topk", "topk": 0.001, **opts}
-        return [MFAC(params, lr=lr, mode="paper", **opts)]
-    if name == "scaled":
-        from mfac import ScaledMFAC
-
-        return [ScaledMFAC(params, lr=lr, **opts)]
+        return [MFAC(params, lr=lr, **opts)]
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -306,10 +305,7 @@ def iteration(args: argparse.Namespace) -> dict:
         opts = build_optimizer(name, model, 1e-7, options if name != "adamw" else {})
         one_iteration(opts, 0)  # allocates the state
         if name != "adamw":
-            if name == "mfac":  # the paper's step keeps its window in torch's state
-                window = opts[0].state[params[0]]["window"]
-            else:  # the default rule's one global top-k block
-                window = opts[0]._blocks[0].op
+            window = opts[0].windows[0]  # the paper's window, or the default rule's model-wide one
             fill_topk_window(window, torch.Generator().manual_seed(0))
             out["window_bytes"] = window.window_nbytes
             one_iteration(opts, 1)  # warm-up on the full window
@@ -477,7 +473,7 @@ def iteration_table() -> str:
         o = rec["options"]
         window = (
             f"m = {o.get('ngrads')}, {o.get('topk', 0):.1%}, "
-            f"{o.get('history_dtype', 'float32')}"
+            f"{o.get('window_dtype', 'float32')}"
         )
         cells = [
             f"{tag} ({rec.get('commit', '?')})",
@@ -534,7 +530,7 @@ def window_table(rows: list[dict], runs: list[dict], reference: int = 256) -> st
     full = {}  # the ``iteration`` command's timings of the same windows, filled to m rows
     for _, rec in iteration_records():
         o = rec["options"]
-        if rec.get("opt") == "scaled" and "history_dtype" not in o and o.get("topk") == 0.01:
+        if rec.get("opt") == "scaled" and "window_dtype" not in o and o.get("topk") == 0.01:
             full[o["ngrads"]] = rec["iter_vs_adamw"]
     for r in sorted(chosen.values(), key=lambda r: r["options"]["ngrads"]):
         m = r["options"]["ngrads"]
@@ -659,7 +655,8 @@ def main() -> None:
         "--opt",
         choices=["mfac", "scaled"],
         default="mfac",
-        help="the paper's step, or the default rule (give it a global top-k window in --options)",
+        help="the paper's step, or the default rule (give it a model-wide top-k window in "
+        "--options)",
     )
     it.add_argument("--reps", type=int, default=5)
     it.add_argument("--batch", type=int, default=4)
@@ -669,7 +666,7 @@ def main() -> None:
     it.add_argument(
         "--options",
         default=(
-            '{"ngrads": 1024, "topk": 0.01, "history_dtype": "bfloat16", "memory_budget": "15GiB"}'
+            '{"ngrads": 1024, "topk": 0.01, "window_dtype": "bfloat16", "memory_budget": "15GiB"}'
         ),
     )
     sub.add_parser("report", help="tables, JSON and PNG from the runs")

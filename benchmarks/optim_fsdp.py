@@ -120,7 +120,7 @@ def _run(rank: int, world: int, steps: int, counter: Counter | None) -> list[dic
         gen = torch.Generator().manual_seed(1)
         per = GLOBAL_BATCH // world
         times, volume, calls = [], [], []
-        for t in range(steps):
+        for _ in range(steps):
             ids = torch.randint(0, 1024, (GLOBAL_BATCH, SEQ), generator=gen)
             ids = ids[rank * per : (rank + 1) * per]
             opt.zero_grad()

@@ -6,8 +6,8 @@ the top-k window's step against its memory floor.
     python -m benchmarks.optim_scale report            # markdown tables for docs/optim.md
 
 ``factor``: MLPs of about 10k and 100k parameters on one thread. Three timings per m,
-interleaved in one process: SGD's step, MFAC.step() with the O(m^2) update (this version),
-and MFAC.step() with the factor refactored by Cholesky at every push (the previous
+interleaved in one process: SGD's step, MFACSGD.step() with the O(m^2) update (this version),
+and MFACSGD.step() with the factor refactored by Cholesky at every push (the previous
 implementation, kept below as the baseline class). Also the m x m work alone (``commit``) for both.
 
 ``topk``: the EFCP window's push_ihvp on a synthetic full window (random sparse rows, K of
@@ -36,7 +36,7 @@ from torch import nn
 from mfac.operators.gram import F64, GramFactor
 from mfac.operators.threads import single_threaded
 from mfac.operators.topk import TopKSlidingInverseFisher
-from mfac.optim import MFAC
+from mfac.optim import MFACSGD
 
 from benchmarks.common import RESULTS, fill_topk_window, git_commit, machine, write_json
 
@@ -70,7 +70,7 @@ def _mlp(dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(256, hidden), nn.ReLU(), nn.Linear(hidden, 4))
 
 
-def _fill(opt: MFAC, factor_cls: type[GramFactor]) -> None:
+def _fill(opt: MFACSGD, factor_cls: type[GramFactor]) -> None:
     """A full window of random rows, using ``factor_cls`` for K^-1. Gaussian rows in d >= 10^4
     dimensions are nearly orthogonal, so K is taken as m*damp*I + diag(|g_i|^2), an SPD matrix
     that costs O(m d) instead of the O(m^2 d) Gram product (the timings do not depend on it)."""
@@ -88,7 +88,7 @@ def _fill(opt: MFAC, factor_cls: type[GramFactor]) -> None:
 
 
 def factor_bench(ms: list[int], dims: list[int], reps: int) -> dict[str, Any]:
-    """step() of SGD, MFAC (O(m^2) update) and MFAC (refactor per push), interleaved."""
+    """step() of SGD, MFACSGD (O(m^2) update) and MFACSGD (refactor per push), interleaved."""
     torch.set_num_threads(1)
     rows = []
     for dim, m in [(dim, m) for dim in dims for m in ms]:
@@ -96,8 +96,8 @@ def factor_bench(ms: list[int], dims: list[int], reps: int) -> dict[str, Any]:
         params = list(model.parameters())
         d = sum(p.numel() for p in params)
         sgd = torch.optim.SGD(params, lr=0.0)
-        new = MFAC(params, lr=0.0, ngrads=m, damp=1e-4, mode="paper")
-        old = MFAC(params, lr=0.0, ngrads=m, damp=1e-4, mode="paper")
+        new = MFACSGD(params, lr=0.0, ngrads=m, damp=1e-4)
+        old = MFACSGD(params, lr=0.0, ngrads=m, damp=1e-4)
         _fill(new, GramFactor)
         _fill(old, RefactorEachPush)
         gen = torch.Generator().manual_seed(m)
@@ -403,7 +403,7 @@ def plot(factor: dict[str, Any] | None, topk: dict[str, Any] | None) -> None:
             before = [r["before_over_sgd"] for r in rows]
             axes[0].plot(ms, before, "o--", label=f"d={dim:,}: refactor each push")
             axes[0].plot(ms, [r["mfac_over_sgd"] for r in rows], "o-", label=f"d={dim:,}: O(m^2)")
-        axes[0].set(xlabel="m", ylabel="MFAC.step() / SGD.step()", xscale="log", yscale="log",
+        axes[0].set(xlabel="m", ylabel="MFACSGD.step() / SGD.step()", xscale="log", yscale="log",
                     title="1 thread")  # fmt: skip
         axes[0].legend(fontsize=7)
     if topk and topk["rows"]:

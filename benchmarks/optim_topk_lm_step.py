@@ -1,12 +1,12 @@
-"""step() time and memory of MFAC's default rule on one global top-k window at language-model
+"""step() time and memory of MFAC's default rule on one model-wide top-k window at language-model
 scale (SmolLM2-135M, d = 134.5M), against AdamW's step on the same real gradient, in one process.
 
     PYTHONPATH=src python -m benchmarks.optim_topk_lm_step --ngrads 256 --topk 0.01
 
 One gradient of 4 windows of 64 tokens of gensim's Lee background corpus (clipped at 1.0);
 AdamW steps on it first (median of 3 after the first), then the default rule
-(``MFAC(params, lr, blocks="global", history="topk", topk=..., ngrads=...)``) takes 4 real steps
-(1 to 4 rows filled), then the remaining rows of its window are set to strictly ascending
+(``MFAC(params, lr, window_scope="model", layout="topk", topk=..., ngrads=...)``) takes 4 real
+steps (1 to 4 rows filled), then the remaining rows of its window are set to strictly ascending
 coordinates spread over the model with random values (the cost of a gather or scatter depends
 on where the rows point, not on their values), and 4 more steps time a full window. Writes
 results/optim_topk_lm_step.json; peak RSS is this process's.
@@ -64,13 +64,12 @@ def main() -> None:
             p.copy_(s)
     del saved
     t0 = time.perf_counter()
-    opt = MFAC(params, lr=1e-6, blocks="global", history="topk", topk=args.topk,
+    opt = MFAC(params, lr=1e-6, window_scope="model", layout="topk", topk=args.topk,
                ngrads=args.ngrads)  # fmt: skip
     out["build_s"] = time.perf_counter() - t0
-    op = opt._blocks[0].op
+    op = opt.windows[0]
     out.update(dim=op.dim, k=op.k)
-    sizes = [p.numel() for p in params]
-    need = opt.required_bytes(sizes, args.ngrads, "global", torch.float32, op.k)
+    need = opt.required_bytes([p.numel() for p in params])
     out["checked_gib"] = need / 2**30
     out["first_steps_s"] = timed(opt.step, 4)
     fill_topk_window(op, torch.Generator().manual_seed(0))

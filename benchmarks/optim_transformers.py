@@ -1,6 +1,6 @@
 """Optimizers on a tiny BERT trained from scratch (examples/hf_trainer.py's task: scikit-learn
-digits read as 64 pixel tokens): AdamW, Muon (+AdamW), SOAP, plain M-FAC and the scale-aware
-window preconditioners of mfac.optim.scaled. Each optimizer gets a learning-rate sweep; the lr
+digits read as 64 pixel tokens): AdamW, Muon (+AdamW), SOAP, plain M-FAC (mfac.MFACSGD) and the
+scale-aware window preconditioners of mfac.MFAC. Each optimizer gets a learning-rate sweep; the lr
 is chosen on a validation split (mean over seeds) and the test accuracy is reported there.
 
     PYTHONPATH=src python -m benchmarks.optim_transformers run --opt adamw --lrs 3e-4 1e-3 3e-3
@@ -27,8 +27,7 @@ import torch
 import transformers
 from sklearn.datasets import load_digits
 
-from mfac.optim import MFAC
-from mfac.optim.scaled import ScaledMFAC
+from mfac.optim import MFAC, MFACSGD
 
 from .common import RESULTS, interleaved_medians
 
@@ -119,37 +118,41 @@ def make_optimizer(
         from pytorch_optimizer import SOAP
 
         return SOAP(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY, **extra)
-    if name == "mfac-default":  # MFAC(params, lr) with every default: mode="adam"
+    if name == "mfac-default":  # MFAC(params, lr) with every default
         return MFAC(decay_groups(model), lr=lr, **extra)
     if name in DEFAULT_VARIANTS:  # MFAC(params, lr, **options): the default rule, other window
         return MFAC(decay_groups(model), lr=lr, **{**DEFAULT_VARIANTS[name], **extra})
     if name == "mfac":  # the paper's step with every default (ngrads=1024, damp=1e-5)
-        return MFAC(decay_groups(model), lr=lr, mode="paper")
+        return MFACSGD(decay_groups(model), lr=lr)
     if name == "mfac-m128":  # the example's former settings
-        return MFAC(decay_groups(model), lr=lr, ngrads=128, damp=1e-4, mode="paper")
+        return MFACSGD(decay_groups(model), lr=lr, ngrads=128, damp=1e-4)
     if name in CANDIDATES:
-        return ScaledMFAC(decay_groups(model), lr=lr, **{**CANDIDATES[name], **extra})
+        return MFAC(decay_groups(model), lr=lr, **{**CANDIDATES[name], **extra})
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-# The scale-aware designs (mfac.optim.scaled); damp is relative to the window's mean eigenvalue.
+# The scale-aware designs (mfac.MFAC's options); relative_damp scales the window's mean eigenvalue.
 # Each is ungrafted, as in the study that compared them; --options '{"graft": true}' grafts.
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "adam-mfac": {"power": 1.0, "whiten": "adam", "blocks": "global", "graft": False},
-    "adam-mfac-tensor": {"power": 1.0, "whiten": "adam", "blocks": "tensor", "graft": False},
-    "adam-ggt": {"power": 0.5, "whiten": "adam", "blocks": "global", "graft": False},
-    "adam-ggt-tensor": {"power": 0.5, "whiten": "adam", "blocks": "tensor", "graft": False},
-    "ggt": {"power": 0.5, "whiten": "none", "blocks": "global", "graft": False},
-    "ggt-tensor": {"power": 0.5, "whiten": "none", "blocks": "tensor", "graft": False},
+    "adam-mfac": {"power": 1.0, "whiten": "adam", "window_scope": "model", "graft": False},
+    "adam-mfac-tensor": {"power": 1.0, "whiten": "adam", "window_scope": "tensor", "graft": False},
+    "adam-ggt": {"power": 0.5, "whiten": "adam", "window_scope": "model", "graft": False},
+    "adam-ggt-tensor": {"power": 0.5, "whiten": "adam", "window_scope": "tensor", "graft": False},
+    "ggt": {"power": 0.5, "whiten": "none", "window_scope": "model", "graft": False},
+    "ggt-tensor": {"power": 0.5, "whiten": "none", "window_scope": "tensor", "graft": False},
 }
 # MFAC's default rule (grafted per tensor) on one window over the whole model: dense, or
 # error-feedback top-k rows at a density (the runs pass the same options to mfac-default).
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
-    "mfac-global-dense": {"blocks": "global"},
-    "mfac-global-topk10": {"blocks": "global", "history": "topk", "topk": 0.1},
-    "mfac-global-topk1": {"blocks": "global", "history": "topk", "topk": 0.01},
-    "mfac-global-topk10-m128": {"blocks": "global", "history": "topk", "topk": 0.1, "ngrads": 128},
-    "mfac-global-topk1-m128": {"blocks": "global", "history": "topk", "topk": 0.01, "ngrads": 128},
+    "mfac-global-dense": {"window_scope": "model"},
+    "mfac-global-topk10": {"window_scope": "model", "layout": "topk", "topk": 0.1},
+    "mfac-global-topk1": {"window_scope": "model", "layout": "topk", "topk": 0.01},
+    "mfac-global-topk10-m128": {
+        "window_scope": "model", "layout": "topk", "topk": 0.1, "ngrads": 128
+    },
+    "mfac-global-topk1-m128": {
+        "window_scope": "model", "layout": "topk", "topk": 0.01, "ngrads": 128
+    },
 }
 
 
@@ -277,7 +280,7 @@ def report(steps: int) -> str:
     def line(r: dict[str, Any]) -> str:
         rec = next(x for x in runs if x["optimizer"] == r["optimizer"])
         # other options do not change the cost
-        same_cost = not {"ngrads", "blocks", "history", "topk"} & set(rec["options"])
+        same_cost = not {"ngrads", "window_scope", "layout", "topk"} & set(rec["options"])
         ratio = ratios.get(r["optimizer"], ratios.get(rec["base"]) if same_cost else None)
         ratio_text = f"{ratio:.1f}" if ratio is not None else "-"
         return (

@@ -321,9 +321,9 @@ def part3(
 
                 def make_opt(mdl: nn.Module, mode: str = mode) -> torch.optim.Optimizer:
                     if mode == "gradual-mfacopt":
-                        from mfac.optim import PaperMFAC
+                        from mfac.optim import MFACSGD
 
-                        return PaperMFAC(mdl.parameters(), lr=1e-3, ngrads=32, damp=1e-4)
+                        return MFACSGD(mdl.parameters(), lr=1e-3, ngrads=32, damp=1e-4)
                     return torch.optim.Adam(mdl.parameters(), 1e-3)
 
                 if mode.startswith("gradual"):

@@ -3,7 +3,7 @@ token sequences (each of the 64 pixels, 0..16, is one token). No network access 
 the model is built from a config with random weights.
 
     .venv/bin/python examples/hf_trainer.py --optimizer mfac         # mfac.MFAC(params, lr)
-    .venv/bin/python examples/hf_trainer.py --optimizer mfac-paper   # the paper's step
+    .venv/bin/python examples/hf_trainer.py --optimizer mfac-paper   # the paper's step, MFACSGD
     .venv/bin/python examples/hf_trainer.py --optimizer adamw        # Trainer's own AdamW
 
 Trainer hands the optimizer two parameter groups (with and without weight decay), clips
@@ -26,7 +26,7 @@ import torch
 import transformers
 from sklearn.datasets import load_digits
 
-from mfac import MFAC
+from mfac import MFAC, MFACSGD
 
 # The lr chosen on validation data in docs/optim_transformers.md (Trainer's default 5e-5 is for
 # fine-tuning): MFAC's default rule and AdamW share it. The paper's step fails here at every lr.
@@ -97,10 +97,9 @@ def main() -> None:
         window = {"ngrads": args.ngrads} if args.ngrads else {}
         opt = MFAC(groups, lr=args.lr or LR["mfac"], **window)
     elif args.optimizer == "mfac-paper":
-        opt = MFAC(
-            groups, lr=args.lr or LR["mfac-paper"], ngrads=args.ngrads or 128, damp=1e-4,
-            mode="paper",
-        )  # fmt: skip
+        opt = MFACSGD(
+            groups, lr=args.lr or LR["mfac-paper"], ngrads=args.ngrads or 128, damp=1e-4
+        )
     else:
         opt = None
         targs.learning_rate = args.lr or LR["adamw"]

@@ -1,4 +1,5 @@
-"""Dense float64 oracles for the inverse Fisher, shared by the operator tests."""
+"""Dense float64 oracles for the inverse Fisher, shared by the operator tests, and hard inputs
+for a top-k selection."""
 
 from __future__ import annotations
 
@@ -38,3 +39,21 @@ def rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
     exact = exact.to(F64)
     approx = approx.to(device=exact.device, dtype=F64)  # device-run results vs CPU oracles
     return float((approx - exact).norm() / exact.norm().clamp_min(1e-300))
+
+
+def hard_vector(d: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """A d-vector that is hard for a top-k selection: "normal", "ties" (few distinct
+    magnitudes), "sparse" (mostly zeros), "sorted", "spike" (a few huge entries) or
+    "constant" (every magnitude tied)."""
+    x = torch.randn(d, generator=gen)
+    if kind == "ties":
+        x = torch.randint(-20, 20, (d,), generator=gen).float()
+    elif kind == "sparse":
+        x = x * (torch.rand(d, generator=gen) < 0.002)
+    elif kind == "sorted":
+        x = x.abs().sort().values
+    elif kind == "spike":
+        x[::997] *= 1e6
+    elif kind == "constant":
+        x = torch.full((d,), -0.5)
+    return x

@@ -13,7 +13,6 @@ from mfac.operators import SlidingInverseFisher, TopKSlidingInverseFisher
 from mfac.operators.blocks import inverse_from_cholesky
 from mfac.operators.kernels import cols_dot, rows_dot
 from mfac.operators.memory import check_fits
-from mfac.optim import ScaledMFAC
 
 from oracle import dense_inverse_fisher, rel_err
 
@@ -76,7 +75,7 @@ def test_mfac_step_on_device_is_the_dense_formula(device: torch.device) -> None:
     the last step is lr * (damp I + G^T G / m)^-1 g, G the last m gradients (float64 oracle)."""
     m, lr, damp = 4, 0.1, 1e-2
     p = nn.Parameter(torch.zeros(30, device=device))
-    opt = mfac.MFAC([p], lr=lr, ngrads=m, damp=damp, mode="paper")
+    opt = mfac.MFACSGD([p], lr=lr, ngrads=m, damp=damp)
     gen = torch.Generator().manual_seed(3)
     grads = [torch.randn(30, generator=gen) for _ in range(m + 2)]
     for g in grads:
@@ -89,13 +88,13 @@ def test_mfac_step_on_device_is_the_dense_formula(device: torch.device) -> None:
 
 
 def test_scaled_mfac_on_device_matches_cpu(device: torch.device) -> None:
-    """ScaledMFAC on the device takes the same steps as on the CPU (float32 rounding)."""
+    """MFAC on the device takes the same steps as on the CPU (float32 rounding)."""
     torch.manual_seed(4)
     model_cpu = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     model_dev = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(device)
     model_dev.load_state_dict(model_cpu.state_dict())
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    opts = [ScaledMFAC(mdl.parameters(), lr=1e-2, ngrads=4) for mdl in (model_cpu, model_dev)]
+    opts = [mfac.MFAC(mdl.parameters(), lr=1e-2, ngrads=4) for mdl in (model_cpu, model_dev)]
     for _ in range(7):
         for mdl, opt, dev in zip((model_cpu, model_dev), opts, ("cpu", device), strict=True):
             opt.zero_grad()

@@ -19,7 +19,8 @@ from mfac.operators.topk import (
     largest_positions,
     topk_indices,
 )
-from test_optim_window import hard_vector
+
+from oracle import hard_vector
 
 F64 = torch.float64
 pytestmark = pytest.mark.skipif(

@@ -15,9 +15,9 @@ from prune_models import _fresh, _loss, _same, _snapshot
 def _optimizers(model: nn.Module):
     yield torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     yield torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    from mfac.optim import MFAC
+    from mfac.optim import MFAC, MFACSGD
 
-    yield MFAC(model.parameters(), lr=1e-3, ngrads=8, damp=1e-4, mode="paper")
+    yield MFACSGD(model.parameters(), lr=1e-3, ngrads=8, damp=1e-4)
     yield MFAC(model.parameters(), lr=1e-3)  # the default rule
 
 

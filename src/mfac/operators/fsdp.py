@@ -249,6 +249,7 @@ class LocalShardedInverseFisher(DenseRowsBacked):
 
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Push this rank's piece of g; return this rank's piece of F^-1 g_stored (local)."""
+        self.factor._require_inverse()  # an undamped window refuses before pushing
         flat = self._local(g, "gradient")
         slot, _ = insert_columns(self, flat, None, not finite_fast(flat))
         coeff = self.factor.slot_coeff(slot)

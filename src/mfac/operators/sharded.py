@@ -178,13 +178,14 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
         return self.window_nbytes + self.factor.nbytes
 
     def _gather_full(self, local: torch.Tensor) -> torch.Tensor:
-        """All-gather every rank's column slice (float32) into the full vector (d,)."""
+        """All-gather every rank's column slice (float32) into the full vector (d,), a tensor
+        of its own (the gather buffer is reused: a view of it would change at the next call)."""
         out = self._gathered
         chunks = list(out.split(self.chunk))
         mine = torch.zeros(self.chunk, dtype=torch.float32, device=self.device)
         mine[: local.numel()] = local
         dist.all_gather(chunks, mine, group=self.group)
-        return out[: self.dim]
+        return out[: self.dim].clone()
 
     def push(self, g: torch.Tensor) -> None:
         """Push the full gradient ``g`` (d,) (every rank together)."""
@@ -192,6 +193,7 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
 
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Push the full gradient ``g`` (d,) and return the full F^-1 g_stored (d,)."""
+        self.factor._require_inverse()  # an undamped window refuses before pushing
         slot, _ = self._insert(g)
         coeff = self.factor.slot_coeff(slot)
         local = cols_dot(self.grads, coeff)[:, 0].to(torch.float32)

@@ -193,6 +193,7 @@ class SlidingInverseFisher(DenseRowsBacked):
         F^-1 of the unrounded g would add the rounding residual amplified by 1/lambda, a
         step of pure rounding noise.
         """
+        self.factor._require_inverse()  # an undamped window refuses before pushing
         flat = self._check_grad(g)
         slot = self.next_slot
         self._insert(flat)
@@ -251,7 +252,8 @@ class SlidingInverseFisher(DenseRowsBacked):
 
     def __repr__(self) -> str:
         return (
-            f"SlidingInverseFisher(dim={self.dim}, window={self.window}, damp={self.damp:g}, "
+            f"SlidingInverseFisher(dim={self.dim}, window={self.window}, "
+            f"damp={self.damp if self.damp is None else format(self.damp, 'g')}, "
             f"dtype={self.dtype}, pushed={self.num_pushed})"
         )
 

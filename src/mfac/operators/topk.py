@@ -461,6 +461,7 @@ class TopKSlidingInverseFisher(FactorBacked):
 
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Error-feedback compress ``g`` into the window and return F^-1 c (shape of g)."""
+        self.factor._require_inverse()  # an undamped window refuses before pushing
         slot, _ = self._insert(self._check_grad(g))
         coeff = self.factor.slot_coeff(slot)[:, 0]
         if self.native:
@@ -774,7 +775,8 @@ class TopKSlidingInverseFisher(FactorBacked):
     def __repr__(self) -> str:
         return (
             f"TopKSlidingInverseFisher(dim={self.dim}, window={self.window}, k={self.k}, "
-            f"damp={self.damp:g}, pushed={self.num_pushed})"
+            f"damp={self.damp if self.damp is None else format(self.damp, 'g')}, "
+            f"pushed={self.num_pushed})"
         )
 
 

@@ -34,6 +34,7 @@ name at construction, before any state exists.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -385,7 +386,22 @@ class WindowOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state dict, every window replaced by its own state dict."""
+        """torch's optimizer state dict, every window replaced by its own state dict. torch's
+        state-dict post hooks run on the finished dict (windows as dicts) and may replace it."""
+        hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            sd = self._packed_state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = hooks
+        for hook in hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def _packed_state_dict(self) -> dict[str, Any]:
+        """The state dict before torch's post hooks (a rule adds its own fields here)."""
         sd = super().state_dict()
         sd["state"] = {
             index: {**entry, "window": entry["window"].state_dict()}
@@ -524,7 +540,17 @@ class WindowOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict` (same parameters and options). All-or-nothing:
         every field is checked first, and a refusal raises one error naming the field with
-        the optimizer unchanged. Tensors are copied: the given state is never written to."""
+        the optimizer unchanged. Tensors are copied: the given state is never written to.
+        torch's load pre hooks see the given dict (state included) before anything is checked,
+        and the dict a hook returns is the one loaded; the post hooks run once everything is
+        installed. Under FSDP2 every rank refuses together (a rank's shard may be the bad one:
+        one all-reduce of a flag)."""
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # shallow copy, as torch.optim does
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         mesh = self._layout.mesh
         try:
             todo = self._check_state_dict(state_dict)
@@ -534,7 +560,7 @@ class WindowOptimizer(torch.optim.Optimizer):
             if mesh is None:
                 raise
             failed = exc
-        if mesh is not None:  # every rank refuses together (a rank's shard may be the bad one)
+        if mesh is not None:
             flag = torch.tensor([0.0 if failed is None else 1.0], dtype=torch.float64)
             dist.all_reduce(flag, group=mesh.get_group())
             if failed is not None:
@@ -544,7 +570,17 @@ class WindowOptimizer(torch.optim.Optimizer):
                     "another rank refused its shard of the state (its error names the field); "
                     "nothing was changed"
                 )
-        super().load_state_dict({**state_dict, "state": {}})  # groups' options, torch's hooks
+        hooks = (
+            self._optimizer_load_state_dict_pre_hooks,
+            self._optimizer_load_state_dict_post_hooks,
+        )
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:  # the groups' options (the hooks run here, around everything)
+            super().load_state_dict({**state_dict, "state": {}})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks[0]
+            self._optimizer_load_state_dict_post_hooks = hooks[1]
         plan = todo["plan"]
         self._install(plan, todo["masks"], keep=False)
         for p, mask in todo["masks"].items():
@@ -556,6 +592,8 @@ class WindowOptimizer(torch.optim.Optimizer):
                 self.state[p][key] = t.to(device=p.device, copy=True)
         self.state[plan.params[0]]["step"] = todo["step"]
         self._load_extra(todo["extra"])
+        for post_hook in hooks[1].values():
+            post_hook(self)
 
     def _load_extra_check(self, entry: Mapping[str, Any]) -> None:
         """Check a rule's own fields of the first parameter's saved entry (none by default)."""

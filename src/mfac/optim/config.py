@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -45,6 +45,11 @@ def check_group_option(value: Any, name: str, key: str | None = None) -> float:
 class WindowConfig(Options):
     """What both rules' windows share: size, storage and where they live."""
 
+    #: The dtypes ``window_dtype`` may take.
+    WINDOW_DTYPES: ClassVar[tuple[torch.dtype, ...]] = (
+        torch.float32, torch.bfloat16, torch.float16
+    )  # fmt: skip
+
     ngrads: int = option(32, "window size m: gradients kept per window", low=1)
     layout: str = option(
         "dense", "how a window stores its rows: dense, or error-feedback top-k", choices=LAYOUTS
@@ -53,7 +58,9 @@ class WindowConfig(Options):
         None, "layout='topk': entries kept per row, an int k or a density in (0, 1]", kind="any"
     )
     window_dtype: Any = option(
-        torch.float32, "dtype of the windows' values: float32, bfloat16 or float16", kind="any"
+        torch.float32,
+        "dtype of the windows' values: float32, bfloat16 or float16 (MFACSGD: also float64)",
+        kind="any",
     )
     memory_budget: int | None = option(
         None, "bytes the state may take (default: half the available memory)", low=1
@@ -64,11 +71,9 @@ class WindowConfig(Options):
 
     def validate(self) -> None:
         """Checks across fields."""
-        if self.window_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(
-                "window_dtype must be torch.float32, torch.bfloat16 or torch.float16, got "
-                f"{self.window_dtype!r}"
-            )
+        if self.window_dtype not in self.WINDOW_DTYPES:
+            names = ", ".join(str(d) for d in self.WINDOW_DTYPES)
+            raise ValueError(f"window_dtype must be one of {names}, got {self.window_dtype!r}")
         if self.layout == "topk":
             if getattr(self, "window_scope", "model") != "model":
                 raise ValueError(
@@ -125,6 +130,11 @@ class MFACConfig(WindowConfig):
 @dataclass(frozen=True, kw_only=True)
 class MFACSGDConfig(WindowConfig):
     """The options of :class:`mfac.MFACSGD`, the paper's step."""
+
+    #: float64 windows too, for float64 models (and the float64 oracle tests).
+    WINDOW_DTYPES: ClassVar[tuple[torch.dtype, ...]] = (
+        torch.float32, torch.bfloat16, torch.float16, torch.float64
+    )  # fmt: skip
 
     ngrads: int = option(1024, "window size m: gradients kept in the window", low=1)
     damp: float = option(1e-5, "absolute damping lambda of F = lambda I + G^T G / m", low=0,

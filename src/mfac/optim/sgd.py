@@ -225,9 +225,9 @@ class MFACSGD(WindowOptimizer):
         return loss
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def _packed_state_dict(self) -> dict[str, Any]:
         """The common state dict, plus the gradient scaling's own state when it has one."""
-        sd = super().state_dict()
+        sd = super()._packed_state_dict()
         scaling = self.gradient_scaling
         if scaling is not None and hasattr(scaling, "state_dict"):
             index = {id(p): i for i, p in enumerate(self._all_params())}[

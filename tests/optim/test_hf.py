@@ -1,4 +1,5 @@
-"""MFAC inside a Hugging Face Trainer: two parameter groups, gradient clipping, no closure."""
+"""MFAC and MFACSGD inside a Hugging Face Trainer: two parameter groups, gradient clipping, no
+closure."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # Trainer needs it
 
-from mfac.optim import MFAC, PaperMFAC, ScaledMFAC  # noqa: E402
+from mfac.optim import MFAC, MFACSGD  # noqa: E402
 
 
 class _Toy(torch.utils.data.Dataset):
@@ -59,7 +60,7 @@ def _decay_groups(model: torch.nn.Module, wd: float) -> list[dict]:
 def test_trainer_runs_mfac(tmp_path: Path) -> None:
     model = _tiny_bert()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = PaperMFAC(_decay_groups(model, 0.01), lr=1e-4, ngrads=8, damp=1e-4, momentum=0.9)
+    opt = MFACSGD(_decay_groups(model, 0.01), lr=1e-4, ngrads=8, damp=1e-4, momentum=0.9)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=4,
@@ -82,10 +83,14 @@ def test_trainer_runs_mfac(tmp_path: Path) -> None:
     assert "classifier.weight" in changed and "bert.embeddings.word_embeddings.weight" in changed
 
 
-@pytest.mark.parametrize("mode", ["adam", "paper"])
-def test_trainer_optimizer_cls_and_kwargs(tmp_path: Path, mode: str) -> None:
-    """Trainer builds MFAC from (class, kwargs) with its two weight-decay groups, in either
-    mode; both windows see every step."""
+@pytest.mark.parametrize(
+    ("cls", "options"),
+    [(MFAC, {"ngrads": 4, "relative_damp": 1.0}), (MFACSGD, {"ngrads": 4, "damp": 1e-4})],
+    ids=["MFAC", "MFACSGD"],
+)
+def test_trainer_optimizer_cls_and_kwargs(tmp_path: Path, cls: type, options: dict) -> None:
+    """Trainer builds either rule from (class, kwargs) with its two weight-decay groups; the
+    windows see every step."""
     model = _tiny_bert()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
@@ -102,13 +107,14 @@ def test_trainer_optimizer_cls_and_kwargs(tmp_path: Path, mode: str) -> None:
         model=model,
         args=args,
         train_dataset=_Toy(),
-        optimizer_cls_and_kwargs=(MFAC, {"ngrads": 4, "damp": 1e-4, "mode": mode}),
+        optimizer_cls_and_kwargs=(cls, options),
     )
     trainer.train()
     opt = trainer.optimizer
     inner = getattr(opt, "optimizer", opt)  # accelerate wraps it
-    assert isinstance(inner, MFAC) and len(inner.param_groups) == 2
-    if mode == "paper":
-        assert isinstance(inner, PaperMFAC) and inner.window.num_pushed == 2
+    assert type(inner) is cls and len(inner.param_groups) == 2
+    assert inner.steps == 2 and all(w.num_pushed == 2 for w in inner.windows)
+    if cls is MFAC:
+        assert len(inner.windows) == sum(len(g["params"]) for g in inner.param_groups)
     else:
-        assert isinstance(inner, ScaledMFAC) and inner.state_dict()["scaled"]["steps"] == 2
+        assert inner.window.num_pushed == 2

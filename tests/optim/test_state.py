@@ -1,4 +1,4 @@
-"""The optimizer refuses bad input without changing anything: tampered checkpoints (property
+"""MFACSGD refuses bad input without changing anything: tampered checkpoints (property
 tests), options out of range at construction and at step time, windows that cannot fit, and
 gradients whose products overflow float32."""
 
@@ -11,27 +11,33 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from optim_common import assert_state_equal
+from optim_common import data as _data
+from optim_common import delete_field as _delete
+from optim_common import model as _model
+from optim_common import nan_first as _nan
+from optim_common import set_field as _set
+from optim_common import train as _train
 from torch import nn
 
 import mfac
 from mfac.operators import SlidingInverseFisher, TopKSlidingInverseFisher, tiled
 from mfac.operators.memory import gram_nbytes
-from mfac.optim import MFAC, PaperMFAC
-from test_optim import _data, _model, _train, assert_state_equal
+from mfac.optim import MFACSGD
 
 NGRADS = 4
 
 
-def _make(history: str) -> tuple[nn.Module, MFAC]:
+def _make(layout: str) -> tuple[nn.Module, MFACSGD]:
     model = _model()
-    kw = {"history": "topk", "topk": 0.3} if history == "topk" else {}
-    opt = PaperMFAC(model.parameters(), lr=1e-2, ngrads=NGRADS, damp=1e-4, momentum=0.9, **kw)
+    kw = {"layout": "topk", "topk": 0.3} if layout == "topk" else {}
+    opt = MFACSGD(model.parameters(), lr=1e-2, ngrads=NGRADS, damp=1e-4, momentum=0.9, **kw)
     opt.set_masks({model[0].weight: model[0].weight.abs() > 0.1})
     return model, opt
 
 
-def _saved(history: str) -> dict:
-    model, opt = _make(history)
+def _saved(layout: str) -> dict:
+    model, opt = _make(layout)
     _train(model, opt, 2 * NGRADS + 1)  # wraps around, ends mid-ring
     return copy.deepcopy(opt.state_dict())
 
@@ -39,9 +45,9 @@ def _saved(history: str) -> dict:
 SAVED = {h: _saved(h) for h in ("dense", "topk")}
 
 
-def _fresh_loaded(history: str) -> MFAC:
+def _fresh_loaded(layout: str) -> MFACSGD:
     """An optimizer that already holds a (different) trained state: a refusal must keep it."""
-    model, opt = _make(history)
+    model, opt = _make(layout)
     _train(model, opt, 3)
     return opt
 
@@ -50,33 +56,7 @@ def _window_key(sd: dict) -> dict:
     return sd["state"][0]["window"]
 
 
-def _nan(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    t.view(-1)[0] = math.nan
-    return t
-
-
-# Each corruption: (name, applies to history, function(state) -> expected word in the error).
-def _set(path: tuple, value: object):
-    def apply(sd: dict) -> None:
-        target = sd
-        for key in path[:-1]:
-            target = target[key]
-        target[path[-1]] = value(target[path[-1]]) if callable(value) else value
-
-    return apply
-
-
-def _delete(path: tuple):
-    def apply(sd: dict) -> None:
-        target = sd
-        for key in path[:-1]:
-            target = target[key]
-        del target[path[-1]]
-
-    return apply
-
-
+# Each corruption: name -> (edit of the saved state, expected word in the error).
 W = ("state", 0, "window")
 CORRUPTIONS = {
     "lr nan": (_set(("param_groups", 0, "lr"), math.nan), "lr"),
@@ -102,6 +82,12 @@ CORRUPTIONS = {
     "mask dtype": (_set(("state", 0, "mask"), lambda t: t.float()), "mask"),
     "step negative": (_set(("state", 0, "step"), -1), "step"),
     "unknown field": (_set(("state", 1, "exp_avg"), torch.zeros(1)), "exp_avg"),
+    "window on another parameter": (_set(("state", 1, "window"), {}), "unexpected field 'window'"),
+    "step on another parameter": (_set(("state", 1, "step"), 3), "unexpected field 'step'"),
+    "unknown parameter id": (_set(("state", 99), {}), "state[99]"),
+    "scaling without one": (
+        _set(("state", 0, "gradient_scaling"), {"calls": 1}), "gradient_scaling"
+    ),
     "window missing": (_delete(W), "missing the field state[0]['window']"),
     "next_slot out of range": (_set((*W, "next_slot"), NGRADS), "next_slot"),
     "next_slot negative": (_set((*W, "next_slot"), -1), "next_slot"),
@@ -141,19 +127,19 @@ def _corruption(name: str):
 
 
 def test_saved_states_load_and_resume() -> None:
-    for history in SAVED:
-        opt = _fresh_loaded(history)
-        given_state = copy.deepcopy(SAVED[history])
+    for layout in SAVED:
+        opt = _fresh_loaded(layout)
+        given_state = copy.deepcopy(SAVED[layout])
         opt.load_state_dict(given_state)
-        assert_state_equal(opt.state_dict(), SAVED[history])
-        assert_state_equal(given_state, SAVED[history])  # the caller's dict is not modified
+        assert_state_equal(opt.state_dict(), SAVED[layout])
+        assert_state_equal(given_state, SAVED[layout])  # the caller's dict is not modified
 
 
-def _check_refused(history: str, name: str) -> None:
+def _check_refused(layout: str, name: str) -> None:
     corrupt, word = _corruption(name)
-    opt = _fresh_loaded(history)
+    opt = _fresh_loaded(layout)
     before = copy.deepcopy(opt.state_dict())
-    tampered = copy.deepcopy(SAVED[history])
+    tampered = copy.deepcopy(SAVED[layout])
     corrupt(tampered)
     kept = copy.deepcopy(tampered)
     with pytest.raises((ValueError, TypeError, KeyError)) as info:
@@ -163,28 +149,28 @@ def _check_refused(history: str, name: str) -> None:
     assert_state_equal(tampered, kept)
 
 
-@pytest.mark.parametrize(("history", "name"), CASES)
-def test_every_tampered_field_is_refused(history: str, name: str) -> None:
-    _check_refused(history, name)
+@pytest.mark.parametrize(("layout", "name"), CASES)
+def test_every_tampered_field_is_refused(layout: str, name: str) -> None:
+    _check_refused(layout, name)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=st.sampled_from(CASES), extra=st.sampled_from(sorted(CORRUPTIONS)))
 def test_tampered_state_is_refused_and_nothing_changes(case: tuple[str, str], extra: str) -> None:
     """Two corruptions at once: still refused, one error, nothing changed."""
-    history, name = case
+    layout, name = case
     corrupt, _ = _corruption(name)
     second, _ = _corruption(extra)
-    opt = _fresh_loaded(history)
+    opt = _fresh_loaded(layout)
     before = copy.deepcopy(opt.state_dict())
-    tampered = copy.deepcopy(SAVED[history])
+    tampered = copy.deepcopy(SAVED[layout])
     corrupt(tampered)
     try:
         second(tampered)
     except (KeyError, IndexError, TypeError):  # the first corruption removed its target
         pass
     try:  # two edits can cancel (next_slot m, then +1 mod m): a valid state is not tampered
-        assert_state_equal(tampered, SAVED[history])
+        assert_state_equal(tampered, SAVED[layout])
     except AssertionError:
         pass
     else:
@@ -194,19 +180,19 @@ def test_tampered_state_is_refused_and_nothing_changes(case: tuple[str, str], ex
     assert_state_equal(opt.state_dict(), before)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    history=st.sampled_from(["dense", "topk"]),
+    layout=st.sampled_from(["dense", "topk"]),
     row=st.integers(0, NGRADS - 1),
     factor=st.floats(1.01, 100.0),
 )
-def test_any_edited_window_row_is_stale(history: str, row: int, factor: float) -> None:
+def test_any_edited_window_row_is_stale(layout: str, row: int, factor: float) -> None:
     """Scaling any stored row (by 1 %% or more) leaves K stale, and the load is refused."""
-    opt = _fresh_loaded(history)
+    opt = _fresh_loaded(layout)
     before = copy.deepcopy(opt.state_dict())
-    tampered = copy.deepcopy(SAVED[history])
+    tampered = copy.deepcopy(SAVED[layout])
     window = _window_key(tampered)
-    if history == "dense":
+    if layout == "dense":
         window["grads"][row] *= factor
     elif "block_of" in window:  # the tile-major layout: a stretch of slot row's group
         rows = tiled.state_shape(window)[1]
@@ -261,7 +247,7 @@ def test_add_param_group_refusal_changes_nothing(group: dict, match: str) -> Non
 
 def test_add_param_group_over_budget_changes_nothing() -> None:
     p = nn.Parameter(torch.zeros(10))
-    opt = PaperMFAC([p], lr=0.1, ngrads=4, memory_budget=200_000)
+    opt = MFACSGD([p], lr=0.1, ngrads=4, memory_budget=200_000)
     p.grad = torch.ones(10)
     opt.step()
     before = copy.deepcopy(opt.state_dict())
@@ -282,10 +268,10 @@ def test_add_param_group_over_budget_changes_nothing() -> None:
         ({"momentum": math.nan}, ValueError, "momentum"),
         ({"ngrads": -3}, ValueError, "ngrads"),
         ({"ngrads": True}, TypeError, "ngrads"),
-        ({"history": "topk", "topk": math.nan}, ValueError, "density"),
-        ({"history": "topk", "topk": 0.0}, ValueError, "density"),
-        ({"history": "topk", "topk": 0}, ValueError, "topk"),
-        ({"history": "topk", "topk": "1%"}, TypeError, "topk"),
+        ({"layout": "topk", "topk": math.nan}, ValueError, "density"),
+        ({"layout": "topk", "topk": 0.0}, ValueError, "density"),
+        ({"layout": "topk", "topk": 0}, ValueError, "topk"),
+        ({"layout": "topk", "topk": "1%"}, TypeError, "topk"),
         ({"memory_budget": 0}, ValueError, "memory_budget"),
         ({"gradient_scaling": object()}, TypeError, "gradient_scaling"),
     ],
@@ -294,7 +280,7 @@ def test_bad_options_are_refused(kwargs: dict, error: type, match: str) -> None:
     model = _model()
     params = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(error, match=match):
-        PaperMFAC(model.parameters(), **kwargs)
+        MFACSGD(model.parameters(), **kwargs)
     for p, p0 in zip(model.parameters(), params, strict=True):
         assert torch.equal(p.detach(), p0)
 
@@ -305,7 +291,7 @@ def test_window_of_many_tiny_gradients_is_refused() -> None:
     with pytest.raises(MemoryError, match=r"needs .* bytes.*available"):
         SlidingInverseFisher(1, 200_000)
     with pytest.raises(MemoryError, match="memory budget"):
-        PaperMFAC([nn.Parameter(torch.zeros(1))], ngrads=200_000)
+        MFACSGD([nn.Parameter(torch.zeros(1))], ngrads=200_000)
     assert gram_nbytes(200_000) == 4 * 200_000**2 * 8
 
 
@@ -340,7 +326,7 @@ def test_float32_overflow_of_products_is_named() -> None:
 
 def test_optimizer_names_overflow_not_nan() -> None:
     p = nn.Parameter(torch.zeros(8))
-    opt = PaperMFAC([p], lr=0.1, ngrads=3, damp=1e-2)
+    opt = MFACSGD([p], lr=0.1, ngrads=3, damp=1e-2)
     p.grad = torch.full((8,), 1e20)
     opt.step()
     before = copy.deepcopy(opt.state_dict())

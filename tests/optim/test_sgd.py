@@ -1,4 +1,5 @@
-"""The M-FAC optimizer against dense float64 oracles, and its torch.optim contract."""
+"""MFACSGD (the paper's step) against dense float64 oracles: steps, groups, weight decay,
+masks, top-k windows, the gradient-scaling extension point and its checkpoints."""
 
 from __future__ import annotations
 
@@ -9,50 +10,26 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optim_common import F64, assert_state_equal, flat, vec_param
+from optim_common import data as _data
+from optim_common import model as _model
+from optim_common import train as _train
 from torch import nn
 from torch.nn.utils import prune
 
 import mfac
-from mfac.optim import MFAC, PaperMFAC, ScaledMFAC, TopKSlidingInverseFisher
-from mfac.optim.base import paper_only_options
+from mfac.operators import TopKSlidingInverseFisher
+from mfac.optim import MFACSGD
 
 from oracle import dense_inverse_fisher
 
-F64 = torch.float64
-
-
-def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def _data(n: int = 64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
-
-
-def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, start: int = 0) -> None:
-    x, y = _data(256)
-    for t in range(start, start + steps):
-        sl = slice((t * 16) % 256, (t * 16) % 256 + 16)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[sl]), y[sl]).backward()
-        opt.step()
-
-
-def _flat(params) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
-
-
-def _vec_param(d: int = 10, seed: int = 0) -> nn.Parameter:
-    torch.manual_seed(seed)
-    return nn.Parameter(torch.randn(d, dtype=F64))
+_flat, _vec_param = flat, vec_param
 
 
 # ---------------------------------------------------------------------- maths
 def test_first_step_is_normalised_gradient() -> None:
     p = _vec_param()
-    opt = PaperMFAC([p], lr=0.1, ngrads=4, damp=1e-3, history_dtype=F64)
+    opt = MFACSGD([p], lr=0.1, ngrads=4, damp=1e-3, window_dtype=F64)
     g = torch.randn(10, dtype=F64)
     before = p.detach().clone()
     p.grad = g.clone()
@@ -66,7 +43,7 @@ def test_steps_match_dense_oracle(momentum: float) -> None:
     """Every step equals lr * (momentum-averaged) F^-1 g with F over the window, float64."""
     d, m, damp, lr = 12, 5, 1e-2, 0.05
     p = _vec_param(d)
-    opt = PaperMFAC([p], lr=lr, ngrads=m, damp=damp, momentum=momentum, history_dtype=F64)
+    opt = MFACSGD([p], lr=lr, ngrads=m, damp=damp, momentum=momentum, window_dtype=F64)
     window = torch.zeros(m, d, dtype=F64)
     v = torch.zeros(d, dtype=F64)
     gen = torch.Generator().manual_seed(3)
@@ -85,11 +62,11 @@ def test_param_groups_lr_and_coupled_weight_decay() -> None:
     """Two groups share one preconditioner; each gets its own lr; coupled wd enters F^-1."""
     a, b = _vec_param(4, 1), _vec_param(6, 2)
     damp, m = 1e-2, 3
-    opt = PaperMFAC(
+    opt = MFACSGD(
         [{"params": [a], "lr": 0.1, "weight_decay": 0.5}, {"params": [b], "lr": 0.01}],
         ngrads=m,
         damp=damp,
-        history_dtype=F64,
+        window_dtype=F64,
     )
     window = torch.zeros(m, 10, dtype=F64)
     gen = torch.Generator().manual_seed(5)
@@ -108,14 +85,14 @@ def test_param_groups_lr_and_coupled_weight_decay() -> None:
 
 def test_decoupled_weight_decay() -> None:
     p = _vec_param(8)
-    opt = PaperMFAC(
+    opt = MFACSGD(
         [p],
         lr=0.1,
         ngrads=2,
         damp=1e-2,
         weight_decay=0.3,
         decoupled_weight_decay=True,
-        history_dtype=F64,
+        window_dtype=F64,
     )
     g = torch.randn(8, dtype=F64)
     x0 = p.detach().clone()
@@ -127,7 +104,7 @@ def test_decoupled_weight_decay() -> None:
 
 def test_grad_none_enters_as_zero_and_is_not_updated() -> None:
     a, b = _vec_param(4, 1), _vec_param(5, 2)
-    opt = PaperMFAC([a, b], lr=0.1, ngrads=3, damp=1e-2, momentum=0.5, weight_decay=0.1)
+    opt = MFACSGD([a, b], lr=0.1, ngrads=3, damp=1e-2, momentum=0.5, weight_decay=0.1)
     b0 = b.detach().clone()
     a.grad = torch.randn(4, dtype=F64)
     opt.step()
@@ -147,34 +124,12 @@ def test_grad_none_enters_as_zero_and_is_not_updated() -> None:
 
 
 # ---------------------------------------------------------------------- bad input
-def assert_state_equal(s1: object, s2: object, path: str = "state") -> None:
-    """Equality of two (nested) optimizer states: tensors of equal dtype and shape equal
-    entry by entry (NaN matching NaN), everything else with ==."""
-    if isinstance(s1, torch.Tensor):
-        assert isinstance(s2, torch.Tensor) and s1.dtype == s2.dtype, path
-        assert s1.shape == s2.shape, path
-        same = s1 == s2
-        if s1.is_floating_point():
-            same |= s1.isnan() & s2.isnan()
-        assert bool(same.all()), path
-    elif isinstance(s1, dict):
-        assert isinstance(s2, dict) and s1.keys() == s2.keys(), path
-        for key in s1:
-            assert_state_equal(s1[key], s2[key], f"{path}[{key!r}]")
-    elif isinstance(s1, (list, tuple)):
-        assert type(s1) is type(s2) and len(s1) == len(s2), path
-        for i, (a, b) in enumerate(zip(s1, s2, strict=True)):
-            assert_state_equal(a, b, f"{path}[{i}]")
-    else:
-        assert s1 == s2 or (s1 != s1 and s2 != s2), path
-
-
-@pytest.mark.parametrize("history", ["dense", "topk"])
+@pytest.mark.parametrize("layout", ["dense", "topk"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_leaves_everything_unchanged(history: str, bad: float) -> None:
+def test_nonfinite_gradient_leaves_everything_unchanged(layout: str, bad: float) -> None:
     model = _model()
-    kw = {"topk": 0.3} if history == "topk" else {}
-    opt = PaperMFAC(model.parameters(), lr=1e-2, ngrads=4, momentum=0.9, history=history, **kw)
+    kw = {"topk": 0.3} if layout == "topk" else {}
+    opt = MFACSGD(model.parameters(), lr=1e-2, ngrads=4, momentum=0.9, layout=layout, **kw)
     _train(model, opt, 3)
     state = copy.deepcopy(opt.state_dict())
     params = [p.detach().clone() for p in model.parameters()]
@@ -199,25 +154,25 @@ def test_nonfinite_gradient_leaves_everything_unchanged(history: str, bad: float
         ({"ngrads": 2.5}, TypeError, "ngrads"),
         ({"momentum": 1.0}, ValueError, "momentum"),
         ({"weight_decay": -0.1}, ValueError, "weight_decay"),
-        ({"history": "lowrank"}, ValueError, "history"),
-        ({"history": "topk"}, ValueError, "topk"),
-        ({"history": "topk", "topk": 1.5}, ValueError, "density"),
+        ({"layout": "lowrank"}, ValueError, "layout"),
+        ({"layout": "topk"}, ValueError, "layout='topk' needs topk"),
+        ({"layout": "topk", "topk": 1.5}, ValueError, "density"),
         ({"topk": 10}, ValueError, "topk"),
-        ({"history_dtype": torch.int8}, TypeError, "history_dtype"),
+        ({"window_dtype": torch.int8}, ValueError, "window_dtype"),
         ({"ngrads": 1024, "memory_budget": 10_000}, MemoryError, "memory budget"),
-        ({"history": "topk", "topk": 5, "memory_budget": 100}, MemoryError, "memory budget"),
+        ({"layout": "topk", "topk": 5, "memory_budget": 100}, MemoryError, "memory budget"),
     ],
 )
 def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
-        PaperMFAC(_model().parameters(), **kwargs)
+        MFACSGD(_model().parameters(), **kwargs)
 
 
 # ---------------------------------------------------------------------- masks
 def test_explicit_masks_keep_zeros_and_precondition_survivors() -> None:
     p = _vec_param(10)
     mask = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
-    opt = PaperMFAC([p], lr=0.1, ngrads=3, damp=1e-2, history_dtype=F64, weight_decay=0.2)
+    opt = MFACSGD([p], lr=0.1, ngrads=3, damp=1e-2, window_dtype=F64, weight_decay=0.2)
     opt.set_masks({p: mask})
     assert opt.dim == int(mask.sum()) and opt.window.dim == 7
     assert torch.equal(p.detach()[~mask], torch.zeros(3, dtype=F64))
@@ -238,7 +193,7 @@ def test_explicit_masks_keep_zeros_and_precondition_survivors() -> None:
 def test_mask_attribute_is_picked_up() -> None:
     p = _vec_param(6)
     p.mask = torch.tensor([1, 1, 0, 1, 0, 1])
-    opt = PaperMFAC([p], lr=0.1, ngrads=2)
+    opt = MFACSGD([p], lr=0.1, ngrads=2)
     assert opt.dim == 4
     p.grad = torch.ones(6, dtype=F64)
     opt.step()
@@ -249,7 +204,7 @@ def test_torch_prune_module_masks() -> None:
     model = _model()
     prune.l1_unstructured(model[0], "weight", amount=0.6)
     prune.random_unstructured(model[2], "weight", amount=0.5)
-    opt = PaperMFAC(model.parameters(), lr=1e-2, ngrads=8, momentum=0.9, weight_decay=1e-3)
+    opt = MFACSGD(model.parameters(), lr=1e-2, ngrads=8, momentum=0.9, weight_decay=1e-3)
     opt.set_masks(model)
     survivors = sum(int(model[i].weight_mask.sum()) for i in (0, 2)) + 8 + 3
     assert opt.dim == survivors
@@ -267,7 +222,7 @@ def test_torch_prune_module_masks() -> None:
     "kwargs",
     [
         {"momentum": 0.9, "weight_decay": 1e-3},
-        {"history": "topk", "topk": 0.2, "momentum": 0.5},
+        {"layout": "topk", "topk": 0.2, "momentum": 0.5},
         {"decoupled_weight_decay": True, "weight_decay": 0.1, "masked": True},
     ],
 )
@@ -275,9 +230,9 @@ def test_resume_is_bit_identical(kwargs: dict) -> None:
     kwargs = dict(kwargs)
     masked = kwargs.pop("masked", False)
 
-    def make() -> tuple[nn.Module, MFAC]:
+    def make() -> tuple[nn.Module, MFACSGD]:
         model = _model()
-        opt = PaperMFAC(model.parameters(), lr=1e-2, ngrads=6, damp=1e-4, **kwargs)
+        opt = MFACSGD(model.parameters(), lr=1e-2, ngrads=6, damp=1e-4, **kwargs)
         if masked:
             opt.set_masks({model[0].weight: model[0].weight.abs() > 0.2})
         return model, opt
@@ -293,43 +248,33 @@ def test_resume_is_bit_identical(kwargs: dict) -> None:
     ckpt = torch.load(buf, weights_only=False)
     model2, opt2 = _model(seed=123), None
     model2.load_state_dict(ckpt["model"])
-    opt2 = PaperMFAC(model2.parameters(), lr=1e-2, ngrads=6, damp=1e-4, **kwargs)
+    opt2 = MFACSGD(model2.parameters(), lr=1e-2, ngrads=6, damp=1e-4, **kwargs)
     opt2.load_state_dict(ckpt["opt"])
     _train(model2, opt2, 10, start=10)
     for p, q in zip(ref_model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"history": "topk", "topk": 0.3}], ids=["dense", "topk"])
+@pytest.mark.parametrize("kwargs", [{}, {"layout": "topk", "topk": 0.3}], ids=["dense", "topk"])
 def test_state_dict_holds_the_window_without_a_copy(kwargs: dict) -> None:
     """A checkpoint must not double the largest buffer: state_dict() hands out the window (and
     the top-k error vector) by reference, as torch.optim hands out its moments, and a
     torch.save of it still resumes exactly (test_resume_is_bit_identical)."""
     model = _model()
-    opt = PaperMFAC(model.parameters(), lr=1e-2, ngrads=6, damp=1e-4, **kwargs)
+    opt = MFACSGD(model.parameters(), lr=1e-2, ngrads=6, damp=1e-4, **kwargs)
     _train(model, opt, 3)
-    window = opt.state[opt._state_key]["window"]
+    window = opt.window
+    assert window is opt.state[model[0].weight]["window"]
     saved = opt.state_dict()["state"][0]["window"]
     names = ("values", "indices", "error") if kwargs else ("grads",)
     for name in names:
         assert saved[name].data_ptr() == getattr(window, name).data_ptr(), name
 
 
-@pytest.mark.parametrize("blocks", ["tensor", "global"])
-def test_default_rule_state_dict_holds_its_windows_without_a_copy(blocks: str) -> None:
-    """The default rule's dense windows are handed out by reference too."""
-    model = _model()
-    opt = ScaledMFAC(model.parameters(), lr=1e-2, ngrads=4, blocks=blocks)
-    _train(model, opt, 3)
-    saved = opt.state_dict()["scaled"]["blocks"]
-    for block, state in zip(opt._blocks, saved, strict=True):
-        assert state["rows"].data_ptr() == block.rows.data_ptr()
-
-
 # ---------------------------------------------------------------------- torch.optim contract
 def test_lr_scheduler_and_closure() -> None:
     p = _vec_param(5)
-    opt = PaperMFAC([p], lr=1.0, ngrads=1, damp=1e-2)
+    opt = MFACSGD([p], lr=1.0, ngrads=1, damp=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     g = torch.ones(5, dtype=F64)
     calls = []
@@ -356,7 +301,7 @@ def test_trains_mlp() -> None:
     model = _model()
     x, _ = _data(128)
     y = (x[:, :3] * torch.tensor([1.0, -2.0, 0.5])).argmax(1)  # a learnable rule
-    opt = PaperMFAC(model.parameters(), lr=3e-3, ngrads=16, damp=1e-4)
+    opt = MFACSGD(model.parameters(), lr=3e-3, ngrads=16, damp=1e-4)
     first = nn.functional.cross_entropy(model(x), y).item()
     for _ in range(60):
         opt.zero_grad()
@@ -368,8 +313,8 @@ def test_trains_mlp() -> None:
 # ---------------------------------------------------------------------- top-k history
 def test_topk_full_density_equals_dense() -> None:
     model_a, model_b = _model(), _model()
-    opt_a = PaperMFAC(model_a.parameters(), lr=1e-2, ngrads=4, damp=1e-4)
-    opt_b = PaperMFAC(model_b.parameters(), lr=1e-2, ngrads=4, damp=1e-4, history="topk", topk=1.0)
+    opt_a = MFACSGD(model_a.parameters(), lr=1e-2, ngrads=4, damp=1e-4)
+    opt_b = MFACSGD(model_b.parameters(), lr=1e-2, ngrads=4, damp=1e-4, layout="topk", topk=1.0)
     _train(model_a, opt_a, 8)
     _train(model_b, opt_b, 8)
     torch.testing.assert_close(_flat(model_a.parameters()), _flat(model_b.parameters()))
@@ -412,7 +357,7 @@ def test_topk_memory_ratio(d: int, per_entry: int) -> None:
 
 def test_add_param_group_and_mismatched_state() -> None:
     a, b = _vec_param(4, 1), _vec_param(3, 2)
-    opt = PaperMFAC([a], lr=0.1, ngrads=2)
+    opt = MFACSGD([a], lr=0.1, ngrads=2)
     a.grad = torch.ones(4, dtype=F64)
     opt.step()
     state = opt.state_dict()
@@ -420,7 +365,7 @@ def test_add_param_group_and_mismatched_state() -> None:
     assert opt.dim == 7 and opt.window.num_pushed == 0
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group({"params": [_vec_param(2)], "lr": -1.0})
-    other = PaperMFAC([_vec_param(5)], lr=0.1, ngrads=2)
+    other = MFACSGD([_vec_param(5)], lr=0.1, ngrads=2)
     with pytest.raises(ValueError):
         other.load_state_dict(state)
     assert opt.state_nbytes >= opt.window.nbytes
@@ -465,7 +410,7 @@ def test_gradient_scaling_hook_composes_with_the_window() -> None:
     d, m, damp, lr = 7, 3, 1e-2, 0.1
     p = _vec_param(d)
     scale = torch.linspace(0.5, 2.0, d, dtype=F64)
-    opt = PaperMFAC([p], lr=lr, ngrads=m, damp=damp, history_dtype=F64,
+    opt = MFACSGD([p], lr=lr, ngrads=m, damp=damp, window_dtype=F64,
                gradient_scaling=_Diagonal(scale))  # fmt: skip
     window = torch.zeros(m, d, dtype=F64)
     gen = torch.Generator().manual_seed(2)
@@ -479,11 +424,11 @@ def test_gradient_scaling_hook_composes_with_the_window() -> None:
         torch.testing.assert_close(p.detach(), x0 - lr * want, rtol=1e-8, atol=1e-10)
     sd = opt.state_dict()
     assert sd["state"][0]["gradient_scaling"] == {"calls": 5}
-    other = PaperMFAC([_vec_param(d)], lr=lr, ngrads=m, damp=damp, history_dtype=F64,
+    other = MFACSGD([_vec_param(d)], lr=lr, ngrads=m, damp=damp, window_dtype=F64,
                  gradient_scaling=_Diagonal(scale))  # fmt: skip
     other.load_state_dict(sd)
     assert other.gradient_scaling.calls == 5
-    plain = PaperMFAC([_vec_param(d)], lr=lr, ngrads=m, damp=damp, history_dtype=F64)
+    plain = MFACSGD([_vec_param(d)], lr=lr, ngrads=m, damp=damp, window_dtype=F64)
     with pytest.raises(ValueError, match="gradient_scaling"):
         plain.load_state_dict(sd)
 
@@ -494,7 +439,7 @@ def test_state_lives_in_self_state_and_torch_hooks_apply() -> None:
     from mfac.operators import SlidingWindow
 
     a, b = _vec_param(5, 1), _vec_param(3, 2)
-    opt = PaperMFAC([a, b], lr=0.1, ngrads=2, momentum=0.5)
+    opt = MFACSGD([a, b], lr=0.1, ngrads=2, momentum=0.5)
     calls: list[str] = []
     opt.register_step_pre_hook(lambda o, args, kw: calls.append("pre"))
     opt.register_step_post_hook(lambda o, args, kw: calls.append("post"))
@@ -511,69 +456,45 @@ def test_state_lives_in_self_state_and_torch_hooks_apply() -> None:
     assert opt.window is opt.state[a]["window"] and opt.steps == 1
 
 
-# ------------------------------------------------------------ MFAC: one class, two step rules
-def test_mfac_default_is_the_adam_rule_and_paper_is_one_argument_away() -> None:
-    """MFAC(params, lr) builds the default rule; mode="paper" the paper's step; both are MFACs
-    and survive deepcopy and pickling as themselves."""
+# ------------------------------------------------------------ one class per rule
+def test_mfacsgd_defaults_and_copies() -> None:
+    """MFACSGD is the paper's rule with its own defaults (m = 1024, absolute damp 1e-5); it
+    survives deepcopy and pickling as itself."""
     import pickle
 
-    from mfac.optim import ScaledMFAC
-
     params = [nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(2))]
-    default = MFAC(params, lr=1e-3)
-    paper = MFAC(params, lr=1e-3, mode="paper")
-    assert type(default) is ScaledMFAC and type(paper) is PaperMFAC
-    assert isinstance(default, MFAC) and isinstance(paper, MFAC)
-    assert (default.cfg.ngrads, default.cfg.damp, default.cfg.graft) == (32, 1.0, True)
-    assert (paper.ngrads, paper.damp) == (1024, 1e-5)
-    assert type(copy.deepcopy(default)) is ScaledMFAC
-    assert type(pickle.loads(pickle.dumps(paper))) is PaperMFAC
+    opt = MFACSGD(params, lr=1e-3)
+    assert (opt.ngrads, opt.damp, opt.cfg.layout, opt.dim) == (1024, 1e-5, "dense", 8)
+    assert len(opt.windows) == 1 and opt.window.damp == 1e-5
+    assert type(copy.deepcopy(opt)) is MFACSGD
+    assert type(pickle.loads(pickle.dumps(opt))) is MFACSGD
+    assert isinstance(opt, mfac.optim.WindowOptimizer) and not isinstance(opt, mfac.MFAC)
 
 
 @pytest.mark.parametrize(
-    "option", ["momentum", "decoupled_weight_decay", "process_group", "gradient_scaling"]
-)
-def test_paper_only_options_are_refused_by_name_in_the_default_mode(option: str) -> None:
+    ("option", "value"),
+    [("window_scope", "tensor"), ("window_scope", "model"), ("relative_damp", 1.0),
+     ("power", 0.5), ("betas", (0.9, 0.99)), ("mode", "paper"), ("history", "dense"),
+     ("history_dtype", torch.float32), ("blocks", "global")],
+)  # fmt: skip
+def test_options_of_other_rules_and_old_names_are_refused_by_name(option: str, value) -> None:
+    """MFACSGD is always one model-wide window: window_scope and the default rule's options are
+    refused by name, as are the removed names (mode, history, history_dtype, blocks)."""
     p = nn.Parameter(torch.randn(4))
     before = p.detach().clone()
-    with pytest.raises(TypeError, match=f"'{option}' is an option of mode='paper'"):
-        MFAC([p], lr=1e-3, **{option: None})
+    with pytest.raises(TypeError, match=rf"unknown options for MFACSGD: \['{option}'\]"):
+        MFACSGD([p], lr=1e-3, **{option: value})
     assert torch.equal(p.detach(), before) and p.grad is None
-    assert option in paper_only_options()
 
 
-def test_history_and_topk_are_options_of_both_modes() -> None:
-    """The default rule takes a top-k window too (one over the whole model), so history and
-    topk are not paper-only; its own checks refuse them where they do not apply."""
+def test_options_after_weight_decay_are_keyword_only() -> None:
+    """The old positional order (lr, ngrads, damp, ...) is gone: after weight_decay everything
+    is a keyword, so a stray positional ngrads is refused instead of read as something else."""
     p = nn.Parameter(torch.randn(4))
-    assert not {"history", "topk"} & set(paper_only_options())
-    opt = MFAC([p], lr=1e-3, blocks="global", history="topk", topk=0.5)
-    assert type(opt) is ScaledMFAC and opt.cfg.history == "topk"
-    with pytest.raises(ValueError, match="needs blocks='global'"):
-        MFAC([p], lr=1e-3, history="topk", topk=0.5)
-
-
-def test_default_mode_refuses_positional_options_and_unknown_modes() -> None:
-    p = nn.Parameter(torch.randn(4))
-    with pytest.raises(TypeError, match="by keyword"):
-        MFAC([p], 1e-3, 8)  # ngrads=8 positionally: the paper's signature
-    with pytest.raises(ValueError, match="mode must be one of"):
-        MFAC([p], lr=1e-3, mode="adamw")
-    assert type(MFAC([p], 1e-3, 8, 1e-4, mode="paper")) is PaperMFAC  # paper: positional ok
-
-
-def test_default_rule_checks_memory_before_allocating() -> None:
-    """A window that does not fit the budget is refused with the bytes needed, and nothing
-    (no state, no window) is built."""
-    p = nn.Parameter(torch.randn(1000))
-    with pytest.raises(MemoryError, match=r"needs .* over the memory budget"):
-        MFAC([p], lr=1e-3, ngrads=64, memory_budget=100_000)
-    opt = MFAC([p], lr=1e-3, ngrads=4, memory_budget=1_000_000)
-    assert opt.state_nbytes <= 1_000_000
-
-
-def test_default_rule_memory_error_points_to_what_helps() -> None:
-    p = nn.Parameter(torch.randn(1000))
-    with pytest.raises(MemoryError, match=r"mode='paper', history='topk'") as err:
-        MFAC([p], lr=1e-3, ngrads=64, memory_budget=100_000)
-    assert "process group" not in str(err.value)  # not an option of this rule
+    with pytest.raises(TypeError, match="positional"):
+        MFACSGD([p], 1e-3, 0.0, 0.0, 8)
+    opt = MFACSGD([p], 1e-3, 0.5, 0.1, ngrads=8)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"], opt.ngrads) == (
+        1e-3, 0.5, 0.1, 8
+    )  # fmt: skip

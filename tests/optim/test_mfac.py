@@ -1,4 +1,5 @@
-"""ScaledMFAC against a dense float64 oracle of the operator it claims to apply."""
+"""MFAC (the default rule) against a dense float64 oracle of the operator it claims to apply,
+its top-k window, its checkpoints and its refusals."""
 
 from __future__ import annotations
 
@@ -8,16 +9,23 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optim_common import assert_state_equal
+from optim_common import delete_field as _delete
+from optim_common import set_field as _set
+from torch import nn
 
 from mfac import NonFiniteGradientError
 from mfac.operators import TopKSlidingInverseFisher
 from mfac.operators.topk import SMALL_SELECT
-from mfac.optim import MFAC
-from mfac.optim.scaled import ScaledMFAC, window_coeff, window_coeffs
-from test_optim import assert_state_equal
-from test_optim_state import _delete, _set
+from mfac.optim import MFAC, window_coeffs
 
 F64 = torch.float64
+
+
+def window_coeff(gram: torch.Tensor, filled: int, damp: float, power: float):
+    """:func:`window_coeffs` for one window: (W, lam)."""
+    w, lams = window_coeffs(gram[None], [filled], damp, power)
+    return w[0], lams[0]
 
 
 def dense_power(s: torch.Tensor, lam: float, power: float) -> torch.Tensor:
@@ -28,7 +36,7 @@ def dense_power(s: torch.Tensor, lam: float, power: float) -> torch.Tensor:
 
 
 def oracle_run(
-    shapes, grads, lr, wd, ngrads, damp, power, whiten, blocks, betas, eps, graft, stored=F64
+    shapes, grads, lr, wd, ngrads, damp, power, whiten, window_scope, betas, eps, graft, stored=F64
 ):
     """Parameters after the given gradient steps, everything dense in float64; ``graft``
     rescales each tensor's piece of the step to the length of AdamW's step on the tensor (also
@@ -59,7 +67,9 @@ def oracle_run(
         history.append([z.to(stored).to(F64) for z in zs])
         window = history[-ngrads:]
         groups = (
-            [list(range(len(params)))] if blocks == "global" else [[i] for i in range(len(params))]
+            [list(range(len(params)))]
+            if window_scope == "model"
+            else [[i] for i in range(len(params))]
         )
         dirs: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
         for grp in groups:
@@ -79,11 +89,11 @@ def oracle_run(
 
 
 CASES = [
-    dict(power=1.0, whiten="adam", blocks="global"),
-    dict(power=0.5, whiten="adam", blocks="global"),
-    dict(power=1.0, whiten="adam", blocks="tensor"),
-    dict(power=0.5, whiten="adam", blocks="tensor"),
-    dict(power=0.5, whiten="none", blocks="global"),
+    dict(power=1.0, whiten="adam", window_scope="model"),
+    dict(power=0.5, whiten="adam", window_scope="model"),
+    dict(power=1.0, whiten="adam", window_scope="tensor"),
+    dict(power=0.5, whiten="adam", window_scope="tensor"),
+    dict(power=0.5, whiten="none", window_scope="model"),
 ]
 
 
@@ -106,11 +116,11 @@ def test_matches_dense_float64_oracle(case, ngrads, graft):
     want = oracle_run(shapes, grads, **kw)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = ScaledMFAC(
+    opt = MFAC(
         [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.1}],
         lr=0.05,
         ngrads=ngrads,
-        damp=0.3,
+        relative_damp=0.3,
         betas=(0.9, 0.99),
         graft=graft,
         **case,
@@ -125,7 +135,7 @@ def test_matches_dense_float64_oracle(case, ngrads, graft):
 
 @pytest.mark.parametrize("case", CASES[2:4], ids=["tensor-inverse", "tensor-sqrt"])
 def test_bfloat16_window_is_the_oracle_of_its_rounded_rows(case):
-    """history_dtype=bfloat16 stores the whitened gradients rounded to bfloat16 and applies the
+    """window_dtype=bfloat16 stores the whitened gradients rounded to bfloat16 and applies the
     exact operator of those rows (float64 oracle on the rounded rows), at half the bytes."""
     shapes = [(3, 40), (50,)]
     gen = torch.Generator().manual_seed(2)
@@ -135,19 +145,23 @@ def test_bfloat16_window_is_the_oracle_of_its_rounded_rows(case):
     unrounded = oracle_run(shapes, grads, **kw, **case)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = ScaledMFAC(
-        params, lr=0.05, ngrads=3, damp=0.3, betas=(0.9, 0.99), history_dtype=torch.bfloat16,
+    opt = MFAC(
+        params, lr=0.05, ngrads=3, relative_damp=0.3, betas=(0.9, 0.99),
+        window_dtype=torch.bfloat16,
         **case,
     )  # fmt: skip
-    plain = ScaledMFAC([torch.nn.Parameter(torch.randn(s)) for s in shapes], ngrads=3)
+    plain = MFAC([torch.nn.Parameter(torch.randn(s)) for s in shapes], ngrads=3)
     for step_grads in grads:
         for p, g in zip(params, step_grads, strict=True):
             p.grad = g.clone()
         opt.step()
+    for p, g in zip(plain.param_groups[0]["params"], grads[0], strict=True):
+        p.grad = g.clone()
+    plain.step()  # Adam's moments are created at the first step
     for p, w, u in zip(params, want, unrounded, strict=True):
         torch.testing.assert_close(p.detach().to(F64), w, rtol=2e-5, atol=2e-6)
         assert not torch.allclose(w, u, rtol=1e-7, atol=0)  # the rounding is visible
-    window = sum(b.rows.numel() for b in opt._blocks)
+    window = sum(w.grads.numel() for w in opt.windows)
     assert plain.state_nbytes - opt.state_nbytes == 2 * window  # 4 bytes -> 2 per entry
 
 
@@ -162,25 +176,24 @@ def test_bfloat16_window_resumes_bit_identically_and_refuses_a_float32_state():
             opt.step()
 
     model = torch.nn.Linear(6, 3)
-    opt = MFAC(model.parameters(), lr=1e-2, ngrads=4, history_dtype=torch.bfloat16)
+    opt = MFAC(model.parameters(), lr=1e-2, ngrads=4, window_dtype=torch.bfloat16)
     steps(model, opt, 0, 5)
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     steps(model, opt, 5, 9)
     again = torch.nn.Linear(6, 3)
     again.load_state_dict(saved_model)
-    resumed = MFAC(again.parameters(), lr=1e-2, ngrads=4, history_dtype=torch.bfloat16)
+    resumed = MFAC(again.parameters(), lr=1e-2, ngrads=4, window_dtype=torch.bfloat16)
     resumed.load_state_dict(saved_opt)
     steps(again, resumed, 5, 9)
     for a, b in zip(model.parameters(), again.parameters(), strict=True):
         assert torch.equal(a, b)
     f32 = MFAC(again.parameters(), lr=1e-2, ngrads=4)
     before = copy.deepcopy(f32.state_dict())
-    with pytest.raises(ValueError, match="history_dtype"):
+    with pytest.raises(TypeError, match=r"\['window'\]: grads: state stores torch.bfloat16"):
         f32.load_state_dict(saved_opt)
-    after = f32.state_dict()  # nothing changed: Adam's moments, windows, step count
-    assert after["scaled"]["steps"] == before["scaled"]["steps"] == 0
-    assert after["state"] == before["state"] == {}
-    assert torch.equal(before["scaled"]["blocks"][0]["rows"], after["scaled"]["blocks"][0]["rows"])
+    # nothing changed: Adam's moments (none yet), windows, step count
+    assert f32.steps == 0 and "exp_avg" not in f32.state[again.weight]
+    assert_state_equal(before, f32.state_dict())
 
 
 @settings(max_examples=25, deadline=None)
@@ -212,7 +225,7 @@ def test_huge_damp_is_adamw():
     torch.manual_seed(0)
     a = torch.nn.Linear(6, 3)
     b = copy.deepcopy(a)
-    opt_a = ScaledMFAC(a.parameters(), lr=1e-2, damp=1e12, weight_decay=0.01)
+    opt_a = MFAC(a.parameters(), lr=1e-2, relative_damp=1e12, weight_decay=0.01)
     opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.01)
     for _ in range(5):
         x = torch.randn(8, 6)
@@ -224,8 +237,8 @@ def test_huge_damp_is_adamw():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("blocks", ["tensor", "global"])
-def test_graft_keeps_the_direction_and_takes_adamw_length(blocks):
+@pytest.mark.parametrize("window_scope", ["tensor", "model"])
+def test_graft_keeps_the_direction_and_takes_adamw_length(window_scope):
     """graft=True: every tensor's step is the ungrafted step's direction on that tensor, at
     AdamW's length (AdamW's step = the step at damp -> inf), over steps that wrap the window;
     with one global window the graft is still per tensor."""
@@ -233,9 +246,15 @@ def test_graft_keeps_the_direction_and_takes_adamw_length(blocks):
     base = torch.nn.Linear(6, 3)
     mods = [copy.deepcopy(base) for _ in range(3)]
     opts = [
-        ScaledMFAC(mods[0].parameters(), lr=1e-2, ngrads=3, blocks=blocks, graft=True),
-        ScaledMFAC(mods[1].parameters(), lr=1e-2, ngrads=3, blocks=blocks),
-        ScaledMFAC(mods[2].parameters(), lr=1e-2, ngrads=3, blocks=blocks, damp=1e12),
+        MFAC(mods[0].parameters(), lr=1e-2, ngrads=3, window_scope=window_scope, graft=True),
+        MFAC(mods[1].parameters(), lr=1e-2, ngrads=3, window_scope=window_scope),
+        MFAC(
+            mods[2].parameters(),
+            lr=1e-2,
+            ngrads=3,
+            window_scope=window_scope,
+            relative_damp=1e12,
+        ),
     ]
     for i in range(7):
         x = torch.randn(8, 6, generator=torch.Generator().manual_seed(i))
@@ -257,7 +276,7 @@ def test_graft_keeps_the_direction_and_takes_adamw_length(blocks):
             for bs, mod in zip(before, mods, strict=True)
         ]
         sizes = [p.numel() for p in base.parameters()]
-        parts = [s.split(sizes) for s in steps]  # per tensor, for global blocks too
+        parts = [s.split(sizes) for s in steps]  # per tensor, for a model-wide window too
         for grafted, plain, adamw in zip(*parts, strict=True):
             torch.testing.assert_close(grafted.norm(), adamw.norm(), rtol=1e-5, atol=0)
             cos = torch.dot(grafted, plain) / (grafted.norm() * plain.norm())
@@ -271,7 +290,7 @@ def test_invariant_to_gradient_scale():
         for scale in (1.0, 1e4):
             torch.manual_seed(0)
             mod = torch.nn.Linear(5, 2)
-            opt = ScaledMFAC(mod.parameters(), lr=1e-2, ngrads=4, eps=1e-12, **case)
+            opt = MFAC(mod.parameters(), lr=1e-2, ngrads=4, eps=1e-12, **case)
             for i in range(6):
                 x = torch.randn(7, 5, generator=torch.Generator().manual_seed(i))
                 opt.zero_grad()
@@ -295,11 +314,11 @@ def test_resume_is_bit_identical():
     torch.manual_seed(0)
     mod = torch.nn.Linear(4, 3)
     ref = copy.deepcopy(mod)
-    opt = ScaledMFAC(mod.parameters(), ngrads=3, blocks="tensor")
+    opt = MFAC(mod.parameters(), ngrads=3, window_scope="tensor")
     train(mod, opt, range(5))
     saved_mod, saved_opt = copy.deepcopy(mod.state_dict()), copy.deepcopy(opt.state_dict())
     train(mod, opt, range(5, 9))
-    ref_opt = ScaledMFAC(ref.parameters(), ngrads=3, blocks="tensor")
+    ref_opt = MFAC(ref.parameters(), ngrads=3, window_scope="tensor")
     ref.load_state_dict(saved_mod)
     ref_opt.load_state_dict(saved_opt)
     train(ref, ref_opt, range(5, 9))
@@ -311,12 +330,12 @@ def test_resume_is_bit_identical():
     "kwargs",
     [
         dict(lr=-1.0),
-        dict(damp=0.0),
-        dict(damp=float("nan")),
+        dict(relative_damp=0.0),
+        dict(relative_damp=float("nan")),
         dict(ngrads=0),
         dict(power=2.0),
         dict(whiten="sgd"),
-        dict(blocks="layer"),
+        dict(window_scope="layer"),
         dict(whiten="none", power=1.0),
         dict(betas=(0.9, 1.0)),
         dict(eps=0.0),
@@ -325,13 +344,13 @@ def test_resume_is_bit_identical():
 )
 def test_bad_arguments_raise(kwargs):
     with pytest.raises((ValueError, TypeError)):
-        ScaledMFAC(torch.nn.Linear(2, 2).parameters(), **kwargs)
+        MFAC(torch.nn.Linear(2, 2).parameters(), **kwargs)
 
 
 def test_nonfinite_gradient_changes_nothing():
     torch.manual_seed(0)
     mod = torch.nn.Linear(3, 2)
-    opt = ScaledMFAC(mod.parameters(), ngrads=2)
+    opt = MFAC(mod.parameters(), ngrads=2)
     mod(torch.randn(4, 3)).sum().backward()
     opt.step()
     before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in mod.parameters()]
@@ -341,16 +360,13 @@ def test_nonfinite_gradient_changes_nothing():
     after = opt.state_dict()
     for pa, pb in zip(before[1], mod.parameters(), strict=True):
         assert torch.equal(pa, pb)
-    for ba, bb in zip(before[0]["scaled"]["blocks"], after["scaled"]["blocks"], strict=True):
-        assert torch.equal(ba["rows"], bb["rows"]) and torch.equal(ba["gram"], bb["gram"])
-    for k, v in before[0]["state"].items():
-        assert torch.equal(v["exp_avg_sq"], after["state"][k]["exp_avg_sq"])
+    assert_state_equal(before[0], after)
 
 
 def test_parameter_without_grad_is_not_updated():
     torch.manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
-    opt = ScaledMFAC([a, b], lr=0.1, weight_decay=0.5)
+    opt = MFAC([a, b], lr=0.1, weight_decay=0.5)
     before = b.detach().clone()
     a.grad = torch.randn(3)
     opt.step()
@@ -398,7 +414,7 @@ def topk_oracle_step(
         us.append(mhat / den if whiten == "adam" else mhat)
     z, u = torch.cat(zs), torch.cat(us)
     a = state["e"] + z
-    op = opt._blocks[0].op
+    op = opt.windows[0]
     chosen = op.row((t - 1) % op.window)[1].long()
     rest = torch.ones_like(a, dtype=torch.bool)
     rest[chosen] = False
@@ -433,7 +449,7 @@ TOPK_CASES = [
     dict(power=0.5, whiten="adam", graft=True, topk=0.3),
     dict(power=0.5, whiten="none", graft=False, topk=0.5),
     dict(power=1.0, whiten="adam", graft=True, topk=1.0),  # k = d: the dense global window
-    dict(power=1.0, whiten="adam", graft=True, topk=0.3, history_dtype=torch.bfloat16),
+    dict(power=1.0, whiten="adam", graft=True, topk=0.3, window_dtype=torch.bfloat16),
 ]
 
 
@@ -448,11 +464,12 @@ def test_topk_window_matches_dense_float64_oracle(case):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     want = [p.detach().to(F64) for p in params]
-    opt = ScaledMFAC(
-        params, lr=lr, ngrads=3, damp=damp, betas=betas, blocks="global", history="topk",
+    opt = MFAC(
+        params, lr=lr, ngrads=3, relative_damp=damp, betas=betas, window_scope="model",
+        layout="topk",
         **case,
     )  # fmt: skip
-    assert opt._blocks[0].op.k == (5 if case["topk"] == 5 else round(case["topk"] * 21))
+    assert opt.windows[0].k == (5 if case["topk"] == 5 else round(case["topk"] * 21))
     state = {
         "t": 0,
         "ea": [torch.zeros(p.numel(), dtype=F64) for p in params],
@@ -461,7 +478,7 @@ def test_topk_window_matches_dense_float64_oracle(case):
         "rows": [],
     }
     kw = {k: case[k] for k in ("power", "whiten", "graft")}
-    kw["stored"] = case.get("history_dtype", F64)
+    kw["stored"] = case.get("window_dtype", F64)
     for _ in range(8):
         grads = [torch.randn(s, generator=gen) * sc for s, sc in zip(shapes, scales, strict=True)]
         for p, g in zip(params, grads, strict=True):
@@ -470,7 +487,7 @@ def test_topk_window_matches_dense_float64_oracle(case):
         want = topk_oracle_step(state, want, grads, opt, lr, damp, betas=betas, eps=eps, **kw)
         for p, w in zip(params, want, strict=True):
             torch.testing.assert_close(p.detach().to(F64), w, rtol=2e-5, atol=2e-6)
-    op = opt._blocks[0].op
+    op = opt.windows[0]
     rows = torch.stack(state["rows"][-3:])  # slots of steps 6, 7, 8: 2, 0, 1
     rtol = 1e-5 if kw["stored"] == F64 else 1e-2  # one bfloat16 rounding step, at most
     torch.testing.assert_close(op.dense_rows().to(F64)[[2, 0, 1]], rows, rtol=rtol, atol=1e-6)
@@ -483,11 +500,11 @@ def test_topk_window_at_native_selection_size_matches_svd_oracle():
     sizes = [70_000, 7]
     gen = torch.Generator().manual_seed(5)
     params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
-    opt = ScaledMFAC(
-        params, lr=1.0, ngrads=3, blocks="global", history="topk", topk=0.01, graft=False,
+    opt = MFAC(
+        params, lr=1.0, ngrads=3, window_scope="model", layout="topk", topk=0.01, graft=False,
         betas=(0.0, 0.5),
     )  # fmt: skip
-    op = opt._blocks[0].op
+    op = opt.windows[0]
     es = torch.zeros(sum(sizes), dtype=F64)
     err = torch.zeros(sum(sizes), dtype=F64)
     rows: list[torch.Tensor] = []
@@ -531,8 +548,8 @@ def test_topk_window_invariants_over_wraparound(m, steps, d, frac, seed):
     the stored G G^T is the Gram matrix of the stored rows, however often the ring wraps."""
     gen = torch.Generator().manual_seed(seed)
     p = torch.nn.Parameter(torch.zeros(d))
-    opt = ScaledMFAC([p], ngrads=m, blocks="global", history="topk", topk=frac, betas=(0.0, 0.9))
-    op = opt._blocks[0].op
+    opt = MFAC([p], ngrads=m, window_scope="model", layout="topk", topk=frac, betas=(0.0, 0.9))
+    op = opt.windows[0]
     pushed = torch.zeros(d, dtype=F64)
     zsum = torch.zeros(d, dtype=F64)
     es = torch.zeros(d, dtype=F64)
@@ -546,7 +563,7 @@ def test_topk_window_invariants_over_wraparound(m, steps, d, frac, seed):
     torch.testing.assert_close(pushed + op.error.to(F64), zsum, rtol=1e-5, atol=1e-5)
     rows = op.dense_rows().to(F64)
     torch.testing.assert_close(op.factor.gram, rows @ rows.T, rtol=1e-6, atol=1e-6)
-    assert opt._blocks[0].filled == min(steps, m)
+    assert opt.windows[0].filled == min(steps, m)
 
 
 def _topk_train(mod, opt, steps):
@@ -558,12 +575,12 @@ def _topk_train(mod, opt, steps):
 
 
 def test_topk_resume_is_bit_identical_and_a_wrong_state_changes_nothing():
-    kw = dict(lr=1e-2, ngrads=3, blocks="global", history="topk", topk=0.4)
+    kw = dict(lr=1e-2, ngrads=3, window_scope="model", layout="topk", topk=0.4)
     torch.manual_seed(0)
     mod = torch.nn.Linear(4, 3)
     ref = copy.deepcopy(mod)
     opt = MFAC(mod.parameters(), **kw)
-    assert type(opt) is ScaledMFAC
+    assert type(opt) is MFAC
     _topk_train(mod, opt, range(5))
     saved_mod, saved_opt = copy.deepcopy(mod.state_dict()), copy.deepcopy(opt.state_dict())
     _topk_train(mod, opt, range(5, 9))
@@ -574,45 +591,39 @@ def test_topk_resume_is_bit_identical_and_a_wrong_state_changes_nothing():
     for pa, pb in zip(mod.parameters(), ref.parameters(), strict=True):
         assert torch.equal(pa, pb)
     # states that do not fit: a dense window, another k, an edited row; nothing is written
-    dense = MFAC(torch.nn.Linear(4, 3).parameters(), lr=1e-2, ngrads=3, blocks="global")
+    dense = MFAC(torch.nn.Linear(4, 3).parameters(), lr=1e-2, ngrads=3, window_scope="model")
     _topk_train(torch.nn.Linear(4, 3), dense, range(1))
     other_k = copy.deepcopy(saved_opt)
-    blk = other_k["scaled"]["blocks"][0]
+    blk = other_k["state"][0]["window"]
     blk["values"], blk["indices"] = blk["values"][:, :-1], blk["indices"][:, :-1]
     edited = copy.deepcopy(saved_opt)
-    edited["scaled"]["blocks"][0]["values"].add_(1.0)  # every stored row (and the spare)
+    edited["state"][0]["window"]["values"].add_(1.0)  # every stored row (and the spare)
     fresh = MFAC(torch.nn.Linear(4, 3).parameters(), **kw)
     _topk_train(torch.nn.Linear(4, 3), fresh, range(2))
     before = copy.deepcopy(fresh.state_dict())
-    for bad, match in (
-        (dense.state_dict(), "dense window"),
-        (other_k, "do not hold 3 rows of 6 entries"),
-        (edited, "differs from G G"),
+    for bad, error, match in (
+        (dense.state_dict(), KeyError, r"state\[0\]\['window'\]: .*'error'"),
+        (other_k, ValueError, "3 rows of 6 entries|needs"),
+        (edited, ValueError, "differs from m\\*damp\\*I \\+ G G"),
     ):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(error, match=match):
             fresh.load_state_dict(bad)
-        after = fresh.state_dict()
-        assert after["scaled"]["steps"] == before["scaled"]["steps"]
-        for key, v in before["scaled"]["blocks"][0].items():
-            assert torch.equal(v, after["scaled"]["blocks"][0][key]) if torch.is_tensor(v) else (
-                v == after["scaled"]["blocks"][0][key]
-            )
-        for k2, v in before["state"].items():
-            assert torch.equal(v["exp_avg_sq"], after["state"][k2]["exp_avg_sq"])
+        assert_state_equal(before, fresh.state_dict())
 
 
 def test_topk_memory_is_checked_before_anything_is_built():
     p = torch.nn.Parameter(torch.randn(5000))
     before = p.detach().clone()
-    kw = dict(lr=1e-3, ngrads=64, blocks="global", history="topk", topk=0.5)
+    kw = dict(lr=1e-3, ngrads=64, window_scope="model", layout="topk", topk=0.5)
     with pytest.raises(MemoryError, match=r"top-k window of 64 rows x 2500 entries.*needs"):
         MFAC([p], memory_budget=100_000, **kw)
     assert torch.equal(p.detach(), before) and p.grad is None
-    need = ScaledMFAC.required_bytes([5000], 64, "global", torch.float32, 2500)
+    need = MFAC([p], **kw).required_bytes([5000])
     opt = MFAC([p], memory_budget=need, **kw)
     assert opt.state_nbytes <= need
-    dense = ScaledMFAC.required_bytes([10**7], 256, "global")
-    sparse = ScaledMFAC.required_bytes([10**7], 256, "global", torch.float32, 10**5)
+    dense = MFAC([p], ngrads=256, window_scope="model").required_bytes([10**7])
+    sparse = MFAC([p], ngrads=256, window_scope="model", layout="topk", topk=10**5)
+    sparse = sparse.required_bytes([10**7])
     assert 256 * 10**5 * 8 < sparse < dense / 10  # 1 % rows: values + int32 indices
 
 
@@ -626,15 +637,15 @@ def test_topk_memory_is_checked_before_anything_is_built():
         (dict(topk=True), "topk must be an int or a float"),
         (dict(topk="1%"), "topk must be an int or a float"),
         (dict(topk=None), "needs topk"),
-        (dict(blocks="tensor", topk=0.1), "needs blocks='global'"),
-        (dict(history="sparse", topk=0.1), "history must be one of"),
-        (dict(history="dense", topk=0.1), "topk is only used with history='topk'"),
+        (dict(window_scope="tensor", topk=0.1), "needs window_scope='model'"),
+        (dict(layout="sparse", topk=0.1), "layout must be one of"),
+        (dict(layout="dense", topk=0.1), "topk is only used with layout='topk'"),
     ],
 )
 def test_bad_topk_options_are_refused_by_name(kwargs, match):
     p = torch.nn.Parameter(torch.randn(6))
     before = p.detach().clone()
-    kw = {"blocks": "global", "history": "topk", **kwargs}
+    kw = {"window_scope": "model", "layout": "topk", **kwargs}
     with pytest.raises((ValueError, TypeError), match=match):
         MFAC([p], lr=1e-3, **kw)
     assert torch.equal(p.detach(), before) and p.grad is None
@@ -643,7 +654,7 @@ def test_bad_topk_options_are_refused_by_name(kwargs, match):
 def test_topk_nonfinite_gradient_changes_nothing():
     torch.manual_seed(0)
     mod = torch.nn.Linear(3, 2)
-    opt = MFAC(mod.parameters(), lr=1e-2, ngrads=2, blocks="global", history="topk", topk=2)
+    opt = MFAC(mod.parameters(), lr=1e-2, ngrads=2, window_scope="model", layout="topk", topk=2)
     mod(torch.randn(4, 3)).sum().backward()
     opt.step()
     before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in mod.parameters()]
@@ -653,8 +664,7 @@ def test_topk_nonfinite_gradient_changes_nothing():
     after = opt.state_dict()
     for pa, pb in zip(before[1], mod.parameters(), strict=True):
         assert torch.equal(pa, pb)
-    for key in ("values", "indices", "error", "gram"):
-        assert torch.equal(before[0]["scaled"]["blocks"][0][key], after["scaled"]["blocks"][0][key])
+    assert_state_equal(before[0], after)
 
 
 def test_topk_torch_path_matches_the_c_kernels():
@@ -663,9 +673,9 @@ def test_topk_torch_path_matches_the_c_kernels():
     base = torch.nn.Linear(300, 250)  # d = 75,250 > SMALL_SELECT: the C selection runs
     assert sum(p.numel() for p in base.parameters()) > SMALL_SELECT
     mods = [copy.deepcopy(base) for _ in range(2)]
-    kw = dict(lr=1e-2, ngrads=3, blocks="global", history="topk", topk=0.05)
+    kw = dict(lr=1e-2, ngrads=3, window_scope="model", layout="topk", topk=0.05)
     opts = [MFAC(mod.parameters(), **kw) for mod in mods]
-    opts[1]._blocks[0].op.to_torch_path()
+    opts[1].windows[0].to_torch_path()
     for i in range(7):
         x = torch.randn(16, 300, generator=torch.Generator().manual_seed(i))
         for mod, opt in zip(mods, opts, strict=True):
@@ -674,7 +684,7 @@ def test_topk_torch_path_matches_the_c_kernels():
             opt.step()
     for pa, pb in zip(*(mod.parameters() for mod in mods), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
-    rows = [opt._blocks[0].op.dense_rows() for opt in opts]
+    rows = [opt.windows[0].dense_rows() for opt in opts]
     torch.testing.assert_close(rows[0], rows[1], rtol=1e-5, atol=1e-6)
 
 
@@ -685,18 +695,23 @@ def _nan_first(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+W0, W1 = ("state", 0, "window"), ("state", 1, "window")  # the weight's and the bias's windows
 CORRUPTIONS = {
-    "missing gram of the last block": (_delete(("scaled", "blocks", 1, "gram")), KeyError, "gram"),
-    "missing steps": (_delete(("scaled", "steps")), KeyError, "steps"),
-    "negative steps": (_set(("scaled", "steps"), -1), ValueError, "steps"),
-    "pointer off the ring": (
-        _set(("scaled", "blocks", 0, "next_slot"), 7), ValueError, "next_slot"
+    "missing gram of the last window": (_delete((*W1, "gram")), KeyError, "gram"),
+    "missing step": (_delete(("state", 0, "step")), ValueError, "step"),
+    "negative step": (_set(("state", 0, "step"), -1), ValueError, "step"),
+    "pointer off the ring": (_set((*W0, "next_slot"), 7), ValueError, "next_slot"),
+    "NaN in a row": (_set((*W1, "grads"), _nan_first), ValueError, "NaN"),
+    "row edited after K": (_set((*W0, "grads"), lambda t: t * 2), ValueError, "kept across"),
+    "no window": (_delete(W0), KeyError, r"state\[0\]\['window'\]"),
+    "a damped window": (_set((*W0, "damp"), 1.0), ValueError, "damp"),
+    "moment of another shape": (
+        _set(("state", 1, "exp_avg"), lambda t: t[:-1].clone()), ValueError, "exp_avg"
     ),
-    "NaN in a row": (_set(("scaled", "blocks", 1, "rows"), _nan_first), ValueError, "NaN"),
-    "row edited after K": (
-        _set(("scaled", "blocks", 0, "rows"), lambda t: t * 2), ValueError, "kept across"
+    "moment in float64": (
+        _set(("state", 1, "exp_avg_sq"), lambda t: t.double()), TypeError, "exp_avg_sq"
     ),
-    "no scaled entry": (_delete(("scaled",)), ValueError, "scaled"),
+    "a mask": (_set(("state", 1, "mask"), torch.ones(3, dtype=torch.bool)), ValueError, "mask"),
 }
 
 
@@ -706,12 +721,12 @@ def test_a_bad_state_is_refused_before_anything_is_written(name):
     edit, error, match = CORRUPTIONS[name]
     torch.manual_seed(0)
     mod = torch.nn.Linear(4, 3)  # two tensors: two windows
-    opt = ScaledMFAC(mod.parameters(), ngrads=3)
+    opt = MFAC(mod.parameters(), ngrads=3)
     _topk_train(mod, opt, range(5))
     saved = copy.deepcopy(opt.state_dict())
     edit(saved)
     other = torch.nn.Linear(4, 3)
-    target = ScaledMFAC(other.parameters(), ngrads=3)
+    target = MFAC(other.parameters(), ngrads=3)
     _topk_train(other, target, range(10, 12))
     before = copy.deepcopy(target.state_dict())
     with pytest.raises(error, match=match):
@@ -719,13 +734,13 @@ def test_a_bad_state_is_refused_before_anything_is_written(name):
     assert_state_equal(before, target.state_dict())
 
 
-@pytest.mark.parametrize("blocks", ["tensor", "global"])
-def test_a_state_dict_kept_across_a_step_is_refused(blocks):
+@pytest.mark.parametrize("window_scope", ["tensor", "model"])
+def test_a_state_dict_kept_across_a_step_is_refused(window_scope):
     """state_dict() holds the windows by reference; kept across a step its K no longer matches
     its rows, and loading it is refused instead of silently mixing two steps."""
     torch.manual_seed(0)
     mod = torch.nn.Linear(4, 3)
-    opt = ScaledMFAC(mod.parameters(), ngrads=3, blocks=blocks)
+    opt = MFAC(mod.parameters(), ngrads=3, window_scope=window_scope)
     _topk_train(mod, opt, range(4))
     held = opt.state_dict()
     _topk_train(mod, opt, range(4, 5))
@@ -740,7 +755,7 @@ def test_bfloat16_parameters_resume_with_float32_moments_of_their_own():
     dict; this rule keeps float32 moments, copied."""
     torch.manual_seed(0)
     mod = torch.nn.Linear(4, 3).to(torch.bfloat16)
-    opt = ScaledMFAC(mod.parameters(), ngrads=3)
+    opt = MFAC(mod.parameters(), ngrads=3)
 
     def train(steps):
         for i in steps:
@@ -780,14 +795,120 @@ def test_topk_without_whitening_refuses_an_overflowing_error_feedback_sum():
     range is refused before Adam's moments change."""
     torch.manual_seed(0)
     mod = torch.nn.Linear(3, 2)
-    kw = dict(ngrads=2, blocks="global", history="topk", topk=2, whiten="none", power=0.5)
-    opt = ScaledMFAC(mod.parameters(), **kw)
+    kw = dict(ngrads=2, window_scope="model", layout="topk", topk=2, whiten="none", power=0.5)
+    opt = MFAC(mod.parameters(), **kw)
     mod(torch.randn(4, 3)).sum().backward()
     opt.step()
-    opt._blocks[0].op.error.fill_(torch.finfo(torch.float32).max)
+    opt.windows[0].error.fill_(torch.finfo(torch.float32).max)
     before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in mod.parameters()]
     with pytest.raises(NonFiniteGradientError, match="overflows float32"):
         opt.step()
     assert_state_equal(before[0], opt.state_dict())
     for pa, pb in zip(before[1], mod.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+# ------------------------------------------------------------- the class: defaults, refusals
+def test_defaults_and_copies():
+    """MFAC(params, lr) is the default rule with per-tensor undamped windows; it survives
+    deepcopy and pickling as itself."""
+    import pickle
+
+    params = [nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(2))]
+    opt = MFAC(params, lr=1e-3)
+    cfg = opt.cfg
+    assert (cfg.ngrads, cfg.relative_damp, cfg.graft, cfg.window_scope) == (32, 1.0, True, "tensor")
+    assert len(opt.windows) == 2 and all(w.damp is None for w in opt.windows)
+    assert [w.dim for w in opt.windows] == [6, 2]
+    assert opt.state[params[1]]["window"] is opt.windows[1] and opt.steps == 0
+    assert type(copy.deepcopy(opt)) is MFAC
+    assert type(pickle.loads(pickle.dumps(opt))) is MFAC
+    for w in opt.windows:  # undamped windows have no inverse to apply
+        with pytest.raises(RuntimeError, match="without damping"):
+            w.ihvp(torch.zeros(w.dim))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("momentum", 0.9), ("damp", 1e-4), ("decoupled_weight_decay", True),
+     ("gradient_scaling", None), ("mode", "paper"), ("history", "topk"),
+     ("history_dtype", torch.bfloat16), ("blocks", "global")],
+)  # fmt: skip
+def test_options_of_mfacsgd_and_old_names_are_refused_by_name(option, value):
+    """An option of MFACSGD (momentum, the absolute damp, ...) or a removed name is refused
+    with a TypeError naming it and listing what MFAC takes; nothing is touched."""
+    p = nn.Parameter(torch.randn(4))
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match=rf"unknown options for MFAC: \['{option}'\]; it takes"):
+        MFAC([p], lr=1e-3, **{option: value})
+    assert torch.equal(p.detach(), before) and p.grad is None
+
+
+def test_unknown_options_are_all_named_and_options_are_keyword_only():
+    p = nn.Parameter(torch.randn(4))
+    with pytest.raises(TypeError, match=r"\['bar', 'foo'\].*'relative_damp'"):
+        MFAC([p], lr=1e-3, foo=1, bar=2)
+    with pytest.raises(TypeError, match="positional"):
+        MFAC([p], 1e-3, 0.0, 8)  # ngrads=8 positionally: the old paper signature
+
+
+def test_set_masks_is_refused():
+    p = nn.Parameter(torch.randn(4))
+    opt = MFAC([p], lr=1e-3)
+    with pytest.raises(NotImplementedError, match="MFACSGD"):
+        opt.set_masks({p: torch.ones(4, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("window_scope", ["tensor", "model"])
+def test_state_dict_holds_its_windows_without_a_copy(window_scope):
+    """The default rule's dense windows are handed out by reference, as torch.optim hands out
+    its moments (a checkpoint must not double the largest buffer)."""
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(4, 3)
+    opt = MFAC(mod.parameters(), lr=1e-2, ngrads=4, window_scope=window_scope)
+    _topk_train(mod, opt, range(3))
+    sd = opt.state_dict()
+    holders = [0, 1] if window_scope == "tensor" else [0]
+    assert len(opt.windows) == len(holders)
+    for index, window in zip(holders, opt.windows, strict=True):
+        saved = sd["state"][index]["window"]
+        assert saved["grads"].data_ptr() == window.grads.data_ptr()
+        assert saved["damp"] is None and saved["inverse"].numel() == 0
+    if window_scope == "model":
+        assert "window" not in sd["state"][1]
+    assert sd["state"][0]["step"] == 3 and "step" not in sd["state"][1]
+
+
+def test_add_param_group_keeps_per_tensor_windows_and_restarts_a_model_wide_one():
+    torch.manual_seed(0)
+    a, b, c = (nn.Parameter(torch.randn(n)) for n in (4, 3, 2))
+    per_tensor = MFAC([a, b], lr=1e-2, ngrads=3)
+    model_wide = MFAC([a, b], lr=1e-2, ngrads=3, window_scope="model")
+    for opt in (per_tensor, model_wide):
+        for _ in range(2):
+            a.grad, b.grad = torch.randn(4), torch.randn(3)
+            opt.step()
+    kept = per_tensor.windows
+    moments = per_tensor.state[a]["exp_avg"]
+    per_tensor.add_param_group({"params": [c], "lr": 1e-3})
+    assert per_tensor.windows[:2] == kept and per_tensor.windows[2].num_pushed == 0
+    assert per_tensor.state[a]["exp_avg"] is moments and per_tensor.steps == 2
+    model_wide.add_param_group({"params": [c], "lr": 1e-3})
+    assert len(model_wide.windows) == 1 and model_wide.windows[0].dim == 9
+    assert model_wide.windows[0].num_pushed == 0 and model_wide.steps == 2
+    for opt in (per_tensor, model_wide):
+        a.grad, b.grad, c.grad = torch.randn(4), torch.randn(3), torch.randn(2)
+        opt.step()
+        assert opt.steps == 3 and all(w.num_pushed >= 1 for w in opt.windows)
+
+
+def test_checks_memory_before_allocating():
+    """A window that does not fit the budget is refused with the bytes needed and what helps,
+    and nothing (no state, no window) is built."""
+    p = nn.Parameter(torch.randn(1000))
+    with pytest.raises(MemoryError, match=r"needs .* over the memory budget") as err:
+        MFAC([p], lr=1e-3, ngrads=64, memory_budget=100_000)
+    assert "window_dtype=torch.bfloat16" in str(err.value)
+    assert "layout='topk'" in str(err.value) and "process group" not in str(err.value)
+    opt = MFAC([p], lr=1e-3, ngrads=4, memory_budget=1_000_000)
+    assert opt.state_nbytes <= 1_000_000

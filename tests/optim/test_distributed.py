@@ -1,4 +1,5 @@
-"""The sharded M-FAC window on 2 CPU processes (gloo) against the single-process optimizer."""
+"""Both rules with their windows sharded over 2 CPU processes (gloo) against the
+single-process optimizers."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from mfac import NonFiniteGradientError
-from mfac.optim import MFAC, PaperMFAC
+from mfac.optim import MFAC, MFACSGD
 
-STEPS, NGRADS = 50, 8
+STEPS, NGRADS = 30, 8
 
 
 def _free_port() -> int:
@@ -29,7 +30,7 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 4))  # d = 244 (even)
 
 
-def _train(model: nn.Module, opt: MFAC) -> None:
+def _train(model: nn.Module, opt: MFACSGD) -> None:
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(400, 10, generator=gen), torch.randint(0, 4, (400,), generator=gen)
     for t in range(STEPS):
@@ -39,10 +40,15 @@ def _train(model: nn.Module, opt: MFAC) -> None:
         opt.step()
 
 
-def _make_opt(model: nn.Module, group: object = None) -> MFAC:
-    return PaperMFAC(
+def _make_opt(model: nn.Module, group: object = None) -> MFACSGD:
+    return MFACSGD(
         model.parameters(), lr=1e-2, ngrads=NGRADS, damp=1e-4, momentum=0.5, process_group=group
     )
+
+
+def _make_default(model: nn.Module, group: object = None) -> MFAC:
+    """The default rule, per-tensor windows each sharded over ``group``."""
+    return MFAC(model.parameters(), lr=1e-2, ngrads=NGRADS, process_group=group)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -69,8 +75,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         unchanged = torch.equal(window, opt.window.grads) and all(
             torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True)
         )
+        default = _model()
+        default_opt = _make_default(default, dist.group.WORLD)
+        _train(default, default_opt)
         torch.save(
             {
+                "default_params": [p.detach().clone() for p in default.parameters()],
+                "default_nbytes": sum(w.window_nbytes for w in default_opt.windows),
                 "params": params,
                 "window_nbytes": opt.window.window_nbytes,
                 "bounds": (opt.window.lo, opt.window.hi),
@@ -101,6 +112,17 @@ def test_sharded_equals_single_process(tmp_path: Path) -> None:
         assert res["nan_raised"] and res["nan_unchanged"], f"rank {rank}"
         bounds.append(res["bounds"])
     assert bounds == [(0, opt.dim // 2), (opt.dim // 2, opt.dim)]
+    default = _model()
+    default_opt = _make_default(default)
+    _train(default, default_opt)
+    ref = torch.cat([p.detach().reshape(-1) for p in default.parameters()])
+    full_bytes = sum(w.grads.numel() * w.grads.element_size() for w in default_opt.windows)
+    for rank in range(2):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.cat([p.reshape(-1) for p in res["default_params"]])
+        rel = (got - ref).norm() / ref.norm()
+        assert rel <= 1e-5, f"MFAC, rank {rank}: relative difference {rel:.2e}"
+        assert res["default_nbytes"] < full_bytes
 
 
 def test_process_group_without_init_is_a_clear_error() -> None:
