@@ -131,6 +131,8 @@ def _resume(rank: int, rule: str, options: dict[str, Any], ckpt: str) -> tuple[A
     model2 = _sharded()
     opt2 = _opt(rule, options, model2)
     msd2, osd2 = get_state_dict(model2, opt2)
+    # no fake step: a fresh optimizer's state is never empty (windows, zero moments)
+    assert opt2.steps == 0 and all(w.num_pushed == 0 for w in opt2.windows)
     state = {"model": msd2, "optim": osd2}
     dcp.load(state, checkpoint_id=ckpt)
     set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -71,7 +71,10 @@ class MFAC(WindowOptimizer):
 
     A parameter whose ``.grad`` is None in a step is not updated; its Adam moments and window
     see a zero gradient. NaN/Inf in a gradient raises :class:`mfac.NonFiniteGradientError`
-    before anything changes. ``state_dict`` holds the windows by reference (as torch.optim
+    before anything changes. FSDP2 parameters (``fully_shard``: DTensors with ``Shard(0)``) need
+    nothing more: each rank keeps its shards' columns of the windows and all-reduces the m x m
+    products (docs/optim.md, "FSDP2 and distributed checkpoints"). ``state_dict`` holds the
+    windows by reference (as torch.optim
     holds its moments; save or deepcopy it before the next step): resuming is bit-identical.
     """
 

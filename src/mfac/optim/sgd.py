@@ -54,6 +54,10 @@ class MFACSGD(WindowOptimizer):
             "topk"), ``topk``, ``window_dtype``, ``process_group`` (shard the dense window by
             coordinates over this torch.distributed group), ``memory_budget``,
             ``gradient_scaling``), by keyword; an unknown name is refused by name.
+
+    FSDP2 parameters (``fully_shard``: DTensors with ``Shard(0)``) need nothing more: each rank
+    keeps its shards' columns of the window and all-reduces the m x m products (docs/optim.md,
+    "FSDP2 and distributed checkpoints"); ``process_group`` is for plain (DDP) parameters.
     """
 
     group_options = ("lr", "momentum", "weight_decay")
