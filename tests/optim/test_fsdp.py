@@ -45,6 +45,11 @@ RESUME: dict[str, tuple[str, dict[str, Any]]] = {
     "sgd": CONFIGS["sgd"],
     "mfac_topk": ("MFAC", {"ngrads": 4, "window_scope": "model", "layout": "topk", "topk": 0.2}),
     "sgd_topk": ("MFACSGD", {"ngrads": 4, "damp": 1e-2, "layout": "topk", "topk": 0.2}),
+    "mfac_topk_raw": (
+        "MFAC",
+        {"ngrads": 4, "window_scope": "model", "layout": "topk", "topk": 0.2, "whiten": "none",
+         "power": 0.5},
+    ),
 }
 
 
@@ -247,8 +252,9 @@ def _scenario_topk_definition(rank: int, out: dict[str, Any]) -> None:
     shapes = [(7, 5), (3,)]
     dim, m, k = 38, 3, 9
     win = LocalShardedTopK(shapes, m, k, None, torch.float32, mesh)
-    sizes = [sum(torch.Size(local_shape(s, WORLD, r)).numel() for s in shapes)
-             for r in range(WORLD)]  # fmt: skip
+    sizes = [
+        sum(torch.Size(local_shape(s, WORLD, r)).numel() for s in shapes) for r in range(WORLD)
+    ]
     pieces = [TopKSlidingInverseFisher(c, m, local_k(k, c, dim), None) for c in sizes]
 
     def piece_of(v: torch.Tensor, r: int) -> torch.Tensor:  # v: flat params' concatenation
