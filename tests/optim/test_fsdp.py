@@ -283,6 +283,43 @@ def _scenario_topk_definition(rank: int, out: dict[str, Any]) -> None:
     out["topk_k"] = (win.k, win.k_ranks)
 
 
+def _scenario_batched(rank: int, out: dict[str, Any]) -> None:
+    """push_gather_all (one all-reduce for several windows) against one push_gather per
+    window; a NaN in one rank's piece of one window: every rank raises, no window changes."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mfac.operators.fsdp import LocalShardedInverseFisher, push_gather_all
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    shapes = [[(5, 3)], [(4,)], [(1, 2)]]  # the last leaves rank 1 without coordinates
+    wins = [LocalShardedInverseFisher(s, 3, None, torch.float32, mesh) for s in shapes]
+    twins = [LocalShardedInverseFisher(s, 3, None, torch.float32, mesh) for s in shapes]
+    gen = torch.Generator().manual_seed(7 + rank)
+    ok = True
+    for _ in range(4):
+        gs = [torch.randn(w.dim, generator=gen) for w in wins]
+        xs = [torch.randn(w.dim, generator=gen) for w in wins]
+        got = push_gather_all(wins, gs, xs)
+        want = [w.push_gather(g, x) for w, g, x in zip(twins, gs, xs, strict=True)]
+        pairs = zip(got, want, strict=True)
+        ok &= all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in pairs)
+        ok &= all(torch.equal(a.gram, b.gram) for a, b in zip(wins, twins, strict=True))
+    out["batched_equal"] = bool(ok)
+    before = [(w.gram.clone(), w.grads.clone(), w.num_pushed) for w in wins]
+    gs = [torch.randn(w.dim) for w in wins]
+    if rank == 1:
+        gs[1][0] = float("nan")
+    try:
+        push_gather_all(wins, gs, [torch.ones(w.dim) for w in wins])
+        out["batched_nan_raised"] = False
+    except NonFiniteGradientError:
+        out["batched_nan_raised"] = True
+    out["batched_nan_unchanged"] = all(
+        torch.equal(w.gram, g) and torch.equal(w.grads, r) and w.num_pushed == n
+        for w, (g, r, n) in zip(wins, before, strict=True)
+    )
+
+
 def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
@@ -294,6 +331,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             lambda: _scenario_resume(rank, out, tmp),
             lambda: _scenario_refusals(rank, out),
             lambda: _scenario_topk_definition(rank, out),
+            lambda: _scenario_batched(rank, out),
         ):
             scenario()
     except Exception:
@@ -373,3 +411,9 @@ def test_sharded_topk_is_per_shard_topk(results: list[dict[str, Any]]) -> None:
     for out in results:
         assert out["topk_definition"]
     assert results[0]["topk_k"] == (6, [6, 4])  # ceil(9 * 22 / 38), ceil(9 * 16 / 38)
+
+
+def test_one_all_reduce_for_all_windows(results: list[dict[str, Any]]) -> None:
+    for out in results:
+        assert out["batched_equal"]
+        assert out["batched_nan_raised"] and out["batched_nan_unchanged"]
