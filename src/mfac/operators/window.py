@@ -136,13 +136,10 @@ def window_bytes(
     topk: int | None = None,
     world: int = 1,
     device: torch.device | str | None = None,
-    local: bool = False,
 ) -> int:
-    """Peak bytes :func:`make_window` with these settings allocates (on this rank); with
-    ``local``, ``dim`` is this rank's coordinates of a local sharded window (and ``topk``
-    this rank's entries per row)."""
-    if local and layout != "topk":
-        return LocalShardedInverseFisher.required_bytes(dim, window, dtype)
+    """Peak bytes :func:`make_window` with these settings allocates (on this rank; for a local
+    sharded window, ``dim`` and ``topk`` this rank's coordinates and entries per row give its
+    bytes within a few d-sized buffers)."""
     if layout == "topk":
         if topk is None:
             raise ValueError("layout='topk' needs topk (entries kept per row)")
