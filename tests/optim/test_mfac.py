@@ -861,14 +861,22 @@ def test_set_masks_is_refused():
 
 @pytest.mark.parametrize("window_scope", ["tensor", "model"])
 def test_state_dict_holds_its_windows_without_a_copy(window_scope):
-    """The default rule's dense windows are handed out by reference, as torch.optim hands out
-    its moments (a checkpoint must not double the largest buffer)."""
+    """A partly filled window saves copies of its filled rows only (a checkpoint grows with the
+    window); a full one is handed out by reference, as torch.optim hands out its moments (a
+    checkpoint must not double the largest buffer)."""
     torch.manual_seed(0)
     mod = torch.nn.Linear(4, 3)
     opt = MFAC(mod.parameters(), lr=1e-2, ngrads=4, window_scope=window_scope)
+    holders = [0, 1] if window_scope == "tensor" else [0]
     _topk_train(mod, opt, range(3))
     sd = opt.state_dict()
-    holders = [0, 1] if window_scope == "tensor" else [0]
+    for index, window in zip(holders, opt.windows, strict=True):
+        saved = sd["state"][index]["window"]
+        assert saved["grads"].shape == (3, window.dim)
+        assert torch.equal(saved["grads"], window.grads[:3])
+        assert saved["grads"].data_ptr() != window.grads.data_ptr()
+    _topk_train(mod, opt, range(3, 5))
+    sd = opt.state_dict()
     assert len(opt.windows) == len(holders)
     for index, window in zip(holders, opt.windows, strict=True):
         saved = sd["state"][index]["window"]
@@ -876,7 +884,7 @@ def test_state_dict_holds_its_windows_without_a_copy(window_scope):
         assert saved["damp"] is None and saved["inverse"].numel() == 0
     if window_scope == "model":
         assert "window" not in sd["state"][1]
-    assert sd["state"][0]["step"] == 3 and "step" not in sd["state"][1]
+    assert sd["state"][0]["step"] == 5 and "step" not in sd["state"][1]
 
 
 def test_add_param_group_keeps_per_tensor_windows_and_restarts_a_model_wide_one():

@@ -257,14 +257,22 @@ def test_resume_is_bit_identical(kwargs: dict) -> None:
 
 @pytest.mark.parametrize("kwargs", [{}, {"layout": "topk", "topk": 0.3}], ids=["dense", "topk"])
 def test_state_dict_holds_the_window_without_a_copy(kwargs: dict) -> None:
-    """A checkpoint must not double the largest buffer: state_dict() hands out the window (and
-    the top-k error vector) by reference, as torch.optim hands out its moments, and a
-    torch.save of it still resumes exactly (test_resume_is_bit_identical)."""
+    """A checkpoint must not double the largest buffer: once the window is full, state_dict()
+    hands out the window (and the top-k error vector) by reference, as torch.optim hands out
+    its moments, and a torch.save of it still resumes exactly (test_resume_is_bit_identical).
+    While it fills, it saves copies of the filled rows only (the error vector by reference)."""
     model = _model()
     opt = MFACSGD(model.parameters(), lr=1e-2, ngrads=6, damp=1e-4, **kwargs)
     _train(model, opt, 3)
     window = opt.window
     assert window is opt.state[model[0].weight]["window"]
+    saved = opt.state_dict()["state"][0]["window"]
+    rows = ("values", "indices") if kwargs else ("grads",)
+    for name in rows:
+        assert saved[name].shape[0] == 3, name
+    if kwargs:
+        assert saved["error"].data_ptr() == window.error.data_ptr()
+    _train(model, opt, 3)
     saved = opt.state_dict()["state"][0]["window"]
     names = ("values", "indices", "error") if kwargs else ("grads",)
     for name in names:

@@ -8,7 +8,7 @@ import torch
 
 import mfac.prune as mp
 from mfac.prune._layers import Layout, current_masks, find_targets
-from mfac.prune.collect import collect_gradients
+from mfac.prune.collect import gradient_buffer
 
 from prune_models import _fresh, _loss
 
@@ -20,7 +20,7 @@ def test_collected_rows_are_masked_gradients(digits) -> None:
     model.train()
     targets = find_targets(model)
     layout = Layout(targets, current_masks(targets), 16)
-    buf = collect_gradients(model, _loss, digits[2][:3], layout, 3, progress=False)
+    buf = gradient_buffer(model, _loss, digits[2][:3], layout, 3, progress=False)
     assert model.training  # mode restored
     model.eval()
     model.zero_grad()
@@ -36,9 +36,9 @@ def test_per_sample_rows_match_single_sample_gradients(digits) -> None:
     targets = find_targets(model)
     layout = Layout(targets, current_masks(targets))
     data = [(b[0][:3], b[1][:3]) for b in digits[2][:2]]
-    buf = collect_gradients(model, _loss, data, layout, 5, progress=False, per_sample=True)
+    buf = gradient_buffer(model, _loss, data, layout, 5, progress=False, per_sample=True)
     singles = [(x[i : i + 1], y[i : i + 1]) for x, y in data for i in range(3)][:5]
-    ref = collect_gradients(model, _loss, singles, layout, 5, progress=False)
+    ref = gradient_buffer(model, _loss, singles, layout, 5, progress=False)
     assert torch.allclose(buf.tensor, ref.tensor, atol=1e-6)
     res = mp.oneshot(model, 0.7, "mfac", data=data, loss_fn=_loss, num_grads=6, per_sample=True)
     assert abs(res.sparsity - 0.7) < 1e-3

@@ -201,14 +201,9 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         """F^-1 x = (x - G^T K^-1 G x) / lambda for the full x (d,) (every rank together)."""
-        flat = x.reshape(-1)
-        if flat.numel() != self.dim:
-            raise ValueError(f"x has {flat.numel()} entries, the window holds {self.dim}")
-        part = flat[self.lo : self.hi].to(torch.float32)
-        gx = torch.zeros(self.window, dtype=F64, device=self.device)
-        if part.numel():
-            gx += rows_dot(self.grads, part.unsqueeze(1))[:, 0].to(F64)
-        dist.all_reduce(gx, group=self.group)
+        self.factor._require_inverse()
+        gx = self.gather(x)
+        part = x.reshape(-1)[self.lo : self.hi].to(torch.float32)
         c = self.factor.solve(gx[:, None])
         local = (part - cols_dot(self.grads, c)[:, 0].to(torch.float32)) / self.damp
         return self._gather_full(local).to(x.dtype).view_as(x)

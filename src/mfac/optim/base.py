@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -354,6 +354,21 @@ class WindowOptimizer(torch.optim.Optimizer):
                 if isinstance(t, torch.Tensor):
                     held += local(t).numel() * t.element_size()
         return held
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step; ``closure`` re-evaluates the loss (called with grad enabled). The groups'
+        options are checked before anything changes."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step(self._check_groups())
+        return loss
+
+    def _step(self, options: list[dict[str, float]]) -> None:
+        """The rule's step, given every group's checked options."""
+        raise NotImplementedError
 
     def _count_step(self) -> None:
         self.state[self._layout.params[0]]["step"] += 1

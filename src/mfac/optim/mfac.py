@@ -38,7 +38,6 @@ m d floats.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -194,18 +193,12 @@ class MFAC(WindowOptimizer):
             result.mul_(lam**-0.5)
         return result
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One step (see the module docstring); ``closure`` re-evaluates the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        options = self._check_groups()
+    def _step(self, options: list[dict[str, float]]) -> None:
+        """One step with the groups' checked options (see the module docstring)."""
         params = self._layout.params
         live = [p for p in params if p.grad is not None]
         if not live:
-            return loss
+            return
         self._check_finite(params)
         windows = self.windows
         if self.cfg.layout == "topk" and self.cfg.whiten == "none":
@@ -251,7 +244,6 @@ class MFAC(WindowOptimizer):
                 w.mul_(1.0 - lr * wd)
             w.add_(d.view_as(w).to(w.dtype), alpha=-lr)
         self._count_step()
-        return loss
 
     def _check_error_feedback_fits(self, live: list[torch.Tensor], window: Any) -> None:
         """Without whitening the top-k window compresses e + g for the raw gradient g: refuse,

@@ -24,7 +24,7 @@ Behaviour to know (all tested in tests/optim/):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -188,14 +188,8 @@ class MFACSGD(WindowOptimizer):
             new[p] = self._check_mask(p, mask)
         self._install(self._plan(new), new, keep=False)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One M-FAC step; ``closure`` re-evaluates the loss (called with grad enabled)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        options = self._check_groups()  # before anything is touched
+    def _step(self, options: list[dict[str, float]]) -> None:
+        """One step with the groups' checked options (see the module docstring)."""
         plan = self._layout
         params = plan.params
         if self._flat is None or self._flat.numel() != plan.dim or self._flat.dtype != plan.dtype:
@@ -226,7 +220,6 @@ class MFACSGD(WindowOptimizer):
                 if buf is not None and old is None:
                     self.state[p]["momentum_buffer"] = self._like(p, buf)
             self._count_step()
-        return loss
 
     # ------------------------------------------------------------------ checkpoints
     def _packed_state_dict(self) -> dict[str, Any]:

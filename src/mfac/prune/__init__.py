@@ -13,7 +13,7 @@ the shared pieces each in their own module: targets (:mod:`._layers`), N:M patte
 from .._validation import SingularHessianError
 from .api import METHODS, oneshot
 from .budgets import OWLConfig, fisher_sparsities, owl_sparsities
-from .collect import collect_gradients, squared_gradient_mean
+from .collect import gradient_buffer, squared_gradient_mean
 from .export import save_pretrained_sparse
 from .masks import (
     MaskHolder,
@@ -50,12 +50,12 @@ __all__ = [
     "WandaConfig",
     "apply_masks",
     "bake",
-    "collect_gradients",
     "cubic_schedule",
     "density_steps",
     "finetune",
     "fisher_sparsities",
     "get_method",
+    "gradient_buffer",
     "gradual",
     "hold_masks",
     "iobs_prune",

@@ -89,7 +89,7 @@ def iter_gradients(
         bar.close()
 
 
-def collect_gradients(
+def gradient_buffer(
     model: nn.Module,
     loss_fn: LossFn,
     data: Iterable[object],
@@ -103,7 +103,8 @@ def collect_gradients(
     per_sample: bool = False,
 ) -> GradientBuffer:
     """An m x d :class:`mfac.GradientBuffer` (RAM, or memory-mapped past ``memory_budget``)
-    filled with ``num_grads`` gradients of the layout's coordinates."""
+    filled with ``num_grads`` gradients of the layout's coordinates, streamed row by row from
+    :class:`mfac.operators.gradients.ModelGradients` (no second m x d copy)."""
     buf = GradientBuffer(
         num_grads, layout.dim, dtype, memory_budget=memory_budget, spill_dir=spill_dir
     )
@@ -138,8 +139,8 @@ def squared_gradient_mean(
 
 __all__ = [
     "LossFn",
-    "collect_gradients",
     "cycle_batches",
+    "gradient_buffer",
     "iter_gradients",
     "progress_bar",
     "squared_gradient_mean",

@@ -23,7 +23,7 @@ from torch import nn
 from ..._config import option
 from ...operators import InverseFisher
 from .._layers import Layout, Target
-from ..collect import LossFn, collect_gradients
+from ..collect import LossFn, gradient_buffer
 from ..method import GradientOptions, Method, Request
 from ..patterns import Pattern, select
 
@@ -160,7 +160,7 @@ def build_inverse(
     """Collect ``num_grads`` gradients of the layout's coordinates and build the (blocked)
     static inverse Fisher over them in place."""
     t0 = time.perf_counter()
-    buf = collect_gradients(
+    buf = gradient_buffer(
         model,
         loss_fn,
         data,
