@@ -36,6 +36,83 @@ def shard_bounds(dim: int, world: int, rank: int) -> tuple[int, int]:
     return lo, min(dim, lo + chunk)
 
 
+def insert_columns(
+    win: Any, part: torch.Tensor, part_x: torch.Tensor | None, bad: bool
+) -> tuple[int, torch.Tensor | None]:
+    """Write ``part`` (this rank's columns of the new gradient) into the next slot of a
+    column-sharded window ``win`` (``grads``, ``factor``, ``window``, ``group``) and update the
+    replicated K; with ``part_x`` (this rank's columns of x, float32) also G x under the updated
+    window. ``bad``: this rank saw NaN/Inf. One all-reduce carries the m products, |g|^2, the
+    two flags (every rank raises together) and, with x, the m + 1 products with x.
+    Returns (slot, G x or None)."""
+    u = column_products(win, part, part_x, bad)
+    dist.all_reduce(u, group=win.group)
+    check_flags(u, win.window)
+    return commit_columns(win, part, u, part_x is not None)
+
+
+def column_products(
+    win: Any, part: torch.Tensor, part_x: torch.Tensor | None, bad: bool
+) -> torch.Tensor:
+    """This rank's share of what :func:`insert_columns` all-reduces (float64): u[:m] = G g
+    (old rows), u[m] = |g_stored|^2, u[m+1] the NaN/Inf flag, u[m+2] the overflow flag, and
+    with x u[m+3 : 2m+3] = G x (old rows), u[2m+3] = g_stored . x."""
+    stored = part.to(win.grads.dtype)
+    m = win.window
+    u = torch.zeros(m + 3 + (m + 1 if part_x is not None else 0), dtype=F64, device=win.device)
+    if part.numel() and not bad:
+        if part_x is None:
+            u[:m] = rows_dot(win.grads, stored.unsqueeze(1))[:, 0].to(F64)
+        else:
+            wide = stored.to(torch.float32)
+            both = rows_dot(win.grads, torch.stack([wide, part_x], 1)).to(F64)
+            u[:m], u[m + 3 : 2 * m + 3] = both[:, 0], both[:, 1]
+            u[2 * m + 3] = float(torch.dot(wide, part_x))
+        u[m] = float(stored.float().pow(2).sum())
+    u[m + 1] = 1.0 if bad else 0.0
+    # finite gradient, non-finite products: an overflow of the storage dtype
+    overflow = not bad and not bool(torch.isfinite(u[: m + 1]).all())
+    u[m + 2] = 1.0 if overflow else 0.0
+    u[: m + 1].nan_to_num_(0.0, 0.0, 0.0)
+    return u
+
+
+def check_flags(u: torch.Tensor, m: int) -> None:
+    """Raise (on every rank alike) when the all-reduced flags of :func:`column_products` say
+    that some rank saw NaN/Inf or an overflow."""
+    if u[m + 1] > 0:
+        raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
+    if u[m + 2] > 0:
+        raise NonFiniteGradientError(
+            "the products G g of the window with this gradient overflow float32, so K "
+            "cannot be formed; scale the loss down or clip the gradients (damping cannot "
+            "help). The window is unchanged."
+        )
+
+
+def commit_columns(
+    win: Any, part: torch.Tensor, u: torch.Tensor, with_x: bool
+) -> tuple[int, torch.Tensor | None]:
+    """Store ``part`` in the next slot and update K from the all-reduced ``u`` (flags already
+    checked); returns (slot, G x under the updated window or None)."""
+    m = win.window
+    slot = win.factor.next_slot
+    u_row = u[:m].clone()
+    u_row[slot] = u[m]
+    old = win.grads[slot].clone()
+    win.grads[slot] = part.to(win.grads.dtype)
+    try:
+        win.factor.commit(u_row)
+    except (RuntimeError, NonFiniteGradientError):
+        win.grads[slot] = old
+        raise
+    if not with_x:
+        return slot, None
+    products = u[m + 3 : 2 * m + 3].clone()
+    products[slot] = u[2 * m + 3]
+    return slot, products
+
+
 class ShardedSlidingInverseFisher(DenseRowsBacked):
     """Sliding-window F^-1 whose m x d window is split by columns over ``process_group``.
 
@@ -177,53 +254,9 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
         flat = g.reshape(-1)
         if flat.numel() != self.dim:
             raise ValueError(f"gradient has {flat.numel()} entries, the window holds {self.dim}")
-        part = flat[self.lo : self.hi]
-        slot = self.factor.next_slot
-        stored = part.to(self.grads.dtype)
-        m = self.window
-        # u_j = G_j . g for the old rows; entry `slot` becomes |g_stored|^2 below. With x,
-        # u[m+3 : 2m+3] = G x (old rows) and u[2m+3] = g_stored . x ride in the same all-reduce.
-        device = self.grads.device
-        u = torch.zeros(m + 3 + (m + 1 if part_x is not None else 0), dtype=F64, device=device)
-        if part.numel() and part_x is None:
-            u[:m] = rows_dot(self.grads, stored.unsqueeze(1))[:, 0].to(F64)
-        elif part.numel():
-            wide = stored.to(torch.float32)
-            both = rows_dot(self.grads, torch.stack([wide, part_x], 1)).to(F64)
-            u[:m], u[m + 3 : 2 * m + 3] = both[:, 0], both[:, 1]
-            u[2 * m + 3] = float(torch.dot(wide, part_x))
-        if part.numel():
-            u[m] = float(stored.float().pow(2).sum())
         # the whole gradient, not only this slice: gradients that differ across ranks (no DDP)
         # still make every rank raise together
-        u[self.window + 1] = 0.0 if finite_fast(flat) else 1.0
-        # finite gradient, non-finite products: an overflow of the storage dtype
-        overflow = u[self.window + 1] == 0 and not bool(torch.isfinite(u[: self.window + 1]).all())
-        u[self.window + 2] = 1.0 if overflow else 0.0
-        u[: self.window + 1].nan_to_num_(0.0, 0.0, 0.0)
-        dist.all_reduce(u, group=self.group)
-        if u[self.window + 1] > 0:
-            raise NonFiniteGradientError("gradient contains NaN or Inf; the window is unchanged")
-        if u[self.window + 2] > 0:
-            raise NonFiniteGradientError(
-                "the products G g of the window with this gradient overflow float32, so K "
-                "cannot be formed; scale the loss down or clip the gradients (damping cannot "
-                "help). The window is unchanged."
-            )
-        u_row = u[: self.window].clone()
-        u_row[slot] = u[self.window]
-        old = self.grads[slot].clone()
-        self.grads[slot] = stored
-        try:
-            self.factor.commit(u_row)
-        except (RuntimeError, NonFiniteGradientError):
-            self.grads[slot] = old
-            raise
-        if part_x is None:
-            return slot, None
-        products = u[m + 3 : 2 * m + 3].clone()
-        products[slot] = u[2 * m + 3]
-        return slot, products
+        return insert_columns(self, flat[self.lo : self.hi], part_x, not finite_fast(flat))
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard (by reference, as ``torch.optim`` returns its state), its bounds,

@@ -174,6 +174,10 @@ class TopKSlidingInverseFisher(FactorBacked):
     float64 matrices, and a step's d-sized buffers (see :meth:`required_bytes`).
     """
 
+    #: Whether ``check_state`` checks K against the saved rows (a window whose rows are one
+    #: rank's share of K's rows cannot, on its own).
+    _checks_gram: bool = True
+
     def __init__(
         self,
         dim: int,
@@ -399,7 +403,7 @@ class TopKSlidingInverseFisher(FactorBacked):
         vals = picked.to(self.values.dtype)
         slot = self.factor.next_slot
         kept = vals.to(torch.float32)  # the row as stored (rounded to the window dtype)
-        products = None
+        products, own = None, None
         if self.native and x is not None:  # x . c_new too: G x's entry for the new row
             products, u, own = self.rows.gather(x=x, sparse=(idx, kept))
         elif self.native:
@@ -412,6 +416,7 @@ class TopKSlidingInverseFisher(FactorBacked):
             finally:
                 dense_c[idx] = 0.0
         u[slot] = float(kept.double().square().sum())
+        u, products, own = self._reduce(slot, u, products, own, x, idx, kept)
         self.factor.commit(u)  # raises before anything changed
         if self.native:
             self.rows.replace(slot, idx, vals)
@@ -426,6 +431,21 @@ class TopKSlidingInverseFisher(FactorBacked):
         elif x is not None:  # the sweep read the slot's old row
             products[slot] = own
         return slot, products
+
+    def _reduce(
+        self,
+        slot: int,
+        u: torch.Tensor,
+        products: Any,
+        own: Any,
+        x: Any,
+        idx: torch.Tensor,
+        kept: torch.Tensor,
+    ) -> tuple[torch.Tensor, Any, Any]:
+        """The new row's products u (and, with x, G x with the old row in ``slot`` and
+        x . c_new) before K takes them: as they are here; a sharded window sums them over
+        its ranks (:class:`mfac.operators.fsdp.LocalShardedTopK`)."""
+        return u, products, own
 
     def push(self, g: torch.Tensor) -> None:
         """Error-feedback compress ``g`` into the window (no product)."""
@@ -701,7 +721,8 @@ class TopKSlidingInverseFisher(FactorBacked):
         view = self._tiled_view(state)
         if view is not None:  # the C check of every run, then K through the C sweeps
             view.check()
-            self.factor.check_state(state, lambda z: view.gather(x=view.scatter(z)))
+            gram = (lambda z: view.gather(x=view.scatter(z))) if self._checks_gram else None
+            self.factor.check_state(state, gram)
             return
         values, indices = (torch.cat(t) for t in zip(*self._state_groups(state), strict=True))
         values, indices = values.to(self.device), indices.to(self.device)
@@ -721,7 +742,7 @@ class TopKSlidingInverseFisher(FactorBacked):
                 )
             return out
 
-        self.factor.check_state(state, window_gram)
+        self.factor.check_state(state, window_gram if self._checks_gram else None)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` (either path's); checks everything before

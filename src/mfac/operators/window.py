@@ -4,7 +4,8 @@ one place a window is built from its settings.
 Three layouts implement it: dense rows (:class:`mfac.operators.sliding.SlidingInverseFisher`,
 float32 / bfloat16 / float16 storage), error-feedback top-k rows
 (:class:`mfac.operators.topk.TopKSlidingInverseFisher`) and dense rows sharded by coordinates
-over a process group (:class:`mfac.operators.sharded.ShardedSlidingInverseFisher`). Both
+over a process group (:class:`mfac.operators.sharded.ShardedSlidingInverseFisher`; with the
+caller's own pieces of FSDP2-sharded parameters, :mod:`mfac.operators.fsdp`). Both
 optimizer rules talk to this protocol only, so every layout serves both, and a new layout is
 one class with these members.
 
@@ -21,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .fsdp import LocalShardedInverseFisher, LocalShardedTopK
 from .sharded import ShardedSlidingInverseFisher
 from .sliding import SlidingInverseFisher
 from .topk import TopKSlidingInverseFisher
@@ -135,7 +137,9 @@ def window_bytes(
     world: int = 1,
     device: torch.device | str | None = None,
 ) -> int:
-    """Peak bytes :func:`make_window` with these settings allocates (on this rank)."""
+    """Peak bytes :func:`make_window` with these settings allocates (on this rank; for a local
+    sharded window, ``dim`` and ``topk`` this rank's coordinates and entries per row give its
+    bytes within a few d-sized buffers)."""
     if layout == "topk":
         if topk is None:
             raise ValueError("layout='topk' needs topk (entries kept per row)")
@@ -156,12 +160,38 @@ def make_window(
     process_group: Any = None,
     device: torch.device | str | None = None,
     memory_budget: int | None = None,
+    mesh: Any = None,
+    shapes: Any = None,
 ) -> SlidingWindow:
     """A window of ``window`` rows over ``dim`` coordinates: dense rows in ``dtype``
     (``layout="dense"``; sharded by columns over ``process_group`` when one is given) or
-    error-feedback top-k rows of ``topk`` entries (``layout="topk"``)."""
+    error-feedback top-k rows of ``topk`` entries (``layout="topk"``).
+
+    With ``mesh`` (a 1-D DeviceMesh) and ``shapes`` (the global shapes of parameters sharded
+    with FSDP2's ``Shard(0)`` over it), a *local* sharded window
+    (:mod:`mfac.operators.fsdp`): ``dim`` is this rank's number of coordinates, vectors in and
+    out are this rank's pieces, and ``topk`` counts entries of the whole (global) row."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if mesh is not None:
+        if process_group is not None:
+            raise ValueError("give mesh (local sharded window) or process_group, not both")
+        if shapes is None:
+            raise ValueError("a local sharded window (mesh) needs the parameters' shapes")
+        if layout == "topk":
+            if topk is None:
+                raise ValueError("layout='topk' needs topk (entries kept per row)")
+            win: SlidingWindow = LocalShardedTopK(
+                shapes, window, topk, damp, dtype, mesh, device=device,
+                memory_budget=memory_budget,
+            )  # fmt: skip
+        else:
+            win = LocalShardedInverseFisher(
+                shapes, window, damp, dtype, mesh, device=device, memory_budget=memory_budget
+            )
+        if win.dim != dim:
+            raise ValueError(f"dim={dim}, but this rank's shards of shapes hold {win.dim}")
+        return win
     if layout == "topk":
         if process_group is not None:
             raise NotImplementedError("a top-k window cannot be sharded over a process group")

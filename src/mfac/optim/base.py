@@ -20,16 +20,27 @@ base class does the rest, the same way for both rules:
 
 The windows are the operators' (:func:`mfac.operators.window.make_window`): this package keeps
 no ring, Gram matrix or factor of its own.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``): when the parameters are DTensors, all on one
+1-D device mesh with FSDP2's placement ``(Shard(0),)``, the layout is of their local pieces
+(``p.to_local()``), the windows are local sharded windows over the mesh
+(:mod:`mfac.operators.fsdp`: each rank keeps its columns, the m x m products are all-reduced),
+the rules read ``p.grad.to_local()`` and update ``p.to_local()`` in place, and the
+per-parameter tensors are DTensors sharded like the parameters (as torch.optim keeps them), so
+that ``torch.distributed.checkpoint`` shards the whole state. Any other placement is refused by
+name at construction, before any state exists.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
 from .._validation import NonFiniteGradientError
 from ..operators.layout import FlatLayout, Segment
@@ -52,6 +63,23 @@ class Plan:
     device: torch.device
     dtype: torch.dtype
     windows: list[SlidingWindow]
+    #: The 1-D device mesh of FSDP2 parameters (their local pieces are laid out), else None.
+    mesh: Any = None
+
+
+def _dtensor_type() -> type | None:
+    """torch's DTensor class, or None where torch.distributed is not built."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (a view: writes reach the DTensor), else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 class WindowOptimizer(torch.optim.Optimizer):
@@ -134,6 +162,9 @@ class WindowOptimizer(torch.optim.Optimizer):
                     params.append(p)
                     groups.append(gi)
         name = type(self).__name__
+        mesh = self._fsdp_mesh(params)
+        if mesh is not None and masks:
+            raise ValueError(f"{name}: masks are not supported with FSDP2 (DTensor) parameters")
         if not params:
             raise ValueError(f"{name} got no trainable coordinates (no parameter requires grad)")
         devices = {p.device for p in params}
@@ -146,12 +177,12 @@ class WindowOptimizer(torch.optim.Optimizer):
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         layout = FlatLayout(
             [str(i) for i in range(len(params))],  # positions: optimizers hold no names
-            [p.shape for p in params],
+            [p.shape if mesh is None else local(p).shape for p in params],  # FSDP2: shards
             [masks.get(p) for p in params],
             index_device=device,
         )
         segments, offset = list(layout.segments), layout.dim
-        if offset == 0:
+        if offset == 0 and mesh is None:
             raise ValueError(f"{name} got no trainable coordinates (every entry is masked)")
         sizes = [s.size for s in segments]
         cfg = self.cfg
@@ -167,13 +198,52 @@ class WindowOptimizer(torch.optim.Optimizer):
         )
         keep = keep or {}
         if self.window_scope == "model":
-            windows = [self._make_window(offset, device)]
+            windows = [self._make_window(offset, device, mesh, [p.shape for p in params])]
         else:
             windows = [
-                keep[p] if p in keep else self._make_window(s.size, device)
+                keep[p] if p in keep else self._make_window(s.size, device, mesh, [p.shape])
                 for p, s in zip(params, segments, strict=True)
             ]
-        return Plan(params, groups, segments, offset, device, dtype, windows)
+        return Plan(params, groups, segments, offset, device, dtype, windows, mesh)
+
+    def _fsdp_mesh(self, params: list[torch.Tensor]) -> Any:
+        """The 1-D device mesh of FSDP2 parameters (None for plain tensors). Any placement other
+        than FSDP2's ``(Shard(0),)`` on one 1-D mesh is refused by name (before anything
+        changes)."""
+        dtensor = _dtensor_type()
+        if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+            return None
+        from torch.distributed.tensor import Shard
+
+        name, mesh = type(self).__name__, None
+        for i, p in enumerate(params):
+            what = f"{name}: parameter #{i} (shape {tuple(p.shape)})"
+            if not isinstance(p, dtensor):
+                raise ValueError(
+                    f"{what} is a plain tensor while others are DTensors; every parameter must "
+                    "be sharded by FSDP2 (fully_shard the root module too)"
+                )
+            pm = p.device_mesh
+            if pm.ndim != 1:
+                raise ValueError(
+                    f"{what} lives on a {pm.ndim}-D device mesh {tuple(pm.shape)}; only FSDP2's "
+                    "(Shard(0),) on a 1-D mesh is supported (not HSDP, tensor or 2-D parallel)"
+                )
+            if tuple(p.placements) != (Shard(0),) or p.dim() == 0:
+                raise ValueError(
+                    f"{what} has placements {tuple(p.placements)}; only FSDP2's (Shard(dim=0),) "
+                    "is supported (not tensor parallel, Replicate or Partial)"
+                )
+            if mesh is None:
+                mesh = pm
+            elif pm != mesh:
+                raise ValueError(f"{what} lives on another device mesh than parameter #0")
+        if getattr(self.cfg, "process_group", None) is not None:
+            raise ValueError(
+                f"{name}: process_group shards plain (DDP) parameters; FSDP2 parameters bring "
+                "their own device mesh, leave process_group unset"
+            )
+        return mesh
 
     def _describe_windows(self, dim: int) -> str:
         cfg = self.cfg
@@ -181,18 +251,23 @@ class WindowOptimizer(torch.optim.Optimizer):
             return f"one top-k window of {cfg.ngrads} rows x {resolve_k(cfg.topk, dim)} entries"
         return f"{self.window_scope}-wide windows of {cfg.ngrads} gradients"
 
-    def _make_window(self, dim: int, device: torch.device) -> SlidingWindow:
+    def _make_window(
+        self, dim: int, device: torch.device, mesh: Any = None, shapes: Any = None
+    ) -> SlidingWindow:
         cfg = self.cfg
+        full = dim if mesh is None else sum(math.prod(s) for s in shapes)
         return make_window(
             dim,
             cfg.ngrads,
             self._window_damp(),
             layout=cfg.layout,
             dtype=cfg.window_dtype,
-            topk=resolve_k(cfg.topk, dim) if cfg.layout == "topk" else None,
+            topk=resolve_k(cfg.topk, full) if cfg.layout == "topk" else None,
             process_group=cfg.process_group,
             device=device,
             memory_budget=cfg.memory_budget,
+            mesh=mesh,
+            shapes=None if mesh is None else [tuple(s) for s in shapes],
         )
 
     def _holders(self, plan: Plan | None = None) -> list[torch.Tensor]:
@@ -223,6 +298,18 @@ class WindowOptimizer(torch.optim.Optimizer):
         for p, window in zip(self._holders(plan), plan.windows, strict=True):
             self.state[p]["window"] = window
         self.state[plan.params[0]]["step"] = step
+        if plan.mesh is not None:  # DCP loads only what the fresh state holds: all of it
+            for p, gi in zip(plan.params, plan.groups, strict=True):
+                for key, t in self._initial_tensors(p, self.param_groups[gi], plan).items():
+                    self.state[p].setdefault(key, t)
+
+    def _initial_tensors(
+        self, p: torch.Tensor, group: Mapping[str, Any], plan: Plan
+    ) -> dict[str, torch.Tensor]:
+        """The per-parameter tensors a rule starts from (zeros; DTensors like ``p`` under
+        FSDP2), made at construction under FSDP2 so that a fresh optimizer's state dict is the
+        template ``torch.distributed.checkpoint`` loads into (none by default)."""
+        return {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (options checked first). Existing parameters keep their state and
@@ -265,7 +352,7 @@ class WindowOptimizer(torch.optim.Optimizer):
             for key in self.param_tensors:
                 t = s.get(key)
                 if isinstance(t, torch.Tensor):
-                    held += t.numel() * t.element_size()
+                    held += local(t).numel() * t.element_size()
         return held
 
     @torch.no_grad()
@@ -287,13 +374,30 @@ class WindowOptimizer(torch.optim.Optimizer):
         self.state[self._layout.params[0]]["step"] += 1
 
     def _check_finite(self, params: list[torch.Tensor]) -> None:
-        """Refuse NaN/Inf in any gradient, naming the parameter, before anything changes."""
+        """Refuse NaN/Inf in any gradient, naming the parameter, before anything changes (with
+        FSDP2, on every rank together: one all-reduce of a flag per parameter)."""
+        mesh = self._layout.mesh
+        if mesh is None:
+            bad = [p.grad is not None and not finite_fast(p.grad) for p in params]
+        else:
+            flags = torch.tensor(
+                [float(p.grad is not None and not finite_fast(local(p.grad))) for p in params],
+                dtype=torch.float64,
+            )
+            dist.all_reduce(flags, group=mesh.get_group())
+            bad = (flags > 0).tolist()
         for i, p in enumerate(params):
-            if p.grad is not None and not finite_fast(p.grad):
+            if bad[i]:
                 raise NonFiniteGradientError(
                     f"{type(self).__name__}.step: the gradient of parameter #{i} (shape "
                     f"{tuple(p.shape)}) contains NaN or Inf; nothing was changed"
                 )
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the FSDP2 mesh in place (nothing without one); returns ``t``."""
+        if self._layout.mesh is not None:
+            dist.all_reduce(t, group=self._layout.mesh.get_group())
+        return t
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -432,7 +536,16 @@ class WindowOptimizer(torch.optim.Optimizer):
         dtype = self._state_dtype(plan)
         if t.dtype != dtype:
             raise TypeError(f"{field} has dtype {t.dtype}, this optimizer keeps {dtype}")
-        if not bool(torch.isfinite(t).all()):
+        if plan.mesh is not None:
+            dtensor = _dtensor_type()
+            if not isinstance(t, dtensor) or tuple(t.placements) != tuple(p.placements):
+                raise TypeError(f"{field} must be a DTensor sharded like the parameter (Shard(0))")
+            if tuple(t.to_local().shape) != tuple(local(p).shape):
+                raise ValueError(
+                    f"{field} has local shape {tuple(t.to_local().shape)}, the parameter's "
+                    f"shard {tuple(local(p).shape)}"
+                )
+        if not bool(torch.isfinite(local(t)).all()):
             raise ValueError(f"{field} contains NaN or Inf")
 
     def _state_dtype(self, plan: Plan) -> torch.dtype:
@@ -445,15 +558,33 @@ class WindowOptimizer(torch.optim.Optimizer):
         the optimizer unchanged. Tensors are copied: the given state is never written to.
         torch's load pre hooks see the given dict (state included) before anything is checked,
         and the dict a hook returns is the one loaded; the post hooks run once everything is
-        installed."""
+        installed. Under FSDP2 every rank refuses together (a rank's shard may be the bad one:
+        one all-reduce of a flag)."""
         if isinstance(state_dict, Mapping):
             state_dict = dict(state_dict)  # shallow copy, as torch.optim does
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        todo = self._check_state_dict(state_dict)
-        self._load_extra_check(todo["extra"])
+        mesh = self._layout.mesh
+        try:
+            todo = self._check_state_dict(state_dict)
+            self._load_extra_check(todo["extra"])
+            failed: BaseException | None = None
+        except (KeyError, ValueError, TypeError) as exc:
+            if mesh is None:
+                raise
+            failed = exc
+        if mesh is not None:
+            flag = torch.tensor([0.0 if failed is None else 1.0], dtype=torch.float64)
+            dist.all_reduce(flag, group=mesh.get_group())
+            if failed is not None:
+                raise failed
+            if float(flag) > 0:
+                raise ValueError(
+                    "another rank refused its shard of the state (its error names the field); "
+                    "nothing was changed"
+                )
         hooks = (
             self._optimizer_load_state_dict_pre_hooks,
             self._optimizer_load_state_dict_post_hooks,
@@ -486,4 +617,4 @@ class WindowOptimizer(torch.optim.Optimizer):
         """Install a rule's own fields of the first parameter's saved entry."""
 
 
-__all__ = ["Plan", "WindowOptimizer"]
+__all__ = ["Plan", "WindowOptimizer", "local"]

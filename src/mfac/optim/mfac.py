@@ -41,11 +41,13 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .._validation import NonFiniteGradientError
+from ..operators.fsdp import LocalShardedInverseFisher, push_gather_all
 from ..operators.topk import TopKSlidingInverseFisher, resolve_k
 from ..operators.window import SlidingWindow
-from .base import Params, WindowOptimizer
+from .base import Params, WindowOptimizer, local
 from .config import MFACConfig, check_group_option
 from .functional import window_coeffs
 
@@ -68,7 +70,10 @@ class MFAC(WindowOptimizer):
 
     A parameter whose ``.grad`` is None in a step is not updated; its Adam moments and window
     see a zero gradient. NaN/Inf in a gradient raises :class:`mfac.NonFiniteGradientError`
-    before anything changes. ``state_dict`` holds the windows by reference (as torch.optim
+    before anything changes. FSDP2 parameters (``fully_shard``: DTensors with ``Shard(0)``) need
+    nothing more: each rank keeps its shards' columns of the windows and all-reduces the m x m
+    products (docs/optim.md, "FSDP2 and distributed checkpoints"). ``state_dict`` holds the
+    windows by reference (as torch.optim
     holds its moments; save or deepcopy it before the next step): resuming is bit-identical.
     """
 
@@ -111,6 +116,13 @@ class MFAC(WindowOptimizer):
         flat = sum(t.numel() * t.element_size() for t in self._zu or ())
         return super().state_nbytes + flat
 
+    def _initial_tensors(self, p: torch.Tensor, group: Any, plan: Any) -> dict[str, torch.Tensor]:
+        """Adam's two moments, zero (created at the first step otherwise)."""
+        return {
+            "exp_avg": torch.zeros_like(p, dtype=torch.float32),
+            "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32),
+        }
+
     def _flat_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole model's z and u (float32 d-vectors), kept across steps so that a step
         writes into memory it already owns (a fresh d-vector costs its page faults)."""
@@ -136,16 +148,16 @@ class MFAC(WindowOptimizer):
         zs, us, targets = [], [], []
         if flat:
             zflat, uflat = self._flat_buffers()
-            sizes = [p.numel() for p in params]
+            sizes = [s.size for s in self._layout.segments]
             zviews, uviews = zflat.split(sizes), uflat.split(sizes)
         for i, p in enumerate(params):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            g = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
             st = self.state[p]
-            if "exp_avg" not in st:
+            if "exp_avg" not in st:  # DTensors sharded like p under FSDP2
                 st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             g = g.detach().reshape(-1).float()
-            ea, es = st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)
+            ea, es = local(st["exp_avg"]).view(-1), local(st["exp_avg_sq"]).view(-1)
             ea.lerp_(g, 1.0 - b1)
             es.mul_(b2).addcmul_(g, g, value=1.0 - b2)
             den = torch.sqrt(es, out=zviews[i] if flat else None)
@@ -193,7 +205,10 @@ class MFAC(WindowOptimizer):
             self._check_error_feedback_fits(live, windows[0])
         model_wide = self.window_scope == "model"
         zs, us, targets = self._whiten(flat=model_wide)
-        projs = [w.push_gather(z, u) for w, z, u in zip(windows, zs, us, strict=True)]
+        if len(windows) > 1 and all(isinstance(w, LocalShardedInverseFisher) for w in windows):
+            projs = push_gather_all(windows, zs, us)  # FSDP2: one all-reduce for all windows
+        else:
+            projs = [w.push_gather(z, u) for w, z, u in zip(windows, zs, us, strict=True)]
         m = self.cfg.ngrads
         grams = torch.stack([w.gram for w in windows]) / m
         coeff, lams = window_coeffs(
@@ -207,10 +222,16 @@ class MFAC(WindowOptimizer):
             for w, u, c, lam, z in zip(windows, us, cs, lams, zs, strict=True)
         ]
         if model_wide:  # views: the graft below scales them in place
-            dirs = list(dirs[0].split([p.numel() for p in params]))
-        if self.cfg.graft:  # per tensor: the window's direction at AdamW's step length
+            dirs = list(dirs[0].split([s.size for s in self._layout.segments]))
+        if self.cfg.graft and self._layout.mesh is not None:
+            # the global per-tensor lengths: one all-reduce of the squared local ones
+            squares = torch.stack([torch.dot(d, d) for d in dirs] + targets).double()
+            norms = self._all_reduce(squares).sqrt().float().split(len(dirs))
+            d_norms, u_norms = norms
+        elif self.cfg.graft:
             d_norms = torch.stack([d.norm() for d in dirs])
             u_norms = torch.stack(targets).sqrt()
+        if self.cfg.graft:  # per tensor: the window's direction at AdamW's step length
             scales = torch.where(d_norms > 0, u_norms / d_norms, torch.ones_like(d_norms))
             for d, scale in zip(dirs, scales, strict=True):  # no host sync per tensor
                 d.mul_(scale)
@@ -218,9 +239,10 @@ class MFAC(WindowOptimizer):
             if p.grad is None:
                 continue
             lr, wd = options[gi]["lr"], options[gi]["weight_decay"]
+            w = local(p)  # this rank's shard under FSDP2 (in place)
             if wd != 0.0:
-                p.mul_(1.0 - lr * wd)
-            p.add_(d.view_as(p).to(p.dtype), alpha=-lr)
+                w.mul_(1.0 - lr * wd)
+            w.add_(d.view_as(w).to(w.dtype), alpha=-lr)
         self._count_step()
 
     def _check_error_feedback_fits(self, live: list[torch.Tensor], window: Any) -> None:
@@ -228,8 +250,14 @@ class MFAC(WindowOptimizer):
         before Adam's moments change, a gradient for which that sum could overflow float32.
         (Adam-whitened entries are bounded by about (1 - b2)^-1/2, so the check is only needed
         here.)"""
-        g_max = max(float(p.grad.abs().max()) for p in live)
-        e_max = float(window.error.abs().max())
+        peaks = [local(p.grad).abs().max() for p in live if local(p.grad).numel()]
+        both = torch.stack(
+            [torch.stack(peaks).max().double() if peaks else torch.zeros((), dtype=F64),
+             window.error.abs().max().double()]
+        )  # fmt: skip
+        if self._layout.mesh is not None:
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._layout.mesh.get_group())
+        g_max, e_max = float(both[0]), float(both[1])
         if not g_max + e_max < torch.finfo(torch.float32).max:
             raise NonFiniteGradientError(
                 f"MFAC.step: the gradient's largest entry ({g_max:.3g}) plus the top-k "

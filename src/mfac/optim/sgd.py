@@ -33,7 +33,7 @@ from torch import nn
 from .._validation import check_damp
 from ..operators.topk import resolve_k
 from ..operators.window import window_bytes
-from .base import Params, Plan, WindowOptimizer
+from .base import Params, Plan, WindowOptimizer, local
 from .config import MFACSGDConfig, check_group_option
 from .functional import mfac_step
 
@@ -54,6 +54,10 @@ class MFACSGD(WindowOptimizer):
             "topk"), ``topk``, ``window_dtype``, ``process_group`` (shard the dense window by
             coordinates over this torch.distributed group), ``memory_budget``,
             ``gradient_scaling``), by keyword; an unknown name is refused by name.
+
+    FSDP2 parameters (``fully_shard``: DTensors with ``Shard(0)``) need nothing more: each rank
+    keeps its shards' columns of the window and all-reduces the m x m products (docs/optim.md,
+    "FSDP2 and distributed checkpoints"); ``process_group`` is for plain (DDP) parameters.
     """
 
     group_options = ("lr", "momentum", "weight_decay")
@@ -129,6 +133,23 @@ class MFACSGD(WindowOptimizer):
         elem = torch.empty((), dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
         return window + 3 * dim * elem.element_size()
 
+    def _like(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """A new per-parameter tensor: a DTensor sharded like ``p`` under FSDP2 (``t`` is this
+        rank's piece), else ``t``."""
+        if self._layout.mesh is None:
+            return t
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
+
+    def _initial_tensors(self, p: torch.Tensor, group: Any, plan: Plan) -> dict[str, torch.Tensor]:
+        """The momentum buffer, zero, when the group uses momentum (else made when needed)."""
+        if float(group.get("momentum", 0.0)) == 0.0:
+            return {}
+        return {"momentum_buffer": torch.zeros_like(p, dtype=plan.dtype)}
+
     def _state_dtype(self, plan: Plan) -> torch.dtype:
         return plan.dtype
 
@@ -173,14 +194,16 @@ class MFACSGD(WindowOptimizer):
         params = plan.params
         if self._flat is None or self._flat.numel() != plan.dim or self._flat.dtype != plan.dtype:
             self._flat = torch.zeros(plan.dim, dtype=plan.dtype, device=plan.device)
-        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        saved = [self.state[p].get("momentum_buffer") for p in params]
+        # under FSDP2 the step runs on this rank's shards (local views, written in place)
+        buffers = [None if b is None else local(b) for b in saved]
 
         def describe(i: int) -> str:
             return f"#{i} (shape {tuple(params[i].shape)}, group {plan.groups[i]})"
 
         stepped = mfac_step(
-            params,
-            [p.grad for p in params],
+            [local(p) for p in params],
+            [None if p.grad is None else local(p.grad) for p in params],
             buffers,
             window=self.window,
             segments=plan.segments,
@@ -193,9 +216,9 @@ class MFACSGD(WindowOptimizer):
             describe=describe,
         )
         if stepped:
-            for p, buf in zip(params, buffers, strict=True):
-                if buf is not None:
-                    self.state[p]["momentum_buffer"] = buf
+            for p, buf, old in zip(params, buffers, saved, strict=True):
+                if buf is not None and old is None:
+                    self.state[p]["momentum_buffer"] = self._like(p, buf)
             self._count_step()
 
     # ------------------------------------------------------------------ checkpoints
