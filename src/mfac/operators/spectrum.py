@@ -168,9 +168,7 @@ def eigenpairs(op: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     parts = []
     for group in op.groups:
         j = min(k, group.size, op.num_grads)
-        vals, vecs = (
-            _direct_top(op, group, j) if group.direct else _woodbury_top(op, group, j, gen)
-        )
+        vals, vecs = _direct_top(op, group, j) if group.direct else _woodbury_top(op, group, j, gen)
         parts.append((group, vals, vecs))
     all_vals = torch.cat([v.reshape(-1) for _, v, _ in parts])
     top = torch.topk(all_vals, k, sorted=True).indices

@@ -405,8 +405,8 @@ def build_from_rows(
 
 __all__ = [
     "LOW_PRECISION",
-    "FisherKind",
     "FisherFactorError",
+    "FisherKind",
     "InverseFisher",
     "build_from_rows",
     "device_memory_budget",
