@@ -440,7 +440,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     seeds = [0] if args.quick else [0, 1, 2]
     subsets = args.subsets or (30 if args.quick else 100)
-    grid = [1e-1, 1.0] if args.quick else [1e-2, 1e-1, 1.0, 10.0, 100.0]
+    grid = [1e-1, 1.0] if args.quick else [1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0, 100.0]
     ms = [100, 300, N_TRAIN]
     start = time.perf_counter()
     lds_runs = [lds_study(s, subsets, grid, ms) for s in seeds]
