@@ -119,7 +119,7 @@ def _woodbury_top(
     vecs = torch.empty(group.nblocks, group.size, j, dtype=F64, device=op.device)
     for c0, c1 in _col_tiles(group.size, m, group.nblocks):
         tile = view[:, :, c0:c1].permute(1, 0, 2).to(F64)  # (nb, m, w)
-        torch.bmm(tile.transpose(1, 2), coef, out=vecs[:, c0:c1])
+        vecs[:, c0:c1] = torch.bmm(tile.transpose(1, 2), coef)
     for b in (~good).any(1).nonzero().flatten().tolist():
         _complete(vecs[b], good[b], gen)
     return vals, vecs
