@@ -419,11 +419,28 @@ def markdown(payload: dict[str, Any]) -> str:
             out.append(r)
         return out
 
-    return (
-        table(fmt(payload["lds_best"], "lds"), lds_cols)
-        + "\n\n"
-        + table(fmt(payload["auc_best"], "auc"), auc_cols)
+    return "\n\n".join(
+        [
+            table(fmt(payload["lds_best"], "lds"), lds_cols),
+            grid_table(payload["lds"], "lds"),
+            table(fmt(payload["auc_best"], "auc"), auc_cols),
+        ]
     )
+
+
+def grid_table(runs: list[dict[str, Any]], metric: str) -> str:
+    """Mean ``metric`` over the seeds for every damped method (columns) at every damp_rel."""
+    means: dict[tuple[str, float], list[float]] = {}
+    for run in runs:
+        for row in run["rows"]:
+            if row["damp_rel"] is not None and metric in row:
+                means.setdefault((row["method"], row["damp_rel"]), []).append(row[metric])
+    methods = list(dict.fromkeys(k[0] for k in means))
+    rels = sorted({k[1] for k in means})
+    rows = [
+        {"damp_rel": rel, **{m: statistics.mean(means[(m, rel)]) for m in methods}} for rel in rels
+    ]
+    return table(rows, ["damp_rel", *methods])
 
 
 def main() -> None:
