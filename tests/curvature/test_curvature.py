@@ -65,6 +65,48 @@ def test_influence_matches_dense(m, block):
     assert float((scores - exact).norm() / exact.norm()) < 1e-10
 
 
+def test_influence_with_the_mc_fisher_matches_dense():
+    """fisher="mc": the influence uses the Fisher of the drawn labels, the scores the true ones."""
+    model, x, y = tiny()
+    train, test = (x[:30], y[:30]), (x[30:], y[30:])
+    op = InverseFisher.from_model(
+        model, train, xent, 30, damp=0.05, dtype=F64, fisher="mc",
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    scores = mfac.influence(op, model, xent, train, test)
+    gen = torch.Generator().manual_seed(3)
+    drawn = mfac.operators.gradients.sample_labels(model, train, gen)[1]
+    names = [n for n, _ in model.named_parameters()]
+    g_fit = loop_grads(model, x[:30], drawn, names)
+    fisher = 0.05 * torch.eye(g_fit.shape[1], dtype=F64) + g_fit.T @ g_fit / 30
+    g_tr, g_te = loop_grads(model, *train, names), loop_grads(model, *test, names)
+    exact = -g_te @ torch.linalg.solve(fisher, g_tr.T)
+    assert float((scores - exact).norm() / exact.norm()) < 1e-10
+
+
+@pytest.mark.parametrize("block", [None, 7])
+def test_spectrum_of_a_model_operator(block):
+    """eigenpairs and trace of an operator built from a model, against its dense Fisher."""
+    model, x, y = tiny()
+    op = InverseFisher.from_model(model, (x, y), xent, 12, damp=0.05, block_size=block, dtype=F64)
+    names = [n for n, _ in model.named_parameters()]
+    g = loop_grads(model, x[:12], y[:12], names)
+    d = g.shape[1]
+    fisher = 0.05 * torch.eye(d, dtype=F64) + g.T @ g / 12
+    if block is not None:
+        mask = torch.zeros(d, d, dtype=torch.bool)
+        for s in range(0, d, block):
+            mask[s : s + block, s : s + block] = True
+        fisher = torch.where(mask, fisher, torch.zeros((), dtype=F64))
+    vals, vecs = op.eigenpairs(5)
+    exact = torch.linalg.eigvalsh(fisher).flip(0)[:5]
+    assert float((vals - exact).abs().max() / exact[0]) < 1e-12
+    assert float((fisher @ vecs - vecs * vals).norm() / exact[0]) < 1e-11
+    named = op.unflatten(vecs[:, 0])  # the top direction, shaped like the parameters
+    assert set(named) == set(names)
+    assert op.trace() == pytest.approx(float(fisher.trace()), rel=1e-12)
+
+
 def test_influence_refusals():
     model, x, y = tiny()
     plain = InverseFisher(torch.randn(5, 51, dtype=F64), 0.1)

@@ -42,6 +42,11 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 ParamsArg = Sequence[str] | Sequence[torch.Tensor] | None
 
+#: ``sample_fn(model, batch, generator) -> batch``: the batch with its targets replaced by labels
+#: drawn from the model's predictive distribution (the Monte Carlo, "true" Fisher); the
+#: returned batch is what ``loss_fn`` receives.
+SampleFn = Callable[[nn.Module, Any, "torch.Generator | None"], Any]
+
 
 # ---------------------------------------------------------------------------------- batches
 def is_batch(data: object) -> bool:
@@ -225,6 +230,89 @@ def kept_intact(model: nn.Module) -> Iterator[None]:
             for k, v in attrs.items():
                 if m.__dict__.get(k) is not v:
                     setattr(m, k, v)
+
+
+# ---------------------------------------------------------------------------------- MC labels
+def _logits(out: object) -> object:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    return logits
+
+
+def sample_labels(model: nn.Module, batch: Any, generator: torch.Generator | None = None) -> Any:
+    """The default ``sample_fn``: class labels drawn from softmax(logits) of a classifier.
+
+    ``(inputs, targets, ...)`` tuples/lists are called as ``model(inputs)``; dicts with a
+    ``"labels"`` key (Hugging Face) as ``model(**rest)``, reading ``.logits`` from the output.
+    The logits must be (n, C) and the targets integer labels of shape (n,); anything else is
+    refused by name (pass a ``sample_fn`` of your own, e.g. for sequence models). The model
+    runs without gradients on copies of its buffers, so nothing on it changes."""
+    if isinstance(batch, Mapping) and "labels" in batch:
+        targets = batch["labels"]
+        args: tuple[Any, ...] = ()
+        kwargs = {k: v for k, v in batch.items() if k != "labels"}
+    elif (
+        isinstance(batch, (tuple, list))
+        and len(batch) >= 2
+        and all(isinstance(t, torch.Tensor) for t in batch)
+    ):
+        targets, args, kwargs = batch[1], (batch[0],), {}
+    else:
+        raise TypeError(
+            "the default label sampler (fisher='mc') takes (inputs, targets, ...) tuples or dicts "
+            f"with 'labels', got {type(batch).__name__}; pass sample_fn(model, batch, generator)"
+        )
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    with torch.no_grad(), kept_intact(model):
+        logits = _logits(functional_call(model, buffers, args, kwargs))
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(
+            "the default label sampler (fisher='mc') needs classification logits of shape "
+            f"(n, C), got {got}; pass sample_fn(model, batch, generator) for other outputs"
+        )
+    if targets.shape != logits.shape[:1] or targets.is_floating_point():
+        raise ValueError(
+            "the default label sampler (fisher='mc') needs integer class targets of shape "
+            f"({logits.shape[0]},), got {targets.dtype} of shape {tuple(targets.shape)}; pass "
+            "sample_fn(model, batch, generator) for other targets"
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteGradientError("the model's logits hold NaN or Inf: no label can be drawn")
+    probs = torch.softmax(logits.to(torch.float64), dim=-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    drawn = drawn.to(device=targets.device, dtype=targets.dtype)
+    if isinstance(batch, Mapping):
+        return {**batch, "labels": drawn}
+    parts = [batch[0], drawn, *batch[2:]]
+    if isinstance(batch, tuple):
+        return type(batch)(*parts) if hasattr(batch, "_fields") else tuple(parts)
+    return parts
+
+
+def sampled_batches(
+    model: nn.Module,
+    batches: Iterable[Any],
+    sample_fn: SampleFn,
+    generator: torch.Generator | None = None,
+) -> Iterator[Any]:
+    """``batches`` with their targets drawn by ``sample_fn`` (lazily, batch by batch); refuses a
+    sampled batch whose length differs from the batch it came from."""
+    if not callable(sample_fn):
+        raise TypeError(f"sample_fn must be callable, got {type(sample_fn).__name__}")
+    for i, batch in enumerate(batches):
+        drawn = sample_fn(model, batch, generator)
+        if batch_length(drawn) != batch_length(batch):
+            raise ValueError(
+                f"sample_fn returned a batch of {batch_length(drawn)} examples for batch {i} of "
+                f"{batch_length(batch)}: it must keep the examples and replace the targets"
+            )
+        yield drawn
 
 
 # ---------------------------------------------------------------------------------- collector
@@ -428,6 +516,7 @@ def collect_gradients(
 __all__ = [
     "LossFn",
     "ModelGradients",
+    "SampleFn",
     "batch_length",
     "batches_of",
     "check_finite_losses",
@@ -438,6 +527,8 @@ __all__ = [
     "is_batch",
     "kept_intact",
     "resolve_params",
+    "sample_labels",
+    "sampled_batches",
     "slice_batch",
     "tied_to",
 ]

@@ -86,6 +86,24 @@ class LinearOperatorMixin:
             )
         return self.layout
 
+    # ------------------------------------------------------------------ spectrum
+    def eigenpairs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` largest eigenvalues of the damped Fisher F (not F^-1), descending, as a
+        float64 (k,) tensor, and orthonormal eigenvectors as the columns of a float64 (d, k)
+        tensor; exact, from each block's m x m Gram (B x B for direct blocks). A block-diagonal
+        operator gives the union of its blocks' eigenpairs. ``k`` may not exceed d nor the
+        number of eigenvalues that can differ from the damping (m for the full operator, the
+        sum of min(B, m) over the blocks). See :mod:`mfac.operators.spectrum`."""
+        from .spectrum import eigenpairs
+
+        return eigenpairs(self, k)
+
+    def trace(self, inverse: bool = False) -> float:
+        """tr F of the damped Fisher (``inverse=True``: tr F^-1, the sum of ``diag()``)."""
+        from .spectrum import trace
+
+        return trace(self, inverse)
+
     # ------------------------------------------------------------------ log det and sampling
     def logdet(self) -> float:
         """log det F of the damped Fisher F itself (not of F^-1, whose log det is minus this);

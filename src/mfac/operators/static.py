@@ -22,11 +22,19 @@ from .._validation import (
     check_vector,
 )
 from .blocks import F64, BlockGroup, FisherFactorError, tile_bytes
-from .gradients import LossFn, collect_gradients
+from .gradients import (
+    LossFn,
+    SampleFn,
+    batches_of,
+    collect_gradients,
+    sample_labels,
+    sampled_batches,
+)
 from .linear import LinearOperatorMixin
 from .memory import allocate, default_memory_budget, is_memory_mapped
 
 DampMode = Literal["absolute", "relative"]
+FisherKind = Literal["empirical", "mc"]
 
 
 def squared_row_norms(grads: torch.Tensor) -> torch.Tensor:
@@ -334,13 +342,32 @@ class InverseFisher(LinearOperatorMixin):
         dtype: torch.dtype = torch.float32,
         chunk_size: int = 64,
         memory_budget: int | None = None,
+        fisher: FisherKind = "empirical",
+        sample_fn: SampleFn | None = None,
+        generator: torch.Generator | None = None,
     ) -> InverseFisher:
         """The operator over ``num_grads`` per-example (or, ``per_sample=False``, per-batch)
         gradients of ``loss_fn(model, batch)`` (the batch's mean loss) on ``data``: one batch
         (a tuple or dict of tensors, cut into chunks of ``chunk_size`` examples) or an iterable
         of batches. ``params``: names (tied aliases accepted) or Parameter objects; default every
         parameter that requires grad. The operator keeps the parameter layout for
-        ``flatten``/``unflatten``. See :mod:`mfac.operators.gradients`."""
+        ``flatten``/``unflatten``. See :mod:`mfac.operators.gradients`.
+
+        ``fisher="empirical"`` (default) takes the gradients at the data's own targets;
+        ``fisher="mc"`` at targets drawn from the model's predictive distribution (one draw per
+        example: the Monte Carlo estimate of the true Fisher). The draw is
+        ``sample_fn(model, batch, generator)``, by default `sample_labels` (class labels from
+        softmax(logits) of an (n, C) classifier, for ``(inputs, targets)`` tuples and Hugging
+        Face dicts with ``"labels"``); ``loss_fn`` then gets the batch with the drawn targets."""
+        if fisher not in ("empirical", "mc"):
+            raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
+        if fisher == "empirical" and (sample_fn is not None or generator is not None):
+            raise ValueError("sample_fn and generator draw the targets of fisher='mc' only")
+        if fisher == "mc":
+            check_positive_int(chunk_size, "chunk_size")
+            data = sampled_batches(
+                model, batches_of(data, chunk_size), sample_fn or sample_labels, generator
+            )
         rows, layout = collect_gradients(
             model, data, loss_fn, num_grads, per_sample=per_sample, params=params, dtype=dtype,
             chunk_size=chunk_size,
@@ -379,6 +406,7 @@ def build_from_rows(
 __all__ = [
     "LOW_PRECISION",
     "FisherFactorError",
+    "FisherKind",
     "InverseFisher",
     "build_from_rows",
     "device_memory_budget",
