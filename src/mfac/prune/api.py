@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 
 from torch import nn
@@ -54,6 +55,16 @@ def oneshot(
     if spec.needs_data and (data is None or loss_fn is None):
         raise ValueError(f"method {method!r} needs data= (batches) and loss_fn=(model, batch)")
     req = Request(model, targets, current_masks(targets), sparsity, nm, data, loss_fn)
+    tied = {t.name: list(t.tied) for t in targets if t.tied}
+    if tied:
+        req.info["tied"] = tied
+        for name, others in tied.items():
+            warnings.warn(
+                f"{name}.weight is tied to {', '.join(others)}: pruning {name} prunes "
+                f"{'them' if len(others) > 1 else 'it'} too",
+                UserWarning,
+                stacklevel=2,
+            )
     if spec.check is not None:
         spec.check(req, cfg)
 
