@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import Target
+from ._layers import PRUNABLE, Target
 
 F64 = torch.float64
 ForwardFn = Callable[[nn.Module, object], object]
@@ -400,7 +400,8 @@ def run_layerwise(
             if how.reason:
                 info["schedule_reason"] = how.reason
         if how.reason:
-            if len(groups) > 1:
+            blocks = [g for g in groups if not isinstance(module_of(g), PRUNABLE)]
+            if len(blocks) > 1:  # single layers as stages (an MLP): full passes cost little
                 warnings.warn(
                     f"sequential calibration re-runs the whole model for each of the "
                     f"{len(groups)} stages (cost grows with depth squared) because {how.reason}",
