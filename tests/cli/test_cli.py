@@ -23,7 +23,7 @@ from mfac.cli.common import MARKER, CLIError, atomic_dir, atomic_file
 from mfac.cli.options import PruneCommand, coerce, method_options
 from mfac.prune import read_sparse
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 FACTORY = textwrap.dedent(
@@ -197,6 +197,9 @@ def test_help_and_version(work: Path, inproc) -> None:
         assert cmd in proc.stdout
     res = inproc("prune --help", cwd=work)
     assert res.returncode == 0 and "--sparsity" in res.stdout and "--recipe" in res.stdout
+    text = " ".join(res.stdout.split())
+    assert "default: fisher-sparsegpt, the transformer preset, for a Hugging Face model" in text
+    assert "--threads N" in text and "used by: default" not in text
     version = inproc("--version", cwd=work)
     assert version.returncode == 0 and "torch-mfac" in version.stdout
     res = inproc("demo --help", cwd=work)  # argparse does not %-format descriptions
@@ -363,6 +366,8 @@ def test_prune_hugging_face_folder(work: Path, inproc) -> None:
     cmd = "train --model hfout/model --data corpus.txt --seq-len 16 --batch-size 4 --max-steps 2"
     ok(inproc(cmd + " --masks hfout -q -o hftrain", cwd=work))
     assert (work / "hftrain" / "model" / "config.json").is_file()
+    assert not (work / "hfout" / "masks.safetensors").exists()  # once, in model/
+    assert report["files"]["masks"] == "model/mfac_masks.safetensors"
     assert json.loads((work / "hftrain" / "train.json").read_text())["steps"] == 2
 
 
@@ -452,6 +457,12 @@ INPROCESS_ERRORS = [
     ("prune --model tiny.py:mlp --data tab.npz --layer-groups 1", 2, ["--scope layer"]),
     ("prune --model tiny.py:mlp --data tab.npz --method iobs --gradual-steps 3", 2, ["iobs"]),
     ("prune --model tiny.py:mlp --data tab.npz --memory-budget-gb 0", 2, ["--memory-budget-gb"]),
+    ("prune --model tiny.py:mlp --data tab.npz --random-weights --exclude 5", 2,
+     ["exclude: '5' matches no prunable layer"]),
+    ("prune --model tiny.py:mlp --data tab.npz --random-weights --layers 1", 2,
+     ["layers: '1'", "its type is ReLU"]),
+    ("prune --model tiny.py:lm --data latin.txt --random-weights", 2,
+     ["latin.txt: not UTF-8 text (byte 0xe9 at offset 3"]),
 ]
 
 
@@ -463,6 +474,7 @@ def _bad_files(work: Path) -> None:
     (work / "bad_number.yaml").write_text("model: tiny.py:mlp\ndata: tab.npz\ndamp: abc\n")
     (work / "bad_yaml.yaml").write_text("model: [unclosed\n")
     (work / "junk.pt").write_bytes(b"not a checkpoint")
+    (work / "latin.txt").write_bytes("café au lait ".encode("latin-1") * 200)
     if not (work / "other.pt").exists():
         torch.save(nn.Linear(3, 3).state_dict(), work / "other.pt")
 
