@@ -34,6 +34,11 @@ def oneshot(
 ) -> PruneResult:
     """Prune the Linear/Conv weights of ``model`` in place to ``sparsity`` with ``method``.
 
+    Which layers: ``layers`` / ``exclude`` options (names or glob patterns, checked against the
+    model); by default every Linear/Conv, but for a Hugging Face model only the layers of its
+    stack of blocks (name ``lm_head`` to prune the head, and a tied embedding with it: a
+    warning and ``result.info["tied"]`` say so).
+
     ``data`` is an iterable of batches and ``loss_fn(model, batch)`` returns a scalar loss
     (the layer-wise methods only run it forward, for calibration). ``pattern`` is None
     (unstructured) or "N:M"; with a pattern, ``sparsity`` is None or 1 - N/M (a contradicting
