@@ -204,9 +204,9 @@ def sparsity_plot(path: Any, layers: list[dict[str, Any]], method: str, overall:
                   for g in groups.values()]  # fmt: skip
         spread = [(min(r["sparsity"] for r in g), max(r["sparsity"] for r in g))
                   for g in groups.values()]  # fmt: skip
-        what = "stage (layers in parentheses; whiskers: their range)"
+        what = "stage (its layers in parentheses, whiskers: their range)"
     bar_plot(
-        path, labels, values, title=f"{method}: sparsity per {what}, {100 * overall:.1f}% overall",
+        path, labels, values, title=f"{method}: {100 * overall:.1f}% overall\nsparsity per {what}",
         ylabel="sparsity", horizontal=True, spread=spread,
     )  # fmt: skip
 
