@@ -26,7 +26,8 @@ RESULTS = Path(__file__).parent / "results"
 def windows(count: int, seq: int) -> list[torch.Tensor]:
     spec = importlib.util.find_spec("gensim")
     if spec is not None and spec.submodule_search_locations:
-        path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
+        data = Path(spec.submodule_search_locations[0]) / "test" / "test_data"
+        path = data / "lee_background.cor"
         raw = list(path.read_bytes()[: count * seq])
         ids = torch.tensor(raw, dtype=torch.long).view(count, seq)
     else:  # no gensim: random tokens (timings only)

@@ -49,7 +49,8 @@ def _differences(a: object, b: object, where: str = "") -> list[str]:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         if len(a) != len(b):
             return [f"{where} length"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}/{i}")]
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for i, (x, y) in pairs for d in _differences(x, y, f"{where}/{i}")]
     return [] if a == b else [f"{where}: {a!r} != {b!r}"]
 
 
@@ -132,7 +133,7 @@ def test_language_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     seen: dict[str, object] = {}
 
     class Check(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+        def on_step_begin(self, args, state, control, **kw):
             if "state" not in seen:
                 seen["state"] = copy.deepcopy(kw["optimizer"].state_dict())  # live tensors
                 seen["step"] = state.global_step

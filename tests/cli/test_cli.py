@@ -572,7 +572,7 @@ def test_docs_list_every_option() -> None:
     (regenerate with ``python -c "from mfac.cli.options import write_docs; write_docs()"``)."""
     from mfac.cli.options import COMMANDS, docs_tables
 
-    doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    doc = (ROOT / "docs" / "cli.md").read_text()
     assert docs_tables() in doc, "docs/cli.md: the option tables are stale"
     for command in COMMANDS:
         assert f"### Keys of `mfac {command}`" in doc

@@ -194,7 +194,7 @@ def test_stack_and_head_replay_equals_full_passes(monkeypatch, kind: str) -> Non
         info: dict[str, object] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if forced else "error")
-            masks, timings = sparsegpt(
+            masks, _ = sparsegpt(
                 model, ids, fwd, 0.5, layers=layers, calib_batches=3, progress=False,
                 info=info,
             )  # fmt: skip

@@ -37,7 +37,7 @@ def test_hugging_face_default_is_the_blocks(tied: bool) -> None:
 
 def test_plain_modules_keep_every_layer() -> None:
     model, _ = _chain()
-    assert [t.name for t in find_targets(model)][0] == "inp"
+    assert find_targets(model)[0].name == "inp"
 
 
 def test_globs_containers_and_exclude() -> None:

@@ -24,7 +24,6 @@ from ..prune.patterns import parse_pattern
 from ..recovery.options import CONFIGS
 from .common import CLIError, require
 
-
 #: ``mfac prune``'s default method: the transformer preset for a Hugging Face model (the best
 #: measured on SmolLM2, docs/prune.md section 2b), the M-FAC pruner for any other model.
 HF_METHOD = "fisher-sparsegpt"

@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import islice
+from itertools import islice, pairwise
 
 import torch
 import torch.nn.functional as F
@@ -177,8 +177,9 @@ def _first(out: object) -> torch.Tensor | None:
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    if hasattr(out, "keys") and hasattr(out, "values"):  # a ModelOutput: its first field
-        first = next(iter(out.values()), None)  # type: ignore[union-attr]
+    values = getattr(out, "values", None)
+    if callable(values) and hasattr(out, "keys"):  # a ModelOutput: its first field
+        first = next(iter(values()), None)
         return first if isinstance(first, torch.Tensor) else None
     return None
 
@@ -231,7 +232,8 @@ def plan(
     the stack."""
     modules = dict(model.named_modules())
     stage_modules = [modules[stage_name(g[0].name)] for g in groups]
-    calls: dict[int, list[tuple[int, object, object]]] = {i: [] for i in range(len(groups))}
+    #: per stage, one [call order, hidden-states slot, input, output] per call
+    calls: dict[int, list[list[object]]] = {i: [] for i in range(len(groups))}
     order = [0]
     handles = []
 
@@ -239,15 +241,14 @@ def plan(
         def hook(_m: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
             slot = _slot(args, kwargs)
             value = None if slot is None else _hidden((args, kwargs), slot)
-            calls[i].append((order[0], slot, value))
+            calls[i].append([order[0], slot, value, None])
             order[0] += 1
 
         return hook
 
     def post(i: int) -> Callable[..., None]:
         def hook(_m: nn.Module, _a: object, out: object) -> None:
-            step, slot, value = calls[i][-1]
-            calls[i][-1] = (step, slot, (value, _first(out)))
+            calls[i][-1][3] = _first(out)
 
         return hook
 
@@ -262,22 +263,23 @@ def plan(
     names = [stage_name(g[0].name) for g in groups]
     for i, name in enumerate(names):
         if len(calls[i]) != 1:
-            kind = "runs %d times" % len(calls[i]) if calls[i] else "does not run"
+            kind = f"runs {len(calls[i])} times" if calls[i] else "does not run"
             return Plan([], [], [], reason=f"stage {name} {kind} in one forward pass")
-    ranked = sorted(range(len(groups)), key=lambda i: calls[i][0][0])
+    step = {i: int(calls[i][0][0]) for i in calls}  # type-narrowed copies of the trace
+    ranked = sorted(range(len(groups)), key=lambda i: step[i])
     stack = [i for i in ranked if _in_stack(names[i])]
     if not stack:
         return Plan([], [], [], reason="no stack of numbered blocks among the pruned layers")
-    first, last = calls[stack[0]][0][0], calls[stack[-1]][0][0]
+    first, last = step[stack[0]], step[stack[-1]]
     outside = [i for i in ranked if not _in_stack(names[i])]
-    between = [names[i] for i in outside if first < calls[i][0][0] < last]
+    between = [names[i] for i in outside if first < step[i] < last]
     if between:
         return Plan([], [], [], reason=f"{between[0]} runs between the blocks")
     slot = calls[stack[0]][0][1]
-    if slot is None or any(calls[i][0][1] != slot for i in stack):
+    if not isinstance(slot, (int, str)) or any(calls[i][0][1] != slot for i in stack):
         return Plan([], [], [], reason=f"the inputs of {names[stack[0]]} are not one tensor")
-    for a, b in zip(stack, stack[1:]):
-        out, nxt = calls[a][0][2][1], calls[b][0][2][0]  # type: ignore[index]
+    for a, b in pairwise(stack):
+        out, nxt = calls[a][0][3], calls[b][0][2]
         if not isinstance(out, torch.Tensor) or not isinstance(nxt, torch.Tensor) or (
             out.shape != nxt.shape or not torch.equal(out, nxt)
         ):
@@ -287,8 +289,8 @@ def plan(
             ))  # fmt: skip
     return Plan(
         stack=[groups[i] for i in stack],
-        before=[groups[i] for i in outside if calls[i][0][0] < first],
-        after=[groups[i] for i in outside if calls[i][0][0] > last],
+        before=[groups[i] for i in outside if step[i] < first],
+        after=[groups[i] for i in outside if step[i] > last],
         slot=slot,
     )
 
