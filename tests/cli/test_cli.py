@@ -371,6 +371,30 @@ def test_prune_hugging_face_folder(work: Path, inproc) -> None:
     assert json.loads((work / "hftrain" / "train.json").read_text())["steps"] == 2
 
 
+def test_prune_hugging_face_head_only_when_named(work: Path, inproc) -> None:
+    """A tied LM head is pruned only when named (glob and name), with a one-line warning and
+    ``tied`` in the report; the blocks are still replayed (sequential-blocks)."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(work / "hftied")
+    cmd = "prune --model hftied --data corpus.txt --method sparsegpt --seq-len 16 --calib-batches 8"
+    res = ok(inproc(cmd + " --layers 'model.layers.*' lm_head -q -o hfhead", cwd=work))
+    assert "mfac: warning: lm_head.weight is tied to model.embed_tokens.weight" in res.stderr
+    report = json.loads((work / "hfhead" / "report.json").read_text())
+    assert report["tied"] == {"lm_head": ["model.embed_tokens.weight"]}
+    assert report["info"]["schedule"] == "sequential-blocks"
+    assert report["layers"][-1]["layer"] == "lm_head" and len(report["layers"]) == 15
+    bad = inproc(cmd + " --exclude lm_haed -q -o hfnever", cwd=work)
+    assert bad.returncode == 2 and "did you mean 'lm_head'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (work / "hfnever").exists()
+
+
 def test_recover_npz_and_npy(work: Path, inproc) -> None:
     proc = ok(mfac("recover --data problem.npz --k 6 --method iobs -o rec", cwd=work))
     summary = json.loads((work / "rec" / "recovery.json").read_text())

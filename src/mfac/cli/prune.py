@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+import warnings
 from typing import Any
 
 from .._config import options_of
@@ -117,9 +118,17 @@ def run_prune(args: argparse.Namespace) -> int:
                 finetune(model, objective, tune_batches, adam, cmd.finetune_steps, masks)
 
         steps = {"steps": cmd.gradual_steps, "finetune_fn": tune}
-        result = gradual(loaded.model, sparsity, cmd.method, **steps, **common)[-1]
-    else:
-        result = oneshot(loaded.model, sparsity, cmd.method, **common)
+    with warnings.catch_warnings(record=True) as caught:  # the library's warnings as log lines
+        warnings.simplefilter("always", UserWarning)
+        if cmd.gradual_steps > 1:
+            result = gradual(loaded.model, sparsity, cmd.method, **steps, **common)[-1]
+        else:
+            result = oneshot(loaded.model, sparsity, cmd.method, **common)
+    for w in caught:
+        if issubclass(w.category, (UserWarning, RuntimeWarning)):
+            log.warning("%s", w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     after = objective.evaluate(loaded.model, eval_size, "after", progress)
     schedule = result.info.get("schedule")
     if schedule:
