@@ -229,3 +229,33 @@ def test_fallback_warns_and_says_why() -> None:
         sparsegpt(model, batches, _run, 0.5, calib_batches=3, progress=False, info=info)
     assert info["schedule"] == "sequential-full-passes"
     assert "runs 2 times" in str(info["schedule_reason"])
+
+
+@pytest.mark.parametrize(
+    ("layers", "words"),
+    [
+        (["encoder.*"], "encoder.block.1 gets another positional argument"),
+        (None, "the output of encoder.block.1 is not the input of decoder.block.0"),
+    ],
+)
+def test_t5_falls_back_and_says_why(layers, words: str) -> None:
+    """T5's later blocks take the position bias the first block computed, and its decoder stack
+    does not continue the encoder's: replaying would be wrong, so the schedule falls back to
+    full passes and says why."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids = [torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i))
+           for i in range(3)]  # fmt: skip
+    info: dict[str, object] = {}
+    with pytest.warns(UserWarning, match="re-runs the whole model"):
+        sparsegpt(
+            model, ids, lambda m, b: m(input_ids=b, labels=b), 0.5, calib_batches=3,
+            progress=False, info=info, layers=layers,
+        )  # fmt: skip
+    assert info["schedule"] == "sequential-full-passes"
+    assert words in str(info["schedule_reason"])

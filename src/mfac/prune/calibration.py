@@ -232,7 +232,7 @@ def plan(
     the stack."""
     modules = dict(model.named_modules())
     stage_modules = [modules[stage_name(g[0].name)] for g in groups]
-    #: per stage, one [call order, hidden-states slot, input, output] per call
+    #: per stage, one [call order, hidden-states slot, input, output, (args, kwargs)] per call
     calls: dict[int, list[list[object]]] = {i: [] for i in range(len(groups))}
     order = [0]
     handles = []
@@ -241,7 +241,7 @@ def plan(
         def hook(_m: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
             slot = _slot(args, kwargs)
             value = None if slot is None else _hidden((args, kwargs), slot)
-            calls[i].append([order[0], slot, value, None])
+            calls[i].append([order[0], slot, value, None, (args, kwargs)])
             order[0] += 1
 
         return hook
@@ -287,12 +287,53 @@ def plan(
                 f"the output of {names[a]} is not the input of {names[b]} (work between the "
                 "blocks, or a second stack such as an encoder-decoder's decoder)"
             ))  # fmt: skip
+    ref = calls[stack[0]][0][4]
+    for i in stack[1:]:
+        other = _other_inputs(ref, calls[i][0][4], slot)
+        if other:
+            return Plan([], [], [], reason=(
+                f"{names[i]} gets another {other} than {names[stack[0]]} (an input computed "
+                "inside the blocks, e.g. T5's position bias)"
+            ))  # fmt: skip
     return Plan(
         stack=[groups[i] for i in stack],
         before=[groups[i] for i in outside if step[i] < first],
         after=[groups[i] for i in outside if step[i] > last],
         slot=slot,
     )
+
+
+def _same(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+        )  # fmt: skip
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a plain equality
+        return False
+
+
+def _other_inputs(ref: object, call: object, slot: object) -> str | None:
+    """The first argument (besides the hidden states) in which block call ``call`` differs from
+    the first block's ``ref``: a replay feeds every block the first block's arguments."""
+    if not (isinstance(ref, tuple) and isinstance(call, tuple)):
+        return "call"
+    (a_args, a_kw), (b_args, b_kw) = ref, call
+    if len(a_args) != len(b_args) or set(a_kw) != set(b_kw):
+        return "argument list"
+    for k, (x, y) in enumerate(zip(a_args, b_args, strict=True)):
+        if k != slot and not _same(x, y):
+            return f"positional argument {k}"
+    for key in a_kw:
+        if key != slot and key not in _CACHE_KWARGS and not _same(a_kw[key], b_kw[key]):
+            return f"keyword argument {key!r}"
+    return None
 
 
 def _capture(
