@@ -12,7 +12,8 @@ schedules:
   it. The inputs of the first block are captured once; each block is then run on its own
   (statistics pass, prune, output pass), so the stack costs about two forward passes of the
   model instead of one per stage. Layers outside the stack (an LM head, a pooler) are pruned
-  after it (or before it, for an input projection) from one forward of the model each. When the
+  after it (or before it, for an input projection) from one forward each of what lies outside
+  the stack (the blocks return their stored outputs). When the
   blocks do not form a chain (stage i's output is stage i+1's input, checked on one batch), the
   model is re-run in full for every stage, with a warning saying why (see :func:`plan`).
 """
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice, pairwise
 
@@ -336,6 +338,30 @@ def _other_inputs(ref: object, call: object, slot: object) -> str | None:
     return None
 
 
+@contextmanager
+def _blocks_return(blocks: list[nn.Module], outputs: list[object]) -> Iterator[None]:
+    """Within the block, the n-th call of every block returns ``outputs[n]`` (the stack's
+    output on batch n) without computing: a forward of the model then runs only what lies
+    outside the stack."""
+    saved = {id(b): b.__dict__.get("forward") for b in blocks}
+    for b in blocks:
+        count = [0]
+
+        def forward(*_args: object, _count: list[int] = count, **_kwargs: object) -> object:
+            out = outputs[_count[0] % len(outputs)]
+            _count[0] += 1
+            return out
+
+        vars(b)["forward"] = forward  # an instance attribute: nn.Module calls self.forward
+    try:
+        yield
+    finally:
+        for b in blocks:
+            vars(b).pop("forward", None)
+            if saved[id(b)] is not None:
+                vars(b)["forward"] = saved[id(b)]
+
+
 def _capture(
     model: nn.Module, stage: nn.Module, batches: list[object], forward: ForwardFn
 ) -> list[tuple[tuple[object, ...], dict[str, object]]]:
@@ -409,7 +435,8 @@ def run_layerwise(
     Sequential: stages outside the stack of blocks that run before it (an input projection)
     are pruned first, from forwards stopped at the first block; the first block's inputs are
     then captured once and the blocks replayed one by one; stages after the stack (an LM head,
-    a pooler, a classifier) are pruned last, each from one forward of the pruned model."""
+    a pooler, a classifier) are pruned last, each from one forward of the model in which every
+    block returns the stack's stored output (the stack does not run again)."""
     was_training = model.training
     model.eval()
     try:
@@ -473,14 +500,18 @@ def run_layerwise(
                 rec.remove()
             timings["collect"] += time.perf_counter() - t0
             prune_group(group, rec)
-            if k + 1 < len(how.stack):  # the last block's outputs feed nothing captured
-                t0 = time.perf_counter()
+            t0 = time.perf_counter()
+            if k + 1 < len(how.stack):
                 calls = [_with_hidden(c, slot, _first(stage(*c[0], **c[1]))) for c in calls]
-                timings["collect"] += time.perf_counter() - t0
+            elif how.after:  # the stack's outputs, once, for the layers after it
+                outputs = [stage(*args, **kwargs) for args, kwargs in calls]
+            timings["collect"] += time.perf_counter() - t0
             if on_stage is not None:
                 on_stage()
         del calls
-        for group in how.after:
-            full(group)
+        if how.after:  # the model's forward with every block returning its stored output
+            with _blocks_return([module_of(g) for g in how.stack], outputs):
+                for group in how.after:
+                    full(group)
     finally:
         model.train(was_training)
