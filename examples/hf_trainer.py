@@ -5,6 +5,7 @@ the model is built from a config with random weights.
     .venv/bin/python examples/hf_trainer.py --optimizer mfac         # mfac.MFAC(params, lr)
     .venv/bin/python examples/hf_trainer.py --optimizer mfac-paper   # the paper's step, MFACSGD
     .venv/bin/python examples/hf_trainer.py --optimizer adamw        # Trainer's own AdamW
+    .venv/bin/python examples/hf_trainer.py --threads 1              # CPU threads for torch
 
 Trainer hands the optimizer two parameter groups (with and without weight decay), clips
 gradients to ``max_grad_norm`` and calls ``step()`` without a closure; nothing else is needed.
@@ -55,7 +56,10 @@ def main() -> None:
     ap.add_argument("--ngrads", type=int, default=None, help="window size m")
     ap.add_argument("--max-steps", type=int, default=300)
     ap.add_argument("--output-dir", default="/tmp/mfac-hf-example")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     x, y = load_digits(return_X_y=True)
     perm = np.random.default_rng(0).permutation(len(y))

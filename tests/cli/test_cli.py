@@ -197,6 +197,9 @@ def test_help_and_version(work: Path, inproc) -> None:
         assert cmd in proc.stdout
     res = inproc("prune --help", cwd=work)
     assert res.returncode == 0 and "--sparsity" in res.stdout and "--recipe" in res.stdout
+    text = " ".join(res.stdout.split())
+    assert "default: fisher-sparsegpt, the transformer preset, for a Hugging Face model" in text
+    assert "--threads N" in text and "used by: default" not in text
     version = inproc("--version", cwd=work)
     assert version.returncode == 0 and "torch-mfac" in version.stdout
     res = inproc("demo --help", cwd=work)  # argparse does not %-format descriptions
@@ -363,7 +366,33 @@ def test_prune_hugging_face_folder(work: Path, inproc) -> None:
     cmd = "train --model hfout/model --data corpus.txt --seq-len 16 --batch-size 4 --max-steps 2"
     ok(inproc(cmd + " --masks hfout -q -o hftrain", cwd=work))
     assert (work / "hftrain" / "model" / "config.json").is_file()
+    assert not (work / "hfout" / "masks.safetensors").exists()  # once, in model/
+    assert report["files"]["masks"] == "model/mfac_masks.safetensors"
     assert json.loads((work / "hftrain" / "train.json").read_text())["steps"] == 2
+
+
+def test_prune_hugging_face_head_only_when_named(work: Path, inproc) -> None:
+    """A tied LM head is pruned only when named (glob and name), with a one-line warning and
+    ``tied`` in the report; the blocks are still replayed (sequential-blocks)."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(work / "hftied")
+    cmd = "prune --model hftied --data corpus.txt --method sparsegpt --seq-len 16 --calib-batches 8"
+    res = ok(inproc(cmd + " --layers 'model.layers.*' lm_head -q -o hfhead", cwd=work))
+    assert "mfac: warning: lm_head.weight is tied to model.embed_tokens.weight" in res.stderr
+    report = json.loads((work / "hfhead" / "report.json").read_text())
+    assert report["tied"] == {"lm_head": ["model.embed_tokens.weight"]}
+    assert report["info"]["schedule"] == "sequential-blocks"
+    assert report["layers"][-1]["layer"] == "lm_head" and len(report["layers"]) == 15
+    bad = inproc(cmd + " --exclude lm_haed -q -o hfnever", cwd=work)
+    assert bad.returncode == 2 and "did you mean 'lm_head'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (work / "hfnever").exists()
 
 
 def test_recover_npz_and_npy(work: Path, inproc) -> None:
@@ -452,6 +481,12 @@ INPROCESS_ERRORS = [
     ("prune --model tiny.py:mlp --data tab.npz --layer-groups 1", 2, ["--scope layer"]),
     ("prune --model tiny.py:mlp --data tab.npz --method iobs --gradual-steps 3", 2, ["iobs"]),
     ("prune --model tiny.py:mlp --data tab.npz --memory-budget-gb 0", 2, ["--memory-budget-gb"]),
+    ("prune --model tiny.py:mlp --data tab.npz --random-weights --exclude 5", 2,
+     ["exclude: '5' matches no prunable layer"]),
+    ("prune --model tiny.py:mlp --data tab.npz --random-weights --layers 1", 2,
+     ["layers: '1'", "its type is ReLU"]),
+    ("prune --model tiny.py:lm --data latin.txt --random-weights", 2,
+     ["latin.txt: not UTF-8 text (byte 0xe9 at offset 3"]),
 ]
 
 
@@ -463,6 +498,7 @@ def _bad_files(work: Path) -> None:
     (work / "bad_number.yaml").write_text("model: tiny.py:mlp\ndata: tab.npz\ndamp: abc\n")
     (work / "bad_yaml.yaml").write_text("model: [unclosed\n")
     (work / "junk.pt").write_bytes(b"not a checkpoint")
+    (work / "latin.txt").write_bytes("café au lait ".encode("latin-1") * 200)
     if not (work / "other.pt").exists():
         torch.save(nn.Linear(3, 3).state_dict(), work / "other.pt")
 

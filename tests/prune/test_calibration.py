@@ -19,6 +19,10 @@ from prune_models import _chain, _layers, _run
 F64 = torch.float64
 
 
+def _forced(*_a: object) -> calibration.Plan:
+    return calibration.Plan([], [], [], reason="forced by the test")
+
+
 def test_sequential_block_replay_equals_full_passes(monkeypatch) -> None:
     """Replaying captured block inputs gives the same masks and weights as re-running the whole
     model for every block (the fallback when blocks do not form a chain)."""
@@ -26,7 +30,7 @@ def test_sequential_block_replay_equals_full_passes(monkeypatch) -> None:
     for chain in (True, False):
         model, batches = _chain(3)
         if not chain:
-            monkeypatch.setattr(calibration, "_is_chain", lambda *a: False)
+            monkeypatch.setattr(calibration, "plan", _forced)
         info: dict[str, object] = {}
         masks, _ = sparsegpt(
             model, batches, _run, 0.6, layers=_layers, block=4, calib_batches=3,
@@ -60,9 +64,9 @@ def test_sequential_on_hugging_face_decoder() -> None:
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(cfg)
         info: dict[str, object] = {}
-        old = calibration._is_chain
+        old = calibration.plan
         if not chain:
-            calibration._is_chain = lambda *a: False  # type: ignore[assignment]
+            calibration.plan = _forced  # type: ignore[assignment]
         try:
             masks, _ = wanda(
                 model,
@@ -74,7 +78,7 @@ def test_sequential_on_hugging_face_decoder() -> None:
                 info=info,
             )
         finally:
-            calibration._is_chain = old  # type: ignore[assignment]
+            calibration.plan = old  # type: ignore[assignment]
         outs.append((info["schedule"], masks, float(fwd(model, ids[0]).detach())))
     assert outs[0][0] == "sequential-blocks"
     assert outs[1][0] == "sequential-full-passes"
@@ -126,3 +130,132 @@ def test_shared_input_statistics_equal_separate() -> None:
     assert stats.get("a")[0] is not stats.get("b")[0]
     hidden = model.a(x_all).detach()
     assert torch.allclose(stats.get("c")[0], hidden.T @ hidden, atol=1e-12)
+
+
+@pytest.mark.parametrize("layers", [None, ["layers.*"]])
+def test_layers_before_the_stack_keep_block_replay(monkeypatch, layers) -> None:
+    """An input projection before the blocks (``inp``) is pruned first from forwards stopped at
+    the first block; the blocks are still replayed, and the result equals full passes."""
+    results = []
+    for forced in (False, True):
+        model, batches = _chain(1)
+        if forced:
+            monkeypatch.setattr(calibration, "plan", _forced)
+        info: dict[str, object] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if forced else "error")
+            masks, _ = sparsegpt(
+                model, batches, _run, 0.6, layers=layers, block=4, calib_batches=3,
+                progress=False, info=info,
+            )  # fmt: skip
+        assert info["schedule"] == ("sequential-full-passes" if forced else "sequential-blocks")
+        results.append((masks, [p.detach().clone() for p in model.parameters()]))
+    assert ("inp" in results[0][0]) == (layers is None)
+    for name in results[0][0]:
+        assert torch.equal(results[0][0][name], results[1][0][name])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def _encoder_or_decoder(kind: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = transformers.BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+            intermediate_size=48, max_position_embeddings=64,
+        )  # fmt: skip
+        return transformers.BertForMaskedLM(cfg).double()
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).double()
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_stack_and_head_replay_equals_full_passes(monkeypatch, kind: str) -> None:
+    """A BERT encoder (blocks called with positional masks) and a decoder with its LM head
+    asked for: the blocks are replayed from one capture, the head pruned after them from one
+    forward; masks and weights equal the full-pass schedule's."""
+    ids = [torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i))
+           for i in range(3)]  # fmt: skip
+
+    def fwd(m: nn.Module, b: torch.Tensor) -> object:
+        return m(input_ids=b)
+
+    results = []
+    for forced in (False, True):
+        model = _encoder_or_decoder(kind).eval()
+        head = "cls.predictions.transform.dense" if kind == "bert" else "lm_head"
+        layers = [head, "*.layers.*" if kind == "llama" else "*.layer.*"]
+        if forced:
+            monkeypatch.setattr(calibration, "plan", _forced)
+        info: dict[str, object] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if forced else "error")
+            masks, _ = sparsegpt(
+                model, ids, fwd, 0.5, layers=layers, calib_batches=3, progress=False,
+                info=info,
+            )  # fmt: skip
+        assert info["schedule"] == ("sequential-full-passes" if forced else "sequential-blocks")
+        assert head in masks and list(masks)[-1] == head
+        results.append((masks, [p.detach().clone() for p in model.parameters()]))
+    for name in results[0][0]:
+        assert torch.equal(results[0][0][name], results[1][0][name]), name
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_fallback_warns_and_says_why() -> None:
+    """Blocks that do not chain (a block run twice) fall back to full passes, with a warning
+    and the reason in ``info``."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(2)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in [self.layers[0], self.layers[1], self.layers[1]]:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    batches = [torch.randn(8, 4, dtype=F64) for _ in range(3)]
+    info: dict[str, object] = {}
+    with pytest.warns(UserWarning, match="re-runs the whole model .* layers.1 runs 2 times"):
+        sparsegpt(model, batches, _run, 0.5, calib_batches=3, progress=False, info=info)
+    assert info["schedule"] == "sequential-full-passes"
+    assert "runs 2 times" in str(info["schedule_reason"])
+
+
+@pytest.mark.parametrize(
+    ("layers", "words"),
+    [
+        (["encoder.*"], "encoder.block.1 gets another positional argument"),
+        (None, "the output of encoder.block.1 is not the input of decoder.block.0"),
+    ],
+)
+def test_t5_falls_back_and_says_why(layers, words: str) -> None:
+    """T5's later blocks take the position bias the first block computed, and its decoder stack
+    does not continue the encoder's: replaying would be wrong, so the schedule falls back to
+    full passes and says why."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids = [torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i))
+           for i in range(3)]  # fmt: skip
+    info: dict[str, object] = {}
+    with pytest.warns(UserWarning, match="re-runs the whole model"):
+        sparsegpt(
+            model, ids, lambda m, b: m(input_ids=b, labels=b), 0.5, calib_batches=3,
+            progress=False, info=info, layers=layers,
+        )  # fmt: skip
+    assert info["schedule"] == "sequential-full-passes"
+    assert words in str(info["schedule_reason"])

@@ -74,8 +74,16 @@ COMMANDS = {  # name: (one-line help, description with an example)
         "Prune the Linear/Conv weights of a model (one-shot; gradual with --gradual-steps; I-OBS "
         "with --method iobs) and write the pruned checkpoint (safetensors), the masks, "
         "report.json (per-layer sparsity, metric before and after, timings, peak memory) and a "
-        "plot.\n\nexample:\n  mfac prune --model mypkg.models:make_cnn --checkpoint "
-        "cnn.safetensors --data images/ --method mfac --sparsity 0.9 -o pruned/",
+        "plot.\n\nFor a Hugging Face model (a folder with config.json) the defaults are the "
+        "measured transformer recipe: --method fisher-sparsegpt (the transformer preset), 32 "
+        "calibration windows of --seq-len 128 tokens drawn without replacement, and only the "
+        "transformer blocks' linear layers pruned (the embeddings and lm_head, tied or not, "
+        "only when named in --layers; --layers/--exclude take names or globs such as "
+        "'model.layers.*.mlp.*'). Any other model defaults to --method mfac on every "
+        "Linear/Conv layer.\n\nexamples:\n  mfac prune --model ./SmolLM2-135M/ --data "
+        "corpus.txt --sparsity 0.5 --threads 4 -o smol-50/\n  mfac prune --model "
+        "mypkg.models:make_cnn --checkpoint cnn.safetensors --data images/ --method mfac "
+        "--sparsity 0.9 -o pruned/",
     ),
     "train": (
         "train / fine-tune with M-FAC",

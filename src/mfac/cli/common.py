@@ -209,6 +209,15 @@ def resolve_device(name: str | None) -> Any:
     return dev
 
 
+def set_threads(count: int | None) -> None:
+    """``torch.set_num_threads(count)`` when a count is given (``--threads``)."""
+    if count is not None:
+        import torch
+
+        torch.set_num_threads(int(count))
+        log.info("threads: %d", count)
+
+
 def peak_memory(device: Any = None) -> dict[str, int | None]:
     """Peak resident memory of this process (bytes) and, on CUDA, peak allocated GPU memory."""
     import resource

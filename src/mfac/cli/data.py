@@ -158,16 +158,30 @@ def _images(path: Path, size: Any) -> tuple[torch.Tensor, torch.Tensor, list[str
     return torch.from_numpy(np.ascontiguousarray(arr)), y, classes
 
 
+def _read_utf8(file: Path) -> str:
+    """The file's text, decoded strictly as UTF-8: a file in another encoding is one clear
+    error naming the file and the first bad byte's offset, never silently altered."""
+    try:
+        raw = file.read_bytes()
+    except OSError as err:
+        raise CLIError(f"could not read {file}: {one_line(err)}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        byte = raw[err.start]
+        raise CLIError(
+            f"data {file}: not UTF-8 text (byte 0x{byte:02x} at offset {err.start}: "
+            f"{err.reason}); convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
 def _text(path: Path, loaded: LoadedModel, seq_len: int) -> tuple[torch.Tensor, None, str]:
     """Sequences of ``seq_len`` tokens of the concatenated text files."""
     files = [path] if path.is_file() else sorted(
         f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_EXT)  # fmt: skip
     if not files:
         raise CLIError(f"data {path}: no text files (.txt, .md, .rst) found")
-    try:
-        text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    except OSError as err:
-        raise CLIError(f"could not read {path}: {one_line(err)}") from None
+    text = "\n\n".join(_read_utf8(f) for f in files)
     how = "tokenizer" if loaded.tokenizer is not None else "bytes"
     if loaded.tokenizer is not None:
         tokens = torch.tensor(loaded.tokenizer(text)["input_ids"], dtype=torch.long)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import CLIError, atomic_dir, atomic_file, existing_path, one_line, require
+from .common import SETTINGS, CLIError, atomic_dir, atomic_file, existing_path, one_line, require
 
 log = logging.getLogger("mfac.cli")
 
@@ -74,6 +74,10 @@ def _load_hf(path: Path) -> LoadedModel:
         raise CLIError(f"--model {path}: a folder without config.json is not a Hugging Face model")
     require("transformers", "loading a Hugging Face model")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if SETTINGS.quiet:  # --quiet: transformers' own "Loading weights" bars too
+        hf_logging.disable_progress_bar()
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)

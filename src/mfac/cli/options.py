@@ -24,6 +24,19 @@ from ..prune.patterns import parse_pattern
 from ..recovery.options import CONFIGS
 from .common import CLIError, require
 
+#: ``mfac prune``'s default method: the transformer preset for a Hugging Face model (the best
+#: measured on SmolLM2, docs/prune.md section 2b), the M-FAC pruner for any other model.
+HF_METHOD = "fisher-sparsegpt"
+OTHER_METHOD = "mfac"
+
+
+def default_method(model: str | None) -> str:
+    """The method ``mfac prune`` uses when none is given, from the ``--model`` spec alone (a
+    folder with a config.json is a Hugging Face model)."""
+    if model and (Path(model).expanduser() / "config.json").is_file():
+        return HF_METHOD
+    return OTHER_METHOD
+
 
 @dataclass(frozen=True, kw_only=True)
 class InputOptions(Options):
@@ -56,6 +69,9 @@ class InputOptions(Options):
     )  # fmt: skip
     device: str = option("cpu", "cpu, cuda, cuda:N, mps or auto")
     seed: int = option(0, "random seed", low=0)
+    threads: int | None = option(
+        None, "CPU threads for torch (torch.set_num_threads; default: torch's choice)", low=1
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +79,15 @@ class PruneCommand(InputOptions):
     """``mfac prune``; the chosen method's own options come from its config."""
 
     output: Path = option(Path("mfac-prune-out"), "output folder", short="-o")
-    method: str = option("mfac", "pruning method", choices=tuple(REGISTRY))
+    method: str | None = option(
+        None, f"pruning method (default: {HF_METHOD}, the transformer preset, for a Hugging "
+        f"Face model; {OTHER_METHOD} otherwise)", choices=tuple(REGISTRY),
+    )  # fmt: skip
+    batch_size: int | None = option(
+        None, "samples per calibration batch or gradient, and per evaluation batch (default: "
+        "one token window per calibration batch for text, as the measured recipe; 32 "
+        "otherwise)", low=1,
+    )  # fmt: skip
     sparsity: float | None = option(
         None, "fraction of prunable weights to remove (default 0.5; with --pattern, what the "
         "pattern removes)", low=0, high=1, high_open=True,
@@ -118,6 +142,9 @@ class RecoverCommand(Options):
     max_iter: int = option(500, "iteration budget", low=1)
     tol: float = option(1e-10, "relative-change stopping tolerance", low=0)
     output: Path = option(Path("mfac-recover-out"), "output folder", short="-o")
+    threads: int | None = option(
+        None, "CPU threads for torch (torch.set_num_threads; default: torch's choice)", low=1
+    )
 
 
 def method_configs(command: str) -> dict[str, type[Options]]:
@@ -250,7 +277,8 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
         _add(group, o)
     extra = method_options(command)
     if extra:
-        title = "options of the methods (used by: default)"
+        title = "options of the methods (each applies to the methods its help names; " \
+            "defaults per method in parentheses)"
         group = parser.add_argument_group(title)
         for o, methods in extra.values():
             _add(group, o, methods)
@@ -317,6 +345,8 @@ def resolve(args: argparse.Namespace, command: str, *, strict: bool) -> Resolved
     for o in own.values():
         if o.spec.required and values.get(o.name) is None:
             raise CLIError(f"missing required option {o.flag} (or '{o.name}:' in a --recipe)")
+    if command == "prune" and values.get("method") is None:
+        values["method"] = default_method(values.get("model"))
     cmd = COMMANDS[command](**values)
     chosen = getattr(cmd, "method", None)
     accepted = _cli(method_configs(command)[chosen]) if chosen else {}
@@ -335,9 +365,19 @@ def resolve(args: argparse.Namespace, command: str, *, strict: bool) -> Resolved
 
 
 # ----------------------------------------------------------------------------- docs
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def docs_tables() -> str:
     """The option tables of docs/cli.md (between its ``options:begin/end`` markers)."""
-    out = []
+    out = [
+        "### Methods of `mfac prune`", "",
+        f"Default: `{HF_METHOD}` for a Hugging Face model, `{OTHER_METHOD}` for any other.", "",
+        "| method | what it does |", "|---|---|",
+        *(f"| `{name}` | {_cell(m.summary)} |" for name, m in REGISTRY.items()),
+        "",
+    ]  # fmt: skip
     for command, cls in COMMANDS.items():
         out += [f"### Keys of `mfac {command}`", "", markdown_table(options_of(cls)), ""]
         for method, config in method_configs(command).items():

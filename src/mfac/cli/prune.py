@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+import warnings
 from typing import Any
 
 from .._config import options_of
@@ -21,6 +22,7 @@ from .common import (
     peak_memory,
     progress,
     resolve_device,
+    set_threads,
     show_progress,
     write_json,
 )
@@ -69,9 +71,11 @@ def run_prune(args: argparse.Namespace) -> int:
     device = resolve_device(cmd.device)
     import torch
 
+    set_threads(cmd.threads)
+
     from ..experiments.tasks import Objective
     from ..prune import finetune, gradual, oneshot, save_masks, save_sparse
-    from ..prune.export import save_pretrained_sparse, saved_sparsity
+    from ..prune.export import MASKS_FILE, save_pretrained_sparse, saved_sparsity
     from .data import load_data
     from .models import load_model, save_model
 
@@ -87,20 +91,26 @@ def run_prune(args: argparse.Namespace) -> int:
             "factory's initial (random) weights; pass --checkpoint, or --random-weights"
         )
 
+    # text: one token window per calibration batch (or gradient), as the measured recipe
+    # (docs/prune.md 2b: 32 windows of 128 tokens, drawn without replacement)
+    calib_size = cmd.batch_size or (1 if data.task == "lm" else 32)
+    eval_size = cmd.batch_size or 32
     t0 = time.perf_counter()
-    before = objective.evaluate(loaded.model, cmd.batch_size, "before", progress)
+    before = objective.evaluate(loaded.model, eval_size, "before", progress)
     log.info("before: %s", _fmt_metrics(before))
     count = _batches_needed(config)
-    batches = data.sampled(count, cmd.batch_size, cmd.seed + 1)
+    batches = data.sampled(count, calib_size, cmd.seed + 1)
+    log.info("calibration: %d batches of %d samples (drawn without replacement from %d)",
+             count, min(calib_size, len(data)), len(data))  # fmt: skip
     if cmd.method == "iobs":  # best iterate picked on other training batches, not on val
-        options["val_data"] = data.sampled(count, cmd.batch_size, cmd.seed + 2)
+        options["val_data"] = data.sampled(count, calib_size, cmd.seed + 2)
     log.info(
         "pruning with %s to %.1f%% sparsity%s", cmd.method, 100 * sparsity,
         f" ({cmd.pattern})" if cmd.pattern else "",
     )  # fmt: skip
     common = {"data": batches, "loss_fn": objective, "pattern": cmd.pattern, **options}
     if cmd.gradual_steps > 1:
-        tune_batches = data.sampled(max(1, cmd.finetune_steps), cmd.batch_size, cmd.seed + 3)
+        tune_batches = data.sampled(max(1, cmd.finetune_steps), calib_size, cmd.seed + 3)
 
         def tune(model: Any, masks: dict[str, Any], _step: int) -> None:
             if cmd.finetune_steps:
@@ -108,16 +118,30 @@ def run_prune(args: argparse.Namespace) -> int:
                 finetune(model, objective, tune_batches, adam, cmd.finetune_steps, masks)
 
         steps = {"steps": cmd.gradual_steps, "finetune_fn": tune}
-        result = gradual(loaded.model, sparsity, cmd.method, **steps, **common)[-1]
-    else:
-        result = oneshot(loaded.model, sparsity, cmd.method, **common)
-    after = objective.evaluate(loaded.model, cmd.batch_size, "after", progress)
+    with warnings.catch_warnings(record=True) as caught:  # the library's warnings as log lines
+        warnings.simplefilter("always", UserWarning)
+        if cmd.gradual_steps > 1:
+            result = gradual(loaded.model, sparsity, cmd.method, **steps, **common)[-1]
+        else:
+            result = oneshot(loaded.model, sparsity, cmd.method, **common)
+    for w in caught:
+        if issubclass(w.category, (UserWarning, RuntimeWarning)):
+            log.warning("%s", w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    after = objective.evaluate(loaded.model, eval_size, "after", progress)
+    schedule = result.info.get("schedule")
+    if schedule:
+        why = result.info.get("schedule_reason")
+        log.info("calibration schedule: %s%s", schedule, f" ({why})" if why else "")
     memory = peak_memory(device)
 
+    tied: dict[str, list[str]] = result.info.get("tied", {})  # type: ignore[assignment]
     layers = [
-        {"layer": name, "weights": int(mask.numel()), "sparsity": result.layer_sparsity[name]}
+        {"layer": name, "weights": int(mask.numel()), "sparsity": result.layer_sparsity[name],
+         **({"tied_to": tied[name]} if name in tied else {})}
         for name, mask in result.masks.items()
-    ]
+    ]  # fmt: skip
     report = {
         "command": "prune", "model": cmd.model, "checkpoint": cmd.checkpoint, "data": cmd.data,
         "val_data": cmd.val_data, "data_description": data.description, "method": cmd.method,
@@ -128,8 +152,9 @@ def run_prune(args: argparse.Namespace) -> int:
         "metric": objective.metric_name, "before": before, "after": after,
         "timings_s": {**result.timings, "wall": time.perf_counter() - t0}, "memory": memory,
         "info": {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool))},
+        "tied": tied, "calibration": {"batches": count, "batch_size": calib_size},
         "layers": layers,
-        "files": {"masks": "masks.safetensors", "plot": "sparsity.png", "report": "report.json"},
+        "files": {"plot": "sparsity.png", "report": "report.json"},
     }  # fmt: skip
     with atomic_dir(cmd.output) as tmp:
         if loaded.kind == "hf":  # a folder transformers loads without mfac, recipe beside it
@@ -138,20 +163,18 @@ def run_prune(args: argparse.Namespace) -> int:
             if loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(str(tmp / "model"))
             report["files"]["model"] = "model"
+            report["files"]["masks"] = f"model/{MASKS_FILE}"  # written once, beside the weights
         else:
             save_model(loaded, tmp / "model.safetensors")
             report["files"]["model"] = "model.safetensors"
             saved = saved_sparsity(tmp, result.masks)
+            save_masks(result.masks, tmp / "masks.safetensors")
+            report["files"]["masks"] = "masks.safetensors"
         report["saved_sparsity"] = saved["sparsity"]
-        save_masks(result.masks, tmp / "masks.safetensors")
         if cmd.sparse_file:
             save_sparse(loaded.model, result.masks, tmp / "model.sparse.safetensors")
             report["files"]["sparse"] = "model.sparse.safetensors"
-        bar_plot(
-            tmp / "sparsity.png", [r["layer"] for r in layers], [r["sparsity"] for r in layers],
-            title=f"{cmd.method}: sparsity per layer ({100 * result.sparsity:.1f}% overall)",
-            ylabel="sparsity",
-        )  # fmt: skip
+        sparsity_plot(tmp / "sparsity.png", layers, cmd.method, result.sparsity)
         write_json(tmp / "report.json", report)
 
     name = objective.metric_name
@@ -162,9 +185,39 @@ def run_prune(args: argparse.Namespace) -> int:
     emit(text_table(rows, ["", name, "loss", "sparsity"]))
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     emit(f"timings: {timings}; peak memory {fmt_bytes(memory['peak_rss_bytes'])}")
-    files = f"{report['files']['model']}, masks.safetensors, report.json, sparsity.png"
+    files = f"{report['files']['model']}, {report['files']['masks']}, report.json, sparsity.png"
     emit(f"wrote {cmd.output}/ ({files})")
     return 0
+
+
+#: Past this many layers the plot shows one bar per stage (a transformer block), not per layer.
+PLOT_LAYERS = 48
+
+
+def sparsity_plot(path: Any, layers: list[dict[str, Any]], method: str, overall: float) -> None:
+    """Sparsity per layer as horizontal bars, the figure's height growing with their count; past
+    :data:`PLOT_LAYERS` layers, one bar per stage (weight-weighted mean of its layers) with the
+    spread of its layers marked."""
+    from ..prune.calibration import stage_name
+
+    labels = [r["layer"] for r in layers]
+    values = [r["sparsity"] for r in layers]
+    spread = None
+    what = "layer"
+    if len(layers) > PLOT_LAYERS:
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in layers:
+            groups.setdefault(stage_name(r["layer"]), []).append(r)
+        labels = [f"{k} ({len(g)})" for k, g in groups.items()]
+        values = [sum(r["sparsity"] * r["weights"] for r in g) / sum(r["weights"] for r in g)
+                  for g in groups.values()]  # fmt: skip
+        spread = [(min(r["sparsity"] for r in g), max(r["sparsity"] for r in g))
+                  for g in groups.values()]  # fmt: skip
+        what = "stage (its layers in parentheses, whiskers: their range)"
+    bar_plot(
+        path, labels, values, title=f"{method}: {100 * overall:.1f}% overall\nsparsity per {what}",
+        ylabel="sparsity", horizontal=True, spread=spread,
+    )  # fmt: skip
 
 
 def _batches_needed(config: Any) -> int:

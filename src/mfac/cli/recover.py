@@ -19,6 +19,7 @@ from .common import (
     emit,
     existing_path,
     one_line,
+    set_threads,
     write_json,
 )
 from .options import resolve
@@ -64,6 +65,7 @@ def run_recover(args: argparse.Namespace) -> int:
     got = resolve(args, "recover", strict=True)
     cmd, options = got.command, got.method
     check_replaceable(cmd.output, probe=True)
+    set_threads(cmd.threads)
     from ..recovery import solve
 
     A, y, truth = read_problem(cmd.data, cmd.y)

@@ -23,6 +23,7 @@ from .common import (
     existing_path,
     progress,
     resolve_device,
+    set_threads,
     write_json,
 )
 from .options import resolve
@@ -59,6 +60,7 @@ def run_train(args: argparse.Namespace) -> int:
     got = resolve(args, "train", strict=False)
     cmd = got.command
     device = resolve_device(cmd.device)
+    set_threads(cmd.threads)
     resume = existing_path(cmd.resume, "checkpoint to resume") if cmd.resume else None
     masks_file = _masks_path(cmd.masks) if cmd.masks else None
     out_dir = prepare_output(cmd.output, resume is not None, cmd.overwrite)
@@ -145,5 +147,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _masks_path(path: Path) -> Path:
+    """A masks file, or the one inside a ``mfac prune`` output (``masks.safetensors``, or
+    ``model/mfac_masks.safetensors`` for a Hugging Face model) or a pruned model folder."""
     p = existing_path(path, "masks")
-    return existing_path(p / "masks.safetensors", "masks") if p.is_dir() else p
+    if not p.is_dir():
+        return p
+    for name in ("masks.safetensors", "model/mfac_masks.safetensors", "mfac_masks.safetensors"):
+        if (p / name).is_file():
+            return p / name
+    return existing_path(p / "masks.safetensors", "masks")

@@ -182,18 +182,40 @@ def line_plot(
 
 
 def bar_plot(
-    path: Path, labels: Sequence[str], values: Sequence[float], *, title: str, ylabel: str
-) -> Path:
-    """A bar chart (e.g. sparsity per layer), saved as a PNG."""
-    fig = _figure(max(6.4, 0.35 * len(labels) + 2), 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.bar(range(len(values)), list(values), color="#4c72b0")
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(list(labels), rotation=60, ha="right", fontsize="x-small")
-    ax.set_title(title)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1)
-    ax.grid(True, axis="y", alpha=0.3)
+    path: Path, labels: Sequence[str], values: Sequence[float], *, title: str, ylabel: str,
+    horizontal: bool = False, spread: Sequence[tuple[float, float]] | None = None,
+) -> Path:  # fmt: skip
+    """A bar chart (e.g. sparsity per layer), saved as a PNG; ``horizontal``: one labelled row
+    per bar, the figure's height growing with their count (readable for hundreds of bars);
+    ``spread``: a (low, high) whisker per bar."""
+    n = len(values)
+    if horizontal:
+        longest = max((len(str(lab)) for lab in labels), default=4)
+        fig = _figure(min(14.0, 4.5 + 0.07 * longest), min(120.0, max(3.0, 0.2 * n + 1.4)))
+        ax = fig.add_subplot(1, 1, 1)
+        err = None
+        if spread is not None:
+            err = [[v - lo for v, (lo, _) in zip(values, spread, strict=True)],
+                   [hi - v for v, (_, hi) in zip(values, spread, strict=True)]]  # fmt: skip
+        ax.barh(range(n), list(values), xerr=err, color="#4c72b0", ecolor="#333333", capsize=2)
+        ax.set_yticks(range(n))
+        ax.set_yticklabels(list(labels), fontsize="small")
+        ax.invert_yaxis()  # first layer on top
+        ax.set_ylim(n - 0.5, -0.5)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(ylabel)
+        ax.set_title(title, fontsize="medium")
+        ax.grid(True, axis="x", alpha=0.3)
+    else:
+        fig = _figure(max(6.4, 0.35 * n + 2), 4.0)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.bar(range(n), list(values), color="#4c72b0")
+        ax.set_xticks(range(n))
+        ax.set_xticklabels(list(labels), rotation=60, ha="right", fontsize="x-small")
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1)
+        ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(str(path), format="png")
     return path

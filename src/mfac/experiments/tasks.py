@@ -42,10 +42,15 @@ class Dataset:
         return [(x[i], None if y is None else y[i]) for i in order.split(batch_size)]
 
     def sampled(self, count: int, batch_size: int, seed: int) -> list[Any]:
-        """``count`` random training batches (with replacement), e.g. for Fisher gradients."""
+        """``count`` random training batches of ``batch_size`` samples, e.g. for Fisher
+        gradients or calibration: drawn without replacement (no sample twice) while the
+        training part lasts, then from a fresh permutation."""
         gen = torch.Generator().manual_seed(seed)
-        size = min(batch_size, len(self.x_train))
-        idx = torch.randint(0, len(self.x_train), (count, size), generator=gen)
+        n = len(self.x_train)
+        size = min(batch_size, n)
+        need = count * size
+        order = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-need // n))])
+        idx = order[:need].view(count, size)
         return [(self.x_train[i], None if self.y_train is None else self.y_train[i]) for i in idx]
 
 

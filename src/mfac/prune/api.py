@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 
 from torch import nn
@@ -33,6 +34,11 @@ def oneshot(
 ) -> PruneResult:
     """Prune the Linear/Conv weights of ``model`` in place to ``sparsity`` with ``method``.
 
+    Which layers: ``layers`` / ``exclude`` options (names or glob patterns, checked against the
+    model); by default every Linear/Conv, but for a Hugging Face model only the layers of its
+    stack of blocks (name ``lm_head`` to prune the head, and a tied embedding with it: a
+    warning and ``result.info["tied"]`` say so).
+
     ``data`` is an iterable of batches and ``loss_fn(model, batch)`` returns a scalar loss
     (the layer-wise methods only run it forward, for calibration). ``pattern`` is None
     (unstructured) or "N:M"; with a pattern, ``sparsity`` is None or 1 - N/M (a contradicting
@@ -54,6 +60,16 @@ def oneshot(
     if spec.needs_data and (data is None or loss_fn is None):
         raise ValueError(f"method {method!r} needs data= (batches) and loss_fn=(model, batch)")
     req = Request(model, targets, current_masks(targets), sparsity, nm, data, loss_fn)
+    tied = {t.name: list(t.tied) for t in targets if t.tied}
+    if tied:
+        req.info["tied"] = tied
+        for name, others in tied.items():
+            warnings.warn(
+                f"{name}.weight is tied to {', '.join(others)}: pruning {name} prunes "
+                f"{'them' if len(others) > 1 else 'it'} too",
+                UserWarning,
+                stacklevel=2,
+            )
     if spec.check is not None:
         spec.check(req, cfg)
 

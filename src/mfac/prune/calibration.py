@@ -9,24 +9,29 @@ schedules:
 - one pass: all statistics from one run of the dense model over the batches;
 - sequential: the stages (a transformer block, see :func:`stages`) are pruned one after
   another, and each stage's statistics come from the outputs of the already-pruned stages before
-  it. The inputs of the first stage are captured once; each stage is then run on its own
-  (statistics pass, prune, output pass), so the whole schedule costs about two forward passes of
-  the model instead of one per stage. When the stages do not form a chain (stage i's output is
-  stage i+1's input, checked on one batch), the model is re-run in full for every stage.
+  it. The inputs of the first block are captured once; each block is then run on its own
+  (statistics pass, prune, output pass), so the stack costs about two forward passes of the
+  model instead of one per stage. Layers outside the stack (an LM head, a pooler) are pruned
+  after it (or before it, for an input projection) from one forward each of what lies outside
+  the stack (the blocks return their stored outputs). When the
+  blocks do not form a chain (stage i's output is stage i+1's input, checked on one batch), the
+  model is re-run in full for every stage, with a warning saying why (see :func:`plan`).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from itertools import islice
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import islice, pairwise
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import Target
+from ._layers import PRUNABLE, Target
 
 F64 = torch.float64
 ForwardFn = Callable[[nn.Module, object], object]
@@ -146,7 +151,7 @@ class InputStats:
 def stages(targets: Sequence[Target]) -> list[list[Target]]:
     """The stages, the groups pruned together in sequential mode: layers sharing the name prefix
     up to the first numeric component ("model.layers.3" for a transformer block, "0" in a
-    Sequential)."""
+    Sequential); a layer outside any numbered container ("lm_head") is a stage of its own."""
     groups: dict[str, list[Target]] = {}
     for t in targets:
         groups.setdefault(stage_name(t.name), []).append(t)
@@ -160,6 +165,11 @@ def stage_name(name: str) -> str:
     return ".".join(parts[: cut + 1])
 
 
+def _in_stack(name: str) -> bool:
+    """Whether a stage is a member of a numbered stack (a block), not a lone layer."""
+    return any(p.isdigit() for p in name.split("."))
+
+
 class _Stop(Exception):
     """Raised by the capture hook to end a calibration forward at the first stage."""
 
@@ -169,38 +179,187 @@ def _first(out: object) -> torch.Tensor | None:
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
+    values = getattr(out, "values", None)
+    if callable(values) and hasattr(out, "keys"):  # a ModelOutput: its first field
+        first = next(iter(values()), None)
+        return first if isinstance(first, torch.Tensor) else None
     return None
 
 
-def _is_chain(
-    model: nn.Module, stage_modules: list[nn.Module], batch: object, forward: ForwardFn
-) -> bool:
-    """True when, on ``batch``, every stage runs once and stage i's output is stage i+1's
-    first input (so the stages can be replayed one after another on captured inputs)."""
-    inputs: dict[int, list[torch.Tensor | None]] = {i: [] for i in range(len(stage_modules))}
-    outputs: dict[int, list[torch.Tensor | None]] = {i: [] for i in range(len(stage_modules))}
+#: Keyword names a block may receive its hidden states under (when not positional).
+_HIDDEN_KWARGS = ("hidden_states", "hidden_state", "x", "input", "inputs", "inputs_embeds")
+
+
+def _slot(args: tuple[object, ...], kwargs: dict[str, object]) -> int | str | None:
+    """Where a stage call carries its hidden states: positional 0, or a keyword."""
+    if args and isinstance(args[0], torch.Tensor):
+        return 0
+    return next((k for k in _HIDDEN_KWARGS if isinstance(kwargs.get(k), torch.Tensor)), None)
+
+
+def _hidden(call: tuple[tuple[object, ...], dict[str, object]], slot: int | str) -> object:
+    args, kwargs = call
+    return args[slot] if isinstance(slot, int) else kwargs[slot]
+
+
+def _with_hidden(
+    call: tuple[tuple[object, ...], dict[str, object]], slot: int | str, value: object
+) -> tuple[tuple[object, ...], dict[str, object]]:
+    args, kwargs = call
+    if isinstance(slot, int):
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, slot: value}
+
+
+@dataclass
+class Plan:
+    """How sequential calibration runs: ``stack`` (the chained stages, in call order), the
+    stages outside it that run ``before`` or ``after`` it, and the hidden-states ``slot`` of a
+    stage call; ``reason`` says why the model must be re-run in full for every stage instead
+    (``None``: it need not)."""
+
+    stack: list[list[Target]]
+    before: list[list[Target]]
+    after: list[list[Target]]
+    slot: int | str | None = 0
+    reason: str | None = None
+
+
+def plan(
+    model: nn.Module, groups: list[list[Target]], batch: object, forward: ForwardFn
+) -> Plan:
+    """Trace one forward of ``batch`` and decide the schedule: the stages inside numbered stacks
+    must each run once, in a chain (stage i's output is stage i+1's input); the stages outside
+    (an LM head, a pooler, an input projection) must each run wholly before or wholly after
+    the stack."""
+    modules = dict(model.named_modules())
+    stage_modules = [modules[stage_name(g[0].name)] for g in groups]
+    #: per stage, one [call order, hidden-states slot, input, output, (args, kwargs)] per call
+    calls: dict[int, list[list[object]]] = {i: [] for i in range(len(groups))}
+    order = [0]
     handles = []
-    for i, b in enumerate(stage_modules):
-        handles.append(
-            b.register_forward_pre_hook(
-                lambda _m, a, i=i: inputs[i].append(a[0] if a else None)
-            )
-        )
-        handles.append(b.register_forward_hook(lambda _m, _a, o, i=i: outputs[i].append(_first(o))))
+
+    def pre(i: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            slot = _slot(args, kwargs)
+            value = None if slot is None else _hidden((args, kwargs), slot)
+            calls[i].append([order[0], slot, value, None, (args, kwargs)])
+            order[0] += 1
+
+        return hook
+
+    def post(i: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, _a: object, out: object) -> None:
+            calls[i][-1][3] = _first(out)
+
+        return hook
+
+    for i, m in enumerate(stage_modules):
+        handles.append(m.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(m.register_forward_hook(post(i)))
     try:
         forward(model, batch)
     finally:
         for h in handles:
             h.remove()
-    if any(len(inputs[i]) != 1 or len(outputs[i]) != 1 for i in inputs):
+    names = [stage_name(g[0].name) for g in groups]
+    for i, name in enumerate(names):
+        if len(calls[i]) != 1:
+            kind = f"runs {len(calls[i])} times" if calls[i] else "does not run"
+            return Plan([], [], [], reason=f"stage {name} {kind} in one forward pass")
+    step = {i: int(calls[i][0][0]) for i in calls}  # type-narrowed copies of the trace
+    ranked = sorted(range(len(groups)), key=lambda i: step[i])
+    stack = [i for i in ranked if _in_stack(names[i])]
+    if not stack:
+        return Plan([], [], [], reason="no stack of numbered blocks among the pruned layers")
+    first, last = step[stack[0]], step[stack[-1]]
+    outside = [i for i in ranked if not _in_stack(names[i])]
+    between = [names[i] for i in outside if first < step[i] < last]
+    if between:
+        return Plan([], [], [], reason=f"{between[0]} runs between the blocks")
+    slot = calls[stack[0]][0][1]
+    if not isinstance(slot, (int, str)) or any(calls[i][0][1] != slot for i in stack):
+        return Plan([], [], [], reason=f"the inputs of {names[stack[0]]} are not one tensor")
+    for a, b in pairwise(stack):
+        out, nxt = calls[a][0][3], calls[b][0][2]
+        if not isinstance(out, torch.Tensor) or not isinstance(nxt, torch.Tensor) or (
+            out.shape != nxt.shape or not torch.equal(out, nxt)
+        ):
+            return Plan([], [], [], reason=(
+                f"the output of {names[a]} is not the input of {names[b]} (work between the "
+                "blocks, or a second stack such as an encoder-decoder's decoder)"
+            ))  # fmt: skip
+    ref = calls[stack[0]][0][4]
+    for i in stack[1:]:
+        other = _other_inputs(ref, calls[i][0][4], slot)
+        if other:
+            return Plan([], [], [], reason=(
+                f"{names[i]} gets another {other} than {names[stack[0]]} (an input computed "
+                "inside the blocks, e.g. T5's position bias)"
+            ))  # fmt: skip
+    return Plan(
+        stack=[groups[i] for i in stack],
+        before=[groups[i] for i in outside if step[i] < first],
+        after=[groups[i] for i in outside if step[i] > last],
+        slot=slot,
+    )
+
+
+def _same(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+        )  # fmt: skip
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a plain equality
         return False
-    for i in range(len(stage_modules) - 1):
-        a, b = outputs[i][0], inputs[i + 1][0]
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            return False
-        if a.shape != b.shape or not torch.equal(a, b):
-            return False
-    return isinstance(inputs[0][0], torch.Tensor)
+
+
+def _other_inputs(ref: object, call: object, slot: object) -> str | None:
+    """The first argument (besides the hidden states) in which block call ``call`` differs from
+    the first block's ``ref``: a replay feeds every block the first block's arguments."""
+    if not (isinstance(ref, tuple) and isinstance(call, tuple)):
+        return "call"
+    (a_args, a_kw), (b_args, b_kw) = ref, call
+    if len(a_args) != len(b_args) or set(a_kw) != set(b_kw):
+        return "argument list"
+    for k, (x, y) in enumerate(zip(a_args, b_args, strict=True)):
+        if k != slot and not _same(x, y):
+            return f"positional argument {k}"
+    for key in a_kw:
+        if key != slot and key not in _CACHE_KWARGS and not _same(a_kw[key], b_kw[key]):
+            return f"keyword argument {key!r}"
+    return None
+
+
+@contextmanager
+def _blocks_return(blocks: list[nn.Module], outputs: list[object]) -> Iterator[None]:
+    """Within the block, the n-th call of every block returns ``outputs[n]`` (the stack's
+    output on batch n) without computing: a forward of the model then runs only what lies
+    outside the stack."""
+    saved = {id(b): b.__dict__.get("forward") for b in blocks}
+    for b in blocks:
+        count = [0]
+
+        def forward(*_args: object, _count: list[int] = count, **_kwargs: object) -> object:
+            out = outputs[_count[0] % len(outputs)]
+            _count[0] += 1
+            return out
+
+        vars(b)["forward"] = forward  # an instance attribute: nn.Module calls self.forward
+    try:
+        yield
+    finally:
+        for b in blocks:
+            vars(b).pop("forward", None)
+            if saved[id(b)] is not None:
+                vars(b)["forward"] = saved[id(b)]
 
 
 def _capture(
@@ -228,6 +387,31 @@ def _capture(
     return calls
 
 
+def _stats_pass(
+    model: nn.Module, group: list[Target], batches: list[object], forward: ForwardFn,
+    kind: str, stop_at: nn.Module | None = None,
+) -> InputStats:  # fmt: skip
+    """Statistics of ``group`` from forwards of the whole model (stopped at ``stop_at``)."""
+    rec = InputStats(group, kind)
+    handle = None
+    if stop_at is not None:
+        def stop(*_a: object) -> None:
+            raise _Stop
+
+        handle = stop_at.register_forward_pre_hook(stop)
+    try:
+        for batch in batches:
+            try:
+                forward(model, batch)
+            except _Stop:
+                pass
+    finally:
+        rec.remove()
+        if handle is not None:
+            handle.remove()
+    return rec
+
+
 @torch.no_grad()
 def run_layerwise(
     model: nn.Module,
@@ -245,18 +429,20 @@ def run_layerwise(
     """Gather ``kind`` statistics and call ``prune_group(group, stats)`` for every group of
     ``targets``: one group after a single dense pass, or (``sequential``) one group per stage,
     with inputs propagated through the already-pruned stages. ``timings['collect']`` adds the
-    calibration passes; ``info['schedule']`` says which schedule ran."""
+    calibration passes; ``info['schedule']`` says which schedule ran (and
+    ``info['schedule_reason']`` why, when the model had to be re-run for every stage).
+
+    Sequential: stages outside the stack of blocks that run before it (an input projection)
+    are pruned first, from forwards stopped at the first block; the first block's inputs are
+    then captured once and the blocks replayed one by one; stages after the stack (an LM head,
+    a pooler, a classifier) are pruned last, each from one forward of the model in which every
+    block returns the stack's stored output (the stack does not run again)."""
     was_training = model.training
     model.eval()
     try:
         if not sequential:
             t0 = time.perf_counter()
-            rec = InputStats(targets, kind)
-            try:
-                for batch in batches:
-                    forward(model, batch)
-            finally:
-                rec.remove()
+            rec = _stats_pass(model, list(targets), batches, forward, kind)
             timings["collect"] = timings.get("collect", 0.0) + time.perf_counter() - t0
             prune_group(list(targets), rec)
             if info is not None:
@@ -264,34 +450,68 @@ def run_layerwise(
             return
         groups = stages(targets)
         modules = dict(model.named_modules())
-        stage_modules = [modules[stage_name(g[0].name)] for g in groups]
+
+        def module_of(group: list[Target]) -> nn.Module:
+            return modules[stage_name(group[0].name)]
+
+        def full(group: list[Target], stop_at: nn.Module | None = None) -> None:
+            t0 = time.perf_counter()
+            rec = _stats_pass(model, group, batches, forward, kind, stop_at)
+            timings["collect"] = timings.get("collect", 0.0) + time.perf_counter() - t0
+            prune_group(group, rec)
+            if on_stage is not None:
+                on_stage()
+
         t0 = time.perf_counter()
-        chain = _is_chain(model, stage_modules, batches[0], forward)
-        calls = _capture(model, stage_modules[0], batches, forward) if chain else []
+        how = plan(model, groups, batches[0], forward)
         timings["collect"] = timings.get("collect", 0.0) + time.perf_counter() - t0
         if info is not None:
-            info["schedule"] = "sequential-blocks" if chain else "sequential-full-passes"
-        for group, stage in zip(groups, stage_modules, strict=True):
+            info["schedule"] = "sequential-full-passes" if how.reason else "sequential-blocks"
+            if how.reason:
+                info["schedule_reason"] = how.reason
+        if how.reason:
+            blocks = [g for g in groups if not isinstance(module_of(g), PRUNABLE)]
+            if len(blocks) > 1:  # single layers as stages (an MLP): full passes cost little
+                warnings.warn(
+                    f"sequential calibration re-runs the whole model for each of the "
+                    f"{len(groups)} stages (cost grows with depth squared) because {how.reason}",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            for group in groups:
+                full(group)
+            return
+        first = module_of(how.stack[0])
+        for group in how.before:
+            full(group, stop_at=first)
+        t0 = time.perf_counter()
+        calls = _capture(model, first, batches, forward)
+        slot = how.slot
+        assert slot is not None
+        timings["collect"] += time.perf_counter() - t0
+        for k, group in enumerate(how.stack):
+            stage = module_of(group)
             t0 = time.perf_counter()
             rec = InputStats(group, kind)
             try:
-                if chain:
-                    for args, kwargs in calls:
-                        stage(*args, **kwargs)
-                else:
-                    for batch in batches:
-                        forward(model, batch)
+                for args, kwargs in calls:
+                    stage(*args, **kwargs)
             finally:
                 rec.remove()
             timings["collect"] += time.perf_counter() - t0
             prune_group(group, rec)
-            if chain and stage is not stage_modules[-1]:  # the last stage's outputs feed nothing
-                t0 = time.perf_counter()
-                calls = [
-                    ((_first(stage(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in calls
-                ]
-                timings["collect"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if k + 1 < len(how.stack):
+                calls = [_with_hidden(c, slot, _first(stage(*c[0], **c[1]))) for c in calls]
+            elif how.after:  # the stack's outputs, once, for the layers after it
+                outputs = [stage(*args, **kwargs) for args, kwargs in calls]
+            timings["collect"] += time.perf_counter() - t0
             if on_stage is not None:
                 on_stage()
+        del calls
+        if how.after:  # the model's forward with every block returning its stored output
+            with _blocks_return([module_of(g) for g in how.stack], outputs):
+                for group in how.after:
+                    full(group)
     finally:
         model.train(was_training)
