@@ -3,8 +3,6 @@ single-process optimizers."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,12 +15,6 @@ from mfac import NonFiniteGradientError
 from mfac.optim import MFAC, MFACSGD
 
 STEPS, NGRADS = 30, 8
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _model() -> nn.Module:
@@ -51,10 +43,11 @@ def _make_default(model: nn.Module, group: object = None) -> MFAC:
     return MFAC(model.parameters(), lr=1e-2, ngrads=NGRADS, process_group=group)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _worker(rank: int, world: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port that a concurrent test could take first
+    store = f"file://{Path(out) / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         model = _model()
         opt = _make_opt(model, dist.group.WORLD)
@@ -96,7 +89,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_sharded_equals_single_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     model = _model()
     opt = _make_opt(model)
     _train(model, opt)

@@ -7,8 +7,6 @@ One spawn runs every scenario (process start-up dominates); the tests read its r
 
 from __future__ import annotations
 
-import os
-import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -51,12 +49,6 @@ RESUME: dict[str, tuple[str, dict[str, Any]]] = {
          "power": 0.5},
     ),
 }
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _model() -> nn.Module:
@@ -320,10 +312,11 @@ def _scenario_batched(rank: int, out: dict[str, Any]) -> None:
     )
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _worker(rank: int, tmp: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a file rendezvous: no TCP port that a concurrent test could take first
+    store = f"file://{Path(tmp) / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD)
     out: dict[str, Any] = {}
     try:
         for scenario in (
@@ -345,7 +338,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 def results() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(
-            _worker, args=(_free_port(), tmp), nprocs=WORLD, join=False, start_method="spawn"
+            _worker, args=(tmp,), nprocs=WORLD, join=False, start_method="spawn"
         )
         import time
 
