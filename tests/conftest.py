@@ -1,4 +1,8 @@
-"""Shared test setup: the oracle module on the path, and the device the operator tests run on.
+"""Shared test setup: the oracle module on the path, the hypothesis profile, and the device the
+operator tests run on.
+
+Under CI (``CI`` set) hypothesis draws a fixed sequence of examples (``derandomize``), so a CI
+run is reproducible; a local run keeps exploring new examples.
 
 ``pytest --device cuda`` (or ``MFAC_TEST_DEVICE=cuda``) runs the tests that take the ``device``
 fixture (the float64-oracle tests of the operators) on that device; the oracles themselves are
@@ -11,8 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
