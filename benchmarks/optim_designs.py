@@ -273,6 +273,73 @@ class Design(torch.optim.Optimizer):
             p.add_(d.view_as(p).to(p.dtype), alpha=-lr)
 
 
+class KronWindow(torch.optim.Optimizer):
+    """The Kronecker-sided window (a sliding-window Shampoo) on the hidden matrices, AdamW on
+    the rest. Each hidden matrix keeps its last m gradients G_i (r x c) and the window's two
+    side Grams L = sum G_i G_i^T / m, R = sum G_i^T G_i / m (updated by adding the new and
+    subtracting the evicted gradient's product: O(rc(r+c)) a step). Every ``every`` steps the
+    roots (I + L/lam_L)^-1/4, (I + R/lam_R)^-1/4 are refreshed (eigh; lam = relative_damp *
+    the side's mean eigenvalue, the M-FAC window's scale-relative damping); the step is
+    PL M_hat PR, M_hat Adam's bias-corrected momentum, grafted to AdamW's step length."""
+
+    def __init__(self, groups: list[dict[str, Any]], lr: float, *, ngrads: int = 32,
+                 relative_damp: float = 1.0, every: int = 10, power: float = 0.25,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:  # fmt: skip
+        super().__init__(groups, {"lr": lr, "weight_decay": 0.0, "hidden": False})
+        self.o = dict(m=ngrads, damp=relative_damp, every=every, power=power, betas=betas, eps=eps)
+        self.t = 0
+
+    def _root(self, gram: torch.Tensor, filled: int) -> torch.Tensor:
+        g = gram.double() / self.o["m"]
+        lam = self.o["damp"] * float(torch.diagonal(g).sum()) / g.shape[0]
+        if lam <= 0:
+            return torch.eye(g.shape[0], dtype=torch.float32)
+        ev, vec = torch.linalg.eigh(g)
+        h = (1 + ev.clamp_min(0) / lam) ** -self.o["power"]
+        return ((vec * h) @ vec.T).float()
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        o = self.o
+        b1, b2 = o["betas"]
+        self.t += 1
+        bc1, bc2 = 1 - b1**self.t, math.sqrt(1 - b2**self.t)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                st = self.state[p]
+                if not st:
+                    st["ea"] = torch.zeros_like(g)
+                    st["es"] = torch.zeros_like(g)
+                ea, es = st["ea"], st["es"]
+                ea.lerp_(g, 1 - b1)
+                es.mul_(b2).addcmul_(g, g, value=1 - b2)
+                u = ea / bc1 / ((es.sqrt() / bc2).add_(o["eps"]))
+                if group["hidden"]:
+                    if "win" not in st:
+                        r, c = g.shape
+                        st["win"] = torch.zeros(o["m"], r, c)
+                        st["L"], st["R"] = torch.zeros(r, r), torch.zeros(c, c)
+                        st["PL"], st["PR"] = torch.eye(r), torch.eye(c)
+                    slot = (self.t - 1) % o["m"]
+                    old = st["win"][slot]
+                    st["L"].addmm_(g, g.T).addmm_(old, old.T, alpha=-1)
+                    st["R"].addmm_(g.T, g).addmm_(old.T, old, alpha=-1)
+                    old.copy_(g)
+                    if (self.t - 1) % o["every"] == 0:
+                        filled = min(self.t, o["m"])
+                        st["PL"], st["PR"] = self._root(st["L"], filled), self._root(st["R"], filled)
+                    s = st["PL"] @ (ea / bc1) @ st["PR"]
+                    sn = s.norm()
+                    u = s * torch.where(sn > 0, u.norm() / sn, torch.ones_like(sn))
+                lr, wd = group["lr"], group["weight_decay"]
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(u.to(p.dtype), alpha=-lr)
+
+
 DESIGNS: dict[str, dict[str, Any]] = {
     # AdamW direction (the library default's rule, re-implemented: a check of the prototype)
     "d-adam": {},
@@ -285,6 +352,13 @@ DESIGNS: dict[str, dict[str, Any]] = {
     "d-muon-hidden": {"base": "muon", "windowed": "hidden"},  # windows on Muon's share only
     "d-muon-pre": {"base": "muon", "rows": "g", "order": "pre"},  # NS(W(momentum))
     "d-muon-root": {"base": "muon", "power": 0.5},
+    # what a default rule can do without parameter names: Muon's direction and the windows on
+    # every 2-D tensor (embeddings and head included), AdamW on the rest
+    "d-muon-2d": {"base": "muon", "windowed": "hidden"},
+}
+KRON: dict[str, dict[str, Any]] = {
+    "d-kron": {},  # sliding-window Shampoo, roots -1/4 per side, refreshed every 10 steps
+    "d-kron-inv": {"power": 0.5},  # -1/2 per side (the M-FAC inverse, split over the sides)
 }
 
 
@@ -329,11 +403,14 @@ def make_optimizer(name: str, task: Task, model: torch.nn.Module, lr: float) -> 
         return SOAP(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     if name == "mfac":  # the library default, every option at its default
         return MFAC(decay_groups(model), lr=lr)
-    if name in DESIGNS:
+    if name.endswith("-2d"):
+        hidden = {n for n, p in named.items() if p.ndim == 2}
+    if name in DESIGNS or name in KRON:
         groups = [{**g, "hidden": False} for g in decay_groups(model, set(named) - hidden)]
         groups.append({"params": [named[n] for n in named if n in hidden],
                        "weight_decay": WEIGHT_DECAY, "hidden": True})  # fmt: skip
-        return Design([g for g in groups if g["params"]], lr, **DESIGNS[name])
+        cls, opts = (Design, DESIGNS[name]) if name in DESIGNS else (KronWindow, KRON[name])
+        return cls([g for g in groups if g["params"]], lr, **opts)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
