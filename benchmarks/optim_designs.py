@@ -171,7 +171,8 @@ class Design(torch.optim.Optimizer):
              order "pre" (muon): s = NS(W(nesterov momentum)) instead, the window before the
              orthogonalisation (the window sees the momentum's matrix, NS sets the scale)
       graft  s *= |u| / |s| per tensor (the base direction's step length)
-    ``scope``: "tensor" (one window per windowed tensor) or "model" (one over all of them);
+    ``scope``: "tensor" (one window per windowed tensor), "model" (one over all of them) or
+    "split" (one per hidden matrix and one shared by all the other tensors);
     ``windowed``: "all" or "hidden" (only Muon's share; the rest takes the base step).
     """
 
@@ -235,13 +236,19 @@ class Design(torch.optim.Optimizer):
         wins = [it for it in items if it[3] is not None]
         dirs = {id(it[0]): it[2] for it in items}
         if wins:
-            if o["scope"] == "model":
-                zs = [torch.cat([it[3] for it in wins])]
-                us = [torch.cat([it[2] for it in wins])]
-                keys = ["model"]
+            if o["scope"] == "split":  # hidden matrices one window each, the rest one window
+                wins = [it for it in wins if it[1]["hidden"]] + [
+                    it for it in wins if not it[1]["hidden"]
+                ]
+                nh = sum(1 for it in wins if it[1]["hidden"])
+                groups_ = [[it] for it in wins[:nh]] + ([wins[nh:]] if wins[nh:] else [])
+            elif o["scope"] == "model":
+                groups_ = [wins]
             else:
-                zs, us = [it[3] for it in wins], [it[2] for it in wins]
-                keys = [id(it[0]) for it in wins]
+                groups_ = [[it] for it in wins]
+            zs = [torch.cat([it[3] for it in gr]) if len(gr) > 1 else gr[0][3] for gr in groups_]
+            us = [torch.cat([it[2] for it in gr]) if len(gr) > 1 else gr[0][2] for gr in groups_]
+            keys = [id(gr[0][0]) if len(gr) == 1 else "rest" for gr in groups_]
             ws = [self._window(k, z.numel()) for k, z in zip(keys, zs)]
             projs = [w.push_gather(z, u) for w, z, u in zip(ws, zs, us)]
             grams = torch.stack([w.gram for w in ws]) / o["m"]
@@ -251,8 +258,11 @@ class Design(torch.optim.Optimizer):
                 w.scatter(c, plus=u) if lam > 0 else u.clone()
                 for w, c, u, lam in zip(ws, cs, us, lams)
             ]
-            if o["scope"] == "model":
-                outs = list(outs[0].split([it[2].numel() for it in wins]))
+            outs = [
+                piece
+                for gr, out in zip(groups_, outs)
+                for piece in (out.split([it[2].numel() for it in gr]) if len(gr) > 1 else [out])
+            ]
             for it, s in zip(wins, outs):
                 p, _, u, _, pre = it
                 if pre is not None:  # window, then orthogonalise: NS sets the length
@@ -352,6 +362,8 @@ DESIGNS: dict[str, dict[str, Any]] = {
     "d-muon-hidden": {"base": "muon", "windowed": "hidden"},  # windows on Muon's share only
     "d-muon-pre": {"base": "muon", "rows": "g", "order": "pre"},  # NS(W(momentum))
     "d-muon-root": {"base": "muon", "power": 0.5},
+    # windows: one per hidden matrix, one shared by all the other tensors (fewer small windows)
+    "d-muon-split": {"base": "muon", "scope": "split"},
     # what a default rule can do without parameter names: Muon's direction and the windows on
     # every 2-D tensor (embeddings and head included), AdamW on the rest
     "d-muon-2d": {"base": "muon", "windowed": "hidden"},
