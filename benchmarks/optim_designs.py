@@ -173,7 +173,8 @@ class Design(torch.optim.Optimizer):
       graft  s *= |u| / |s| per tensor (the base direction's step length)
     ``scope``: "tensor" (one window per windowed tensor), "model" (one over all of them) or
     "split" (one per hidden matrix and one shared by all the other tensors);
-    ``windowed``: "all" or "hidden" (only Muon's share; the rest takes the base step).
+    ``windowed``: "all", "hidden" (only Muon's share; the rest takes the base step) or "rest"
+    (all but Muon's share).
     """
 
     def __init__(
@@ -228,7 +229,7 @@ class Design(torch.optim.Optimizer):
                         u, pre = orthogonalize(nest).reshape(-1) * scale, None
                 else:
                     u, pre = ea / bc1 / den, None
-                win = o["windowed"] == "all" or group["hidden"]
+                win = o["windowed"] == "all" or group["hidden"] == (o["windowed"] == "hidden")
                 row = None
                 if win:
                     row = {"z": g / den, "g": g, "mz": ea / den}[o["rows"]]
@@ -364,6 +365,8 @@ DESIGNS: dict[str, dict[str, Any]] = {
     "d-muon-root": {"base": "muon", "power": 0.5},
     # windows: one per hidden matrix, one shared by all the other tensors (fewer small windows)
     "d-muon-split": {"base": "muon", "scope": "split"},
+    "d-muon-split-d3": {"base": "muon", "scope": "split", "relative_damp": 3.0},  # weaker
+    "d-muon-rest": {"base": "muon", "windowed": "rest"},  # Muon + the M-FAC rule elsewhere
     # what a default rule can do without parameter names: Muon's direction and the windows on
     # every 2-D tensor (embeddings and head included), AdamW on the rest
     "d-muon-2d": {"base": "muon", "windowed": "hidden"},
