@@ -366,6 +366,7 @@ DESIGNS: dict[str, dict[str, Any]] = {
     # windows: one per hidden matrix, one shared by all the other tensors (fewer small windows)
     "d-muon-split": {"base": "muon", "scope": "split"},
     "d-muon-split-d3": {"base": "muon", "scope": "split", "relative_damp": 3.0},  # weaker
+    "d-muon-split-mz": {"base": "muon", "scope": "split", "rows": "mz"},  # momentum windows
     "d-muon-rest": {"base": "muon", "windowed": "rest"},  # Muon + the M-FAC rule elsewhere
     # what a default rule can do without parameter names: Muon's direction and the windows on
     # every 2-D tensor (embeddings and head included), AdamW on the rest
