@@ -368,6 +368,8 @@ DESIGNS: dict[str, dict[str, Any]] = {
     "d-muon-split-d3": {"base": "muon", "scope": "split", "relative_damp": 3.0},  # weaker
     "d-muon-split-mz": {"base": "muon", "scope": "split", "rows": "mz"},  # momentum windows
     "d-muon-rest": {"base": "muon", "windowed": "rest"},  # Muon + the M-FAC rule elsewhere
+    # ... with one window shared by all those tensors (fewer small windows: cheaper)
+    "d-muon-rest1": {"base": "muon", "windowed": "rest", "scope": "model"},
     # what a default rule can do without parameter names: Muon's direction and the windows on
     # every 2-D tensor (embeddings and head included), AdamW on the rest
     "d-muon-2d": {"base": "muon", "windowed": "hidden"},
