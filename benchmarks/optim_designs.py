@@ -576,13 +576,13 @@ def timing(task: Task, names: list[str], reps: int) -> dict[str, Any]:
 # report
 
 
-def summarize(task: Task) -> list[dict[str, Any]]:
+def summarize(task: Task, seeds: tuple[int, ...] = (0, 1, 2)) -> list[dict[str, Any]]:
     runs = [r for r in load() if r["task"] == task.name]
     rows = []
     for name in sorted({r["optimizer"] for r in runs}):
         vals = val_by_lr(task, name)
         lr = max(vals, key=lambda x: vals[x])
-        at = [r for r in runs if r["optimizer"] == name and r["lr"] == lr]
+        at = [r for r in runs if r["optimizer"] == name and r["lr"] == lr and r["seed"] in seeds]
         key = "accuracy" if task.name == "bert" else "loss"
         test = [r["test"][key] for r in at]
         rows.append({
@@ -619,6 +619,13 @@ def report() -> str:
                 f"{r['mean']:.3f} ± {r['std']:.3f} ({r['min']:.3f}..{r['max']:.3f}) | "
                 f"{len(r['seeds'])} | {f'{ra:.1f}' if ra else '-'} | {f'{rm:.2f}' if rm else '-'} |"
             )
+        five = [r for r in summarize(task, (0, 1, 2, 3, 4)) if len(r["seeds"]) == 5]
+        if five:
+            lines += ["", f"Seeds 0 to 4 at the same lr ({metric}):", "",
+                      "| optimizer | lr | mean ± std (min..max), 5 seeds |", "| --- | --- | --- |"]  # fmt: skip
+            for r in five:
+                lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['mean']:.3f} ± {r['std']:.3f} "
+                             f"({r['min']:.3f}..{r['max']:.3f}) |")  # fmt: skip
         lines += ["", "| optimizer | validation per lr (seed 0) |", "| --- | --- |"]
         for r in rows:
             lines.append(f"| {r['optimizer']} | " + ", ".join(f"{k}: {v:.3f}" for k, v in r["val_by_lr"].items()) + " |")
@@ -662,6 +669,7 @@ def main() -> None:
     ap.add_argument("--opt", nargs="*", default=[])
     ap.add_argument("--lrs", nargs="*", type=float, default=[1e-3, 3e-3, 1e-2])
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--seeds", nargs="*", type=int, default=[1, 2])
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.cmd == "report":
@@ -674,7 +682,7 @@ def main() -> None:
     elif a.cmd == "seeds":
         for name in a.opt:
             lr = chosen_lr(task, name)
-            for seed in (1, 2):
+            for seed in a.seeds:
                 run(task, name, lr, seed)
     elif a.cmd == "timing":
         res = timing(task, a.opt, a.reps)
