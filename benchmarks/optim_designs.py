@@ -172,7 +172,8 @@ class Design(torch.optim.Optimizer):
              orthogonalisation (the window sees the momentum's matrix, NS sets the scale)
       graft  s *= |u| / |s| per tensor (the base direction's step length)
     ``scope``: "tensor" (one window per windowed tensor), "model" (one over all of them) or
-    "split" (one per hidden matrix and one shared by all the other tensors);
+    "split" (one per hidden matrix and one shared by all the other tensors) or "big" (one per
+    tensor of at least 1024 entries, one shared by the smaller ones);
     ``windowed``: "all", "hidden" (only Muon's share; the rest takes the base step) or "rest"
     (all but Muon's share).
     """
@@ -243,6 +244,11 @@ class Design(torch.optim.Optimizer):
                 ]
                 nh = sum(1 for it in wins if it[1]["hidden"])
                 groups_ = [[it] for it in wins[:nh]] + ([wins[nh:]] if wins[nh:] else [])
+            elif o["scope"] == "big":  # a window per tensor of >= 1024 entries, one for the rest
+                big = [[it] for it in wins if it[2].numel() >= 1024]
+                small = [it for it in wins if it[2].numel() < 1024]
+                groups_ = big + ([small] if small else [])
+                wins = [it for gr in groups_ for it in gr]
             elif o["scope"] == "model":
                 groups_ = [wins]
             else:
@@ -370,6 +376,8 @@ DESIGNS: dict[str, dict[str, Any]] = {
     "d-muon-rest": {"base": "muon", "windowed": "rest"},  # Muon + the M-FAC rule elsewhere
     # ... with one window shared by all those tensors (fewer small windows: cheaper)
     "d-muon-rest1": {"base": "muon", "windowed": "rest", "scope": "model"},
+    # ... a window per large tensor (embeddings, head), one shared by the small ones
+    "d-muon-restbig": {"base": "muon", "windowed": "rest", "scope": "big"},
     # what a default rule can do without parameter names: Muon's direction and the windows on
     # every 2-D tensor (embeddings and head included), AdamW on the rest
     "d-muon-2d": {"base": "muon", "windowed": "hidden"},
