@@ -112,7 +112,9 @@ class Task:
     def hidden(self, model: torch.nn.Module) -> set[str]:
         """The 2-D hidden matrices (Muon's share): not embeddings, not the head."""
         skip = ("embeddings", "classifier", "wte", "wpe", "lm_head")
-        return {n for n, p in model.named_parameters() if p.ndim == 2 and not any(s in n for s in skip)}
+        return {
+            n for n, p in model.named_parameters() if p.ndim == 2 and not any(s in n for s in skip)
+        }
 
     def batches(self, seed: int):
         gen = torch.Generator().manual_seed(seed)
@@ -197,7 +199,7 @@ class Design(torch.optim.Optimizer):
         return self.windows[key]
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201
+    def step(self, closure=None):
         o = self.o
         b1, b2 = o["betas"]
         self.t += 1
@@ -256,21 +258,21 @@ class Design(torch.optim.Optimizer):
             zs = [torch.cat([it[3] for it in gr]) if len(gr) > 1 else gr[0][3] for gr in groups_]
             us = [torch.cat([it[2] for it in gr]) if len(gr) > 1 else gr[0][2] for gr in groups_]
             keys = [id(gr[0][0]) if len(gr) == 1 else "rest" for gr in groups_]
-            ws = [self._window(k, z.numel()) for k, z in zip(keys, zs)]
-            projs = [w.push_gather(z, u) for w, z, u in zip(ws, zs, us)]
+            ws = [self._window(k, z.numel()) for k, z in zip(keys, zs, strict=False)]
+            projs = [w.push_gather(z, u) for w, z, u in zip(ws, zs, us, strict=False)]
             grams = torch.stack([w.gram for w in ws]) / o["m"]
             coeff, lams = window_coeffs(grams, [w.filled for w in ws], o["damp"], o["power"])
             cs = (coeff @ torch.stack(projs)[:, :, None])[:, :, 0]
             outs = [
                 w.scatter(c, plus=u) if lam > 0 else u.clone()
-                for w, c, u, lam in zip(ws, cs, us, lams)
+                for w, c, u, lam in zip(ws, cs, us, lams, strict=False)
             ]
             outs = [
                 piece
-                for gr, out in zip(groups_, outs)
+                for gr, out in zip(groups_, outs, strict=False)
                 for piece in (out.split([it[2].numel() for it in gr]) if len(gr) > 1 else [out])
             ]
-            for it, s in zip(wins, outs):
+            for it, s in zip(wins, outs, strict=False):
                 p, _, u, _, pre = it
                 if pre is not None:  # window, then orthogonalise: NS sets the length
                     shape, scale = pre
@@ -316,7 +318,7 @@ class KronWindow(torch.optim.Optimizer):
         return ((vec * h) @ vec.T).float()
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201
+    def step(self, closure=None):
         o = self.o
         b1, b2 = o["betas"]
         self.t += 1
@@ -347,7 +349,10 @@ class KronWindow(torch.optim.Optimizer):
                     old.copy_(g)
                     if (self.t - 1) % o["every"] == 0:
                         filled = min(self.t, o["m"])
-                        st["PL"], st["PR"] = self._root(st["L"], filled), self._root(st["R"], filled)
+                        st["PL"], st["PR"] = (
+                            self._root(st["L"], filled),
+                            self._root(st["R"], filled),
+                        )
                     s = st["PL"] @ (ea / bc1) @ st["PR"]
                     sn = s.norm()
                     u = s * torch.where(sn > 0, u.norm() / sn, torch.ones_like(sn))
@@ -576,8 +581,12 @@ def timing(task: Task, names: list[str], reps: int) -> dict[str, Any]:
         step()  # windows filled past the first steps
         fns[name] = step
     ms = {k: 1e3 * v / 10 for k, v in interleaved_medians(fns, reps).items()}
-    return {"dim": dim, "step_ms": ms, "ratio_vs_adamw": {k: v / ms["adamw"] for k, v in ms.items()},
-            "ratio_vs_muon": {k: v / ms["muon"] for k, v in ms.items()}}  # fmt: skip
+    return {
+        "dim": dim,
+        "step_ms": ms,
+        "ratio_vs_adamw": {k: v / ms["adamw"] for k, v in ms.items()},
+        "ratio_vs_muon": {k: v / ms["muon"] for k, v in ms.items()},
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,7 +605,9 @@ def summarize(task: Task, seeds: tuple[int, ...] = (0, 1, 2)) -> list[dict[str, 
         rows.append({
             "optimizer": name, "lr": lr, "lrs": sorted(vals),
             "edge": lr in (min(vals), max(vals)) and len(vals) > 1,
-            "val_by_lr": {f"{k:g}": round(v if task.name == "bert" else -v, 4) for k, v in vals.items()},
+            "val_by_lr": {
+                f"{k:g}": round(v if task.name == "bert" else -v, 4) for k, v in vals.items()
+            },
             "seeds": sorted(r["seed"] for r in at), "test": test,
             "mean": statistics.mean(test),
             "std": statistics.stdev(test) if len(test) > 1 else 0.0,
@@ -617,7 +628,8 @@ def report() -> str:
         t = timing_all.get(tname, {})
         metric = "test accuracy" if tname == "bert" else "test loss (nats/char)"
         lines += [f"### {tname}: {metric}, lr chosen on validation (seed 0)", "",
-                  f"| optimizer | lr | {metric}: mean ± std (min..max) | seeds | step / AdamW | step / Muon |",
+                  f"| optimizer | lr | {metric}: mean ± std (min..max) | seeds "
+                  "| step / AdamW | step / Muon |",
                   "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for r in rows:
             ra = t.get("ratio_vs_adamw", {}).get(r["optimizer"])
@@ -630,18 +642,26 @@ def report() -> str:
         five = [r for r in summarize(task, (0, 1, 2, 3, 4)) if len(r["seeds"]) == 5]
         if five:
             lines += ["", f"Seeds 0 to 4 at the same lr ({metric}):", "",
-                      "| optimizer | lr | mean ± std (min..max), 5 seeds |", "| --- | --- | --- |"]  # fmt: skip
+                      "| optimizer | lr | mean ± std (min..max), 5 seeds |",
+                      "| --- | --- | --- |"]  # fmt: skip
             for r in five:
                 lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['mean']:.3f} ± {r['std']:.3f} "
                              f"({r['min']:.3f}..{r['max']:.3f}) |")  # fmt: skip
         lines += ["", "| optimizer | validation per lr (seed 0) |", "| --- | --- |"]
         for r in rows:
-            lines.append(f"| {r['optimizer']} | " + ", ".join(f"{k}: {v:.3f}" for k, v in r["val_by_lr"].items()) + " |")
+            lines.append(
+                f"| {r['optimizer']} | "
+                + ", ".join(f"{k}: {v:.3f}" for k, v in r["val_by_lr"].items())
+                + " |"
+            )
         if t:
-            lines += ["", f"step() in one process (d = {t['dim']:,}, one thread, median of interleaved reps):", "",
-                      "| optimizer | step ms | / AdamW | / Muon |", "| --- | --- | --- | --- |"]  # fmt: skip
+            lines += ["", f"step() in one process (d = {t['dim']:,}, one thread, median of "
+                      "interleaved reps):", "",
+                      "| optimizer | step ms | / AdamW | / Muon |",
+                      "| --- | --- | --- | --- |"]  # fmt: skip
             for k, v in sorted(t["step_ms"].items(), key=lambda kv: kv[1]):
-                lines.append(f"| {k} | {v:.2f} | {t['ratio_vs_adamw'][k]:.1f} | {t['ratio_vs_muon'][k]:.2f} |")
+                ra, rm = t["ratio_vs_adamw"][k], t["ratio_vs_muon"][k]
+                lines.append(f"| {k} | {v:.2f} | {ra:.1f} | {rm:.2f} |")
         lines.append("")
     plot()
     return "\n".join(lines)
@@ -654,7 +674,7 @@ def plot() -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, tname in zip(axes, ("bert", "gpt")):
+    for ax, tname in zip(axes, ("bert", "gpt"), strict=False):
         task = Task(tname)
         rows = summarize(task)
         peers = ("adamw", "muon", "soap", "mfac")
@@ -709,13 +729,13 @@ def main() -> None:
         opts = [make_optimizer("mfac", task, models[0], 1e-3),
                 make_optimizer("d-adam", task, models[1], 1e-3)]  # fmt: skip
         for seed in range(20):
-            for model, opt in zip(models, opts):
+            for model, opt in zip(models, opts, strict=False):
                 torch.manual_seed(seed)
                 opt.zero_grad()
                 model(**next(task.batches(seed))).loss.backward()
                 opt.step()
         diff = max(float((p - q).abs().max()) for p, q in
-                   zip(models[0].parameters(), models[1].parameters()))  # fmt: skip
+                   zip(models[0].parameters(), models[1].parameters(), strict=False))  # fmt: skip
         print(f"max |MFAC - d-adam| after 20 steps: {diff:.3g}")
 
 
