@@ -38,7 +38,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import transformers
-from sklearn.datasets import load_digits
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 from mfac.operators.window import make_window
@@ -46,6 +45,7 @@ from mfac.optim import MFAC
 from mfac.optim.functional import window_coeffs
 
 from .common import RESULTS, interleaved_medians
+from .optim_transformers import Paired, digits_splits
 
 OUT = RESULTS / "optim_designs.json"
 TIMING = RESULTS / "optim_designs_timing.json"
@@ -57,20 +57,6 @@ NS = (3.4445, -4.7750, 2.0315)
 
 # ----------------------------------------------------------------------------------------------
 # tasks
-
-
-def digits_splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """benchmarks/optim_transformers.py's split: [CLS]=0 then the 64 pixel values + 1."""
-    x, y = load_digits(return_X_y=True)
-    perm = np.random.default_rng(0).permutation(len(y))
-    ids = torch.tensor(x[perm].astype(int), dtype=torch.long) + 1
-    ids = torch.cat([torch.zeros(len(ids), 1, dtype=torch.long), ids], 1)
-    labels = torch.tensor(y[perm], dtype=torch.long)
-    return {
-        "train": (ids[:1200], labels[:1200]),
-        "val": (ids[1200:1400], labels[1200:1400]),
-        "test": (ids[1400:], labels[1400:]),
-    }
 
 
 def text_splits() -> tuple[dict[str, torch.Tensor], int]:
@@ -402,19 +388,6 @@ def decay_groups(model: torch.nn.Module, names: set[str] | None = None) -> list[
     decay = [p for n, p in named if "bias" not in n and "LayerNorm" not in n and "ln_" not in n]
     rest = [p for n, p in named if "bias" in n or "LayerNorm" in n or "ln_" in n]
     return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}]
-
-
-class Paired:
-    def __init__(self, *opts: Any) -> None:
-        self.opts = opts
-
-    def step(self) -> None:
-        for o in self.opts:
-            o.step()
-
-    def zero_grad(self) -> None:
-        for o in self.opts:
-            o.zero_grad(set_to_none=True)
 
 
 def make_optimizer(name: str, task: Task, model: torch.nn.Module, lr: float) -> Any:
