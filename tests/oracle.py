@@ -57,3 +57,16 @@ def hard_vector(d: int, kind: str, gen: torch.Generator) -> torch.Tensor:
     elif kind == "constant":
         x = torch.full((d,), -0.5)
     return x
+
+
+def dense_fisher(grads: torch.Tensor, damp: float, block: int | None) -> torch.Tensor:
+    """F = damp*I + G^T G / m restricted to its diagonal blocks, float64."""
+    g = grads.to(F64)
+    m, d = g.shape
+    full = damp * torch.eye(d, dtype=F64) + g.T @ g / m
+    if block is None or block >= d:
+        return full
+    mask = torch.zeros(d, d, dtype=torch.bool)
+    for s in range(0, d, block):
+        mask[s : s + block, s : s + block] = True
+    return torch.where(mask, full, torch.zeros((), dtype=F64))

@@ -16,22 +16,9 @@ from torch import nn
 import mfac
 from mfac import InverseFisher, NonFiniteGradientError
 
-from oracle import F64, dense_block_inverse_fisher, rel_err
+from oracle import F64, dense_block_inverse_fisher, dense_fisher, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def dense_fisher(grads: torch.Tensor, damp: float, block: int | None) -> torch.Tensor:
-    """F = damp*I + G^T G / m restricted to its diagonal blocks, float64."""
-    g = grads.to(F64)
-    m, d = g.shape
-    full = damp * torch.eye(d, dtype=F64) + g.T @ g / m
-    if block is None or block >= d:
-        return full
-    mask = torch.zeros(d, d, dtype=torch.bool)
-    for s in range(0, d, block):
-        mask[s : s + block, s : s + block] = True
-    return torch.where(mask, full, torch.zeros((), dtype=F64))
 
 
 def grads_for(m, d, seed, dtype=F64, scale=1.0):

@@ -12,22 +12,9 @@ from hypothesis import strategies as st
 from mfac import InverseFisher
 from mfac.operators.spectrum import SpectrumError, rank_bound
 
-from oracle import F64
+from oracle import F64, dense_fisher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def dense_fisher(grads: torch.Tensor, damp: float, block: int | None) -> torch.Tensor:
-    """F = damp*I + G^T G / m restricted to its diagonal blocks, float64."""
-    g = grads.to(F64)
-    m, d = g.shape
-    full = damp * torch.eye(d, dtype=F64) + g.T @ g / m
-    if block is None or block >= d:
-        return full
-    mask = torch.zeros(d, d, dtype=torch.bool)
-    for s in range(0, d, block):
-        mask[s : s + block, s : s + block] = True
-    return torch.where(mask, full, torch.zeros((), dtype=F64))
 
 
 def check_pairs(fisher: torch.Tensor, vals: torch.Tensor, vecs: torch.Tensor, tol: float) -> None:
