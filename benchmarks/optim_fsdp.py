@@ -12,6 +12,7 @@ global batch. Per rule and world size:
 - ``state_bytes``: the optimizer's state on one rank (``state_nbytes``: windows with their
   m x m matrices, Adam moments / momentum, MFAC's step buffers), the largest over the ranks;
 - ``step_ms``: median wall time of ``opt.step()`` (after warm-up), rank 0;
+- ``peak_rss``: the largest rank's peak resident memory (each rule runs in fresh processes);
 - ``allreduce_bytes`` / ``allreduce_calls``: what ``opt.step()`` all-reduces per step, counted
   by wrapping ``torch.distributed.all_reduce``, against ``formula_bytes``: per window
   (2m + 4) float64 for MFAC's ``push_gather`` (m + 3 for MFACSGD's push; a top-k window 2
@@ -29,6 +30,7 @@ memory and the communication volume are what carries over (docs/optim.md, "FSDP2
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import tempfile
 import time
@@ -70,7 +72,7 @@ def _model(name: str = "tiny") -> torch.nn.Module:
         from benchmarks.prune_llm import CACHE, convert
 
         path = CACHE if (CACHE / "config.json").exists() else convert()
-        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
@@ -130,12 +132,17 @@ class Counter:
         dist.all_reduce = counted  # the code under test calls dist.all_reduce by attribute
 
 
+def _rules(model_name: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    return SMOLLM2_RULES if model_name == "smollm2" else RULES
+
+
 def _run(
-    rank: int, world: int, steps: int, counter: Counter | None, model_name: str = "tiny"
+    rank: int, world: int, steps: int, counter: Counter | None, model_name: str, only: str
 ) -> list[dict[str, Any]]:
     rows = []
-    rules = SMOLLM2_RULES if model_name == "smollm2" else RULES
-    for name, (rule, options) in rules.items():
+    for name, (rule, options) in _rules(model_name).items():
+        if name != only:
+            continue
         model = _model(model_name)
         vocab = model.config.vocab_size
         if world > 1:
@@ -174,33 +181,35 @@ def _run(
             "allreduce_bytes": volume[-1] if volume else 0,
             "allreduce_calls": calls[-1] if calls else 0,
             "formula_bytes": _formula(rule, options, opt, world),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         })  # fmt: skip
     return rows
 
 
-def _worker(rank: int, world: int, steps: int, out: str, model_name: str) -> None:
+def _worker(rank: int, world: int, steps: int, out: str, model_name: str, rule: str) -> None:
     torch.set_num_threads(1)
     store = f"file://{Path(out) / 'store'}"  # a file rendezvous: no TCP port to race for
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
-        rows = _run(rank, world, steps, Counter(), model_name)
+        rows = _run(rank, world, steps, Counter() if world > 1 else None, model_name, rule)
         torch.save(rows, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def measure(world: int, steps: int, model_name: str = "tiny") -> list[dict[str, Any]]:
-    """The rows for one world size (1: one process, no FSDP)."""
-    if world == 1:
-        torch.set_num_threads(1)
-        return _run(0, 1, steps, None, model_name)
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, steps, tmp, model_name), nprocs=world)
-        ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
-    rows = ranks[0]
-    for i, row in enumerate(rows):  # the largest rank's state, rank 0's time
-        row["state_bytes"] = max(r[i]["state_bytes"] for r in ranks)
-        row["state_bytes_min"] = min(r[i]["state_bytes"] for r in ranks)
+    """The rows for one world size (1: one process, no FSDP). Each rule runs in fresh
+    processes, so that each rank's peak RSS is that rule's."""
+    rows = []
+    for rule in _rules(model_name):
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_worker, args=(world, steps, tmp, model_name, rule), nprocs=world)
+            ranks = [torch.load(Path(tmp) / f"rank{r}.pt")[0] for r in range(world)]
+        row = ranks[0]  # rank 0's time; the largest rank's state and peak
+        row["state_bytes"] = max(r["state_bytes"] for r in ranks)
+        row["state_bytes_min"] = min(r["state_bytes"] for r in ranks)
+        row["peak_rss"] = max(r["peak_rss"] for r in ranks)
+        rows.append(row)
     return rows
 
 
@@ -217,7 +226,12 @@ def main() -> None:
     for r in rows:
         if r["rule"] in one:
             r["state_vs_one_process"] = r["state_bytes"] / one[r["rule"]]
-    cols = ["rule", "world", "state_bytes", "state_vs_one_process", "step_ms",
+    one_rss = {r["rule"]: r["peak_rss"] for r in rows if r["world"] == 1}
+    for r in rows:
+        if r["rule"] in one_rss:
+            r["peak_rss_vs_one_process"] = r["peak_rss"] / one_rss[r["rule"]]
+    cols = ["rule", "world", "state_bytes", "state_vs_one_process", "peak_rss",
+            "peak_rss_vs_one_process", "step_ms",
             "allreduce_bytes", "formula_bytes", "allreduce_calls"]  # fmt: skip
     print(table(rows, cols))
     name = "optim_fsdp" if args.model == "tiny" else f"optim_fsdp_{args.model}"
