@@ -59,6 +59,11 @@ def local_k(k: int, cols: int, dim: int) -> int:
     return max(1, min(cols, math.ceil(k * cols / dim)))
 
 
+
+def _require_process_group() -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("a local sharded window needs torch.distributed initialised")
+
 class ShardLayout:
     """Where a window's columns come from: parameters of global ``shapes``, each sharded with
     ``Shard(0)`` over the 1-D ``mesh``; this rank's pieces, flattened and concatenated, are the
@@ -194,8 +199,7 @@ class LocalShardedInverseFisher(DenseRowsBacked):
         device: torch.device | str | None = None,
         memory_budget: int | None = None,
     ) -> None:
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("a local sharded window needs torch.distributed initialised")
+        _require_process_group()
         check_positive_int(window, "window")
         check_float_dtype(dtype, "dtype")
         self.shards = ShardLayout(shapes, mesh)
@@ -249,7 +253,7 @@ class LocalShardedInverseFisher(DenseRowsBacked):
 
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Push this rank's piece of g; return this rank's piece of F^-1 g_stored (local)."""
-        self.factor._require_inverse()  # an undamped window refuses before pushing
+        self.factor.require_inverse()  # an undamped window refuses before pushing
         flat = self._local(g, "gradient")
         slot, _ = insert_columns(self, flat, None, not finite_fast(flat))
         coeff = self.factor.slot_coeff(slot)
@@ -364,8 +368,7 @@ class LocalShardedTopK(TopKSlidingInverseFisher):
         device: torch.device | str | None = None,
         memory_budget: int | None = None,
     ) -> None:
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("a local sharded window needs torch.distributed initialised")
+        _require_process_group()
         shards = ShardLayout(shapes, mesh)
         check_positive_int(k, "k")
         if k > shards.dim:

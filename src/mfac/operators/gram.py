@@ -86,7 +86,8 @@ class GramFactor:
         """Bytes of K and (when damped) K^-1."""
         return (self.gram.numel() + self.inverse.numel()) * 8
 
-    def _require_inverse(self) -> None:
+    def require_inverse(self) -> None:
+        """Refuse, before anything is pushed, a query that needs K^-1 of an undamped window."""
         if self.damp is None:
             raise RuntimeError(
                 "this window was built without damping (damp=None): it keeps G G^T for a rule "
@@ -176,12 +177,12 @@ class GramFactor:
     # ------------------------------------------------------------------ products
     def slot_coeff(self, slot: int) -> torch.Tensor:
         """c = m K^-1 e_slot (m x 1, float64), so that F^-1 g_slot = G^T c."""
-        self._require_inverse()
+        self.require_inverse()
         return self.inverse[:, slot : slot + 1] * float(self.window)
 
     def solve(self, gx: torch.Tensor) -> torch.Tensor:
         """K^-1 (G x) for G x of shape (m, k)."""
-        self._require_inverse()
+        self.require_inverse()
         with single_threaded(device=self.gram.device):
             return self.inverse @ gx.to(F64)
 

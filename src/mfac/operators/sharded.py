@@ -193,7 +193,7 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
 
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Push the full gradient ``g`` (d,) and return the full F^-1 g_stored (d,)."""
-        self.factor._require_inverse()  # an undamped window refuses before pushing
+        self.factor.require_inverse()  # an undamped window refuses before pushing
         slot, _ = self._insert(g)
         coeff = self.factor.slot_coeff(slot)
         local = cols_dot(self.grads, coeff)[:, 0].to(torch.float32)
@@ -201,7 +201,7 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         """F^-1 x = (x - G^T K^-1 G x) / lambda for the full x (d,) (every rank together)."""
-        self.factor._require_inverse()
+        self.factor.require_inverse()
         gx = self.gather(x)
         part = x.reshape(-1)[self.lo : self.hi].to(torch.float32)
         c = self.factor.solve(gx[:, None])
@@ -241,8 +241,8 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
         c = coeff.reshape(-1, 1).to(device=self.device, dtype=torch.float32)
         local = cols_dot(self.grads, c)[:, 0].to(torch.float32)
         result = self._gather_full(local)
-        if plus is not None:
-            result = torch.add(plus.reshape(-1), result)
+        if plus is not None:  # result is this call's own buffer: add in place
+            result.add_(plus.reshape(-1))
         return result if out is None else out.view(-1).copy_(result)
 
     def _insert(

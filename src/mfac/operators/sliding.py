@@ -162,8 +162,8 @@ class SlidingInverseFisher(DenseRowsBacked):
         wide = torch.float32 if self.grads.dtype != F64 else F64
         result = cols_dot(self.grads, coeff.reshape(-1, 1).to(device=self.device, dtype=wide))
         result = result[:, 0]
-        if plus is not None:
-            result = torch.add(plus.reshape(-1), result)
+        if plus is not None:  # result is this call's own buffer: add in place
+            result.add_(plus.reshape(-1))
         return result if out is None else out.view(-1).copy_(result)
 
     # ------------------------------------------------------------------ products
@@ -193,7 +193,7 @@ class SlidingInverseFisher(DenseRowsBacked):
         F^-1 of the unrounded g would add the rounding residual amplified by 1/lambda, a
         step of pure rounding noise.
         """
-        self.factor._require_inverse()  # an undamped window refuses before pushing
+        self.factor.require_inverse()  # an undamped window refuses before pushing
         flat = self._check_grad(g)
         slot = self.next_slot
         self._insert(flat)

@@ -461,7 +461,7 @@ class TopKSlidingInverseFisher(FactorBacked):
 
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Error-feedback compress ``g`` into the window and return F^-1 c (shape of g)."""
-        self.factor._require_inverse()  # an undamped window refuses before pushing
+        self.factor.require_inverse()  # an undamped window refuses before pushing
         slot, _ = self._insert(self._check_grad(g))
         coeff = self.factor.slot_coeff(slot)[:, 0]
         if self.native:
