@@ -65,11 +65,3 @@ def test_compiles_without_warnings(name: str, tmp_path) -> None:
         assert done.returncode == 0, f"{' '.join(strict)}\n{done.stderr}"
         built += 1
     assert built, f"{name}: no flag set builds with {compiler}"
-
-
-def test_no_c_source_in_python_strings() -> None:
-    # C code lives in csrc/ only, where the warnings gate and the compiler's messages see it.
-    package = resources.files("mfac.operators")
-    for entry in package.iterdir():
-        if entry.name.endswith(".py"):
-            assert "#include <" not in entry.read_text(), entry.name

@@ -20,7 +20,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from optim_common import assert_state_equal, data, model, snapshot, train
+from optim_common import assert_state_equal, data, delete_field, model, snapshot, train
 from torch import nn
 
 import mfac
@@ -300,16 +300,6 @@ def _edit(path: tuple, fn: Callable[[Any], Any]) -> Callable[[dict], None]:
     return apply
 
 
-def _drop(path: tuple) -> Callable[[dict], None]:
-    def apply(sd: dict) -> None:
-        target = sd
-        for key in path[:-1]:
-            target = target[key]
-        del target[path[-1]]
-
-    return apply
-
-
 W = ("state", 0, "window")
 #: name -> (edit of a saved state, error type, words the error names)
 CORRUPTIONS: dict[str, tuple[Callable[[dict], None], type, str]] = {
@@ -324,7 +314,7 @@ CORRUPTIONS: dict[str, tuple[Callable[[dict], None], type, str]] = {
     "window pointer": (
         _edit((*W, "next_slot"), lambda v: (v + 1) % 4), ValueError, "next_slot",
     ),
-    "window missing": (_drop(W), KeyError, r"state\[0\]\['window'\]"),
+    "window missing": (delete_field(W), KeyError, r"state\[0\]\['window'\]"),
     "window damp": (_edit((*W, "damp"), lambda v: 0.5), ValueError, "damp"),
     "group count": (
         lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), ValueError,
@@ -335,7 +325,7 @@ CORRUPTIONS: dict[str, tuple[Callable[[dict], None], type, str]] = {
         r"param_groups\[0\]\['params'\]",
     ),
     "lr negative": (_edit(("param_groups", 0, "lr"), lambda v: -1.0), ValueError, "lr"),
-    "lr missing": (_drop(("param_groups", 0, "lr")), KeyError, "lr"),
+    "lr missing": (delete_field(("param_groups", 0, "lr")), KeyError, "lr"),
     "step negative": (_edit(("state", 0, "step"), lambda v: -1), ValueError, "step"),
     "unknown parameter": (_edit(("state",), lambda s: {**s, 17: {}}), ValueError, "17"),
     "unexpected field": (_edit(("state", 2), lambda e: {**e, "junk": 1}), ValueError, "junk"),

@@ -377,14 +377,19 @@ def _capture(
 
     handle = stage.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in batches:
-            try:
-                forward(model, batch)
-            except _Stop:
-                pass
+        _forward_all(model, batches, forward)
     finally:
         handle.remove()
     return calls
+
+
+def _forward_all(model: nn.Module, batches: list[object], forward: ForwardFn) -> None:
+    """Run every batch; a forward that a hook stops (``_Stop``) ends there."""
+    for batch in batches:
+        try:
+            forward(model, batch)
+        except _Stop:
+            pass
 
 
 def _stats_pass(
@@ -400,11 +405,7 @@ def _stats_pass(
 
         handle = stop_at.register_forward_pre_hook(stop)
     try:
-        for batch in batches:
-            try:
-                forward(model, batch)
-            except _Stop:
-                pass
+        _forward_all(model, batches, forward)
     finally:
         rec.remove()
         if handle is not None:
