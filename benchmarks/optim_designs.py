@@ -41,7 +41,7 @@ import transformers
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 from mfac.operators.window import make_window
-from mfac.optim import MFAC
+from mfac.optim import MFAC, hidden_groups
 from mfac.optim.functional import window_coeffs
 
 from .common import RESULTS, interleaved_medians
@@ -405,8 +405,14 @@ def make_optimizer(name: str, task: Task, model: torch.nn.Module, lr: float) -> 
         from pytorch_optimizer import SOAP
 
         return SOAP(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
-    if name == "mfac":  # the library default, every option at its default
+    if name == "mfac":  # the library's rule on a flat parameter list, every option at its default
         return MFAC(decay_groups(model), lr=lr)
+    if name == "mfac-hidden":  # the library: MFAC(hidden_groups(model), lr), weight decay split
+        ortho = {id(p) for g in hidden_groups(model) if g.get("orthogonalize") for p in g["params"]}
+        groups = [{"params": [p for p in named.values() if id(p) in ortho],
+                   "orthogonalize": True, "weight_decay": WEIGHT_DECAY}]  # fmt: skip
+        groups += decay_groups(model, {n for n, p in named.items() if id(p) not in ortho})
+        return MFAC([g for g in groups if g["params"]], lr=lr)
     if name.endswith("-2d"):
         hidden = {n for n, p in named.items() if p.ndim == 2}
     if name in DESIGNS or name in KRON:
@@ -697,10 +703,11 @@ def main() -> None:
         allt[a.task] = res
         TIMING.write_text(json.dumps(allt, indent=1))
         print(json.dumps(res, indent=1))
-    elif a.cmd == "check":  # the prototype's d-adam against the library's MFAC, 20 steps
+    elif a.cmd == "check":  # a library optimizer against its prototype (--opt LIB PROTO)
+        lib, proto = a.opt or ["mfac", "d-adam"]
         models = [task.model(0), task.model(0)]
-        opts = [make_optimizer("mfac", task, models[0], 1e-3),
-                make_optimizer("d-adam", task, models[1], 1e-3)]  # fmt: skip
+        opts = [make_optimizer(lib, task, models[0], 1e-3),
+                make_optimizer(proto, task, models[1], 1e-3)]  # fmt: skip
         for seed in range(20):
             for model, opt in zip(models, opts, strict=False):
                 torch.manual_seed(seed)
@@ -709,7 +716,7 @@ def main() -> None:
                 opt.step()
         diff = max(float((p - q).abs().max()) for p, q in
                    zip(models[0].parameters(), models[1].parameters(), strict=False))  # fmt: skip
-        print(f"max |MFAC - d-adam| after 20 steps: {diff:.3g}")
+        print(f"max |{lib} - {proto}| after 20 steps: {diff:.3g}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ TIMEOUT_S = 150
 
 #: name -> (rule, options): compared with one process on the global batch.
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "mfac_tensor": ("MFAC", {"ngrads": 4, "weight_decay": 0.01}),
+    "mfac_tensor": ("MFAC", {"ngrads": 4, "weight_decay": 0.01, "share_below": 1}),
+    "mfac_shared": ("MFAC", {"ngrads": 4}),  # every tensor is small: one shared window
+    "mfac_hidden": ("MFAC", {"ngrads": 4, "weight_decay": 0.01, "hidden": True}),
     "mfac_model": ("MFAC", {"ngrads": 4, "window_scope": "model"}),
     "sgd_bf16": ("MFACSGD", {"ngrads": 4, "damp": 1e-2, "window_dtype": torch.bfloat16}),
     "mfac_raw": ("MFAC", {"ngrads": 4, "whiten": "none", "power": 0.5}),
@@ -40,6 +42,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 RESUME: dict[str, tuple[str, dict[str, Any]]] = {
     "mfac_tensor": CONFIGS["mfac_tensor"],
     "mfac_model": CONFIGS["mfac_model"],
+    "mfac_hidden": CONFIGS["mfac_hidden"],
     "sgd": CONFIGS["sgd"],
     "mfac_topk": ("MFAC", {"ngrads": 4, "window_scope": "model", "layout": "topk", "topk": 0.2}),
     "sgd_topk": ("MFACSGD", {"ngrads": 4, "damp": 1e-2, "layout": "topk", "topk": 0.2}),
@@ -64,7 +67,9 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _opt(rule: str, options: dict[str, Any], model: nn.Module) -> Any:
     opts = dict(options)
     lr = 1e-2
-    return getattr(mfac, rule)(model.parameters(), lr=lr, **opts)
+    # "hidden": the two hidden weights take the orthogonalized step (whole matrices gathered)
+    params = mfac.optim.hidden_groups(model) if opts.pop("hidden", False) else model.parameters()
+    return getattr(mfac, rule)(params, lr=lr, **opts)
 
 
 def _train(model: nn.Module, opt: Any, steps: range, rank: int | None) -> None:
@@ -188,7 +193,7 @@ def _scenario_refusals(rank: int, out: dict[str, Any]) -> None:
 
     # add_param_group with a tensor-parallel parameter: refused, the optimizer unchanged
     model = _sharded()
-    opt = mfac.MFAC(model.parameters(), lr=1e-2, ngrads=4)
+    opt = mfac.MFAC(model.parameters(), lr=1e-2, ngrads=4, share_below=1)
     _train(model, opt, range(2), rank)
     before, groups, windows = _state_snapshot(opt), len(opt.param_groups), list(opt.windows)
     bad = nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(1)]))

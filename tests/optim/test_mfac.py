@@ -36,7 +36,8 @@ def dense_power(s: torch.Tensor, lam: float, power: float) -> torch.Tensor:
 
 
 def oracle_run(
-    shapes, grads, lr, wd, ngrads, damp, power, whiten, window_scope, betas, eps, graft, stored=F64
+    shapes, grads, lr, wd, ngrads, damp, power, whiten, window_scope, betas, eps, graft, stored=F64,
+    share_below=1,
 ):
     """Parameters after the given gradient steps, everything dense in float64; ``graft``
     rescales each tensor's piece of the step to the length of AdamW's step on the tensor (also
@@ -66,10 +67,12 @@ def oracle_run(
                 us.append(mhat)
         history.append([z.to(stored).to(F64) for z in zs])
         window = history[-ngrads:]
+        small = [i for i in range(len(params)) if sizes[i] < share_below]
         groups = (
             [list(range(len(params)))]
             if window_scope == "model"
-            else [[i] for i in range(len(params))]
+            else [[i] for i in range(len(params)) if sizes[i] >= share_below]
+            + ([small] if small else [])
         )
         dirs: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
         for grp in groups:
@@ -91,9 +94,12 @@ def oracle_run(
 CASES = [
     dict(power=1.0, whiten="adam", window_scope="model"),
     dict(power=0.5, whiten="adam", window_scope="model"),
-    dict(power=1.0, whiten="adam", window_scope="tensor"),
-    dict(power=0.5, whiten="adam", window_scope="tensor"),
+    dict(power=1.0, whiten="adam", window_scope="tensor", share_below=1),
+    dict(power=0.5, whiten="adam", window_scope="tensor", share_below=1),
     dict(power=0.5, whiten="none", window_scope="model"),
+    # (3, 4) alone; (5,) and (2, 2) share one window, each grafted on its own
+    dict(power=1.0, whiten="adam", window_scope="tensor", share_below=6),
+    dict(power=0.5, whiten="none", window_scope="tensor", share_below=6),
 ]
 
 
@@ -150,7 +156,7 @@ def test_bfloat16_window_is_the_oracle_of_its_rounded_rows(case):
         window_dtype=torch.bfloat16,
         **case,
     )  # fmt: skip
-    plain = MFAC([torch.nn.Parameter(torch.randn(s)) for s in shapes], ngrads=3)
+    plain = MFAC([torch.nn.Parameter(torch.randn(s)) for s in shapes], ngrads=3, share_below=1)
     for step_grads in grads:
         for p, g in zip(params, step_grads, strict=True):
             p.grad = g.clone()
@@ -721,12 +727,12 @@ def test_a_bad_state_is_refused_before_anything_is_written(name):
     edit, error, match = CORRUPTIONS[name]
     torch.manual_seed(0)
     mod = torch.nn.Linear(4, 3)  # two tensors: two windows
-    opt = MFAC(mod.parameters(), ngrads=3)
+    opt = MFAC(mod.parameters(), ngrads=3, share_below=1)
     _topk_train(mod, opt, range(5))
     saved = copy.deepcopy(opt.state_dict())
     edit(saved)
     other = torch.nn.Linear(4, 3)
-    target = MFAC(other.parameters(), ngrads=3)
+    target = MFAC(other.parameters(), ngrads=3, share_below=1)
     _topk_train(other, target, range(10, 12))
     before = copy.deepcopy(target.state_dict())
     with pytest.raises(error, match=match):
@@ -810,17 +816,21 @@ def test_topk_without_whitening_refuses_an_overflowing_error_feedback_sum():
 
 # ------------------------------------------------------------- the class: defaults, refusals
 def test_defaults_and_copies():
-    """MFAC(params, lr) is the default rule with per-tensor undamped windows; it survives
+    """MFAC(params, lr) is the default rule with undamped windows, one per tensor of at least
+    1024 entries and one shared by the smaller ones (held by the first of them); it survives
     deepcopy and pickling as itself."""
     import pickle
 
-    params = [nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(2))]
+    params = [nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(40, 30)),
+              nn.Parameter(torch.randn(2))]  # fmt: skip
     opt = MFAC(params, lr=1e-3)
     cfg = opt.cfg
     assert (cfg.ngrads, cfg.relative_damp, cfg.graft, cfg.window_scope) == (32, 1.0, True, "tensor")
+    assert (cfg.share_below, cfg.orthogonal_momentum) == (1024, 0.95)
     assert len(opt.windows) == 2 and all(w.damp is None for w in opt.windows)
-    assert [w.dim for w in opt.windows] == [6, 2]
-    assert opt.state[params[1]]["window"] is opt.windows[1] and opt.steps == 0
+    assert [w.dim for w in opt.windows] == [1200, 8]
+    assert opt.state[params[1]]["window"] is opt.windows[0] and opt.steps == 0
+    assert opt.state[params[0]]["window"] is opt.windows[1] and "window" not in opt.state[params[2]]
     assert type(copy.deepcopy(opt)) is MFAC
     assert type(pickle.loads(pickle.dumps(opt))) is MFAC
     for w in opt.windows:  # undamped windows have no inverse to apply
@@ -866,7 +876,7 @@ def test_state_dict_holds_its_windows_without_a_copy(window_scope):
     checkpoint must not double the largest buffer)."""
     torch.manual_seed(0)
     mod = torch.nn.Linear(4, 3)
-    opt = MFAC(mod.parameters(), lr=1e-2, ngrads=4, window_scope=window_scope)
+    opt = MFAC(mod.parameters(), lr=1e-2, ngrads=4, window_scope=window_scope, share_below=1)
     holders = [0, 1] if window_scope == "tensor" else [0]
     _topk_train(mod, opt, range(3))
     sd = opt.state_dict()
@@ -890,7 +900,7 @@ def test_state_dict_holds_its_windows_without_a_copy(window_scope):
 def test_add_param_group_keeps_per_tensor_windows_and_restarts_a_model_wide_one():
     torch.manual_seed(0)
     a, b, c = (nn.Parameter(torch.randn(n)) for n in (4, 3, 2))
-    per_tensor = MFAC([a, b], lr=1e-2, ngrads=3)
+    per_tensor = MFAC([a, b], lr=1e-2, ngrads=3, share_below=1)
     model_wide = MFAC([a, b], lr=1e-2, ngrads=3, window_scope="model")
     for opt in (per_tensor, model_wide):
         for _ in range(2):

@@ -53,8 +53,10 @@ class OptimCase:
 
 
 OPTIMS = [
-    OptimCase("mfac-dense", MFAC, dict(lr=1e-2, ngrads=4, weight_decay=0.01)),
-    OptimCase("mfac-bf16", MFAC, dict(lr=1e-2, ngrads=4, window_dtype=torch.bfloat16)),
+    OptimCase("mfac-dense", MFAC, dict(lr=1e-2, ngrads=4, weight_decay=0.01, share_below=1)),
+    OptimCase(
+        "mfac-bf16", MFAC, dict(lr=1e-2, ngrads=4, window_dtype=torch.bfloat16, share_below=1)
+    ),
     OptimCase(
         "mfac-model-topk",
         MFAC,

@@ -13,7 +13,8 @@ through one typed config each (:mod:`mfac.optim.config`).
 
 from .base import WindowOptimizer
 from .config import MFACConfig, MFACSGDConfig
-from .functional import GradientScaling, mfac_step, window_coeffs
+from .functional import GradientScaling, mfac_step, newton_schulz, window_coeffs
+from .groups import hidden_groups
 from .mfac import MFAC
 from .sgd import MFACSGD
 
@@ -24,6 +25,8 @@ __all__ = [
     "MFACConfig",
     "MFACSGDConfig",
     "WindowOptimizer",
+    "hidden_groups",
     "mfac_step",
+    "newton_schulz",
     "window_coeffs",
 ]

@@ -7,15 +7,17 @@ base class does the rest, the same way for both rules:
 
 - Layout: every parameter that requires grad, group after group; with masks (the paper's rule)
   only the surviving coordinates. ``window_scope="tensor"`` gives each parameter its own
-  window, ``"model"`` one window over the whole flat vector.
+  window (tensors smaller than the rule's ``share_below`` share one), ``"model"`` one window
+  over the whole flat vector. A rule may step some groups without any window (the default
+  rule's orthogonalized matrices): those parameters keep their state but are not laid out.
 - State: ``self.state[p]`` holds each parameter's tensors (Adam's moments, momentum, its mask)
-  and, with per-tensor windows, its window; the model's window and the step count sit with the
-  first trainable parameter (as torch's LBFGS keeps its history). ``state_dict()`` replaces
-  every window by the window's own state dict.
+  and, with per-tensor windows, its window (a shared window sits with its first tensor); the
+  model's window and the step count sit with the first windowed parameter (as torch's LBFGS
+  keeps its history). ``state_dict()`` replaces every window by the window's own state dict.
 - ``load_state_dict`` checks every field (group options, per-parameter tensors, each window
   against its rows) before anything changes, then installs copies: resuming is bit-identical
   and a refused load leaves the optimizer exactly as it was.
-- ``add_param_group`` keeps every existing parameter's state and per-tensor windows; a
+- ``add_param_group`` keeps every existing parameter's state and own windows; a shared or
   model-wide window restarts empty (its coordinates changed).
 
 The windows are the operators' (:func:`mfac.operators.window.make_window`): this package keeps
@@ -35,8 +37,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -65,6 +67,12 @@ class Plan:
     windows: list[SlidingWindow]
     #: The 1-D device mesh of FSDP2 parameters (their local pieces are laid out), else None.
     mesh: Any = None
+    #: Which parameters (positions in ``params``) each window covers, in window order.
+    members: list[list[int]] = field(default_factory=list)
+    #: Trainable parameters the rule steps without a window (not in ``params``), and their
+    #: groups.
+    unwindowed: list[torch.Tensor] = field(default_factory=list)
+    unwindowed_groups: list[int] = field(default_factory=list)
 
 
 def _dtensor_type() -> type | None:
@@ -119,8 +127,12 @@ class WindowOptimizer(torch.optim.Optimizer):
         """The damping the rule's windows keep (None: undamped, the rule does the algebra)."""
         return None
 
-    def required_bytes(self, sizes: list[int]) -> int:
-        """Bytes a step needs for parameters of these sizes (windows, state, temporaries)."""
+    def required_bytes(
+        self, sizes: list[int], *, windows: int | None = None, unwindowed: Sequence[int] = ()
+    ) -> int:
+        """Bytes a step needs for windowed parameters of these sizes in ``windows`` windows
+        (default: one per size, or one with a model-wide scope) and for parameters of the sizes
+        ``unwindowed`` stepped without a window (windows, state, temporaries)."""
         raise NotImplementedError
 
     def _check_groups(self) -> list[dict[str, float]]:
@@ -155,19 +167,25 @@ class WindowOptimizer(torch.optim.Optimizer):
     ) -> Plan:
         """Lay out the trainable parameters and build their windows (per-tensor windows in
         ``keep`` are reused); checks the memory first and changes nothing."""
-        params, groups = [], []
+        params, groups, others, other_groups = [], [], [], []
         for gi, group in enumerate(self.param_groups):
+            windowed = self._windowed(group, gi)
             for p in group["params"]:
                 if p.requires_grad:
-                    params.append(p)
-                    groups.append(gi)
+                    (params if windowed else others).append(p)
+                    (groups if windowed else other_groups).append(gi)
         name = type(self).__name__
-        mesh = self._fsdp_mesh(params)
+        mesh = self._fsdp_mesh(params + others)
         if mesh is not None and masks:
             raise ValueError(f"{name}: masks are not supported with FSDP2 (DTensor) parameters")
         if not params:
+            if others:
+                raise ValueError(
+                    f"{name} got no parameter outside the orthogonalized groups; the rule needs "
+                    "at least one windowed parameter (for Muon alone use torch.optim.Muon)"
+                )
             raise ValueError(f"{name} got no trainable coordinates (no parameter requires grad)")
-        devices = {p.device for p in params}
+        devices = {p.device for p in params + others}
         if len(devices) > 1:
             raise ValueError(
                 f"all parameters must live on one device, got {sorted(map(str, devices))}"
@@ -185,9 +203,12 @@ class WindowOptimizer(torch.optim.Optimizer):
         if offset == 0 and mesh is None:
             raise ValueError(f"{name} got no trainable coordinates (every entry is masked)")
         sizes = [s.size for s in segments]
+        members = self._window_members(params)
         cfg = self.cfg
         check_fits(
-            self.required_bytes(sizes),
+            self.required_bytes(
+                sizes, windows=len(members), unwindowed=[local(p).numel() for p in others]
+            ),
             f"{name} over {offset} coordinates in {len(sizes)} tensors with "
             f"{self._describe_windows(offset)} (windows, their float64 m x m matrices, the "
             "rule's state and the step's buffers)",
@@ -197,14 +218,33 @@ class WindowOptimizer(torch.optim.Optimizer):
             "window (window_scope='model', layout='topk', a small topk)",
         )
         keep = keep or {}
+        windows = []
+        for member in members:
+            p = params[member[0]]
+            if len(member) == 1 and p in keep:
+                windows.append(keep[p])
+            else:
+                size, shapes = sum(sizes[i] for i in member), [params[i].shape for i in member]
+                windows.append(self._make_window(size, device, mesh, shapes))
+        return Plan(
+            params, groups, segments, offset, device, dtype, windows, mesh, members, others,
+            other_groups,
+        )  # fmt: skip
+
+    def _windowed(self, group: Mapping[str, Any], index: int) -> bool:
+        """Whether a group's parameters are stepped through the windows (all, by default)."""
+        return True
+
+    def _window_members(self, params: list[torch.Tensor]) -> list[list[int]]:
+        """Which parameters each window covers: one window for the model, or one per tensor,
+        where tensors of fewer than ``share_below`` entries (global sizes, so that every FSDP2
+        rank agrees) share one window placed after the others."""
         if self.window_scope == "model":
-            windows = [self._make_window(offset, device, mesh, [p.shape for p in params])]
-        else:
-            windows = [
-                keep[p] if p in keep else self._make_window(s.size, device, mesh, [p.shape])
-                for p, s in zip(params, segments, strict=True)
-            ]
-        return Plan(params, groups, segments, offset, device, dtype, windows, mesh)
+            return [list(range(len(params)))]
+        below = int(getattr(self.cfg, "share_below", 1))
+        big = [[i] for i, p in enumerate(params) if p.numel() >= below]
+        small = [i for i, p in enumerate(params) if p.numel() < below]
+        return big + ([small] if small else [])
 
     def _fsdp_mesh(self, params: list[torch.Tensor]) -> Any:
         """The 1-D device mesh of FSDP2 parameters (None for plain tensors). Any placement other
@@ -273,7 +313,7 @@ class WindowOptimizer(torch.optim.Optimizer):
     def _holders(self, plan: Plan | None = None) -> list[torch.Tensor]:
         """The parameters whose state entry holds a window, in window order."""
         plan = plan or self._layout
-        return plan.params[:1] if self.window_scope == "model" else list(plan.params)
+        return [plan.params[member[0]] for member in plan.members]
 
     def _install(
         self, plan: Plan, masks: Mapping[torch.Tensor, torch.Tensor], keep: bool
@@ -287,7 +327,7 @@ class WindowOptimizer(torch.optim.Optimizer):
             step = old.get(self._layout.params[0], {}).get("step", 0)
         self._layout = plan
         self.state.clear()
-        for p in plan.params:
+        for p in plan.params + plan.unwindowed:
             entry = self.state[p]
             if keep:
                 entry.update({k: v for k, v in old.get(p, {}).items() if k in self.param_tensors})
@@ -299,7 +339,10 @@ class WindowOptimizer(torch.optim.Optimizer):
             self.state[p]["window"] = window
         self.state[plan.params[0]]["step"] = step
         if plan.mesh is not None:  # DCP loads only what the fresh state holds: all of it
-            for p, gi in zip(plan.params, plan.groups, strict=True):
+            everyone = zip(
+                plan.params + plan.unwindowed, plan.groups + plan.unwindowed_groups, strict=True
+            )
+            for p, gi in everyone:
                 for key, t in self._initial_tensors(p, self.param_groups[gi], plan).items():
                     self.state[p].setdefault(key, t)
 
@@ -313,7 +356,8 @@ class WindowOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (options checked first). Existing parameters keep their state and
-        per-tensor windows; a model-wide window restarts empty, since its coordinates change."""
+        own windows; a shared or model-wide window restarts empty, since its coordinates
+        change."""
         checked = dict(param_group)
         for key in self.group_options:
             if key in checked:
@@ -325,8 +369,12 @@ class WindowOptimizer(torch.optim.Optimizer):
         super().add_param_group(checked)  # torch's own checks (duplicates, types)
         try:
             masks = self._current_masks()
-            keep = dict(zip(self._holders(), self.windows, strict=True))
-            plan = self._plan(masks, keep if self.window_scope == "tensor" else None)
+            keep = {
+                self._layout.params[member[0]]: window
+                for member, window in zip(self._layout.members, self.windows, strict=True)
+                if len(member) == 1 and self.window_scope == "tensor"
+            }
+            plan = self._plan(masks, keep)
         except BaseException:
             self.param_groups[:] = old_groups
             raise

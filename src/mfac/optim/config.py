@@ -95,6 +95,19 @@ class MFACConfig(WindowConfig):
     window_scope: str = option(
         "tensor", "one window per parameter tensor, or one for the whole model", choices=SCOPES
     )
+    share_below: int = option(
+        1024,
+        "window_scope='tensor': tensors with fewer entries share one window (1: every tensor "
+        "its own)",
+        low=1,
+    )
+    orthogonal_momentum: float = option(
+        0.95,
+        "momentum of the orthogonalized matrices (groups with orthogonalize=True: Muon's step)",
+        low=0,
+        high=1,
+        high_open=True,
+    )
     relative_damp: float = option(
         1.0, "damping relative to the window's mean eigenvalue", low=0, low_open=True
     )

@@ -38,6 +38,7 @@ m d floats.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ from ..operators.topk import TopKSlidingInverseFisher, resolve_k
 from ..operators.window import SlidingWindow
 from .base import Params, WindowOptimizer, local
 from .config import MFACConfig, check_group_option
-from .functional import window_coeffs
+from .functional import newton_schulz, window_coeffs
 
 F64 = torch.float64
 
@@ -77,7 +78,7 @@ class MFAC(WindowOptimizer):
     holds its moments; save or deepcopy it before the next step): resuming is bit-identical.
     """
 
-    param_tensors = ("exp_avg", "exp_avg_sq")
+    param_tensors = ("exp_avg", "exp_avg_sq", "momentum_buffer")
     cfg: MFACConfig
 
     def __init__(
@@ -87,26 +88,33 @@ class MFAC(WindowOptimizer):
         defaults = {
             "lr": check_group_option(lr, "lr"),
             "weight_decay": check_group_option(weight_decay, "weight_decay"),
+            "orthogonalize": False,
         }
         self._zu: tuple[torch.Tensor, torch.Tensor] | None = None
         super().__init__(params, defaults, cfg)
 
-    def required_bytes(self, sizes: list[int]) -> int:
+    def required_bytes(
+        self, sizes: list[int], *, windows: int | None = None, unwindowed: Sequence[int] = ()
+    ) -> int:
         """Bytes a step needs: the windows (in ``window_dtype``) and their float64 m x m Gram
         matrices, Adam's two moments, and the step's float32 temporaries (z, u and the
         direction, plus the eigendecomposition's m x m work per window). With one top-k
         window its bytes are :meth:`TopKSlidingInverseFisher.required_bytes` (the direction is
-        its returned step), plus z, u, the moments and the eigendecomposition's work."""
+        its returned step), plus z, u, the moments and the eigendecomposition's work. An
+        orthogonalized matrix takes its momentum, the Nesterov direction and its
+        orthogonalization (float32, 3 floats per entry)."""
         cfg, dim, m = self.cfg, sum(sizes), self.cfg.ngrads
+        orthogonal = 3 * 4 * sum(unwindowed)
         if cfg.layout == "topk":
             k = resolve_k(cfg.topk, dim)
             window = TopKSlidingInverseFisher.required_bytes(dim, m, k, cfg.window_dtype)
-            return window + 2 * 4 * dim + 2 * 4 * dim + 3 * 8 * m * m
-        nwindows = 1 if self.window_scope == "model" else len(sizes)
+            return window + 2 * 4 * dim + 2 * 4 * dim + 3 * 8 * m * m + orthogonal
+        if windows is None:
+            windows = 1 if self.window_scope == "model" else len(sizes)
         elem = torch.empty((), dtype=cfg.window_dtype).element_size()
-        windows = elem * m * dim + 8 * nwindows * m * m
+        held = elem * m * dim + 8 * windows * m * m
         # temporaries: z, u, the direction, and the (d, 2) stack of z and u one pass reads
-        return windows + 2 * 4 * dim + 4 * 4 * dim + 3 * 8 * nwindows * m * m
+        return held + 2 * 4 * dim + 4 * 4 * dim + 3 * 8 * windows * m * m + orthogonal
 
     @property
     def state_nbytes(self) -> int:
@@ -117,11 +125,64 @@ class MFAC(WindowOptimizer):
         return super().state_nbytes + flat
 
     def _initial_tensors(self, p: torch.Tensor, group: Any, plan: Any) -> dict[str, torch.Tensor]:
-        """Adam's two moments, zero (created at the first step otherwise)."""
+        """Adam's two moments, or an orthogonalized matrix's momentum, zero (created at the
+        first step otherwise)."""
+        if group["orthogonalize"]:
+            return {"momentum_buffer": torch.zeros_like(p, dtype=torch.float32)}
         return {
             "exp_avg": torch.zeros_like(p, dtype=torch.float32),
             "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32),
         }
+
+    def _windowed(self, group: Mapping[str, Any], index: int) -> bool:
+        """A group with ``orthogonalize=True`` takes Muon's step (no window, no Adam moments);
+        its parameters must be matrices. Checked when the group is laid out."""
+        flag = group.get("orthogonalize", False)
+        if not isinstance(flag, bool):
+            raise TypeError(
+                f"param_groups[{index}]['orthogonalize'] must be True or False, got {flag!r}"
+            )
+        if flag:
+            for j, p in enumerate(group["params"]):
+                if p.dim() != 2:
+                    raise ValueError(
+                        f"param_groups[{index}] has orthogonalize=True but its parameter #{j} has "
+                        f"shape {tuple(p.shape)}; only matrices (2-D) are orthogonalized (put "
+                        "embeddings, biases and norms in another group: mfac.optim.hidden_groups)"
+                    )
+        return not flag
+
+    def _check_groups(self) -> list[dict[str, float]]:
+        """The groups' numeric options, checked; ``orthogonalize`` cannot change after the
+        layout was built (the parameters' state differs between the two steps)."""
+        laid_out = self._orthogonal_flags
+        for gi, group in enumerate(self.param_groups):
+            if group.get("orthogonalize", False) != laid_out[gi]:
+                raise ValueError(
+                    f"param_groups[{gi}]['orthogonalize'] changed from {laid_out[gi]} after the "
+                    "optimizer was built; build a new optimizer to change it"
+                )
+        return super()._check_groups()
+
+    def _install(self, plan: Any, masks: Any, keep: bool) -> None:
+        """Adopt a plan, remembering which groups it orthogonalizes."""
+        super()._install(plan, masks, keep)
+        self._orthogonal_flags = [bool(g.get("orthogonalize", False)) for g in self.param_groups]
+
+    def _check_state_dict(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """Every saved group's ``orthogonalize`` equal to this one's (checked first: the state
+        kept per parameter follows from it; a checkpoint without the field is of groups
+        without it), then the base checks."""
+        saved_groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if isinstance(saved_groups, list) and len(saved_groups) == len(self.param_groups):
+            for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+                flag = saved.get("orthogonalize", False) if isinstance(saved, Mapping) else False
+                if flag != group["orthogonalize"]:
+                    raise ValueError(
+                        f"param_groups[{gi}]['orthogonalize']: state has {flag!r}, this "
+                        f"optimizer {group['orthogonalize']!r}"
+                    )
+        return super()._check_state_dict(state_dict)
 
     def _flat_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole model's z and u (float32 d-vectors), kept across steps so that a step
@@ -195,16 +256,31 @@ class MFAC(WindowOptimizer):
 
     def _step(self, options: list[dict[str, float]]) -> None:
         """One step with the groups' checked options (see the module docstring)."""
-        params = self._layout.params
-        live = [p for p in params if p.grad is not None]
-        if not live:
+        plan = self._layout
+        params = plan.params
+        windowed = any(p.grad is not None for p in params)
+        orthogonal = any(p.grad is not None for p in plan.unwindowed)
+        if not windowed and not orthogonal:
             return
-        self._check_finite(params)
+        self._check_finite(params + plan.unwindowed)
+        if windowed:
+            self._window_step(options)
+        if orthogonal:
+            self._orthogonal_step(options)
+        self._count_step()
+
+    def _window_step(self, options: list[dict[str, float]]) -> None:
+        """The window rule on every laid-out parameter (all but the orthogonalized ones)."""
+        params, members = self._layout.params, self._layout.members
+        live = [p for p in params if p.grad is not None]
         windows = self.windows
         if self.cfg.layout == "topk" and self.cfg.whiten == "none":
             self._check_error_feedback_fits(live, windows[0])
         model_wide = self.window_scope == "model"
         zs, us, targets = self._whiten(flat=model_wide)
+        if not model_wide:  # a shared window reads its tensors' pieces side by side
+            zs = [zs[m[0]] if len(m) == 1 else torch.cat([zs[i] for i in m]) for m in members]
+            us = [us[m[0]] if len(m) == 1 else torch.cat([us[i] for i in m]) for m in members]
         if len(windows) > 1 and all(isinstance(w, LocalShardedInverseFisher) for w in windows):
             projs = push_gather_all(windows, zs, us)  # FSDP2: one all-reduce for all windows
         else:
@@ -215,14 +291,20 @@ class MFAC(WindowOptimizer):
             grams, [w.filled for w in windows], self.cfg.relative_damp, self.cfg.power
         )
         cs = (coeff @ torch.stack(projs)[:, :, None])[:, :, 0]
-        # z is the step's own buffer except when, unwhitened per tensor, it is the gradient
-        own_z = model_wide or self.cfg.whiten == "adam"
-        dirs = [
-            self._finish(w, u, c, lam, z if own_z else None)
-            for w, u, c, lam, z in zip(windows, us, cs, lams, zs, strict=True)
+        # z is the step's own buffer except when, unwhitened in a window of its own, it is
+        # the gradient
+        adam = self.cfg.whiten == "adam"
+        own = [model_wide or adam or len(member) > 1 for member in members]
+        results = [
+            self._finish(w, u, c, lam, z if mine else None)
+            for w, u, c, lam, z, mine in zip(windows, us, cs, lams, zs, own, strict=True)
         ]
-        if model_wide:  # views: the graft below scales them in place
-            dirs = list(dirs[0].split([s.size for s in self._layout.segments]))
+        sizes = [s.size for s in self._layout.segments]
+        dirs: list[torch.Tensor] = [results[0]] * len(params)
+        for member, result in zip(members, results, strict=True):  # views: grafted in place
+            pieces = result.split([sizes[i] for i in member]) if len(member) > 1 else [result]
+            for i, piece in zip(member, pieces, strict=True):
+                dirs[i] = piece
         if self.cfg.graft and self._layout.mesh is not None:
             # the global per-tensor lengths: one all-reduce of the squared local ones
             squares = torch.stack([torch.dot(d, d) for d in dirs] + targets).double()
@@ -243,7 +325,59 @@ class MFAC(WindowOptimizer):
             if wd != 0.0:
                 w.mul_(1.0 - lr * wd)
             w.add_(d.view_as(w).to(w.dtype), alpha=-lr)
-        self._count_step()
+
+    def _orthogonal_step(self, options: list[dict[str, float]]) -> None:
+        """Muon's step on the matrices of groups with ``orthogonalize=True``: Nesterov momentum,
+        orthogonalized by :func:`newton_schulz` (matrices of one shape in one batch), scaled by
+        0.2 sqrt(max(rows, cols)) so that its RMS matches AdamW's and the lr stays on AdamW's
+        scale. Under FSDP2 each matrix is gathered whole (the orthogonalization is not
+        separable by rows) and every rank keeps its own rows of the result."""
+        plan, mu = self._layout, self.cfg.orthogonal_momentum
+        batches: dict[tuple[int, ...], list[tuple[torch.Tensor, int, torch.Tensor]]] = {}
+        for p, gi in zip(plan.unwindowed, plan.unwindowed_groups, strict=True):
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if "momentum_buffer" not in st:  # DTensors sharded like p under FSDP2
+                st["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+            buf, g = local(st["momentum_buffer"]), local(p.grad).detach().float()
+            buf.lerp_(g, 1.0 - mu)
+            nesterov = g.lerp(buf, mu)
+            if plan.mesh is not None:
+                nesterov = self._whole(p, nesterov)
+            batches.setdefault(tuple(nesterov.shape), []).append((p, gi, nesterov))
+        for shape, items in batches.items():
+            ortho = newton_schulz(torch.stack([n for _, _, n in items]))
+            scale = 0.2 * math.sqrt(max(shape))
+            for (p, gi, _), o in zip(items, ortho, strict=True):
+                if plan.mesh is not None:
+                    o = self._rows(p, o)
+                lr, wd = options[gi]["lr"], options[gi]["weight_decay"]
+                w = local(p)
+                if wd != 0.0:
+                    w.mul_(1.0 - lr * wd)
+                w.add_(o.to(w.dtype), alpha=-lr * scale)
+
+    def _whole(self, p: torch.Tensor, piece: torch.Tensor) -> torch.Tensor:
+        """The whole matrix from every rank's rows (an all-gather over the FSDP2 mesh)."""
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            piece, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        ).full_tensor()
+
+    def _rows(self, p: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a whole matrix, cut as FSDP2's Shard(0) cuts (torch.chunk)."""
+        mesh = p.device_mesh
+        pieces = whole.chunk(mesh.size(), dim=0)
+        rank = mesh.get_local_rank()
+        piece = pieces[rank] if rank < len(pieces) else whole[:0]
+        if tuple(piece.shape) != tuple(local(p).shape):  # FSDP2 changed how it cuts
+            raise RuntimeError(
+                f"MFAC: rows {tuple(piece.shape)} of an orthogonalized matrix do not match this "
+                f"rank's shard {tuple(local(p).shape)}"
+            )
+        return piece
 
     def _check_error_feedback_fits(self, live: list[torch.Tensor], window: Any) -> None:
         """Without whitening the top-k window compresses e + g for the raw gradient g: refuse,
@@ -278,7 +412,8 @@ class MFAC(WindowOptimizer):
         return (
             f"MFAC(ngrads={c.ngrads}, relative_damp={c.relative_damp:g}, "
             f"window_scope={c.window_scope!r}, {layout}windows={len(self.windows)}, "
-            f"graft={c.graft}, groups={len(self.param_groups)})"
+            f"orthogonalized={len(self._layout.unwindowed)}, graft={c.graft}, "
+            f"groups={len(self.param_groups)})"
         )
 
 

@@ -24,7 +24,7 @@ Behaviour to know (all tested in tests/optim/):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -112,9 +112,12 @@ class MFACSGD(WindowOptimizer):
         """The sliding window (dense, top-k or sharded)."""
         return self.windows[0]
 
-    def required_bytes(self, sizes: list[int]) -> int:
+    def required_bytes(
+        self, sizes: list[int], *, windows: int | None = None, unwindowed: Sequence[int] = ()
+    ) -> int:
         """Bytes of the window (with its m x m matrices and step buffers) and this rule's own
-        d-vectors: the flat gradient, the momentum and the direction (parameter dtype)."""
+        d-vectors: the flat gradient, the momentum and the direction (parameter dtype). This
+        rule has one window and steps every parameter through it."""
         cfg, dim = self.cfg, sum(sizes)
         world = 1
         if cfg.process_group is not None:

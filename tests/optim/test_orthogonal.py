@@ -1,0 +1,235 @@
+"""MFAC's orthogonalized groups (Muon's step on hidden matrices, the window rule elsewhere) and
+the groups `hidden_groups` builds from a model."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from mfac import MFAC, NonFiniteGradientError
+from mfac.optim import hidden_groups, newton_schulz
+
+
+def _net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 2))
+
+
+def _grads(net: nn.Module, steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=gen) for p in net.parameters()] for _ in range(steps)]
+
+
+def _apply(opt: torch.optim.Optimizer, params: list[nn.Parameter], grads: list) -> None:
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+
+
+# ------------------------------------------------------------------ the orthogonalization
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3), rows=st.integers(1, 12), cols=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_newton_schulz_is_torch_muons_iteration(batch, rows, cols, seed):
+    """A stack orthogonalized at once equals torch.optim.Muon's iteration on each matrix, bit
+    for bit (same bfloat16 arithmetic, wide and tall matrices alike)."""
+    reference = pytest.importorskip("torch.optim._muon")._zeropower_via_newtonschulz
+    x = torch.randn(batch, rows, cols, generator=torch.Generator().manual_seed(seed))
+    want = torch.stack([reference(m, (3.4445, -4.7750, 2.0315), 5, 1e-7) for m in x])
+    assert torch.equal(newton_schulz(x), want)
+
+
+def test_newton_schulz_orthogonalizes_a_well_conditioned_matrix():
+    """Every singular value of the result lies in the iteration's band around 1, whatever the
+    input's scale (the Frobenius normalisation comes first)."""
+    q, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    x = (q * torch.linspace(0.5, 2.0, 16, dtype=torch.float64)) @ q.T * 1e3
+    s = torch.linalg.svdvals(newton_schulz(x.float()[None])[0].double())
+    assert float(s.min()) > 0.6 and float(s.max()) < 1.25
+
+
+# ------------------------------------------------------------------ the rule
+def test_hidden_matrices_take_torch_muons_step_and_the_rest_the_window_rule():
+    """With hidden_groups, the hidden weights move exactly as under torch.optim.Muon (Nesterov,
+    match_rms_adamw, decoupled weight decay) and everything else exactly as under MFAC over the
+    rest alone: the two parts do not interact."""
+    net, muon_net, rest_net = _net(), _net(), _net()
+    grads = _grads(net, 6)
+    groups = hidden_groups(net)
+    for g in groups:
+        g["weight_decay"] = 0.1
+    opt = MFAC(groups, lr=0.02, ngrads=3)
+    _apply(opt, list(net.parameters()), grads)
+
+    hidden = {0, 2}  # positions of the two hidden weights in net.parameters()
+    ref_params = list(muon_net.parameters())
+    muon = torch.optim.Muon(
+        [ref_params[i] for i in sorted(hidden)], lr=0.02, weight_decay=0.1,
+        adjust_lr_fn="match_rms_adamw",
+    )  # fmt: skip
+    _apply(muon, [ref_params[i] for i in sorted(hidden)],
+           [[g[i] for i in sorted(hidden)] for g in grads])  # fmt: skip
+    rest_params = list(rest_net.parameters())
+    rest_idx = [i for i in range(len(rest_params)) if i not in hidden]
+    rest = MFAC([rest_params[i] for i in rest_idx], lr=0.02, weight_decay=0.1, ngrads=3)
+    _apply(rest, [rest_params[i] for i in rest_idx], [[g[i] for i in rest_idx] for g in grads])
+
+    got = list(net.parameters())
+    for i in hidden:
+        torch.testing.assert_close(got[i], ref_params[i], rtol=1e-6, atol=1e-7)
+    for i in rest_idx:
+        assert torch.equal(got[i].detach(), rest_params[i].detach())
+    assert opt.steps == 6 and len(opt.windows) == 1  # the rest is small: one shared window
+    state = opt.state[got[0]]
+    assert "exp_avg" not in state and state["momentum_buffer"].shape == (9, 6)
+
+
+def test_resume_is_bit_identical_with_orthogonalized_groups():
+    ref = _net()
+    grads = _grads(ref, 8)
+    ref_opt = MFAC(hidden_groups(ref), lr=0.02, ngrads=3)
+    _apply(ref_opt, list(ref.parameters()), grads)
+
+    net = _net()
+    opt = MFAC(hidden_groups(net), lr=0.02, ngrads=3)
+    _apply(opt, list(net.parameters()), grads[:5])
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    net2 = _net(seed=7)
+    opt2 = MFAC(hidden_groups(net2), lr=0.02, ngrads=3)
+    net2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    _apply(opt2, list(net2.parameters()), grads[5:])
+    for a, b in zip(net2.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _snapshot(opt: MFAC, net: nn.Module) -> list[torch.Tensor]:
+    out = [p.detach().clone() for p in net.parameters()]
+    for s in opt.state.values():
+        out += [t.clone() for k, t in sorted(s.items()) if isinstance(t, torch.Tensor)]
+    out += [w.gram.clone() for w in opt.windows]
+    return out
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_a_nan_in_a_hidden_gradient_changes_nothing():
+    net = _net()
+    opt = MFAC(hidden_groups(net), lr=0.02, ngrads=3)
+    _apply(opt, list(net.parameters()), _grads(net, 2))
+    before = _snapshot(opt, net)
+    grads = _grads(net, 1, seed=9)[0]
+    grads[2][0, 0] = float("nan")  # the second hidden weight
+    with pytest.raises(NonFiniteGradientError, match=r"parameter #\d+ \(shape \(7, 9\)\)"):
+        _apply(opt, list(net.parameters()), [grads])
+    assert _same(before, _snapshot(opt, net)) and opt.steps == 2
+
+
+def test_refusals_name_the_problem_and_build_nothing():
+    net = _net()
+    w, b = net[0].weight, net[0].bias
+    with pytest.raises(ValueError, match=r"parameter #1 has shape \(9,\); only matrices"):
+        MFAC([{"params": [w, b], "orthogonalize": True}, {"params": [net[2].weight]}])
+    with pytest.raises(TypeError, match=r"\['orthogonalize'\] must be True or False"):
+        MFAC([{"params": [w], "orthogonalize": 1}, {"params": [b]}])
+    with pytest.raises(ValueError, match="no parameter outside the orthogonalized groups"):
+        MFAC([{"params": [w], "orthogonalize": True}])
+    with pytest.raises(ValueError, match="matches no parameter"):
+        hidden_groups(net, exclude=["0.wieght"])
+    assert w.grad is None and b.grad is None
+
+
+def test_orthogonalize_cannot_change_after_construction():
+    net = _net()
+    opt = MFAC(hidden_groups(net), lr=0.02, ngrads=3)
+    _apply(opt, list(net.parameters()), _grads(net, 2))
+    before = _snapshot(opt, net)
+    opt.param_groups[1]["orthogonalize"] = True
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['orthogonalize'\] changed"):
+        _apply(opt, list(net.parameters()), _grads(net, 1, seed=3))
+    assert _same(before, _snapshot(opt, net))
+
+
+def test_a_state_with_other_groups_is_refused_unchanged():
+    """A checkpoint of plain groups cannot be loaded into orthogonalized ones (the state kept
+    per parameter differs), and the target stays as it was."""
+    net = _net()
+    plain = MFAC([{"params": g["params"]} for g in hidden_groups(net)], lr=0.02, ngrads=3)
+    _apply(plain, list(net.parameters()), _grads(net, 2))
+    saved = copy.deepcopy(plain.state_dict())
+    net2 = _net()
+    opt = MFAC(hidden_groups(net2), lr=0.02, ngrads=3)
+    _apply(opt, list(net2.parameters()), _grads(net2, 2))
+    before = _snapshot(opt, net2)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['orthogonalize'\]: state has False"):
+        opt.load_state_dict(saved)
+    assert _same(before, _snapshot(opt, net2))
+
+
+def test_add_param_group_orthogonalized():
+    net, extra = _net(), nn.Linear(7, 7)
+    opt = MFAC(hidden_groups(net), lr=0.02, ngrads=3)
+    _apply(opt, list(net.parameters()), _grads(net, 2))
+    kept = opt.state[net[0].weight]["momentum_buffer"]
+    opt.add_param_group({"params": [extra.weight], "orthogonalize": True})
+    assert opt.state[net[0].weight]["momentum_buffer"] is kept
+    with pytest.raises(ValueError, match="only matrices"):
+        opt.add_param_group({"params": [extra.bias], "orthogonalize": True})
+    assert len(opt.param_groups) == 3
+    params = [*net.parameters(), extra.weight]
+    _apply(opt, params, [[torch.randn(p.shape) for p in params]])
+    assert opt.steps == 3 and opt.state[extra.weight]["momentum_buffer"].abs().sum() > 0
+
+
+def test_memory_check_counts_the_orthogonalized_matrices():
+    net = _net()
+    opt = MFAC(hidden_groups(net), lr=0.02, ngrads=3)
+    windowed = [9, 7, 14, 2]
+    base = opt.required_bytes(windowed, windows=1)
+    assert opt.required_bytes(windowed, windows=1, unwindowed=[54, 63]) == base + 12 * 117
+
+
+# ------------------------------------------------------------------ the groups
+def test_hidden_groups_of_hugging_face_models():
+    """The blocks' matrices are hidden; embeddings (tied heads included), position tables, the
+    classifier head, biases and norms are not; ``exclude`` takes globs."""
+    transformers = pytest.importorskip("transformers")
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=40, n_positions=8, n_embd=8, n_layer=2, n_head=2, bos_token_id=0,
+        eos_token_id=0,
+    ))  # fmt: skip
+    names = {id(p): n for n, p in gpt.named_parameters()}
+    groups = hidden_groups(gpt)
+    hidden = sorted(names[id(p)] for p in groups[0]["params"])
+    assert groups[0]["orthogonalize"] and "orthogonalize" not in groups[1]
+    assert hidden == sorted(
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    )  # fmt: skip
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(gpt.parameters()))
+
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=16, num_labels=3,
+    ))  # fmt: skip
+    names = {id(p): n for n, p in bert.named_parameters()}
+    groups = hidden_groups(bert, exclude=["bert.pooler.*"])
+    hidden = {names[id(p)] for p in groups[0]["params"]}
+    assert "classifier.weight" not in hidden and "bert.pooler.dense.weight" not in hidden
+    assert not any("embeddings" in n for n in hidden)
+    assert "bert.encoder.layer.0.attention.self.query.weight" in hidden
+    assert len(hidden) == 6  # q, k, v, attention output, intermediate, output
