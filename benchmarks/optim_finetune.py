@@ -14,7 +14,9 @@ weights with ``adjust_lr_fn="match_rms_adamw"``, AdamW at the same lr on the tie
 embedding/head and the norms, as Muon's documentation advises); ``mfac`` (the paper's step,
 ``mfac.MFACSGD`` over the whole model, ``layout="topk"``, every other option at its default
 apart from lr, ngrads and topk); ``scaled`` (the default rule, ``mfac.MFAC``: dense per-tensor
-windows of Adam-whitened gradients). Each run is its own process, so its peak RSS is its own.
+windows of Adam-whitened gradients); ``hidden`` (``mfac.MFAC(hidden_groups(model), lr)``, the
+from-scratch default: Muon's step on the blocks' matrices, windows on the tied embedding and
+the norms). Each run is its own process, so its peak RSS is its own.
 
     python -m benchmarks.optim_finetune run --opt adamw --lr 3e-5
     python -m benchmarks.optim_finetune run --opt mfac --lr 1e-4 --label mfac-m1024-0.1% \
@@ -95,6 +97,11 @@ def build_optimizer(
         from mfac import MFAC
 
         return [MFAC(params, lr=lr, **opts)]
+    if name == "hidden":  # the from-scratch default: MFAC(hidden_groups(model), lr)
+        from mfac import MFAC
+        from mfac.optim import hidden_groups
+
+        return [MFAC(hidden_groups(model), lr=lr, **opts)]
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -629,7 +636,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="one fine-tuning run (one process)")
-    r.add_argument("--opt", choices=["adamw", "muon", "mfac", "scaled"], required=True)
+    r.add_argument("--opt", choices=["adamw", "muon", "mfac", "scaled", "hidden"], required=True)
     r.add_argument("--lr", type=float, required=True)
     r.add_argument("--label", default=None, help="name in the tables (default: --opt)")
     r.add_argument("--options", default="{}", help="JSON of extra optimizer arguments")

@@ -1,5 +1,4 @@
-"""MFAC's orthogonalized groups (Muon's step on hidden matrices, the window rule elsewhere) and
-the groups `hidden_groups` builds from a model."""
+"""MFAC's orthogonalized groups: Muon's step on hidden matrices, the window rule elsewhere."""
 
 from __future__ import annotations
 
@@ -148,8 +147,6 @@ def test_refusals_name_the_problem_and_build_nothing():
         MFAC([{"params": [w], "orthogonalize": 1}, {"params": [b]}])
     with pytest.raises(ValueError, match="no parameter outside the orthogonalized groups"):
         MFAC([{"params": [w], "orthogonalize": True}])
-    with pytest.raises(ValueError, match="matches no parameter"):
-        hidden_groups(net, exclude=["0.wieght"])
     assert w.grad is None and b.grad is None
 
 
@@ -201,35 +198,3 @@ def test_memory_check_counts_the_orthogonalized_matrices():
     windowed = [9, 7, 14, 2]
     base = opt.required_bytes(windowed, windows=1)
     assert opt.required_bytes(windowed, windows=1, unwindowed=[54, 63]) == base + 12 * 117
-
-
-# ------------------------------------------------------------------ the groups
-def test_hidden_groups_of_hugging_face_models():
-    """The blocks' matrices are hidden; embeddings (tied heads included), position tables, the
-    classifier head, biases and norms are not; ``exclude`` takes globs."""
-    transformers = pytest.importorskip("transformers")
-    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=40, n_positions=8, n_embd=8, n_layer=2, n_head=2, bos_token_id=0,
-        eos_token_id=0,
-    ))  # fmt: skip
-    names = {id(p): n for n, p in gpt.named_parameters()}
-    groups = hidden_groups(gpt)
-    hidden = sorted(names[id(p)] for p in groups[0]["params"])
-    assert groups[0]["orthogonalize"] and "orthogonalize" not in groups[1]
-    assert hidden == sorted(
-        f"transformer.h.{i}.{m}.weight"
-        for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    )  # fmt: skip
-    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(gpt.parameters()))
-
-    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=16, max_position_embeddings=16, num_labels=3,
-    ))  # fmt: skip
-    names = {id(p): n for n, p in bert.named_parameters()}
-    groups = hidden_groups(bert, exclude=["bert.pooler.*"])
-    hidden = {names[id(p)] for p in groups[0]["params"]}
-    assert "classifier.weight" not in hidden and "bert.pooler.dense.weight" not in hidden
-    assert not any("embeddings" in n for n in hidden)
-    assert "bert.encoder.layer.0.attention.self.query.weight" in hidden
-    assert len(hidden) == 6  # q, k, v, attention output, intermediate, output

@@ -2,7 +2,9 @@
 
 - :class:`MFAC` (``mfac.MFAC(params, lr)``), the default: AdamW's direction preconditioned by
   a sliding window's inverse Fisher of Adam-whitened gradients, with damping relative to the
-  window's scale, grafted to AdamW's step length (docs/optim_transformers.md has the study).
+  window's scale, grafted to AdamW's step length; groups marked ``orthogonalize=True``
+  (:func:`hidden_groups` marks a model's hidden matrices) take Muon's orthogonalized step
+  (docs/optim_designs.md has the study).
 - :class:`MFACSGD`, the paper's step: SGD preconditioned by (damp I + G^T G / m)^-1 over one
   window of the last m raw gradients.
 

@@ -1,5 +1,6 @@
 """``mfac.MFAC``, the default rule: sliding-window preconditioners that do not depend on the
-gradients' scale (the study that chose it is in docs/optim_transformers.md).
+gradients' scale, and Muon's orthogonalized step for the hidden matrices (the studies that
+chose it: docs/optim_transformers.md and docs/optim_designs.md).
 
 Plain M-FAC steps along F^-1 g with F = damp*I + G^T G / m. Its step is a combination of the
 window's gradients, so it inherits their split across tensors: on a freshly initialised
@@ -21,13 +22,23 @@ diagonal statistics and applies a matrix function of the window's (whitened) Fis
 
 With whitening, s -> u (exactly AdamW) as relative_damp -> infinity, and the window only
 shrinks the step along the directions its recent gradients share. Windows cover each parameter
-tensor (``window_scope="tensor"``, the default: the design chosen in
-docs/optim_transformers.md) or the whole model (``window_scope="model"``); the graft is per
-parameter tensor either way (each tensor's piece of s gets the length of that tensor's AdamW
-step). Every window's product costs two passes over it (``push_gather`` for Z u, ``scatter``
-for Z^T c) and an m x m float64 eigendecomposition (one batched call for all windows):
-O(m d + m^3). The windows are the operators' undamped windows (``damp=None``: they keep
-Z Z^T, this rule applies the spectral function itself).
+tensor of at least ``share_below`` entries, with one window shared by the smaller tensors
+(``window_scope="tensor"``, the default), or the whole model (``window_scope="model"``); the
+graft is per parameter tensor either way. Every window's product costs two passes over it
+(``push_gather`` for Z u, ``scatter`` for Z^T c) and an m x m float64 eigendecomposition (one
+batched call for all windows): O(m d + m^3). The windows are the operators' undamped windows
+(``damp=None``: they keep Z Z^T, this rule applies the spectral function itself).
+
+Groups with ``orthogonalize=True`` (a network's hidden matrices: :func:`mfac.optim.hidden_groups`
+builds them) take Muon's step instead, with no window and no Adam moments:
+
+    B  = mu B + (1-mu) G,   N = (1-mu) G + mu B       (Nesterov; mu = orthogonal_momentum)
+    O  = NS5(N)                                       (:func:`newton_schulz`, about U V^T)
+    W *= 1 - lr * wd;   W -= lr * 0.2 sqrt(max(rows, cols)) O
+
+The factor 0.2 sqrt(max(rows, cols)) gives O the RMS of an AdamW step, so one lr serves both
+kinds of group. From scratch this split is what beat Muon and SOAP (docs/optim_designs.md):
+the window's gain is on the tensors Muon leaves to AdamW.
 
 ``layout="topk"`` (with ``window_scope="model"``) stores the window as error-feedback top-k
 rows (EFCP, :class:`mfac.operators.topk.TopKSlidingInverseFisher`): each step a = e + z keeps
@@ -61,20 +72,24 @@ class MFAC(WindowOptimizer):
     eigenvalue, grafted to AdamW's step length (the module docstring has the formulas).
 
     Args:
-        params: parameters or groups (``lr`` and ``weight_decay`` per group, read every step).
+        params: parameters or groups (``lr`` and ``weight_decay`` per group, read every step;
+            ``orthogonalize=True`` for a group of hidden matrices, fixed at construction).
+            From scratch, pass ``mfac.optim.hidden_groups(model)``.
         lr: learning rate, at AdamW's scale (1e-3 from scratch, 1e-5 to 1e-4 to fine-tune).
         weight_decay: decoupled, as in AdamW.
         **options: :class:`mfac.optim.MFACConfig` (``ngrads``, ``relative_damp``, ``power``,
-            ``whiten``, ``window_scope``, ``betas``, ``eps``, ``graft``, ``layout``, ``topk``,
-            ``window_dtype``, ``memory_budget``, ``process_group``), by keyword; an unknown
-            name (for instance an option of :class:`mfac.MFACSGD`) is refused by name.
+            ``whiten``, ``window_scope``, ``share_below``, ``orthogonal_momentum``, ``betas``,
+            ``eps``, ``graft``, ``layout``, ``topk``, ``window_dtype``, ``memory_budget``,
+            ``process_group``), by keyword; an unknown name (for instance an option of
+            :class:`mfac.MFACSGD`) is refused by name.
 
     A parameter whose ``.grad`` is None in a step is not updated; its Adam moments and window
-    see a zero gradient. NaN/Inf in a gradient raises :class:`mfac.NonFiniteGradientError`
-    before anything changes. FSDP2 parameters (``fully_shard``: DTensors with ``Shard(0)``) need
-    nothing more: each rank keeps its shards' columns of the windows and all-reduces the m x m
-    products (docs/optim.md, "FSDP2 and distributed checkpoints"). ``state_dict`` holds the
-    windows by reference (as torch.optim
+    see a zero gradient (an orthogonalized matrix's momentum does not change). NaN/Inf in a
+    gradient raises :class:`mfac.NonFiniteGradientError` before anything changes. FSDP2
+    parameters (``fully_shard``: DTensors with ``Shard(0)``) need nothing more: each rank keeps
+    its shards' columns of the windows and all-reduces the m x m products (docs/optim.md,
+    "FSDP2 and distributed checkpoints"); an orthogonalized matrix is gathered whole for its
+    Newton-Schulz iteration. ``state_dict`` holds the windows by reference (as torch.optim
     holds its moments; save or deepcopy it before the next step): resuming is bit-identical.
     """
 
