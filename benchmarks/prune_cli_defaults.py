@@ -19,7 +19,6 @@ from the recipe's three recorded draws (``prune_llm_fisher_damp0.1``, ``_seed1_`
 ``_seed2_fisher_damp0.1``). Writes ``benchmarks/results/prune_llm_cli_defaults.json``.
 
     flock /tmp/heavy.lock .venv/bin/python -m benchmarks.prune_cli_defaults --lm-head
-    flock /tmp/heavy.lock .venv/bin/python -m benchmarks.prune_cli_defaults --draws 1 2
 """
 
 from __future__ import annotations
@@ -77,15 +76,12 @@ class Job:
         }  # fmt: skip
 
 
-def cli_command(data: Path, out: Path, lm_head: bool = False, seed: int | None = None) -> list[str]:
-    """The CLI run: model, data, sparsity and output folder, nothing else (plus the head, or
-    another calibration draw with ``--seed``)."""
+def cli_command(data: Path, out: Path, lm_head: bool = False) -> list[str]:
+    """The CLI run: model, data, sparsity and output folder, nothing else (plus the head)."""
     cmd = [sys.executable, "-m", "mfac", "prune", "--model", str(CACHE), "--data", str(data)]
     cmd += ["--sparsity", "0.5"]
     if lm_head:
         cmd += ["--layers", "model.layers.*", "lm_head"]
-    if seed is not None:
-        cmd += ["--seed", str(seed)]
     return [*cmd, "-o", str(out)]
 
 
@@ -142,38 +138,6 @@ def tempfile_root() -> str:
     return tempfile.gettempdir()
 
 
-def other_draws(seeds: list[int], args: argparse.Namespace, env: dict[str, str]) -> None:
-    """The CLI defaults on other calibration draws (``--seed``), run at once, added to the
-    results file as ``cli_draws`` with the spread of all the CLI's draws (the default's is
-    seed 0) next to the recipe's three."""
-    work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    data = work / "lee_background.txt"
-    data.write_text((DATA / "lee_background.cor").read_text(encoding="latin-1"), "utf-8")
-    jobs = {s: Job(f"seed{s}", cli_command(data, work / f"seed{s}", seed=s), env, work)
-            for s in seeds}  # fmt: skip
-    rows = []
-    for seed, job in jobs.items():
-        row = cli_row(job, work / f"seed{seed}", args.threads)
-        rows.append({"seed": seed, "command": row["command"], "ppl_lee": row["ppl_lee"],
-                     "ppl_wiki": row["ppl_wiki"], "timings_s": row["timings_s"]})  # fmt: skip
-    path = RESULTS / f"{args.name}.json"
-    result = json.loads(path.read_text())
-    result["cli_draws"] = rows
-    lee = [result["cli"]["ppl_lee"], *(r["ppl_lee"] for r in rows)]
-    wiki = [result["cli"]["ppl_wiki"], *(r["ppl_wiki"] for r in rows)]
-    result["cli_draws_summary"] = {
-        "seeds": [0, *seeds], "ppl_lee": lee, "ppl_wiki": wiki,
-        "mean_lee": round(sum(lee) / len(lee), 2), "mean_wiki": round(sum(wiki) / len(wiki), 2),
-        "recipe_mean_lee": round(sum(result["recipe_draws"]["ppl_lee"]) / 3, 2),
-        "recipe_mean_wiki": round(sum(result["recipe_draws"]["ppl_wiki"]) / 3, 2),
-        "range_lee": round(max(lee) - min(lee), 2), "range_wiki": round(max(wiki) - min(wiki), 2),
-    }  # fmt: skip
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result["cli_draws_summary"]))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every child")
@@ -184,19 +148,12 @@ def main() -> None:
         help="folder for the runs' outputs and logs (emptied first, kept after)",
     )
     parser.add_argument("--name", default="prune_llm_cli_defaults", help="results file name")
-    parser.add_argument(
-        "--draws", type=int, nargs="+", default=None,
-        help="instead: the CLI defaults with these --seed values, added to the results file",
-    )  # fmt: skip
     args = parser.parse_args()
     convert()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")) if p
     )
-    if args.draws:
-        other_draws(args.draws, args, env)
-        return
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
