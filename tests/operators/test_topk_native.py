@@ -634,3 +634,40 @@ def test_scatter_plus_adds_the_vector_tile_by_tile() -> None:
         with pytest.raises(ValueError, match="plus"):
             op.scatter(c, out=out, plus=plus.double())
         assert torch.equal(out, kept)
+
+
+@pytest.mark.parametrize("target", ["fresh", "used", "torch-path"])
+def test_a_partly_filled_state_loads_in_chunks_bit_identically(target: str) -> None:
+    """A state of 10 rows of a 24-row window (groups of 3 rows: the filled rows end inside a
+    group) loads a chunk at a time into a fresh window, a full one and a torch-path one: every
+    slot then holds the saved row (the 14 others empty), K is the saved K, and the same window
+    type steps on bit-identically."""
+    source = _pushed(_window(m=24), 10, 30)
+    assert source.rows.rows == 3 and source.filled == 10
+    op = _window(m=24)
+    if target == "torch-path":
+        op.to_torch_path()
+    if target == "used":
+        op = _pushed(op, 30, 31)
+    op.load_state_dict(source.state_dict())
+    for slot in range(24):
+        assert all(map(torch.equal, op.row(slot), source.row(slot)))
+    assert torch.equal(op.factor.gram, source.factor.gram) and torch.equal(op.error, source.error)
+    g = torch.randn(D, generator=torch.Generator().manual_seed(32))
+    want = source.push_ihvp(g)
+    if target == "torch-path":
+        torch.testing.assert_close(
+            op.push_ihvp(g), want, rtol=1e-4, atol=1e-5 * float(want.abs().max())
+        )
+    else:
+        assert torch.equal(op.push_ihvp(g), want)
+
+
+@pytest.mark.parametrize(("first", "n"), [(0, 24), (10, 14), (4, 1), (7, 0), (23, 1)])
+def test_row_chunks_cover_the_rows_and_end_on_group_boundaries(first: int, n: int) -> None:
+    op = _window(m=24)  # groups of 3 rows
+    chunks = op._row_chunks(first, n)
+    rows = [r for at, size in chunks for r in range(at, at + size)]
+    assert rows == list(range(first, first + n))
+    assert all(size >= 1 and at // 3 == (at + size - 1) // 3 for at, size in chunks)
+    assert all((at + size) % 3 == 0 for at, size in chunks[:-1])

@@ -753,24 +753,38 @@ class TopKSlidingInverseFisher(FactorBacked):
         if view is not None:
             for key, t in view.state().items():
                 self.rows.state()[key].copy_(t)
-        else:
+        else:  # a chunk of rows at a time: the temporaries are a chunk's, not the window's
             slot = 0
-            for values, indices in self._state_groups(state):
-                indices, order = indices.long().sort(dim=1, stable=True)
-                values = values.gather(1, order)
-                # an empty slot saved by an older version (k zeros at coordinate 0)
-                empty = (indices.diff(dim=1) == 0).any(dim=1)
-                indices[empty] = torch.arange(self.k, device=indices.device)
-                self.write_rows(slot, values, indices)
-                slot += values.shape[0]
-            if slot < self.window:  # rows a partly filled state does not hold are empty
-                n = self.window - slot
+            for piece_values, piece_indices in self._state_groups(state):
+                for at, n in self._row_chunks(slot, piece_values.shape[0]):
+                    chunk = piece_indices[at - slot : at - slot + n]
+                    indices, order = chunk.long().sort(dim=1, stable=True)
+                    values = piece_values[at - slot : at - slot + n].gather(1, order)
+                    # an empty slot saved by an older version (k zeros at coordinate 0)
+                    empty = (indices.diff(dim=1) == 0).any(dim=1)
+                    indices[empty] = torch.arange(self.k, device=indices.device)
+                    self.write_rows(at, values, indices)
+                slot += piece_values.shape[0]
+            # rows a partly filled state does not hold are empty
+            for at, n in self._row_chunks(slot, self.window - slot):
                 self.write_rows(
-                    slot,
+                    at,
                     torch.zeros(n, self.k, dtype=self.dtype),
                     torch.arange(self.k).expand(n, self.k).contiguous(),
                 )
         self.error.copy_(state["error"])
+
+    def _row_chunks(self, first: int, n: int) -> list[tuple[int, int]]:
+        """Rows ``first .. first + n - 1`` as (first row, count) chunks that end on the C
+        layout's group boundaries (a whole group is then written in place, as one
+        :meth:`write_rows` of all rows would), or of 16 rows on the torch path."""
+        step = self.rows.rows if self.native else 16
+        chunks, at, end = [], first, first + n
+        while at < end:
+            stop = min(end, (at // step + 1) * step)
+            chunks.append((at, stop - at))
+            at = stop
+        return chunks
 
     def __repr__(self) -> str:
         return (
