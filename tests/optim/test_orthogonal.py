@@ -198,3 +198,34 @@ def test_memory_check_counts_the_orthogonalized_matrices():
     windowed = [9, 7, 14, 2]
     base = opt.required_bytes(windowed, windows=1)
     assert opt.required_bytes(windowed, windows=1, unwindowed=[54, 63]) == base + 12 * 117
+
+
+@pytest.mark.parametrize(
+    ("holder", "field"),
+    [("windowed", "momentum_buffer"), ("hidden", "exp_avg"), ("hidden", "exp_avg_sq"),
+     ("hidden", "window")],
+)  # fmt: skip
+def test_a_state_with_the_other_kinds_tensor_is_refused_by_name_unchanged(holder, field):
+    """A windowed parameter keeps Adam's moments only and an orthogonalized one its momentum
+    only: a saved entry carrying the other kind's tensor (or a window) is refused by name, the
+    optimizer and the given dict unchanged."""
+    net = _net()
+    opt = MFAC(hidden_groups(net), lr=0.02, ngrads=3)
+    _apply(opt, list(net.parameters()), _grads(net, 2))
+    saved = copy.deepcopy(opt.state_dict())
+    entries = saved["state"]
+    pid = next(
+        k for k, e in entries.items()
+        if ("momentum_buffer" in e) == (holder == "hidden") and "window" not in e
+    )  # fmt: skip
+    shape = next(t for t in entries[pid].values() if isinstance(t, torch.Tensor)).shape
+    entries[pid][field] = {} if field == "window" else torch.zeros(shape)
+    given = copy.deepcopy(saved)
+    before = _snapshot(opt, net)
+    with pytest.raises(ValueError, match=rf"state\[{pid}\] has an unexpected field '{field}'"):
+        opt.load_state_dict(saved)
+    assert _same(before, _snapshot(opt, net))
+    assert field not in opt.state[[p for g in opt.param_groups for p in g["params"]][pid]]
+    assert saved["state"].keys() == given["state"].keys() and all(
+        saved["state"][k].keys() == given["state"][k].keys() for k in given["state"]
+    )  # fmt: skip

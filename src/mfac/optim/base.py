@@ -235,6 +235,12 @@ class WindowOptimizer(torch.optim.Optimizer):
         """Whether a group's parameters are stepped through the windows (all, by default)."""
         return True
 
+    def _kept_tensors(self, windowed: bool) -> tuple[str, ...]:
+        """The per-parameter tensors a windowed (or, with ``windowed=False``, an unwindowed)
+        parameter may hold: a saved entry with any other is refused (all of
+        ``param_tensors`` by default)."""
+        return self.param_tensors
+
     def _window_members(self, params: list[torch.Tensor]) -> list[list[int]]:
         """Which parameters each window covers: one window for the model, or one per tensor,
         where tensors of fewer than ``share_below`` entries (global sizes, so that every FSDP2
@@ -536,15 +542,17 @@ class WindowOptimizer(torch.optim.Optimizer):
         anchor = pid_of[id(plan.params[0])]
         tensors: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         windows: list[tuple[SlidingWindow, Mapping[str, Any]]] = []
+        laid_out = {id(p) for p in plan.params}
         for pid, entry in saved_state.items():
             p = by_id[pid]
-            allowed = (*self.param_tensors, "mask")
+            kept = self._kept_tensors(id(p) in laid_out)
+            allowed = (*kept, "mask")
             allowed += ("window",) if id(p) in holders else ()
             allowed += ("step", *self.anchor_fields) if pid == anchor else ()
             for key in entry:
                 if key not in allowed:
                     raise ValueError(f"state[{pid!r}] has an unexpected field {key!r}")
-            for key in self.param_tensors:
+            for key in kept:
                 if key in entry:
                     self._check_param_tensor(entry[key], p, f"state[{pid!r}][{key!r}]", plan)
                     tensors.setdefault(p, {})[key] = entry[key]

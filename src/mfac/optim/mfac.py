@@ -167,6 +167,11 @@ class MFAC(WindowOptimizer):
                     )
         return not flag
 
+    def _kept_tensors(self, windowed: bool) -> tuple[str, ...]:
+        """Adam's two moments for a windowed parameter, the momentum for an orthogonalized
+        matrix (a saved entry with the other kind's tensor is refused by name)."""
+        return ("exp_avg", "exp_avg_sq") if windowed else ("momentum_buffer",)
+
     def _check_groups(self) -> list[dict[str, float]]:
         """The groups' numeric options, checked; ``orthogonalize`` cannot change after the
         layout was built (the parameters' state differs between the two steps)."""
