@@ -229,3 +229,35 @@ def test_a_state_with_the_other_kinds_tensor_is_refused_by_name_unchanged(holder
     assert saved["state"].keys() == given["state"].keys() and all(
         saved["state"][k].keys() == given["state"][k].keys() for k in given["state"]
     )  # fmt: skip
+
+
+@settings(max_examples=10, deadline=None)
+@given(kinds=st.lists(st.sampled_from(["both", "hidden", "rest", "none"]), min_size=1, max_size=6))
+def test_steps_where_one_part_has_no_gradient_leave_that_part_as_if_alone(kinds):
+    """A step in which only the hidden matrices (or only the rest) have gradients moves that
+    part alone: the other part, its Adam moments, windows and step count (Adam's bias
+    correction) stay as under an optimizer of that part alone that skipped the step."""
+    net, muon_net, rest_net = _net(), _net(), _net()
+    grads = _grads(net, len(kinds))
+    hidden = [0, 2]
+    rest_idx = [1, 3, 4, 5]
+    opt = MFAC(hidden_groups(net), lr=0.02, ngrads=3)
+    muon_params = [list(muon_net.parameters())[i] for i in hidden]
+    muon = torch.optim.Muon(muon_params, lr=0.02, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    rest_params = [list(rest_net.parameters())[i] for i in rest_idx]
+    rest = MFAC(rest_params, lr=0.02, ngrads=3)
+    params = list(net.parameters())
+    for kind, step_grads in zip(kinds, grads, strict=True):
+        live = {"both": hidden + rest_idx, "hidden": hidden, "rest": rest_idx, "none": []}[kind]
+        for i, p in enumerate(params):
+            p.grad = step_grads[i].clone() if i in live else None
+        opt.step()
+        if kind in ("both", "hidden"):
+            _apply(muon, muon_params, [[step_grads[i] for i in hidden]])
+        if kind in ("both", "rest"):
+            _apply(rest, rest_params, [[step_grads[i] for i in rest_idx]])
+    for i, q in zip(hidden, muon_params, strict=True):
+        torch.testing.assert_close(params[i], q, rtol=1e-6, atol=1e-7)
+    for i, q in zip(rest_idx, rest_params, strict=True):
+        assert torch.equal(params[i].detach(), q.detach())
+    assert opt.steps == rest.steps

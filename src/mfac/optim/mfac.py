@@ -84,8 +84,10 @@ class MFAC(WindowOptimizer):
             :class:`mfac.MFACSGD`) is refused by name.
 
     A parameter whose ``.grad`` is None in a step is not updated; its Adam moments and window
-    see a zero gradient (an orthogonalized matrix's momentum does not change). NaN/Inf in a
-    gradient raises :class:`mfac.NonFiniteGradientError` before anything changes. FSDP2
+    see a zero gradient (an orthogonalized matrix's momentum does not change). A step in which
+    only the orthogonalized matrices have gradients leaves the windowed part alone: its
+    moments, windows and :attr:`steps` (the window rule's count, Adam's bias correction) stay.
+    NaN/Inf in a gradient raises :class:`mfac.NonFiniteGradientError` before anything changes. FSDP2
     parameters (``fully_shard``: DTensors with ``Shard(0)``) need nothing more: each rank keeps
     its shards' columns of the windows and all-reduces the m x m products (docs/optim.md,
     "FSDP2 and distributed checkpoints"); an orthogonalized matrix is gathered whole for its
@@ -283,11 +285,13 @@ class MFAC(WindowOptimizer):
         if not windowed and not orthogonal:
             return
         self._check_finite(params + plan.unwindowed)
+        # the step count is the window rule's (Adam's bias correction): a step in which no
+        # windowed parameter has a gradient leaves that part, its count included, untouched
         if windowed:
             self._window_step(options)
+            self._count_step()
         if orthogonal:
             self._orthogonal_step(options)
-        self._count_step()
 
     def _window_step(self, options: list[dict[str, float]]) -> None:
         """The window rule on every laid-out parameter (all but the orthogonalized ones)."""
