@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -38,13 +38,18 @@ def _apply(opt: torch.optim.Optimizer, params: list[nn.Parameter], grads: list) 
     batch=st.integers(1, 3), rows=st.integers(1, 12), cols=st.integers(1, 12),
     seed=st.integers(0, 2**16),
 )  # fmt: skip
+@example(batch=1, rows=3, cols=7, seed=40130)  # one entry one bfloat16 step off, on the CPU
 def test_newton_schulz_is_torch_muons_iteration(batch, rows, cols, seed):
-    """A stack orthogonalized at once equals torch.optim.Muon's iteration on each matrix, bit
-    for bit (same bfloat16 arithmetic, wide and tall matrices alike)."""
+    """A stack orthogonalized at once equals torch.optim.Muon's iteration on each matrix up to
+    bfloat16 rounding (same arithmetic, wide and tall matrices alike; the batched product
+    ``baddbmm`` may round an entry one bfloat16 step away from ``addmm``, for instance at
+    batch=1, rows=3, cols=7, seed=40130 on the CPU)."""
     reference = pytest.importorskip("torch.optim._muon")._zeropower_via_newtonschulz
     x = torch.randn(batch, rows, cols, generator=torch.Generator().manual_seed(seed))
     want = torch.stack([reference(m, (3.4445, -4.7750, 2.0315), 5, 1e-7) for m in x])
-    assert torch.equal(newton_schulz(x), want)
+    got = newton_schulz(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-7)
 
 
 def test_newton_schulz_orthogonalizes_a_well_conditioned_matrix():
