@@ -266,3 +266,25 @@ def test_steps_where_one_part_has_no_gradient_leave_that_part_as_if_alone(kinds)
     for i, q in zip(rest_idx, rest_params, strict=True):
         assert torch.equal(params[i].detach(), q.detach())
     assert opt.steps == rest.steps
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_with_its_model_steps_as_the_original(how):
+    """deepcopy or pickle of (model, optimizer) gives a working optimizer over the copied
+    parameters, its layout, windows and orthogonalized groups included: both step alike."""
+    import pickle
+
+    net = _net()
+    opt = MFAC(hidden_groups(net), lr=0.02, ngrads=3)
+    _apply(opt, list(net.parameters()), _grads(net, 2))
+    if how == "deepcopy":
+        net2, opt2 = copy.deepcopy((net, opt))
+    else:
+        net2, opt2 = pickle.loads(pickle.dumps((net, opt)))
+    assert repr(opt2) == repr(opt) and opt2.steps == 2
+    grads = _grads(net, 3, seed=5)
+    _apply(opt, list(net.parameters()), grads)
+    _apply(opt2, list(net2.parameters()), grads)
+    for a, b in zip(net.parameters(), net2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt2.steps == 5 and opt2.state_nbytes == opt.state_nbytes

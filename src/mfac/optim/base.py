@@ -117,6 +117,17 @@ class WindowOptimizer(torch.optim.Optimizer):
         self._install(self._plan(masks), masks, keep=False)
         self._ready = True
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's fields (defaults, state, groups) and this class's own (options, layout,
+        windows), so that deepcopy and pickle give a working copy; torch's hooks are left out,
+        as torch leaves them out."""
+        own = {
+            k: v
+            for k, v in self.__dict__.items()
+            if not k.startswith("_optimizer_") and k != "_zero_grad_profile_name"
+        }
+        return {**own, **super().__getstate__()}
+
     # ------------------------------------------------------------------ options
     @property
     def window_scope(self) -> str:
