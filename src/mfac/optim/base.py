@@ -451,12 +451,20 @@ class WindowOptimizer(torch.optim.Optimizer):
             )
             dist.all_reduce(flags, group=mesh.get_group())
             bad = (flags > 0).tolist()
-        for i, p in enumerate(params):
-            if bad[i]:
-                raise NonFiniteGradientError(
-                    f"{type(self).__name__}.step: the gradient of parameter #{i} (shape "
-                    f"{tuple(p.shape)}) contains NaN or Inf; nothing was changed"
-                )
+        if not any(bad):
+            return
+        # named by its place among all the groups' parameters (the state dict's index), not by
+        # its place in the layout (a rule lays the windowed parameters out first)
+        p = params[bad.index(True)]
+        groups = enumerate(self.param_groups)
+        places = [(gi, j) for gi, g in groups for j in range(len(g["params"]))]
+        i = next(k for k, q in enumerate(self._all_params()) if q is p)
+        gi, j = places[i]
+        raise NonFiniteGradientError(
+            f"{type(self).__name__}.step: the gradient of parameter #{i} "
+            f"(param_groups[{gi}]['params'][{j}], shape {tuple(p.shape)}) contains NaN or Inf; "
+            "nothing was changed"
+        )
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the FSDP2 mesh in place (nothing without one); returns ``t``."""
