@@ -289,3 +289,32 @@ def test_a_copy_with_its_model_steps_as_the_original(how):
     for a, b in zip(net.parameters(), net2.parameters(), strict=True):
         assert torch.equal(a, b)
     assert opt2.steps == 5 and opt2.state_nbytes == opt.state_nbytes
+
+
+def test_bfloat16_matrices_follow_torch_muon_as_closely_as_torch_itself():
+    """On bfloat16 parameters the update is applied in bfloat16 (the parameter stays bfloat16,
+    its momentum float32), and the result is as close to Muon in float32 as torch.optim.Muon
+    on the same bfloat16 parameters is."""
+    gen = torch.Generator().manual_seed(3)
+    w0, b0 = torch.randn(24, 16, generator=gen) * 0.1, torch.randn(16, generator=gen)
+    grads = [torch.randn(24, 16, generator=gen) for _ in range(8)]
+
+    def run(rule: str, dtype: torch.dtype) -> torch.Tensor:
+        w, b = nn.Parameter(w0.to(dtype)), nn.Parameter(b0.to(dtype))
+        if rule == "mfac":
+            groups = [{"params": [w], "orthogonalize": True}, {"params": [b]}]
+            opt = MFAC(groups, lr=0.02, weight_decay=0.1, ngrads=3)
+        else:
+            opt = torch.optim.Muon([w], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        for g in grads:
+            w.grad, b.grad = g.to(dtype), torch.zeros_like(b)
+            opt.step()
+        if rule == "mfac":
+            assert opt.state[w]["momentum_buffer"].dtype == torch.float32
+        assert w.dtype == dtype
+        return w.detach().float()
+
+    want = run("muon", torch.float32)
+    assert torch.equal(run("mfac", torch.float32), want)
+    torch_error = (run("muon", torch.bfloat16) - want).norm()
+    assert (run("mfac", torch.bfloat16) - want).norm() <= 1.1 * torch_error
