@@ -181,6 +181,11 @@ def test_a_state_with_other_groups_is_refused_unchanged():
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['orthogonalize'\]: state has False"):
         opt.load_state_dict(saved)
     assert _same(before, _snapshot(opt, net2))
+    own = copy.deepcopy(opt.state_dict())
+    own["param_groups"][0]["orthogonalize"] = 1  # equal to True, but not a flag
+    with pytest.raises(ValueError, match=r"\['orthogonalize'\]: state has 1, this optimizer True"):
+        opt.load_state_dict(own)
+    assert _same(before, _snapshot(opt, net2)) and opt.param_groups[0]["orthogonalize"] is True
 
 
 def test_add_param_group_orthogonalized():

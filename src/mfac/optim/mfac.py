@@ -199,7 +199,7 @@ class MFAC(WindowOptimizer):
         if isinstance(saved_groups, list) and len(saved_groups) == len(self.param_groups):
             for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
                 flag = saved.get("orthogonalize", False) if isinstance(saved, Mapping) else False
-                if flag != group["orthogonalize"]:
+                if not isinstance(flag, bool) or flag != group["orthogonalize"]:  # 1 == True
                     raise ValueError(
                         f"param_groups[{gi}]['orthogonalize']: state has {flag!r}, this "
                         f"optimizer {group['orthogonalize']!r}"
