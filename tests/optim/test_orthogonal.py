@@ -208,7 +208,26 @@ def test_memory_check_counts_the_orthogonalized_matrices():
     opt = MFAC(hidden_groups(net), lr=0.02, ngrads=3)
     windowed = [9, 7, 14, 2]
     base = opt.required_bytes(windowed, windows=1)
-    assert opt.required_bytes(windowed, windows=1, unwindowed=[54, 63]) == base + 12 * 117
+    # momentum, Nesterov direction, the batch's stack, three bfloat16 matrices; one update
+    per_entry = 4 + 4 + 4 + 3 * 2
+    assert opt.required_bytes(windowed, windows=1, unwindowed=[54, 63]) == (
+        base + per_entry * 117 + 4 * 63
+    )
+
+
+def test_the_memory_check_refuses_orthogonalized_matrices_that_do_not_fit():
+    """The hidden matrices' bytes are in the check made at construction: a budget that holds
+    the windowed part and the matrices' momentum alone is refused, before anything is built."""
+    net = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
+    groups = hidden_groups(net)
+    probe = MFAC(groups, lr=0.02, ngrads=3)
+    windowed = [p.numel() for p in groups[1]["params"]]
+    fits = probe.required_bytes(windowed, windows=1, unwindowed=[64 * 64])
+    budget = probe.required_bytes(windowed, windows=1) + 3 * 4 * 64 * 64  # the old count
+    assert fits > budget
+    with pytest.raises(MemoryError, match="memory_budget"):
+        MFAC(hidden_groups(net), lr=0.02, ngrads=3, memory_budget=budget)
+    MFAC(hidden_groups(net), lr=0.02, ngrads=3, memory_budget=fits)
 
 
 @pytest.mark.parametrize(

@@ -142,8 +142,9 @@ class WindowOptimizer(torch.optim.Optimizer):
         self, sizes: list[int], *, windows: int | None = None, unwindowed: Sequence[int] = ()
     ) -> int:
         """Bytes a step needs for windowed parameters of these sizes in ``windows`` windows
-        (default: one per size, or one with a model-wide scope) and for parameters of the sizes
-        ``unwindowed`` stepped without a window (windows, state, temporaries)."""
+        (default: one per size, or one with a model-wide scope) and for parameters of the
+        (whole, global) sizes ``unwindowed`` stepped without a window (windows, state,
+        temporaries)."""
         raise NotImplementedError
 
     def _check_groups(self) -> list[dict[str, float]]:
@@ -218,8 +219,8 @@ class WindowOptimizer(torch.optim.Optimizer):
         cfg = self.cfg
         check_fits(
             self.required_bytes(
-                sizes, windows=len(members), unwindowed=[local(p).numel() for p in others]
-            ),
+                sizes, windows=len(members), unwindowed=[p.numel() for p in others]
+            ),  # the unwindowed (orthogonalized) matrices whole: FSDP2 gathers them
             f"{name} over {offset} coordinates in {len(sizes)} tensors with "
             f"{self._describe_windows(offset)} (windows, their float64 m x m matrices, the "
             "rule's state and the step's buffers)",

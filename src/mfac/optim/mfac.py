@@ -117,11 +117,14 @@ class MFAC(WindowOptimizer):
         matrices, Adam's two moments, and the step's float32 temporaries (z, u and the
         direction, plus the eigendecomposition's m x m work per window). With one top-k
         window its bytes are :meth:`TopKSlidingInverseFisher.required_bytes` (the direction is
-        its returned step), plus z, u, the moments and the eigendecomposition's work. An
-        orthogonalized matrix takes its momentum, the Nesterov direction and its
-        orthogonalization (float32, 3 floats per entry)."""
+        its returned step), plus z, u, the moments and the eigendecomposition's work.
+        ``unwindowed`` are the orthogonalized matrices' whole sizes (FSDP2 gathers each whole);
+        per entry they take their momentum (a shard under FSDP2: the whole is an upper bound),
+        the Nesterov direction (every matrix's, held until its batch is orthogonalized), the
+        batch's float32 stack and Newton-Schulz's three bfloat16 matrices (input, iterate,
+        result), plus one float32 update of the largest at a time."""
         cfg, dim, m = self.cfg, sum(sizes), self.cfg.ngrads
-        orthogonal = 3 * 4 * sum(unwindowed)
+        orthogonal = (4 + 4 + 4 + 3 * 2) * sum(unwindowed) + 4 * max(unwindowed, default=0)
         if cfg.layout == "topk":
             k = resolve_k(cfg.topk, dim)
             window = TopKSlidingInverseFisher.required_bytes(dim, m, k, cfg.window_dtype)
