@@ -342,3 +342,20 @@ def test_bfloat16_matrices_follow_torch_muon_as_closely_as_torch_itself():
     assert torch.equal(run("mfac", torch.float32), want)
     torch_error = (run("muon", torch.bfloat16) - want).norm()
     assert (run("mfac", torch.bfloat16) - want).norm() <= 1.1 * torch_error
+
+
+@pytest.mark.parametrize(("saved_below", "below"), [(1, 1024), (1024, 1), (1024, 8)])
+def test_a_state_of_another_share_below_is_refused_by_name_unchanged(saved_below, below):
+    """Windows shared by other tensors than this optimizer's (another ``share_below``) are
+    refused with the option named, the optimizer unchanged."""
+    net = _net()
+    saver = MFAC(hidden_groups(net), lr=0.02, ngrads=3, share_below=saved_below)
+    _apply(saver, list(net.parameters()), _grads(net, 2))
+    saved = copy.deepcopy(saver.state_dict())
+    net2 = _net()
+    opt = MFAC(hidden_groups(net2), lr=0.02, ngrads=3, share_below=below)
+    _apply(opt, list(net2.parameters()), _grads(net2, 2, seed=4))
+    before = _snapshot(opt, net2)
+    with pytest.raises((KeyError, ValueError), match=rf"share_below\? .*share_below={below}\)"):
+        opt.load_state_dict(saved)
+    assert _same(before, _snapshot(opt, net2))

@@ -571,7 +571,8 @@ class WindowOptimizer(torch.optim.Optimizer):
             allowed += ("step", *self.anchor_fields) if pid == anchor else ()
             for key in entry:
                 if key not in allowed:
-                    raise ValueError(f"state[{pid!r}] has an unexpected field {key!r}")
+                    hint = self._window_hint() if key == "window" else ""
+                    raise ValueError(f"state[{pid!r}] has an unexpected field {key!r}{hint}")
             for key in kept:
                 if key in entry:
                     self._check_param_tensor(entry[key], p, f"state[{pid!r}][{key!r}]", plan)
@@ -580,13 +581,15 @@ class WindowOptimizer(torch.optim.Optimizer):
             pid = pid_of[id(p)]
             entry = saved_state.get(pid, {})
             if "window" not in entry:
-                raise KeyError(f"state is missing the field state[{pid!r}]['window']")
+                raise KeyError(
+                    f"state is missing the field state[{pid!r}]['window']{self._window_hint()}"
+                )
             window = holders[id(p)]
             try:
                 window.check_state(entry["window"])
             except (KeyError, ValueError, TypeError) as exc:
                 msg = exc.args[0] if exc.args else str(exc)
-                raise type(exc)(f"state[{pid!r}]['window']: {msg}") from None
+                raise type(exc)(f"state[{pid!r}]['window']: {msg}{self._window_hint()}") from None
             windows.append((window, entry["window"]))
         step = saved_state.get(anchor, {}).get("step")
         if isinstance(step, torch.Tensor) and step.numel() == 1:
@@ -601,6 +604,11 @@ class WindowOptimizer(torch.optim.Optimizer):
             "step": step,
             "extra": saved_state.get(anchor, {}),
         }
+
+    def _window_hint(self) -> str:
+        """What a saved state's windows that do not match this optimizer's may come from
+        (appended to the refusal; none by default)."""
+        return ""
 
     def _check_param_tensor(self, t: Any, p: torch.Tensor, field: str, plan: Plan) -> None:
         """A saved per-parameter tensor must be finite, of the parameter's shape and of the

@@ -209,6 +209,16 @@ class MFAC(WindowOptimizer):
                     )
         return super()._check_state_dict(state_dict)
 
+    def _window_hint(self) -> str:
+        """Windows laid out otherwise come from another ``window_scope`` or ``share_below``
+        (which tensors share a window)."""
+        c = self.cfg
+        return (
+            f" (the saved windows are laid out otherwise: was the state saved with another "
+            f"window_scope or share_below? this optimizer has window_scope={c.window_scope!r}, "
+            f"share_below={c.share_below})"
+        )
+
     def _flat_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole model's z and u (float32 d-vectors), kept across steps so that a step
         writes into memory it already owns (a fresh d-vector costs its page faults)."""
