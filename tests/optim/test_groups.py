@@ -112,3 +112,10 @@ def test_tied_and_frozen_parameters():
     head_only = nn.Sequential(nn.Embedding(5, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     groups = hidden_groups(head_only)
     assert len(groups) == 1 and "orthogonalize" not in groups[0]
+
+
+def test_an_embedding_bag_is_a_table_not_a_hidden_matrix():
+    """nn.EmbeddingBag (not an nn.Embedding subclass) is an input table like nn.Embedding."""
+    net = nn.ModuleDict({"bag": nn.EmbeddingBag(10, 8), "mid": nn.Linear(8, 8),
+                         "head": nn.Linear(8, 2)})  # fmt: skip
+    assert _names(net, hidden_groups(net))[0] == ["mid.weight"]
