@@ -359,3 +359,47 @@ def test_a_state_of_another_share_below_is_refused_by_name_unchanged(saved_below
     with pytest.raises((KeyError, ValueError), match=rf"share_below\? .*share_below={below}\)"):
         opt.load_state_dict(saved)
     assert _same(before, _snapshot(opt, net2))
+
+
+def _members(sizes: list[int], below: int) -> set[tuple[int, ...]]:
+    """Which tensors share a window (the rule's layout, written out; a lone small tensor has a
+    window of its own, as a large one does)."""
+    small = tuple(i for i, n in enumerate(sizes) if n < below)
+    return {(i,) for i, n in enumerate(sizes) if n >= below} | ({small} if small else set())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=5),
+    saved_below=st.integers(1, 14), below=st.integers(1, 14),
+)  # fmt: skip
+def test_a_state_loads_exactly_when_its_windows_are_laid_out_alike(sizes, saved_below, below):
+    """A state saved under one ``share_below`` loads under another exactly when both share the
+    same tensors' windows, and then resumes bit-identically; otherwise it is refused cleanly
+    (naming share_below) and the optimizer is left as it was."""
+
+    def build(below: int, seed: int) -> tuple[list[nn.Parameter], MFAC]:
+        torch.manual_seed(seed)
+        params = [nn.Parameter(torch.randn(n)) for n in sizes]
+        return params, MFAC(params, lr=0.02, ngrads=2, share_below=below)
+
+    grads = [[torch.randn(n) for n in sizes] for _ in range(4)]
+    ref_params, ref = build(saved_below, 0)
+    _apply(ref, ref_params, grads[:2])
+    saved = copy.deepcopy(ref.state_dict())
+    params, opt = build(below, 1)
+    _apply(opt, params, grads[2:3])
+    before = [p.detach().clone() for p in params] + [w.gram.clone() for w in opt.windows]
+    if _members(sizes, saved_below) == _members(sizes, below):
+        opt.load_state_dict(saved)
+        with torch.no_grad():
+            for p, q in zip(params, ref_params, strict=True):
+                p.copy_(q)
+        _apply(ref, ref_params, grads[2:])
+        _apply(opt, params, grads[2:])
+        assert all(torch.equal(p, q) for p, q in zip(params, ref_params, strict=True))
+    else:
+        with pytest.raises((KeyError, ValueError), match="share_below"):
+            opt.load_state_dict(saved)
+        after = [p.detach().clone() for p in params] + [w.gram.clone() for w in opt.windows]
+        assert _same(before, after) and opt.steps == 1
