@@ -406,7 +406,8 @@ class WindowOptimizer(torch.optim.Optimizer):
 
     @property
     def steps(self) -> int:
-        """Steps taken (a step in which no parameter had a gradient does not count)."""
+        """Steps the windows took (a step in which no windowed parameter had a gradient does not
+        count, even if an unwindowed one had)."""
         return int(self.state[self._layout.params[0]]["step"])
 
     @property
