@@ -403,3 +403,25 @@ def test_a_state_loads_exactly_when_its_windows_are_laid_out_alike(sizes, saved_
             opt.load_state_dict(saved)
         after = [p.detach().clone() for p in params] + [w.gram.clone() for w in opt.windows]
         assert _same(before, after) and opt.steps == 1
+
+
+def test_a_frozen_orthogonalized_group_holds_nothing_and_resumes():
+    """An orthogonalize=True group whose matrices are all frozen is laid out as empty: no
+    state, no bytes, a state dict that loads back, and the rest steps as without it."""
+    net, alone = _net(), _net()
+    for n in (net, alone):
+        n[0].weight.requires_grad_(False)
+        n[2].weight.requires_grad_(False)
+    rest = [p for p in net.parameters() if p.requires_grad]
+    opt = MFAC([{"params": [net[0].weight, net[2].weight], "orthogonalize": True},
+                {"params": rest}], lr=0.02, ngrads=3)  # fmt: skip
+    ref = MFAC([p for p in alone.parameters() if p.requires_grad], lr=0.02, ngrads=3)
+    grads = _grads(net, 3)
+    live = [i for i, p in enumerate(net.parameters()) if p.requires_grad]
+    _apply(opt, rest, [[g[i] for i in live] for g in grads])
+    _apply(ref, [p for p in alone.parameters() if p.requires_grad],
+           [[g[i] for i in live] for g in grads])  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), alone.parameters(), strict=True))
+    assert net[0].weight not in opt.state and opt.state_nbytes == ref.state_nbytes
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt.steps == 3
