@@ -107,6 +107,8 @@ def _scenario_steps(rank: int, out: dict[str, Any]) -> None:
             ref = _model()
             _train(ref, _opt(rule, options, ref), range(STEPS), None)
             out[f"ref/{name}"] = [p.detach().clone() for p in ref.parameters()]
+        if name == "mfac_hidden":
+            out["memory_check_sizes"] = _memory_check_sizes(model)
         if name == "mfac_tensor":
             sd_window = opt.state_dict()["state"][0]["window"]
             out["window_rows"] = {
@@ -116,6 +118,19 @@ def _scenario_steps(rank: int, out: dict[str, Any]) -> None:
                 "local": tuple(sd_window["rows"]["0"].to_local().shape),
                 "nbytes": [w.nbytes for w in opt.windows],
             }
+
+
+def _memory_check_sizes(model: nn.Module) -> list[int]:
+    """The orthogonalized matrices' sizes that MFAC's memory check counts."""
+    seen: list[list[int]] = []
+
+    class Recording(mfac.MFAC):
+        def required_bytes(self, sizes: list[int], **kw: Any) -> int:
+            seen.append(list(kw.get("unwindowed", ())))
+            return super().required_bytes(sizes, **kw)
+
+    Recording(mfac.optim.hidden_groups(model), lr=1e-2, ngrads=4)
+    return seen[-1]
 
 
 def _resume(rank: int, rule: str, options: dict[str, Any], ckpt: str) -> tuple[Any, Any]:
@@ -377,6 +392,13 @@ def test_window_checkpoint_is_sharded(results: list[dict[str, Any]]) -> None:
         assert rows["placements"] == "(Shard(dim=1),)"
         assert rows["global"] == (4, 9, 6)  # (m, *shape) of the first weight
         assert rows["local"] == (4, 5 - r, 6)  # this rank's rows of it only
+
+
+def test_memory_check_counts_gathered_matrices_whole(results: list[dict[str, Any]]) -> None:
+    """Each rank gathers an orthogonalized matrix whole for Newton-Schulz: the memory check
+    counts the whole (9, 6) and (3, 9) matrices on every rank, not the rank's rows."""
+    for out in results:
+        assert out["memory_check_sizes"] == [54, 27]
 
 
 @pytest.mark.parametrize("name", list(RESUME))

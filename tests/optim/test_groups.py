@@ -51,3 +51,71 @@ def test_hidden_groups_of_hugging_face_models():
     assert not any("embeddings" in n for n in hidden)
     assert "bert.encoder.layer.0.attention.self.query.weight" in hidden
     assert len(hidden) == 6  # q, k, v, attention output, intermediate, output
+
+
+def _names(model: nn.Module, groups: list[dict]) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [sorted(names[id(p)] for p in g["params"]) for g in groups]
+
+
+def test_the_head_is_found_wherever_the_embedding_is_registered():
+    """Without get_output_embeddings the head is the last registered 2-D weight that is not an
+    embedding's: an nn.Embedding registered after the head is not taken for it."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 5)
+            self.table = nn.Embedding(5, 8)  # registered last, used first
+
+    net = Net()
+    assert _names(net, hidden_groups(net)) == [
+        ["body.weight"], ["body.bias", "head.bias", "head.weight", "table.weight"]
+    ]
+
+
+def test_attention_input_projections_are_hidden():
+    """nn.MultiheadAttention's in_proj_weight (a raw 2-D parameter, not a ``weight``) is hidden
+    with its out_proj.weight, as torch.optim.Muon's ``p.ndim == 2`` selection would; with
+    kdim/vdim the separate q, k and v projections are."""
+    net = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Linear(8, 3))
+    hidden, rest = _names(net, hidden_groups(net))
+    assert hidden == sorted(
+        f"0.{n}" for n in ("self_attn.in_proj_weight", "self_attn.out_proj.weight",
+                           "linear1.weight", "linear2.weight")
+    )  # fmt: skip
+    assert "1.weight" in rest and "0.self_attn.in_proj_bias" in rest
+    cross = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, kdim=4, vdim=6),
+                           "head": nn.Linear(8, 2)})  # fmt: skip
+    hidden, _ = _names(cross, hidden_groups(cross))
+    projections = ("k_proj_weight", "out_proj.weight", "q_proj_weight", "v_proj_weight")
+    assert hidden == [f"attn.{x}" for x in projections]
+
+
+def test_tied_and_frozen_parameters():
+    """A head tied to the embedding is the embedding (in the rest, once); frozen parameters are
+    in neither group; a model whose only Linear is its head has nothing hidden."""
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.mid = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 11, bias=False)
+            self.out.weight = self.emb.weight
+
+    lm = LM()
+    assert _names(lm, hidden_groups(lm)) == [["mid.weight"], ["emb.weight", "mid.bias"]]
+    lm.emb.weight.requires_grad_(False)
+    assert _names(lm, hidden_groups(lm)) == [["mid.weight"], ["mid.bias"]]
+    head_only = nn.Sequential(nn.Embedding(5, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    groups = hidden_groups(head_only)
+    assert len(groups) == 1 and "orthogonalize" not in groups[0]
+
+
+def test_an_embedding_bag_is_a_table_not_a_hidden_matrix():
+    """nn.EmbeddingBag (not an nn.Embedding subclass) is an input table like nn.Embedding."""
+    net = nn.ModuleDict({"bag": nn.EmbeddingBag(10, 8), "mid": nn.Linear(8, 8),
+                         "head": nn.Linear(8, 2)})  # fmt: skip
+    assert _names(net, hidden_groups(net))[0] == ["mid.weight"]

@@ -117,6 +117,17 @@ class WindowOptimizer(torch.optim.Optimizer):
         self._install(self._plan(masks), masks, keep=False)
         self._ready = True
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's fields (defaults, state, groups) and this class's own (options, layout,
+        windows), so that deepcopy and pickle give a working copy; torch's hooks are left out,
+        as torch leaves them out."""
+        own = {
+            k: v
+            for k, v in self.__dict__.items()
+            if not k.startswith("_optimizer_") and k != "_zero_grad_profile_name"
+        }
+        return {**own, **super().__getstate__()}
+
     # ------------------------------------------------------------------ options
     @property
     def window_scope(self) -> str:
@@ -131,8 +142,9 @@ class WindowOptimizer(torch.optim.Optimizer):
         self, sizes: list[int], *, windows: int | None = None, unwindowed: Sequence[int] = ()
     ) -> int:
         """Bytes a step needs for windowed parameters of these sizes in ``windows`` windows
-        (default: one per size, or one with a model-wide scope) and for parameters of the sizes
-        ``unwindowed`` stepped without a window (windows, state, temporaries)."""
+        (default: one per size, or one with a model-wide scope) and for parameters of the
+        (whole, global) sizes ``unwindowed`` stepped without a window (windows, state,
+        temporaries)."""
         raise NotImplementedError
 
     def _check_groups(self) -> list[dict[str, float]]:
@@ -207,8 +219,8 @@ class WindowOptimizer(torch.optim.Optimizer):
         cfg = self.cfg
         check_fits(
             self.required_bytes(
-                sizes, windows=len(members), unwindowed=[local(p).numel() for p in others]
-            ),
+                sizes, windows=len(members), unwindowed=[p.numel() for p in others]
+            ),  # the unwindowed (orthogonalized) matrices whole: FSDP2 gathers them
             f"{name} over {offset} coordinates in {len(sizes)} tensors with "
             f"{self._describe_windows(offset)} (windows, their float64 m x m matrices, the "
             "rule's state and the step's buffers)",
@@ -234,6 +246,12 @@ class WindowOptimizer(torch.optim.Optimizer):
     def _windowed(self, group: Mapping[str, Any], index: int) -> bool:
         """Whether a group's parameters are stepped through the windows (all, by default)."""
         return True
+
+    def _kept_tensors(self, windowed: bool) -> tuple[str, ...]:
+        """The per-parameter tensors a windowed (or, with ``windowed=False``, an unwindowed)
+        parameter may hold: a saved entry with any other is refused (all of
+        ``param_tensors`` by default)."""
+        return self.param_tensors
 
     def _window_members(self, params: list[torch.Tensor]) -> list[list[int]]:
         """Which parameters each window covers: one window for the model, or one per tensor,
@@ -388,7 +406,8 @@ class WindowOptimizer(torch.optim.Optimizer):
 
     @property
     def steps(self) -> int:
-        """Steps taken (a step in which no parameter had a gradient does not count)."""
+        """Steps the windows took (a step in which no windowed parameter had a gradient does not
+        count, even if an unwindowed one had)."""
         return int(self.state[self._layout.params[0]]["step"])
 
     @property
@@ -434,12 +453,20 @@ class WindowOptimizer(torch.optim.Optimizer):
             )
             dist.all_reduce(flags, group=mesh.get_group())
             bad = (flags > 0).tolist()
-        for i, p in enumerate(params):
-            if bad[i]:
-                raise NonFiniteGradientError(
-                    f"{type(self).__name__}.step: the gradient of parameter #{i} (shape "
-                    f"{tuple(p.shape)}) contains NaN or Inf; nothing was changed"
-                )
+        if not any(bad):
+            return
+        # named by its place among all the groups' parameters (the state dict's index), not by
+        # its place in the layout (a rule lays the windowed parameters out first)
+        p = params[bad.index(True)]
+        groups = enumerate(self.param_groups)
+        places = [(gi, j) for gi, g in groups for j in range(len(g["params"]))]
+        i = next(k for k, q in enumerate(self._all_params()) if q is p)
+        gi, j = places[i]
+        raise NonFiniteGradientError(
+            f"{type(self).__name__}.step: the gradient of parameter #{i} "
+            f"(param_groups[{gi}]['params'][{j}], shape {tuple(p.shape)}) contains NaN or Inf; "
+            "nothing was changed"
+        )
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the FSDP2 mesh in place (nothing without one); returns ``t``."""
@@ -536,15 +563,18 @@ class WindowOptimizer(torch.optim.Optimizer):
         anchor = pid_of[id(plan.params[0])]
         tensors: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         windows: list[tuple[SlidingWindow, Mapping[str, Any]]] = []
+        laid_out = {id(p) for p in plan.params}
         for pid, entry in saved_state.items():
             p = by_id[pid]
-            allowed = (*self.param_tensors, "mask")
+            kept = self._kept_tensors(id(p) in laid_out)
+            allowed = (*kept, "mask")
             allowed += ("window",) if id(p) in holders else ()
             allowed += ("step", *self.anchor_fields) if pid == anchor else ()
             for key in entry:
                 if key not in allowed:
-                    raise ValueError(f"state[{pid!r}] has an unexpected field {key!r}")
-            for key in self.param_tensors:
+                    hint = self._window_hint() if key == "window" else ""
+                    raise ValueError(f"state[{pid!r}] has an unexpected field {key!r}{hint}")
+            for key in kept:
                 if key in entry:
                     self._check_param_tensor(entry[key], p, f"state[{pid!r}][{key!r}]", plan)
                     tensors.setdefault(p, {})[key] = entry[key]
@@ -552,13 +582,15 @@ class WindowOptimizer(torch.optim.Optimizer):
             pid = pid_of[id(p)]
             entry = saved_state.get(pid, {})
             if "window" not in entry:
-                raise KeyError(f"state is missing the field state[{pid!r}]['window']")
+                raise KeyError(
+                    f"state is missing the field state[{pid!r}]['window']{self._window_hint()}"
+                )
             window = holders[id(p)]
             try:
                 window.check_state(entry["window"])
             except (KeyError, ValueError, TypeError) as exc:
                 msg = exc.args[0] if exc.args else str(exc)
-                raise type(exc)(f"state[{pid!r}]['window']: {msg}") from None
+                raise type(exc)(f"state[{pid!r}]['window']: {msg}{self._window_hint()}") from None
             windows.append((window, entry["window"]))
         step = saved_state.get(anchor, {}).get("step")
         if isinstance(step, torch.Tensor) and step.numel() == 1:
@@ -573,6 +605,11 @@ class WindowOptimizer(torch.optim.Optimizer):
             "step": step,
             "extra": saved_state.get(anchor, {}),
         }
+
+    def _window_hint(self) -> str:
+        """What a saved state's windows that do not match this optimizer's may come from
+        (appended to the refusal; none by default)."""
+        return ""
 
     def _check_param_tensor(self, t: Any, p: torch.Tensor, field: str, plan: Plan) -> None:
         """A saved per-parameter tensor must be finite, of the parameter's shape and of the

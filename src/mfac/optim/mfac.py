@@ -84,8 +84,10 @@ class MFAC(WindowOptimizer):
             :class:`mfac.MFACSGD`) is refused by name.
 
     A parameter whose ``.grad`` is None in a step is not updated; its Adam moments and window
-    see a zero gradient (an orthogonalized matrix's momentum does not change). NaN/Inf in a
-    gradient raises :class:`mfac.NonFiniteGradientError` before anything changes. FSDP2
+    see a zero gradient (an orthogonalized matrix's momentum does not change). A step in which
+    only the orthogonalized matrices have gradients leaves the windowed part alone: its
+    moments, windows and :attr:`steps` (the window rule's count, Adam's bias correction) stay.
+    NaN/Inf in a gradient raises :class:`mfac.NonFiniteGradientError` before anything changes. FSDP2
     parameters (``fully_shard``: DTensors with ``Shard(0)``) need nothing more: each rank keeps
     its shards' columns of the windows and all-reduces the m x m products (docs/optim.md,
     "FSDP2 and distributed checkpoints"); an orthogonalized matrix is gathered whole for its
@@ -115,11 +117,14 @@ class MFAC(WindowOptimizer):
         matrices, Adam's two moments, and the step's float32 temporaries (z, u and the
         direction, plus the eigendecomposition's m x m work per window). With one top-k
         window its bytes are :meth:`TopKSlidingInverseFisher.required_bytes` (the direction is
-        its returned step), plus z, u, the moments and the eigendecomposition's work. An
-        orthogonalized matrix takes its momentum, the Nesterov direction and its
-        orthogonalization (float32, 3 floats per entry)."""
+        its returned step), plus z, u, the moments and the eigendecomposition's work.
+        ``unwindowed`` are the orthogonalized matrices' whole sizes (FSDP2 gathers each whole);
+        per entry they take their momentum (a shard under FSDP2: the whole is an upper bound),
+        the Nesterov direction (every matrix's, held until its batch is orthogonalized), the
+        batch's float32 stack and Newton-Schulz's three bfloat16 matrices (input, iterate,
+        result), plus one float32 update of the largest at a time."""
         cfg, dim, m = self.cfg, sum(sizes), self.cfg.ngrads
-        orthogonal = 3 * 4 * sum(unwindowed)
+        orthogonal = (4 + 4 + 4 + 3 * 2) * sum(unwindowed) + 4 * max(unwindowed, default=0)
         if cfg.layout == "topk":
             k = resolve_k(cfg.topk, dim)
             window = TopKSlidingInverseFisher.required_bytes(dim, m, k, cfg.window_dtype)
@@ -167,6 +172,11 @@ class MFAC(WindowOptimizer):
                     )
         return not flag
 
+    def _kept_tensors(self, windowed: bool) -> tuple[str, ...]:
+        """Adam's two moments for a windowed parameter, the momentum for an orthogonalized
+        matrix (a saved entry with the other kind's tensor is refused by name)."""
+        return ("exp_avg", "exp_avg_sq") if windowed else ("momentum_buffer",)
+
     def _check_groups(self) -> list[dict[str, float]]:
         """The groups' numeric options, checked; ``orthogonalize`` cannot change after the
         layout was built (the parameters' state differs between the two steps)."""
@@ -192,12 +202,22 @@ class MFAC(WindowOptimizer):
         if isinstance(saved_groups, list) and len(saved_groups) == len(self.param_groups):
             for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
                 flag = saved.get("orthogonalize", False) if isinstance(saved, Mapping) else False
-                if flag != group["orthogonalize"]:
+                if not isinstance(flag, bool) or flag != group["orthogonalize"]:  # 1 == True
                     raise ValueError(
                         f"param_groups[{gi}]['orthogonalize']: state has {flag!r}, this "
                         f"optimizer {group['orthogonalize']!r}"
                     )
         return super()._check_state_dict(state_dict)
+
+    def _window_hint(self) -> str:
+        """Windows laid out otherwise come from another ``window_scope`` or ``share_below``
+        (which tensors share a window)."""
+        c = self.cfg
+        return (
+            f" (the saved windows are laid out otherwise: was the state saved with another "
+            f"window_scope or share_below? this optimizer has window_scope={c.window_scope!r}, "
+            f"share_below={c.share_below})"
+        )
 
     def _flat_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole model's z and u (float32 d-vectors), kept across steps so that a step
@@ -278,11 +298,13 @@ class MFAC(WindowOptimizer):
         if not windowed and not orthogonal:
             return
         self._check_finite(params + plan.unwindowed)
+        # the step count is the window rule's (Adam's bias correction): a step in which no
+        # windowed parameter has a gradient leaves that part, its count included, untouched
         if windowed:
             self._window_step(options)
+            self._count_step()
         if orthogonal:
             self._orthogonal_step(options)
-        self._count_step()
 
     def _window_step(self, options: list[dict[str, float]]) -> None:
         """The window rule on every laid-out parameter (all but the orthogonalized ones)."""
