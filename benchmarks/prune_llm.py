@@ -123,7 +123,7 @@ LAYERWISE = (
     "sparsegpt", "sparsegpt-seq", "wanda", "owl-wanda", "owl-sparsegpt", "fisher-sparsegpt",
     "sparsegpt-seq-pcg", "fisher-sparsegpt-pcg",
 )  # fmt: skip
-#: "-pcg": the same method with ``update="pcg"`` (SparseGPT's weights refined on its mask by
+#: "-pcg": the same method with ``refine="pcg"`` (SparseGPT's weights refined on its mask by
 #: batched preconditioned CG, :mod:`mfac.prune.refine`)
 
 
@@ -154,7 +154,7 @@ def layerwise(
     args: argparse.Namespace, out: dict,
 ) -> None:  # fmt: skip
     """Run one of the layer-wise methods on ``model`` with its own function and config."""
-    update = "pcg" if method.endswith("-pcg") else "obs"
+    refine = "pcg" if method.endswith("-pcg") else "none"
     method = method.removesuffix("-pcg")
     from mfac.prune import sparsegpt
     from mfac.prune._layers import find_targets
@@ -191,10 +191,10 @@ def layerwise(
             model, calib, calib_forward, budget, targets=targets, pattern=nm,
             block=args.block, damp=args.damp, calib_batches=args.calib,
             sequential=method != "sparsegpt",
-            progress=False, info=info, update=update, pcg_iters=args.pcg_iters,
+            progress=False, info=info, refine=refine, pcg_iters=args.pcg_iters,
             pcg_tol=args.pcg_tol,
         )  # fmt: skip
-    if update == "pcg":
+    if refine == "pcg":
         reports = info["pcg"].values()
         ratio = [r["error_end"] / max(r["error_start"], 1e-300) for r in reports]
         out["pcg"] = {

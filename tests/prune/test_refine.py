@@ -1,6 +1,6 @@
 """Batched PCG on a fixed mask (mfac.prune.refine): the exact per-row restricted least squares
 in float64, monotone from the warm start, the mask held exactly, non-convergence reported by
-name, refusals that leave the weight (and the model) as they were, and ``update="pcg"``
+name, refusals that leave the weight (and the model) as they were, and ``refine="pcg"``
 through ``sparsegpt`` and ``oneshot``."""
 
 from __future__ import annotations
@@ -104,6 +104,17 @@ def test_float32_weights_close_to_float64() -> None:
     assert bool((w[~mask] == 0).all())
 
 
+def test_refines_a_parameter_in_place() -> None:
+    """A layer's weight (an nn.Parameter with grad enabled) is written in place."""
+    w0, _, h, mask = _problem(5, 10, 30, 0.5, seed=6)
+    layer = torch.nn.Linear(10, 5, bias=False).double()
+    with torch.no_grad():
+        layer.weight.copy_(w0)
+    ref = _exact(w0, h, mask, 0.01)
+    refine_weights(layer.weight, mask, h, iters=50, tol=1e-13)
+    assert layer.weight.requires_grad and torch.allclose(layer.weight, ref, rtol=0, atol=1e-8)
+
+
 def test_conv_weight_is_flattened() -> None:
     gen = torch.Generator().manual_seed(4)
     w0 = torch.randn(4, 2, 3, 3, generator=gen, dtype=F64)
@@ -187,27 +198,27 @@ def test_non_convergence_reported() -> None:
     with pytest.warns(RuntimeWarning, match=r"PCG did not reach pcg_tol=1e-12 within 1 "):
         sparsegpt(
             model, batches, _run, 0.5, layers=_layers, calib_batches=3, progress=False,
-            info=info, update="pcg", pcg_iters=1, pcg_tol=1e-12,
+            info=info, refine="pcg", pcg_iters=1, pcg_tol=1e-12,
         )  # fmt: skip
     assert info["pcg_not_converged"] and set(info["pcg_not_converged"]) <= set(info["pcg"])
     assert all(not info["pcg"][n]["converged"] for n in info["pcg_not_converged"])
 
 
 @pytest.mark.parametrize("pattern", [None, "2:4"])
-def test_oneshot_update_pcg_keeps_masks_and_lowers_layer_error(pattern) -> None:
-    """Single-pass calibration (every layer sees the dense model's inputs): ``update="pcg"``
+def test_oneshot_refine_pcg_keeps_masks_and_lowers_layer_error(pattern) -> None:
+    """Single-pass calibration (every layer sees the dense model's inputs): ``refine="pcg"``
     picks SparseGPT's masks and leaves every layer's damped error at most SparseGPT's, equal to
     the exact restricted solve on the Gram the calibration recorded."""
     results, models = {}, {}
-    for update in ("obs", "pcg"):
+    for mode in ("none", "pcg"):
         model, batches = _chain()
         dense = _snapshot(model)
-        results[update] = mp.oneshot(
+        results[mode] = mp.oneshot(
             model, 0.5, "sparsegpt", data=batches, loss_fn=_run, pattern=pattern,
             layers=["layers.*"], sequential=False, calib_batches=3, progress=False,
-            update=update, pcg_iters=100, pcg_tol=1e-13,
+            refine=mode, pcg_iters=100, pcg_tol=1e-13,
         )  # fmt: skip
-        models[update] = model
+        models[mode] = model
     assert results["pcg"].timings["refine"] >= 0 and results["pcg"].info["pcg"]
     assert results["pcg"].info["pcg_not_converged"] == []
     model, batches = _chain()
@@ -223,7 +234,7 @@ def test_oneshot_update_pcg_keeps_masks_and_lowers_layer_error(pattern) -> None:
     for hk in hooks:
         hk.remove()
     for name, keep in results["pcg"].masks.items():
-        assert torch.equal(keep, results["obs"].masks[name])
+        assert torch.equal(keep, results["none"].masks[name])
         # the Gram as calibration accumulates it: float32 per batch, summed in float64
         cols = dense[f"{name}.weight"].shape[1]
         grams = [(x.reshape(-1, cols).float().T @ x.reshape(-1, cols).float()) for x in xs[name]]
@@ -231,7 +242,7 @@ def test_oneshot_update_pcg_keeps_masks_and_lowers_layer_error(pattern) -> None:
         h = sum(g.to(F64) for g in grams) * (2.0 / rows)  # scale matters for dead inputs
         a = damped_gram(h, 0.01)
         w0 = dense[f"{name}.weight"]
-        obs = models["obs"].get_submodule(name).weight.detach()
+        obs = models["none"].get_submodule(name).weight.detach()
         pcg = models["pcg"].get_submodule(name).weight.detach()
         assert bool((pcg[~keep] == 0).all())
         assert bool((_objective(pcg, w0, a) <= _objective(obs, w0, a) + 1e-10).all())
@@ -241,15 +252,15 @@ def test_oneshot_update_pcg_keeps_masks_and_lowers_layer_error(pattern) -> None:
 def test_presets_take_the_option_and_bad_values_leave_the_model() -> None:
     model, batches = _chain()
     snap = _snapshot(model)
-    with pytest.raises(ValueError, match="update"):
+    with pytest.raises(ValueError, match="refine"):
         mp.oneshot(
             model, 0.5, "owl-sparsegpt", data=batches, loss_fn=_run, layers=["layers.*"],
-            update="admm", progress=False,
+            refine="admm", progress=False,
         )  # fmt: skip
     assert _same(model, snap)
     res = mp.oneshot(
         model, 0.5, "owl-sparsegpt", data=batches, loss_fn=_run, layers=["layers.*"],
-        calib_batches=3, update="pcg", progress=False,
+        calib_batches=3, refine="pcg", progress=False,
     )  # fmt: skip
     assert set(res.info["pcg"]) == set(res.masks)
     for name, keep in res.masks.items():

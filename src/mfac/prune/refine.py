@@ -16,7 +16,7 @@ start (float32 round-off) keeps its warm start, so f never increases.
 
 :func:`refine_weights` is the composable step (any mask, in place, refused input leaves the
 weight as it was); :func:`pcg_refine` is the out-of-place solver ``method="sparsegpt"`` calls
-with ``update="pcg"``.
+with ``refine="pcg"``.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ F64 = torch.float64
 class RefineOptions(Options):
     """Options of the weight update that follows a mask choice (mixed into SparseGPT's config)."""
 
-    update: str = option(
-        "obs", "weights on the chosen mask: SparseGPT's OBS updates (obs), or those refined to "
-        "the exact layer-wise least squares by preconditioned CG (pcg)", choices=("obs", "pcg"),
+    refine: str = option(
+        "none", "after SparseGPT's OBS updates, refine the kept weights to the exact layer-wise "
+        "least squares on the mask by preconditioned CG (pcg)", choices=("none", "pcg"),
     )  # fmt: skip
-    pcg_iters: int = option(50, "update=pcg: most CG iterations per layer", low=1)
+    pcg_iters: int = option(50, "refine=pcg: most CG iterations per layer", low=1)
     pcg_tol: float = option(
-        1e-3, "update=pcg: stop once every row's residual, relative to its right-hand side, is "
+        1e-3, "refine=pcg: stop once every row's residual, relative to its right-hand side, is "
         "below this", low=0, low_open=True,
     )  # fmt: skip
 

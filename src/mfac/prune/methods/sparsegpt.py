@@ -10,7 +10,7 @@ one matmul.
 
 ``method="sparsegpt"`` runs :func:`sparsegpt` over the targets, stage by stage
 (:mod:`mfac.prune.calibration`), at the uniform or a per-layer budget
-(:mod:`mfac.prune.budgets`). With ``update="pcg"`` each layer's weights on its SparseGPT mask are
+(:mod:`mfac.prune.budgets`). With ``refine="pcg"`` each layer's weights on its SparseGPT mask are
 then refined to the exact layer-wise least squares by batched preconditioned CG
 (:mod:`mfac.prune.refine`), warm-started from SparseGPT's.
 """
@@ -270,7 +270,7 @@ def sparsegpt(
     priors: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
     info: dict[str, object] | None = None,
-    update: str = "obs",
+    refine: str = "none",
     pcg_iters: int = 50,
     pcg_tol: float = 1e-3,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -286,14 +286,15 @@ def sparsegpt(
     damping used per layer where a failed Cholesky escalated it (``damp_escalated``). On any
     error the weights are restored.
 
-    ``update="pcg"`` refines every layer's weights on its SparseGPT mask by at most
+    ``refine="pcg"`` refines every layer's weights on its SparseGPT mask by at most
     ``pcg_iters`` Jacobi-preconditioned CG iterations on the same damped Hessian
     (:func:`mfac.prune.refine.pcg_refine`); ``info["pcg"]`` gets each layer's report and
     ``info["pcg_not_converged"]`` the layers whose relative residual stayed above ``pcg_tol``
+    (``pcg_max_iterations`` / ``pcg_max_residual``: the largest over the layers)
     (also one RuntimeWarning naming them). The CG time is ``timings["refine"]``.
     """
-    if update not in ("obs", "pcg"):
-        raise ValueError(f"update must be 'obs' or 'pcg', got {update!r}")
+    if refine not in ("none", "pcg"):
+        raise ValueError(f"refine must be 'none' or 'pcg', got {refine!r}")
     if targets is None:
         targets = find_targets(model, layers)
     check_layerwise_targets(targets)
@@ -302,7 +303,7 @@ def sparsegpt(
     check_damp(damp)
     batches = calibration_batches(data, calib_batches)
     timings = {"collect": 0.0, "precompute": 0.0, "prune": 0.0}
-    if update == "pcg":
+    if refine == "pcg":
         timings["refine"] = 0.0
     reports: dict[str, dict[str, object]] = {}
     masks: dict[str, torch.Tensor] = {}
@@ -327,7 +328,7 @@ def sparsegpt(
                 t.param, h, budgets[t.name], pattern, block, damp=damp, prior_mask=prior,
                 name=t.name, factor=last_factor,
             )  # fmt: skip
-            if update == "pcg":
+            if refine == "pcg":
                 t3 = time.perf_counter()
                 rows = new.shape[0]
                 refined, report = pcg_refine(
@@ -357,7 +358,7 @@ def sparsegpt(
             )  # fmt: skip
     finally:
         bar.close()
-    if update == "pcg":
+    if refine == "pcg":
         stuck = [name for name, r in reports.items() if not r["converged"]]
         if stuck:
             warnings.warn(
@@ -370,6 +371,9 @@ def sparsegpt(
         if info is not None:
             info["pcg"] = reports
             info["pcg_not_converged"] = stuck
+            done = list(reports.values())
+            info["pcg_max_iterations"] = max((int(r["iterations"]) for r in done), default=0)
+            info["pcg_max_residual"] = max((float(r["residual"]) for r in done), default=0.0)
     if info is not None:
         info["damp_escalated"] = escalated
         info["layer_seconds"] = seconds
@@ -386,7 +390,7 @@ def run(req: Request, cfg: SparseGPTConfig) -> dict[str, torch.Tensor]:
         req.model, req.data, req.loss_fn, budget,
         targets=req.targets, pattern=req.pattern, block=cfg.block, damp=cfg.damp,
         calib_batches=cfg.calib_batches, sequential=cfg.sequential, priors=req.priors,
-        progress=cfg.progress, info=req.info, update=cfg.update, pcg_iters=cfg.pcg_iters,
+        progress=cfg.progress, info=req.info, refine=cfg.refine, pcg_iters=cfg.pcg_iters,
         pcg_tol=cfg.pcg_tol,
     )  # fmt: skip
     req.timings.update(timings)
