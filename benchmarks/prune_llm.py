@@ -120,8 +120,11 @@ def perplexity(model: torch.nn.Module, data: torch.Tensor) -> float:
 
 
 LAYERWISE = (
-    "sparsegpt", "sparsegpt-seq", "wanda", "owl-wanda", "owl-sparsegpt", "fisher-sparsegpt"
+    "sparsegpt", "sparsegpt-seq", "wanda", "owl-wanda", "owl-sparsegpt", "fisher-sparsegpt",
+    "sparsegpt-seq-pcg", "fisher-sparsegpt-pcg",
 )  # fmt: skip
+#: "-pcg": the same method with ``refine="pcg"`` (SparseGPT's weights refined on its mask by
+#: batched preconditioned CG, :mod:`mfac.prune.refine`)
 
 
 def calib_forward(model: torch.nn.Module, ids: torch.Tensor) -> object:
@@ -151,6 +154,8 @@ def layerwise(
     args: argparse.Namespace, out: dict,
 ) -> None:  # fmt: skip
     """Run one of the layer-wise methods on ``model`` with its own function and config."""
+    refine = "pcg" if method.endswith("-pcg") else "none"
+    method = method.removesuffix("-pcg")
     from mfac.prune import sparsegpt
     from mfac.prune._layers import find_targets
     from mfac.prune.budgets import OWLConfig, owl_sparsities
@@ -186,8 +191,21 @@ def layerwise(
             model, calib, calib_forward, budget, targets=targets, pattern=nm,
             block=args.block, damp=args.damp, calib_batches=args.calib,
             sequential=method != "sparsegpt",
-            progress=False, info=info,
+            progress=False, info=info, refine=refine, pcg_iters=args.pcg_iters,
+            pcg_tol=args.pcg_tol,
         )  # fmt: skip
+    if refine == "pcg":
+        reports = info["pcg"].values()
+        ratio = [r["error_end"] / max(r["error_start"], 1e-300) for r in reports]
+        out["pcg"] = {
+            "iters": args.pcg_iters, "tol": args.pcg_tol,
+            "max_iterations": max(r["iterations"] for r in reports),
+            "mean_iterations": sum(r["iterations"] for r in reports) / len(reports),
+            "not_converged": info["pcg_not_converged"],
+            "max_residual": max(r["residual"] for r in reports),
+            "error_ratio_mean": sum(ratio) / len(ratio),
+            "kept_rows": sum(r["kept_rows"] for r in reports),
+        }
     total = sum(m.numel() for m in masks.values())
     out["sparsity"] = sum(int((~m).sum()) for m in masks.values()) / total
     out["weights_zero"] = sum(int((t.param == 0).sum()) for t in targets) / total
@@ -348,6 +366,8 @@ def main() -> None:
         "--val-windows", type=int, default=0,
         help="validation perplexity on this many unused calibration-text windows",
     )  # fmt: skip
+    parser.add_argument("--pcg-iters", type=int, default=50, help="-pcg methods: CG iterations")
+    parser.add_argument("--pcg-tol", type=float, default=1e-3, help="-pcg methods: CG tolerance")
     parser.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
     parser.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda")
     parser.add_argument("--seed", type=int, default=0, help="draw of the calibration windows")

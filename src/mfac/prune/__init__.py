@@ -1,7 +1,8 @@
 """Second-order pruning: one-shot OBS with the M-FAC inverse Fisher (summed single-weight
 updates, recomputation, exact OBC inside each Fisher block), layer-wise OBS (SparseGPT),
-magnitude and diagonal-Fisher baselines, Wanda, OWL and Fisher budgets for transformers, I-OBS
-for networks, N:M patterns, masks that hold, Hugging Face export, and gradual pruning.
+magnitude and diagonal-Fisher baselines, exact weights on a fixed mask by batched PCG
+(:mod:`.refine`), Wanda, OWL and Fisher budgets for transformers, I-OBS for networks, N:M
+patterns, masks that hold, Hugging Face export, and gradual pruning.
 
 One module per method in :mod:`mfac.prune.methods`, registered in :mod:`mfac.prune.registry`;
 the shared pieces each in their own module: targets (:mod:`._layers`), N:M patterns
@@ -33,6 +34,7 @@ from .methods.mfac_obs import density_steps
 from .methods.sparsegpt import prune_layer, sparsegpt
 from .methods.wanda import WandaConfig, wanda
 from .patterns import parse_pattern
+from .refine import RefineReport, refine_weights
 from .registry import REGISTRY, get_method
 from .result import PruneResult
 from .schedule import cubic_schedule, finetune, gradual
@@ -46,6 +48,7 @@ __all__ = [
     "Method",
     "OWLConfig",
     "PruneResult",
+    "RefineReport",
     "SingularHessianError",
     "WandaConfig",
     "apply_masks",
@@ -66,6 +69,7 @@ __all__ = [
     "parse_pattern",
     "prune_layer",
     "read_sparse",
+    "refine_weights",
     "save_masks",
     "save_pretrained_sparse",
     "save_sparse",

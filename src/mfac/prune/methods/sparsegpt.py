@@ -10,11 +10,14 @@ one matmul.
 
 ``method="sparsegpt"`` runs :func:`sparsegpt` over the targets, stage by stage
 (:mod:`mfac.prune.calibration`), at the uniform or a per-layer budget
-(:mod:`mfac.prune.budgets`).
+(:mod:`mfac.prune.budgets`). With ``refine="pcg"`` each layer's weights on its SparseGPT mask are
+then refined to the exact layer-wise least squares by batched preconditioned CG
+(:mod:`mfac.prune.refine`), warm-started from SparseGPT's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -31,6 +34,7 @@ from ..calibration import InputStats, calibration_batches, check_layerwise_targe
 from ..collect import progress_bar
 from ..method import CommonOptions, LayerOptions, Method, Request
 from ..patterns import Pattern, check_pattern_fits, lowest
+from ..refine import RefineOptions, damped_gram, pcg_refine
 from ..restore import restored_on_error
 
 F64 = torch.float64
@@ -56,7 +60,7 @@ class ProjectionOptions(LayerOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SparseGPTConfig(CommonOptions, ProjectionOptions, BudgetOptions):
+class SparseGPTConfig(CommonOptions, ProjectionOptions, BudgetOptions, RefineOptions):
     """Options of ``method="sparsegpt"``."""
 
     block: int = option(128, "columns pruned together: the column block of lazy updates", low=1)
@@ -266,6 +270,9 @@ def sparsegpt(
     priors: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
     info: dict[str, object] | None = None,
+    refine: str = "none",
+    pcg_iters: int = 50,
+    pcg_tol: float = 1e-3,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Prune ``targets`` of ``model`` in place with SparseGPT from ``calib_batches`` batches of
     ``data`` (``forward_fn(model, batch)`` runs the model). Returns (keep-masks, timings).
@@ -278,7 +285,16 @@ def sparsegpt(
     :mod:`mfac.prune.calibration`). ``info``, when given, receives the schedule that ran and the
     damping used per layer where a failed Cholesky escalated it (``damp_escalated``). On any
     error the weights are restored.
+
+    ``refine="pcg"`` refines every layer's weights on its SparseGPT mask by at most
+    ``pcg_iters`` Jacobi-preconditioned CG iterations on the same damped Hessian
+    (:func:`mfac.prune.refine.pcg_refine`); ``info["pcg"]`` gets each layer's report and
+    ``info["pcg_not_converged"]`` the layers whose relative residual stayed above ``pcg_tol``
+    (``pcg_max_iterations`` / ``pcg_max_residual``: the largest over the layers)
+    (also one RuntimeWarning naming them). The CG time is ``timings["refine"]``.
     """
+    if refine not in ("none", "pcg"):
+        raise ValueError(f"refine must be 'none' or 'pcg', got {refine!r}")
     if targets is None:
         targets = find_targets(model, layers)
     check_layerwise_targets(targets)
@@ -287,6 +303,9 @@ def sparsegpt(
     check_damp(damp)
     batches = calibration_batches(data, calib_batches)
     timings = {"collect": 0.0, "precompute": 0.0, "prune": 0.0}
+    if refine == "pcg":
+        timings["refine"] = 0.0
+    reports: dict[str, dict[str, object]] = {}
     masks: dict[str, torch.Tensor] = {}
     escalated: dict[str, float] = {}
     bar = progress_bar(total=len(targets), desc="sparsegpt", disable=not progress)
@@ -309,6 +328,19 @@ def sparsegpt(
                 t.param, h, budgets[t.name], pattern, block, damp=damp, prior_mask=prior,
                 name=t.name, factor=last_factor,
             )  # fmt: skip
+            if refine == "pcg":
+                t3 = time.perf_counter()
+                rows = new.shape[0]
+                refined, report = pcg_refine(
+                    t.param.detach().reshape(rows, -1), keep.reshape(rows, -1),
+                    damped_gram(h, last_factor[2]), new.reshape(rows, -1),
+                    iters=pcg_iters, tol=pcg_tol,
+                )  # fmt: skip
+                if not bool(torch.isfinite(refined).all()):
+                    raise FloatingPointError(f"{t.name}: PCG produced non-finite weights")
+                new = refined.to(new.dtype).reshape(new.shape)
+                reports[t.name] = dataclasses.asdict(report)
+                timings["refine"] += time.perf_counter() - t3
             t.param.copy_(new)
             masks[t.name] = keep.cpu()
             if last_factor[2] != damp:  # the damping the factor was escalated to
@@ -326,6 +358,22 @@ def sparsegpt(
             )  # fmt: skip
     finally:
         bar.close()
+    if refine == "pcg":
+        stuck = [name for name, r in reports.items() if not r["converged"]]
+        if stuck:
+            warnings.warn(
+                f"PCG did not reach pcg_tol={pcg_tol:g} within {pcg_iters} iterations on "
+                f"{len(stuck)} layer(s): {', '.join(stuck[:8])}{' ...' if len(stuck) > 8 else ''}"
+                " (their weights are still no worse than SparseGPT's)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if info is not None:
+            info["pcg"] = reports
+            info["pcg_not_converged"] = stuck
+            done = list(reports.values())
+            info["pcg_max_iterations"] = max((int(r["iterations"]) for r in done), default=0)
+            info["pcg_max_residual"] = max((float(r["residual"]) for r in done), default=0.0)
     if info is not None:
         info["damp_escalated"] = escalated
         info["layer_seconds"] = seconds
@@ -342,7 +390,8 @@ def run(req: Request, cfg: SparseGPTConfig) -> dict[str, torch.Tensor]:
         req.model, req.data, req.loss_fn, budget,
         targets=req.targets, pattern=req.pattern, block=cfg.block, damp=cfg.damp,
         calib_batches=cfg.calib_batches, sequential=cfg.sequential, priors=req.priors,
-        progress=cfg.progress, info=req.info,
+        progress=cfg.progress, info=req.info, refine=cfg.refine, pcg_iters=cfg.pcg_iters,
+        pcg_tol=cfg.pcg_tol,
     )  # fmt: skip
     req.timings.update(timings)
     return masks

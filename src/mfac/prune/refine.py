@@ -1,0 +1,236 @@
+"""Optimal weights on a fixed mask: batched preconditioned conjugate gradients (the weight update
+of ALPS, Meng et al. 2024, without its ADMM mask search).
+
+For a linear map with calibration inputs X (Gram H = X^T X up to a scale) and dense weights W0
+(out x in), the pruned weights on a keep-mask S minimise
+
+    f(W) = tr((W - W0) A (W - W0)^T),   A = H + damp * mean(diag H) * I,   W = 0 off S,
+
+(the layer's output error ||X W^T - X W0^T||^2 plus the damping term). Rows are independent:
+row i solves A[S_i, S_i] w_S = (A w0)_S. All rows are solved together by conjugate gradients on
+the matrix-free operator V -> (V A) * S, one (out x in) @ (in x in) matmul per iteration,
+preconditioned by diag(A) on the mask (Jacobi) and warm-started from the current pruned weights
+(SparseGPT's, or W0 * S). Per-row step sizes are float64; the big buffers keep the weight's
+float32 (float64 in, float64 throughout). A row that ends with a larger objective than its warm
+start (float32 round-off) keeps its warm start, so f never increases.
+
+:func:`refine_weights` is the composable step (any mask, in place, refused input leaves the
+weight as it was); :func:`pcg_refine` is the out-of-place solver ``method="sparsegpt"`` calls
+with ``refine="pcg"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._config import Options, option
+from .._validation import check_damp, check_positive_int
+from .patterns import Pattern, parse_pattern
+from .restore import restored_on_error
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefineOptions(Options):
+    """Options of the weight update that follows a mask choice (mixed into SparseGPT's config)."""
+
+    refine: str = option(
+        "none", "after SparseGPT's OBS updates, refine the kept weights to the exact layer-wise "
+        "least squares on the mask by preconditioned CG (pcg)", choices=("none", "pcg"),
+    )  # fmt: skip
+    pcg_iters: int = option(50, "refine=pcg: most CG iterations per layer", low=1)
+    pcg_tol: float = option(
+        1e-3, "refine=pcg: stop once every row's residual, relative to its right-hand side, is "
+        "below this", low=0, low_open=True,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RefineReport:
+    """What one layer's CG solve did. ``residual``: the largest row's ||r|| / ||b|| at the end
+    (recomputed, not the recursion's); ``error_start`` / ``error_end``: f summed over rows at
+    the warm start and at the result; ``kept_rows``: rows that kept their warm start."""
+
+    iterations: int
+    residual: float
+    converged: bool
+    error_start: float
+    error_end: float
+    kept_rows: int = 0
+
+
+def damped_gram(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """A = H + damp * mean(diag H) * I in float64, dead inputs (zero diagonal) given unit
+    diagonal first, as :func:`mfac.prune.methods.sparsegpt.damped_inverse_factor` does."""
+    h = hessian.to(F64).clone()
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0
+    h.diagonal().add_(damp * float(h.diagonal().mean()))
+    return h
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row inner products, accumulated in float64."""
+    return torch.einsum("ij,ij->i", a.to(F64), b.to(F64))
+
+
+@torch.no_grad()
+def pcg_refine(
+    dense: torch.Tensor,
+    mask: torch.Tensor,
+    gram: torch.Tensor,
+    start: torch.Tensor | None = None,
+    *,
+    iters: int = 50,
+    tol: float = 1e-3,
+) -> tuple[torch.Tensor, RefineReport]:
+    """Solve min_W tr((W - W0) A (W - W0)^T) over W zero off ``mask`` for all rows at once by
+    Jacobi-preconditioned CG from ``start`` (default W0 * mask). ``dense`` W0 and ``mask`` are
+    (rows, cols), ``gram`` is the damped A (cols, cols, see :func:`damped_gram`); inputs are
+    trusted (:func:`refine_weights` checks them). Returns (W in the compute dtype, report); the
+    compute dtype is float64 for float64 ``dense``, float32 otherwise."""
+    dtype = F64 if dense.dtype == F64 else torch.float32
+    keep = mask.to(dense.device, torch.bool)
+    w0 = dense.to(dtype)
+    a = gram.to(dense.device, dtype)
+    fmask = keep.to(dtype)
+    v = (w0 if start is None else start.to(dtype)) * fmask
+    w0a = w0 @ a
+    b = w0a * fmask  # right-hand side (A w0)_S per row
+    const = _row_dot(w0a, w0)  # w0 A w0: f = v.A.v - 2 v.b + const
+    bnorm = _row_dot(b, b).sqrt().clamp_min(torch.finfo(dtype).tiny)
+    dinv = torch.where(keep, 1.0 / a.diagonal()[None, :], 0.0).to(dtype)
+
+    def residual(x: torch.Tensor) -> torch.Tensor:
+        return b - (x @ a) * fmask
+
+    def objective(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        # x.A.x = x.b - x.r on the mask, so f = -(x.b + x.r) + const
+        return const - _row_dot(x, b) - _row_dot(x, r)
+
+    r = residual(v)
+    f_start = objective(v, r)
+    rel = _row_dot(r, r).sqrt() / bnorm
+    active = rel > tol
+    z = r * dinv
+    rz = _row_dot(r, z)
+    p = z * active[:, None]
+    done = 0
+    while done < iters and bool(active.any()):
+        done += 1
+        q = (p @ a) * fmask
+        pq = _row_dot(p, q)
+        alpha = torch.where(pq > 0, rz / pq.clamp_min(1e-300), 0.0)
+        v.add_(p * alpha.to(dtype)[:, None])
+        r.sub_(q * alpha.to(dtype)[:, None])
+        rel = _row_dot(r, r).sqrt() / bnorm
+        active &= rel > tol
+        z = r * dinv
+        rz_new = _row_dot(r, z)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), 0.0)
+        rz = rz_new
+        p = (z + p * beta.to(dtype)[:, None]) * active.to(dtype)[:, None]
+    r = residual(v)  # the true residual, not the recursion's
+    f_end = objective(v, r)
+    worse = f_end > f_start
+    if bool(worse.any()):
+        v0 = (w0 if start is None else start.to(dtype)) * fmask
+        v[worse] = v0[worse]
+        r[worse] = b[worse] - (v0[worse] @ a) * fmask[worse]
+        f_end = torch.where(worse, f_start, f_end)
+    rel = _row_dot(r, r).sqrt() / bnorm
+    top = float(rel.max()) if rel.numel() else 0.0
+    report = RefineReport(
+        iterations=done, residual=top, converged=top <= tol,
+        error_start=float(f_start.sum()), error_end=float(f_end.sum()),
+        kept_rows=int(worse.sum()),
+    )  # fmt: skip
+    return v, report
+
+
+def check_nm_mask(mask: torch.Tensor, pattern: Pattern, name: str = "layer") -> None:
+    """Refuse a keep-mask that keeps more than N of some M consecutive inputs of a row."""
+    if pattern is None:
+        return
+    n, m = pattern
+    rows, cols = mask.shape
+    if cols % m:
+        raise ValueError(f"{name}: input width {cols} is not divisible by M={m} of {n}:{m}")
+    kept = mask.reshape(rows, cols // m, m).sum(-1)
+    if bool((kept > n).any()):
+        row, group = (int(i) for i in (kept > n).nonzero()[0])
+        raise ValueError(
+            f"{name}: the mask violates the {n}:{m} pattern (row {row}, inputs "
+            f"{group * m}..{group * m + m - 1} keep {int(kept[row, group])} > {n})"
+        )
+
+
+@torch.no_grad()
+def refine_weights(
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    start: torch.Tensor | None = None,
+    iters: int = 50,
+    tol: float = 1e-3,
+    damp: float = 0.01,
+    pattern: str | tuple[int, int] | None = None,
+    name: str = "layer",
+) -> RefineReport:
+    """Overwrite ``weight`` (the dense W0, out x in; a conv weight is flattened to
+    (out, in*k*k)) with the weights on keep-``mask`` that best reconstruct its outputs on the
+    calibration inputs with Gram ``hessian`` (X^T X, any positive scale, damped by
+    ``damp * mean(diag H)``), solved by batched PCG from ``start`` (e.g. SparseGPT's pruned
+    weights; default weight * mask). ``pattern``, when given, is checked against the mask.
+
+    Returns the :class:`RefineReport`; ``converged`` is False when ``iters`` iterations left a
+    row's relative residual above ``tol`` (the weights are still written: f never increases).
+    Bad input (shapes, a non-finite or non-square ``hessian``, a mask breaking ``pattern``)
+    raises naming the problem, and on any error ``weight`` is left as it was.
+    """
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"{name}: weight must be a floating-point tensor")
+    rows = weight.shape[0] if weight.ndim else 0
+    if weight.ndim < 2:
+        raise ValueError(f"{name}: weight must have at least 2 dimensions, got {weight.ndim}")
+    cols = weight[0].numel()
+    if not isinstance(mask, torch.Tensor) or mask.shape != weight.shape:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"{name}: mask must have the weight's shape {tuple(weight.shape)}, got {got}"
+        )
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name}: mask must be boolean or 0/1")
+    if not isinstance(hessian, torch.Tensor) or hessian.ndim != 2 or hessian.shape != (cols, cols):
+        got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise ValueError(
+            f"{name}: hessian must be square, {cols} x {cols} for this weight, got {got}"
+        )
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError(f"{name}: hessian holds NaN or Inf")
+    if bool((hessian.diagonal() < 0).any()):
+        raise ValueError(f"{name}: hessian has a negative diagonal entry (not a Gram matrix)")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name}: weight holds NaN or Inf")
+    if start is not None and (start.shape != weight.shape or not bool(torch.isfinite(start).all())):
+        raise ValueError(
+            f"{name}: start must be finite with the weight's shape {tuple(weight.shape)}"
+        )
+    check_positive_int(iters, "iters")
+    check_damp(tol, "tol")
+    check_damp(damp)
+    keep = mask.reshape(rows, cols).bool()
+    check_nm_mask(keep, parse_pattern(pattern), name)
+    with restored_on_error([weight]):
+        new, report = pcg_refine(
+            weight.detach().reshape(rows, cols), keep, damped_gram(hessian, damp),
+            None if start is None else start.detach().reshape(rows, cols), iters=iters, tol=tol,
+        )  # fmt: skip
+        if not bool(torch.isfinite(new).all()):
+            raise FloatingPointError(f"{name}: PCG produced non-finite weights; nothing written")
+        weight.detach().copy_(new.reshape(weight.shape).to(weight.dtype))
+    return report
