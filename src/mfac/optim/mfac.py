@@ -107,7 +107,8 @@ class MFAC(WindowOptimizer):
             "weight_decay": check_group_option(weight_decay, "weight_decay"),
             "orthogonalize": False,
         }
-        self._zu: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: (the layout they were made for, each window's z and u buffers or None)
+        self._zu: tuple[Any, list[tuple[torch.Tensor, torch.Tensor] | None]] | None = None
         super().__init__(params, defaults, cfg)
 
     def required_bytes(
@@ -139,9 +140,10 @@ class MFAC(WindowOptimizer):
     @property
     def state_nbytes(self) -> int:
         """Bytes held between steps: windows (a top-k window's error vector and its spare
-        included), their m x m matrices, Adam's two moments, and the model-wide z and u
-        buffers a model-wide window keeps across steps."""
-        flat = sum(t.numel() * t.element_size() for t in self._zu or ())
+        included), their m x m matrices, Adam's two moments, and the z and u buffers a window
+        over several tensors keeps across steps."""
+        buffers = self._zu[1] if self._zu is not None else []
+        flat = sum(t.numel() * t.element_size() for buf in buffers if buf for t in buf)
         return super().state_nbytes + flat
 
     def _initial_tensors(self, p: torch.Tensor, group: Any, plan: Any) -> dict[str, torch.Tensor]:
@@ -219,34 +221,40 @@ class MFAC(WindowOptimizer):
             f"share_below={c.share_below})"
         )
 
-    def _flat_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole model's z and u (float32 d-vectors), kept across steps so that a step
-        writes into memory it already owns (a fresh d-vector costs its page faults)."""
-        if self._zu is None or self._zu[0].numel() != self._layout.dim:
-            dim, device = self._layout.dim, self._layout.device
-            self._zu = (
-                torch.empty(dim, dtype=torch.float32, device=device),
-                torch.empty(dim, dtype=torch.float32, device=device),
-            )
-        return self._zu
+    def _window_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """For every window over several tensors (the model-wide one, or the one the small
+        tensors share), its z and u (float32, the window's length), kept across steps so that
+        a step writes each tensor's piece in place: no concatenation, and no fresh d-vector
+        with its page faults. None for a window of one tensor (it reads that tensor's own z)."""
+        if self._zu is None or self._zu[0] is not self._layout:
+            device = self._layout.device
+            buffers = [
+                (torch.empty(w.dim, dtype=torch.float32, device=device),
+                 torch.empty(w.dim, dtype=torch.float32, device=device))
+                if len(member) > 1 else None
+                for member, w in zip(self._layout.members, self.windows, strict=True)
+            ]  # fmt: skip
+            self._zu = (self._layout, buffers)
+        return self._zu[1]
 
-    def _whiten(
-        self, flat: bool
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Update Adam's moments; return (z, u) as flat float32 vectors, one per parameter or,
-        with ``flat``, one of the whole model (written in place, no concatenation), and the
+    def _whiten(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Update Adam's moments; return (z, u) per window as flat float32 vectors (a window
+        over several tensors gets its buffers, each tensor's piece written in place), and the
         squared length of each parameter's AdamW direction (the graft's target; it is |u|^2
         with Adam whitening). D is formed where z goes, then divided into z in place."""
         b1, b2 = self.cfg.betas
         t = self.steps + 1
         bc1, bc2 = 1.0 - b1**t, math.sqrt(1.0 - b2**t)
-        params = self._layout.params
+        layout = self._layout
+        sizes = [s.size for s in layout.segments]
+        buffers = self._window_buffers()
+        views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for member, buf in zip(layout.members, buffers, strict=True):
+            if buf is not None:
+                zpieces, upieces = (b.split([sizes[i] for i in member]) for b in buf)
+                views.update(zip(member, zip(zpieces, upieces, strict=True), strict=True))
         zs, us, targets = [], [], []
-        if flat:
-            zflat, uflat = self._flat_buffers()
-            sizes = [s.size for s in self._layout.segments]
-            zviews, uviews = zflat.split(sizes), uflat.split(sizes)
-        for i, p in enumerate(params):
+        for i, p in enumerate(layout.params):
             g = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
             st = self.state[p]
             if "exp_avg" not in st:  # DTensors sharded like p under FSDP2
@@ -256,23 +264,25 @@ class MFAC(WindowOptimizer):
             ea, es = local(st["exp_avg"]).view(-1), local(st["exp_avg_sq"]).view(-1)
             ea.lerp_(g, 1.0 - b1)
             es.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            den = torch.sqrt(es, out=zviews[i] if flat else None)
+            zview, uview = views.get(i, (None, None))
+            den = torch.sqrt(es, out=zview)
             den.div_(bc2).add_(self.cfg.eps)  # D = sqrt(v / (1 - b2^t)) + eps
             if self.cfg.whiten == "adam":
-                u = torch.div(ea, den, out=uviews[i] if flat else None).div_(bc1)
+                u = torch.div(ea, den, out=uview).div_(bc1)
                 z = torch.div(g, den, out=den)  # D is not needed after u
                 targets.append(torch.dot(u, u))
             else:
                 if self.cfg.graft:
                     adamw = torch.div(ea, den)
                     targets.append(torch.dot(adamw, adamw) / bc1**2)
-                u = torch.div(ea, bc1, out=uviews[i] if flat else None)
-                z = zviews[i].copy_(g) if flat else g  # z read only: the window copies it
+                u = torch.div(ea, bc1, out=uview)
+                z = zview.copy_(g) if zview is not None else g  # read only: the window copies
             zs.append(z)
             us.append(u)
-        if flat:
-            return [zflat], [uflat], targets
-        return zs, us, targets
+        windows = list(zip(layout.members, buffers, strict=True))
+        zw = [zs[m[0]] if buf is None else buf[0] for m, buf in windows]
+        uw = [us[m[0]] if buf is None else buf[1] for m, buf in windows]
+        return zw, uw, targets
 
     def _finish(
         self, window: SlidingWindow, u: torch.Tensor, c: torch.Tensor, lam: float,
@@ -313,11 +323,7 @@ class MFAC(WindowOptimizer):
         windows = self.windows
         if self.cfg.layout == "topk" and self.cfg.whiten == "none":
             self._check_error_feedback_fits(live, windows[0])
-        model_wide = self.window_scope == "model"
-        zs, us, targets = self._whiten(flat=model_wide)
-        if not model_wide:  # a shared window reads its tensors' pieces side by side
-            zs = [zs[m[0]] if len(m) == 1 else torch.cat([zs[i] for i in m]) for m in members]
-            us = [us[m[0]] if len(m) == 1 else torch.cat([us[i] for i in m]) for m in members]
+        zs, us, targets = self._whiten()
         if len(windows) > 1 and all(isinstance(w, LocalShardedInverseFisher) for w in windows):
             projs = push_gather_all(windows, zs, us)  # FSDP2: one all-reduce for all windows
         else:
@@ -331,7 +337,7 @@ class MFAC(WindowOptimizer):
         # z is the step's own buffer except when, unwhitened in a window of its own, it is
         # the gradient
         adam = self.cfg.whiten == "adam"
-        own = [model_wide or adam or len(member) > 1 for member in members]
+        own = [adam or len(member) > 1 for member in members]
         results = [
             self._finish(w, u, c, lam, z if mine else None)
             for w, u, c, lam, z, mine in zip(windows, us, cs, lams, zs, own, strict=True)
