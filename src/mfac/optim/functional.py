@@ -183,7 +183,8 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     divide by the Frobenius norm (all singular values <= 1), then ``steps`` iterations of
     y <- a y + (b Y + c Y^2) y with Y = y y^T, in bfloat16 and on the short side. The
     iteration drives every singular value into about [0.7, 1.2] rather than to exactly 1, which
-    is all the step needs; bfloat16 halves the cost of the matrix products. Returns bfloat16."""
+    is all the step needs; the products run in bfloat16, as torch.optim.Muon runs them.
+    Returns bfloat16."""
     if x.dim() != 3:
         raise ValueError(f"newton_schulz expects matrices stacked (B, r, c), got {tuple(x.shape)}")
     a, b, c = NS_COEFFICIENTS

@@ -18,7 +18,6 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 #: Embedding tables (lookups, not hidden matrices): never orthogonalized.
@@ -67,10 +66,11 @@ def hidden_groups(model: nn.Module, exclude: Sequence[str] = ()) -> list[dict[st
     for module in model.modules():
         if isinstance(module, _TABLES):
             continue
-        names = _ATTENTION_MATRICES if isinstance(module, nn.MultiheadAttention) else ()
-        for key in ("weight", *names):
-            weight = module._parameters.get(key)
-            if isinstance(weight, torch.Tensor) and weight.dim() == 2 and id(weight) not in skip:
+        names = {"weight"}
+        if isinstance(module, nn.MultiheadAttention):
+            names.update(_ATTENTION_MATRICES)
+        for key, weight in module.named_parameters(recurse=False):
+            if key in names and weight.dim() == 2 and id(weight) not in skip:
                 candidates.add(id(weight))
     hidden, rest = [], []
     for name, p in named.items():
