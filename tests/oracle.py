@@ -70,3 +70,25 @@ def dense_fisher(grads: torch.Tensor, damp: float, block: int | None) -> torch.T
     for s in range(0, d, block):
         mask[s : s + block, s : s + block] = True
     return torch.where(mask, full, torch.zeros((), dtype=F64))
+
+
+def assert_state_equal(s1: object, s2: object, path: str = "state") -> None:
+    """Equality of two (nested) optimizer states: tensors of equal dtype and shape equal
+    entry by entry (NaN matching NaN), everything else with ==."""
+    if isinstance(s1, torch.Tensor):
+        assert isinstance(s2, torch.Tensor) and s1.dtype == s2.dtype, path
+        assert s1.shape == s2.shape, path
+        same = s1 == s2
+        if s1.is_floating_point():
+            same |= s1.isnan() & s2.isnan()
+        assert bool(same.all()), path
+    elif isinstance(s1, dict):
+        assert isinstance(s2, dict) and s1.keys() == s2.keys(), path
+        for key in s1:
+            assert_state_equal(s1[key], s2[key], f"{path}[{key!r}]")
+    elif isinstance(s1, (list, tuple)):
+        assert type(s1) is type(s2) and len(s1) == len(s2), path
+        for i, (a, b) in enumerate(zip(s1, s2, strict=True)):
+            assert_state_equal(a, b, f"{path}[{i}]")
+    else:
+        assert s1 == s2 or (s1 != s1 and s2 != s2), path

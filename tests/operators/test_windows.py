@@ -28,7 +28,7 @@ from mfac.operators.sharded import ShardedSlidingInverseFisher
 from mfac.operators.window import make_window
 from mfac.optim import MFAC, MFACSGD
 
-from oracle import dense_inverse_fisher, hard_vector, rel_err
+from oracle import assert_state_equal, dense_inverse_fisher, hard_vector, rel_err
 
 F64 = torch.float64
 BF16 = torch.bfloat16
@@ -387,12 +387,7 @@ def test_an_undamped_window_refuses_ihvp_and_changes_nothing(group: object, name
     with pytest.raises(RuntimeError, match="without damping"):
         w.push_ihvp(torch.randn(6))
     assert w.num_pushed == 1
-    after = w.state_dict()
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, after[key]), key
-        else:
-            assert value == after[key], key
+    assert_state_equal(before, w.state_dict())
 
 
 @pytest.mark.parametrize("name", [n for n in WINDOWS if n != "dense-f64"])
@@ -407,12 +402,7 @@ def test_a_nonfinite_gradient_is_refused_and_nothing_changes(group: object, name
     for call in (w.push, w.push_ihvp, lambda g: w.push_gather(g, torch.ones(8))):
         with pytest.raises(NonFiniteGradientError):
             call(bad)
-    after = w.state_dict()
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, after[key]), key
-        else:
-            assert value == after[key], key
+    assert_state_equal(before, w.state_dict())
 
 
 # ---------------------------------------------------------------------- the dense update
