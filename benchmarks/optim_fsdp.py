@@ -193,6 +193,7 @@ def _worker(rank: int, world: int, steps: int, out: str, model_name: str, rule: 
     try:
         rows = _run(rank, world, steps, Counter() if world > 1 else None, model_name, rule)
         torch.save(rows, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # leave together: a rank tearing down under a reading peer aborts it
     finally:
         dist.destroy_process_group()
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from gloo import gloo_group
 from mfac import NonFiniteGradientError
 from mfac.optim import MFAC, MFACSGD
 
@@ -45,10 +46,7 @@ def _make_default(model: nn.Module, group: object = None) -> MFAC:
 
 def _worker(rank: int, world: int, out: str) -> None:
     torch.set_num_threads(1)
-    # a file rendezvous: no TCP port that a concurrent test could take first
-    store = f"file://{Path(out) / 'store'}"
-    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, out):
         model = _model()
         opt = _make_opt(model, dist.group.WORLD)
         _train(model, opt)
@@ -83,8 +81,6 @@ def _worker(rank: int, world: int, out: str) -> None:
             },
             Path(out) / f"rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")

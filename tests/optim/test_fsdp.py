@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import mfac
+from gloo import gloo_group
 from mfac import NonFiniteGradientError
 
 pytestmark = pytest.mark.skipif(
@@ -334,24 +335,21 @@ def _scenario_batched(rank: int, out: dict[str, Any]) -> None:
 
 def _worker(rank: int, tmp: str) -> None:
     torch.set_num_threads(1)
-    # a file rendezvous: no TCP port that a concurrent test could take first
-    store = f"file://{Path(tmp) / 'store'}"
-    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD)
     out: dict[str, Any] = {}
-    try:
-        for scenario in (
-            lambda: _scenario_steps(rank, out),
-            lambda: _scenario_resume(rank, out, tmp),
-            lambda: _scenario_refusals(rank, out),
-            lambda: _scenario_topk_definition(rank, out),
-            lambda: _scenario_batched(rank, out),
-        ):
-            scenario()
-    except Exception:
-        out["error"] = traceback.format_exc()
-    finally:
-        torch.save(out, Path(tmp) / f"rank{rank}.pt")
-        dist.destroy_process_group()
+    with gloo_group(rank, WORLD, tmp):
+        try:
+            for scenario in (
+                lambda: _scenario_steps(rank, out),
+                lambda: _scenario_resume(rank, out, tmp),
+                lambda: _scenario_refusals(rank, out),
+                lambda: _scenario_topk_definition(rank, out),
+                lambda: _scenario_batched(rank, out),
+            ):
+                scenario()
+        except Exception:
+            out["error"] = traceback.format_exc()
+        finally:
+            torch.save(out, Path(tmp) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
