@@ -184,6 +184,37 @@ def context(threads: int) -> dict[str, Any]:
     return ctx
 
 
+def report(path: Path) -> str:
+    """Markdown: every method and setting, mean ± std over the recorded calibration draws."""
+    import statistics
+
+    data = json.loads(path.read_text())
+    lines = [
+        f"dense: Lee correlation {data['dense']['lee_corr']:.3f}, agreement 1",
+        "",
+        "| setting | method | draws | Lee correlation | agreement: Lee | agreement: held-out "
+        "background | prune s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(values: list[float], digits: int = 3) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
+
+    for label, _, _ in SETTINGS:
+        for name in METHODS:
+            rows = [r for r in data["rows"] if r["method"] == name and r["setting"] == label]
+            if not rows:
+                continue
+            lines.append(
+                f"| {label} | {name} | {len(rows)} | {cell([r['lee_corr'] for r in rows])} | "
+                f"{cell([r['agreement']['lee'] for r in rows])} | "
+                f"{cell([r['agreement']['background'] for r in rows])} | "
+                f"{statistics.fmean(r['prune_s'] for r in rows):.0f} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -192,9 +223,13 @@ def main() -> None:
                     choices=[s[0] for s in SETTINGS])  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "prune_sentence_encoder.json"))
+    ap.add_argument("--report", action="store_true", help="print the table of --out and stop")
     args = ap.parse_args()
-    ctx = context(args.threads)
     path = Path(args.out)
+    if args.report:
+        print(report(path))
+        return
+    ctx = context(args.threads)
     rows: list[dict[str, Any]] = json.loads(path.read_text())["rows"] if path.exists() else []
     dense_row = {"method": "dense", "lee_corr": lee_correlation(ctx["dense"]["lee"], ctx["human"])}
     for seed in args.seeds:
