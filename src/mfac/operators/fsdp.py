@@ -476,7 +476,7 @@ class LocalShardedTopK(TopKSlidingInverseFisher):
         return {
             **{k: v for k, v in state.items() if k not in ("values", "indices", "error")},
             "values": values[:, : self.k].contiguous(),
-            "indices": indices[:, : self.k].to(self.indices.dtype),
+            "indices": indices[:, : self.k].to(self._index_dtype),
             "error": error,
         }
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .._validation import NonFiniteGradientError, check_damp, check_positive_int
+from .memory import adoptable
 from .threads import single_threaded
 
 F64 = torch.float64
@@ -381,11 +382,18 @@ class DenseRowsBacked(FactorBacked):
         raise NotImplementedError
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state from ``state_dict``: everything is checked before anything is written."""
+        """Restore a state from ``state_dict``: everything is checked before anything is
+        written. A full window's rows are adopted, not copied, when
+        :func:`~mfac.operators.memory.adoptable` (the window then writes into them, as
+        ``torch.optim`` adopts loaded moments); filled rows of a partly filled one are copied."""
         self.check_state(state)
         self.factor.load_state_dict(state, check=False)
-        rows = state["grads"].shape[0]
-        self.grads[:rows].copy_(state["grads"])
+        grads = state["grads"]
+        rows = grads.shape[0]
+        if rows == self.window and adoptable(grads, self.device):
+            self.grads = grads
+            return
+        self.grads[:rows].copy_(grads)
         self.grads[rows:].zero_()  # empty slots are zero rows
 
 
