@@ -231,6 +231,41 @@ def test_fallback_warns_and_says_why() -> None:
     assert "runs 2 times" in str(info["schedule_reason"])
 
 
+def test_an_argument_not_carried_by_the_previous_output_falls_back() -> None:
+    """A block argument that changes from block to block without coming from the previous
+    block's output (here a per-block scale) cannot be replayed: full passes, and the reason
+    names the argument."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, object]:
+            return self.lin(x) * scale, x
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Scaled() for _ in range(3)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for i, block in enumerate(self.layers):
+                x = block(x, scale=torch.tensor(1.0 + i, dtype=x.dtype))[0]
+            return x
+
+    torch.manual_seed(0)
+    model = Stack().double()
+    batches = [torch.randn(8, 4, dtype=F64) for _ in range(3)]
+    info: dict[str, object] = {}
+    with pytest.warns(UserWarning, match="re-runs the whole model"):
+        sparsegpt(model, batches, _run, 0.5, calib_batches=3, progress=False, info=info)
+    assert info["schedule"] == "sequential-full-passes"
+    assert "layers.1 gets another keyword argument 'scale' than layers.0" in str(
+        info["schedule_reason"]
+    )
+
+
 @pytest.mark.parametrize("layers", [["encoder.*"], None, ["*.block.*", "lm_head"]])
 def test_t5_replays_its_stacks_and_equals_full_passes(monkeypatch, layers) -> None:
     """T5 (float64): its later blocks take the position biases the first block computes (the

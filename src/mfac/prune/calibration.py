@@ -372,7 +372,7 @@ def _threads(
                 given = _argument(b, key)
                 if key in threaded:
                     j = threaded[key]
-                    if _same(out[j], given):  # type: ignore[index]
+                    if isinstance(out, (tuple, list)) and j < len(out) and _same(out[j], given):
                         continue
                 elif _same(_argument(a, key), given):
                     continue
