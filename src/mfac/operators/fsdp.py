@@ -38,12 +38,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
+from .._validation import (
+    NonFiniteGradientError,
+    check_float_dtype,
+    check_positive_int,
+    finite_fast,
+)
 from .gram import DenseRowsBacked, GramFactor
 from .kernels import cols_dot, rows_dot
 from .memory import check_fits, gram_nbytes
 from .sharded import check_flags, column_products, commit_columns, insert_columns, shard_bounds
-from .topk import TopKSlidingInverseFisher, finite_fast
+from .topk import TopKSlidingInverseFisher
 
 F64 = torch.float64
 
@@ -302,7 +307,7 @@ class LocalShardedInverseFisher(DenseRowsBacked):
         the right shapes, dtype, finite values; K, its inverse, the pointer, the damping).
         Rank-local: K against the rows would need every rank, so it is not checked."""
         rows = self._rows(state)
-        if not bool(torch.isfinite(rows).all()):
+        if not finite_fast(rows):
             raise ValueError("rows contains NaN or Inf")
         self.factor.check_state(state)
 

@@ -20,11 +20,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
+from .._validation import (
+    NonFiniteGradientError,
+    check_float_dtype,
+    check_positive_int,
+    finite_fast,
+)
 from .gram import DenseRowsBacked, GramFactor
 from .kernels import cols_dot, rows_dot
 from .memory import check_fits, gram_nbytes
-from .topk import finite_fast
 
 F64 = torch.float64
 
@@ -292,7 +296,7 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
             )
         if grads.dtype != self.grads.dtype:
             raise TypeError(f"grads: state stores {grads.dtype}, this shard {self.grads.dtype}")
-        if not bool(torch.isfinite(grads).all()):
+        if not finite_fast(grads):
             raise ValueError("grads contains NaN or Inf")
         self.factor.check_state(state)
 

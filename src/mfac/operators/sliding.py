@@ -14,6 +14,7 @@ from .._validation import (
     check_float_dtype,
     check_positive_int,
     check_vector,
+    finite_fast,
 )
 from .gram import DenseRowsBacked, GramFactor
 from .kernels import cols_dot, rows_dot
@@ -238,7 +239,7 @@ class SlidingInverseFisher(DenseRowsBacked):
             )
         grads = grads.to(self.device)
         with single_threaded(device=self.device):
-            if not bool(torch.isfinite(grads).all()):
+            if not finite_fast(grads):
                 raise ValueError("grads contains NaN or Inf")
 
         rows = grads.shape[0]

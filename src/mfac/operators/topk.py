@@ -19,7 +19,12 @@ from typing import Any
 
 import torch
 
-from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
+from .._validation import (
+    NonFiniteGradientError,
+    check_float_dtype,
+    check_positive_int,
+    finite_fast,
+)
 from . import sparse_native, tiled
 from .gram import FactorBacked, GramFactor
 from .memory import FileMappings, adoptable, check_fits, gram_nbytes
@@ -29,13 +34,6 @@ F64 = torch.float64
 CHUNK_BYTES = 32 * 2**20
 #: Below this dimension the selection is a plain torch.topk.
 SMALL_SELECT = 1 << 16
-
-
-def finite_fast(x: torch.Tensor) -> bool:
-    """True when x holds no NaN/Inf, in one summing pass (NaN and +-Inf propagate through a
-    sum); only a non-finite sum (NaN/Inf, or a float overflow) runs the exact elementwise check.
-    ``torch.isfinite(x).all()`` alone costs about five passes over x."""
-    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def resolve_k(topk: int | float | None, dim: int) -> int:
@@ -713,7 +711,7 @@ class TopKSlidingInverseFisher(FactorBacked):
             raise TypeError(f"error must be a tensor, got {type(error).__name__}")
         if tuple(error.shape) != (self.dim,) or error.dtype != torch.float32:
             raise ValueError(f"error must be a float32 vector of {self.dim} entries")
-        if not bool(torch.isfinite(error).all()):
+        if not finite_fast(error):
             raise ValueError("error contains NaN or Inf")
         if "starts" in state:
             self._check_tiled_fields(state)
@@ -734,7 +732,7 @@ class TopKSlidingInverseFisher(FactorBacked):
                     )
                 if t.dtype != dtype:
                     raise TypeError(f"{key}: state stores {t.dtype}, this window stores {dtype}")
-        if not bool(torch.isfinite(state["values"]).all()):
+        if not finite_fast(state["values"]):
             raise ValueError("values contains NaN or Inf")
         view = self._tiled_view(state)
         if view is not None:  # the C check of every run, then K through the C sweeps
@@ -857,7 +855,6 @@ class TopKSlidingInverseFisher(FactorBacked):
 
 __all__ = [
     "TopKSlidingInverseFisher",
-    "finite_fast",
     "resolve_k",
     "sample_threshold",
     "topk_indices",

@@ -44,10 +44,10 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from .._validation import NonFiniteGradientError
+from .._validation import NonFiniteGradientError, finite_fast
 from ..operators.layout import FlatLayout, Segment
 from ..operators.memory import FileMappings, adoptable, check_fits
-from ..operators.topk import finite_fast, resolve_k
+from ..operators.topk import resolve_k
 from ..operators.window import SlidingWindow, make_window
 from .config import WindowConfig, check_group_option
 
@@ -630,7 +630,7 @@ class WindowOptimizer(torch.optim.Optimizer):
                     f"{field} has local shape {tuple(t.to_local().shape)}, the parameter's "
                     f"shard {tuple(local(p).shape)}"
                 )
-        if not bool(torch.isfinite(local(t)).all()):
+        if not finite_fast(local(t)):
             raise ValueError(f"{field} contains NaN or Inf")
 
     def _state_dtype(self, plan: Plan) -> torch.dtype:
