@@ -5,8 +5,9 @@ A model of about ``--params`` parameters (a stack of square linear layers) is tr
 ``--steps`` steps with ``mfac.MFAC`` on one error-feedback top-k window over the whole model
 (the fine-tuning setting of docs/optim_transformers.md), then its ``state_dict`` is saved with
 ``torch.save``. Two more processes each build the same model and optimizer, load the checkpoint
-(one with ``torch.load(path, weights_only=True)``, one with ``mmap=True`` as well, the
-documented resume recipe) and take one step. Each process reports its peak RSS (``ru_maxrss``:
+(one with ``torch.load(path, weights_only=True)``, the documented resume recipe, whose
+tensors the optimizer adopts; one with ``mmap=True`` as well, whose file-backed tensors it
+copies) and take one step. Each process reports its peak RSS (``ru_maxrss``:
 every resident page, the mapped checkpoint's page cache included) and its peak anonymous
 memory (resident minus file-backed pages, sampled every 0.5 ms by a thread: what the process
 owns, the page cache the kernel can drop left out), so the peaks are compared on one machine in

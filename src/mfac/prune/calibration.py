@@ -246,9 +246,11 @@ def plan(
     model: nn.Module, groups: list[list[Target]], batch: object, forward: ForwardFn
 ) -> Plan:
     """Trace one forward of ``batch`` and decide the schedule: the stages inside numbered stacks
-    must each run once, in a chain (stage i's output is stage i+1's input); the stages outside
-    (an LM head, a pooler, an input projection) must each run wholly before or wholly after
-    the stack."""
+    must each run once, in a chain within their stack (stage i's output is stage i+1's input,
+    and every other argument of stage i+1 is stage i's or comes from stage i's output); the
+    stacks (an encoder's, then a decoder's) may follow each other with work between them; the
+    stages outside (an LM head, a pooler, an input projection) must each run wholly before or
+    wholly after all the stacks."""
     modules = dict(model.named_modules())
     stage_modules = [modules[stage_name(g[0].name)] for g in groups]
     #: per stage, one [call order, hidden-states slot, input, output, (args, kwargs), the
