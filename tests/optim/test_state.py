@@ -149,7 +149,7 @@ def _tensors(tree: object) -> list[torch.Tensor]:
 def test_a_resume_adopts_the_loaded_window_and_moments(rule: str, tmp_path) -> None:
     """A plain ``torch.load`` resume of a full window holds one copy of it: the window's rows
     (and a top-k window's error vector) and the moments / momentum are the loaded tensors, not
-    copies (a refused load changes nothing: the tests above); a state mapped from its file
+    copies, and a refused load adopts and changes nothing; a state mapped from its file
     (``mmap=True``) is copied. All three optimizers then continue bit for bit."""
     name, layout = rule.split("-")
 
@@ -171,6 +171,17 @@ def test_a_resume_adopts_the_loaded_window_and_moments(rule: str, tmp_path) -> N
         resumed_model, resumed = make()
         resumed_model.load_state_dict(model.state_dict())
         state = torch.load(path, weights_only=True, mmap=mmap)
+        # a refusal (the last moment tampered with) adopts nothing and changes nothing
+        before, kept = copy.deepcopy(resumed.state_dict()), copy.deepcopy(state)
+        last = [e for e in state["state"].values() if "window" not in e][-1]
+        key = next(k for k in last if k != "mask")
+        good = last[key]
+        last[key] = _nan(good)
+        with pytest.raises(ValueError, match="NaN"):
+            resumed.load_state_dict(state)
+        assert_state_equal(resumed.state_dict(), before)
+        last[key] = good
+        assert_state_equal(state, kept)
         resumed.load_state_dict(state)
         live = {t.data_ptr() for t in _tensors(resumed.state) if t.numel()}
         for w in resumed.windows:
