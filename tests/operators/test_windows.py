@@ -291,8 +291,9 @@ def expected_adoption(w: SlidingWindow, full: bool = True) -> set[str]:
 def test_a_full_window_adopts_the_loaded_rows(
     group: object, name: str, damp: float | None, tmp_path: Path
 ) -> None:
-    """A full window's saved rows (and a top-k window's error vector) become the loading
-    window's own buffers, not copies: a resume holds one copy of the window. A partly filled
+    """A window allocates its rows on first use, and a full window's saved rows (and a top-k
+    window's error vector) become the loading window's own buffers, not copies: a resume
+    holds one copy of the window. A partly filled
     state's rows are copied, and so is every tensor of a state mapped from its file
     (``torch.load(mmap=True)``); all three continue as the saving window does."""
     dim, m = 12, 3
@@ -309,6 +310,7 @@ def test_a_full_window_adopts_the_loaded_rows(
     torch.save(w.state_dict(), path)
     loaded = torch.load(path, weights_only=True)
     other = build(name, dim, m, damp, group)
+    assert not {"grads", "values", "rows"} & set(vars(other))  # no rows before first use
     other.load_state_dict(loaded)
     assert adopted_fields(other, loaded) == expected_adoption(other)
     mapped = torch.load(path, weights_only=True, mmap=True)

@@ -219,12 +219,12 @@ class LocalShardedInverseFisher(DenseRowsBacked):
             device,
         )
         self.factor = GramFactor(window, damp, device)
-        self.grads = torch.zeros(window, self.dim, dtype=dtype, device=device)
+        self._zero_rows_on_first_use((window, self.dim), dtype, device)
 
     @property
     def nbytes(self) -> int:
         """Bytes held on this rank: its rows plus the replicated K (and K^-1)."""
-        return self.grads.numel() * self.grads.element_size() + self.factor.nbytes
+        return self.rows_nbytes + self.factor.nbytes
 
     def _local(self, v: torch.Tensor, name: str) -> torch.Tensor:
         return _check_local(v, self.dim, self.device, name)

@@ -168,13 +168,13 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
             device,
         )
         self.factor = GramFactor(window, damp, device)
-        self.grads = torch.zeros(window, self.hi - self.lo, dtype=dtype, device=device)
+        self._zero_rows_on_first_use((window, self.hi - self.lo), dtype, device)
         self._gathered = torch.zeros(self.chunk * self.world, dtype=torch.float32, device=device)
 
     @property
     def window_nbytes(self) -> int:
         """Bytes of this rank's window shard."""
-        return self.grads.numel() * self.grads.element_size()
+        return self.rows_nbytes
 
     @property
     def nbytes(self) -> int:
@@ -290,12 +290,12 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
         grads = state["grads"]
         if not isinstance(grads, torch.Tensor):
             raise TypeError(f"grads must be a tensor, got {type(grads).__name__}")
-        if tuple(grads.shape) != tuple(self.grads.shape):
+        if tuple(grads.shape) != self.rows_shape:
             raise ValueError(
-                f"grads has shape {tuple(grads.shape)}, this shard {tuple(self.grads.shape)}"
+                f"grads has shape {tuple(grads.shape)}, this shard {self.rows_shape}"
             )
-        if grads.dtype != self.grads.dtype:
-            raise TypeError(f"grads: state stores {grads.dtype}, this shard {self.grads.dtype}")
+        if grads.dtype != self.dtype:
+            raise TypeError(f"grads: state stores {grads.dtype}, this shard {self.dtype}")
         if not finite_fast(grads):
             raise ValueError("grads contains NaN or Inf")
         self.factor.check_state(state)
