@@ -224,7 +224,7 @@ class LocalShardedInverseFisher(DenseRowsBacked):
     @property
     def nbytes(self) -> int:
         """Bytes held on this rank: its rows plus the replicated K (and K^-1)."""
-        return self.rows_nbytes + self.factor.nbytes
+        return self.window_nbytes + self.factor.nbytes
 
     def _local(self, v: torch.Tensor, name: str) -> torch.Tensor:
         return _check_local(v, self.dim, self.device, name)

@@ -402,8 +402,9 @@ class DenseRowsBacked(FactorBacked):
         return spec[1] if spec is not None else self.grads.dtype
 
     @property
-    def rows_nbytes(self) -> int:
-        """Bytes of the stored rows, allocated or still to be on first use."""
+    def window_nbytes(self) -> int:
+        """Bytes of the stored rows (the window, or this rank's shard of it), allocated or
+        still to be on first use."""
         m, cols = self.rows_shape
         return m * cols * torch.empty((), dtype=self.dtype).element_size()
 

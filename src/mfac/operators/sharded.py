@@ -172,11 +172,6 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
         self._gathered = torch.zeros(self.chunk * self.world, dtype=torch.float32, device=device)
 
     @property
-    def window_nbytes(self) -> int:
-        """Bytes of this rank's window shard."""
-        return self.rows_nbytes
-
-    @property
     def nbytes(self) -> int:
         """Bytes held on this rank: the shard plus the replicated K and K^-1."""
         return self.window_nbytes + self.factor.nbytes

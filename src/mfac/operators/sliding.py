@@ -77,7 +77,7 @@ class SlidingInverseFisher(DenseRowsBacked):
     @property
     def nbytes(self) -> int:
         """Bytes held: the window plus the two m x m float64 matrices (K and K^-1)."""
-        return self.rows_nbytes + self.factor.nbytes
+        return self.window_nbytes + self.factor.nbytes
 
     # ------------------------------------------------------------------ updates
     def _check_grad(self, g: torch.Tensor) -> torch.Tensor:
