@@ -5,8 +5,9 @@ A model of about ``--params`` parameters (a stack of square linear layers) is tr
 ``--steps`` steps with ``mfac.MFAC`` on one error-feedback top-k window over the whole model
 (the fine-tuning setting of docs/optim_transformers.md), then its ``state_dict`` is saved with
 ``torch.save``. Two more processes each build the same model and optimizer, load the checkpoint
-(one with ``torch.load(path, weights_only=True)``, one with ``mmap=True`` as well, the
-documented resume recipe) and take one step. Each process reports its peak RSS (``ru_maxrss``:
+(one with ``torch.load(path, weights_only=True)``, the documented resume recipe, whose
+tensors the optimizer adopts; one with ``mmap=True`` as well, whose file-backed tensors it
+copies) and take one step. Each process reports its peak RSS (``ru_maxrss``:
 every resident page, the mapped checkpoint's page cache included) and its peak anonymous
 memory (resident minus file-backed pages, sampled every 0.5 ms by a thread: what the process
 owns, the page cache the kernel can drop left out), so the peaks are compared on one machine in
@@ -39,18 +40,19 @@ from .common import RESULTS
 OUT = RESULTS / "optim_checkpoint.json"
 
 
-def build(params: int, ngrads: int, topk: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The model (layers of width w with about ``params`` weights) and its optimizer."""
+def build(
+    params: int, ngrads: int, topk: float, layout: str = "topk"
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model (layers of width w with about ``params`` weights) and its optimizer (a dense
+    window with ``layout="dense"``)."""
     import mfac
 
     width = 1024
     depth = max(1, round(params / (width * width)))
     torch.manual_seed(0)
     model = torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(depth)))
-    opt = mfac.MFAC(
-        model.parameters(), lr=1e-4, ngrads=ngrads, window_scope="model", layout="topk",
-        topk=topk,
-    )  # fmt: skip
+    rows = {"layout": "topk", "topk": topk} if layout == "topk" else {"layout": "dense"}
+    opt = mfac.MFAC(model.parameters(), lr=1e-4, ngrads=ngrads, window_scope="model", **rows)
     return model, opt
 
 
@@ -102,7 +104,7 @@ def child(args: argparse.Namespace) -> None:
     ``resume-mmap``."""
     torch.set_num_threads(1)
     anon = AnonPeak()
-    model, opt = build(args.params, args.ngrads, args.topk)
+    model, opt = build(args.params, args.ngrads, args.topk, args.layout)
     if args.child == "train":
         train_steps(model, opt, args.steps[0])
         torch.save(model.state_dict(), args.path + ".model")
@@ -126,7 +128,7 @@ def run_child(args: argparse.Namespace, side: str, steps: int, path: str) -> dic
     cmd = [
         sys.executable, "-m", "benchmarks.optim_checkpoint", "--child", side, "--path", path,
         "--params", str(args.params), "--ngrads", str(args.ngrads), "--topk", str(args.topk),
-        "--steps", str(steps),
+        "--steps", str(steps), "--layout", args.layout,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
@@ -139,6 +141,8 @@ def main() -> None:
     ap.add_argument("--ngrads", type=int, default=256)
     ap.add_argument("--topk", type=float, default=0.01)
     ap.add_argument("--steps", type=int, nargs="+", default=[3, 32, 256])
+    ap.add_argument("--layout", choices=["topk", "dense"], default="topk", help="window rows")
+    ap.add_argument("--out", default=str(OUT), help="results file")
     ap.add_argument("--child", choices=["train", "resume", "resume-mmap"])
     ap.add_argument("--path")
     args = ap.parse_args()
@@ -171,16 +175,17 @@ def main() -> None:
             })  # fmt: skip
             print(json.dumps(rows[-1]))
     result = {
-        "params": dim, "ngrads": args.ngrads, "topk": args.topk,
+        "params": dim, "ngrads": args.ngrads, "layout": args.layout,
+        "topk": args.topk if args.layout == "topk" else None,
         "threads": 1, "rows": rows,
         "note": "checkpoint = the optimizer's state_dict alone (torch.save); bound = "
-        "(filled/m) x the full top-k window + AdamW's two float32 moments (the error-feedback "
+        "(filled/m) x the full window + AdamW's two float32 moments (the error-feedback "
         "vector, d float32, is state AdamW does not have); every peak is of a fresh process; "
         "peak_rss = ru_maxrss (a mapped checkpoint's touched pages count), peak_anon = resident "
         "minus file-backed pages, sampled every 0.5 ms (memory the process owns); resume = "
         "torch.load(path, weights_only=True), mmap_resume = the same with mmap=True",
     }  # fmt: skip
-    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

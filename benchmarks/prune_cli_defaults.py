@@ -76,10 +76,13 @@ class Job:
         }  # fmt: skip
 
 
-def cli_command(data: Path, out: Path, lm_head: bool = False) -> list[str]:
-    """The CLI run: model, data, sparsity and output folder, nothing else (plus the head)."""
+def cli_command(data: Path, out: Path, lm_head: bool = False, seed: int = 0) -> list[str]:
+    """The CLI run: model, data, sparsity and output folder, nothing else (plus the head, and
+    ``--seed`` when not the default 0: the CLI's draw of the calibration windows)."""
     cmd = [sys.executable, "-m", "mfac", "prune", "--model", str(CACHE), "--data", str(data)]
     cmd += ["--sparsity", "0.5"]
+    if seed:
+        cmd += ["--seed", str(seed)]
     if lm_head:
         cmd += ["--layers", "model.layers.*", "lm_head"]
     return [*cmd, "-o", str(out)]
@@ -148,6 +151,11 @@ def main() -> None:
         help="folder for the runs' outputs and logs (emptied first, kept after)",
     )
     parser.add_argument("--name", default="prune_llm_cli_defaults", help="results file name")
+    parser.add_argument("--seed", type=int, default=0, help="the CLI's --seed (its draw)")
+    parser.add_argument(
+        "--cli-only", action="store_true",
+        help="run the CLI alone, not the recipe (whose draws are recorded already)",
+    )  # fmt: skip
     args = parser.parse_args()
     convert()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": "1"}
@@ -162,51 +170,69 @@ def main() -> None:
     t0 = time.perf_counter()
     recipe_cmd = [sys.executable, "-m", "benchmarks.prune_llm", *RECIPE]
     recipe_cmd += ["--threads", str(args.threads), "--child", "fisher-sparsegpt", "none", "0.5"]
-    jobs = {"cli": Job("cli", cli_command(data, work / "cli"), env, work),
-            "recipe": Job("recipe", recipe_cmd, env, work)}  # fmt: skip
+    jobs = {"cli": Job("cli", cli_command(data, work / "cli", seed=args.seed), env, work)}
+    if not args.cli_only:
+        jobs["recipe"] = Job("recipe", recipe_cmd, env, work)
     if args.lm_head:
-        jobs["head"] = Job("head", cli_command(data, work / "head", lm_head=True), env, work)
-    rec = jobs["recipe"].wait()
-    line = next(ln for ln in rec["stdout"].splitlines() if ln.startswith("RESULT "))
-    raw = json.loads(line[len("RESULT ") :])
-    recipe = {
-        "command": "python -m benchmarks.prune_llm " + " ".join(RECIPE)
-        + f" --threads {args.threads}  (one child: fisher-sparsegpt, 50 %)",
-        "ppl_lee": round(raw["ppl"], 2), "ppl_wiki": round(raw["ppl_wiki"], 2),
-        "prune_wall_s": round(raw["prune_wall_s"], 1), "timings_s": raw["timings"],
-        "fisher_s": round(raw.get("fisher_s", 0.0), 1), "schedule": raw.get("schedule"),
-        "process": rec["process"],
-    }  # fmt: skip
+        head_cmd = cli_command(data, work / "head", lm_head=True, seed=args.seed)
+        jobs["head"] = Job("head", head_cmd, env, work)
     cli = cli_row(jobs["cli"], work / "cli", args.threads)
     head = cli_row(jobs["head"], work / "head", args.threads) if args.lm_head else None
-    total = time.perf_counter() - t0
     spread = draw_spread()
     result: dict[str, Any] = {
         "what": "issue #30: `mfac prune` with CLI defaults on SmolLM2-135M against the documented"
         " recipe; produced by benchmarks/prune_cli_defaults.py",
         "script": "python -m benchmarks.prune_cli_defaults"
-        + (" --lm-head" if args.lm_head else ""),
+        + (" --lm-head" if args.lm_head else "") + (f" --seed {args.seed}" if args.seed else "")
+        + (" --cli-only" if args.cli_only else ""),
         "data": "lee_background.txt: gensim's lee_background.cor copied",
         "eval": f"benchmarks.prune_llm.perplexity on lee.cor ({EVAL_WINDOWS} windows) and the "
         f"Wikipedia dump ({WIKI_WINDOWS} windows) of {SEQ} tokens",
-        "threads": args.threads, "concurrent": True,
-        "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "cli": cli, "recipe": recipe, "recipe_draws": spread,
+        "threads": args.threads, "concurrent": len(jobs) > 1, "seed": args.seed,
+        "cli": cli, "recipe_draws": spread,
+        # the target of issue #30: the CLI's draw inside the recipe's range of draws
+        "in_recipe_range_lee": min(spread["ppl_lee"]) <= cli["ppl_lee"] <= max(spread["ppl_lee"]),
+        "in_recipe_range_wiki": (
+            min(spread["ppl_wiki"]) <= cli["ppl_wiki"] <= max(spread["ppl_wiki"])
+        ),
+    }  # fmt: skip
+    if head is not None:
+        result["with_lm_head"] = head
+    if not args.cli_only:
+        result.update(recipe_row(jobs["recipe"], cli, spread, args.threads))
+    result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{args.name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("cli", "with_lm_head")}))
+    print(f"wrote {path}")
+
+
+def recipe_row(
+    job: Job, cli: dict[str, Any], spread: dict[str, Any], threads: int
+) -> dict[str, Any]:
+    """The recipe child's result (seed 0) and the CLI's gaps to it."""
+    rec = job.wait()
+    line = next(ln for ln in rec["stdout"].splitlines() if ln.startswith("RESULT "))
+    raw = json.loads(line[len("RESULT ") :])
+    recipe = {
+        "command": "python -m benchmarks.prune_llm " + " ".join(RECIPE)
+        + f" --threads {threads}  (one child: fisher-sparsegpt, 50 %)",
+        "ppl_lee": round(raw["ppl"], 2), "ppl_wiki": round(raw["ppl_wiki"], 2),
+        "prune_wall_s": round(raw["prune_wall_s"], 1), "timings_s": raw["timings"],
+        "fisher_s": round(raw.get("fisher_s", 0.0), 1), "schedule": raw.get("schedule"),
+        "process": rec["process"],
+    }  # fmt: skip
+    return {
+        "recipe": recipe,
         "ratio_prune_time": round(cli["timings_s"]["total"] / recipe["prune_wall_s"], 3),
         "ratio_process_wall": round(cli["process"]["wall_s"] / recipe["process"]["wall_s"], 3),
         "ppl_lee_gap": round(cli["ppl_lee"] - recipe["ppl_lee"], 2),
         "ppl_wiki_gap": round(cli["ppl_wiki"] - recipe["ppl_wiki"], 2),
         "within_one_draw_lee": abs(cli["ppl_lee"] - recipe["ppl_lee"]) <= spread["range_lee"],
         "within_one_draw_wiki": abs(cli["ppl_wiki"] - recipe["ppl_wiki"]) <= spread["range_wiki"],
-        "wall_s": round(total, 1),
     }  # fmt: skip
-    if head is not None:
-        result["with_lm_head"] = head
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{args.name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("cli", "with_lm_head")}))
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

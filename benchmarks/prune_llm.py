@@ -78,6 +78,16 @@ def convert() -> Path:
     return CACHE
 
 
+def cli_draw(train: torch.Tensor, count: int, seed: int) -> list[torch.Tensor]:
+    """The ``count`` calibration windows ``mfac prune --data lee_background.txt --seed SEED``
+    draws from the same windows: its 10 % held out first, then its own sampler (the CLI's
+    code, :mod:`mfac.cli.data` and :mod:`mfac.cli.prune`)."""
+    from mfac.experiments.tasks import make_dataset
+
+    data = make_dataset("text", train, None, val_fraction=0.1, seed=seed)
+    return [x for x, _ in data.sampled(count, 1, seed + 1)]
+
+
 def windows(path: Path, tok: object, seq: int) -> torch.Tensor:
     text = path.read_text(encoding="latin-1")
     ids = tok(text, return_tensors="pt").input_ids[0]  # type: ignore[operator]
@@ -236,12 +246,15 @@ def child(method: str, pattern: str | None, sparsity: float, args: argparse.Name
     out: dict = {"method": method, "pattern": pattern or "none", "target": sparsity}
     out["damp"] = args.damp
     out["seed"] = args.seed
+    out["draw"] = args.draw
     out["commit"] = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
     t0 = time.perf_counter()
     if method in LAYERWISE:
         calib = [train[i : i + 1] for i in pick[: args.calib].tolist()]
+        if args.draw == "cli":
+            calib = cli_draw(train, args.calib, args.seed)
         layerwise(model, method, sparsity, pattern, calib, args, out)
     elif method != "dense":
         layers = lambda name, _m: ".layers." in name  # noqa: E731
@@ -371,6 +384,11 @@ def main() -> None:
     parser.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
     parser.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda")
     parser.add_argument("--seed", type=int, default=0, help="draw of the calibration windows")
+    parser.add_argument(
+        "--draw", choices=("recipe", "cli"), default="recipe",
+        help="calibration windows of the layer-wise methods: the recipe's draw, or the ones "
+        "`mfac prune --seed SEED` draws (its held-out split, then its sampler)",
+    )  # fmt: skip
     parser.add_argument("--suffix", default="", help="appended to the results file name")
     parser.add_argument(
         "--seed-table", default=None,

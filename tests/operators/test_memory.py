@@ -94,4 +94,35 @@ def test_no_copy_of_the_buffer(block, monkeypatch) -> None:
     x = torch.randn(d)
     assert _largest_allocation(lambda: op.ihvp(x)) < buffer_bytes / 4
     window = mfac.SlidingInverseFisher(d, m, 1e-3)
+    window.push(x)  # the first push allocates the window's rows
     assert _largest_allocation(lambda: window.push_ihvp(x)) < buffer_bytes / 4
+
+
+def test_finite_check_reads_in_chunks_and_is_exact(monkeypatch) -> None:
+    """``finite_fast``: a sum that overflows (finite entries) falls back to the exact check,
+    chunk by chunk, which finds a NaN or Inf in any chunk, the last one included."""
+    from mfac import _validation
+
+    monkeypatch.setattr(_validation, "FINITE_CHUNK", 7)
+    big = torch.full((50,), 3e38)  # finite entries whose float32 sum overflows
+    assert _validation.finite_fast(big)
+    for at in (0, 13, 49):
+        for bad in (float("nan"), float("inf")):
+            x = big.clone()
+            x[at] = bad
+            assert not _validation.finite_fast(x.view(5, 10)), (at, bad)
+
+
+def test_file_mappings_tell_a_loaded_file_from_owned_memory(tmp_path) -> None:
+    """``adoptable``: a tensor of ``torch.load(..., mmap=True)`` lies in a file mapping (it is
+    copied, not kept); one loaded plainly, or on another device or strided, is decided by
+    its own properties."""
+    path = tmp_path / "t.pt"
+    torch.save({"a": torch.randn(1000, 10)}, path)
+    plain = torch.load(path, weights_only=True)["a"]
+    mapped = torch.load(path, weights_only=True, mmap=True)["a"]
+    cpu = torch.device("cpu")
+    assert memory.adoptable(plain, cpu)
+    assert not memory.adoptable(mapped, cpu)
+    assert not memory.adoptable(plain.T, cpu)  # not contiguous
+    assert not memory.adoptable(plain, torch.device("meta"))

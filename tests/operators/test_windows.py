@@ -232,7 +232,8 @@ def test_every_window_matches_the_dense_oracle(
 @pytest.mark.parametrize(("name", "damp"), CASES, ids=IDS)
 def test_state_round_trip_is_bit_identical(group: object, name: str, damp: float | None) -> None:
     """A saved window (deep-copied, as torch.save would) loads into a fresh one, and both
-    continue bit for bit; the caller's state is not written to."""
+    continue bit for bit; the given state's fields the window did not adopt (see
+    test_a_full_window_adopts_the_loaded_rows) are not written to."""
     dim, m = 12, 3
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(dim, generator=gen) for _ in range(2 * m + 3)]
@@ -254,11 +255,74 @@ def test_state_round_trip_is_bit_identical(group: object, name: str, damp: float
         if damp is not None:
             assert torch.equal(w.ihvp(x), other.ihvp(x))
     assert torch.equal(w.gram, other.gram) and torch.equal(stored_rows(w), stored_rows(other))
+    adopted = adopted_fields(other, saved)
     for key, value in kept.items():
         if isinstance(value, torch.Tensor):
-            assert torch.equal(value, saved[key]), key
+            assert key in adopted or torch.equal(value, saved[key]), key
         else:
             assert value == saved[key], key
+
+
+def buffers(w: SlidingWindow) -> list[torch.Tensor]:
+    """The tensors a window holds (on the C path also its layout's)."""
+    rows = vars(w).get("rows")
+    own = [*vars(w).values(), *(vars(rows).values() if rows is not None else ())]
+    return [t for t in own if isinstance(t, torch.Tensor)]
+
+
+def adopted_fields(w: SlidingWindow, state: dict) -> set[str]:
+    """The fields of ``state`` whose tensors are the window's own buffers (same memory)."""
+    live = {t.data_ptr() for t in buffers(w) if t.numel()}
+    return {
+        key for key, t in state.items() if isinstance(t, torch.Tensor) and t.data_ptr() in live
+    }  # fmt: skip
+
+
+def expected_adoption(w: SlidingWindow, full: bool = True) -> set[str]:
+    """What a window adopts: a full window's rows (the C path's whole layout; a sharded
+    window saves all m rows of its shard, filled or not), and a top-k window's error vector."""
+    if not isinstance(w, TopKSlidingInverseFisher):
+        return {"grads"} if full or isinstance(w, ShardedSlidingInverseFisher) else set()
+    rows = {"values", "indices"} | ({"starts", "block_of"} if w.native else set())
+    return {"error"} | (rows if full else set())
+
+
+@pytest.mark.parametrize(("name", "damp"), CASES, ids=IDS)
+def test_a_full_window_adopts_the_loaded_rows(
+    group: object, name: str, damp: float | None, tmp_path: Path
+) -> None:
+    """A window allocates its rows on first use, and a full window's saved rows (and a top-k
+    window's error vector) become the loading window's own buffers, not copies: a resume
+    holds one copy of the window. A partly filled
+    state's rows are copied, and so is every tensor of a state mapped from its file
+    (``torch.load(mmap=True)``); all three continue as the saving window does."""
+    dim, m = 12, 3
+    gen = torch.Generator().manual_seed(2)
+    w = build(name, dim, m, damp, group)
+    for _ in range(m - 1):
+        w.push(torch.randn(dim, generator=gen))
+    partial_state = copy.deepcopy(w.state_dict())
+    partial = build(name, dim, m, damp, group)
+    partial.load_state_dict(partial_state)
+    assert adopted_fields(partial, partial_state) == expected_adoption(partial, full=False)
+    w.push(torch.randn(dim, generator=gen))
+    path = tmp_path / "window.pt"
+    torch.save(w.state_dict(), path)
+    loaded = torch.load(path, weights_only=True)
+    other = build(name, dim, m, damp, group)
+    assert not {"grads", "values", "rows"} & set(vars(other))  # no rows before first use
+    other.load_state_dict(loaded)
+    assert adopted_fields(other, loaded) == expected_adoption(other)
+    mapped = torch.load(path, weights_only=True, mmap=True)
+    third = build(name, dim, m, damp, group)
+    third.load_state_dict(mapped)
+    assert adopted_fields(third, mapped) == set()
+    x = torch.randn(dim, generator=gen)
+    for _ in range(2):
+        g = torch.randn(dim, generator=gen)
+        want = w.push_gather(g, x)
+        for resumed in (other, third):
+            assert torch.equal(resumed.push_gather(g, x), want)
 
 
 @pytest.mark.parametrize(("name", "damp"), CASES, ids=IDS)

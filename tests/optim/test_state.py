@@ -135,6 +135,75 @@ def test_saved_states_load_and_resume() -> None:
         assert_state_equal(given_state, SAVED[layout])  # the caller's dict is not modified
 
 
+def _tensors(tree: object) -> list[torch.Tensor]:
+    """Every tensor in a (nested) state."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree
+    if isinstance(items, (list, tuple, type({}.values()))):
+        return [t for item in items for t in _tensors(item)]
+    return []
+
+
+@pytest.mark.parametrize("rule", ["MFACSGD-dense", "MFACSGD-topk", "MFAC-topk"])
+def test_a_resume_adopts_the_loaded_window_and_moments(rule: str, tmp_path) -> None:
+    """A plain ``torch.load`` resume of a full window holds one copy of it: the window's rows
+    (and a top-k window's error vector) and the moments / momentum are the loaded tensors, not
+    copies, and a refused load adopts and changes nothing; a state mapped from its file
+    (``mmap=True``) is copied. All three optimizers then continue bit for bit."""
+    name, layout = rule.split("-")
+
+    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
+        if name == "MFACSGD":
+            return _make(layout)
+        model = _model()
+        return model, mfac.MFAC(
+            model.parameters(), lr=1e-3, ngrads=NGRADS, window_scope="model",
+            layout="topk", topk=0.3,
+        )  # fmt: skip
+
+    model, opt = make()
+    _train(model, opt, 2 * NGRADS + 1)
+    path = tmp_path / "opt.pt"
+    torch.save(opt.state_dict(), path)
+    runs = [(model, opt)]
+    for mmap in (False, True):
+        resumed_model, resumed = make()
+        resumed_model.load_state_dict(model.state_dict())
+        state = torch.load(path, weights_only=True, mmap=mmap)
+        # a refusal (the last moment tampered with) adopts nothing and changes nothing
+        before, kept = copy.deepcopy(resumed.state_dict()), copy.deepcopy(state)
+        last = [e for e in state["state"].values() if "window" not in e][-1]
+        key = next(k for k in last if k != "mask")
+        good = last[key]
+        last[key] = _nan(good)
+        with pytest.raises(ValueError, match="NaN"):
+            resumed.load_state_dict(state)
+        assert_state_equal(resumed.state_dict(), before)
+        last[key] = good
+        assert_state_equal(state, kept)
+        resumed.load_state_dict(state)
+        live = {t.data_ptr() for t in _tensors(resumed.state) if t.numel()}
+        for w in resumed.windows:
+            live |= {t.data_ptr() for t in vars(w).values() if isinstance(t, torch.Tensor)}
+        window = next(e["window"] for e in state["state"].values() if "window" in e)
+        rows = window["grads"] if "grads" in window else window["values"]
+        moments = [
+            t for e in state["state"].values() for k, t in e.items()
+            if k not in ("window", "mask", "step")
+        ]  # fmt: skip
+        assert moments
+        shared = [t.data_ptr() in live for t in (rows, *moments)]
+        assert shared == [not mmap] * len(shared), (rule, mmap)
+        runs.append((resumed_model, resumed))
+    for step_model, step_opt in runs:
+        _train(step_model, step_opt, 3, start=2 * NGRADS + 1)
+    for other_model, other in runs[1:]:
+        assert_state_equal(other.state_dict(), opt.state_dict())
+        for a, b in zip(other_model.parameters(), model.parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
 def _check_refused(layout: str, name: str) -> None:
     corrupt, word = _corruption(name)
     opt = _fresh_loaded(layout)

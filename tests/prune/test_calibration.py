@@ -231,31 +231,73 @@ def test_fallback_warns_and_says_why() -> None:
     assert "runs 2 times" in str(info["schedule_reason"])
 
 
-@pytest.mark.parametrize(
-    ("layers", "words"),
-    [
-        (["encoder.*"], "encoder.block.1 gets another positional argument"),
-        (None, "the output of encoder.block.1 is not the input of decoder.block.0"),
-    ],
-)
-def test_t5_falls_back_and_says_why(layers, words: str) -> None:
-    """T5's later blocks take the position bias the first block computed, and its decoder stack
-    does not continue the encoder's: replaying would be wrong, so the schedule falls back to
-    full passes and says why."""
-    transformers = pytest.importorskip("transformers")
+def test_an_argument_not_carried_by_the_previous_output_falls_back() -> None:
+    """A block argument that changes from block to block without coming from the previous
+    block's output (here a per-block scale) cannot be replayed: full passes, and the reason
+    names the argument."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, object]:
+            return self.lin(x) * scale, x
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Scaled() for _ in range(3)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for i, block in enumerate(self.layers):
+                x = block(x, scale=torch.tensor(1.0 + i, dtype=x.dtype))[0]
+            return x
+
     torch.manual_seed(0)
-    cfg = transformers.T5Config(
-        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    model = transformers.T5ForConditionalGeneration(cfg).eval()
-    ids = [torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i))
-           for i in range(3)]  # fmt: skip
+    model = Stack().double()
+    batches = [torch.randn(8, 4, dtype=F64) for _ in range(3)]
     info: dict[str, object] = {}
     with pytest.warns(UserWarning, match="re-runs the whole model"):
-        sparsegpt(
-            model, ids, lambda m, b: m(input_ids=b, labels=b), 0.5, calib_batches=3,
-            progress=False, info=info, layers=layers,
-        )  # fmt: skip
+        sparsegpt(model, batches, _run, 0.5, calib_batches=3, progress=False, info=info)
     assert info["schedule"] == "sequential-full-passes"
-    assert words in str(info["schedule_reason"])
+    assert "layers.1 gets another keyword argument 'scale' than layers.0" in str(
+        info["schedule_reason"]
+    )
+
+
+@pytest.mark.parametrize("layers", [["encoder.*"], None, ["*.block.*", "lm_head"]])
+def test_t5_replays_its_stacks_and_equals_full_passes(monkeypatch, layers) -> None:
+    """T5 (float64): its later blocks take the position biases the first block computes (the
+    replay threads them from each block's output), and its decoder stack, calibrated after
+    the encoder's (``layers=None``: both stacks), reads the pruned encoder's output; the LM
+    head, asked for, comes after both. The stacks are replayed (``sequential-blocks``, no
+    warning), with the masks and weights of full passes."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+    ids = [torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i))
+           for i in range(3)]  # fmt: skip
+    results = []
+    for forced in (False, True):
+        torch.manual_seed(0)
+        model = transformers.T5ForConditionalGeneration(cfg).double().eval()
+        if forced:
+            monkeypatch.setattr(calibration, "plan", _forced)
+        info: dict[str, object] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if forced else "error")
+            masks, _ = sparsegpt(
+                model, ids, lambda m, b: m(input_ids=b, labels=b), 0.5, calib_batches=3,
+                progress=False, info=info, layers=layers,
+            )  # fmt: skip
+        assert info["schedule"] == ("sequential-full-passes" if forced else "sequential-blocks")
+        results.append((masks, [p.detach().clone() for p in model.parameters()]))
+    assert any(n.startswith("decoder.") for n in results[0][0]) == (layers != ["encoder.*"])
+    assert results[0][0].keys() == results[1][0].keys()
+    for name in results[0][0]:
+        assert torch.equal(results[0][0][name], results[1][0][name]), name
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert torch.allclose(a, b, atol=1e-10)

@@ -38,12 +38,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
+from .._validation import (
+    NonFiniteGradientError,
+    check_float_dtype,
+    check_positive_int,
+    finite_fast,
+)
 from .gram import DenseRowsBacked, GramFactor
 from .kernels import cols_dot, rows_dot
 from .memory import check_fits, gram_nbytes
 from .sharded import check_flags, column_products, commit_columns, insert_columns, shard_bounds
-from .topk import TopKSlidingInverseFisher, finite_fast
+from .topk import TopKSlidingInverseFisher
 
 F64 = torch.float64
 
@@ -214,12 +219,12 @@ class LocalShardedInverseFisher(DenseRowsBacked):
             device,
         )
         self.factor = GramFactor(window, damp, device)
-        self.grads = torch.zeros(window, self.dim, dtype=dtype, device=device)
+        self._zero_rows_on_first_use((window, self.dim), dtype, device)
 
     @property
     def nbytes(self) -> int:
         """Bytes held on this rank: its rows plus the replicated K (and K^-1)."""
-        return self.grads.numel() * self.grads.element_size() + self.factor.nbytes
+        return self.window_nbytes + self.factor.nbytes
 
     def _local(self, v: torch.Tensor, name: str) -> torch.Tensor:
         return _check_local(v, self.dim, self.device, name)
@@ -302,7 +307,7 @@ class LocalShardedInverseFisher(DenseRowsBacked):
         the right shapes, dtype, finite values; K, its inverse, the pointer, the damping).
         Rank-local: K against the rows would need every rank, so it is not checked."""
         rows = self._rows(state)
-        if not bool(torch.isfinite(rows).all()):
+        if not finite_fast(rows):
             raise ValueError("rows contains NaN or Inf")
         self.factor.check_state(state)
 
@@ -476,7 +481,7 @@ class LocalShardedTopK(TopKSlidingInverseFisher):
         return {
             **{k: v for k, v in state.items() if k not in ("values", "indices", "error")},
             "values": values[:, : self.k].contiguous(),
-            "indices": indices[:, : self.k].to(self.indices.dtype),
+            "indices": indices[:, : self.k].to(self._index_dtype),
             "error": error,
         }
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .._validation import NonFiniteGradientError, check_damp, check_positive_int
+from .memory import adoptable
 from .threads import single_threaded
 
 F64 = torch.float64
@@ -366,26 +367,65 @@ class DenseRowsBacked(FactorBacked):
 
     grads: torch.Tensor
 
+    def _zero_rows_on_first_use(
+        self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """Record the rows' shape, dtype and device: the zero rows are allocated when ``grads``
+        is first read, so a window loaded before its first push adopts the saved rows instead
+        and a resume holds one copy of the window."""
+        self._rows_spec = (shape, dtype, device)
+
+    def __getattr__(self, name: str) -> Any:
+        """Allocate the zero rows when ``grads`` is first read."""
+        spec = self.__dict__.pop("_rows_spec", None) if name == "grads" else None
+        if spec is not None:
+            self.grads = torch.zeros(spec[0], dtype=spec[1], device=spec[2])
+            return self.grads
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def rows_shape(self) -> tuple[int, int]:
+        """Shape of the stored rows (m x the columns held here), allocated or not."""
+        spec = self.__dict__.get("_rows_spec")
+        return spec[0] if spec is not None else tuple(self.grads.shape)
+
     @property
     def device(self) -> torch.device:
         """Where the stored rows live."""
-        return self.grads.device
+        spec = self.__dict__.get("_rows_spec")
+        return spec[2] if spec is not None else self.grads.device
 
     @property
     def dtype(self) -> torch.dtype:
         """Storage dtype of the rows."""
-        return self.grads.dtype
+        spec = self.__dict__.get("_rows_spec")
+        return spec[1] if spec is not None else self.grads.dtype
+
+    @property
+    def window_nbytes(self) -> int:
+        """Bytes of the stored rows (the window, or this rank's shard of it), allocated or
+        still to be on first use."""
+        m, cols = self.rows_shape
+        return m * cols * torch.empty((), dtype=self.dtype).element_size()
 
     def check_state(self, state: Mapping[str, Any]) -> None:
         """Validate ``state`` without writing anything (each window checks its own fields)."""
         raise NotImplementedError
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state from ``state_dict``: everything is checked before anything is written."""
+        """Restore a state from ``state_dict``: everything is checked before anything is
+        written. A full window's rows are adopted, not copied, when
+        :func:`~mfac.operators.memory.adoptable` (the window then writes into them, as
+        ``torch.optim`` adopts loaded moments); filled rows of a partly filled one are copied."""
         self.check_state(state)
         self.factor.load_state_dict(state, check=False)
-        rows = state["grads"].shape[0]
-        self.grads[:rows].copy_(state["grads"])
+        grads = state["grads"]
+        rows = grads.shape[0]
+        if rows == self.window and adoptable(grads, self.device):
+            self.__dict__.pop("_rows_spec", None)
+            self.grads = grads
+            return
+        self.grads[:rows].copy_(grads)
         self.grads[rows:].zero_()  # empty slots are zero rows
 
 

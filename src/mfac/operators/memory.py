@@ -3,6 +3,7 @@ when they do not, and a clear error before any allocation when neither can hold 
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import tempfile
@@ -125,6 +126,48 @@ def allocate(
 def is_memory_mapped(tensor: torch.Tensor) -> bool:
     """True when the tensor's storage is a file mapping rather than ordinary RAM."""
     return tensor.untyped_storage().filename is not None
+
+
+class FileMappings:
+    """The address ranges this process maps from files, read once (``/proc/self/maps``, Linux;
+    elsewhere unknown, and every tensor counts as file-backed)."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] | None = []
+        try:
+            with open("/proc/self/maps") as fh:
+                for line in fh:
+                    fields = line.split()
+                    if len(fields) >= 5 and fields[4] != "0":  # an inode: a file's pages
+                        lo, hi = fields[0].split("-")
+                        self.ranges.append((int(lo, 16), int(hi, 16)))
+        except OSError:
+            self.ranges = None
+        self._starts = [lo for lo, _ in self.ranges or []]
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether any of ``t``'s bytes lie in a file mapping (a CPU tensor; unknown: True)."""
+        if self.ranges is None:
+            return True
+        lo = t.data_ptr()
+        hi = lo + t.numel() * t.element_size()
+        i = bisect.bisect_right(self._starts, hi - 1) - 1
+        return i >= 0 and self.ranges[i][1] > lo
+
+
+def adoptable(
+    t: torch.Tensor, device: torch.device, mappings: FileMappings | None = None
+) -> bool:
+    """Whether a loaded tensor (dtype and shape already checked) can become a live buffer
+    as it is, instead of being copied: on ``device``, contiguous, and, on the CPU, in memory
+    this process owns rather than a file's pages (``torch.load(..., mmap=True)``): a buffer
+    that stays a private mapping of the checkpoint would read the file for as long as it
+    lives, and a later save to the same path truncates the file under it (SIGBUS)."""
+    if t.device != device or not t.is_contiguous():
+        return False
+    if t.device.type != "cpu" or t.numel() == 0:
+        return True
+    return not (mappings or FileMappings()).holds(t)
 
 
 class GradientBuffer:

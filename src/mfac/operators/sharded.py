@@ -20,11 +20,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
+from .._validation import (
+    NonFiniteGradientError,
+    check_float_dtype,
+    check_positive_int,
+    finite_fast,
+)
 from .gram import DenseRowsBacked, GramFactor
 from .kernels import cols_dot, rows_dot
 from .memory import check_fits, gram_nbytes
-from .topk import finite_fast
 
 F64 = torch.float64
 
@@ -164,13 +168,8 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
             device,
         )
         self.factor = GramFactor(window, damp, device)
-        self.grads = torch.zeros(window, self.hi - self.lo, dtype=dtype, device=device)
+        self._zero_rows_on_first_use((window, self.hi - self.lo), dtype, device)
         self._gathered = torch.zeros(self.chunk * self.world, dtype=torch.float32, device=device)
-
-    @property
-    def window_nbytes(self) -> int:
-        """Bytes of this rank's window shard."""
-        return self.grads.numel() * self.grads.element_size()
 
     @property
     def nbytes(self) -> int:
@@ -286,13 +285,13 @@ class ShardedSlidingInverseFisher(DenseRowsBacked):
         grads = state["grads"]
         if not isinstance(grads, torch.Tensor):
             raise TypeError(f"grads must be a tensor, got {type(grads).__name__}")
-        if tuple(grads.shape) != tuple(self.grads.shape):
+        if tuple(grads.shape) != self.rows_shape:
             raise ValueError(
-                f"grads has shape {tuple(grads.shape)}, this shard {tuple(self.grads.shape)}"
+                f"grads has shape {tuple(grads.shape)}, this shard {self.rows_shape}"
             )
-        if grads.dtype != self.grads.dtype:
-            raise TypeError(f"grads: state stores {grads.dtype}, this shard {self.grads.dtype}")
-        if not bool(torch.isfinite(grads).all()):
+        if grads.dtype != self.dtype:
+            raise TypeError(f"grads: state stores {grads.dtype}, this shard {self.dtype}")
+        if not finite_fast(grads):
             raise ValueError("grads contains NaN or Inf")
         self.factor.check_state(state)
 

@@ -14,6 +14,7 @@ from .._validation import (
     check_float_dtype,
     check_positive_int,
     check_vector,
+    finite_fast,
 )
 from .gram import DenseRowsBacked, GramFactor
 from .kernels import cols_dot, rows_dot
@@ -61,7 +62,7 @@ class SlidingInverseFisher(DenseRowsBacked):
             device,
         )
         self.dim, self.window = dim, window
-        self.grads = torch.zeros(window, dim, dtype=dtype, device=device)
+        self._zero_rows_on_first_use((window, dim), dtype, device)
         self.factor = GramFactor(window, damp, device)
 
     @staticmethod
@@ -76,7 +77,7 @@ class SlidingInverseFisher(DenseRowsBacked):
     @property
     def nbytes(self) -> int:
         """Bytes held: the window plus the two m x m float64 matrices (K and K^-1)."""
-        return self.grads.numel() * self.grads.element_size() + self.factor.nbytes
+        return self.window_nbytes + self.factor.nbytes
 
     # ------------------------------------------------------------------ updates
     def _check_grad(self, g: torch.Tensor) -> torch.Tensor:
@@ -232,13 +233,13 @@ class SlidingInverseFisher(DenseRowsBacked):
                 f"grads: state holds rows of shape {tuple(grads.shape)}, this operator needs "
                 f"({filled}, {self.dim}) (the filled rows) or ({self.window}, {self.dim})"
             )
-        if grads.dtype != self.grads.dtype:
+        if grads.dtype != self.dtype:
             raise TypeError(
-                f"grads: state stores {grads.dtype}, this operator stores {self.grads.dtype}"
+                f"grads: state stores {grads.dtype}, this operator stores {self.dtype}"
             )
         grads = grads.to(self.device)
         with single_threaded(device=self.device):
-            if not bool(torch.isfinite(grads).all()):
+            if not finite_fast(grads):
                 raise ValueError("grads contains NaN or Inf")
 
         rows = grads.shape[0]

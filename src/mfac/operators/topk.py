@@ -19,23 +19,21 @@ from typing import Any
 
 import torch
 
-from .._validation import NonFiniteGradientError, check_float_dtype, check_positive_int
+from .._validation import (
+    NonFiniteGradientError,
+    check_float_dtype,
+    check_positive_int,
+    finite_fast,
+)
 from . import sparse_native, tiled
 from .gram import FactorBacked, GramFactor
-from .memory import check_fits, gram_nbytes
+from .memory import FileMappings, adoptable, check_fits, gram_nbytes
 
 F64 = torch.float64
 #: Bytes of the temporaries one chunk of the gather / scatter may use.
 CHUNK_BYTES = 32 * 2**20
 #: Below this dimension the selection is a plain torch.topk.
 SMALL_SELECT = 1 << 16
-
-
-def finite_fast(x: torch.Tensor) -> bool:
-    """True when x holds no NaN/Inf, in one summing pass (NaN and +-Inf propagate through a
-    sum); only a non-finite sum (NaN/Inf, or a float overflow) runs the exact elementwise check.
-    ``torch.isfinite(x).all()`` alone costs about five passes over x."""
-    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def resolve_k(topk: int | float | None, dim: int) -> int:
@@ -205,23 +203,39 @@ class TopKSlidingInverseFisher(FactorBacked):
             device,
         )
         self.dim, self.window, self.k = dim, window, k
+        self._device, self._dtype, self._index_dtype = device, dtype, index_dtype
         self.factor = GramFactor(window, damp, device)
-        huge = sparse_native.empty_huge  # big buffers on huge pages (fewer page walks)
         #: Whether the C kernels run the gathers, scatters and the selection (CPU, float32 /
         #: bfloat16 / float16 values and a working C compiler); else the torch path.
         self.native = self.native_for(dtype, device)
+        # the rows (``rows`` on the C path, ``values``/``indices``) exist from first use on (see
+        # __getattr__): a window loaded before its first push adopts the saved rows instead
+        self._rows_pending = True
+        self.error = sparse_native.empty_huge((dim,), torch.float32, device).zero_()
+
+    def __getattr__(self, name: str) -> Any:
+        """Allocate the empty rows when ``rows``, ``values`` or ``indices`` is first read."""
+        if name in ("rows", "values", "indices") and self.__dict__.pop("_rows_pending", False):
+            self._allocate_rows()
+            return getattr(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _allocate_rows(self) -> None:
+        """The empty window: m rows of k zeros at the coordinates 0..k-1, on huge pages."""
+        device, dtype, index_dtype = self._device, self._dtype, self._index_dtype
+        huge = sparse_native.empty_huge  # big buffers on huge pages (fewer page walks)
         if self.native:
             #: The rows in the tile-major layout (the C path).
             self.rows = tiled.TiledRows(
-                dim, window, k, dtype, index_dtype, empty=lambda shape, dt: huge(shape, dt, device)
-            )
+                self.dim, self.window, self.k, dtype, index_dtype,
+                empty=lambda shape, dt: huge(shape, dt, device),
+            )  # fmt: skip
             self.values, self.indices = self.rows.values, self.rows.indices
         else:
             #: The rows as (m, k) tensors (the torch path).
-            self.values = huge((window, k), dtype, device).zero_()
-            self.indices = huge((window, k), index_dtype, device)
-            self.indices.copy_(torch.arange(k, device=device))  # empty rows: zeros at 0..k-1
-        self.error = huge((dim,), torch.float32, device).zero_()
+            self.values = huge((self.window, self.k), dtype, device).zero_()
+            self.indices = huge((self.window, self.k), index_dtype, device)
+            self.indices.copy_(torch.arange(self.k, device=device))  # zeros at 0..k-1
 
     @staticmethod
     def index_dtype(dim: int) -> torch.dtype:
@@ -281,23 +295,22 @@ class TopKSlidingInverseFisher(FactorBacked):
     @property
     def device(self) -> torch.device:
         """Where the window lives."""
-        return self.values.device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
         """Storage dtype of the kept values."""
-        return self.values.dtype
+        return self._dtype
 
     @property
     def window_nbytes(self) -> int:
         """Bytes of the compressed window only (values + indices; on the C path also the spare
-        group and the run offsets)."""
+        group and the run offsets), allocated or still to be on first use."""
+        value_bytes = torch.empty((), dtype=self._dtype).element_size()
+        index_bytes = torch.empty((), dtype=self._index_dtype).element_size()
         if self.native:
-            return self.rows.nbytes
-        return (
-            self.values.numel() * self.values.element_size()
-            + self.indices.numel() * self.indices.element_size()
-        )
+            return tiled.layout_bytes(self.window, self.k, self.dim, value_bytes, index_bytes)
+        return self.window * self.k * (value_bytes + index_bytes)
 
     @property
     def nbytes(self) -> int:
@@ -539,6 +552,9 @@ class TopKSlidingInverseFisher(FactorBacked):
         results by other means: for comparisons and tests). Rows and K are unchanged."""
         if not self.native:
             return
+        if "_rows_pending" in self.__dict__:  # nothing allocated yet: allocated as (m, k)
+            self.native = False
+            return
         groups = [self.rows.group(g) for g in range(self.rows.groups)]
         del self.rows
         self.values = torch.cat([v for v, _ in groups])
@@ -619,12 +635,12 @@ class TopKSlidingInverseFisher(FactorBacked):
                 break
             take = min(n - have, v.shape[0])
             values.append(v[:take])
-            indices.append(i[:take].to(self.indices.dtype))
+            indices.append(i[:take].to(self._index_dtype))
             have += take
         empty = torch.empty(0, self.k)
         return {
             "values": torch.cat(values) if values else empty.to(self.dtype),
-            "indices": torch.cat(indices) if indices else empty.to(self.indices.dtype),
+            "indices": torch.cat(indices) if indices else empty.to(self._index_dtype),
         }
 
     def _tiled_view(self, state: Mapping[str, Any]) -> tiled.TiledRows | None:
@@ -661,9 +677,9 @@ class TopKSlidingInverseFisher(FactorBacked):
         starts, block_of = state["starts"], state["block_of"]
         if values.dtype != self.dtype:
             raise TypeError(f"values: state stores {values.dtype}, this window stores {self.dtype}")
-        if indices.dtype != self.indices.dtype:
+        if indices.dtype != self._index_dtype:
             raise TypeError(
-                f"indices: state stores {indices.dtype}, this window stores {self.indices.dtype}"
+                f"indices: state stores {indices.dtype}, this window stores {self._index_dtype}"
             )
         groups, rows = tiled.state_shape(state)
         if block_of.dim() != 1 or groups < 1 or starts.dim() != 2 or starts.shape[1] % groups:
@@ -695,7 +711,7 @@ class TopKSlidingInverseFisher(FactorBacked):
             raise TypeError(f"error must be a tensor, got {type(error).__name__}")
         if tuple(error.shape) != (self.dim,) or error.dtype != torch.float32:
             raise ValueError(f"error must be a float32 vector of {self.dim} entries")
-        if not bool(torch.isfinite(error).all()):
+        if not finite_fast(error):
             raise ValueError("error contains NaN or Inf")
         if "starts" in state:
             self._check_tiled_fields(state)
@@ -703,7 +719,7 @@ class TopKSlidingInverseFisher(FactorBacked):
             pushed = state.get("num_pushed")
             filled = min(pushed, self.window) if isinstance(pushed, int) else self.window
             want = ((filled, self.k), (self.window, self.k))
-            for key, dtype in (("values", self.dtype), ("indices", self.indices.dtype)):
+            for key, dtype in (("values", self.dtype), ("indices", self._index_dtype)):
                 if key not in state:
                     raise KeyError(f"state is missing the field {key!r}")
                 t = state[key]
@@ -716,7 +732,7 @@ class TopKSlidingInverseFisher(FactorBacked):
                     )
                 if t.dtype != dtype:
                     raise TypeError(f"{key}: state stores {t.dtype}, this window stores {dtype}")
-        if not bool(torch.isfinite(state["values"]).all()):
+        if not finite_fast(state["values"]):
             raise ValueError("values contains NaN or Inf")
         view = self._tiled_view(state)
         if view is not None:  # the C check of every run, then K through the C sweeps
@@ -749,30 +765,73 @@ class TopKSlidingInverseFisher(FactorBacked):
         writing."""
         self.check_state(state)
         self.factor.load_state_dict(state, check=False)
+        if not self._adopt_rows(state):
+            self._copy_rows(state)
+        error = state["error"]
+        if adoptable(error, self.device):
+            self.error = sparse_native.advise_huge(error)
+        else:
+            self.error.copy_(error)
+
+    def _adopt_rows(self, state: Mapping[str, Any]) -> bool:
+        """Take a full, checked state's rows as this window's own (no copy: the window
+        then writes into the given tensors, as ``torch.optim`` adopts loaded moments) when
+        they are laid out as this window keeps them (the C path's tile-major tensors of this
+        layout, or, on the torch path, (m, k) rows whose coordinates ascend strictly in every
+        row) and :func:`~mfac.operators.memory.adoptable`. False, with nothing changed,
+        otherwise."""
+        mappings = FileMappings()
+        view = self._tiled_view(state)
+        if view is not None:  # check_state: values and indices of this window's dtypes
+            if not all(adoptable(t, self.device, mappings) for t in view.state().values()):
+                return False
+            for t in (view.values, view.indices):
+                sparse_native.advise_huge(t)
+            self.__dict__.pop("_rows_pending", None)
+            self.rows, self.values, self.indices = view, view.values, view.indices
+            return True
+        if self.native or "starts" in state:
+            return False
+        values, indices = state["values"], state["indices"]
+        if (
+            values.shape[0] != self.window
+            or not all(adoptable(t, self.device, mappings) for t in (values, indices))
+            or not all(
+                bool((indices[at : at + n].diff(dim=1) > 0).all())
+                for at, n in self._row_chunks(0, self.window)
+            )
+        ):
+            return False
+        self.__dict__.pop("_rows_pending", None)
+        self.values, self.indices = values, indices
+        return True
+
+    def _copy_rows(self, state: Mapping[str, Any]) -> None:
+        """Write a checked state's rows into this window's own: this layout's tensors as they
+        are, other states a chunk of rows at a time (the temporaries are a chunk's, not the
+        window's), with the rows a partly filled state does not hold empty."""
         view = self._tiled_view(state)
         if view is not None:
             for key, t in view.state().items():
                 self.rows.state()[key].copy_(t)
-        else:  # a chunk of rows at a time: the temporaries are a chunk's, not the window's
-            slot = 0
-            for piece_values, piece_indices in self._state_groups(state):
-                for at, n in self._row_chunks(slot, piece_values.shape[0]):
-                    chunk = piece_indices[at - slot : at - slot + n]
-                    indices, order = chunk.long().sort(dim=1, stable=True)
-                    values = piece_values[at - slot : at - slot + n].gather(1, order)
-                    # an empty slot saved by an older version (k zeros at coordinate 0)
-                    empty = (indices.diff(dim=1) == 0).any(dim=1)
-                    indices[empty] = torch.arange(self.k, device=indices.device)
-                    self.write_rows(at, values, indices)
-                slot += piece_values.shape[0]
-            # rows a partly filled state does not hold are empty
-            for at, n in self._row_chunks(slot, self.window - slot):
-                self.write_rows(
-                    at,
-                    torch.zeros(n, self.k, dtype=self.dtype),
-                    torch.arange(self.k).expand(n, self.k).contiguous(),
-                )
-        self.error.copy_(state["error"])
+            return
+        slot = 0
+        for piece_values, piece_indices in self._state_groups(state):
+            for at, n in self._row_chunks(slot, piece_values.shape[0]):
+                chunk = piece_indices[at - slot : at - slot + n]
+                indices, order = chunk.long().sort(dim=1, stable=True)
+                values = piece_values[at - slot : at - slot + n].gather(1, order)
+                # an empty slot saved by an older version (k zeros at coordinate 0)
+                empty = (indices.diff(dim=1) == 0).any(dim=1)
+                indices[empty] = torch.arange(self.k, device=indices.device)
+                self.write_rows(at, values, indices)
+            slot += piece_values.shape[0]
+        for at, n in self._row_chunks(slot, self.window - slot):
+            self.write_rows(
+                at,
+                torch.zeros(n, self.k, dtype=self.dtype),
+                torch.arange(self.k).expand(n, self.k).contiguous(),
+            )
 
     def _row_chunks(self, first: int, n: int) -> list[tuple[int, int]]:
         """Rows ``first .. first + n - 1`` as (first row, count) chunks that end on the C
@@ -796,7 +855,6 @@ class TopKSlidingInverseFisher(FactorBacked):
 
 __all__ = [
     "TopKSlidingInverseFisher",
-    "finite_fast",
     "resolve_k",
     "sample_threshold",
     "topk_indices",

@@ -44,10 +44,10 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from .._validation import NonFiniteGradientError
+from .._validation import NonFiniteGradientError, finite_fast
 from ..operators.layout import FlatLayout, Segment
-from ..operators.memory import check_fits
-from ..operators.topk import finite_fast, resolve_k
+from ..operators.memory import FileMappings, adoptable, check_fits
+from ..operators.topk import resolve_k
 from ..operators.window import SlidingWindow, make_window
 from .config import WindowConfig, check_group_option
 
@@ -630,7 +630,7 @@ class WindowOptimizer(torch.optim.Optimizer):
                     f"{field} has local shape {tuple(t.to_local().shape)}, the parameter's "
                     f"shard {tuple(local(p).shape)}"
                 )
-        if not bool(torch.isfinite(local(t)).all()):
+        if not finite_fast(local(t)):
             raise ValueError(f"{field} contains NaN or Inf")
 
     def _state_dtype(self, plan: Plan) -> torch.dtype:
@@ -640,7 +640,14 @@ class WindowOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict` (same parameters and options). All-or-nothing:
         every field is checked first, and a refusal raises one error naming the field with
-        the optimizer unchanged. Tensors are copied: the given state is never written to.
+        the optimizer and the given state unchanged. Once loaded, the state's tensors that
+        are already as this optimizer keeps them (moments of its dtype on the parameter's
+        device, a full window's rows and error vector, contiguous, in memory this process
+        owns: :func:`~mfac.operators.memory.adoptable`) are adopted, not copied, as
+        ``torch.optim`` adopts them: later steps write into them, and a resume holds one copy
+        of the window. Load a copy (``copy.deepcopy``) to keep the given state, e.g. when it
+        comes from another live optimizer. Tensors mapped from a file (``torch.load(...,
+        mmap=True)``) are copied.
         torch's load pre hooks see the given dict (state included) before anything is checked,
         and the dict a hook returns is the one loaded; the post hooks run once everything is
         installed. Under FSDP2 every rank refuses together (a rank's shard may be the bad one:
@@ -687,9 +694,16 @@ class WindowOptimizer(torch.optim.Optimizer):
             self.state[p]["mask"] = mask.clone()
         for window, saved in todo["windows"]:
             window.load_state_dict(saved)
+        mappings, taken = FileMappings(), set()
         for p, entries in todo["tensors"].items():
             for key, t in entries.items():
-                self.state[p][key] = t.to(device=p.device, copy=True)
+                # adopted as torch.optim adopts; one tensor given twice is adopted once
+                own = plan.mesh is None and adoptable(t, p.device, mappings)
+                if own and t.data_ptr() not in taken:
+                    taken.add(t.data_ptr())
+                    self.state[p][key] = t
+                else:
+                    self.state[p][key] = t.to(device=p.device, copy=True)
         self.state[plan.params[0]]["step"] = todo["step"]
         self._load_extra(todo["extra"])
         for post_hook in hooks[1].values():

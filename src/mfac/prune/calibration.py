@@ -13,9 +13,13 @@ schedules:
   (statistics pass, prune, output pass), so the stack costs about two forward passes of the
   model instead of one per stage. Layers outside the stack (an LM head, a pooler) are pruned
   after it (or before it, for an input projection) from one forward each of what lies outside
-  the stack (the blocks return their stored outputs). When the
-  blocks do not form a chain (stage i's output is stage i+1's input, checked on one batch), the
-  model is re-run in full for every stage, with a warning saying why (see :func:`plan`).
+  the stack (the blocks return their stored outputs). Several stacks (an encoder-decoder's
+  encoder and decoder) are replayed one after the other, each from a capture in which the
+  stacks before it return their stored outputs; arguments a block receives from the previous
+  block's output besides the hidden states (T5's position bias, computed by the first block)
+  are threaded through the replay. When the blocks do not form a chain (stage i's output is
+  stage i+1's input, checked on one batch), the model is re-run in full for every stage, with
+  a warning saying why (see :func:`plan`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice, pairwise
 
 import torch
@@ -202,13 +206,22 @@ def _hidden(call: tuple[tuple[object, ...], dict[str, object]], slot: int | str)
     return args[slot] if isinstance(slot, int) else kwargs[slot]
 
 
-def _with_hidden(
-    call: tuple[tuple[object, ...], dict[str, object]], slot: int | str, value: object
-) -> tuple[tuple[object, ...], dict[str, object]]:
+Call = tuple[tuple[object, ...], dict[str, object]]
+
+
+def _argument(call: Call, key: int | str) -> object:
+    """A call's positional (int) or keyword (str) argument."""
     args, kwargs = call
-    if isinstance(slot, int):
-        return (value, *args[1:]), kwargs
-    return args, {**kwargs, slot: value}
+    return args[key] if isinstance(key, int) else kwargs[key]
+
+
+def _next_call(call: Call, slot: int | str, out: object, threaded: dict[int | str, int]) -> Call:
+    """The next block's call: ``call`` with the hidden states (at ``slot``) replaced by the
+    block's output ``out`` and every ``threaded`` argument by its element of ``out``."""
+    values = {slot: _first(out), **{key: out[j] for key, j in threaded.items()}}  # type: ignore[index]
+    args, kwargs = call
+    args = tuple(values.get(k, a) for k, a in enumerate(args))
+    return args, {k: values.get(k, v) for k, v in kwargs.items()}
 
 
 @dataclass
@@ -216,25 +229,32 @@ class Plan:
     """How sequential calibration runs: ``stack`` (the chained stages, in call order), the
     stages outside it that run ``before`` or ``after`` it, and the hidden-states ``slot`` of a
     stage call; ``reason`` says why the model must be re-run in full for every stage instead
-    (``None``: it need not)."""
+    (``None``: it need not). ``starts``: where in ``stack`` each stack of blocks begins (an
+    encoder-decoder has two); ``threaded``: the arguments (position or keyword) a block takes
+    from the previous block's output tuple besides the hidden states, and their index there."""
 
     stack: list[list[Target]]
     before: list[list[Target]]
     after: list[list[Target]]
     slot: int | str | None = 0
     reason: str | None = None
+    starts: list[int] = field(default_factory=lambda: [0])
+    threaded: dict[int | str, int] = field(default_factory=dict)
 
 
 def plan(
     model: nn.Module, groups: list[list[Target]], batch: object, forward: ForwardFn
 ) -> Plan:
     """Trace one forward of ``batch`` and decide the schedule: the stages inside numbered stacks
-    must each run once, in a chain (stage i's output is stage i+1's input); the stages outside
-    (an LM head, a pooler, an input projection) must each run wholly before or wholly after
-    the stack."""
+    must each run once, in a chain within their stack (stage i's output is stage i+1's input,
+    and every other argument of stage i+1 is stage i's or comes from stage i's output); the
+    stacks (an encoder's, then a decoder's) may follow each other with work between them; the
+    stages outside (an LM head, a pooler, an input projection) must each run wholly before or
+    wholly after all the stacks."""
     modules = dict(model.named_modules())
     stage_modules = [modules[stage_name(g[0].name)] for g in groups]
-    #: per stage, one [call order, hidden-states slot, input, output, (args, kwargs)] per call
+    #: per stage, one [call order, hidden-states slot, input, output, (args, kwargs), the
+    #: whole output] per call
     calls: dict[int, list[list[object]]] = {i: [] for i in range(len(groups))}
     order = [0]
     handles = []
@@ -251,6 +271,7 @@ def plan(
     def post(i: int) -> Callable[..., None]:
         def hook(_m: nn.Module, _a: object, out: object) -> None:
             calls[i][-1][3] = _first(out)
+            calls[i][-1].append(out)
 
         return hook
 
@@ -280,29 +301,41 @@ def plan(
     slot = calls[stack[0]][0][1]
     if not isinstance(slot, (int, str)) or any(calls[i][0][1] != slot for i in stack):
         return Plan([], [], [], reason=f"the inputs of {names[stack[0]]} are not one tensor")
-    for a, b in pairwise(stack):
+    # the stacks: runs of blocks of one container ("encoder.block", then "decoder.block")
+    starts = [k for k in range(len(stack)) if k == 0 or _container(names[stack[k - 1]]) != (
+        _container(names[stack[k]]))]  # fmt: skip
+    pairs = [(a, b) for k, (a, b) in enumerate(pairwise(stack)) if k + 1 not in starts]
+    for a, b in pairs:
         out, nxt = calls[a][0][3], calls[b][0][2]
         if not isinstance(out, torch.Tensor) or not isinstance(nxt, torch.Tensor) or (
             out.shape != nxt.shape or not torch.equal(out, nxt)
         ):
             return Plan([], [], [], reason=(
                 f"the output of {names[a]} is not the input of {names[b]} (work between the "
-                "blocks, or a second stack such as an encoder-decoder's decoder)"
+                "blocks)"
             ))  # fmt: skip
-    ref = calls[stack[0]][0][4]
-    for i in stack[1:]:
-        other = _other_inputs(ref, calls[i][0][4], slot)
-        if other:
-            return Plan([], [], [], reason=(
-                f"{names[i]} gets another {other} than {names[stack[0]]} (an input computed "
-                "inside the blocks, e.g. T5's position bias)"
-            ))  # fmt: skip
+    traced = [(calls[a][0][4], calls[a][0][5], calls[b][0][4]) for a, b in pairs]
+    threaded, other = _threads(traced, slot)
+    if other is not None:
+        k, what = other
+        a, b = pairs[k]
+        return Plan([], [], [], reason=(
+            f"{names[b]} gets another {what} than {names[a]}, which {names[a]}'s output does "
+            "not carry"
+        ))  # fmt: skip
     return Plan(
         stack=[groups[i] for i in stack],
         before=[groups[i] for i in outside if step[i] < first],
         after=[groups[i] for i in outside if step[i] > last],
         slot=slot,
+        starts=starts,
+        threaded=threaded,
     )
+
+
+def _container(stage: str) -> str:
+    """The stack a block belongs to: its stage name without the block's number."""
+    return stage.rsplit(".", 1)[0]
 
 
 def _same(a: object, b: object) -> bool:
@@ -321,34 +354,56 @@ def _same(a: object, b: object) -> bool:
         return False
 
 
-def _other_inputs(ref: object, call: object, slot: object) -> str | None:
-    """The first argument (besides the hidden states) in which block call ``call`` differs from
-    the first block's ``ref``: a replay feeds every block the first block's arguments."""
-    if not (isinstance(ref, tuple) and isinstance(call, tuple)):
-        return "call"
-    (a_args, a_kw), (b_args, b_kw) = ref, call
-    if len(a_args) != len(b_args) or set(a_kw) != set(b_kw):
-        return "argument list"
-    for k, (x, y) in enumerate(zip(a_args, b_args, strict=True)):
-        if k != slot and not _same(x, y):
-            return f"positional argument {k}"
-    for key in a_kw:
-        if key != slot and key not in _CACHE_KWARGS and not _same(a_kw[key], b_kw[key]):
-            return f"keyword argument {key!r}"
-    return None
+def _threads(
+    traced: list[tuple[Call, object, Call]], slot: int | str
+) -> tuple[dict[int | str, int], tuple[int, str] | None]:
+    """From consecutive blocks' (call of a, output of a, call of b): the arguments besides the
+    hidden states that b takes from a's output tuple (argument -> index there, found by
+    identity: the stack passes the very tensor on, as T5 passes its position bias), so that a
+    replay derives each block's call from the previous one. ``(pair, what)`` names the first
+    argument that differs and is not in the output (None when all are accounted for)."""
+    threaded: dict[int | str, int] = {}
+    for verify in (False, True):  # find the threaded arguments, then check every pair
+        for k, (a, out, b) in enumerate(traced):
+            (a_args, a_kw), (b_args, b_kw) = a, b
+            if len(a_args) != len(b_args) or set(a_kw) != set(b_kw):
+                return {}, (k, "argument list")
+            keys = [i for i in range(len(b_args)) if i != slot]
+            keys += [key for key in b_kw if key != slot and key not in _CACHE_KWARGS]
+            for key in keys:
+                given = _argument(b, key)
+                if key in threaded:
+                    j = threaded[key]
+                    if isinstance(out, (tuple, list)) and j < len(out) and _same(out[j], given):
+                        continue
+                elif _same(_argument(a, key), given):
+                    continue
+                elif not verify and isinstance(out, (tuple, list)):
+                    j = next((j for j in range(1, len(out)) if out[j] is given), -1)
+                    if j > 0:
+                        threaded[key] = j
+                        continue
+                what = f"positional argument {key}" if isinstance(key, int) else (
+                    f"keyword argument {key!r}")  # fmt: skip
+                return {}, (k, what)
+    return threaded, None
 
 
 @contextmanager
-def _blocks_return(blocks: list[nn.Module], outputs: list[object]) -> Iterator[None]:
-    """Within the block, the n-th call of every block returns ``outputs[n]`` (the stack's
-    output on batch n) without computing: a forward of the model then runs only what lies
-    outside the stack."""
+def _blocks_return(stacks: list[tuple[list[nn.Module], list[object]]]) -> Iterator[None]:
+    """Within the block, for every (blocks, outputs) of ``stacks``, the n-th call of each of
+    the blocks returns ``outputs[n]`` (that stack's output on batch n) without computing: a
+    forward of the model then runs only what lies outside these stacks."""
+    blocks = [b for members, _ in stacks for b in members]
     saved = {id(b): b.__dict__.get("forward") for b in blocks}
-    for b in blocks:
+    for b, outputs in ((b, outputs) for members, outputs in stacks for b in members):
         count = [0]
 
-        def forward(*_args: object, _count: list[int] = count, **_kwargs: object) -> object:
-            out = outputs[_count[0] % len(outputs)]
+        def forward(
+            *_args: object, _count: list[int] = count, _outputs: list[object] = outputs,
+            **_kwargs: object,
+        ) -> object:  # fmt: skip
+            out = _outputs[_count[0] % len(_outputs)]
             _count[0] += 1
             return out
 
@@ -482,36 +537,43 @@ def run_layerwise(
             for group in groups:
                 full(group)
             return
-        first = module_of(how.stack[0])
         for group in how.before:
-            full(group, stop_at=first)
-        t0 = time.perf_counter()
-        calls = _capture(model, first, batches, forward)
+            full(group, stop_at=module_of(how.stack[0]))
         slot = how.slot
         assert slot is not None
-        timings["collect"] += time.perf_counter() - t0
-        for k, group in enumerate(how.stack):
-            stage = module_of(group)
+        done: list[tuple[list[nn.Module], list[object]]] = []  # replayed stacks, their outputs
+        bounds = [*how.starts, len(how.stack)]
+        for first, end in pairwise(bounds):
             t0 = time.perf_counter()
-            rec = InputStats(group, kind)
-            try:
-                for args, kwargs in calls:
-                    stage(*args, **kwargs)
-            finally:
-                rec.remove()
+            with _blocks_return(done):  # the stacks before run no more
+                calls = _capture(model, module_of(how.stack[first]), batches, forward)
             timings["collect"] += time.perf_counter() - t0
-            prune_group(group, rec)
-            t0 = time.perf_counter()
-            if k + 1 < len(how.stack):
-                calls = [_with_hidden(c, slot, _first(stage(*c[0], **c[1]))) for c in calls]
-            elif how.after:  # the stack's outputs, once, for the layers after it
-                outputs = [stage(*args, **kwargs) for args, kwargs in calls]
-            timings["collect"] += time.perf_counter() - t0
-            if on_stage is not None:
-                on_stage()
-        del calls
+            outputs: list[object] = []
+            for k in range(first, end):
+                group = how.stack[k]
+                stage = module_of(group)
+                t0 = time.perf_counter()
+                rec = InputStats(group, kind)
+                try:
+                    for args, kwargs in calls:
+                        stage(*args, **kwargs)
+                finally:
+                    rec.remove()
+                timings["collect"] += time.perf_counter() - t0
+                prune_group(group, rec)
+                t0 = time.perf_counter()
+                if k + 1 < end:
+                    threads = how.threaded
+                    calls = [_next_call(c, slot, stage(*c[0], **c[1]), threads) for c in calls]
+                elif end < len(how.stack) or how.after:  # the stack's outputs, for what follows
+                    outputs = [stage(*args, **kwargs) for args, kwargs in calls]
+                timings["collect"] += time.perf_counter() - t0
+                if on_stage is not None:
+                    on_stage()
+            del calls
+            done.append(([module_of(g) for g in how.stack[first:end]], outputs))
         if how.after:  # the model's forward with every block returning its stored output
-            with _blocks_return([module_of(g) for g in how.stack], outputs):
+            with _blocks_return(done):
                 for group in how.after:
                     full(group)
     finally:
