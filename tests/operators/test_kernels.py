@@ -204,3 +204,27 @@ def test_native_refuses_mismatched_sizes() -> None:
         native.rows_dot(g, torch.zeros(99))
     with pytest.raises(ValueError, match="contiguous CPU"):
         native.rows_dot(g.float(), torch.zeros(100))
+
+
+@settings(max_examples=20, deadline=None)
+@given(size=st.integers(0, 5000), piece=st.sampled_from([1, 7, 1024]), wide=st.booleans())
+def test_squared_norm_equals_float64(size: int, piece: int, wide: bool) -> None:
+    x = torch.randn(size, generator=torch.Generator().manual_seed(size)) + 0.5
+    x = x.double() if wide else x
+    want = float((x.double() ** 2).sum())
+    tol = 1e-12 if wide else 1e-5  # float32 pieces round within a piece only
+    assert abs(kernels.squared_norm(x, piece) - want) <= tol * max(want, 1.0)
+
+
+def test_squared_norm_stays_exact_where_a_float32_dot_drifts() -> None:
+    """Positive terms: one float32 dot's error grows with the length, the pieces' does not; a
+    window's K diagonal (row 0 pushed, row 1 empty: K00 - K11 = |g|^2) is formed with it."""
+    gen = torch.Generator().manual_seed(0)
+    n = 4_000_003
+    x = torch.randn(n, generator=gen) * (1 + 10 * torch.rand(n, generator=gen) ** 8) + 0.3
+    want = float((x.double() ** 2).sum())
+    assert abs(kernels.squared_norm(x) - want) / want < 1e-7
+    window = mfac.operators.SlidingInverseFisher(n, 2, 1e-4)
+    window.push(x)
+    gram = window.state_dict()["gram"]
+    assert abs(float(gram[0, 0] - gram[1, 1]) - want) / want < 1e-7

@@ -25,6 +25,8 @@ import torch
 from .._validation import LOW_PRECISION
 from . import native
 
+F64 = torch.float64
+
 log = logging.getLogger(__name__)
 
 _TILE_COLUMNS = 16384
@@ -107,6 +109,19 @@ def _call(name: str, fused: Callable, eager: Callable, g: torch.Tensor, v: torch
                 log.warning("compiled kernel failed (%s); using the tiled fallback", exc)
                 _compiled[name] = None
     return eager(g, v)
+
+
+def squared_norm(x: torch.Tensor, piece: int = 1024) -> float:
+    """|x|^2 of a vector, as float32 norms of ``piece``-entry pieces summed in float64: one
+    float32 dot accumulates d positive terms, and its relative error grows with d (a window's
+    K diagonal must agree with the rows it is formed from, whatever the model's size)."""
+    flat = x.reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    n = flat.numel() // piece
+    head = torch.linalg.vector_norm(flat[: n * piece].view(n, piece), dim=1).to(F64)
+    tail = flat[n * piece :].to(F64)
+    return float(head.pow(2).sum() + tail.dot(tail))
 
 
 def rows_dot(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

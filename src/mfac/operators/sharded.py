@@ -27,7 +27,7 @@ from .._validation import (
     finite_fast,
 )
 from .gram import DenseRowsBacked, GramFactor
-from .kernels import cols_dot, rows_dot
+from .kernels import cols_dot, rows_dot, squared_norm
 from .memory import check_fits, gram_nbytes
 
 F64 = torch.float64
@@ -72,7 +72,7 @@ def column_products(
             both = rows_dot(win.grads, torch.stack([wide, part_x], 1)).to(F64)
             u[:m], u[m + 3 : 2 * m + 3] = both[:, 0], both[:, 1]
             u[2 * m + 3] = float(torch.dot(wide, part_x))
-        u[m] = float(stored.float().pow(2).sum())
+        u[m] = squared_norm(stored)
     u[m + 1] = 1.0 if bad else 0.0
     # finite gradient, non-finite products: an overflow of the storage dtype
     overflow = not bad and not bool(torch.isfinite(u[: m + 1]).all())

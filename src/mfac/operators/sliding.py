@@ -17,7 +17,7 @@ from .._validation import (
     finite_fast,
 )
 from .gram import DenseRowsBacked, GramFactor
-from .kernels import cols_dot, rows_dot
+from .kernels import cols_dot, rows_dot, squared_norm
 from .memory import check_fits, gram_nbytes
 from .threads import single_threaded
 
@@ -116,7 +116,7 @@ class SlidingInverseFisher(DenseRowsBacked):
         with single_threaded(device=self.device):
             u = u.to(F64)
             wide = stored.to(torch.float32 if stored.dtype != F64 else F64)
-            u[slot] = float(torch.dot(wide, wide))
+            u[slot] = squared_norm(wide)
             if not bool(torch.isfinite(u[slot])):
                 if not bool(torch.isfinite(flat).all()):
                     raise NonFiniteGradientError(
