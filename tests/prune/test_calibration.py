@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -23,25 +24,46 @@ def _forced(*_a: object) -> calibration.Plan:
     return calibration.Plan([], [], [], reason="forced by the test")
 
 
+def _replay_equals_full_passes(
+    monkeypatch: pytest.MonkeyPatch,
+    prune: Callable[[dict[str, object]], tuple[nn.Module, dict[str, torch.Tensor]]],
+    atol: float,
+) -> dict[str, torch.Tensor]:
+    """``prune(info)`` builds a fresh model, prunes it and returns (model, masks); run once with
+    the planned schedule (sequential-blocks, no warning) and once with full passes forced. The
+    masks must be equal and the weights within ``atol``; returns the planned run's masks."""
+    results = []
+    for forced in (False, True):
+        if forced:
+            monkeypatch.setattr(calibration, "plan", _forced)
+        info: dict[str, object] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if forced else "error")
+            model, masks = prune(info)
+        assert info["schedule"] == ("sequential-full-passes" if forced else "sequential-blocks")
+        results.append((masks, [p.detach().clone() for p in model.parameters()]))
+    (masks, weights), (full_masks, full_weights) = results
+    assert masks.keys() == full_masks.keys()
+    for name in masks:
+        assert torch.equal(masks[name], full_masks[name]), name
+    for a, b in zip(weights, full_weights, strict=True):
+        assert torch.allclose(a, b, atol=atol)
+    return masks
+
+
 def test_sequential_block_replay_equals_full_passes(monkeypatch) -> None:
     """Replaying captured block inputs gives the same masks and weights as re-running the whole
     model for every block (the fallback when blocks do not form a chain)."""
-    results = []
-    for chain in (True, False):
+
+    def prune(info: dict[str, object]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         model, batches = _chain(3)
-        if not chain:
-            monkeypatch.setattr(calibration, "plan", _forced)
-        info: dict[str, object] = {}
         masks, _ = sparsegpt(
             model, batches, _run, 0.6, layers=_layers, block=4, calib_batches=3,
             progress=False, info=info,
         )  # fmt: skip
-        assert info["schedule"] == ("sequential-blocks" if chain else "sequential-full-passes")
-        results.append((masks, [p.detach().clone() for p in model.parameters()]))
-    for name in results[0][0]:
-        assert torch.equal(results[0][0][name], results[1][0][name])
-    for a, b in zip(results[0][1], results[1][1], strict=True):
-        assert torch.allclose(a, b, atol=1e-12)
+        return model, masks
+
+    _replay_equals_full_passes(monkeypatch, prune, atol=1e-12)
 
 
 def test_sequential_on_hugging_face_decoder() -> None:
@@ -136,25 +158,17 @@ def test_shared_input_statistics_equal_separate() -> None:
 def test_layers_before_the_stack_keep_block_replay(monkeypatch, layers) -> None:
     """An input projection before the blocks (``inp``) is pruned first from forwards stopped at
     the first block; the blocks are still replayed, and the result equals full passes."""
-    results = []
-    for forced in (False, True):
+
+    def prune(info: dict[str, object]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         model, batches = _chain(1)
-        if forced:
-            monkeypatch.setattr(calibration, "plan", _forced)
-        info: dict[str, object] = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore" if forced else "error")
-            masks, _ = sparsegpt(
-                model, batches, _run, 0.6, layers=layers, block=4, calib_batches=3,
-                progress=False, info=info,
-            )  # fmt: skip
-        assert info["schedule"] == ("sequential-full-passes" if forced else "sequential-blocks")
-        results.append((masks, [p.detach().clone() for p in model.parameters()]))
-    assert ("inp" in results[0][0]) == (layers is None)
-    for name in results[0][0]:
-        assert torch.equal(results[0][0][name], results[1][0][name])
-    for a, b in zip(results[0][1], results[1][1], strict=True):
-        assert torch.allclose(a, b, atol=1e-12)
+        masks, _ = sparsegpt(
+            model, batches, _run, 0.6, layers=layers, block=4, calib_batches=3,
+            progress=False, info=info,
+        )  # fmt: skip
+        return model, masks
+
+    masks = _replay_equals_full_passes(monkeypatch, prune, atol=1e-12)
+    assert ("inp" in masks) == (layers is None)
 
 
 def _encoder_or_decoder(kind: str) -> nn.Module:
@@ -184,27 +198,18 @@ def test_stack_and_head_replay_equals_full_passes(monkeypatch, kind: str) -> Non
     def fwd(m: nn.Module, b: torch.Tensor) -> object:
         return m(input_ids=b)
 
-    results = []
-    for forced in (False, True):
+    head = "cls.predictions.transform.dense" if kind == "bert" else "lm_head"
+    layers = [head, "*.layers.*" if kind == "llama" else "*.layer.*"]
+
+    def prune(info: dict[str, object]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         model = _encoder_or_decoder(kind).eval()
-        head = "cls.predictions.transform.dense" if kind == "bert" else "lm_head"
-        layers = [head, "*.layers.*" if kind == "llama" else "*.layer.*"]
-        if forced:
-            monkeypatch.setattr(calibration, "plan", _forced)
-        info: dict[str, object] = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore" if forced else "error")
-            masks, _ = sparsegpt(
-                model, ids, fwd, 0.5, layers=layers, calib_batches=3, progress=False,
-                info=info,
-            )  # fmt: skip
-        assert info["schedule"] == ("sequential-full-passes" if forced else "sequential-blocks")
+        masks, _ = sparsegpt(
+            model, ids, fwd, 0.5, layers=layers, calib_batches=3, progress=False, info=info
+        )
         assert head in masks and list(masks)[-1] == head
-        results.append((masks, [p.detach().clone() for p in model.parameters()]))
-    for name in results[0][0]:
-        assert torch.equal(results[0][0][name], results[1][0][name]), name
-    for a, b in zip(results[0][1], results[1][1], strict=True):
-        assert torch.allclose(a, b, atol=1e-10)
+        return model, masks
+
+    _replay_equals_full_passes(monkeypatch, prune, atol=1e-10)
 
 
 def _assert_falls_back(build: type[nn.Module], reason: str) -> None:
@@ -278,24 +283,15 @@ def test_t5_replays_its_stacks_and_equals_full_passes(monkeypatch, layers) -> No
     )  # fmt: skip
     ids = [torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i))
            for i in range(3)]  # fmt: skip
-    results = []
-    for forced in (False, True):
+
+    def prune(info: dict[str, object]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         model = transformers.T5ForConditionalGeneration(cfg).double().eval()
-        if forced:
-            monkeypatch.setattr(calibration, "plan", _forced)
-        info: dict[str, object] = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore" if forced else "error")
-            masks, _ = sparsegpt(
-                model, ids, lambda m, b: m(input_ids=b, labels=b), 0.5, calib_batches=3,
-                progress=False, info=info, layers=layers,
-            )  # fmt: skip
-        assert info["schedule"] == ("sequential-full-passes" if forced else "sequential-blocks")
-        results.append((masks, [p.detach().clone() for p in model.parameters()]))
-    assert any(n.startswith("decoder.") for n in results[0][0]) == (layers != ["encoder.*"])
-    assert results[0][0].keys() == results[1][0].keys()
-    for name in results[0][0]:
-        assert torch.equal(results[0][0][name], results[1][0][name]), name
-    for a, b in zip(results[0][1], results[1][1], strict=True):
-        assert torch.allclose(a, b, atol=1e-10)
+        masks, _ = sparsegpt(
+            model, ids, lambda m, b: m(input_ids=b, labels=b), 0.5, calib_batches=3,
+            progress=False, info=info, layers=layers,
+        )  # fmt: skip
+        return model, masks
+
+    masks = _replay_equals_full_passes(monkeypatch, prune, atol=1e-10)
+    assert any(n.startswith("decoder.") for n in masks) == (layers != ["encoder.*"])
