@@ -192,7 +192,8 @@ def layerwise(
             block=args.block, damp=args.damp, calib_batches=args.calib,
             sequential=method != "sparsegpt",
             progress=False, info=info, refine=refine, pcg_iters=args.pcg_iters,
-            pcg_tol=args.pcg_tol,
+            pcg_tol=args.pcg_tol, loss_fn=lm_loss, fisher_weight=args.fisher_weight,
+            fisher_grads=args.fisher_grads,
         )  # fmt: skip
     if refine == "pcg":
         reports = info["pcg"].values()
@@ -206,6 +207,9 @@ def layerwise(
             "error_ratio_mean": sum(ratio) / len(ratio),
             "kept_rows": sum(r["kept_rows"] for r in reports),
         }
+        if args.fisher_weight:
+            out["pcg"]["fisher_weight"] = args.fisher_weight
+            out["pcg"]["fisher_grads"] = args.fisher_grads
     total = sum(m.numel() for m in masks.values())
     out["sparsity"] = sum(int((~m).sum()) for m in masks.values()) / total
     out["weights_zero"] = sum(int((t.param == 0).sum()) for t in targets) / total
@@ -236,6 +240,8 @@ def child(method: str, pattern: str | None, sparsity: float, args: argparse.Name
     out: dict = {"method": method, "pattern": pattern or "none", "target": sparsity}
     out["damp"] = args.damp
     out["seed"] = args.seed
+    if method.endswith("-pcg"):
+        out["fisher_weight"] = args.fisher_weight
     out["commit"] = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -368,6 +374,13 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--pcg-iters", type=int, default=50, help="-pcg methods: CG iterations")
     parser.add_argument("--pcg-tol", type=float, default=1e-3, help="-pcg methods: CG tolerance")
+    parser.add_argument(
+        "--fisher-weight", type=float, default=0.0,
+        help="-pcg methods: beta of the empirical-Fisher term in the CG objective",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fisher-grads", type=int, default=32, help="-pcg methods, beta > 0: gradients m"
+    )
     parser.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
     parser.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda")
     parser.add_argument("--seed", type=int, default=0, help="draw of the calibration windows")
@@ -440,7 +453,8 @@ def save(rows: list[dict], args: argparse.Namespace) -> Path:
     path = RESULTS / f"{name}.json"
 
     def key(r: dict) -> tuple:
-        return r["method"], r.get("pattern"), round(r.get("target", 0.5), 4)
+        beta = r.get("fisher_weight", 0.0)
+        return r["method"], r.get("pattern"), round(r.get("target", 0.5), 4), beta
 
     done = {key(r) for r in rows}
     old = json.loads(path.read_text()).get("rows", []) if path.exists() else []
