@@ -133,16 +133,18 @@ def calib_forward(model: torch.nn.Module, ids: torch.Tensor) -> object:
 
 
 def fisher_budgets(
-    model: torch.nn.Module, targets: list, calib: list, sparsity: float, spread: float, out: dict
-) -> dict[str, float]:
-    """Per-block budgets set by global curvature: the diagonal-Fisher saliency ranked over all
-    layers, mapped into OWL's band (:func:`mfac.prune.budgets.fisher_sparsities`)."""
+    model: torch.nn.Module, targets: list, calib: list, sparsity: float, spread: float, out: dict,
+    saliency: str = "diag",
+) -> dict[str, float]:  # fmt: skip
+    """Per-block budgets set by global curvature: the diagonal-Fisher (or blocked M-FAC,
+    ``saliency="mfac"``) saliency ranked over all layers, mapped into OWL's band
+    (:func:`mfac.prune.budgets.fisher_sparsities`)."""
     from mfac.prune.budgets import fisher_sparsities
 
     info: dict = {}
     budgets = fisher_sparsities(
         model, calib, lm_loss, sparsity, spread=spread, calib_batches=len(calib),
-        targets=targets, info=info,
+        targets=targets, info=info, saliency=saliency,
     )  # fmt: skip
     for key in ("fisher_kept_share", "fisher_group_sparsity"):
         out[key] = {k: round(v, 4) for k, v in info[key].items()}  # type: ignore[union-attr]
@@ -179,7 +181,10 @@ def layerwise(
         }
         out["owl_ratios"] = {k: round(v, 5) for k, v in info.pop("owl_ratios").items()}
     if method.startswith("fisher-"):
-        budget = fisher_budgets(model, targets, calib, sparsity, args.owl_lambda, out)
+        budget = fisher_budgets(
+            model, targets, calib, sparsity, args.owl_lambda, out, args.fisher_saliency
+        )
+        out["fisher_saliency"] = args.fisher_saliency
         out["fisher_s"] = time.perf_counter() - t0
     if method.endswith("wanda"):
         masks, timings = wanda(
@@ -381,6 +386,10 @@ def main() -> None:
     parser.add_argument(
         "--fisher-grads", type=int, default=32, help="-pcg methods, beta > 0: gradients m"
     )
+    parser.add_argument(
+        "--fisher-saliency", default="diag", choices=("diag", "mfac"),
+        help="fisher- methods: the saliency the budgets rank (M-FAC: block 128, damp 1e-2)",
+    )  # fmt: skip
     parser.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
     parser.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda")
     parser.add_argument("--seed", type=int, default=0, help="draw of the calibration windows")
@@ -453,8 +462,8 @@ def save(rows: list[dict], args: argparse.Namespace) -> Path:
     path = RESULTS / f"{name}.json"
 
     def key(r: dict) -> tuple:
-        beta = r.get("fisher_weight", 0.0)
-        return r["method"], r.get("pattern"), round(r.get("target", 0.5), 4), beta
+        beta, saliency = r.get("fisher_weight", 0.0), r.get("fisher_saliency", "diag")
+        return r["method"], r.get("pattern"), round(r.get("target", 0.5), 4), beta, saliency
 
     done = {key(r) for r in rows}
     old = json.loads(path.read_text()).get("rows", []) if path.exists() else []
