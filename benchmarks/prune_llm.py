@@ -134,7 +134,7 @@ def calib_forward(model: torch.nn.Module, ids: torch.Tensor) -> object:
 
 def fisher_budgets(
     model: torch.nn.Module, targets: list, calib: list, sparsity: float, spread: float, out: dict,
-    saliency: str = "diag",
+    saliency: str = "diag", block: int = 128,
 ) -> dict[str, float]:  # fmt: skip
     """Per-block budgets set by global curvature: the diagonal-Fisher (or blocked M-FAC,
     ``saliency="mfac"``) saliency ranked over all layers, mapped into OWL's band
@@ -144,7 +144,7 @@ def fisher_budgets(
     info: dict = {}
     budgets = fisher_sparsities(
         model, calib, lm_loss, sparsity, spread=spread, calib_batches=len(calib),
-        targets=targets, info=info, saliency=saliency,
+        targets=targets, info=info, saliency=saliency, block_size=block,
     )  # fmt: skip
     for key in ("fisher_kept_share", "fisher_group_sparsity"):
         out[key] = {k: round(v, 4) for k, v in info[key].items()}  # type: ignore[union-attr]
@@ -182,9 +182,12 @@ def layerwise(
         out["owl_ratios"] = {k: round(v, 5) for k, v in info.pop("owl_ratios").items()}
     if method.startswith("fisher-"):
         budget = fisher_budgets(
-            model, targets, calib, sparsity, args.owl_lambda, out, args.fisher_saliency
+            model, targets, calib, sparsity, args.owl_lambda, out, args.fisher_saliency,
+            args.fisher_block,
         )
         out["fisher_saliency"] = args.fisher_saliency
+        if args.fisher_saliency == "mfac":
+            out["fisher_block"] = args.fisher_block
         out["fisher_s"] = time.perf_counter() - t0
     if method.endswith("wanda"):
         masks, timings = wanda(
@@ -388,8 +391,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--fisher-saliency", default="diag", choices=("diag", "mfac"),
-        help="fisher- methods: the saliency the budgets rank (M-FAC: block 128, damp 1e-2)",
+        help="fisher- methods: the saliency the budgets rank (M-FAC: damp 1e-2)",
     )  # fmt: skip
+    parser.add_argument(
+        "--fisher-block", type=int, default=128, help="--fisher-saliency mfac: Fisher block size"
+    )
     parser.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
     parser.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda")
     parser.add_argument("--seed", type=int, default=0, help="draw of the calibration windows")
@@ -463,6 +469,7 @@ def save(rows: list[dict], args: argparse.Namespace) -> Path:
 
     def key(r: dict) -> tuple:
         beta, saliency = r.get("fisher_weight", 0.0), r.get("fisher_saliency", "diag")
+        saliency += str(r.get("fisher_block", ""))
         return r["method"], r.get("pattern"), round(r.get("target", 0.5), 4), beta, saliency
 
     done = {key(r) for r in rows}
