@@ -143,16 +143,18 @@ def calib_forward(model: torch.nn.Module, ids: torch.Tensor) -> object:
 
 
 def fisher_budgets(
-    model: torch.nn.Module, targets: list, calib: list, sparsity: float, spread: float, out: dict
-) -> dict[str, float]:
-    """Per-block budgets set by global curvature: the diagonal-Fisher saliency ranked over all
-    layers, mapped into OWL's band (:func:`mfac.prune.budgets.fisher_sparsities`)."""
+    model: torch.nn.Module, targets: list, calib: list, sparsity: float, spread: float, out: dict,
+    saliency: str = "diag", block: int = 128,
+) -> dict[str, float]:  # fmt: skip
+    """Per-block budgets set by global curvature: the diagonal-Fisher (or blocked M-FAC,
+    ``saliency="mfac"``) saliency ranked over all layers, mapped into OWL's band
+    (:func:`mfac.prune.budgets.fisher_sparsities`)."""
     from mfac.prune.budgets import fisher_sparsities
 
     info: dict = {}
     budgets = fisher_sparsities(
         model, calib, lm_loss, sparsity, spread=spread, calib_batches=len(calib),
-        targets=targets, info=info,
+        targets=targets, info=info, saliency=saliency, block_size=block,
     )  # fmt: skip
     for key in ("fisher_kept_share", "fisher_group_sparsity"):
         out[key] = {k: round(v, 4) for k, v in info[key].items()}  # type: ignore[union-attr]
@@ -189,7 +191,13 @@ def layerwise(
         }
         out["owl_ratios"] = {k: round(v, 5) for k, v in info.pop("owl_ratios").items()}
     if method.startswith("fisher-"):
-        budget = fisher_budgets(model, targets, calib, sparsity, args.owl_lambda, out)
+        budget = fisher_budgets(
+            model, targets, calib, sparsity, args.owl_lambda, out, args.fisher_saliency,
+            args.fisher_block,
+        )
+        out["fisher_saliency"] = args.fisher_saliency
+        if args.fisher_saliency == "mfac":
+            out["fisher_block"] = args.fisher_block
         out["fisher_s"] = time.perf_counter() - t0
     if method.endswith("wanda"):
         masks, timings = wanda(
@@ -202,7 +210,8 @@ def layerwise(
             block=args.block, damp=args.damp, calib_batches=args.calib,
             sequential=method != "sparsegpt",
             progress=False, info=info, refine=refine, pcg_iters=args.pcg_iters,
-            pcg_tol=args.pcg_tol,
+            pcg_tol=args.pcg_tol, loss_fn=lm_loss, fisher_weight=args.fisher_weight,
+            fisher_grads=args.fisher_grads,
         )  # fmt: skip
     if refine == "pcg":
         reports = info["pcg"].values()
@@ -216,6 +225,9 @@ def layerwise(
             "error_ratio_mean": sum(ratio) / len(ratio),
             "kept_rows": sum(r["kept_rows"] for r in reports),
         }
+        if args.fisher_weight:
+            out["pcg"]["fisher_weight"] = args.fisher_weight
+            out["pcg"]["fisher_grads"] = args.fisher_grads
     total = sum(m.numel() for m in masks.values())
     out["sparsity"] = sum(int((~m).sum()) for m in masks.values()) / total
     out["weights_zero"] = sum(int((t.param == 0).sum()) for t in targets) / total
@@ -247,6 +259,8 @@ def child(method: str, pattern: str | None, sparsity: float, args: argparse.Name
     out["damp"] = args.damp
     out["seed"] = args.seed
     out["draw"] = args.draw
+    if method.endswith("-pcg"):
+        out["fisher_weight"] = args.fisher_weight
     out["commit"] = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -381,6 +395,20 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--pcg-iters", type=int, default=50, help="-pcg methods: CG iterations")
     parser.add_argument("--pcg-tol", type=float, default=1e-3, help="-pcg methods: CG tolerance")
+    parser.add_argument(
+        "--fisher-weight", type=float, default=0.0,
+        help="-pcg methods: beta of the empirical-Fisher term in the CG objective",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fisher-grads", type=int, default=32, help="-pcg methods, beta > 0: gradients m"
+    )
+    parser.add_argument(
+        "--fisher-saliency", default="diag", choices=("diag", "mfac"),
+        help="fisher- methods: the saliency the budgets rank (M-FAC: damp 1e-2)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fisher-block", type=int, default=128, help="--fisher-saliency mfac: Fisher block size"
+    )
     parser.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
     parser.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda")
     parser.add_argument("--seed", type=int, default=0, help="draw of the calibration windows")
@@ -458,7 +486,9 @@ def save(rows: list[dict], args: argparse.Namespace) -> Path:
     path = RESULTS / f"{name}.json"
 
     def key(r: dict) -> tuple:
-        return r["method"], r.get("pattern"), round(r.get("target", 0.5), 4)
+        beta, saliency = r.get("fisher_weight", 0.0), r.get("fisher_saliency", "diag")
+        saliency += str(r.get("fisher_block", ""))
+        return r["method"], r.get("pattern"), round(r.get("target", 0.5), 4), beta, saliency
 
     done = {key(r) for r in rows}
     old = json.loads(path.read_text()).get("rows", []) if path.exists() else []

@@ -180,3 +180,71 @@ def test_fisher_budget_refuses_a_loss_that_is_not_a_scalar() -> None:
                 budget="fisher", calib_batches=3, progress=False)  # fmt: skip
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("block", [16, 40, 1000])
+def test_mfac_saliency_matches_a_dense_float64_oracle(block: int) -> None:
+    """fisher_saliency="mfac": w^2 / (2 [F^-1]_ii) with F = lam I + G_b^T G_b / m formed and
+    inverted densely in float64 per block of ``block`` coordinates of one layer (the last block
+    of a layer shorter; 1000: one block per layer), lam = damp * mean diag(G^T G / m) over all
+    pruned weights, G one float32 gradient per batch; the budgets rank these scores."""
+    from mfac.prune import oneshot
+    from mfac.prune._layers import find_targets
+    from mfac.prune.budgets import fisher_sparsities
+    from mfac.prune.budgets.fisher import _budgets_from_scores, mfac_saliencies
+
+    model, batches = _chain(5)
+    targets = find_targets(model, _layers)
+    grads: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
+    for b in batches:
+        model.zero_grad()
+        _loss(model, b).backward()
+        for t in targets:  # the collector stores float32 rows
+            grads[t.name].append(t.param.grad.reshape(-1).float().double())
+    model.zero_grad()
+    m, damp = len(batches), 0.05
+    g = {n: torch.stack(v) for n, v in grads.items()}
+    lam = damp * sum(float(v.square().sum()) for v in g.values()) / (
+        m * sum(v.shape[1] for v in g.values())
+    )
+    expect = []
+    for t in targets:
+        gl = g[t.name]
+        inv_diag = torch.empty(gl.shape[1], dtype=F64)
+        for start in range(0, gl.shape[1], block):
+            gb = gl[:, start : start + block]
+            f = lam * torch.eye(gb.shape[1], dtype=F64) + gb.T @ gb / m
+            inv_diag[start : start + block] = torch.linalg.inv(f).diagonal()
+        w = t.param.detach().reshape(-1).double()
+        expect.append(w.square() / (2 * inv_diag))
+    got = mfac_saliencies(model, batches, _loss, targets, block_size=block, damp=damp)
+    for e, s, t in zip(expect, got, targets, strict=True):
+        assert s.shape == t.shape and s.dtype == F64
+        # the operator keeps L^-1 G in the buffer's float32: agreement to float32 round-off
+        assert torch.allclose(s.reshape(-1), e, rtol=1e-5, atol=0)
+    info: dict = {}
+    budgets = fisher_sparsities(
+        model, batches, _loss, 0.6, spread=0.1, layers=_layers, info=info, saliency="mfac",
+        block_size=block, damp=damp,
+    )  # fmt: skip
+    assert budgets == _budgets_from_scores(targets, [s.reshape(-1) for s in got], 0.6, 0.1, None)
+    oracle = _budgets_from_scores(targets, expect, 0.6, 0.1, None)
+    assert all(budgets[n] == pytest.approx(oracle[n], abs=0.02) for n in budgets)
+    assert all(p.grad is None for p in model.parameters())
+    res = oneshot(model, 0.6, "sparsegpt", data=batches, loss_fn=_loss, layers=_layers,
+                  budget="fisher", owl_spread=0.1, calib_batches=3, fisher_saliency="mfac",
+                  fisher_block=block, fisher_damp=damp, progress=False)  # fmt: skip
+    assert res.info["fisher_group_sparsity"] == info["fisher_group_sparsity"]
+
+
+def test_mfac_saliency_refusals() -> None:
+    from mfac.prune.budgets import fisher_sparsities
+
+    model, batches = _chain(5)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="saliency must be one of diag, mfac"):
+        fisher_sparsities(model, batches, _loss, 0.5, layers=_layers, saliency="kfac")
+    with pytest.raises(ValueError, match="non-finite"):
+        fisher_sparsities(model, batches, lambda mo, b: _loss(mo, b) * float("nan"), 0.5,
+                          layers=_layers, saliency="mfac")  # fmt: skip
+    assert _same(model, snap)

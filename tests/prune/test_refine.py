@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 import mfac.prune as mp
 from mfac.prune import refine
 from mfac.prune.methods.sparsegpt import prune_layer, sparsegpt
-from mfac.prune.refine import damped_gram, refine_weights
+from mfac.prune.refine import damped_gram, fisher_lambda, joint_pcg, refine_weights
 
-from prune_models import _chain, _layers, _run, _same, _snapshot
+from prune_models import _chain, _chain_loss, _layers, _run, _same, _snapshot
 
 F64 = torch.float64
 
@@ -267,3 +267,246 @@ def test_presets_take_the_option_and_bad_values_leave_the_model() -> None:
         assert torch.equal(model.get_submodule(name).weight.detach() == 0, ~keep) or bool(
             (model.get_submodule(name).weight.detach()[~keep] == 0).all()
         )
+
+
+# ---------------------------------------------------------------- the joint objective
+
+
+def _joint_exact(
+    w0: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, grads: torch.Tensor, beta: float,
+    damp: float = 0.01,
+) -> torch.Tensor:  # fmt: skip
+    """The float64 reference: the normal equations of tr((W-W0) A (W-W0)^T)
+    + lam/m sum_j <G_j, W-W0>^2 on the mask, K = I (x) A + lam/m G^T G over vec(W), solved
+    densely."""
+    rows, cols = w0.shape
+    m = grads.shape[0]
+    a = damped_gram(h, damp)
+    g = grads.reshape(m, -1).to(F64)
+    lam = beta * rows * float(a.trace()) / float(g.square().sum(1).mean())
+    k = torch.kron(torch.eye(rows, dtype=F64), a) + lam / m * g.T @ g
+    s = mask.reshape(-1)
+    out = torch.zeros(rows * cols, dtype=F64)
+    if bool(s.any()):
+        out[s] = torch.linalg.solve(k[s][:, s], (k @ w0.reshape(-1))[s])
+    return out.view(rows, cols)
+
+
+def _joint_objective(
+    w: torch.Tensor, w0: torch.Tensor, a: torch.Tensor, grads: torch.Tensor, lam: float
+) -> float:
+    d = (w - w0).to(F64)
+    inner = grads.reshape(grads.shape[0], -1).to(F64) @ d.reshape(-1)
+    return float(((d @ a) * d).sum() + lam * inner.square().mean())
+
+
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0, 10.0])
+@pytest.mark.parametrize("density", [0.4, 0.8])
+def test_joint_equals_dense_normal_equations(beta: float, density: float) -> None:
+    """r = 4, c = 6, m = 3: CG on the coupled system gives the dense float64 solve, zero off
+    the mask, and reports the lam that makes beta the ratio of the two terms' traces."""
+    w0, _, h, mask = _problem(4, 6, 20, density, seed=7)
+    grads = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(8), dtype=F64)
+    w = w0.clone()
+    rep = refine_weights(w, mask, h, iters=200, tol=1e-14, grads=grads, fisher_weight=beta)
+    assert rep.converged and rep.kept_rows == 0
+    assert torch.allclose(w, _joint_exact(w0, h, mask, grads, beta), rtol=0, atol=1e-9)
+    assert bool((w[~mask] == 0).all())
+    a = damped_gram(h, 0.01)
+    lam = rep.fisher_lambda
+    # the traces: lam/m sum_j ||G_j||^2 = beta * rows * tr(A)
+    assert lam * float(grads.square().sum()) / 3 == pytest.approx(beta * 4 * float(a.trace()))
+    assert lam == pytest.approx(fisher_lambda(a, grads, beta, 4))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    cols=st.integers(1, 8),
+    m=st.integers(1, 6),
+    density=st.floats(0.0, 1.0),
+    beta=st.sampled_from([0.05, 0.5, 3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_joint_property_random(rows, cols, m, density, beta, seed) -> None:
+    """Any small problem: the coupled CG (at most |S| + 5 iterations) matches the dense solve and
+    never ends above its warm start."""
+    w0, _, h, mask = _problem(rows, cols, 12, density, seed)
+    grads = torch.randn(m, rows, cols, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    w = w0.clone()
+    rep = refine_weights(
+        w, mask, h, iters=rows * cols + 5, tol=1e-14, grads=grads, fisher_weight=beta
+    )
+    scale = 1.0 + float(w0.abs().max())
+    assert torch.allclose(w, _joint_exact(w0, h, mask, grads, beta), rtol=0, atol=1e-7 * scale)
+    assert bool((w[~mask] == 0).all())
+    assert rep.error_end <= rep.error_start + 1e-9 * scale**2
+
+
+def test_joint_beta_zero_is_bit_identical() -> None:
+    """fisher_weight = 0 is the row-wise solve, bit for bit, with or without gradients; through
+    sparsegpt too (gradients not even collected)."""
+    w0, _, h, mask = _problem(8, 16, 40, 0.5, seed=9)
+    grads = torch.randn(3, 8, 16, dtype=F64)
+    plain, zero = w0.float(), w0.float()
+    rep_a = refine_weights(plain, mask, h, iters=7, tol=1e-9)
+    rep_b = refine_weights(zero, mask, h, iters=7, tol=1e-9, grads=grads, fisher_weight=0.0)
+    assert torch.equal(plain, zero) and rep_a == rep_b
+    out = {}
+    for kwargs in ({}, {"loss_fn": _chain_loss, "fisher_weight": 0.0, "fisher_grads": 3}):
+        model, batches = _chain()
+        timings = sparsegpt(
+            model, batches, _run, 0.5, layers=_layers, calib_batches=3, progress=False,
+            refine="pcg", pcg_iters=5, **kwargs,
+        )[1]  # fmt: skip
+        assert "fisher_grads" not in timings
+        out[len(kwargs)] = _snapshot(model)
+    assert all(torch.equal(out[0][k], out[3][k]) for k in out[0])
+
+
+@pytest.mark.parametrize("iters", [1, 2, 5])
+def test_joint_objective_never_increases(iters: int) -> None:
+    """From SparseGPT's weights, the joint objective (Fisher term included) only falls, and
+    the report's errors are that objective."""
+    w0, _, h, _ = _problem(10, 24, 40, 0.5, seed=10)
+    grads = torch.randn(4, 10, 24, generator=torch.Generator().manual_seed(11), dtype=F64)
+    start, keep = prune_layer(w0, h, 0.6, None, block=8)
+    w = w0.clone()
+    rep = refine_weights(w, keep, h, start=start, iters=iters, tol=1e-12, grads=grads,
+                         fisher_weight=1.0)  # fmt: skip
+    a, lam = damped_gram(h, 0.01), rep.fisher_lambda
+    f_start = _joint_objective(start, w0, a, grads, lam)
+    assert rep.error_start == pytest.approx(f_start, rel=1e-10)
+    assert rep.error_end == pytest.approx(_joint_objective(w, w0, a, grads, lam), rel=1e-10)
+    assert rep.error_end <= rep.error_start and rep.iterations <= iters
+    assert bool((w[~keep] == 0).all())
+
+
+@pytest.mark.parametrize("beta", [0.1, 10.0])
+def test_joint_preconditioners_agree_and_woodbury_needs_fewer_steps(beta: float) -> None:
+    """Both preconditioners reach the dense solve; the Woodbury one (the m Fisher directions
+    inverted exactly) in fewer iterations than Jacobi."""
+    w0, _, h, mask = _problem(12, 20, 40, 0.6, seed=15)
+    grads = torch.randn(5, 12, 20, generator=torch.Generator().manual_seed(16), dtype=F64)
+    grads += torch.randn(1, 12, 20, generator=torch.Generator().manual_seed(17), dtype=F64)
+    a = damped_gram(h, 0.01)
+    lam = fisher_lambda(a, grads, beta, 12)
+    ref = _joint_exact(w0, h, mask, grads, beta)
+    steps = {}
+    for precond in ("woodbury", "jacobi"):
+        w, rep = joint_pcg(w0, mask, a, grads, lam, iters=500, tol=1e-12, precond=precond)
+        assert rep.converged and torch.allclose(w, ref, rtol=0, atol=1e-8)
+        steps[precond] = rep.iterations
+    assert steps["woodbury"] < steps["jacobi"]
+    with pytest.raises(ValueError, match="precond must be"):
+        joint_pcg(w0, mask, a, grads, lam, precond="ilu")
+
+
+def test_joint_float32_close_to_float64() -> None:
+    """Float32 weights and gradients: float32 buffers, float64 scalars, near the float64 solve
+    (the coupled system is worse conditioned than one row's)."""
+    w0, _, h, mask = _problem(12, 32, 64, 0.5, seed=13)
+    grads = torch.randn(5, 12, 32, generator=torch.Generator().manual_seed(14), dtype=F64)
+    w = w0.float()
+    rep = refine_weights(w, mask, h.float(), iters=300, tol=1e-5, damp=0.1, grads=grads.float(),
+                         fisher_weight=1.0)  # fmt: skip
+    ref = _joint_exact(w0, h, mask, grads, 1.0, damp=0.1)
+    assert w.dtype == torch.float32 and rep.converged
+    assert float((w.double() - ref).norm() / ref.norm()) < 1e-3
+
+
+def test_joint_refusals_leave_the_weight_untouched() -> None:
+    w0, _, h, mask = _problem(4, 6, 20, 0.5)
+    grads = torch.randn(3, 4, 6, dtype=F64)
+    w = w0.clone()
+    _refused(w, "fisher_weight > 0 needs grads", mask, h, fisher_weight=1.0)
+    _refused(w, r"grads must have shape \(m, 4, 6\)", mask, h, grads=grads[:, :3],
+             fisher_weight=1.0)  # fmt: skip
+    bad = grads.clone()
+    bad[1, 2, 3] = float("inf")
+    _refused(w, "grads hold NaN or Inf", mask, h, grads=bad, fisher_weight=1.0)
+    _refused(w, "fisher_weight must be finite and >= 0", mask, h, grads=grads, fisher_weight=-1)
+    _refused(w, "fisher_weight must be finite", mask, h, grads=grads, fisher_weight=float("nan"))
+
+
+def test_joint_through_sparsegpt_matches_the_layer_oracle() -> None:
+    """Single pass (every layer sees the dense model's inputs and gradients): each layer's
+    refined weights are the dense solve of the joint normal equations on SparseGPT's mask, with
+    the Gram the calibration recorded and the per-batch gradients of the loss at the dense
+    model; the masks are SparseGPT's."""
+    model, batches = _chain()
+    dense = _snapshot(model)
+    info: dict = {}
+    masks, timings = sparsegpt(
+        model, batches, _run, 0.5, layers=_layers, calib_batches=3, sequential=False,
+        progress=False, info=info, refine="pcg", pcg_iters=300, pcg_tol=1e-13,
+        loss_fn=_chain_loss, fisher_weight=0.5, fisher_grads=3,
+    )  # fmt: skip
+    assert timings["fisher_grads"] > 0 and info["pcg_not_converged"] == []
+    ref_model, _ = _chain()
+    grads: dict[str, list[torch.Tensor]] = {}
+    for b in batches:
+        ref_model.zero_grad()
+        _chain_loss(ref_model, b).backward()
+        for name in masks:
+            grads.setdefault(name, []).append(ref_model.get_submodule(name).weight.grad.clone())
+    xs: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        ref_model.get_submodule(n).register_forward_hook(
+            lambda _m, a, _o, n=n: xs.setdefault(n, []).append(a[0].detach())
+        )
+        for n in masks
+    ]
+    with torch.no_grad():
+        for b in batches:
+            ref_model(b)
+    for hk in hooks:
+        hk.remove()
+    for name, keep in masks.items():
+        x = torch.cat([v.reshape(-1, v.shape[-1]) for v in xs[name]])
+        h = x.T @ x * (2.0 / x.shape[0])
+        g = torch.stack(grads[name])
+        ref = _joint_exact(dense[f"{name}.weight"], h, keep, g, 0.5)
+        assert info["pcg"][name]["fisher_lambda"] > 0
+        assert torch.allclose(model.get_submodule(name).weight.detach(), ref, atol=1e-7)
+
+
+def test_joint_refusals_leave_the_model() -> None:
+    """fisher_weight > 0 without refine='pcg', without loss_fn, with fewer calibration batches
+    than gradients asked for, or with a loss that turns non-finite: refused by name, the model
+    exactly as it was."""
+    model, batches = _chain()
+    snap = _snapshot(model)
+    common = {"layers": _layers, "calib_batches": 3, "progress": False}
+    cases = [
+        ("needs refine='pcg'", {"fisher_weight": 1.0, "loss_fn": _chain_loss}),
+        ("needs loss_fn", {"fisher_weight": 1.0, "refine": "pcg"}),
+        ("fisher_grads=4 gradients.*holds 3 batches",
+         {"fisher_weight": 1.0, "refine": "pcg", "loss_fn": _chain_loss, "fisher_grads": 4}),
+        ("non-finite", {"fisher_weight": 1.0, "refine": "pcg", "fisher_grads": 3,
+                        "loss_fn": lambda m, b: _chain_loss(m, b) * float("nan")}),
+    ]  # fmt: skip
+    for match, kwargs in cases:
+        with pytest.raises(ValueError, match=match):
+            sparsegpt(model, batches, _run, 0.5, **common, **kwargs)
+        assert _same(model, snap)
+    with pytest.raises(ValueError, match="fisher_weight"):
+        mp.oneshot(
+            model, 0.5, "fisher-sparsegpt", data=batches, loss_fn=_chain_loss,
+            layers=["layers.*"], refine="pcg", fisher_weight=-0.5, progress=False,
+        )  # fmt: skip
+    assert _same(model, snap)
+
+
+def test_presets_take_the_fisher_weight() -> None:
+    """``fisher-sparsegpt`` with ``refine="pcg", fisher_weight=1``: every layer's report carries
+    its lam; the masks hold."""
+    model, batches = _chain()
+    res = mp.oneshot(
+        model, 0.5, "fisher-sparsegpt", data=batches, loss_fn=_chain_loss, layers=["layers.*"],
+        calib_batches=3, refine="pcg", fisher_weight=1.0, fisher_grads=3, progress=False,
+    )  # fmt: skip
+    assert res.timings["fisher_grads"] > 0
+    assert all(r["fisher_lambda"] > 0 for r in res.info["pcg"].values())
+    for name, keep in res.masks.items():
+        assert bool((model.get_submodule(name).weight.detach()[~keep] == 0).all())

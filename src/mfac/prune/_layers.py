@@ -3,7 +3,7 @@ coordinates that gradient rows and OBS vectors use."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from difflib import get_close_matches
 from fnmatch import fnmatchcase
@@ -193,15 +193,16 @@ def current_masks(targets: Sequence[Target]) -> dict[str, torch.Tensor]:
 class Layout(FlatLayout):
     """The flat layout (`mfac.operators.layout.FlatLayout`) of the surviving weights of several
     layers, keeping the targets it was built from: layer l contributes its unpruned coordinates
-    (``masks[target.name]``), followed by zero padding up to a multiple of ``block_size`` (when
-    given), so that no Fisher block straddles two layers. Padding positions carry zero gradients
-    and zero weights and are never pruned. Flat vectors (``gather``/``scatter``) live on the
-    CPU, next to the gradient buffer, whatever device the model is on."""
+    (``masks[target.name]``; None: all of them), followed by zero padding up to a multiple of
+    ``block_size`` (when given), so that no Fisher block straddles two layers. Padding positions
+    carry zero gradients and zero weights and are never pruned. Flat vectors
+    (``gather``/``scatter``) live on the CPU, next to the gradient buffer, whatever device the
+    model is on."""
 
     def __init__(
         self,
         targets: Sequence[Target],
-        masks: dict[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor | None],
         block_size: int | None = None,
     ) -> None:
         self.targets = list(targets)

@@ -19,7 +19,7 @@ from ..._config import Options, option
 from .._layers import Target
 from ..method import Request
 from ..patterns import Pattern, check_nm_sparsity, check_sparsity
-from .fisher import fisher_sparsities
+from .fisher import SALIENCIES, fisher_sparsities
 from .owl import SPREAD_HELP, THRESHOLD_HELP, OWLConfig, owl_budgets, owl_sparsities
 
 __all__ = [
@@ -54,6 +54,16 @@ class BudgetOptions(Options):
     owl_spread: float = option(
         0.08, SPREAD_HELP + " (budget=owl or fisher)", low=0, high=1, high_open=True
     )
+    fisher_saliency: str = option(
+        "diag", "budget=fisher: the saliency ranked, w^2 F_ii from the Fisher's diagonal (diag) "
+        "or w^2 / (2 [F^-1]_ii) from the block-diagonal M-FAC inverse (mfac)",
+        choices=SALIENCIES,
+    )  # fmt: skip
+    fisher_block: int = option(128, "budget=fisher, fisher_saliency=mfac: Fisher block size", low=1)
+    fisher_damp: float = option(
+        1e-2, "budget=fisher, fisher_saliency=mfac: damping, relative to the mean of diag(F)",
+        low=0, low_open=True,
+    )  # fmt: skip
 
 
 Sparsity = float | Mapping[str, float]
@@ -102,6 +112,8 @@ def resolve_budget(
         budgets = fisher_sparsities(
             req.model, req.data, req.loss_fn, req.sparsity, spread=options.owl_spread,
             calib_batches=calib_batches, targets=req.targets, info=req.info,
+            saliency=options.fisher_saliency, block_size=options.fisher_block,
+            damp=options.fisher_damp,
         )  # fmt: skip
     req.timings[options.budget] = time.perf_counter() - t0
     return budgets

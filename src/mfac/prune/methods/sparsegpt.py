@@ -27,11 +27,13 @@ import torch
 from torch import nn
 
 from ..._config import option
-from ..._validation import SingularHessianError, check_damp
-from .._layers import LayerFilter, Target, find_targets
+from ..._validation import SingularHessianError, check_damp, check_positive_int
+from ...operators import GradientBuffer
+from ...operators.layout import Segment
+from .._layers import LayerFilter, Layout, Target, find_targets
 from ..budgets import BudgetOptions, Sparsity, layer_budgets, resolve_budget
 from ..calibration import InputStats, calibration_batches, check_layerwise_targets, run_layerwise
-from ..collect import progress_bar
+from ..collect import LossFn, gradient_buffer, progress_bar
 from ..method import CommonOptions, LayerOptions, Method, Request
 from ..patterns import Pattern, check_pattern_fits, lowest
 from ..refine import RefineOptions, damped_gram, pcg_refine
@@ -273,6 +275,9 @@ def sparsegpt(
     refine: str = "none",
     pcg_iters: int = 50,
     pcg_tol: float = 1e-3,
+    loss_fn: LossFn | None = None,
+    fisher_weight: float = 0.0,
+    fisher_grads: int = 32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Prune ``targets`` of ``model`` in place with SparseGPT from ``calib_batches`` batches of
     ``data`` (``forward_fn(model, batch)`` runs the model). Returns (keep-masks, timings).
@@ -292,9 +297,19 @@ def sparsegpt(
     ``info["pcg_not_converged"]`` the layers whose relative residual stayed above ``pcg_tol``
     (``pcg_max_iterations`` / ``pcg_max_residual``: the largest over the layers)
     (also one RuntimeWarning naming them). The CG time is ``timings["refine"]``.
+
+    ``fisher_weight`` beta > 0 (with ``refine="pcg"``) adds the empirical-Fisher loss model
+    of ``fisher_grads`` gradients of ``loss_fn(model, batch)`` (a scalar loss), one per
+    calibration batch, taken at the dense model before anything is pruned
+    (:func:`mfac.prune.collect.gradient_buffer`; memory-mapped past half the free RAM), to
+    every layer's CG objective (:mod:`mfac.prune.refine`); their time is
+    ``timings["fisher_grads"]``.
     """
     if refine not in ("none", "pcg"):
         raise ValueError(f"refine must be 'none' or 'pcg', got {refine!r}")
+    joint = fisher_weight != 0
+    if joint:
+        check_fisher_request(refine, loss_fn, fisher_weight, fisher_grads)
     if targets is None:
         targets = find_targets(model, layers)
     check_layerwise_targets(targets)
@@ -302,9 +317,26 @@ def sparsegpt(
     budgets = layer_budgets(targets, sparsity, pattern)
     check_damp(damp)
     batches = calibration_batches(data, calib_batches)
+    if joint and len(batches) < fisher_grads:
+        raise ValueError(
+            f"fisher_weight > 0 asks for fisher_grads={fisher_grads} gradients, one per "
+            f"calibration batch, but the calibration data holds {len(batches)} batches; lower "
+            "fisher_grads or pass more batches"
+        )
     timings = {"collect": 0.0, "precompute": 0.0, "prune": 0.0}
     if refine == "pcg":
         timings["refine"] = 0.0
+    grads: GradientBuffer | None = None
+    segments: dict[str, Segment] = {}
+    if joint:
+        assert loss_fn is not None
+        t0 = time.perf_counter()
+        layout = Layout(targets, dict.fromkeys((t.name for t in targets), None))  # every entry
+        grads = gradient_buffer(
+            model, loss_fn, batches[:fisher_grads], layout, fisher_grads, progress=progress
+        )
+        segments = {t.name: seg for t, seg in zip(targets, layout.segments, strict=True)}
+        timings["fisher_grads"] = time.perf_counter() - t0
     reports: dict[str, dict[str, object]] = {}
     masks: dict[str, torch.Tensor] = {}
     escalated: dict[str, float] = {}
@@ -331,10 +363,14 @@ def sparsegpt(
             if refine == "pcg":
                 t3 = time.perf_counter()
                 rows = new.shape[0]
+                g = None
+                if grads is not None:  # this layer's m gradients, (m, rows * cols)
+                    seg = segments[t.name]
+                    g = grads.tensor[:, seg.offset : seg.offset + seg.size]
                 refined, report = pcg_refine(
                     t.param.detach().reshape(rows, -1), keep.reshape(rows, -1),
                     damped_gram(h, last_factor[2]), new.reshape(rows, -1),
-                    iters=pcg_iters, tol=pcg_tol,
+                    iters=pcg_iters, tol=pcg_tol, grads=g, fisher_weight=fisher_weight,
                 )  # fmt: skip
                 if not bool(torch.isfinite(refined).all()):
                     raise FloatingPointError(f"{t.name}: PCG produced non-finite weights")
@@ -381,6 +417,24 @@ def sparsegpt(
     return masks, timings
 
 
+def check_fisher_request(
+    refine: str, loss_fn: LossFn | None, fisher_weight: float, fisher_grads: int
+) -> None:
+    """Refuse the Fisher term of the refinement without what it needs, before anything runs."""
+    if isinstance(fisher_weight, bool) or not isinstance(fisher_weight, int | float):
+        raise TypeError(f"fisher_weight must be a number, got {fisher_weight!r}")
+    if not 0 <= fisher_weight < float("inf"):
+        raise ValueError(f"fisher_weight must be finite and >= 0, got {fisher_weight}")
+    if refine != "pcg":
+        raise ValueError("fisher_weight > 0 is a term of the CG refinement: it needs refine='pcg'")
+    if loss_fn is None or not callable(loss_fn):
+        raise ValueError(
+            "fisher_weight > 0 needs loss_fn(model, batch) returning a scalar loss (the "
+            "gradients of the Fisher term)"
+        )
+    check_positive_int(fisher_grads, "fisher_grads")
+
+
 def run(req: Request, cfg: SparseGPTConfig) -> dict[str, torch.Tensor]:
     """``method="sparsegpt"``: one sequential (or single-pass) SparseGPT sweep over the targets,
     at the uniform or a per-layer budget."""
@@ -391,7 +445,8 @@ def run(req: Request, cfg: SparseGPTConfig) -> dict[str, torch.Tensor]:
         targets=req.targets, pattern=req.pattern, block=cfg.block, damp=cfg.damp,
         calib_batches=cfg.calib_batches, sequential=cfg.sequential, priors=req.priors,
         progress=cfg.progress, info=req.info, refine=cfg.refine, pcg_iters=cfg.pcg_iters,
-        pcg_tol=cfg.pcg_tol,
+        pcg_tol=cfg.pcg_tol, loss_fn=req.loss_fn, fisher_weight=cfg.fisher_weight,
+        fisher_grads=cfg.fisher_grads,
     )  # fmt: skip
     req.timings.update(timings)
     return masks
