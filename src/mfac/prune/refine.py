@@ -39,6 +39,7 @@ with ``refine="pcg"``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -103,8 +104,79 @@ def damped_gram(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row inner products, accumulated in float64."""
+    """Per-row inner products, accumulated in float64: the row-wise solve's groups."""
     return torch.einsum("ij,ij->i", a.to(F64), b.to(F64))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> over all entries, accumulated in float64, as a (1,) tensor: the whole layer as
+    one group."""
+    return torch.vdot(a.reshape(-1).to(F64), b.reshape(-1).to(F64)).reshape(1)
+
+
+Operator = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _solve(
+    apply: Operator,
+    precond: Operator,
+    dot: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    const: torch.Tensor,
+    v0: torch.Tensor,
+    iters: int,
+    tol: float,
+    lam: float = 0.0,
+) -> tuple[torch.Tensor, RefineReport]:
+    """Preconditioned CG on apply(V) = b (V zero off the mask), from ``v0``, in groups of rows:
+    ``dot`` returns each group's float64 inner products (per row: independent systems; one
+    group: the whole layer), and a group stops once its ||r|| / ||b|| <= tol. The objective is
+    f = const - V.b - V.r per group (V.apply(V) = V.b - V.r); a group that ends above its warm
+    start keeps the warm start, so f never increases."""
+    dtype = v0.dtype
+    v = v0.clone()
+    bnorm = dot(b, b).sqrt().clamp_min(torch.finfo(dtype).tiny)
+
+    def objective(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return const - dot(x, b) - dot(x, r)
+
+    r = b - apply(v)
+    f_start = objective(v, r)
+    rel = dot(r, r).sqrt() / bnorm
+    active = rel > tol
+    z = precond(r)
+    rz = dot(r, z)
+    p = z * active.to(dtype)[:, None]
+    done = 0
+    while done < iters and bool(active.any()):
+        done += 1
+        q = apply(p)
+        pq = dot(p, q)
+        alpha = torch.where(pq > 0, rz / pq.clamp_min(1e-300), 0.0)
+        v.add_(p * alpha.to(dtype)[:, None])
+        r.sub_(q * alpha.to(dtype)[:, None])
+        rel = dot(r, r).sqrt() / bnorm
+        active &= rel > tol
+        z = precond(r)
+        rz_new = dot(r, z)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), 0.0)
+        rz = rz_new
+        p = (z + p * beta.to(dtype)[:, None]) * active.to(dtype)[:, None]
+    r = b - apply(v)  # the true residual, not the recursion's
+    f_end = objective(v, r)
+    worse = f_end > f_start
+    if bool(worse.any()):
+        v = torch.where(worse[:, None], v0, v)
+        r = b - apply(v)
+        f_end = torch.where(worse, f_start, f_end)
+    rel = dot(r, r).sqrt() / bnorm
+    top = float(rel.max()) if rel.numel() else 0.0
+    report = RefineReport(
+        iterations=done, residual=top, converged=top <= tol,
+        error_start=float(f_start.sum()), error_end=float(f_end.sum()),
+        kept_rows=int(worse.sum()) * (v.shape[0] // max(worse.numel(), 1)), fisher_lambda=lam,
+    )  # fmt: skip
+    return v, report
 
 
 @torch.no_grad()
@@ -137,58 +209,12 @@ def pcg_refine(
     w0 = dense.to(dtype)
     a = gram.to(dense.device, dtype)
     fmask = keep.to(dtype)
-    v = (w0 if start is None else start.to(dtype)) * fmask
     w0a = w0 @ a
-    b = w0a * fmask  # right-hand side (A w0)_S per row
-    const = _row_dot(w0a, w0)  # w0 A w0: f = v.A.v - 2 v.b + const
-    bnorm = _row_dot(b, b).sqrt().clamp_min(torch.finfo(dtype).tiny)
     dinv = torch.where(keep, 1.0 / a.diagonal()[None, :], 0.0).to(dtype)
-
-    def residual(x: torch.Tensor) -> torch.Tensor:
-        return b - (x @ a) * fmask
-
-    def objective(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        # x.A.x = x.b - x.r on the mask, so f = -(x.b + x.r) + const
-        return const - _row_dot(x, b) - _row_dot(x, r)
-
-    r = residual(v)
-    f_start = objective(v, r)
-    rel = _row_dot(r, r).sqrt() / bnorm
-    active = rel > tol
-    z = r * dinv
-    rz = _row_dot(r, z)
-    p = z * active[:, None]
-    done = 0
-    while done < iters and bool(active.any()):
-        done += 1
-        q = (p @ a) * fmask
-        pq = _row_dot(p, q)
-        alpha = torch.where(pq > 0, rz / pq.clamp_min(1e-300), 0.0)
-        v.add_(p * alpha.to(dtype)[:, None])
-        r.sub_(q * alpha.to(dtype)[:, None])
-        rel = _row_dot(r, r).sqrt() / bnorm
-        active &= rel > tol
-        z = r * dinv
-        rz_new = _row_dot(r, z)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), 0.0)
-        rz = rz_new
-        p = (z + p * beta.to(dtype)[:, None]) * active.to(dtype)[:, None]
-    r = residual(v)  # the true residual, not the recursion's
-    f_end = objective(v, r)
-    worse = f_end > f_start
-    if bool(worse.any()):
-        v0 = (w0 if start is None else start.to(dtype)) * fmask
-        v[worse] = v0[worse]
-        r[worse] = b[worse] - (v0[worse] @ a) * fmask[worse]
-        f_end = torch.where(worse, f_start, f_end)
-    rel = _row_dot(r, r).sqrt() / bnorm
-    top = float(rel.max()) if rel.numel() else 0.0
-    report = RefineReport(
-        iterations=done, residual=top, converged=top <= tol,
-        error_start=float(f_start.sum()), error_end=float(f_end.sum()),
-        kept_rows=int(worse.sum()),
+    return _solve(
+        lambda x: (x @ a) * fmask, lambda x: x * dinv, _row_dot, w0a * fmask,
+        _row_dot(w0a, w0), (w0 if start is None else start.to(dtype)) * fmask, iters, tol,
     )  # fmt: skip
-    return v, report
 
 
 def fisher_lambda(gram: torch.Tensor, grads: torch.Tensor, beta: float, rows: int) -> float:
@@ -199,11 +225,6 @@ def fisher_lambda(gram: torch.Tensor, grads: torch.Tensor, beta: float, rows: in
     if mean_sq == 0.0:
         return 0.0
     return beta * rows * float(gram.diagonal().to(F64).sum()) / mean_sq
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a, b> over all entries, accumulated in float64."""
-    return torch.vdot(a.reshape(-1).to(F64), b.reshape(-1).to(F64))
 
 
 @torch.no_grad()
@@ -238,20 +259,16 @@ def joint_pcg(
     coef = lam / m
     c0 = g @ w0.reshape(-1)  # <G_j, W0>
     g = g * fmask.reshape(1, -1)  # G_j on the mask: <G_j, V> = <G_j * S, V> for V on S
-    v0 = (w0 if start is None else start.to(dtype)) * fmask
-    v = v0.clone()
     w0a = w0 @ a
 
     def fisher(x_coef: torch.Tensor) -> torch.Tensor:
         # lam/m sum_j x_coef[j] G_j, already zero off the mask
-        return (x_coef.to(F64) * coef).to(dtype) @ g
+        return ((x_coef.to(F64) * coef).to(dtype) @ g).view(rows, cols)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        return (x @ a) * fmask + fisher(g @ x.reshape(-1)).view(rows, cols)
+        return (x @ a) * fmask + fisher(g @ x.reshape(-1))
 
-    b = w0a * fmask + fisher(c0).view(rows, cols)
-    const = _dot(w0a, w0) + coef * float(c0.to(F64).square().sum())
-    bnorm = float(_dot(b, b).sqrt().clamp_min(torch.finfo(dtype).tiny))
+    dinv = torch.where(keep, 1.0 / a.diagonal()[None, :], 0.0).to(dtype)
     if precond == "jacobi":
         diag = a.diagonal()[None, :] + (g.square().sum(0) * coef).view(rows, cols)
         dinv = torch.where(keep, 1.0 / diag, 0.0).to(dtype)
@@ -260,7 +277,6 @@ def joint_pcg(
             return x * dinv
 
     else:  # (D + lam/m Gs^T Gs)^-1 by Woodbury, D = diag(A) on the mask: an m x m solve
-        dinv = torch.where(keep, 1.0 / a.diagonal()[None, :], 0.0).to(dtype)
         gd = g * dinv.reshape(1, -1)
         core = (g @ gd.T).to(F64)
         core.diagonal().add_(1.0 / coef)
@@ -270,43 +286,11 @@ def joint_pcg(
             y = torch.cholesky_solve((gd @ x.reshape(-1)).to(F64)[:, None], chol)[:, 0]
             return x * dinv - (y.to(dtype) @ gd).view(rows, cols)
 
-    def objective(x: torch.Tensor, r: torch.Tensor) -> float:
-        # x.M.x = x.b - x.r on the mask, so f = const - x.b - x.r
-        return float(const - _dot(x, b) - _dot(x, r))
-
-    r = b - apply(v)
-    f_start = objective(v, r)
-    rel = float(_dot(r, r).sqrt()) / bnorm
-    z = apply_precond(r)
-    rz = _dot(r, z)
-    p = z.clone()
-    done = 0
-    while done < iters and rel > tol:
-        done += 1
-        q = apply(p)
-        pq = _dot(p, q)
-        if not float(pq) > 0:
-            break
-        alpha = float(rz / pq)
-        v.add_(p, alpha=alpha)
-        r.sub_(q, alpha=alpha)
-        rel = float(_dot(r, r).sqrt()) / bnorm
-        z = apply_precond(r)
-        rz_new = _dot(r, z)
-        step = float(rz_new / rz) if float(rz) > 0 else 0.0
-        rz = rz_new
-        p = z + p * step
-    r = b - apply(v)  # the true residual, not the recursion's
-    f_end = objective(v, r)
-    kept = 0
-    if not f_end <= f_start:
-        v, r, f_end, kept = v0, b - apply(v0), f_start, rows
-    rel = float(_dot(r, r).sqrt()) / bnorm
-    report = RefineReport(
-        iterations=done, residual=rel, converged=rel <= tol, error_start=f_start,
-        error_end=f_end, kept_rows=kept, fisher_lambda=lam,
+    const = _dot(w0a, w0) + coef * float(c0.to(F64).square().sum())
+    return _solve(
+        apply, apply_precond, _dot, w0a * fmask + fisher(c0), const,
+        (w0 if start is None else start.to(dtype)) * fmask, iters, tol, lam,
     )  # fmt: skip
-    return v, report
 
 
 def check_nm_mask(mask: torch.Tensor, pattern: Pattern, name: str = "layer") -> None:
