@@ -310,15 +310,20 @@ def check_nm_mask(mask: torch.Tensor, pattern: Pattern, name: str = "layer") -> 
         )
 
 
+def check_fisher_weight(fisher_weight: object, what: str = "fisher_weight") -> None:
+    """Refuse a Fisher weight beta that is not a finite number >= 0."""
+    if isinstance(fisher_weight, bool) or not isinstance(fisher_weight, int | float):
+        raise TypeError(f"{what} must be a number, got {fisher_weight!r}")
+    if not 0 <= fisher_weight < float("inf"):
+        raise ValueError(f"{what} must be finite and >= 0, got {fisher_weight}")
+
+
 def check_fisher(
     weight: torch.Tensor, grads: torch.Tensor | None, fisher_weight: float, name: str = "layer"
 ) -> None:
     """Refuse a Fisher weight that is negative or not finite, and beta > 0 without finite
     gradients of the weight's shape (m, *weight.shape)."""
-    if isinstance(fisher_weight, bool) or not isinstance(fisher_weight, int | float):
-        raise TypeError(f"{name}: fisher_weight must be a number, got {fisher_weight!r}")
-    if not fisher_weight >= 0 or fisher_weight == float("inf"):
-        raise ValueError(f"{name}: fisher_weight must be finite and >= 0, got {fisher_weight}")
+    check_fisher_weight(fisher_weight, f"{name}: fisher_weight")
     if fisher_weight == 0:
         return
     if not isinstance(grads, torch.Tensor) or grads.ndim < 1 or grads.shape[0] < 1:

@@ -36,7 +36,7 @@ from ..calibration import InputStats, calibration_batches, check_layerwise_targe
 from ..collect import LossFn, gradient_buffer, progress_bar
 from ..method import CommonOptions, LayerOptions, Method, Request
 from ..patterns import Pattern, check_pattern_fits, lowest
-from ..refine import RefineOptions, damped_gram, pcg_refine
+from ..refine import RefineOptions, check_fisher_weight, damped_gram, pcg_refine
 from ..restore import restored_on_error
 
 F64 = torch.float64
@@ -421,10 +421,7 @@ def check_fisher_request(
     refine: str, loss_fn: LossFn | None, fisher_weight: float, fisher_grads: int
 ) -> None:
     """Refuse the Fisher term of the refinement without what it needs, before anything runs."""
-    if isinstance(fisher_weight, bool) or not isinstance(fisher_weight, int | float):
-        raise TypeError(f"fisher_weight must be a number, got {fisher_weight!r}")
-    if not 0 <= fisher_weight < float("inf"):
-        raise ValueError(f"fisher_weight must be finite and >= 0, got {fisher_weight}")
+    check_fisher_weight(fisher_weight)
     if refine != "pcg":
         raise ValueError("fisher_weight > 0 is a term of the CG refinement: it needs refine='pcg'")
     if loss_fn is None or not callable(loss_fn):
