@@ -66,7 +66,9 @@ def mfac_saliencies(
         raise ValueError("fisher_saliency='mfac' needs gradients that are not all zero")
     out = []
     for t, seg in zip(targets, layout.segments, strict=True):
-        own = grads[:, seg.offset : seg.stop].clone()  # the operator overwrites its input
+        # the operator overwrites its input; one layer at a time keeps only that layer's
+        # block factors (a model-wide operator would hold every block's m x m factor at once)
+        own = grads[:, seg.offset : seg.stop].clone()
         inv_diag = InverseFisher(own, lam, block_size).diag()[: seg.size]
         w = t.param.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
         out.append((w.square() / (2.0 * inv_diag)).view(t.shape))
