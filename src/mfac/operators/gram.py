@@ -329,6 +329,32 @@ class FactorBacked:
     window layout: the dense operator, the top-k window and the sharded window."""
 
     factor: GramFactor
+    #: The attributes that hold the window's rows: allocated by ``_allocate_rows`` when one of
+    #: them is first read (see :meth:`_rows_on_first_use`).
+    _row_attrs: tuple[str, ...] = ()
+
+    def _allocate_rows(self) -> None:
+        raise NotImplementedError
+
+    def _rows_on_first_use(self) -> None:
+        """Defer the empty rows to their first read, so a window loaded before its first push
+        adopts the saved rows instead and a resume holds one copy of the window."""
+        self.__dict__["_rows_pending"] = True
+
+    def _rows_allocated(self) -> bool:
+        """Whether the rows exist (allocated, or adopted from a loaded state)."""
+        return "_rows_pending" not in self.__dict__
+
+    def _rows_adopted(self) -> None:
+        """The caller has set the row attributes itself: nothing is left to allocate."""
+        self.__dict__.pop("_rows_pending", None)
+
+    def __getattr__(self, name: str) -> Any:
+        """Allocate the rows when one of ``_row_attrs`` is first read."""
+        if name in type(self)._row_attrs and self.__dict__.pop("_rows_pending", False):
+            self._allocate_rows()
+            return getattr(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def damp(self) -> float | None:
@@ -366,40 +392,35 @@ class DenseRowsBacked(FactorBacked):
     or this rank's column shard): where and how they store it, and an all-or-nothing load."""
 
     grads: torch.Tensor
+    _row_attrs = ("grads",)
 
     def _zero_rows_on_first_use(
         self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
     ) -> None:
-        """Record the rows' shape, dtype and device: the zero rows are allocated when ``grads``
-        is first read, so a window loaded before its first push adopts the saved rows instead
-        and a resume holds one copy of the window."""
+        """The rows' shape, dtype and device; the zero rows are allocated on first use
+        (:meth:`FactorBacked._rows_on_first_use`). A loaded state's rows are checked against
+        the same, so this stays the rows' description once they exist."""
         self._rows_spec = (shape, dtype, device)
+        self._rows_on_first_use()
 
-    def __getattr__(self, name: str) -> Any:
-        """Allocate the zero rows when ``grads`` is first read."""
-        spec = self.__dict__.pop("_rows_spec", None) if name == "grads" else None
-        if spec is not None:
-            self.grads = torch.zeros(spec[0], dtype=spec[1], device=spec[2])
-            return self.grads
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    def _allocate_rows(self) -> None:
+        shape, dtype, device = self._rows_spec
+        self.grads = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def rows_shape(self) -> tuple[int, int]:
         """Shape of the stored rows (m x the columns held here), allocated or not."""
-        spec = self.__dict__.get("_rows_spec")
-        return spec[0] if spec is not None else tuple(self.grads.shape)
+        return self._rows_spec[0]
 
     @property
     def device(self) -> torch.device:
         """Where the stored rows live."""
-        spec = self.__dict__.get("_rows_spec")
-        return spec[2] if spec is not None else self.grads.device
+        return self._rows_spec[2]
 
     @property
     def dtype(self) -> torch.dtype:
         """Storage dtype of the rows."""
-        spec = self.__dict__.get("_rows_spec")
-        return spec[1] if spec is not None else self.grads.dtype
+        return self._rows_spec[1]
 
     @property
     def window_nbytes(self) -> int:
@@ -422,7 +443,7 @@ class DenseRowsBacked(FactorBacked):
         grads = state["grads"]
         rows = grads.shape[0]
         if rows == self.window and adoptable(grads, self.device):
-            self.__dict__.pop("_rows_spec", None)
+            self._rows_adopted()
             self.grads = grads
             return
         self.grads[:rows].copy_(grads)

@@ -175,6 +175,7 @@ class TopKSlidingInverseFisher(FactorBacked):
     #: Whether ``check_state`` checks K against the saved rows (a window whose rows are one
     #: rank's share of K's rows cannot, on its own).
     _checks_gram: bool = True
+    _row_attrs = ("rows", "values", "indices")
 
     def __init__(
         self,
@@ -208,17 +209,8 @@ class TopKSlidingInverseFisher(FactorBacked):
         #: Whether the C kernels run the gathers, scatters and the selection (CPU, float32 /
         #: bfloat16 / float16 values and a working C compiler); else the torch path.
         self.native = self.native_for(dtype, device)
-        # the rows (``rows`` on the C path, ``values``/``indices``) exist from first use on (see
-        # __getattr__): a window loaded before its first push adopts the saved rows instead
-        self._rows_pending = True
+        self._rows_on_first_use()  # ``rows`` on the C path, ``values``/``indices``
         self.error = sparse_native.empty_huge((dim,), torch.float32, device).zero_()
-
-    def __getattr__(self, name: str) -> Any:
-        """Allocate the empty rows when ``rows``, ``values`` or ``indices`` is first read."""
-        if name in ("rows", "values", "indices") and self.__dict__.pop("_rows_pending", False):
-            self._allocate_rows()
-            return getattr(self, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _allocate_rows(self) -> None:
         """The empty window: m rows of k zeros at the coordinates 0..k-1, on huge pages."""
@@ -552,7 +544,7 @@ class TopKSlidingInverseFisher(FactorBacked):
         results by other means: for comparisons and tests). Rows and K are unchanged."""
         if not self.native:
             return
-        if "_rows_pending" in self.__dict__:  # nothing allocated yet: allocated as (m, k)
+        if not self._rows_allocated():  # nothing allocated yet: allocated as (m, k)
             self.native = False
             return
         groups = [self.rows.group(g) for g in range(self.rows.groups)]
@@ -787,7 +779,7 @@ class TopKSlidingInverseFisher(FactorBacked):
                 return False
             for t in (view.values, view.indices):
                 sparse_native.advise_huge(t)
-            self.__dict__.pop("_rows_pending", None)
+            self._rows_adopted()
             self.rows, self.values, self.indices = view, view.values, view.indices
             return True
         if self.native or "starts" in state:
@@ -802,7 +794,7 @@ class TopKSlidingInverseFisher(FactorBacked):
             )
         ):
             return False
-        self.__dict__.pop("_rows_pending", None)
+        self._rows_adopted()
         self.values, self.indices = values, indices
         return True
 
