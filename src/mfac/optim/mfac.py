@@ -81,8 +81,8 @@ class MFAC(WindowOptimizer):
         **options: :class:`mfac.optim.MFACConfig` (``ngrads``, ``relative_damp``, ``power``,
             ``whiten``, ``window_scope``, ``share_below``, ``orthogonal_momentum``, ``betas``,
             ``eps``, ``graft``, ``center``, ``layout``, ``topk``, ``window_dtype``,
-            ``memory_budget``, ``process_group``), by keyword; an unknown name (for instance an option of
-            :class:`mfac.MFACSGD`) is refused by name.
+            ``memory_budget``, ``process_group``), by keyword; an unknown name (for instance an
+            option of :class:`mfac.MFACSGD`) is refused by name.
 
     A parameter whose ``.grad`` is None in a step is not updated; its Adam moments and window
     see a zero gradient (an orthogonalized matrix's momentum does not change). A step in which
