@@ -37,6 +37,17 @@ def test_direct_block_inverses_also_spill() -> None:
     assert torch.allclose(op.ihvp(x), in_ram.ihvp(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's map list")
+def test_a_checkpoint_loaded_with_mmap_counts_as_memory_mapped(tmp_path) -> None:
+    """torch.load(mmap=True) storages carry no file name; their bytes are a file's pages."""
+    rows = torch.randn(8, 4096)
+    torch.save({"rows": rows}, tmp_path / "rows.pt")
+    loaded = torch.load(tmp_path / "rows.pt", mmap=True)["rows"]
+    assert loaded.untyped_storage().filename is None
+    assert memory.is_memory_mapped(loaded) and memory.is_memory_mapped(loaded[3])
+    assert not memory.is_memory_mapped(loaded.clone()) and not memory.is_memory_mapped(rows)
+
+
 def test_neither_ram_nor_disk_raises_before_allocating(monkeypatch, tmp_path) -> None:
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(memory.shutil, "disk_usage", lambda _: usage(10, 10, 0))

@@ -124,8 +124,15 @@ def allocate(
 
 
 def is_memory_mapped(tensor: torch.Tensor) -> bool:
-    """True when the tensor's storage is a file mapping rather than ordinary RAM."""
-    return tensor.untyped_storage().filename is not None
+    """True when the tensor's storage is a file mapping rather than ordinary RAM: a storage
+    made from a file (``UntypedStorage.from_file``), or, on Linux, bytes that lie in a file's
+    mapping (``torch.load(..., mmap=True)``, whose storages carry no file name)."""
+    if tensor.untyped_storage().filename is not None:
+        return True
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    mappings = FileMappings()
+    return mappings.ranges is not None and mappings.holds(tensor)
 
 
 class FileMappings:
