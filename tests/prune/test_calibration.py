@@ -295,3 +295,61 @@ def test_t5_replays_its_stacks_and_equals_full_passes(monkeypatch, layers) -> No
 
     masks = _replay_equals_full_passes(monkeypatch, prune, atol=1e-10)
     assert any(n.startswith("decoder.") for n in masks) == (layers != ["encoder.*"])
+
+
+class _BiasBlock(nn.Module):
+    """A block that takes a ``bias`` the first block computes and passes on in its output (as
+    T5 passes its position bias); ``as_list``: the output is a list, not a tuple; with
+    ``use_cache`` the output carries a cache entry before the bias (as T5 blocks did in
+    transformers 4.40, where the layout depends on ``use_cache``)."""
+
+    def __init__(self, as_list: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.as_list = as_list
+
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, use_cache: bool = False
+    ) -> object:
+        if bias is None:
+            bias = x.mean(0, keepdim=True)
+        h = torch.tanh(self.lin(x) + bias)
+        if self.as_list:
+            return [h, bias]
+        return (h, "cache entry", bias) if use_cache else (h, bias)
+
+
+class _BiasStack(nn.Module):
+    """Three ``_BiasBlock``s threading the bias; ``use_cache`` as a decoder's forward takes it,
+    the stack reading the bias where the block's layout puts it."""
+
+    def __init__(self, as_list: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_BiasBlock(as_list) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor, use_cache: bool = True) -> torch.Tensor:
+        bias = None
+        for block in self.layers:
+            out = block(x, bias=bias, use_cache=use_cache)
+            x, bias = out[0], out[-1]
+        return x
+
+
+@pytest.mark.parametrize("as_list", [True])
+def test_threaded_argument_replays_from_list_and_use_cache_outputs(monkeypatch, as_list) -> None:
+    """The bias the blocks pass on is threaded through the replay when the block returns a
+    list, and when the block's output layout depends on ``use_cache`` (the replay must call
+    the blocks as the traced forward did, or the threaded index points elsewhere): masks and
+    weights equal full passes'."""
+
+    def prune(info: dict[str, object]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = _BiasStack(as_list).double()
+        batches = [torch.randn(8, 4, dtype=F64) for _ in range(3)]
+        masks, _ = sparsegpt(
+            model, batches, _run, 0.5, calib_batches=3, progress=False, info=info
+        )
+        return model, masks
+
+    masks = _replay_equals_full_passes(monkeypatch, prune, atol=1e-12)
+    assert set(masks) == {f"layers.{i}.lin" for i in range(3)}

@@ -218,7 +218,8 @@ def _argument(call: Call, key: int | str) -> object:
 def _next_call(call: Call, slot: int | str, out: object, threaded: dict[int | str, int]) -> Call:
     """The next block's call: ``call`` with the hidden states (at ``slot``) replaced by the
     block's output ``out`` and every ``threaded`` argument by its element of ``out``."""
-    parts = out if isinstance(out, tuple) else (out,)  # threaded keys index a tuple output
+    # threaded keys index a tuple or list output (the outputs _threads searched)
+    parts = out if isinstance(out, (tuple, list)) else (out,)
     values = {slot: _first(out), **{key: parts[j] for key, j in threaded.items()}}
     args, kwargs = call
     args = tuple(values.get(k, a) for k, a in enumerate(args))
