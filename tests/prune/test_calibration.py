@@ -335,7 +335,7 @@ class _BiasStack(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("as_list", [True])
+@pytest.mark.parametrize("as_list", [True, False])
 def test_threaded_argument_replays_from_list_and_use_cache_outputs(monkeypatch, as_list) -> None:
     """The bias the blocks pass on is threaded through the replay when the block returns a
     list, and when the block's output layout depends on ``use_cache`` (the replay must call

@@ -426,9 +426,11 @@ def _capture(
     calls: list[tuple[tuple[object, ...], dict[str, object]]] = []
 
     def hook(_m: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        # the cache is dropped but ``use_cache`` kept: a block's output layout may depend on
+        # it (T5 blocks in transformers 4.40 put their cache before the position bias), and
+        # plan() found the threaded arguments' indices, and the stack reads the stored outputs,
+        # in the layout of the traced forward
         kw = {k: (_CACHE_KWARGS[k] if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
-        if "use_cache" in kw:
-            kw["use_cache"] = False
         calls.append((args, kw))
         raise _Stop
 
