@@ -353,3 +353,41 @@ def test_threaded_argument_replays_from_list_and_use_cache_outputs(monkeypatch, 
 
     masks = _replay_equals_full_passes(monkeypatch, prune, atol=1e-12)
     assert set(masks) == {f"layers.{i}.lin" for i in range(3)}
+
+
+class _EncoderDecoder(nn.Module):
+    """Two stacks of ``_BiasBlock``-like blocks threading ``bias`` under one name from different
+    output positions: the encoder's blocks return (hidden, bias), the decoder's (hidden, cache
+    entry, bias); the decoder reads the encoder's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.ModuleList([_BiasBlock(as_list=False) for _ in range(3)])
+        self.decoder = nn.ModuleList([_BiasBlock(as_list=False) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, bias = x, None
+        for block in self.encoder:
+            h, bias = block(h, bias=bias)
+        y, bias = x + h, None
+        for block in self.decoder:
+            y, _, bias = block(y, bias=bias, use_cache=True)
+        return y
+
+
+def test_stacks_thread_an_argument_from_their_own_output_positions(monkeypatch) -> None:
+    """Each stack threads its arguments from where its own blocks put them (the encoder's bias
+    at output 1, the decoder's at output 2): both stacks are replayed, with the masks and
+    weights of full passes."""
+
+    def prune(info: dict[str, object]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = _EncoderDecoder().double()
+        batches = [torch.randn(8, 4, dtype=F64) for _ in range(3)]
+        masks, _ = sparsegpt(
+            model, batches, _run, 0.5, calib_batches=3, progress=False, info=info
+        )
+        return model, masks
+
+    masks = _replay_equals_full_passes(monkeypatch, prune, atol=1e-12)
+    assert len(masks) == 6

@@ -232,8 +232,10 @@ class Plan:
     stages outside it that run ``before`` or ``after`` it, and the hidden-states ``slot`` of a
     stage call; ``reason`` says why the model must be re-run in full for every stage instead
     (``None``: it need not). ``starts``: where in ``stack`` each stack of blocks begins (an
-    encoder-decoder has two); ``threaded``: the arguments (position or keyword) a block takes
-    from the previous block's output tuple besides the hidden states, and their index there."""
+    encoder-decoder has two); ``threaded``: per stack, the arguments (position or keyword) a
+    block takes from the previous block's output tuple besides the hidden states, and their
+    index there (each stack's own: an encoder's and a decoder's blocks lay out their outputs
+    differently)."""
 
     stack: list[list[Target]]
     before: list[list[Target]]
@@ -241,7 +243,7 @@ class Plan:
     slot: int | str | None = 0
     reason: str | None = None
     starts: list[int] = field(default_factory=lambda: [0])
-    threaded: dict[int | str, int] = field(default_factory=dict)
+    threaded: list[dict[int | str, int]] = field(default_factory=lambda: [{}])
 
 
 def plan(
@@ -316,15 +318,19 @@ def plan(
                 f"the output of {names[a]} is not the input of {names[b]} (work between the "
                 "blocks)"
             ))  # fmt: skip
-    traced = [(calls[a][0][4], calls[a][0][5], calls[b][0][4]) for a, b in pairs]
-    threaded, other = _threads(traced, slot)
-    if other is not None:
-        k, what = other
-        a, b = pairs[k]
-        return Plan([], [], [], reason=(
-            f"{names[b]} gets another {what} than {names[a]}, which {names[a]}'s output does "
-            "not carry"
-        ))  # fmt: skip
+    threaded: list[dict[int | str, int]] = []
+    for begin, end in pairwise([*starts, len(stack)]):  # each stack threads its own
+        own = list(pairwise(stack[begin:end]))
+        traced = [(calls[a][0][4], calls[a][0][5], calls[b][0][4]) for a, b in own]
+        found, other = _threads(traced, slot)
+        if other is not None:
+            k, what = other
+            a, b = own[k]
+            return Plan([], [], [], reason=(
+                f"{names[b]} gets another {what} than {names[a]}, which {names[a]}'s output "
+                "does not carry"
+            ))  # fmt: skip
+        threaded.append(found)
     return Plan(
         stack=[groups[i] for i in stack],
         before=[groups[i] for i in outside if step[i] < first],
@@ -547,7 +553,7 @@ def run_layerwise(
         assert slot is not None
         done: list[tuple[list[nn.Module], list[object]]] = []  # replayed stacks, their outputs
         bounds = [*how.starts, len(how.stack)]
-        for first, end in pairwise(bounds):
+        for s, (first, end) in enumerate(pairwise(bounds)):
             t0 = time.perf_counter()
             with _blocks_return(done):  # the stacks before run no more
                 calls = _capture(model, module_of(how.stack[first]), batches, forward)
@@ -567,7 +573,7 @@ def run_layerwise(
                 prune_group(group, rec)
                 t0 = time.perf_counter()
                 if k + 1 < end:
-                    threads = how.threaded
+                    threads = how.threaded[s]
                     calls = [_next_call(c, slot, stage(*c[0], **c[1]), threads) for c in calls]
                 elif end < len(how.stack) or how.after:  # the stack's outputs, for what follows
                     outputs = [stage(*args, **kwargs) for args, kwargs in calls]
