@@ -201,11 +201,6 @@ def _slot(args: tuple[object, ...], kwargs: dict[str, object]) -> int | str | No
     return next((k for k in _HIDDEN_KWARGS if isinstance(kwargs.get(k), torch.Tensor)), None)
 
 
-def _hidden(call: tuple[tuple[object, ...], dict[str, object]], slot: int | str) -> object:
-    args, kwargs = call
-    return args[slot] if isinstance(slot, int) else kwargs[slot]
-
-
 Call = tuple[tuple[object, ...], dict[str, object]]
 
 
@@ -266,7 +261,7 @@ def plan(
     def pre(i: int) -> Callable[..., None]:
         def hook(_m: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
             slot = _slot(args, kwargs)
-            value = None if slot is None else _hidden((args, kwargs), slot)
+            value = None if slot is None else _argument((args, kwargs), slot)
             calls[i].append([order[0], slot, value, None, (args, kwargs)])
             order[0] += 1
 
@@ -342,7 +337,9 @@ def plan(
 
 
 def _container(stage: str) -> str:
-    """The stack a block belongs to: its stage name without the block's number."""
+    """The stack a block belongs to: its stage name without the block's number ("encoder.block"
+    for "encoder.block.3"); a top-level block ("3", in an ``nn.Sequential``) is a stack of its
+    own, captured from a forward of its own."""
     return stage.rsplit(".", 1)[0]
 
 
@@ -498,11 +495,13 @@ def run_layerwise(
     calibration passes; ``info['schedule']`` says which schedule ran (and
     ``info['schedule_reason']`` why, when the model had to be re-run for every stage).
 
-    Sequential: stages outside the stack of blocks that run before it (an input projection)
-    are pruned first, from forwards stopped at the first block; the first block's inputs are
-    then captured once and the blocks replayed one by one; stages after the stack (an LM head,
-    a pooler, a classifier) are pruned last, each from one forward of the model in which every
-    block returns the stack's stored output (the stack does not run again)."""
+    Sequential: stages outside the stacks of blocks that run before them (an input projection)
+    are pruned first, from forwards stopped at the first block; then, stack after stack (an
+    encoder's, a decoder's), the first block's inputs are captured once, from forwards in which
+    the stacks before return their stored outputs, and the blocks replayed one by one; stages
+    after the stacks (an LM head, a pooler, a classifier) are pruned last, each from one forward
+    of the model in which every block returns its stack's stored output (no stack runs
+    again)."""
     was_training = model.training
     model.eval()
     try:
