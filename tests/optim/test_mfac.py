@@ -37,12 +37,11 @@ def dense_power(s: torch.Tensor, lam: float, power: float) -> torch.Tensor:
 
 def oracle_run(
     shapes, grads, lr, wd, ngrads, damp, power, whiten, window_scope, betas, eps, graft, stored=F64,
-    share_below=1, center=False,
+    share_below=1,
 ):
     """Parameters after the given gradient steps, everything dense in float64; ``graft``
     rescales each tensor's piece of the step to the length of AdamW's step on the tensor (also
-    with one global block); the window holds the whitened gradients rounded to ``stored``;
-    ``center`` subtracts the mean of the window's rows before forming S."""
+    with one global block); the window holds the whitened gradients rounded to ``stored``."""
     params = [torch.zeros(s, dtype=F64) for s in shapes]
     torch.manual_seed(0)
     params = [torch.randn(s).to(F64) for s in shapes]
@@ -79,12 +78,9 @@ def oracle_run(
         for grp in groups:
             zmat = torch.stack([torch.cat([h[i] for i in grp]) for h in window])
             u = torch.cat([us[i] for i in grp])
-            if center:
-                zmat = zmat - zmat.mean(0)
             smat = zmat.T @ zmat / ngrads
             lam = damp * float(torch.trace(smat)) / len(window)
-            # an all-zero (or, centered, one-row) window leaves AdamW's direction
-            s = dense_power(smat, lam, power) @ u if lam > 0 else u
+            s = dense_power(smat, lam, power) @ u
             if whiten == "none":
                 s = s / lam**0.5
             for i, piece in zip(grp, s.split([sizes[i] for i in grp]), strict=True):
@@ -104,9 +100,6 @@ CASES = [
     # (3, 4) alone; (5,) and (2, 2) share one window, each grafted on its own
     dict(power=1.0, whiten="adam", window_scope="tensor", share_below=6),
     dict(power=0.5, whiten="none", window_scope="tensor", share_below=6),
-    # the window's covariance: the mean row is not shrunk
-    dict(power=1.0, whiten="adam", window_scope="model", center=True),
-    dict(power=0.5, whiten="adam", window_scope="tensor", share_below=6, center=True),
 ]
 
 
@@ -411,7 +404,7 @@ def test_batched_coeffs_match_one_by_one():
 
 
 def topk_oracle_step(
-    state, params, grads, opt, lr, damp, power, whiten, graft, betas, eps, stored=F64, center=False
+    state, params, grads, opt, lr, damp, power, whiten, graft, betas, eps, stored=F64
 ):
     """One step of the global top-k rule in float64, after ``opt.step()`` ran on the same
     gradients: Adam moments, z and u; a = e + z; the optimizer's new row must be a top-k of
@@ -449,11 +442,9 @@ def topk_oracle_step(
     zmat = torch.zeros(m, a.numel(), dtype=F64)
     window = state["rows"][-m:]
     zmat[: len(window)] = torch.stack(window)
-    if center:  # the filled rows minus their mean; empty slots stay zero
-        zmat[: len(window)] -= zmat[: len(window)].mean(0)
     smat = zmat.T @ zmat / m
     lam = damp * float(torch.trace(smat)) / len(window)
-    s = dense_power(smat, lam, power) @ u if lam > 0 else u
+    s = dense_power(smat, lam, power) @ u
     if whiten == "none":
         s = s / lam**0.5
     sizes = [p.numel() for p in params]
@@ -472,7 +463,6 @@ TOPK_CASES = [
     dict(power=0.5, whiten="none", graft=False, topk=0.5),
     dict(power=1.0, whiten="adam", graft=True, topk=1.0),  # k = d: the dense global window
     dict(power=1.0, whiten="adam", graft=True, topk=0.3, window_dtype=torch.bfloat16),
-    dict(power=1.0, whiten="adam", graft=True, topk=0.3, center=True),
 ]
 
 
@@ -501,7 +491,6 @@ def test_topk_window_matches_dense_float64_oracle(case):
         "rows": [],
     }
     kw = {k: case[k] for k in ("power", "whiten", "graft")}
-    kw["center"] = case.get("center", False)
     kw["stored"] = case.get("window_dtype", F64)
     for _ in range(8):
         grads = [torch.randn(s, generator=gen) * sc for s, sc in zip(shapes, scales, strict=True)]

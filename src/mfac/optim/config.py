@@ -112,11 +112,6 @@ class MFACConfig(WindowConfig):
         1.0, "damping relative to the window's mean eigenvalue", low=0, low_open=True
     )
     power: float = option(1.0, "1: the M-FAC inverse; 0.5: the inverse square root")
-    center: bool = option(
-        False,
-        "precondition with the window's covariance (rows minus their mean) rather than its "
-        "second moment: the direction the gradients share is not shrunk",
-    )
     whiten: str = option(
         "adam", "gradients whitened by Adam's statistics, or raw", choices=WHITENINGS
     )

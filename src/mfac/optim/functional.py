@@ -152,31 +152,14 @@ def mfac_step(
 
 
 def window_coeffs(
-    grams: torch.Tensor,
-    filled: Sequence[int],
-    damp: float,
-    power: float,
-    *,
-    center: bool = False,
+    grams: torch.Tensor, filled: Sequence[int], damp: float, power: float
 ) -> tuple[torch.Tensor, list[float]]:
     """For a batch of K = Z Z^T / m (B x m x m, float64) return (W, lam) with
     lam = damp * tr(K) / filled and W = V diag(h(L)) V^T / m, where K = V L V^T and
     h(L) = ((1 + L/lam)^-power - 1) / L, so that (I + Z^T Z / (m lam))^-power x = x + Z^T W Z x.
     h is evaluated in a closed form that stays exact as L -> 0 (rank-deficient windows need no
-    special case); a block with lam = 0 (an all-zero window) gets W = 0. One batched eigh.
-
-    ``center=True`` uses the window's rows minus their mean, Z_c = P Z with
-    P = I - 1 1^T / n on the n filled slots (the first n until the ring wraps): the gradients'
-    covariance instead of their second moment, so the direction they share is not shrunk.
-    Since Z_c^T W_c Z_c = Z^T (P W_c P) Z, only the m x m matrices change: K_c = P K P, and
-    the returned W is P W(K_c) P."""
+    special case); a block with lam = 0 (an all-zero window) gets W = 0. One batched eigh."""
     m = grams.shape[-1]
-    if center:
-        slots = torch.arange(m, device=grams.device)
-        mask = torch.stack([(slots < f).to(F64) for f in filled])  # B x m
-        counts = mask.sum(-1).clamp_min(1.0)
-        proj = torch.diag_embed(mask) - mask[:, :, None] * mask[:, None, :] / counts[:, None, None]
-        grams = proj @ grams @ proj
     counts = torch.tensor([max(f, 1) for f in filled], dtype=F64, device=grams.device)
     lam = damp * torch.diagonal(grams, dim1=-2, dim2=-1).sum(-1) / counts
     safe = torch.where(lam > 0.0, lam, torch.ones_like(lam))[:, None]
@@ -188,10 +171,7 @@ def window_coeffs(
         r = torch.sqrt(1.0 + evals / safe)
         h = -1.0 / (safe * r * (1.0 + r))
     h = torch.where(lam[:, None] > 0.0, h, torch.zeros_like(h))
-    coeff = (evecs * h[:, None, :]) @ evecs.transpose(-1, -2) / m
-    if center:
-        coeff = proj @ coeff @ proj
-    return coeff, lam.tolist()
+    return (evecs * h[:, None, :]) @ evecs.transpose(-1, -2) / m, lam.tolist()
 
 
 #: The quintic's coefficients (a, b, c): the ones Muon uses, chosen for a steep slope at 0.

@@ -10,8 +10,7 @@ diagonal statistics and applies a matrix function of the window's (whitened) Fis
     m_t = b1 m + (1-b1) g,   v_t = b2 v + (1-b2) g^2,   D = sqrt(v_t / (1-b2^t)) + eps
     z_t = g / D           ("adam" whitening; z_t = g with whiten="none")
     u_t = (m_t / (1-b1^t)) / D                               (AdamW's direction)
-    Z   = the last m whitened gradients z (m x d_w per window w; empty slots are zero rows;
-          center=True: the filled rows minus their mean, so S is their covariance)
+    Z   = the last m whitened gradients z (m x d_w per window w; empty slots are zero rows)
     S   = Z^T Z / m,   mu = tr(S) / n   (n = filled slots: the mean non-zero eigenvalue)
     lam = relative_damp * mu            (scale-relative damping, per window)
     s   = lam^-q (I + S / lam)^-p u     (p = power: 1 is the M-FAC inverse, 1/2 is GGT's
@@ -80,9 +79,9 @@ class MFAC(WindowOptimizer):
         weight_decay: decoupled, as in AdamW.
         **options: :class:`mfac.optim.MFACConfig` (``ngrads``, ``relative_damp``, ``power``,
             ``whiten``, ``window_scope``, ``share_below``, ``orthogonal_momentum``, ``betas``,
-            ``eps``, ``graft``, ``center``, ``layout``, ``topk``, ``window_dtype``,
-            ``memory_budget``, ``process_group``), by keyword; an unknown name (for instance an
-            option of :class:`mfac.MFACSGD`) is refused by name.
+            ``eps``, ``graft``, ``layout``, ``topk``, ``window_dtype``, ``memory_budget``,
+            ``process_group``), by keyword; an unknown name (for instance an option of
+            :class:`mfac.MFACSGD`) is refused by name.
 
     A parameter whose ``.grad`` is None in a step is not updated; its Adam moments and window
     see a zero gradient (an orthogonalized matrix's momentum does not change). A step in which
@@ -332,11 +331,7 @@ class MFAC(WindowOptimizer):
         m = self.cfg.ngrads
         grams = torch.stack([w.gram for w in windows]) / m
         coeff, lams = window_coeffs(
-            grams,
-            [w.filled for w in windows],
-            self.cfg.relative_damp,
-            self.cfg.power,
-            center=self.cfg.center,
+            grams, [w.filled for w in windows], self.cfg.relative_damp, self.cfg.power
         )
         cs = (coeff @ torch.stack(projs)[:, :, None])[:, :, 0]
         # z is the step's own buffer except when, unwhitened in a window of its own, it is
