@@ -53,6 +53,17 @@ VARIANTS = {
     "ours-sparsegpt-seq-t1": ("ours-sparsegpt-seq", ["--child-threads", "1"]),
     "ours-wanda-t1": ("ours-wanda", ["--child-threads", "1"]),
 }
+#: draws of the sequential SparseGPT runs at float32-sized perturbations: damping
+#: damp * (1 + k 1e-6) on both sides, which flips near-tied mask decisions the way rounding
+#: does; several draws per side sample the spread that one run of each cannot
+JITTERS = (1, 2, 3)
+VARIANTS.update(
+    {
+        f"{base}-j{k}": (base, ["--damp-jitter", f"{k * 1e-6:g}"])
+        for base in ("ref-sparsegpt", "ours-sparsegpt-seq")
+        for k in JITTERS
+    }
+)
 ALL_RUNS = [*RUNS, *VARIANTS]
 #: matched pairs whose masks and weights are compared
 PAIRS = [
@@ -84,6 +95,7 @@ def ref_child(a: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(a.child_threads or a.threads)
+    a.damp *= 1.0 + a.damp_jitter
     if a.precision == "float64":  # llm-compressor's own precision constant
         import llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify as sg
 
@@ -149,6 +161,7 @@ def ours_child(a: argparse.Namespace) -> dict:
     from benchmarks.prune_llm import layerwise
 
     torch.set_num_threads(a.child_threads or a.threads)
+    a.damp *= 1.0 + a.damp_jitter
     ids = torch.load(a.calib_file)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     calib = [ids[i : i + 1] for i in range(ids.shape[0])]
@@ -253,6 +266,7 @@ def table(path: Path) -> str:
         "ours-sparsegpt": "ref-sparsegpt-basic", "ours-sparsegpt-seq-t1": "ref-sparsegpt",
         "ours-wanda-t1": "ref-wanda",
     }  # fmt: skip
+    match.update({f"ours-sparsegpt-seq-j{k}": "ref-sparsegpt" for k in JITTERS})
     lines = [
         "| run | setting | Lee | Wiki | vs reference: Lee / Wiki | pruning s |",
         "|---|---|---|---|---|---|",
@@ -302,6 +316,7 @@ def main() -> None:
     p.add_argument("--child-out", dest="out_weights", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--child-threads", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--damp-jitter", type=float, default=0.0, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.table:
         print(table(Path(a.out)))
