@@ -74,7 +74,9 @@ class MFAC(WindowOptimizer):
     Args:
         params: parameters or groups (``lr`` and ``weight_decay`` per group, read every step;
             ``orthogonalize=True`` for a group of hidden matrices, fixed at construction).
-            From scratch, pass ``mfac.optim.hidden_groups(model)``.
+            From scratch, pass ``mfac.optim.hidden_groups(model)``; to fine-tune a
+            pretrained model, its parameters with ``window_scope="model", layout="topk",
+            topk=0.01, ngrads=32`` (the measured choices: docs/optim_transformers.md).
         lr: learning rate, at AdamW's scale (1e-3 from scratch, 1e-5 to 1e-4 to fine-tune).
         weight_decay: decoupled, as in AdamW.
         **options: :class:`mfac.optim.MFACConfig` (``ngrads``, ``relative_damp``, ``power``,
