@@ -363,7 +363,9 @@ def table(names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are also every setting :func:`layerwise` reads, so a
+    caller of that function (benchmarks/prune_reference.py) starts from ``parse_args([])``."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence")
@@ -425,7 +427,11 @@ def main() -> None:
     parser.add_argument(
         "--table", default=None, help="print the markdown table of these comma-separated results"
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.seed_table:
         print(seed_table(args.seed_table.split(",")))
         return

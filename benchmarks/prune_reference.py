@@ -158,16 +158,15 @@ def ours_child(a: argparse.Namespace) -> dict:
     """In this project's environment: ``layerwise`` of benchmarks/prune_llm.py, weights saved."""
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.prune_llm import layerwise
+    from benchmarks.prune_llm import build_parser, layerwise
 
     torch.set_num_threads(a.child_threads or a.threads)
     a.damp *= 1.0 + a.damp_jitter
     ids = torch.load(a.calib_file)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     calib = [ids[i : i + 1] for i in range(ids.shape[0])]
-    ns = argparse.Namespace(
-        calib=len(calib), block=a.block, damp=a.damp, owl_m=5.0, owl_lambda=0.08
-    )
+    ns = build_parser().parse_args([])  # every setting layerwise reads, at prune_llm's defaults
+    ns.calib, ns.block, ns.damp = len(calib), a.block, a.damp
     out: dict = {}
     pattern = None if a.pattern == "none" else a.pattern
     t0 = time.perf_counter()
