@@ -64,6 +64,15 @@ VARIANTS.update(
         for k in JITTERS
     }
 )
+#: Wanda has no damping to jitter: its draws change the calibration batch (windows per
+#: forward), which changes the activations' rounding (GEMM shapes, reduction orders) only
+VARIANTS.update(
+    {
+        f"{base}-b{k}": (base, ["--calib-batch", str(k)])
+        for base in ("ref-wanda", "ours-wanda")
+        for k in (2, 4)
+    }
+)
 ALL_RUNS = [*RUNS, *VARIANTS]
 #: matched pairs whose masks and weights are compared
 PAIRS = [
@@ -123,7 +132,7 @@ def ref_child(a: argparse.Namespace) -> dict:
     oneshot(
         model=model, processor=tok, dataset=ds, recipe=[mod],
         num_calibration_samples=len(ids), max_seq_length=ids.shape[1],
-        shuffle_calibration_samples=False, batch_size=1, pipeline=a.pipeline,
+        shuffle_calibration_samples=False, batch_size=a.calib_batch, pipeline=a.pipeline,
         log_dir=None,
     )  # fmt: skip
     wall = time.perf_counter() - t0
@@ -142,7 +151,7 @@ def ref_child(a: argparse.Namespace) -> dict:
         "modifier_settings": {k: v for k, v in settings.items() if not k.startswith("_")},
         "oneshot": {
             "pipeline": a.pipeline,
-            "batch_size": 1,
+            "batch_size": a.calib_batch,
             "num_calibration_samples": len(ids),
             "max_seq_length": int(ids.shape[1]),
             "shuffle_calibration_samples": False,
@@ -164,7 +173,7 @@ def ours_child(a: argparse.Namespace) -> dict:
     a.damp *= 1.0 + a.damp_jitter
     ids = torch.load(a.calib_file)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
-    calib = [ids[i : i + 1] for i in range(ids.shape[0])]
+    calib = list(ids.split(a.calib_batch))
     ns = build_parser().parse_args([])  # every setting layerwise reads, at prune_llm's defaults
     ns.calib, ns.block, ns.damp = len(calib), a.block, a.damp
     out: dict = {}
@@ -266,6 +275,7 @@ def table(path: Path) -> str:
         "ours-wanda-t1": "ref-wanda",
     }  # fmt: skip
     match.update({f"ours-sparsegpt-seq-j{k}": "ref-sparsegpt" for k in JITTERS})
+    match.update({f"ours-wanda-b{k}": "ref-wanda" for k in (2, 4)})
     lines = [
         "| run | setting | Lee | Wiki | vs reference: Lee / Wiki | pruning s |",
         "|---|---|---|---|---|---|",
@@ -316,6 +326,7 @@ def main() -> None:
     p.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--child-threads", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--damp-jitter", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--calib-batch", type=int, default=1, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.table:
         print(table(Path(a.out)))
