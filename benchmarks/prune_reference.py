@@ -290,6 +290,39 @@ def table(path: Path) -> str:
         lines.append(
             f"| {run} | {setting} | {r['ppl_lee']:.2f} | {r['ppl_wiki']:.2f} | {gap} | {secs} |"
         )
+    return "\n".join(lines) + "\n\n" + draws_table(rows)
+
+
+def draws_table(rows: dict[tuple[str, str], dict]) -> str:
+    """Mean ± std over every rounding-sized draw of a sequential run at 2:4 (the base run and
+    its variants), per side, and the gap of the means (ours over the reference)."""
+    import statistics
+
+    def draws(base: str) -> list[dict]:
+        names = [base] + [v for v, (b, _) in VARIANTS.items() if b == base]
+        return [rows[n, "2:4"] for n in names if (n, "2:4") in rows]
+
+    lines = [
+        "| method (2:4, sequential) | draws: ours / reference | ours: Lee / Wiki | reference: "
+        "Lee / Wiki | gap of the means: Lee / Wiki |",
+        "|---|---|---|---|---|",
+    ]
+    for method, mine, theirs in (
+        ("SparseGPT", "ours-sparsegpt-seq", "ref-sparsegpt"), ("Wanda", "ours-wanda", "ref-wanda")
+    ):  # fmt: skip
+        a, b = draws(mine), draws(theirs)
+        if len(a) < 2 or len(b) < 2:
+            continue
+        cells, means = [], []
+        for side in (a, b):
+            cell = []
+            for key in ("ppl_lee", "ppl_wiki"):
+                vals = [r[key] for r in side]
+                cell.append(f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}")
+                means.append(statistics.mean(vals))
+            cells.append(" / ".join(cell))
+        gap = f"{100 * (means[0] / means[2] - 1):+.1f} % / {100 * (means[1] / means[3] - 1):+.1f} %"
+        lines.append(f"| {method} | {len(a)} / {len(b)} | {cells[0]} | {cells[1]} | {gap} |")
     return "\n".join(lines)
 
 
