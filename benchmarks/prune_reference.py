@@ -294,6 +294,7 @@ def table(path: Path) -> str:
     }  # fmt: skip
     match.update({f"ours-sparsegpt-seq-j{k}": "ref-sparsegpt" for k in JITTERS})
     match.update({f"ours-wanda-b{k}": "ref-wanda" for k in (2, 4)})
+    match.update({name: "ref-sparsegpt" for name in HESSIAN32})
     lines = [
         "| run | setting | Lee | Wiki | vs reference: Lee / Wiki | pruning s |",
         "|---|---|---|---|---|---|",
@@ -308,39 +309,48 @@ def table(path: Path) -> str:
         lines.append(
             f"| {run} | {setting} | {r['ppl_lee']:.2f} | {r['ppl_wiki']:.2f} | {gap} | {secs} |"
         )
-    return "\n".join(lines) + "\n\n" + draws_table(rows)
+    tables = [draws_table(rows, p) for p in ("2:4", "none")]
+    return "\n\n".join(["\n".join(lines), *tables])
 
 
-def draws_table(rows: dict[tuple[str, str], dict]) -> str:
-    """Mean ± std over every rounding-sized draw of a sequential run at 2:4 (the base run and
-    its variants), per side, and the gap of the means (ours over the reference)."""
+def draws_table(rows: dict[tuple[str, str], dict], pattern: str = "2:4") -> str:
+    """Mean ± std over every rounding-sized draw of a sequential run (the base run and its
+    variants), per side, and the gap of the means (ours over the reference); our float32-Hessian
+    runs are a row of their own."""
     import statistics
 
-    def draws(base: str) -> list[dict]:
-        names = [base] + [v for v, (b, _) in VARIANTS.items() if b == base and v not in HESSIAN32]
-        return [rows[n, "2:4"] for n in names if (n, "2:4") in rows]
+    def draws(base: str, hessian32: bool = False) -> list[dict]:
+        names = list(HESSIAN32) if hessian32 else [base] + [
+            v for v, (b, _) in VARIANTS.items() if b == base and v not in HESSIAN32
+        ]  # fmt: skip
+        return [rows[n, pattern] for n in names if (n, pattern) in rows]
 
+    setting = "50 %" if pattern == "none" else pattern
     lines = [
-        "| method (2:4, sequential) | draws: ours / reference | ours: Lee / Wiki | reference: "
-        "Lee / Wiki | gap of the means: Lee / Wiki |",
+        f"| method ({setting}, sequential) | draws: ours / reference | ours: Lee / Wiki | "
+        "reference: Lee / Wiki | gap of the means: Lee / Wiki |",
         "|---|---|---|---|---|",
     ]
     for method, mine, theirs in (
-        ("SparseGPT", "ours-sparsegpt-seq", "ref-sparsegpt"), ("Wanda", "ours-wanda", "ref-wanda")
+        ("SparseGPT", draws("ours-sparsegpt-seq"), draws("ref-sparsegpt")),
+        ("SparseGPT, ours with a float32 Hessian", draws("", True), draws("ref-sparsegpt")),
+        ("Wanda", draws("ours-wanda"), draws("ref-wanda")),
     ):  # fmt: skip
-        a, b = draws(mine), draws(theirs)
-        if len(a) < 2 or len(b) < 2:
+        if len(mine) < 2 or len(theirs) < 1:
             continue
         cells, means = [], []
-        for side in (a, b):
+        for side in (mine, theirs):
             cell = []
             for key in ("ppl_lee", "ppl_wiki"):
                 vals = [r[key] for r in side]
-                cell.append(f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}")
+                spread = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+                cell.append(f"{statistics.mean(vals):.1f}{spread}")
                 means.append(statistics.mean(vals))
             cells.append(" / ".join(cell))
         gap = f"{100 * (means[0] / means[2] - 1):+.1f} % / {100 * (means[1] / means[3] - 1):+.1f} %"
-        lines.append(f"| {method} | {len(a)} / {len(b)} | {cells[0]} | {cells[1]} | {gap} |")
+        lines.append(
+            f"| {method} | {len(mine)} / {len(theirs)} | {cells[0]} | {cells[1]} | {gap} |"
+        )
     return "\n".join(lines)
 
 
