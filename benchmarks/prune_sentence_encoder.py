@@ -51,6 +51,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "fisher-sparsegpt": ("fisher-sparsegpt", {}),
     "sparsegpt-seq-pcg": ("sparsegpt", {"refine": "pcg"}),
     "fisher-sparsegpt-pcg": ("fisher-sparsegpt", {"refine": "pcg"}),
+    # narrower budget spreads than the preset's 0.08: how much of the encoder's loss is the spread
+    "fisher-sparsegpt-spread0.04": ("fisher-sparsegpt", {"owl_spread": 0.04}),
+    "fisher-sparsegpt-spread0.02": ("fisher-sparsegpt", {"owl_spread": 0.02}),
+    "sparsegpt-seq-damp0.1": ("sparsegpt", {"damp": 0.1}),  # the presets' damping, spread 0
 }
 SETTINGS = (("50%", 0.5, None), ("70%", 0.7, None), ("2:4", None, "2:4"))
 
