@@ -55,6 +55,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "fisher-sparsegpt-spread0.04": ("fisher-sparsegpt", {"owl_spread": 0.04}),
     "fisher-sparsegpt-spread0.02": ("fisher-sparsegpt", {"owl_spread": 0.02}),
     "sparsegpt-seq-damp0.1": ("sparsegpt", {"damp": 0.1}),  # the presets' damping, spread 0
+    # budgets from the blocked M-FAC saliency instead of the diagonal one (block 16, as on
+    # SmolLM2's best setting)
+    "fisher-mfac-sparsegpt": ("fisher-sparsegpt", {"fisher_saliency": "mfac", "fisher_block": 16}),
 }
 SETTINGS = (("50%", 0.5, None), ("70%", 0.7, None), ("2:4", None, "2:4"))
 
