@@ -397,6 +397,8 @@ def report(args: argparse.Namespace) -> None:
     print()
     print(seeds_table(rows))
     print()
+    print(paired_table(rows))
+    print()
     print(iteration_table())
     print()
     print(scale_table(rows))
@@ -455,6 +457,24 @@ def seeds_table(rows: list[dict]) -> str:
         cells = [r["label"], f"{r['lr']:g}", str(len(r["seeds"]))]
         cells += [cell(r, k) for k in METRICS] + [" / ".join(gaps)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(rows: list[dict], least: int = 3) -> str:
+    """Per seed, each metric's difference to AdamW on the same seed (4 decimals), for the rows
+    with at least ``least`` paired seeds: whether a mean gap holds seed by seed."""
+    lines = [
+        "| optimizer | lr | seed | validation - AdamW | Wikipedia - AdamW | lee.cor - AdamW |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        paired = [s for s in r["seeds"] if r["label"] != "adamw"]
+        gaps = [r[f"{k}_minus_adamw"] for k in METRICS]
+        if len(gaps[0]) < least or len(gaps[0]) != len(paired):
+            continue
+        for i, seed in enumerate(paired):
+            cells = [r["label"], f"{r['lr']:g}", seed] + [f"{g[i]:+.4f}" for g in gaps]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
