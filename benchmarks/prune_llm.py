@@ -38,7 +38,12 @@ from mfac._paths import cache_dir
 
 RESULTS = Path(__file__).parent / "results"
 _GENSIM = importlib.util.find_spec("gensim")
-DATA = Path(_GENSIM.submodule_search_locations[0]) / "test" / "test_data"  # type: ignore[index, union-attr]
+# gensim's test corpora; an environment without gensim (llm-compressor's, running this
+# library's pruning for benchmarks/prune_reference.py) imports the module but reads no text
+DATA = Path(
+    _GENSIM.submodule_search_locations[0] if _GENSIM and _GENSIM.submodule_search_locations
+    else "gensim-not-installed"
+) / "test" / "test_data"  # fmt: skip
 CACHE = cache_dir() / "smollm2-135m-f32"  # $MFAC_CACHE or ~/.cache/mfac, shared with the CLI
 
 

@@ -86,6 +86,11 @@ HESSIAN32 = {
     },
 }
 VARIANTS.update(HESSIAN32)
+#: our side run by llm-compressor's environment's interpreter (its transformers computes the
+#: calibration activations), on one thread: against ours-sparsegpt-seq-t1, the transformers
+#: version as the gap's cause
+REF_ENV = {"ours-sparsegpt-seq-refenv": ("ours-sparsegpt-seq", ["--child-threads", "1"])}
+VARIANTS.update(REF_ENV)
 ALL_RUNS = [*RUNS, *VARIANTS]
 #: matched pairs whose masks and weights are compared
 PAIRS = [
@@ -259,6 +264,78 @@ def layer_check(a: argparse.Namespace) -> dict:
     return out
 
 
+@torch.no_grad()
+def hessian_check(calib: torch.Tensor, blocks: tuple[int, ...] = (0, 5, 15)) -> dict:
+    """Per layer of a few blocks, on the dense model's inputs: SparseGPT at 2:4 with the float64
+    Hessian and with it rounded through float32 (``ours-sparsegpt-seq-h32``'s change), the
+    share of the mask that differs, the ratio of the layer errors (W - W0) H (W - W0)^T under
+    the float64 H, and the dead inputs (zero diagonal) of each."""
+    from transformers import AutoModelForCausalLM
+
+    from mfac.prune.methods.sparsegpt import prune_layer
+
+    from benchmarks.prune_llm import CACHE
+
+    model = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32)
+    grams: dict[str, torch.Tensor] = {}
+    layers: dict[str, torch.nn.Linear] = {}
+    hooks = []
+    for b in blocks:
+        for name, mod in model.model.layers[b].named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                key = f"{b}.{name}"
+                layers[key] = mod
+
+                def hook(_m, inp, _o, key: str = key) -> None:
+                    x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+                    grams[key] = grams.get(key, 0) + (x.T @ x).double()
+
+                hooks.append(mod.register_forward_hook(hook))
+    for i in range(calib.shape[0]):
+        model(calib[i : i + 1])
+    for h in hooks:
+        h.remove()
+    out = {}
+    for key, mod in layers.items():
+        h = grams[key] * (2.0 / calib.numel())
+        w0 = mod.weight.detach().double()
+        errs, keeps = [], []
+        for hh in (h, h.float().double()):
+            new, keep = prune_layer(mod.weight, hh, 0.5, (2, 4), 128, damp=0.01)
+            d = new.double() - w0
+            errs.append(float(torch.einsum("ij,jk,ik->", d, h, d)))
+            keeps.append(keep)
+        out[key] = {
+            "mask_differs": float((keeps[0] != keeps[1]).double().mean()),
+            "error_ratio": errs[1] / errs[0],
+            "dead": [int((h.diagonal() == 0).sum()), int((h.float().diagonal() == 0).sum())],
+        }
+    return out
+
+
+def draw_masks(work: Path, pattern: str) -> dict:
+    """The share of the keep-mask that differs between every two sequential SparseGPT runs
+    (the base runs and their rounding draws, both sides) whose weights are in ``work``: how
+    close the draws are to independent samples."""
+    names = [
+        n for n in ALL_RUNS
+        if RUNS[VARIANTS.get(n, (n, []))[0]][1] in ("sparsegpt", "sparsegpt-seq")
+        and RUNS[VARIANTS.get(n, (n, []))[0]][2] == "sequential"
+        and (work / f"{n}_{pattern.replace(':', '-')}.pt").exists()
+    ]  # fmt: skip
+    zeros = {}
+    for n in names:
+        weights = torch.load(work / f"{n}_{pattern.replace(':', '-')}.pt")
+        zeros[n] = torch.cat([(w == 0).flatten() for _, w in sorted(weights.items())])
+    pairs = {
+        f"{a} vs {b}": float((zeros[a] != zeros[b]).double().mean())
+        for i, a in enumerate(names) for b in names[i + 1 :]
+    }  # fmt: skip
+    values = list(pairs.values())
+    return {"runs": names, "pairs": pairs, "min": min(values, default=None),
+            "max": max(values, default=None)}  # fmt: skip
+
+
 def compare(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict:
     """Mask disagreement (share of weights pruned on one side only; overall and per transformer
     block) and the relative gap of the pruned weights."""
@@ -289,12 +366,8 @@ def table(path: Path) -> str:
     rows = {(r["run"], r["pattern"]): r for r in doc["rows"] if "error" not in r}
     match = {
         "ours-sparsegpt-seq": "ref-sparsegpt", "ours-wanda": "ref-wanda",
-        "ours-sparsegpt": "ref-sparsegpt-basic", "ours-sparsegpt-seq-t1": "ref-sparsegpt",
-        "ours-wanda-t1": "ref-wanda",
+        "ours-sparsegpt": "ref-sparsegpt-basic",
     }  # fmt: skip
-    match.update({f"ours-sparsegpt-seq-j{k}": "ref-sparsegpt" for k in JITTERS})
-    match.update({f"ours-wanda-b{k}": "ref-wanda" for k in (2, 4)})
-    match.update({name: "ref-sparsegpt" for name in HESSIAN32})
     lines = [
         "| run | setting | Lee | Wiki | vs reference: Lee / Wiki | pruning s |",
         "|---|---|---|---|---|---|",
@@ -302,7 +375,8 @@ def table(path: Path) -> str:
     for (run, pattern), r in rows.items():
         setting = "-" if run == "dense" else "50 %" if pattern == "none" else pattern
         gap = ""
-        ref = rows.get((match.get(run, ""), pattern))
+        base = VARIANTS.get(run, (run, []))[0]  # a variant compares with its base's reference
+        ref = rows.get((match.get(base, ""), pattern))
         if ref is not None:
             gap = " / ".join(f"{100 * (r[k] / ref[k] - 1):+.1f} %" for k in ("ppl_lee", "ppl_wiki"))
         secs = f"{r['prune_wall_s']:.0f}" if "prune_wall_s" in r else ""
@@ -313,6 +387,17 @@ def table(path: Path) -> str:
     return "\n\n".join(["\n".join(lines), *tables])
 
 
+def welch_t(mine: list[dict], theirs: list[dict], key: str) -> str:
+    """Welch's t of the difference of the two sides' means ("-" with fewer than 2 a side)."""
+    import statistics
+
+    a, b = [r[key] for r in mine], [r[key] for r in theirs]
+    if len(a) < 2 or len(b) < 2:
+        return "-"
+    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+    return f"{(statistics.mean(a) - statistics.mean(b)) / se:.1f}"
+
+
 def draws_table(rows: dict[tuple[str, str], dict], pattern: str = "2:4") -> str:
     """Mean ± std over every rounding-sized draw of a sequential run (the base run and its
     variants), per side, and the gap of the means (ours over the reference); our float32-Hessian
@@ -321,15 +406,16 @@ def draws_table(rows: dict[tuple[str, str], dict], pattern: str = "2:4") -> str:
 
     def draws(base: str, hessian32: bool = False) -> list[dict]:
         names = list(HESSIAN32) if hessian32 else [base] + [
-            v for v, (b, _) in VARIANTS.items() if b == base and v not in HESSIAN32
+            v for v, (b, _) in VARIANTS.items()
+            if b == base and v not in HESSIAN32 and v not in REF_ENV
         ]  # fmt: skip
         return [rows[n, pattern] for n in names if (n, pattern) in rows]
 
     setting = "50 %" if pattern == "none" else pattern
     lines = [
         f"| method ({setting}, sequential) | draws: ours / reference | ours: Lee / Wiki | "
-        "reference: Lee / Wiki | gap of the means: Lee / Wiki |",
-        "|---|---|---|---|---|",
+        "reference: Lee / Wiki | gap of the means: Lee / Wiki | Welch t: Lee / Wiki |",
+        "|---|---|---|---|---|---|",
     ]
     for method, mine, theirs in (
         ("SparseGPT", draws("ours-sparsegpt-seq"), draws("ref-sparsegpt")),
@@ -348,8 +434,10 @@ def draws_table(rows: dict[tuple[str, str], dict], pattern: str = "2:4") -> str:
                 means.append(statistics.mean(vals))
             cells.append(" / ".join(cell))
         gap = f"{100 * (means[0] / means[2] - 1):+.1f} % / {100 * (means[1] / means[3] - 1):+.1f} %"
+        welch = " / ".join(welch_t(mine, theirs, key) for key in ("ppl_lee", "ppl_wiki"))
         lines.append(
-            f"| {method} | {len(mine)} / {len(theirs)} | {cells[0]} | {cells[1]} | {gap} |"
+            f"| {method} | {len(mine)} / {len(theirs)} | {cells[0]} | {cells[1]} | {gap} | "
+            f"{welch} |"
         )
     return "\n".join(lines)
 
@@ -389,6 +477,16 @@ def main() -> None:
     p.add_argument("--damp-jitter", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--calib-batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--hessian-float32", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--hessian-check", action="store_true",
+        help="per layer of blocks 0, 5, 15: SparseGPT 2:4 with the Hessian in float64 and rounded "
+        "through float32 (stored under 'hessian_check'), then stop",
+    )  # fmt: skip
+    p.add_argument(
+        "--draw-masks", action="store_true",
+        help="the mask share differing between every two sequential SparseGPT runs in --work "
+        "(stored under 'draw_masks'), then stop",
+    )  # fmt: skip
     a = p.parse_args()
     if a.table:
         print(table(Path(a.out)))
@@ -445,6 +543,17 @@ def parent(a: argparse.Namespace) -> None:
         doc["rows"] = list(rows.values())
         out_path.write_text(json.dumps(doc, indent=1))
 
+    if a.hessian_check or a.draw_masks:
+        if a.hessian_check:
+            doc["hessian_check"] = hessian_check(calib)
+            print(json.dumps(doc["hessian_check"]), flush=True)
+        if a.draw_masks:
+            doc["draw_masks"] = {p: draw_masks(work, p) for p in a.patterns.split(",")}
+            print(json.dumps({p: {k: v for k, v in d.items() if k != "pairs"}
+                              for p, d in doc["draw_masks"].items()}), flush=True)  # fmt: skip
+        save()
+        return
+
     env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent / "src")}
     check = subprocess.run(
         [a.ref_python, str(HERE), "--layer-check", "--block", str(a.block), "--damp", str(a.damp)],
@@ -466,7 +575,7 @@ def parent(a: argparse.Namespace) -> None:
         base, extra = VARIANTS.get(run, (run, []))
         side, method, schedule = RUNS[base]
         weights_file = work / f"{run}_{pattern.replace(':', '-')}.pt"
-        py = a.ref_python if side == "reference" else sys.executable
+        py = a.ref_python if side == "reference" or run in REF_ENV else sys.executable
         cmd = [py, str(HERE) if side == "reference" else "-m", *(
             [] if side == "reference" else ["benchmarks.prune_reference"]
         )]  # fmt: skip
@@ -476,7 +585,7 @@ def parent(a: argparse.Namespace) -> None:
         cmd += ["--threads", str(a.threads), "--child-out", str(weights_file)]
         cmd += ["--pipeline", "basic" if schedule == "one pass" else "sequential", *extra]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         row: dict = {"run": run, "side": side, "method": method, "schedule": schedule}
         row["child_args"] = extra
