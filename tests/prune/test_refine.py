@@ -428,6 +428,14 @@ def test_joint_refusals_leave_the_weight_untouched() -> None:
     _refused(w, "fisher_weight > 0 needs grads", mask, h, fisher_weight=1.0)
     _refused(w, r"grads must have shape \(m, 4, 6\)", mask, h, grads=grads[:, :3],
              fisher_weight=1.0)  # fmt: skip
+    # a gradient of the same size in another layout (transposed) is not read as the weight's
+    _refused(w, r"grads must have shape \(m, 4, 6\) or \(m, 24\), got \(3, 6, 4\)", mask, h,
+             grads=grads.transpose(1, 2), fisher_weight=1.0)  # fmt: skip
+    _refused(w, r"got \(3, 2, 12\)", mask, h, grads=grads.reshape(3, 2, 12), fisher_weight=1.0)
+    flat, shaped = w0.clone(), w0.clone()
+    rep_flat = refine_weights(flat, mask, h, grads=grads.reshape(3, 24), fisher_weight=1.0)
+    rep_shaped = refine_weights(shaped, mask, h, grads=grads, fisher_weight=1.0)
+    assert torch.equal(flat, shaped) and rep_flat == rep_shaped
     bad = grads.clone()
     bad[1, 2, 3] = float("inf")
     _refused(w, "grads hold NaN or Inf", mask, h, grads=bad, fisher_weight=1.0)
