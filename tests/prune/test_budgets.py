@@ -247,4 +247,18 @@ def test_mfac_saliency_refusals() -> None:
     with pytest.raises(ValueError, match="non-finite"):
         fisher_sparsities(model, batches, lambda mo, b: _loss(mo, b) * float("nan"), 0.5,
                           layers=_layers, saliency="mfac")  # fmt: skip
+    calls = []
+
+    def counted(mo, b):
+        calls.append(b)
+        return _loss(mo, b)
+
+    # bad damping or block size: refused by name before any gradient is taken
+    for kwargs, match in (({"damp": -1.0}, "damp must be a positive"),
+                          ({"damp": 0.0}, "damp must be a positive"),
+                          ({"block_size": 0}, "block_size must be >= 1")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            fisher_sparsities(model, batches, counted, 0.5, layers=_layers, saliency="mfac",
+                              **kwargs)  # fmt: skip
+    assert calls == []
     assert _same(model, snap)

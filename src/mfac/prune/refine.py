@@ -322,16 +322,18 @@ def check_fisher(
     weight: torch.Tensor, grads: torch.Tensor | None, fisher_weight: float, name: str = "layer"
 ) -> None:
     """Refuse a Fisher weight that is negative or not finite, and beta > 0 without finite
-    gradients of the weight's shape (m, *weight.shape)."""
+    gradients of the weight's shape (m, *weight.shape), or flat (m, weight.numel())."""
     check_fisher_weight(fisher_weight, f"{name}: fisher_weight")
     if fisher_weight == 0:
         return
     if not isinstance(grads, torch.Tensor) or grads.ndim < 1 or grads.shape[0] < 1:
         raise ValueError(f"{name}: fisher_weight > 0 needs grads, (m, *weight.shape) tensor")
-    if tuple(grads.shape[1:]) != tuple(weight.shape) and grads[0].numel() != weight.numel():
+    # only the weight's own layout: another shape of the same size (a transposed gradient)
+    # would be read in the wrong order
+    if tuple(grads.shape[1:]) not in (tuple(weight.shape), (weight.numel(),)):
         raise ValueError(
-            f"{name}: grads must have shape (m, {', '.join(map(str, weight.shape))}), "
-            f"got {tuple(grads.shape)}"
+            f"{name}: grads must have shape (m, {', '.join(map(str, weight.shape))}) or "
+            f"(m, {weight.numel()}), got {tuple(grads.shape)}"
         )
     if not bool(torch.isfinite(grads).all()):
         raise ValueError(f"{name}: grads hold NaN or Inf")

@@ -29,6 +29,7 @@ from itertools import islice
 import torch
 from torch import nn
 
+from ..._validation import check_damp, check_positive_int
 from ...operators import InverseFisher
 from .._layers import LayerFilter, Layout, Target, find_targets
 from ..calibration import check_layerwise_targets, stage_name
@@ -53,6 +54,8 @@ def mfac_saliencies(
     """Per target, the OBS saliency w^2 / (2 [F^-1]_ii) (float64, the weight's shape) under the
     block-diagonal M-FAC inverse of F = lam I + (1/m) sum_j g_j g_j^T, one gradient per batch,
     lam = ``damp`` * mean(diag(G^T G / m)) over the targets' coordinates (module docstring)."""
+    damp = check_damp(damp)  # before the gradients are collected
+    check_positive_int(block_size, "block_size")
     layout = Layout(targets, dict.fromkeys((t.name for t in targets), None), block_size)
     buf = gradient_buffer(model, loss_fn, batches, layout, len(batches), progress=False)
     grads, m = buf.tensor, len(batches)
