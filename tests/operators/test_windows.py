@@ -325,6 +325,34 @@ def test_a_full_window_adopts_the_loaded_rows(
             assert torch.equal(resumed.push_gather(g, x), want)
 
 
+@pytest.mark.parametrize("native", [False, True] if NATIVE else [False])
+def test_adopted_topk_buffers_get_the_huge_page_advice(native: bool, monkeypatch) -> None:
+    """The buffers a top-k window adopts from a loaded state are advised to use huge pages,
+    by the one helper the block operators' stores use (``static.advise_huge_pages``), as its
+    own buffers are when allocated."""
+    from mfac.operators import topk
+
+    dim, m = 40, 3
+    gen = torch.Generator().manual_seed(3)
+    w = TopKSlidingInverseFisher(dim, m, 5, DAMP)
+    if not native:
+        w.to_torch_path()
+    for _ in range(m):
+        w.push(torch.randn(dim, generator=gen))
+    state = copy.deepcopy(w.state_dict())
+    advised: list[int] = []
+    monkeypatch.setattr(topk, "advise_huge_pages", lambda t: advised.append(t.data_ptr()))
+    other = TopKSlidingInverseFisher(dim, m, 5, DAMP)
+    if not native:
+        other.to_torch_path()
+    other.load_state_dict(state)
+    assert other.error.data_ptr() == state["error"].data_ptr()
+    want = {state["error"].data_ptr()}
+    if native:
+        want |= {state["values"].data_ptr(), state["indices"].data_ptr()}
+    assert set(advised) == want
+
+
 @pytest.mark.parametrize(("name", "damp"), CASES, ids=IDS)
 def test_results_are_tensors_of_their_own(group: object, name: str, damp: float | None) -> None:
     """A returned product is not a view of a buffer the window reuses: the next call leaves

@@ -28,6 +28,7 @@ from .._validation import (
 from . import sparse_native, tiled
 from .gram import FactorBacked, GramFactor
 from .memory import FileMappings, adoptable, check_fits, gram_nbytes
+from .static import advise_huge_pages
 
 F64 = torch.float64
 #: Bytes of the temporaries one chunk of the gather / scatter may use.
@@ -761,7 +762,8 @@ class TopKSlidingInverseFisher(FactorBacked):
             self._copy_rows(state)
         error = state["error"]
         if adoptable(error, self.device):
-            self.error = sparse_native.advise_huge(error)
+            self.error = error
+            advise_huge_pages(error)
         else:
             self.error.copy_(error)
 
@@ -778,7 +780,7 @@ class TopKSlidingInverseFisher(FactorBacked):
             if not all(adoptable(t, self.device, mappings) for t in view.state().values()):
                 return False
             for t in (view.values, view.indices):
-                sparse_native.advise_huge(t)
+                advise_huge_pages(t)
             self._rows_adopted()
             self.rows, self.values, self.indices = view, view.values, view.indices
             return True
