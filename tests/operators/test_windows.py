@@ -325,6 +325,24 @@ def test_a_full_window_adopts_the_loaded_rows(
             assert torch.equal(resumed.push_gather(g, x), want)
 
 
+@pytest.mark.parametrize(("name", "damp"), CASES, ids=IDS)
+def test_window_nbytes_before_first_use_is_what_the_rows_take(
+    group: object, name: str, damp: float | None
+) -> None:
+    """``window_nbytes`` is counted from the window's description before its rows exist; it
+    is the bytes of the rows once allocated (the C path's whole layout, offsets included)."""
+    w = build(name, 40, 3, damp, group)
+    before = w.window_nbytes
+    w.push(torch.randn(40, generator=torch.Generator().manual_seed(4)))
+    if isinstance(w, TopKSlidingInverseFisher):
+        held = w.rows.nbytes if w.native else sum(
+            t.numel() * t.element_size() for t in (w.values, w.indices)
+        )  # fmt: skip
+    else:
+        held = w.grads.numel() * w.grads.element_size()
+    assert before == w.window_nbytes == held
+
+
 @pytest.mark.parametrize("native", [False, True] if NATIVE else [False])
 def test_adopted_topk_buffers_get_the_huge_page_advice(native: bool, monkeypatch) -> None:
     """The buffers a top-k window adopts from a loaded state are advised to use huge pages,

@@ -260,10 +260,9 @@ class TopKSlidingInverseFisher(FactorBacked):
         value_bytes = torch.empty((), dtype=dtype).element_size()
         index_bytes = 2 if dim <= torch.iinfo(torch.int16).max else 4
         native = TopKSlidingInverseFisher.native_for(dtype, device)
-        if native:  # the groups, the spare group and the run offsets
-            window_bytes = tiled.layout_bytes(window, k, dim, value_bytes, index_bytes)
-        else:
-            window_bytes = window * k * (value_bytes + index_bytes)
+        window_bytes = TopKSlidingInverseFisher._layout_nbytes(
+            dim, window, k, value_bytes, index_bytes, native
+        )
         vectors = 3 * dim * 4  # error, spare, the returned step
         if grad_dtype != torch.float32:
             vectors += dim * 4
@@ -301,9 +300,19 @@ class TopKSlidingInverseFisher(FactorBacked):
         group and the run offsets), allocated or still to be on first use."""
         value_bytes = torch.empty((), dtype=self._dtype).element_size()
         index_bytes = torch.empty((), dtype=self._index_dtype).element_size()
-        if self.native:
-            return tiled.layout_bytes(self.window, self.k, self.dim, value_bytes, index_bytes)
-        return self.window * self.k * (value_bytes + index_bytes)
+        return self._layout_nbytes(
+            self.dim, self.window, self.k, value_bytes, index_bytes, self.native
+        )
+
+    @staticmethod
+    def _layout_nbytes(
+        dim: int, window: int, k: int, value_bytes: int, index_bytes: int, native: bool
+    ) -> int:
+        """Bytes of m rows of k values and indices: on the C path the tile-major layout (the
+        groups, the spare group and the run offsets), else two (m, k) tensors."""
+        if native:
+            return tiled.layout_bytes(window, k, dim, value_bytes, index_bytes)
+        return window * k * (value_bytes + index_bytes)
 
     @property
     def nbytes(self) -> int:
