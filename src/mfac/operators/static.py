@@ -31,7 +31,7 @@ from .gradients import (
     sampled_batches,
 )
 from .linear import LinearOperatorMixin
-from .memory import allocate, default_memory_budget, is_memory_mapped
+from .memory import FileMappings, allocate, default_memory_budget, is_memory_mapped
 
 DampMode = Literal["absolute", "relative"]
 FisherKind = Literal["empirical", "mc"]
@@ -264,9 +264,9 @@ class InverseFisher(LinearOperatorMixin):
     def memory_mapped(self) -> bool:
         """True when the m x d buffer, or the blocks' float64 inverses (direct form, d x B
         values), are paged from a memory-mapped file because they exceeded the budget."""
-        return is_memory_mapped(self.buffer) or any(
-            is_memory_mapped(t) for g in self.groups for t in g.tensors().values()
-        )
+        mappings = FileMappings()  # /proc/self/maps read once, not once per tensor
+        tensors = [self.buffer, *(t for g in self.groups for t in g.tensors().values())]
+        return any(is_memory_mapped(t, mappings) for t in tensors)
 
     @property
     def nbytes(self) -> int:
