@@ -347,7 +347,7 @@ def test_window_nbytes_before_first_use_is_what_the_rows_take(
 def test_adopted_topk_buffers_get_the_huge_page_advice(native: bool, monkeypatch) -> None:
     """The buffers a top-k window adopts from a loaded state are advised to use huge pages,
     by the one helper the block operators' stores use (``static.advise_huge_pages``), as its
-    own buffers are when allocated."""
+    own buffers are when allocated; which are file pages is read from one map list."""
     from mfac.operators import topk
 
     dim, m = 40, 3
@@ -363,7 +363,16 @@ def test_adopted_topk_buffers_get_the_huge_page_advice(native: bool, monkeypatch
     other = TopKSlidingInverseFisher(dim, m, 5, DAMP)
     if not native:
         other.to_torch_path()
+    reads = []
+    real = topk.FileMappings.__init__
+
+    def counted(self) -> None:
+        reads.append(1)
+        real(self)
+
+    monkeypatch.setattr(topk.FileMappings, "__init__", counted)
     other.load_state_dict(state)
+    assert len(reads) == 1  # /proc/self/maps read once for the rows and the error vector
     assert other.error.data_ptr() == state["error"].data_ptr()
     want = {state["error"].data_ptr()}
     if native:

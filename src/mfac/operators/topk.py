@@ -767,23 +767,23 @@ class TopKSlidingInverseFisher(FactorBacked):
         writing."""
         self.check_state(state)
         self.factor.load_state_dict(state, check=False)
-        if not self._adopt_rows(state):
+        mappings = FileMappings()  # the map list read once for every field
+        if not self._adopt_rows(state, mappings):
             self._copy_rows(state)
         error = state["error"]
-        if adoptable(error, self.device):
+        if adoptable(error, self.device, mappings):
             self.error = error
             advise_huge_pages(error)
         else:
             self.error.copy_(error)
 
-    def _adopt_rows(self, state: Mapping[str, Any]) -> bool:
+    def _adopt_rows(self, state: Mapping[str, Any], mappings: FileMappings) -> bool:
         """Take a full, checked state's rows as this window's own (no copy: the window
         then writes into the given tensors, as ``torch.optim`` adopts loaded moments) when
         they are laid out as this window keeps them (the C path's tile-major tensors of this
         layout, or, on the torch path, (m, k) rows whose coordinates ascend strictly in every
         row) and :func:`~mfac.operators.memory.adoptable`. False, with nothing changed,
         otherwise."""
-        mappings = FileMappings()
         view = self._tiled_view(state)
         if view is not None:  # check_state: values and indices of this window's dtypes
             if not all(adoptable(t, self.device, mappings) for t in view.state().values()):
