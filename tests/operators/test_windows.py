@@ -343,6 +343,32 @@ def test_window_nbytes_before_first_use_is_what_the_rows_take(
     assert before == w.window_nbytes == held
 
 
+@pytest.mark.parametrize("kind", ["dense", "topk", "sharded"])
+def test_a_window_on_a_named_device_index_lives_where_its_tensors_report(
+    group: object, kind: str
+) -> None:
+    """``device="cpu:0"`` (as ``"cuda"`` on a GPU): the window reports the device its tensors
+    report (``cpu``), before its rows exist too, so it takes gradients from there and adopts
+    a full state's rows (its device checks compare with what tensors say)."""
+    dim, m = 12, 2
+    builders = {
+        "dense": lambda: SlidingInverseFisher(dim, m, DAMP, device="cpu:0"),
+        "topk": lambda: TopKSlidingInverseFisher(dim, m, 4, DAMP, device="cpu:0"),
+        "sharded": lambda: ShardedSlidingInverseFisher(
+            dim, m, DAMP, torch.float32, group, device="cpu:0"
+        ),
+    }
+    w = builders[kind]()
+    assert w.device == torch.device("cpu")
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(m):
+        w.push(torch.randn(dim, generator=gen))
+    state = copy.deepcopy(w.state_dict())
+    other = builders[kind]()
+    other.load_state_dict(state)
+    assert adopted_fields(other, state) == expected_adoption(other)
+
+
 @pytest.mark.parametrize("native", [False, True] if NATIVE else [False])
 def test_adopted_topk_buffers_get_the_huge_page_advice(native: bool, monkeypatch) -> None:
     """The buffers a top-k window adopts from a loaded state are advised to use huge pages,

@@ -26,7 +26,7 @@ from .._validation import (
     finite_fast,
 )
 from . import sparse_native, tiled
-from .gram import FactorBacked, GramFactor
+from .gram import FactorBacked, GramFactor, placed
 from .memory import FileMappings, adoptable, check_fits, gram_nbytes
 from .static import advise_huge_pages
 
@@ -205,7 +205,7 @@ class TopKSlidingInverseFisher(FactorBacked):
             device,
         )
         self.dim, self.window, self.k = dim, window, k
-        self._device, self._dtype, self._index_dtype = device, dtype, index_dtype
+        self._device, self._dtype, self._index_dtype = placed(device), dtype, index_dtype
         self.factor = GramFactor(window, damp, device)
         #: Whether the C kernels run the gathers, scatters and the selection (CPU, float32 /
         #: bfloat16 / float16 values and a working C compiler); else the torch path.
