@@ -48,6 +48,24 @@ def test_a_checkpoint_loaded_with_mmap_counts_as_memory_mapped(tmp_path) -> None
     assert not memory.is_memory_mapped(loaded.clone()) and not memory.is_memory_mapped(rows)
 
 
+def test_memory_mapped_reads_the_map_list_once(monkeypatch) -> None:
+    """``InverseFisher.memory_mapped`` asks about the buffer and every group's tensors with one
+    reading of the process's map list, not one per tensor."""
+    op = mfac.InverseFisher(torch.randn(40, 64), 1e-3, block_size=8, memory_budget=2**30)
+    tensors = 1 + sum(len(g.tensors()) for g in op.groups)
+    assert tensors >= 2  # the buffer and the direct form's block inverses
+    reads = []
+    real = memory.FileMappings.__init__
+
+    def counted(self) -> None:
+        reads.append(1)
+        real(self)
+
+    monkeypatch.setattr(memory.FileMappings, "__init__", counted)
+    assert not op.memory_mapped
+    assert len(reads) == 1
+
+
 def test_neither_ram_nor_disk_raises_before_allocating(monkeypatch, tmp_path) -> None:
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(memory.shutil, "disk_usage", lambda _: usage(10, 10, 0))

@@ -326,6 +326,87 @@ def test_a_full_window_adopts_the_loaded_rows(
 
 
 @pytest.mark.parametrize(("name", "damp"), CASES, ids=IDS)
+def test_window_nbytes_before_first_use_is_what_the_rows_take(
+    group: object, name: str, damp: float | None
+) -> None:
+    """``window_nbytes`` is counted from the window's description before its rows exist; it
+    is the bytes of the rows once allocated (the C path's whole layout, offsets included)."""
+    w = build(name, 40, 3, damp, group)
+    before = w.window_nbytes
+    w.push(torch.randn(40, generator=torch.Generator().manual_seed(4)))
+    if isinstance(w, TopKSlidingInverseFisher):
+        held = w.rows.nbytes if w.native else sum(
+            t.numel() * t.element_size() for t in (w.values, w.indices)
+        )  # fmt: skip
+    else:
+        held = w.grads.numel() * w.grads.element_size()
+    assert before == w.window_nbytes == held
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk", "sharded"])
+def test_a_window_on_a_named_device_index_lives_where_its_tensors_report(
+    group: object, kind: str
+) -> None:
+    """``device="cpu:0"`` (as ``"cuda"`` on a GPU): the window reports the device its tensors
+    report (``cpu``), before its rows exist too, so it takes gradients from there and adopts
+    a full state's rows (its device checks compare with what tensors say)."""
+    dim, m = 12, 2
+    builders = {
+        "dense": lambda: SlidingInverseFisher(dim, m, DAMP, device="cpu:0"),
+        "topk": lambda: TopKSlidingInverseFisher(dim, m, 4, DAMP, device="cpu:0"),
+        "sharded": lambda: ShardedSlidingInverseFisher(
+            dim, m, DAMP, torch.float32, group, device="cpu:0"
+        ),
+    }
+    w = builders[kind]()
+    assert w.device == torch.device("cpu")
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(m):
+        w.push(torch.randn(dim, generator=gen))
+    state = copy.deepcopy(w.state_dict())
+    other = builders[kind]()
+    other.load_state_dict(state)
+    assert adopted_fields(other, state) == expected_adoption(other)
+
+
+@pytest.mark.parametrize("native", [False, True] if NATIVE else [False])
+def test_adopted_topk_buffers_get_the_huge_page_advice(native: bool, monkeypatch) -> None:
+    """The buffers a top-k window adopts from a loaded state are advised to use huge pages,
+    by the one helper the block operators' stores use (``static.advise_huge_pages``), as its
+    own buffers are when allocated; which are file pages is read from one map list."""
+    from mfac.operators import topk
+
+    dim, m = 40, 3
+    gen = torch.Generator().manual_seed(3)
+    w = TopKSlidingInverseFisher(dim, m, 5, DAMP)
+    if not native:
+        w.to_torch_path()
+    for _ in range(m):
+        w.push(torch.randn(dim, generator=gen))
+    state = copy.deepcopy(w.state_dict())
+    advised: list[int] = []
+    monkeypatch.setattr(topk, "advise_huge_pages", lambda t: advised.append(t.data_ptr()))
+    other = TopKSlidingInverseFisher(dim, m, 5, DAMP)
+    if not native:
+        other.to_torch_path()
+    reads = []
+    real = topk.FileMappings.__init__
+
+    def counted(self) -> None:
+        reads.append(1)
+        real(self)
+
+    monkeypatch.setattr(topk.FileMappings, "__init__", counted)
+    other.load_state_dict(state)
+    assert len(reads) == 1  # /proc/self/maps read once for the rows and the error vector
+    assert other.error.data_ptr() == state["error"].data_ptr()
+    want = {state["error"].data_ptr()}
+    if native:
+        want |= {state["values"].data_ptr(), state["indices"].data_ptr()}
+    assert set(advised) == want
+
+
+@pytest.mark.parametrize(("name", "damp"), CASES, ids=IDS)
 def test_results_are_tensors_of_their_own(group: object, name: str, damp: float | None) -> None:
     """A returned product is not a view of a buffer the window reuses: the next call leaves
     it as it was (the sharded window's all-gather buffer once aliased its results)."""

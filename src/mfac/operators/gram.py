@@ -324,6 +324,13 @@ class GramFactor:
         self.since_refactor = int(state["since_refactor"])
 
 
+def placed(device: torch.device) -> torch.device:
+    """The device a tensor allocated on ``device`` reports (``cuda`` -> ``cuda:<current>``,
+    ``cpu:0`` -> ``cpu``): where a window whose rows are still to be allocated says it lives,
+    so that its checks compare the device its tensors will report, as when read from them."""
+    return torch.empty(0, device=device).device
+
+
 class FactorBacked:
     """Read-only views of a window's :class:`GramFactor` (``self.factor``), shared by every
     window layout: the dense operator, the top-k window and the sharded window."""
@@ -400,7 +407,7 @@ class DenseRowsBacked(FactorBacked):
         """The rows' shape, dtype and device; the zero rows are allocated on first use
         (:meth:`FactorBacked._rows_on_first_use`). A loaded state's rows are checked against
         the same, so this stays the rows' description once they exist."""
-        self._rows_spec = (shape, dtype, device)
+        self._rows_spec = (shape, dtype, placed(device))
         self._rows_on_first_use()
 
     def _allocate_rows(self) -> None:

@@ -123,15 +123,16 @@ def allocate(
     return tensor
 
 
-def is_memory_mapped(tensor: torch.Tensor) -> bool:
+def is_memory_mapped(tensor: torch.Tensor, mappings: FileMappings | None = None) -> bool:
     """True when the tensor's storage is a file mapping rather than ordinary RAM: a storage
     made from a file (``UntypedStorage.from_file``), or, on Linux, bytes that lie in a file's
-    mapping (``torch.load(..., mmap=True)``, whose storages carry no file name)."""
+    mapping (``torch.load(..., mmap=True)``, whose storages carry no file name). Pass one
+    ``mappings`` to ask about many tensors (the map list is read once)."""
     if tensor.untyped_storage().filename is not None:
         return True
     if tensor.device.type != "cpu" or tensor.numel() == 0:
         return False
-    mappings = FileMappings()
+    mappings = mappings or FileMappings()
     return mappings.ranges is not None and mappings.holds(tensor)
 
 

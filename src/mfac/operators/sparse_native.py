@@ -107,22 +107,6 @@ def empty_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return out
 
 
-def advise_huge(t: torch.Tensor) -> torch.Tensor:
-    """Ask the kernel to back the whole 2 MiB pages inside an existing CPU tensor with huge
-    pages (``madvise(MADV_HUGEPAGE)``: pages already touched are collapsed later, by the
-    kernel's own thread, where it does so); ``t`` itself is returned, unchanged. What
-    :func:`empty_huge` does for a new buffer, for one adopted from a loaded checkpoint."""
-    size = t.numel() * t.element_size()
-    advise = _madvise() if t.device.type == "cpu" else None
-    if advise is None or size < HUGE_MIN:
-        return t
-    start = -t.data_ptr() % HUGE_PAGE
-    length = (size - start) // HUGE_PAGE * HUGE_PAGE
-    if length > 0:
-        advise(t.data_ptr() + start, length, _MADV_HUGEPAGE)
-    return t
-
-
 def _pool(threads: int) -> ThreadPoolExecutor:
     """The worker threads, made again in a forked child (whose copy has no live threads)."""
     return cbuild.worker_pool(_state, threads, "mfac-topk")

@@ -26,8 +26,9 @@ from .._validation import (
     finite_fast,
 )
 from . import sparse_native, tiled
-from .gram import FactorBacked, GramFactor
+from .gram import FactorBacked, GramFactor, placed
 from .memory import FileMappings, adoptable, check_fits, gram_nbytes
+from .static import advise_huge_pages
 
 F64 = torch.float64
 #: Bytes of the temporaries one chunk of the gather / scatter may use.
@@ -204,7 +205,7 @@ class TopKSlidingInverseFisher(FactorBacked):
             device,
         )
         self.dim, self.window, self.k = dim, window, k
-        self._device, self._dtype, self._index_dtype = device, dtype, index_dtype
+        self._device, self._dtype, self._index_dtype = placed(device), dtype, index_dtype
         self.factor = GramFactor(window, damp, device)
         #: Whether the C kernels run the gathers, scatters and the selection (CPU, float32 /
         #: bfloat16 / float16 values and a working C compiler); else the torch path.
@@ -259,10 +260,9 @@ class TopKSlidingInverseFisher(FactorBacked):
         value_bytes = torch.empty((), dtype=dtype).element_size()
         index_bytes = 2 if dim <= torch.iinfo(torch.int16).max else 4
         native = TopKSlidingInverseFisher.native_for(dtype, device)
-        if native:  # the groups, the spare group and the run offsets
-            window_bytes = tiled.layout_bytes(window, k, dim, value_bytes, index_bytes)
-        else:
-            window_bytes = window * k * (value_bytes + index_bytes)
+        window_bytes = TopKSlidingInverseFisher._layout_nbytes(
+            dim, window, k, value_bytes, index_bytes, native
+        )
         vectors = 3 * dim * 4  # error, spare, the returned step
         if grad_dtype != torch.float32:
             vectors += dim * 4
@@ -300,9 +300,19 @@ class TopKSlidingInverseFisher(FactorBacked):
         group and the run offsets), allocated or still to be on first use."""
         value_bytes = torch.empty((), dtype=self._dtype).element_size()
         index_bytes = torch.empty((), dtype=self._index_dtype).element_size()
-        if self.native:
-            return tiled.layout_bytes(self.window, self.k, self.dim, value_bytes, index_bytes)
-        return self.window * self.k * (value_bytes + index_bytes)
+        return self._layout_nbytes(
+            self.dim, self.window, self.k, value_bytes, index_bytes, self.native
+        )
+
+    @staticmethod
+    def _layout_nbytes(
+        dim: int, window: int, k: int, value_bytes: int, index_bytes: int, native: bool
+    ) -> int:
+        """Bytes of m rows of k values and indices: on the C path the tile-major layout (the
+        groups, the spare group and the run offsets), else two (m, k) tensors."""
+        if native:
+            return tiled.layout_bytes(window, k, dim, value_bytes, index_bytes)
+        return window * k * (value_bytes + index_bytes)
 
     @property
     def nbytes(self) -> int:
@@ -757,28 +767,29 @@ class TopKSlidingInverseFisher(FactorBacked):
         writing."""
         self.check_state(state)
         self.factor.load_state_dict(state, check=False)
-        if not self._adopt_rows(state):
+        mappings = FileMappings()  # the map list read once for every field
+        if not self._adopt_rows(state, mappings):
             self._copy_rows(state)
         error = state["error"]
-        if adoptable(error, self.device):
-            self.error = sparse_native.advise_huge(error)
+        if adoptable(error, self.device, mappings):
+            self.error = error
+            advise_huge_pages(error)
         else:
             self.error.copy_(error)
 
-    def _adopt_rows(self, state: Mapping[str, Any]) -> bool:
+    def _adopt_rows(self, state: Mapping[str, Any], mappings: FileMappings) -> bool:
         """Take a full, checked state's rows as this window's own (no copy: the window
         then writes into the given tensors, as ``torch.optim`` adopts loaded moments) when
         they are laid out as this window keeps them (the C path's tile-major tensors of this
         layout, or, on the torch path, (m, k) rows whose coordinates ascend strictly in every
         row) and :func:`~mfac.operators.memory.adoptable`. False, with nothing changed,
         otherwise."""
-        mappings = FileMappings()
         view = self._tiled_view(state)
         if view is not None:  # check_state: values and indices of this window's dtypes
             if not all(adoptable(t, self.device, mappings) for t in view.state().values()):
                 return False
             for t in (view.values, view.indices):
-                sparse_native.advise_huge(t)
+                advise_huge_pages(t)
             self._rows_adopted()
             self.rows, self.values, self.indices = view, view.values, view.indices
             return True
