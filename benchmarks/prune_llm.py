@@ -136,10 +136,11 @@ def perplexity(model: torch.nn.Module, data: torch.Tensor) -> float:
 
 LAYERWISE = (
     "sparsegpt", "sparsegpt-seq", "wanda", "owl-wanda", "owl-sparsegpt", "fisher-sparsegpt",
-    "sparsegpt-seq-pcg", "fisher-sparsegpt-pcg",
+    "sparsegpt-seq-pcg", "fisher-sparsegpt-pcg", "sparsegpt-seq-admm", "fisher-sparsegpt-admm",
 )  # fmt: skip
 #: "-pcg": the same method with ``refine="pcg"`` (SparseGPT's weights refined on its mask by
-#: batched preconditioned CG, :mod:`mfac.prune.refine`)
+#: batched preconditioned CG, :mod:`mfac.prune.refine`); "-admm": ``refine="admm"`` (a mask
+#: of the same size searched by ADMM from SparseGPT's, then the CG, :mod:`mfac.prune.admm`)
 
 
 def calib_forward(model: torch.nn.Module, ids: torch.Tensor) -> object:
@@ -171,8 +172,8 @@ def layerwise(
     args: argparse.Namespace, out: dict,
 ) -> None:  # fmt: skip
     """Run one of the layer-wise methods on ``model`` with its own function and config."""
-    refine = "pcg" if method.endswith("-pcg") else "none"
-    method = method.removesuffix("-pcg")
+    refine = method.rsplit("-", 1)[-1] if method.endswith(("-pcg", "-admm")) else "none"
+    method = method.removesuffix("-pcg").removesuffix("-admm")
     from mfac.prune import sparsegpt
     from mfac.prune._layers import find_targets
     from mfac.prune.budgets import OWLConfig, owl_sparsities
@@ -215,10 +216,24 @@ def layerwise(
             block=args.block, damp=args.damp, calib_batches=args.calib,
             sequential=method != "sparsegpt",
             progress=False, info=info, refine=refine, pcg_iters=args.pcg_iters,
-            pcg_tol=args.pcg_tol, loss_fn=lm_loss, fisher_weight=args.fisher_weight,
+            pcg_tol=args.pcg_tol, admm_iters=args.admm_iters, admm_rho=args.admm_rho,
+            loss_fn=lm_loss, fisher_weight=args.fisher_weight,
             fisher_grads=args.fisher_grads,
         )  # fmt: skip
-    if refine == "pcg":
+    if refine == "admm":
+        found = info["admm"].values()
+        out["admm"] = {
+            "iters": args.admm_iters, "rho": args.admm_rho,
+            "mean_iterations": sum(r["iterations"] for r in found) / len(found),
+            "max_iterations": max(r["iterations"] for r in found),
+            "settled": sum(r["settled"] for r in found),
+            "mean_moved": sum(r["moved"] for r in found) / len(found),
+            "error_ratio_mean": sum(
+                r["error_end"] / max(r["error_start"], 1e-300) for r in found
+            ) / len(found),
+            "fallback": info["admm_fallback"],
+        }  # fmt: skip
+    if refine != "none":
         reports = info["pcg"].values()
         ratio = [r["error_end"] / max(r["error_start"], 1e-300) for r in reports]
         out["pcg"] = {
@@ -264,7 +279,7 @@ def child(method: str, pattern: str | None, sparsity: float, args: argparse.Name
     out["damp"] = args.damp
     out["seed"] = args.seed
     out["draw"] = args.draw
-    if method.endswith("-pcg"):
+    if method.endswith(("-pcg", "-admm")):
         out["fisher_weight"] = args.fisher_weight
     out["commit"] = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
@@ -402,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--pcg-iters", type=int, default=50, help="-pcg methods: CG iterations")
     parser.add_argument("--pcg-tol", type=float, default=1e-3, help="-pcg methods: CG tolerance")
+    parser.add_argument("--admm-iters", type=int, default=40, help="-admm methods: most iterations")
+    parser.add_argument("--admm-rho", type=float, default=0.1, help="-admm methods: first penalty")
     parser.add_argument(
         "--fisher-weight", type=float, default=0.0,
         help="-pcg methods: beta of the empirical-Fisher term in the CG objective",

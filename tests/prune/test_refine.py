@@ -255,7 +255,7 @@ def test_presets_take_the_option_and_bad_values_leave_the_model() -> None:
     with pytest.raises(ValueError, match="refine"):
         mp.oneshot(
             model, 0.5, "owl-sparsegpt", data=batches, loss_fn=_run, layers=["layers.*"],
-            refine="admm", progress=False,
+            refine="bogus", progress=False,
         )  # fmt: skip
     assert _same(model, snap)
     res = mp.oneshot(

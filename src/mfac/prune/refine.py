@@ -51,6 +51,9 @@ from .restore import restored_on_error
 
 F64 = torch.float64
 
+#: The weight updates after SparseGPT's: none, CG on its mask, ADMM mask search then CG.
+REFINES = ("none", "pcg", "admm")
+
 
 @dataclass(frozen=True, kw_only=True)
 class RefineOptions(Options):
@@ -58,16 +61,22 @@ class RefineOptions(Options):
 
     refine: str = option(
         "none", "after SparseGPT's OBS updates, refine the kept weights to the exact layer-wise "
-        "least squares on the mask by preconditioned CG (pcg)", choices=("none", "pcg"),
+        "least squares on the mask by preconditioned CG (pcg), or first search a better mask "
+        "of the same size by ADMM from SparseGPT's (admm, ALPS)", choices=REFINES,
     )  # fmt: skip
     pcg_iters: int = option(50, "refine=pcg: most CG iterations per layer", low=1)
     pcg_tol: float = option(
         1e-3, "refine=pcg: stop once every row's residual, relative to its right-hand side, is "
         "below this", low=0, low_open=True,
     )  # fmt: skip
+    admm_iters: int = option(40, "refine=admm: most ADMM iterations per layer", low=1)
+    admm_rho: float = option(
+        0.1, "refine=admm: the first ADMM penalty, relative to the unit-diagonal Hessian",
+        low=0, low_open=True,
+    )  # fmt: skip
     fisher_weight: float = option(
-        0.0, "refine=pcg: beta, the weight of the empirical-Fisher loss model next to the layer "
-        "error (ratio of the two terms' traces; 0: the layer error alone)", low=0,
+        0.0, "refine=pcg or admm: beta, the weight of the empirical-Fisher loss model next to "
+        "the layer error (ratio of the two terms' traces; 0: the layer error alone)", low=0,
     )  # fmt: skip
     fisher_grads: int = option(
         32, "refine=pcg, fisher_weight > 0: loss gradients m (one per calibration batch, at the "
@@ -217,6 +226,12 @@ def pcg_refine(
     )  # fmt: skip
 
 
+def layer_error(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:
+    """f(W) = tr((W - W0) A (W - W0)^T) in float64: the damped layer error of ``pruned``."""
+    diff = pruned.to(F64) - dense.to(F64)
+    return float(((diff @ gram.to(diff.device, F64)) * diff).sum())
+
+
 def fisher_lambda(gram: torch.Tensor, grads: torch.Tensor, beta: float, rows: int) -> float:
     """lam = beta * rows * tr(A) / ((1/m) sum_j ||G_j||_F^2): the Fisher term's trace is beta
     times the layer term's (0 when every gradient is zero)."""
@@ -339,6 +354,47 @@ def check_fisher(
         raise ValueError(f"{name}: grads hold NaN or Inf")
 
 
+def check_layer(
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    hessian: torch.Tensor,
+    start: torch.Tensor | None = None,
+    name: str = "layer",
+) -> tuple[int, int]:
+    """Refuse a layer problem that does not fit: a non-float or non-finite weight, a mask of
+    another shape or not 0/1, a Hessian that is not a finite cols x cols Gram matrix, a start
+    of another shape. Returns the weight's (rows, cols) as the layer solvers see it."""
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"{name}: weight must be a floating-point tensor")
+    rows = weight.shape[0] if weight.ndim else 0
+    if weight.ndim < 2:
+        raise ValueError(f"{name}: weight must have at least 2 dimensions, got {weight.ndim}")
+    cols = weight[0].numel()
+    if not isinstance(mask, torch.Tensor) or mask.shape != weight.shape:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"{name}: mask must have the weight's shape {tuple(weight.shape)}, got {got}"
+        )
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name}: mask must be boolean or 0/1")
+    if not isinstance(hessian, torch.Tensor) or hessian.ndim != 2 or hessian.shape != (cols, cols):
+        got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise ValueError(
+            f"{name}: hessian must be square, {cols} x {cols} for this weight, got {got}"
+        )
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError(f"{name}: hessian holds NaN or Inf")
+    if bool((hessian.diagonal() < 0).any()):
+        raise ValueError(f"{name}: hessian has a negative diagonal entry (not a Gram matrix)")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name}: weight holds NaN or Inf")
+    if start is not None and (start.shape != weight.shape or not bool(torch.isfinite(start).all())):
+        raise ValueError(
+            f"{name}: start must be finite with the weight's shape {tuple(weight.shape)}"
+        )
+    return rows, cols
+
+
 @torch.no_grad()
 def refine_weights(
     weight: torch.Tensor,
@@ -368,34 +424,7 @@ def refine_weights(
     Bad input (shapes, a non-finite or non-square ``hessian``, a mask breaking ``pattern``)
     raises naming the problem, and on any error ``weight`` is left as it was.
     """
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise TypeError(f"{name}: weight must be a floating-point tensor")
-    rows = weight.shape[0] if weight.ndim else 0
-    if weight.ndim < 2:
-        raise ValueError(f"{name}: weight must have at least 2 dimensions, got {weight.ndim}")
-    cols = weight[0].numel()
-    if not isinstance(mask, torch.Tensor) or mask.shape != weight.shape:
-        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(
-            f"{name}: mask must have the weight's shape {tuple(weight.shape)}, got {got}"
-        )
-    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError(f"{name}: mask must be boolean or 0/1")
-    if not isinstance(hessian, torch.Tensor) or hessian.ndim != 2 or hessian.shape != (cols, cols):
-        got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
-        raise ValueError(
-            f"{name}: hessian must be square, {cols} x {cols} for this weight, got {got}"
-        )
-    if not bool(torch.isfinite(hessian).all()):
-        raise ValueError(f"{name}: hessian holds NaN or Inf")
-    if bool((hessian.diagonal() < 0).any()):
-        raise ValueError(f"{name}: hessian has a negative diagonal entry (not a Gram matrix)")
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError(f"{name}: weight holds NaN or Inf")
-    if start is not None and (start.shape != weight.shape or not bool(torch.isfinite(start).all())):
-        raise ValueError(
-            f"{name}: start must be finite with the weight's shape {tuple(weight.shape)}"
-        )
+    rows, cols = check_layer(weight, mask, hessian, start, name)
     check_positive_int(iters, "iters")
     check_damp(tol, "tol")
     check_damp(damp)

@@ -31,12 +31,19 @@ from ..._validation import SingularHessianError, check_damp, check_positive_int
 from ...operators import GradientBuffer
 from ...operators.layout import Segment
 from .._layers import LayerFilter, Layout, Target, find_targets
+from ..admm import scaled_eig, search_refine
 from ..budgets import BudgetOptions, Sparsity, layer_budgets, resolve_budget
 from ..calibration import InputStats, calibration_batches, check_layerwise_targets, run_layerwise
 from ..collect import LossFn, gradient_buffer, progress_bar
 from ..method import CommonOptions, LayerOptions, Method, Request
 from ..patterns import Pattern, check_pattern_fits, lowest
-from ..refine import RefineOptions, check_fisher_weight, damped_gram, pcg_refine
+from ..refine import (
+    REFINES,
+    RefineOptions,
+    check_fisher_weight,
+    damped_gram,
+    pcg_refine,
+)
 from ..restore import restored_on_error
 
 F64 = torch.float64
@@ -275,6 +282,8 @@ def sparsegpt(
     refine: str = "none",
     pcg_iters: int = 50,
     pcg_tol: float = 1e-3,
+    admm_iters: int = 40,
+    admm_rho: float = 0.1,
     loss_fn: LossFn | None = None,
     fisher_weight: float = 0.0,
     fisher_grads: int = 32,
@@ -305,8 +314,11 @@ def sparsegpt(
     every layer's CG objective (:mod:`mfac.prune.refine`); their time is
     ``timings["fisher_grads"]``.
     """
-    if refine not in ("none", "pcg"):
-        raise ValueError(f"refine must be 'none' or 'pcg', got {refine!r}")
+    if refine not in REFINES:
+        raise ValueError(f"refine must be one of {', '.join(REFINES)}, got {refine!r}")
+    if refine == "admm":
+        check_positive_int(admm_iters, "admm_iters")
+        check_damp(admm_rho, "admm_rho")
     joint = fisher_weight != 0
     if joint:
         check_fisher_request(refine, loss_fn, fisher_weight, fisher_grads)
@@ -324,7 +336,7 @@ def sparsegpt(
             "fisher_grads or pass more batches"
         )
     timings = {"collect": 0.0, "precompute": 0.0, "prune": 0.0}
-    if refine == "pcg":
+    if refine != "none":
         timings["refine"] = 0.0
     grads: GradientBuffer | None = None
     segments: dict[str, Segment] = {}
@@ -346,8 +358,13 @@ def sparsegpt(
     last_factor: tuple[torch.Tensor, torch.Tensor, float] | None = None
     seconds: dict[str, float] = {}
 
+    # the ADMM search's eigendecomposition of the same damped Hessian
+    last_eig: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    searches: dict[str, dict[str, object]] = {}
+    fallback: list[str] = []
+
     def prune_group(group: list[Target], stats: InputStats) -> None:
-        nonlocal last_h, last_factor
+        nonlocal last_h, last_factor, last_eig
         for t in group:
             t1 = time.perf_counter()
             gram, count = stats.get(t.name)
@@ -355,23 +372,42 @@ def sparsegpt(
             prior = None if priors is None else priors[t.name]
             if last_h is None or last_factor is None or not torch.equal(last_h, h):
                 last_h, last_factor = h, damped_inverse_factor(h, damp, name=t.name)
+                last_eig = None
             t2 = time.perf_counter()  # the Hessian and its factor are the precompute
             new, keep = prune_layer(
                 t.param, h, budgets[t.name], pattern, block, damp=damp, prior_mask=prior,
                 name=t.name, factor=last_factor,
             )  # fmt: skip
-            if refine == "pcg":
+            if refine != "none":
                 t3 = time.perf_counter()
                 rows = new.shape[0]
                 g = None
                 if grads is not None:  # this layer's m gradients, (m, rows * cols)
                     seg = segments[t.name]
                     g = grads.tensor[:, seg.offset : seg.offset + seg.size]
-                refined, report = pcg_refine(
-                    t.param.detach().reshape(rows, -1), keep.reshape(rows, -1),
-                    damped_gram(h, last_factor[2]), new.reshape(rows, -1),
-                    iters=pcg_iters, tol=pcg_tol, grads=g, fisher_weight=fisher_weight,
-                )  # fmt: skip
+                a_damped = damped_gram(h, last_factor[2])
+                dense = t.param.detach().reshape(rows, -1)
+                start, start_keep = new.reshape(rows, -1), keep.reshape(rows, -1)
+                if refine == "admm":
+                    if last_eig is None:
+                        last_eig = scaled_eig(a_damped)
+                    allowed = ~last_factor[1].to(start_keep.device)[None, :].expand_as(start_keep)
+                    if prior is not None:
+                        allowed = allowed & prior.reshape(rows, -1).to(allowed.device).bool()
+                    refined, found, search, report = search_refine(
+                        dense, a_damped, start, start_keep, pattern, allowed=allowed,
+                        iters=admm_iters, rho=admm_rho, eig=last_eig, pcg_iters=pcg_iters,
+                        pcg_tol=pcg_tol, grads=g, fisher_weight=fisher_weight,
+                    )  # fmt: skip
+                    searches[t.name] = dataclasses.asdict(search)
+                    keep = found.reshape(keep.shape)
+                    if search.fallback:
+                        fallback.append(t.name)
+                else:
+                    refined, report = pcg_refine(
+                        dense, start_keep, a_damped, start, iters=pcg_iters, tol=pcg_tol, grads=g,
+                        fisher_weight=fisher_weight,
+                    )  # fmt: skip
                 if not bool(torch.isfinite(refined).all()):
                     raise FloatingPointError(f"{t.name}: PCG produced non-finite weights")
                 new = refined.to(new.dtype).reshape(new.shape)
@@ -394,7 +430,7 @@ def sparsegpt(
             )  # fmt: skip
     finally:
         bar.close()
-    if refine == "pcg":
+    if refine != "none":
         stuck = [name for name, r in reports.items() if not r["converged"]]
         if stuck:
             warnings.warn(
@@ -410,6 +446,9 @@ def sparsegpt(
             done = list(reports.values())
             info["pcg_max_iterations"] = max((int(r["iterations"]) for r in done), default=0)
             info["pcg_max_residual"] = max((float(r["residual"]) for r in done), default=0.0)
+            if refine == "admm":
+                info["admm"] = searches
+                info["admm_fallback"] = fallback
     if info is not None:
         info["damp_escalated"] = escalated
         info["layer_seconds"] = seconds
@@ -422,8 +461,10 @@ def check_fisher_request(
 ) -> None:
     """Refuse the Fisher term of the refinement without what it needs, before anything runs."""
     check_fisher_weight(fisher_weight)
-    if refine != "pcg":
-        raise ValueError("fisher_weight > 0 is a term of the CG refinement: it needs refine='pcg'")
+    if refine == "none":
+        raise ValueError(
+            "fisher_weight > 0 is a term of the CG refinement: it needs refine='pcg' or 'admm'"
+        )
     if loss_fn is None or not callable(loss_fn):
         raise ValueError(
             "fisher_weight > 0 needs loss_fn(model, batch) returning a scalar loss (the "
@@ -442,8 +483,8 @@ def run(req: Request, cfg: SparseGPTConfig) -> dict[str, torch.Tensor]:
         targets=req.targets, pattern=req.pattern, block=cfg.block, damp=cfg.damp,
         calib_batches=cfg.calib_batches, sequential=cfg.sequential, priors=req.priors,
         progress=cfg.progress, info=req.info, refine=cfg.refine, pcg_iters=cfg.pcg_iters,
-        pcg_tol=cfg.pcg_tol, loss_fn=req.loss_fn, fisher_weight=cfg.fisher_weight,
-        fisher_grads=cfg.fisher_grads,
+        pcg_tol=cfg.pcg_tol, admm_iters=cfg.admm_iters, admm_rho=cfg.admm_rho,
+        loss_fn=req.loss_fn, fisher_weight=cfg.fisher_weight, fisher_grads=cfg.fisher_grads,
     )  # fmt: skip
     req.timings.update(timings)
     return masks
