@@ -1,8 +1,9 @@
 """Second-order pruning: one-shot OBS with the M-FAC inverse Fisher (summed single-weight
 updates, recomputation, exact OBC inside each Fisher block), layer-wise OBS (SparseGPT),
 magnitude and diagonal-Fisher baselines, exact weights on a fixed mask by batched PCG
-(:mod:`.refine`), Wanda, OWL and Fisher budgets for transformers, I-OBS for networks, N:M
-patterns, masks that hold, Hugging Face export, and gradual pruning.
+(:mod:`.refine`), a mask searched by ADMM (:mod:`.admm`), Wanda, OWL and Fisher budgets for
+transformers, I-OBS for networks, N:M patterns, masks that hold, Hugging Face export, and
+gradual pruning.
 
 One module per method in :mod:`mfac.prune.methods`, registered in :mod:`mfac.prune.registry`;
 the shared pieces each in their own module: targets (:mod:`._layers`), N:M patterns
@@ -12,6 +13,7 @@ the shared pieces each in their own module: targets (:mod:`._layers`), N:M patte
 """
 
 from .._validation import SingularHessianError
+from .admm import SearchReport, search_mask
 from .api import METHODS, oneshot
 from .budgets import OWLConfig, fisher_sparsities, owl_sparsities
 from .collect import gradient_buffer, squared_gradient_mean
@@ -49,6 +51,7 @@ __all__ = [
     "OWLConfig",
     "PruneResult",
     "RefineReport",
+    "SearchReport",
     "SingularHessianError",
     "WandaConfig",
     "apply_masks",
@@ -73,6 +76,7 @@ __all__ = [
     "save_masks",
     "save_pretrained_sparse",
     "save_sparse",
+    "search_mask",
     "sparsegpt",
     "squared_gradient_mean",
     "to_torch_prune",

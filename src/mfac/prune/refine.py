@@ -64,10 +64,10 @@ class RefineOptions(Options):
         "least squares on the mask by preconditioned CG (pcg), or first search a better mask "
         "of the same size by ADMM from SparseGPT's (admm, ALPS)", choices=REFINES,
     )  # fmt: skip
-    pcg_iters: int = option(50, "refine=pcg: most CG iterations per layer", low=1)
+    pcg_iters: int = option(50, "refine=pcg or admm: most CG iterations per layer", low=1)
     pcg_tol: float = option(
-        1e-3, "refine=pcg: stop once every row's residual, relative to its right-hand side, is "
-        "below this", low=0, low_open=True,
+        1e-3, "refine=pcg or admm: stop once every row's residual, relative to its right-hand "
+        "side, is below this", low=0, low_open=True,
     )  # fmt: skip
     admm_iters: int = option(40, "refine=admm: most ADMM iterations per layer", low=1)
     admm_rho: float = option(
@@ -79,8 +79,8 @@ class RefineOptions(Options):
         "the layer error (ratio of the two terms' traces; 0: the layer error alone)", low=0,
     )  # fmt: skip
     fisher_grads: int = option(
-        32, "refine=pcg, fisher_weight > 0: loss gradients m (one per calibration batch, at the "
-        "dense model)", low=1,
+        32, "refine=pcg or admm, fisher_weight > 0: loss gradients m (one per calibration "
+        "batch, at the dense model)", low=1,
     )  # fmt: skip
 
 

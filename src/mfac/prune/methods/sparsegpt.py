@@ -12,7 +12,8 @@ one matmul.
 (:mod:`mfac.prune.calibration`), at the uniform or a per-layer budget
 (:mod:`mfac.prune.budgets`). With ``refine="pcg"`` each layer's weights on its SparseGPT mask are
 then refined to the exact layer-wise least squares by batched preconditioned CG
-(:mod:`mfac.prune.refine`), warm-started from SparseGPT's.
+(:mod:`mfac.prune.refine`), warm-started from SparseGPT's; with ``refine="admm"`` a mask of the
+same size is first searched by ADMM from SparseGPT's (:mod:`mfac.prune.admm`).
 """
 
 from __future__ import annotations
@@ -307,8 +308,15 @@ def sparsegpt(
     (``pcg_max_iterations`` / ``pcg_max_residual``: the largest over the layers)
     (also one RuntimeWarning naming them). The CG time is ``timings["refine"]``.
 
-    ``fisher_weight`` beta > 0 (with ``refine="pcg"``) adds the empirical-Fisher loss model
-    of ``fisher_grads`` gradients of ``loss_fn(model, batch)`` (a scalar loss), one per
+    ``refine="admm"`` first searches each layer's mask by ADMM from SparseGPT's, keeping its
+    size (or the N:M pattern) and never an input the calibration leaves at zero, in at most
+    ``admm_iters`` iterations from the penalty ``admm_rho`` (:mod:`mfac.prune.admm`), then
+    runs the same CG on the mask found; a layer whose result ends above SparseGPT's own layer
+    error keeps SparseGPT's mask, refined (``info["admm_fallback"]``). ``info["admm"]`` gets
+    each layer's :class:`mfac.prune.admm.SearchReport`.
+
+    ``fisher_weight`` beta > 0 (with ``refine="pcg"`` or ``"admm"``) adds the empirical-Fisher
+    loss model of ``fisher_grads`` gradients of ``loss_fn(model, batch)`` (a scalar loss), one per
     calibration batch, taken at the dense model before anything is pruned
     (:func:`mfac.prune.collect.gradient_buffer`; memory-mapped past half the free RAM), to
     every layer's CG objective (:mod:`mfac.prune.refine`); their time is
