@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pcg-iters", type=int, default=50, help="-pcg methods: CG iterations")
     parser.add_argument("--pcg-tol", type=float, default=1e-3, help="-pcg methods: CG tolerance")
     parser.add_argument("--admm-iters", type=int, default=40, help="-admm methods: most iterations")
-    parser.add_argument("--admm-rho", type=float, default=0.1, help="-admm methods: first penalty")
+    parser.add_argument("--admm-rho", type=float, default=0.3, help="-admm methods: first penalty")
     parser.add_argument(
         "--fisher-weight", type=float, default=0.0,
         help="-pcg methods: beta of the empirical-Fisher term in the CG objective",

@@ -92,7 +92,7 @@ def admm_search(
     *,
     allowed: torch.Tensor | None = None,
     iters: int = 40,
-    rho: float = 0.1,
+    rho: float = 0.3,
     eig: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SearchReport]:
     """Search the keep-mask of ``dense`` W0 (rows x cols) under the damped Gram ``gram`` A
@@ -152,7 +152,7 @@ def search_refine(
     *,
     allowed: torch.Tensor | None = None,
     iters: int = 40,
-    rho: float = 0.1,
+    rho: float = 0.3,
     eig: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     pcg_iters: int = 50,
     pcg_tol: float = 1e-3,
@@ -192,7 +192,7 @@ def search_mask(
     start: torch.Tensor | None = None,
     pattern: str | tuple[int, int] | None = None,
     iters: int = 40,
-    rho: float = 0.1,
+    rho: float = 0.3,
     pcg_iters: int = 50,
     pcg_tol: float = 1e-3,
     damp: float = 0.01,

@@ -71,7 +71,7 @@ class RefineOptions(Options):
     )  # fmt: skip
     admm_iters: int = option(40, "refine=admm: most ADMM iterations per layer", low=1)
     admm_rho: float = option(
-        0.1, "refine=admm: the first ADMM penalty, relative to the unit-diagonal Hessian",
+        0.3, "refine=admm: the first ADMM penalty, relative to the unit-diagonal Hessian",
         low=0, low_open=True,
     )  # fmt: skip
     fisher_weight: float = option(

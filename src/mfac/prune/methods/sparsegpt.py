@@ -284,7 +284,7 @@ def sparsegpt(
     pcg_iters: int = 50,
     pcg_tol: float = 1e-3,
     admm_iters: int = 40,
-    admm_rho: float = 0.1,
+    admm_rho: float = 0.3,
     loss_fn: LossFn | None = None,
     fisher_weight: float = 0.0,
     fisher_grads: int = 32,
