@@ -737,9 +737,10 @@ def test_prune_text_lm_with_the_fisher_preset(work: Path, inproc) -> None:
     assert abs(report["achieved_sparsity"] - 0.5) < 0.01
 
 
-def test_prune_refine_pcg_flag(work: Path, inproc) -> None:
-    """``--refine pcg`` reaches SparseGPT's option set: the report records it and each layer's
-    CG summary; a value outside the choices is refused by name."""
+def test_prune_refine_flags(work: Path, inproc) -> None:
+    """``--refine pcg`` and ``--refine admm`` reach SparseGPT's option set: the report records
+    them, each layer's CG summary and ADMM search; a value outside the choices is refused by
+    name."""
     cmd = "prune --model tiny.py:lm --random-weights --data corpus.txt --method sparsegpt"
     cmd += " --pattern 2:4 --seq-len 32 --batch-size 4 -q"
     ok(inproc(cmd + " --refine pcg --pcg-iters 30 -o pcgout", cwd=work))
@@ -747,5 +748,11 @@ def test_prune_refine_pcg_flag(work: Path, inproc) -> None:
     assert report["options"]["refine"] == "pcg" and report["options"]["pcg_iters"] == 30
     assert 1 <= report["info"]["pcg_max_iterations"] <= 30
     assert abs(report["achieved_sparsity"] - 0.5) < 0.01
-    bad = inproc(cmd + " --refine admm -o bad", cwd=work)
+    ok(inproc(cmd + " --refine admm --admm-iters 7 -o admmout", cwd=work))
+    report = json.loads((work / "admmout" / "report.json").read_text())
+    assert report["options"]["refine"] == "admm" and report["options"]["admm_iters"] == 7
+    assert 1 <= report["info"]["admm_max_iterations"] <= 7
+    assert 0 < report["info"]["admm_moved"] < 1
+    assert abs(report["achieved_sparsity"] - 0.5) < 0.01
+    bad = inproc(cmd + " --refine ladmm -o bad", cwd=work)
     assert bad.returncode != 0 and "refine" in bad.stderr

@@ -90,7 +90,8 @@ def _optimum(w0: torch.Tensor, a: torch.Tensor, keep: int) -> float:
 def test_closer_to_the_brute_force_optimum_than_sparsegpt() -> None:
     """One row of 10 weights keeping 4 (210 masks), 16 correlated layers: the excess of the
     searched mask over the best mask is smaller than that of SparseGPT's mask (both with
-    exact weights on the mask), and the search is never worse than SparseGPT's weights."""
+    exact weights on the mask), and the search is never worse than SparseGPT's weights. (rho
+    0.1: the larger default 0.3, chosen on SmolLM2, stays nearer SparseGPT's mask here.)"""
     excess = {"sparsegpt": 0.0, "admm": 0.0}
     for seed in range(16):
         w0, h = _problem(1, 10, 14, seed)
@@ -99,11 +100,13 @@ def test_closer_to_the_brute_force_optimum_than_sparsegpt() -> None:
         new, keep = prune_layer(w0, h, 0.6, None, 10, damp=0.01)
         exact, _ = pcg_refine(w0, keep, a, new, iters=100, tol=1e-12)
         w = w0.clone()
-        _, rep = search_mask(w, keep, h, start=new, iters=100, pcg_iters=100, pcg_tol=1e-12)
+        _, rep = search_mask(
+            w, keep, h, start=new, iters=100, rho=0.1, pcg_iters=100, pcg_tol=1e-12
+        )
         assert rep.error_end <= layer_error(w0, new, a) * (1 + 1e-12)
         excess["sparsegpt"] += layer_error(w0, exact, a) / best - 1
         excess["admm"] += layer_error(w0, w, a) / best - 1
-    assert excess["admm"] < 0.5 * excess["sparsegpt"]
+    assert excess["admm"] < 0.2 * excess["sparsegpt"]
 
 
 @settings(max_examples=30, deadline=None)

@@ -313,7 +313,8 @@ def sparsegpt(
     ``admm_iters`` iterations from the penalty ``admm_rho`` (:mod:`mfac.prune.admm`), then
     runs the same CG on the mask found; a layer whose result ends above SparseGPT's own layer
     error keeps SparseGPT's mask, refined (``info["admm_fallback"]``). ``info["admm"]`` gets
-    each layer's :class:`mfac.prune.admm.SearchReport`.
+    each layer's :class:`mfac.prune.admm.SearchReport` (``admm_max_iterations``, and
+    ``admm_moved``: the mean share of a layer's kept weights the search moved).
 
     ``fisher_weight`` beta > 0 (with ``refine="pcg"`` or ``"admm"``) adds the empirical-Fisher
     loss model of ``fisher_grads`` gradients of ``loss_fn(model, batch)`` (a scalar loss), one per
@@ -457,6 +458,9 @@ def sparsegpt(
             if refine == "admm":
                 info["admm"] = searches
                 info["admm_fallback"] = fallback
+                found = list(searches.values())
+                info["admm_max_iterations"] = max((int(r["iterations"]) for r in found), default=0)
+                info["admm_moved"] = sum(float(r["moved"]) for r in found) / max(len(found), 1)
     if info is not None:
         info["damp_escalated"] = escalated
         info["layer_seconds"] = seconds
