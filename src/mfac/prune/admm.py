@@ -51,6 +51,9 @@ FAST, SLOW, BUSY = 1.3, 1.1, 0.01
 #: Iterations without a support change that end the search.
 SETTLED = 3
 
+#: :func:`scaled_eig`'s (sqrt(diag A), eigenvalues, eigenvectors) of one damped Gram.
+Eig = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 @dataclass(frozen=True)
 class SearchReport:
@@ -93,7 +96,7 @@ def admm_search(
     allowed: torch.Tensor | None = None,
     iters: int = 40,
     rho: float = 0.3,
-    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eig: Eig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SearchReport]:
     """Search the keep-mask of ``dense`` W0 (rows x cols) under the damped Gram ``gram`` A
     (cols x cols, float64) by ADMM from ``start`` (pruned weights) on ``start_mask``, keeping
@@ -133,7 +136,7 @@ def admm_search(
     return keep, d / s, report
 
 
-def scaled_eig(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def scaled_eig(gram: torch.Tensor) -> Eig:
     """(sqrt(diag A), eigenvalues, eigenvectors) of the unit-diagonal A / (s s^T), in float64:
     the factorisation every ADMM iteration applies (A + rho I)^-1 with."""
     a = gram.to(F64)
@@ -153,7 +156,7 @@ def search_refine(
     allowed: torch.Tensor | None = None,
     iters: int = 40,
     rho: float = 0.3,
-    eig: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    eig: Eig | None = None,
     pcg_iters: int = 50,
     pcg_tol: float = 1e-3,
     grads: torch.Tensor | None = None,

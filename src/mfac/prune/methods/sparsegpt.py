@@ -32,7 +32,7 @@ from ..._validation import SingularHessianError, check_damp, check_positive_int
 from ...operators import GradientBuffer
 from ...operators.layout import Segment
 from .._layers import LayerFilter, Layout, Target, find_targets
-from ..admm import scaled_eig, search_refine
+from ..admm import Eig, scaled_eig, search_refine
 from ..budgets import BudgetOptions, Sparsity, layer_budgets, resolve_budget
 from ..calibration import InputStats, calibration_batches, check_layerwise_targets, run_layerwise
 from ..collect import LossFn, gradient_buffer, progress_bar
@@ -368,7 +368,7 @@ def sparsegpt(
     seconds: dict[str, float] = {}
 
     # the ADMM search's eigendecomposition of the same damped Hessian
-    last_eig: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    last_eig: Eig | None = None
     searches: dict[str, dict[str, object]] = {}
     fallback: list[str] = []
 
