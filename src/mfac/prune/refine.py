@@ -1,5 +1,5 @@
 """Optimal weights on a fixed mask: batched preconditioned conjugate gradients (the weight update
-of ALPS, Meng et al. 2024, without its ADMM mask search).
+of ALPS, Meng et al. 2024; its ADMM mask search is :mod:`mfac.prune.admm`).
 
 For a linear map with calibration inputs X (Gram H = X^T X up to a scale) and dense weights W0
 (out x in), the pruned weights on a keep-mask S minimise
