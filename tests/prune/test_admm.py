@@ -230,3 +230,19 @@ def test_refine_admm_refusals_leave_the_model() -> None:
                 calib_batches=3, progress=False, **{"refine": "admm", **bad},
             )  # fmt: skip
         assert _same(model, snap)
+
+
+def test_unsettled_search_is_reported_by_name() -> None:
+    """A search cut off while the mask still moves is named in ``info["admm_unsettled"]`` and
+    one RuntimeWarning; the mask it reached is used and the pattern still holds."""
+    model, batches = _chain()
+    with pytest.warns(RuntimeWarning, match="still changing after admm_iters=1"):
+        res = mp.oneshot(
+            model, 0.5, "sparsegpt", data=batches, loss_fn=_run, layers=["layers.*"],
+            sequential=False, calib_batches=3, progress=False, refine="admm", admm_iters=1,
+            admm_rho=1e-3,
+        )  # fmt: skip
+    unsettled = res.info["admm_unsettled"]
+    assert unsettled and set(unsettled) <= set(res.masks)
+    assert all(not res.info["admm"][n]["settled"] for n in unsettled)
+    assert all(res.info["admm"][n]["iterations"] == 1 for n in res.masks)

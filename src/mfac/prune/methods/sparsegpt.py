@@ -312,7 +312,9 @@ def sparsegpt(
     size (or the N:M pattern) and never an input the calibration leaves at zero, in at most
     ``admm_iters`` iterations from the penalty ``admm_rho`` (:mod:`mfac.prune.admm`), then
     runs the same CG on the mask found; a layer whose result ends above SparseGPT's own layer
-    error keeps SparseGPT's mask, refined (``info["admm_fallback"]``). ``info["admm"]`` gets
+    error keeps SparseGPT's mask, refined (``info["admm_fallback"]``); layers whose mask was
+    still changing after ``admm_iters`` are named in ``info["admm_unsettled"]`` and one
+    RuntimeWarning. ``info["admm"]`` gets
     each layer's :class:`mfac.prune.admm.SearchReport` (``admm_max_iterations``, and
     ``admm_moved``: the mean share of a layer's kept weights the search moved).
 
@@ -444,8 +446,15 @@ def sparsegpt(
         if stuck:
             warnings.warn(
                 f"PCG did not reach pcg_tol={pcg_tol:g} within {pcg_iters} iterations on "
-                f"{len(stuck)} layer(s): {', '.join(stuck[:8])}{' ...' if len(stuck) > 8 else ''}"
-                " (their weights are still no worse than SparseGPT's)",
+                f"{_named(stuck)} (their weights are still no worse than SparseGPT's)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        unsettled = [name for name, r in searches.items() if not r["settled"]]
+        if unsettled:
+            warnings.warn(
+                f"the ADMM search's mask was still changing after admm_iters={admm_iters} on "
+                f"{_named(unsettled)} (its last mask was used; never worse than SparseGPT's)",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -458,6 +467,7 @@ def sparsegpt(
             if refine == "admm":
                 info["admm"] = searches
                 info["admm_fallback"] = fallback
+                info["admm_unsettled"] = unsettled
                 found = list(searches.values())
                 info["admm_max_iterations"] = max((int(r["iterations"]) for r in found), default=0)
                 info["admm_moved"] = sum(float(r["moved"]) for r in found) / max(len(found), 1)
@@ -466,6 +476,12 @@ def sparsegpt(
         info["layer_seconds"] = seconds
         info["calib_batches"] = len(batches)
     return masks, timings
+
+
+def _named(layers: list[str]) -> str:
+    """'N layer(s): a, b, ...' naming at most eight of ``layers``."""
+    more = " ..." if len(layers) > 8 else ""
+    return f"{len(layers)} layer(s): {', '.join(layers[:8])}{more}"
 
 
 def check_fisher_request(
