@@ -208,7 +208,9 @@ def test_oneshot_refine_admm_keeps_budgets_and_beats_sparsegpt(pattern) -> None:
         models[mode] = model
     info = results["admm"].info
     assert set(info["admm"]) == set(results["admm"].masks) == set(info["pcg"])
-    assert any(r["moved"] > 0 for r in info["admm"].values())
+    # the search changed some mask (checked on the masks, not on the reported share)
+    before = results["none"].masks
+    assert any(not torch.equal(k, before[n]) for n, k in results["admm"].masks.items())
     for name, keep in results["admm"].masks.items():
         assert int(keep.sum()) == int(results["none"].masks[name].sum())
         weight = models["admm"].get_submodule(name).weight.detach()

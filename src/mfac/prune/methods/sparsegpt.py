@@ -372,7 +372,6 @@ def sparsegpt(
     # the ADMM search's eigendecomposition of the same damped Hessian
     last_eig: Eig | None = None
     searches: dict[str, dict[str, object]] = {}
-    fallback: list[str] = []
 
     def prune_group(group: list[Target], stats: InputStats) -> None:
         nonlocal last_h, last_factor, last_eig
@@ -412,8 +411,6 @@ def sparsegpt(
                     )  # fmt: skip
                     searches[t.name] = dataclasses.asdict(search)
                     keep = found.reshape(keep.shape)
-                    if search.fallback:
-                        fallback.append(t.name)
                 else:
                     refined, report = pcg_refine(
                         dense, start_keep, a_damped, start, iters=pcg_iters, tol=pcg_tol, grads=g,
@@ -466,7 +463,7 @@ def sparsegpt(
             info["pcg_max_residual"] = max((float(r["residual"]) for r in done), default=0.0)
             if refine == "admm":
                 info["admm"] = searches
-                info["admm_fallback"] = fallback
+                info["admm_fallback"] = [n for n, r in searches.items() if r["fallback"]]
                 info["admm_unsettled"] = unsettled
                 found = list(searches.values())
                 info["admm_max_iterations"] = max((int(r["iterations"]) for r in found), default=0)
