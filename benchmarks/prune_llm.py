@@ -198,9 +198,10 @@ def layerwise(
         out["owl_ratios"] = {k: round(v, 5) for k, v in info.pop("owl_ratios").items()}
     if method.startswith("fisher-"):
         budget = fisher_budgets(
-            model, targets, calib, sparsity, args.owl_lambda, out, args.fisher_saliency,
-            args.fisher_block,
+            model, targets, calib[: args.budget_windows], sparsity, args.owl_lambda, out,
+            args.fisher_saliency, args.fisher_block,
         )
+        out["budget_windows"] = len(calib[: args.budget_windows])
         out["fisher_saliency"] = args.fisher_saliency
         if args.fisher_saliency == "mfac":
             out["fisher_block"] = args.fisher_block
@@ -432,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--fisher-block", type=int, default=128, help="--fisher-saliency mfac: Fisher block size"
+    )
+    parser.add_argument(
+        "--budget-windows", type=int, default=None,
+        help="fisher- methods: the first this many calibration windows set the budgets",
     )
     parser.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
     parser.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda")

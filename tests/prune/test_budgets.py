@@ -170,6 +170,44 @@ def test_fisher_budgets_match_a_direct_computation_and_change_nothing() -> None:
     assert all(torch.equal(res.masks[n], masks[n]) for n in masks)
 
 
+@pytest.mark.parametrize("budget", ["fisher", "owl"])
+def test_budget_batches_reads_a_prefix_of_the_calibration(budget: str) -> None:
+    """budget_batches=k: the budgets are those computed from the first k calibration batches
+    alone, while the pruning itself still reads every calibration batch."""
+    from mfac.prune import oneshot
+
+    _, batches = _chain(5)
+    key, common = f"{budget}_group_sparsity", {
+        "loss_fn": _loss, "layers": _layers, "budget": budget, "owl_spread": 0.1,
+        "owl_threshold": 2.0, "progress": False,
+    }  # fmt: skip
+    few = oneshot(_chain(5)[0], 0.6, "sparsegpt", data=batches[:2], calib_batches=2, **common)
+    res = oneshot(_chain(5)[0], 0.6, "sparsegpt", data=batches, calib_batches=3, budget_batches=2,
+                  **common)  # fmt: skip
+    assert res.info[key] == few.info[key]
+    assert res.info["budget_batches"] == 2 and res.info["calib_batches"] == 3
+    full = oneshot(_chain(5)[0], 0.6, "sparsegpt", data=batches, calib_batches=3, **common)
+    assert full.info["budget_batches"] == 3
+    assert full.info[key] != few.info[key]  # the third batch does move the budgets
+    # same budgets, more batches for the layer solves: the masks are those of 3 batches
+    ref, _ = _chain(5)
+    budgets = {n: float((~m).sum()) / m.numel() for n, m in res.masks.items()}
+    masks, _ = sparsegpt(ref, batches, _loss, budgets, layers=_layers, calib_batches=3,
+                         progress=False)  # fmt: skip
+    assert all(torch.equal(res.masks[n], masks[n]) for n in masks)
+
+
+def test_budget_batches_above_calib_batches_is_refused() -> None:
+    from mfac.prune import oneshot
+
+    model, batches = _chain(5)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="budget_batches=4 exceeds calib_batches=3"):
+        oneshot(model, 0.6, "sparsegpt", data=batches, loss_fn=_loss, layers=_layers,
+                budget="fisher", calib_batches=3, budget_batches=4, progress=False)  # fmt: skip
+    assert _same(model, snap)
+
+
 def test_fisher_budget_refuses_a_loss_that_is_not_a_scalar() -> None:
     from mfac.prune import oneshot
 

@@ -64,6 +64,11 @@ class BudgetOptions(Options):
         1e-2, "budget=fisher, fisher_saliency=mfac: damping, relative to the mean of diag(F)",
         low=0, low_open=True,
     )  # fmt: skip
+    budget_batches: int | None = option(
+        None, "budget=owl or fisher: the first this many calibration batches set the budgets "
+        "(default: all of them); fewer cut the Fisher budget's backward passes",
+        low=1,
+    )  # fmt: skip
 
 
 Sparsity = float | Mapping[str, float]
@@ -93,17 +98,24 @@ def resolve_budget(
     per-layer budgets, recorded in ``req.info`` with their cost in ``req.timings[budget]``.
     The calibration batches are taken from ``req.data`` once (into a list), so the budgets and
     the pruning that follows see the same batches even when ``req.data`` is a one-pass
-    iterator."""
+    iterator; the budgets read the first ``options.budget_batches`` of them."""
     if options.budget == "uniform":
         return req.sparsity
     if req.pattern is not None:
         req.info[options.budget] = "skipped: the N:M pattern fixes every layer's sparsity"
         return req.sparsity
+    used = options.budget_batches or calib_batches
+    if used > calib_batches:
+        raise ValueError(
+            f"budget_batches={used} exceeds calib_batches={calib_batches}: the budgets read a "
+            "prefix of the calibration batches"
+        )
     assert req.data is not None and req.loss_fn is not None
     req.data = list(islice(iter(req.data), calib_batches))
+    req.info["budget_batches"] = min(used, len(req.data))
     t0 = time.perf_counter()
     if options.budget == "owl":
-        config = OWLConfig(options.owl_threshold, options.owl_spread, calib_batches)
+        config = OWLConfig(options.owl_threshold, options.owl_spread, used)
         budgets = owl_sparsities(
             req.model, req.data, req.loss_fn, req.sparsity, config,
             targets=req.targets, info=req.info,
@@ -111,7 +123,7 @@ def resolve_budget(
     else:
         budgets = fisher_sparsities(
             req.model, req.data, req.loss_fn, req.sparsity, spread=options.owl_spread,
-            calib_batches=calib_batches, targets=req.targets, info=req.info,
+            calib_batches=used, targets=req.targets, info=req.info,
             saliency=options.fisher_saliency, block_size=options.fisher_block,
             damp=options.fisher_damp,
         )  # fmt: skip
