@@ -265,18 +265,11 @@ def layer_check(a: argparse.Namespace) -> dict:
 
 
 @torch.no_grad()
-def hessian_check(calib: torch.Tensor, blocks: tuple[int, ...] = (0, 5, 15)) -> dict:
-    """Per layer of a few blocks, on the dense model's inputs: SparseGPT at 2:4 with the float64
-    Hessian and with it rounded through float32 (``ours-sparsegpt-seq-h32``'s change), the
-    share of the mask that differs, the ratio of the layer errors (W - W0) H (W - W0)^T under
-    the float64 H, and the dead inputs (zero diagonal) of each."""
-    from transformers import AutoModelForCausalLM
-
-    from mfac.prune.methods.sparsegpt import prune_layer
-
-    from benchmarks.prune_llm import CACHE
-
-    model = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32)
+def dense_grams(
+    model: torch.nn.Module, calib: torch.Tensor, blocks: tuple[int, ...]
+) -> dict[str, tuple[torch.nn.Linear, torch.Tensor]]:
+    """Every Linear of the given transformer blocks ("block.name") with its SparseGPT Hessian
+    2 X^T X / tokens (float64) on the dense model's inputs from the windows of ``calib``."""
     grams: dict[str, torch.Tensor] = {}
     layers: dict[str, torch.nn.Linear] = {}
     hooks = []
@@ -291,13 +284,28 @@ def hessian_check(calib: torch.Tensor, blocks: tuple[int, ...] = (0, 5, 15)) -> 
                     grams[key] = grams.get(key, 0) + (x.T @ x).double()
 
                 hooks.append(mod.register_forward_hook(hook))
-    for i in range(calib.shape[0]):
-        model(calib[i : i + 1])
+    with torch.no_grad():
+        for i in range(calib.shape[0]):
+            model(calib[i : i + 1])
     for h in hooks:
         h.remove()
+    return {key: (mod, grams[key] * (2.0 / calib.numel())) for key, mod in layers.items()}
+
+
+def hessian_check(calib: torch.Tensor, blocks: tuple[int, ...] = (0, 5, 15)) -> dict:
+    """Per layer of a few blocks, on the dense model's inputs: SparseGPT at 2:4 with the float64
+    Hessian and with it rounded through float32 (``ours-sparsegpt-seq-h32``'s change), the
+    share of the mask that differs, the ratio of the layer errors (W - W0) H (W - W0)^T under
+    the float64 H, and the dead inputs (zero diagonal) of each."""
+    from transformers import AutoModelForCausalLM
+
+    from mfac.prune.methods.sparsegpt import prune_layer
+
+    from benchmarks.prune_llm import CACHE
+
+    model = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32)
     out = {}
-    for key, mod in layers.items():
-        h = grams[key] * (2.0 / calib.numel())
+    for key, (mod, h) in dense_grams(model, calib, blocks).items():
         w0 = mod.weight.detach().double()
         errs, keeps = [], []
         for hh in (h, h.float().double()):

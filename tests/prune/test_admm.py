@@ -54,6 +54,33 @@ def test_one_iteration_is_the_dense_admm_step(pattern) -> None:
     assert torch.allclose(d, w1 * keep / s, rtol=0, atol=1e-10)
 
 
+def test_growth_schedule_sees_each_iteration_and_sets_rho() -> None:
+    """``growth`` is called once per iteration with (rho, support entries that iteration
+    changed, kept weights) and its result is the next rho; the default grows 1.3x after an
+    iteration that moved over 1 % of the kept weights, else 1.1x."""
+    from mfac.prune.admm import grow
+
+    w0, h = _problem(6, 16, 40)
+    a = damped_gram(h, 0.01)
+    start_mask = torch.rand(6, 16, generator=torch.Generator().manual_seed(1)) < 0.5
+    count = int(start_mask.sum())
+    calls: list[tuple[float, int, int]] = []
+
+    def halve(rho: float, changed: int, kept: int) -> float:
+        calls.append((rho, changed, kept))
+        return rho / 2
+
+    first, _, _ = admm_search(w0, a, w0 * start_mask, start_mask, None, iters=1, rho=0.7)
+    _, _, rep = admm_search(w0, a, w0 * start_mask, start_mask, None, iters=6, rho=0.7,
+                            growth=halve)  # fmt: skip
+    assert len(calls) == rep.iterations
+    assert [c[0] for c in calls] == pytest.approx([0.7 / 2**i for i in range(len(calls))])
+    assert rep.rho == pytest.approx(0.7 / 2 ** len(calls))
+    assert calls[0][1] == int((first != start_mask).sum()) > 0
+    assert all(c[2] == count for c in calls)
+    assert grow(1.0, 2, 100) == pytest.approx(1.3) and grow(1.0, 1, 100) == pytest.approx(1.1)
+
+
 @pytest.mark.parametrize("pattern", [None, "2:4"])
 def test_diagonal_hessian_nears_the_optimum_from_the_worst_start(pattern) -> None:
     """With uncorrelated inputs the optimum keeps the largest w^2 A_jj and W0 on it; from the

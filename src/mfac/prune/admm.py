@@ -26,6 +26,7 @@ Its output is the support of the last D; the weights on it are then the exact le
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,17 @@ FAST, SLOW, BUSY = 1.3, 1.1, 0.01
 
 #: Iterations without a support change that end the search.
 SETTLED = 3
+
+#: A penalty schedule: (rho, support entries changed by the last iteration, kept weights) -> the
+#: next rho. May keep state across the calls of one search (a fresh one per layer).
+Growth = Callable[[float, int, int], float]
+
+
+def grow(rho: float, changed: int, kept: int) -> float:
+    """The default schedule: rho x 1.3 after an iteration that changed more than 1 % of the kept
+    weights, else x 1.1 (docs/prune.md §2g compares others)."""
+    return rho * (FAST if changed > BUSY * max(kept, 1) else SLOW)
+
 
 #: :func:`scaled_eig`'s (sqrt(diag A), eigenvalues, eigenvectors) of one damped Gram.
 Eig = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -97,14 +109,16 @@ def admm_search(
     iters: int = 40,
     rho: float = 0.3,
     eig: Eig | None = None,
+    growth: Growth = grow,
 ) -> tuple[torch.Tensor, torch.Tensor, SearchReport]:
     """Search the keep-mask of ``dense`` W0 (rows x cols) under the damped Gram ``gram`` A
     (cols x cols, float64) by ADMM from ``start`` (pruned weights) on ``start_mask``, keeping
     as many weights as ``start_mask`` (unstructured) or N of every M (``pattern``), only where
     ``allowed`` (default everywhere). ``eig``: :func:`scaled_eig` of ``gram``, when already
-    computed for a layer with the same input. Returns (mask, weights on it in the compute
-    dtype, report); inputs are trusted (:func:`mfac.prune.refine.refine_weights`-style checks
-    are the caller's). The compute dtype is float64 for float64 ``dense``, float32 otherwise."""
+    computed for a layer with the same input; ``growth``: the penalty schedule. Returns (mask,
+    weights on it in the compute dtype, report); inputs are trusted
+    (:func:`mfac.prune.refine.refine_weights`-style checks are the caller's). The compute
+    dtype is float64 for float64 ``dense``, float32 otherwise."""
     dtype = F64 if dense.dtype == F64 else torch.float32
     device = dense.device
     keep0 = start_mask.to(device, torch.bool)
@@ -130,7 +144,7 @@ def admm_search(
         d = x * keep
         v = x - d
         quiet = quiet + 1 if changed == 0 else 0
-        rho *= FAST if changed > BUSY * max(count, 1) else SLOW
+        rho = growth(rho, changed, count)
     moved = float((keep0 & ~keep).sum()) / max(count, 1)
     report = SearchReport(iterations=done, rho=rho, moved=moved, settled=quiet >= SETTLED)
     return keep, d / s, report
@@ -161,6 +175,7 @@ def search_refine(
     pcg_tol: float = 1e-3,
     grads: torch.Tensor | None = None,
     fisher_weight: float = 0.0,
+    growth: Growth = grow,
 ) -> tuple[torch.Tensor, torch.Tensor, SearchReport, RefineReport]:
     """:func:`admm_search`, then the CG weights on the mask found
     (:func:`mfac.prune.refine.pcg_refine`, with the optional Fisher term). If those end with a
@@ -168,8 +183,9 @@ def search_refine(
     instead, so the result is never worse than the start. Returns (weights, mask, search
     report, CG report); inputs are trusted."""
     found, on_found, search = admm_search(
-        dense, gram, start, start_mask, pattern, allowed=allowed, iters=iters, rho=rho, eig=eig
-    )
+        dense, gram, start, start_mask, pattern, allowed=allowed, iters=iters, rho=rho, eig=eig,
+        growth=growth,
+    )  # fmt: skip
     cg = {"iters": pcg_iters, "tol": pcg_tol, "grads": grads, "fisher_weight": fisher_weight}
     weights, report = pcg_refine(dense, found, gram, on_found, **cg)
     base = layer_error(dense, start, gram)
