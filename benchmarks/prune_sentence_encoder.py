@@ -53,6 +53,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "fisher-sparsegpt-pcg": ("fisher-sparsegpt", {"refine": "pcg"}),
     # a mask of the same size searched by ADMM from SparseGPT's, then the CG weights
     "sparsegpt-seq-admm": ("sparsegpt", {"refine": "admm"}),
+    "fisher-sparsegpt-admm": ("fisher-sparsegpt", {"refine": "admm"}),
     # narrower budget spreads than the preset's 0.08: how much of the encoder's loss is the spread
     "fisher-sparsegpt-spread0.04": ("fisher-sparsegpt", {"owl_spread": 0.04}),
     "fisher-sparsegpt-spread0.02": ("fisher-sparsegpt", {"owl_spread": 0.02}),
