@@ -113,14 +113,15 @@ def damped_gram(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row inner products, accumulated in float64: the row-wise solve's groups."""
-    return torch.einsum("ij,ij->i", a.to(F64), b.to(F64))
+    """Per-row inner products, accumulated in float64: the row-wise solve's groups. The
+    products stay in the operands' dtype (one temporary, no float64 copies of either)."""
+    return (a * b).sum(dim=1, dtype=F64)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """<a, b> over all entries, accumulated in float64, as a (1,) tensor: the whole layer as
     one group."""
-    return torch.vdot(a.reshape(-1).to(F64), b.reshape(-1).to(F64)).reshape(1)
+    return (a * b).sum(dtype=F64).reshape(1)
 
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
