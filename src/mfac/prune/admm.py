@@ -16,8 +16,9 @@ but applied to an iterate that already anticipates the other weights' removal. (
 is applied through one eigendecomposition of the scaled A per layer (float64, then the weight's
 dtype): two (out x in) @ (in x in) matmuls per iteration. While rho is small W stays near W0
 and the support moves freely; as rho grows W is pulled onto D and the support settles. rho grows
-by 30 % after an iteration that changed more than 1 % of the kept weights, else by 10 %; the
-search stops once the support has not changed for three iterations, or after ``iters``.
+by 30 % after an iteration that changed more than 1 % of the kept weights, else by 10 % (the
+default :func:`grow`; ``growth`` takes another schedule); the search stops once the support has
+not changed for three iterations, or after ``iters``.
 
 The search starts from a given mask and its weights (SparseGPT's): D = those weights, V = 0.
 Its output is the support of the last D; the weights on it are then the exact least squares
