@@ -355,6 +355,44 @@ def seed_table(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def compare_table(names: list[str], base: str, new: str) -> str:
+    """Markdown table, one line per (setting, draw) of the results files ``names``: ``base``
+    and ``new`` perplexity (Lee / Wiki / val), the change, and ``new``'s pruning seconds over
+    those of ``sparsegpt-seq`` in the same file (one invocation: the same load on the cores)."""
+    found: dict[tuple, dict[str, dict]] = {}
+    timing: dict[tuple, dict[str, float]] = {}
+    for name in names:
+        for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
+            if "error" in r:
+                continue
+            pattern = r.get("pattern", "none")
+            setting = pattern if pattern != "none" else f"{round(100 * r['target'])} %"
+            key = (setting, r["seed"])
+            found.setdefault(key, {})[r["method"]] = r
+            timing.setdefault((name, *key), {})[r["method"]] = r["prune_wall_s"]
+    fields = ("ppl", "ppl_wiki", "ppl_val")
+    lines = [
+        f"| setting | draw | {base} Lee / Wiki / val | {new} Lee / Wiki / val | change | "
+        f"{new} s / sparsegpt-seq s |",
+        "|---" * 6 + "|",
+    ]  # fmt: skip
+    for (setting, seed), rows in sorted(found.items(), key=str):
+        if base not in rows or new not in rows:
+            continue
+        a, b = rows[base], rows[new]
+        change = " / ".join(f"{100 * (b[f] / a[f] - 1):+.1f}" for f in fields) + " %"
+        ratio = "-"
+        for (_, st, sd), secs in timing.items():
+            if (st, sd) == (setting, seed) and new in secs and "sparsegpt-seq" in secs:
+                seq = secs["sparsegpt-seq"]
+                ratio = f"{secs[new]:.0f} / {seq:.0f} ({secs[new] / seq:.2f}x)"
+        lines.append(
+            f"| {setting} | {seed} | {' / '.join(f'{a[f]:.1f}' for f in fields)} | "
+            f"{' / '.join(f'{b[f]:.1f}' for f in fields)} | {change} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
 def table(names: list[str]) -> str:
     """Markdown table (perplexity Lee / Wiki per setting, then seconds and GB) from results
     files ``benchmarks/results/<name>.json``; later files override earlier rows."""
@@ -454,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--table", default=None, help="print the markdown table of these comma-separated results"
     )
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("BASE", "NEW"), default=None,
+        help="with --table: per setting and draw, method NEW against method BASE instead",
+    )  # fmt: skip
     return parser
 
 
@@ -463,7 +505,8 @@ def main() -> None:
         print(seed_table(args.seed_table.split(",")))
         return
     if args.table:
-        print(table(args.table.split(",")))
+        names = args.table.split(",")
+        print(compare_table(names, *args.compare) if args.compare else table(names))
         return
     args.seq = args.seq or (64 if args.quick else 256)
     args.m = args.m or (16 if args.quick else 64)
