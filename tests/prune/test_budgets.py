@@ -197,15 +197,22 @@ def test_budget_batches_reads_a_prefix_of_the_calibration(budget: str) -> None:
     assert all(torch.equal(res.masks[n], masks[n]) for n in masks)
 
 
-def test_budget_batches_above_calib_batches_is_refused() -> None:
+def test_budget_batches_is_capped_by_calib_batches_and_preset_default() -> None:
+    """budget_batches is an upper bound: above calib_batches the budgets read every calibration
+    batch; fisher-sparsegpt reads at most 32 by default, the base method all of them."""
     from mfac.prune import oneshot
+    from mfac.prune.methods.presets import FisherSparseGPTConfig
+    from mfac.prune.methods.sparsegpt import SparseGPTConfig
 
-    model, batches = _chain(5)
-    snap = _snapshot(model)
-    with pytest.raises(ValueError, match="budget_batches=4 exceeds calib_batches=3"):
-        oneshot(model, 0.6, "sparsegpt", data=batches, loss_fn=_loss, layers=_layers,
-                budget="fisher", calib_batches=3, budget_batches=4, progress=False)  # fmt: skip
-    assert _same(model, snap)
+    _, batches = _chain(5)
+    common = {"loss_fn": _loss, "layers": _layers, "budget": "fisher", "progress": False}
+    big = oneshot(_chain(5)[0], 0.6, "sparsegpt", data=batches, calib_batches=3,
+                  budget_batches=40, **common)  # fmt: skip
+    full = oneshot(_chain(5)[0], 0.6, "sparsegpt", data=batches, calib_batches=3, **common)
+    assert big.info["budget_batches"] == 3
+    assert big.info["fisher_group_sparsity"] == full.info["fisher_group_sparsity"]
+    assert FisherSparseGPTConfig().budget_batches == 32
+    assert SparseGPTConfig().budget_batches is None
 
 
 def test_fisher_budget_refuses_a_loss_that_is_not_a_scalar() -> None:

@@ -43,6 +43,15 @@ def budget_option(default: str) -> Any:
     return option(default, "how sparsity is spread over layers", choices=BUDGETS)
 
 
+def budget_batches_option(default: int | None) -> Any:
+    """The ``budget_batches`` field of a layer-wise method, with ``default`` as its default."""
+    return option(
+        default, "budget=owl or fisher: at most this many of the calibration batches (the first) "
+        "set the budgets (none: all of them); fewer cut the Fisher budget's backward passes",
+        low=1,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class BudgetOptions(Options):
     """The budget option of every layer-wise method: one sparsity for every layer, OWL's
@@ -64,11 +73,7 @@ class BudgetOptions(Options):
         1e-2, "budget=fisher, fisher_saliency=mfac: damping, relative to the mean of diag(F)",
         low=0, low_open=True,
     )  # fmt: skip
-    budget_batches: int | None = option(
-        None, "budget=owl or fisher: the first this many calibration batches set the budgets "
-        "(default: all of them); fewer cut the Fisher budget's backward passes",
-        low=1,
-    )  # fmt: skip
+    budget_batches: int | None = budget_batches_option(None)
 
 
 Sparsity = float | Mapping[str, float]
@@ -98,18 +103,13 @@ def resolve_budget(
     per-layer budgets, recorded in ``req.info`` with their cost in ``req.timings[budget]``.
     The calibration batches are taken from ``req.data`` once (into a list), so the budgets and
     the pruning that follows see the same batches even when ``req.data`` is a one-pass
-    iterator; the budgets read the first ``options.budget_batches`` of them."""
+    iterator; the budgets read at most the first ``options.budget_batches`` of them."""
     if options.budget == "uniform":
         return req.sparsity
     if req.pattern is not None:
         req.info[options.budget] = "skipped: the N:M pattern fixes every layer's sparsity"
         return req.sparsity
-    used = options.budget_batches or calib_batches
-    if used > calib_batches:
-        raise ValueError(
-            f"budget_batches={used} exceeds calib_batches={calib_batches}: the budgets read a "
-            "prefix of the calibration batches"
-        )
+    used = min(options.budget_batches or calib_batches, calib_batches)
     assert req.data is not None and req.loss_fn is not None
     req.data = list(islice(iter(req.data), calib_batches))
     req.info["budget_batches"] = min(used, len(req.data))

@@ -9,8 +9,8 @@ sequential SparseGPT.
 
 ``fisher-sparsegpt``: the same, with the per-stage budgets set by the loss's curvature instead
 of OWL's activation outliers (``budget="fisher"``, :mod:`mfac.prune.budgets.fisher`). It needs
-``loss_fn`` to return a scalar loss, and costs one backward pass per calibration batch more than
-``owl-sparsegpt``.
+``loss_fn`` to return a scalar loss, and costs one backward pass per calibration batch (at most
+32 by default, ``budget_batches``) more than ``owl-sparsegpt``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..._config import option
-from ..budgets import budget_option
+from ..budgets import budget_batches_option, budget_option
 from ..method import Method
 from . import sparsegpt
 
@@ -44,9 +44,11 @@ METHOD = Method(
 @dataclass(frozen=True, kw_only=True)
 class FisherSparseGPTConfig(OWLSparseGPTConfig):
     """Options of ``method="fisher-sparsegpt"``: ``owl-sparsegpt``'s, with the diagonal-Fisher
-    budget by default."""
+    budget from at most 32 calibration batches by default (more calibration for the layer
+    solves does not need more backward passes for the budgets; docs/prune.md §2g)."""
 
     budget: str = budget_option("fisher")
+    budget_batches: int | None = budget_batches_option(32)
 
 
 FISHER_METHOD = Method(
