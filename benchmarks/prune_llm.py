@@ -29,7 +29,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -355,21 +355,27 @@ def seed_table(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def result_rows(names: list[str]) -> Iterator[tuple[str, str, dict]]:
+    """(file name, setting such as "70 %" or "2:4", row) of every completed row of the results
+    files ``benchmarks/results/<name>.json``, in file order."""
+    for name in names:
+        for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
+            if "error" not in r:
+                pattern = r.get("pattern", "none")
+                target = round(100 * r.get("target", 0.5))
+                yield name, pattern if pattern != "none" else f"{target} %", r
+
+
 def compare_table(names: list[str], base: str, new: str) -> str:
     """Markdown table, one line per (setting, draw) of the results files ``names``: ``base``
     and ``new`` perplexity (Lee / Wiki / val), the change, and ``new``'s pruning seconds over
     those of ``sparsegpt-seq`` in the same file (one invocation: the same load on the cores)."""
     found: dict[tuple, dict[str, dict]] = {}
     timing: dict[tuple, dict[str, float]] = {}
-    for name in names:
-        for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
-            if "error" in r:
-                continue
-            pattern = r.get("pattern", "none")
-            setting = pattern if pattern != "none" else f"{round(100 * r['target'])} %"
-            key = (setting, r["seed"])
-            found.setdefault(key, {})[r["method"]] = r
-            timing.setdefault((name, *key), {})[r["method"]] = r["prune_wall_s"]
+    for name, setting, r in result_rows(names):
+        key = (setting, r["seed"])
+        found.setdefault(key, {})[r["method"]] = r
+        timing.setdefault((name, *key), {})[r["method"]] = r["prune_wall_s"]
     fields = ("ppl", "ppl_wiki", "ppl_val")
     lines = [
         f"| setting | draw | {base} Lee / Wiki / val | {new} Lee / Wiki / val | change | "
@@ -396,14 +402,7 @@ def compare_table(names: list[str], base: str, new: str) -> str:
 def table(names: list[str]) -> str:
     """Markdown table (perplexity Lee / Wiki per setting, then seconds and GB) from results
     files ``benchmarks/results/<name>.json``; later files override earlier rows."""
-    rows: dict[tuple, dict] = {}
-    for name in names:
-        for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
-            if "error" in r:
-                continue
-            pattern = r.get("pattern", "none")
-            setting = pattern if pattern != "none" else f"{round(100 * r.get('target', 0.5))} %"
-            rows[(r["method"], setting)] = r
+    rows = {(r["method"], setting): r for _, setting, r in result_rows(names)}
     settings = sorted({s for _, s in rows if s.endswith("%")}) + sorted(
         {s for _, s in rows if not s.endswith("%")}
     )
