@@ -109,10 +109,11 @@ def resolve_budget(
     if req.pattern is not None:
         req.info[options.budget] = "skipped: the N:M pattern fixes every layer's sparsity"
         return req.sparsity
-    used = min(options.budget_batches or calib_batches, calib_batches)
     assert req.data is not None and req.loss_fn is not None
     req.data = list(islice(iter(req.data), calib_batches))
-    req.info["budget_batches"] = min(used, len(req.data))
+    # a short ``data`` is warned about once, by the pruning that follows, not by the budgets
+    used = max(1, min(options.budget_batches or calib_batches, calib_batches, len(req.data)))
+    req.info["budget_batches"] = used
     t0 = time.perf_counter()
     if options.budget == "owl":
         config = OWLConfig(options.owl_threshold, options.owl_spread, used)
