@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mfac.prune.admm import FAST, SLOW, grow, scaled_eig, search_refine
+from mfac.prune.admm import FAST, SLOW, grow, scaled_eig, search_refine, two_speed
 from mfac.prune.methods.sparsegpt import prune_layer
 from mfac.prune.refine import damped_gram
 
@@ -33,12 +33,6 @@ KINDS = ("q_proj", "o_proj", "gate_proj", "down_proj")
 
 #: (setting, sparsity, pattern, damping): each at the damping chosen on validation for it.
 SETTINGS = (("70%", 0.7, None, 0.1), ("2:4", 0.5, (2, 4), 0.01))
-
-
-def two_speed(fast: float, slow: float, busy: float = 0.01):
-    """rho x ``fast`` after an iteration that moved more than ``busy`` of the kept weights,
-    else x ``slow``: the library's rule with other constants."""
-    return lambda rho, changed, kept: rho * (fast if changed > busy * max(kept, 1) else slow)
 
 
 class Tiered:

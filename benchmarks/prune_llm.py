@@ -331,15 +331,10 @@ def seed_table(names: list[str]) -> str:
     import statistics
 
     groups: dict[tuple, list[dict]] = {}
-    for name in names:
-        for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
-            if "error" not in r:
-                damp = None if r["method"].endswith("wanda") else r.get("damp")  # no knob
-                key = (
-                    r["method"], damp, r.get("pattern", "none"),
-                    round(r.get("target", 0.5), 4),
-                )  # fmt: skip
-                groups.setdefault(key, []).append(r)
+    for _, _, r in result_rows(names):
+        damp = None if r["method"].endswith("wanda") else r.get("damp")  # no knob
+        key = (r["method"], damp, r.get("pattern", "none"), round(r.get("target", 0.5), 4))
+        groups.setdefault(key, []).append(r)
 
     def stat(rows: list[dict], field: str) -> str:
         vals = [r[field] for r in rows if field in r]
@@ -371,11 +366,17 @@ def compare_table(names: list[str], base: str, new: str) -> str:
     and ``new`` perplexity (Lee / Wiki / val), the change, and ``new``'s pruning seconds over
     those of ``sparsegpt-seq`` in the same file (one invocation: the same load on the cores)."""
     found: dict[tuple, dict[str, dict]] = {}
-    timing: dict[tuple, dict[str, float]] = {}
+    per_file: dict[tuple, dict[str, float]] = {}
     for name, setting, r in result_rows(names):
         key = (setting, r["seed"])
         found.setdefault(key, {})[r["method"]] = r
-        timing.setdefault((name, *key), {})[r["method"]] = r["prune_wall_s"]
+        per_file.setdefault((name, *key), {})[r["method"]] = r["prune_wall_s"]
+    ratio = {
+        (setting, seed): f"{secs[new]:.0f} / {secs['sparsegpt-seq']:.0f} "
+        f"({secs[new] / secs['sparsegpt-seq']:.2f}x)"
+        for (_, setting, seed), secs in per_file.items()
+        if new in secs and "sparsegpt-seq" in secs
+    }  # fmt: skip
     fields = ("ppl", "ppl_wiki", "ppl_val")
     lines = [
         f"| setting | draw | {base} Lee / Wiki / val | {new} Lee / Wiki / val | change | "
@@ -387,14 +388,10 @@ def compare_table(names: list[str], base: str, new: str) -> str:
             continue
         a, b = rows[base], rows[new]
         change = " / ".join(f"{100 * (b[f] / a[f] - 1):+.1f}" for f in fields) + " %"
-        ratio = "-"
-        for (_, st, sd), secs in timing.items():
-            if (st, sd) == (setting, seed) and new in secs and "sparsegpt-seq" in secs:
-                seq = secs["sparsegpt-seq"]
-                ratio = f"{secs[new]:.0f} / {seq:.0f} ({secs[new] / seq:.2f}x)"
         lines.append(
             f"| {setting} | {seed} | {' / '.join(f'{a[f]:.1f}' for f in fields)} | "
-            f"{' / '.join(f'{b[f]:.1f}' for f in fields)} | {change} | {ratio} |"
+            f"{' / '.join(f'{b[f]:.1f}' for f in fields)} | {change} | "
+            f"{ratio.get((setting, seed), '-')} |"
         )
     return "\n".join(lines)
 
@@ -473,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--budget-windows", type=int, default=None,
-        help="fisher- methods: the first this many calibration windows set the budgets",
+        help="fisher- methods: the first this many calibration windows set the budgets (default: "
+        "all of them, the baseline of docs/prune.md §2g; the library preset's own default is 32)",
     )
     parser.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
     parser.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda")

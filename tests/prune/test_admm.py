@@ -58,7 +58,7 @@ def test_growth_schedule_sees_each_iteration_and_sets_rho() -> None:
     """``growth`` is called once per iteration with (rho, support entries that iteration
     changed, kept weights) and its result is the next rho; the default grows 1.3x after an
     iteration that moved over 1 % of the kept weights, else 1.1x."""
-    from mfac.prune.admm import grow
+    from mfac.prune.admm import grow, two_speed
 
     w0, h = _problem(6, 16, 40)
     a = damped_gram(h, 0.01)
@@ -79,6 +79,8 @@ def test_growth_schedule_sees_each_iteration_and_sets_rho() -> None:
     assert calls[0][1] == int((first != start_mask).sum()) > 0
     assert all(c[2] == count for c in calls)
     assert grow(1.0, 2, 100) == pytest.approx(1.3) and grow(1.0, 1, 100) == pytest.approx(1.1)
+    custom = two_speed(2.0, 1.0, busy=0.1)
+    assert custom(1.0, 11, 100) == 2.0 and custom(1.0, 10, 100) == 1.0
 
 
 @pytest.mark.parametrize("pattern", [None, "2:4"])

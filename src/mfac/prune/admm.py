@@ -58,10 +58,19 @@ SETTLED = 3
 Growth = Callable[[float, int, int], float]
 
 
-def grow(rho: float, changed: int, kept: int) -> float:
-    """The default schedule: rho x 1.3 after an iteration that changed more than 1 % of the kept
-    weights, else x 1.1 (docs/prune.md §2g compares others)."""
-    return rho * (FAST if changed > BUSY * max(kept, 1) else SLOW)
+def two_speed(fast: float = FAST, slow: float = SLOW, busy: float = BUSY) -> Growth:
+    """The schedule rho x ``fast`` after an iteration that changed more than ``busy`` of the
+    kept weights, else x ``slow`` (docs/prune.md §2g compares constants and other rules)."""
+
+    def grow(rho: float, changed: int, kept: int) -> float:
+        return rho * (fast if changed > busy * max(kept, 1) else slow)
+
+    return grow
+
+
+#: The default schedule: x1.3 after an iteration that moved more than 1 % of the kept weights,
+#: else x1.1.
+grow = two_speed()
 
 
 #: :func:`scaled_eig`'s (sqrt(diag A), eigenvalues, eigenvectors) of one damped Gram.
