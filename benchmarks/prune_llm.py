@@ -255,12 +255,20 @@ def layerwise(
     out["timings"] = {k: round(v, 2) for k, v in timings.items()}
     out["schedule"] = info.get("schedule")
     out["damp_escalated"] = info.get("damp_escalated", {})
+    if "damp" in info:  # damp=auto: how many layers got each damping
+        used = [str(v) for v in info["damp"].values()]
+        out["damp_layers"] = {v: used.count(v) for v in sorted(set(used))}
     per_kind: dict[str, float] = {}
     for name, sec in info.get("layer_seconds", {}).items():
         kind = name.rsplit(".", 1)[-1]
         per_kind[kind] = per_kind.get(kind, 0.0) + sec
     if per_kind:  # seconds of Hessian factorisation + pruning, summed over the 30 blocks
         out["prune_s_by_layer"] = {k: round(v, 2) for k, v in per_kind.items()}
+
+
+def damp_arg(text: str) -> float | None:
+    """``--damp``: a number, or ``auto`` (None: each layer's damping from its calibration size)."""
+    return None if text.strip().lower() == "auto" else float(text)
 
 
 def child(method: str, pattern: str | None, sparsity: float, args: argparse.Namespace) -> dict:
@@ -277,7 +285,7 @@ def child(method: str, pattern: str | None, sparsity: float, args: argparse.Name
     gen = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(train.shape[0], generator=gen)
     out: dict = {"method": method, "pattern": pattern or "none", "target": sparsity}
-    out["damp"] = args.damp
+    out["damp"] = "auto" if args.damp is None else args.damp
     out["seed"] = args.seed
     out["draw"] = args.draw
     if method.endswith(("-pcg", "-admm")):
@@ -445,7 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--sparsities", default="0.5", help="comma list of unstructured sparsities")
     parser.add_argument("--patterns", default="none,2:4", help="comma list: none and/or N:M")
-    parser.add_argument("--damp", type=float, default=0.01, help="sparsegpt relative damping")
+    parser.add_argument(
+        "--damp", type=damp_arg, default=0.01,
+        help="sparsegpt relative damping, or auto: the presets' rule by calibration size",
+    )  # fmt: skip
     parser.add_argument(
         "--val-windows", type=int, default=0,
         help="validation perplexity on this many unused calibration-text windows",

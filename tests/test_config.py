@@ -101,7 +101,7 @@ def test_a_new_method_is_one_config_and_one_registry_entry(monkeypatch) -> None:
     assert torch.equal(model[0].weight, before)
     from mfac.cli.options import method_options
 
-    assert method_options("prune")["offset"][1] == {"every-other": 0}
+    assert method_options("prune")["offset"][1] == {"every-other": "0"}
 
 
 def test_options_base_checks_every_field() -> None:

@@ -191,12 +191,16 @@ def markdown_table(options: Iterable[Option]) -> str:
         bounds = o.spec.bounds() if o.kind != "choice" else ""
         kind += f" ({bounds})" if bounds else ""
         meaning = o.spec.help + (" **required**" if o.spec.required else "")
-        cells = [f"`{o.name}`", kind, _default_text(o.default), meaning]
+        cells = [f"`{o.name}`", kind, default_text(o, o.default), meaning]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
 
 
-def _default_text(value: Any) -> str:
+def default_text(o: Option, value: Any) -> str:
+    """``value`` as a default of ``o`` reads in help and docs; None is the option's own word for
+    it where it has one (``auto``), else ``-``."""
+    if value is None and o.spec.null_words[0] not in ("none", "null"):
+        return o.spec.null_words[0]
     if value is None or value is dataclasses.MISSING:
         return "-"
     if isinstance(value, tuple):

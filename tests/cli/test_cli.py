@@ -22,6 +22,7 @@ from mfac.cli import main
 from mfac.cli.common import MARKER, CLIError, atomic_dir, atomic_file
 from mfac.cli.options import PruneCommand, coerce, method_options
 from mfac.prune import read_sparse
+from mfac.prune.methods.presets import FisherSparseGPTConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -543,6 +544,11 @@ def test_recipe_coercion() -> None:
     assert coerce(f["num_grads"], "1e3", "num_grads") == 1000
     assert coerce(f["block_size"], "full", "block_size") is None
     assert coerce(f["pattern"], " 2 : 4 ", "pattern") == "2:4"
+    preset = {o.name: o for o in options_of(FisherSparseGPTConfig)}
+    assert coerce(preset["damp"], "auto", "damp") is None  # the calibration-size rule
+    assert coerce(preset["damp"], "0.1", "damp") == 0.1
+    with pytest.raises(CLIError):
+        coerce(f["damp"], "auto", "damp")  # M-FAC's damping has no rule: a number is needed
     for field, value in [
         ("damp", "abc"),
         ("damp", True),

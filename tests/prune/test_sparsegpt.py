@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from mfac.prune._layers import find_targets
-from mfac.prune.methods.sparsegpt import damped_inverse_factor, prune_layer, sparsegpt
+from mfac.prune.methods.sparsegpt import (
+    calibration_damp,
+    damped_inverse_factor,
+    prune_layer,
+    sparsegpt,
+)
 
 from prune_models import _chain, _layers, _run, _same, _snapshot
 
@@ -91,6 +96,37 @@ def test_sparsegpt_cholesky_escalates_damping(monkeypatch) -> None:
         )
     assert info["damp_escalated"] == {"layers.0.up": pytest.approx(0.1)}
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_calibration_damp_switches_at_ten_tokens_per_input() -> None:
+    assert calibration_damp(639, 64) == 0.1
+    assert calibration_damp(640, 64) == 0.01
+    assert calibration_damp(16384, 1536) == 0.01  # 128 windows of 128 tokens, SmolLM2's MLP
+    assert calibration_damp(4096, 576) == 0.1  # 32 windows, its attention inputs
+
+
+def test_auto_damp_is_each_layers_own_damping() -> None:
+    # 8 batches of 4 x 3 tokens: 96 tokens, at least 10 per input of the 8-wide `up` layers
+    # (0.01) and fewer than 10 per input of the 12-wide `down` layers (0.1); in one pass every
+    # layer sees the dense model's inputs, so each must equal the run at its own damping
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 5, dtype=F64) for _ in range(8)]
+    runs = {}
+    for damp in (None, 0.01, 0.1):
+        model, _ = _chain()
+        info: dict[str, object] = {}
+        sparsegpt(
+            model, batches, _run, 0.5, layers=_layers, calib_batches=8, sequential=False,
+            damp=damp, progress=False, info=info,
+        )  # fmt: skip
+        runs[damp] = (dict(model.named_parameters()), info)
+    params, info = runs[None]
+    expect = {n: 0.01 if n.endswith(".up") else 0.1 for n in info["damp"]}
+    assert info["damp"] == expect and len(expect) == 6
+    for name, value in expect.items():
+        weight = name + ".weight"
+        assert torch.equal(params[weight], runs[value][0][weight]), name
+    assert "damp" not in runs[0.01][1]
 
 
 def test_sparsegpt_unfactorable_raises_and_restores(monkeypatch) -> None:

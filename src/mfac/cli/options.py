@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._config import Option, Options, markdown_table, option, options_of
+from .._config import Option, Options, default_text, markdown_table, option, options_of
 from ..prune import REGISTRY
 from ..prune.patterns import parse_pattern
 from ..recovery.options import CONFIGS
@@ -167,11 +167,11 @@ def _cli(cls: type[Options]) -> dict[str, Option]:
 
 def method_options(command: str) -> dict[str, tuple[Option, dict[str, Any]]]:
     """Every method option of ``command``: name -> (its first declaration, {method taking it:
-    its default there})."""
-    out: dict[str, tuple[Option, dict[str, Any]]] = {}
+    its default there, as help and docs show it})."""
+    out: dict[str, tuple[Option, dict[str, str]]] = {}
     for method, cls in method_configs(command).items():
         for name, o in _cli(cls).items():
-            out.setdefault(name, (o, {}))[1][method] = o.default
+            out.setdefault(name, (o, {}))[1][method] = default_text(o, o.default)
     return out
 
 
@@ -242,20 +242,20 @@ def _number(o: Option, value: Any, where: str) -> float | int:
 
 
 # ----------------------------------------------------------------------------- argparse glue
-def _help(o: Option, methods: dict[str, Any] | None = None) -> str:
+def _help(o: Option, methods: dict[str, str] | None = None) -> str:
     bounds = o.spec.bounds() if o.kind not in ("choice", "bool") else ""
     parts = [o.spec.help.replace("%", "%%"), f"[{bounds}]" if bounds else ""]
     if methods is not None:  # "(mfac, mfac-exact: 128; sparsegpt: 32)"
         groups: dict[str, list[str]] = {}
         for method, default in methods.items():
-            groups.setdefault(str(default), []).append(method)
+            groups.setdefault(default, []).append(method)
         parts.append("(" + "; ".join(f"{', '.join(m)}: {d}" for d, m in groups.items()) + ")")
     elif o.default is not None and not o.spec.required:
         parts.append(f"(default: {o.default})")
     return " ".join(p for p in parts if p)
 
 
-def _add(group: Any, o: Option, methods: dict[str, Any] | None = None) -> None:
+def _add(group: Any, o: Option, methods: dict[str, str] | None = None) -> None:
     names = [o.flag] + ([o.spec.short] if o.spec.short else [])
     kw: dict[str, Any] = {"dest": o.name, "default": None, "help": _help(o, methods)}
     if o.kind == "bool":

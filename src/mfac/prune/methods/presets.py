@@ -3,8 +3,9 @@
 ``owl-sparsegpt``: OWL budgets (outlier-rich stages pruned less, the mean sparsity kept)
 measured on the dense model, then SparseGPT stage by stage, each stage calibrated on the outputs
 of the already-pruned ones. It is ``method="sparsegpt"`` with ``budget="owl"``,
-``sequential=True`` and damping 0.1 (SparseGPT's own default is 0.01; docs/prune.md says how it
-was chosen); with an N:M pattern every layer's sparsity is fixed by the pattern, so it is
+``sequential=True`` and the damping set per layer by the calibration size (0.1 under 10
+calibration tokens per input feature, else SparseGPT's own 0.01; docs/prune.md says how it was
+chosen); with an N:M pattern every layer's sparsity is fixed by the pattern, so it is
 sequential SparseGPT.
 
 ``fisher-sparsegpt``: the same, with the per-stage budgets set by the loss's curvature instead
@@ -25,12 +26,15 @@ from . import sparsegpt
 
 @dataclass(frozen=True, kw_only=True)
 class OWLSparseGPTConfig(sparsegpt.SparseGPTConfig):
-    """Options of ``method="owl-sparsegpt"``: SparseGPT's, with the OWL budget and damping 0.1
-    by default."""
+    """Options of ``method="owl-sparsegpt"``: SparseGPT's, with the OWL budget and auto damping.
 
-    damp: float = option(
-        0.1, "damping, relative to the Hessian diagonal (chosen on validation text)",
-        low=0, low_open=True,
+    The damping defaults to the calibration-size rule (``damp=None``,
+    :func:`mfac.prune.methods.sparsegpt.calibration_damp`)."""
+
+    damp: float | None = option(
+        None, "damping, relative to the Hessian diagonal (auto: per layer, 0.1 under 10 "
+        "calibration tokens per input feature, else 0.01; chosen on validation text)",
+        low=0, low_open=True, null_words=("auto", "none", "null"),
     )  # fmt: skip
     budget: str = budget_option("owl")
 

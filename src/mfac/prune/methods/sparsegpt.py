@@ -57,12 +57,31 @@ SUB_BLOCK = 16
 #: Damping escalation after a failed Cholesky: at most this many retries, each 10x the last.
 DAMP_RETRIES = 4
 
+#: ``damp=None`` (the presets' default): below this many calibration tokens per input feature a
+#: layer's Gram is poorly determined and the OBS update fits the calibration text, so it gets
+#: ``SHORT_CALIBRATION_DAMP``; from there SparseGPT's published 0.01 (docs/prune.md §2g).
+TOKENS_PER_INPUT = 10
+SHORT_CALIBRATION_DAMP = 0.1
+LONG_CALIBRATION_DAMP = 0.01
+
+
+def calibration_damp(tokens: int, inputs: int) -> float:
+    """The relative damping ``damp=None`` gives a layer with ``inputs`` input features calibrated
+    on ``tokens`` tokens: 0.1 under ``TOKENS_PER_INPUT`` tokens per input, else 0.01."""
+    if tokens < TOKENS_PER_INPUT * inputs:
+        return SHORT_CALIBRATION_DAMP
+    return LONG_CALIBRATION_DAMP
+
 
 @dataclass(frozen=True, kw_only=True)
 class ProjectionOptions(LayerOptions):
     """Options shared by the methods built on SparseGPT projections."""
 
-    damp: float = option(0.01, "damping, relative to the Hessian diagonal", low=0, low_open=True)
+    damp: float | None = option(
+        0.01, "damping, relative to the Hessian diagonal (auto: per layer, 0.1 under 10 "
+        "calibration tokens per input feature, else 0.01)",
+        low=0, low_open=True, null_words=("auto", "none", "null"),
+    )  # fmt: skip
     calib_batches: int = option(32, "calibration batches per projection", low=1)
     sequential: bool = option(
         True, "re-run calibration per stage so later layers see the pruned earlier ones"
@@ -274,7 +293,7 @@ def sparsegpt(
     layers: LayerFilter = None,
     pattern: Pattern = None,
     block: int = 128,
-    damp: float = 0.01,
+    damp: float | None = 0.01,
     calib_batches: int = 32,
     sequential: bool = True,
     priors: dict[str, torch.Tensor] | None = None,
@@ -297,9 +316,10 @@ def sparsegpt(
     None or 1 - N/M (:func:`mfac.prune.patterns.check_nm_sparsity` refuses anything else).
     Sequential mode prunes stage by stage, each stage calibrated on the outputs of the
     already-pruned stages before it (inputs captured once and propagated; see
-    :mod:`mfac.prune.calibration`). ``info``, when given, receives the schedule that ran and the
-    damping used per layer where a failed Cholesky escalated it (``damp_escalated``). On any
-    error the weights are restored.
+    :mod:`mfac.prune.calibration`). ``damp=None`` sets each layer's damping from its calibration
+    size (:func:`calibration_damp`; ``info["damp"]`` records it per layer). ``info``, when given,
+    receives the schedule that ran and the damping used per layer where a failed Cholesky
+    escalated it (``damp_escalated``). On any error the weights are restored.
 
     ``refine="pcg"`` refines every layer's weights on its SparseGPT mask by at most
     ``pcg_iters`` Jacobi-preconditioned CG iterations on the same damped Hessian
@@ -338,7 +358,8 @@ def sparsegpt(
     check_layerwise_targets(targets)
     check_pattern_fits(targets, pattern)
     budgets = layer_budgets(targets, sparsity, pattern)
-    check_damp(damp)
+    if damp is not None:
+        check_damp(damp)
     batches = calibration_batches(data, calib_batches)
     if joint and len(batches) < fisher_grads:
         raise ValueError(
@@ -363,6 +384,7 @@ def sparsegpt(
     reports: dict[str, dict[str, object]] = {}
     masks: dict[str, torch.Tensor] = {}
     escalated: dict[str, float] = {}
+    chosen: dict[str, float] = {}  # damp=None: each layer's damping from its calibration size
     bar = progress_bar(total=len(targets), desc="sparsegpt", disable=not progress)
     # the previous layer's Hessian and factor (q/k/v and gate/up read one input)
     last_h: torch.Tensor | None = None
@@ -379,13 +401,17 @@ def sparsegpt(
             t1 = time.perf_counter()
             gram, count = stats.get(t.name)
             h = gram * (2.0 / max(count, 1))
+            if damp is None:
+                layer_damp = chosen[t.name] = calibration_damp(count, h.shape[0])
+            else:
+                layer_damp = damp
             prior = None if priors is None else priors[t.name]
             if last_h is None or last_factor is None or not torch.equal(last_h, h):
-                last_h, last_factor = h, damped_inverse_factor(h, damp, name=t.name)
+                last_h, last_factor = h, damped_inverse_factor(h, layer_damp, name=t.name)
                 last_eig = None
             t2 = time.perf_counter()  # the Hessian and its factor are the precompute
             new, keep = prune_layer(
-                t.param, h, budgets[t.name], pattern, block, damp=damp, prior_mask=prior,
+                t.param, h, budgets[t.name], pattern, block, damp=layer_damp, prior_mask=prior,
                 name=t.name, factor=last_factor,
             )  # fmt: skip
             if refine != "none":
@@ -423,7 +449,7 @@ def sparsegpt(
                 timings["refine"] += time.perf_counter() - t3
             t.param.copy_(new)
             masks[t.name] = keep.cpu()
-            if last_factor[2] != damp:  # the damping the factor was escalated to
+            if last_factor[2] != layer_damp:  # the damping the factor was escalated to
                 escalated[t.name] = last_factor[2]
             timings["precompute"] += t2 - t1
             timings["prune"] += time.perf_counter() - t2
@@ -470,6 +496,8 @@ def sparsegpt(
                 info["admm_moved"] = sum(float(r["moved"]) for r in found) / max(len(found), 1)
     if info is not None:
         info["damp_escalated"] = escalated
+        if damp is None:
+            info["damp"] = chosen
         info["layer_seconds"] = seconds
         info["calib_batches"] = len(batches)
     return masks, timings
