@@ -57,7 +57,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # narrower budget spreads than the preset's 0.08: how much of the encoder's loss is the spread
     "fisher-sparsegpt-spread0.04": ("fisher-sparsegpt", {"owl_spread": 0.04}),
     "fisher-sparsegpt-spread0.02": ("fisher-sparsegpt", {"owl_spread": 0.02}),
-    "sparsegpt-seq-damp0.1": ("sparsegpt", {"damp": 0.1}),  # the presets' damping, spread 0
+    "sparsegpt-seq-damp0.1": ("sparsegpt", {"damp": 0.1}),  # the presets' former damping
+    "sparsegpt-seq-auto": ("sparsegpt", {"damp": None}),  # the presets' damping, spread 0
     # budgets from the blocked M-FAC saliency instead of the diagonal one (block 16, as on
     # SmolLM2's best setting)
     "fisher-mfac-sparsegpt": ("fisher-sparsegpt", {"fisher_saliency": "mfac", "fisher_block": 16}),
@@ -157,6 +158,9 @@ def run_one(
     out["sparsity"] = res.sparsity
     out["schedule"] = res.info.get("schedule")
     out["pcg_not_converged"] = len(res.info.get("pcg_not_converged", []))
+    if "damp" in res.info:  # damp=auto (the presets): how many layers got each damping
+        used = [str(v) for v in res.info["damp"].values()]
+        out["damp_layers"] = {v: used.count(v) for v in sorted(set(used))}
     out["prune_s"] = time.perf_counter() - t0
     emb = held_out_embeddings(model, ctx["held"])
     out["lee_corr"] = lee_correlation(emb["lee"], ctx["human"])
