@@ -395,6 +395,45 @@ def table(path: Path) -> str:
     return "\n\n".join(["\n".join(lines), *tables])
 
 
+def calibration_table(paths: list[Path], pattern: str = "2:4") -> str:
+    """Markdown table of sequential SparseGPT, reference against ours, one line per results
+    file (each one calibration draw, ``--seed``), with the mean, the std and the paired mean
+    log-ratio of ours over the reference."""
+    import math
+    import statistics
+
+    keys = ("ppl_lee", "ppl_wiki")
+    lines = [
+        "| calibration draw | reference: Lee / Wiki | ours: Lee / Wiki | ours over the reference |",
+        "|---|---|---|---|",
+    ]
+    pairs = []
+    for path in paths:
+        doc = json.loads(path.read_text())
+        rows = {r["run"]: r for r in doc["rows"] if r["pattern"] == pattern and "error" not in r}
+        ref, ours = rows["ref-sparsegpt"], rows["ours-sparsegpt-seq"]
+        pairs.append((ref, ours))
+        lines.append(
+            f"| {doc['args']['seed']} | {' / '.join(f'{ref[k]:.2f}' for k in keys)} | "
+            f"{' / '.join(f'{ours[k]:.2f}' for k in keys)} | "
+            f"{' / '.join(f'{100 * (ours[k] / ref[k] - 1):+.1f} %' for k in keys)} |"
+        )
+    if len(pairs) > 1:
+        def spread(side: int, key: str) -> str:
+            values = [pair[side][key] for pair in pairs]
+            return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+        cells = [" / ".join(spread(side, k) for k in keys) for side in (0, 1)]
+        paired = []
+        for k in keys:
+            logs = [math.log(o[k] / r[k]) for r, o in pairs]
+            mean, se = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
+            paired.append(f"{100 * mean:+.1f} % (t {mean / se:.1f})")
+        lines.append(f"| mean ± std; paired log-ratio | {cells[0]} | {cells[1]} | "
+                     f"{' / '.join(paired)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def welch_t(mine: list[dict], theirs: list[dict], key: str) -> str:
     """Welch's t of the difference of the two sides' means ("-" with fewer than 2 a side)."""
     import statistics
@@ -466,6 +505,11 @@ def main() -> None:
     p.add_argument("--work", default=None, help="folder for the pruned weights (default: temp)")
     p.add_argument("--out", default=str(RESULTS / "prune_reference.json"))
     p.add_argument("--table", action="store_true", help="print the markdown table of --out")
+    p.add_argument(
+        "--calib-table", nargs="+", default=None, metavar="JSON",
+        help="print sequential SparseGPT at 2:4, ours against the reference, one line per "
+        "results file (a calibration draw each), then stop",
+    )  # fmt: skip
     # child modes
     p.add_argument("--ref-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ours-child", action="store_true", help=argparse.SUPPRESS)
@@ -496,6 +540,9 @@ def main() -> None:
         "(stored under 'draw_masks'), then stop",
     )  # fmt: skip
     a = p.parse_args()
+    if a.calib_table:
+        print(calibration_table([Path(f) for f in a.calib_table]))
+        return
     if a.table:
         print(table(Path(a.out)))
         return
