@@ -426,16 +426,18 @@ def test_float64_store_is_advised_onto_huge_pages() -> None:
     store = mfac.operators.static._float64_store((4, 1024, 1024), torch.device("cpu"), 2**40, "x")
     store.fill_(1.5)  # first touch after the advice
     start = -(-store.data_ptr() // 2**21) * 2**21  # the first whole 2 MiB page inside it
-    huge = 0
+    flags: list[str] = []
     mapping = None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and not head.endswith(":"):
             lo, hi = (int(v, 16) for v in head.split("-"))
             mapping = lo <= start < hi
-        elif mapping and head == "AnonHugePages:":
-            huge = int(line.split()[1])
-    assert huge >= 2048  # kB: at least one 2 MiB page backs the store
+        elif mapping and head == "VmFlags:":
+            flags = line.split()[1:]
+    # "hg": the mapping carries MADV_HUGEPAGE. Whether the kernel then finds free 2 MiB pages
+    # depends on the machine's memory fragmentation, so AnonHugePages is not asserted.
+    assert "hg" in flags
     assert float(store.sum()) == 1.5 * 4 * 2**20
 
 
