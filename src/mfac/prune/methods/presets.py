@@ -32,9 +32,7 @@ class OWLSparseGPTConfig(sparsegpt.SparseGPTConfig):
     :func:`mfac.prune.methods.sparsegpt.calibration_damp`)."""
 
     damp: float | None = option(
-        None, "damping, relative to the Hessian diagonal (auto: per layer, 0.1 under 10 "
-        "calibration tokens per input feature, else 0.01; chosen on validation text)",
-        low=0, low_open=True, null_words=("auto", "none", "null"),
+        None, sparsegpt.DAMP_HELP, low=0, low_open=True, null_words=("auto", "none", "null")
     )  # fmt: skip
     budget: str = budget_option("owl")
 

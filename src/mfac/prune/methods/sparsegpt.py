@@ -73,14 +73,19 @@ def calibration_damp(tokens: int, inputs: int) -> float:
     return LONG_CALIBRATION_DAMP
 
 
+#: The ``damp`` option's help, shared by SparseGPT and the presets.
+DAMP_HELP = (
+    f"damping, relative to the Hessian diagonal (auto: per layer, {SHORT_CALIBRATION_DAMP:g} under "
+    f"{TOKENS_PER_INPUT} calibration tokens per input feature, else {LONG_CALIBRATION_DAMP:g})"
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProjectionOptions(LayerOptions):
     """Options shared by the methods built on SparseGPT projections."""
 
     damp: float | None = option(
-        0.01, "damping, relative to the Hessian diagonal (auto: per layer, 0.1 under 10 "
-        "calibration tokens per input feature, else 0.01)",
-        low=0, low_open=True, null_words=("auto", "none", "null"),
+        0.01, DAMP_HELP, low=0, low_open=True, null_words=("auto", "none", "null")
     )  # fmt: skip
     calib_batches: int = option(32, "calibration batches per projection", low=1)
     sequential: bool = option(
