@@ -395,43 +395,61 @@ def table(path: Path) -> str:
     return "\n\n".join(["\n".join(lines), *tables])
 
 
-def calibration_table(paths: list[Path], pattern: str = "2:4") -> str:
-    """Markdown table of sequential SparseGPT, reference against ours, one line per results
+#: (reference run, our run) of each sequential method compared over calibration draws
+CALIBRATION_PAIRS = {
+    "SparseGPT": ("ref-sparsegpt", "ours-sparsegpt-seq"),
+    "Wanda": ("ref-wanda", "ours-wanda"),
+}
+
+
+def calibration_table(paths: list[Path]) -> str:
+    """Markdown tables of the sequential methods, reference against ours, one line per results
     file (each one calibration draw, ``--seed``), with the mean, the std and the paired mean
-    log-ratio of ours over the reference."""
+    log-ratio of ours over the reference; one table per method and setting that every file
+    holds."""
     import math
     import statistics
 
     keys = ("ppl_lee", "ppl_wiki")
-    lines = [
-        "| calibration draw | reference: Lee / Wiki | ours: Lee / Wiki | ours over the reference |",
-        "|---|---|---|---|",
-    ]
-    pairs = []
-    for path in paths:
-        doc = json.loads(path.read_text())
-        rows = {r["run"]: r for r in doc["rows"] if r["pattern"] == pattern and "error" not in r}
-        ref, ours = rows["ref-sparsegpt"], rows["ours-sparsegpt-seq"]
-        pairs.append((ref, ours))
-        lines.append(
-            f"| {doc['args']['seed']} | {' / '.join(f'{ref[k]:.2f}' for k in keys)} | "
-            f"{' / '.join(f'{ours[k]:.2f}' for k in keys)} | "
-            f"{' / '.join(f'{100 * (ours[k] / ref[k] - 1):+.1f} %' for k in keys)} |"
-        )
-    if len(pairs) > 1:
-        def spread(side: int, key: str) -> str:
-            values = [pair[side][key] for pair in pairs]
-            return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    docs = [json.loads(path.read_text()) for path in paths]
+    tables = []
+    for method, (ref_run, our_run) in CALIBRATION_PAIRS.items():
+        for pattern in ("none", "2:4"):
+            pairs, lines = [], [
+                f"{method}, {'50 %' if pattern == 'none' else pattern}, sequential:",
+                "",
+                "| calibration draw | reference: Lee / Wiki | ours: Lee / Wiki | ours over the "
+                "reference |",
+                "|---|---|---|---|",
+            ]  # fmt: skip
+            for doc in docs:
+                rows = {r["run"]: r for r in doc["rows"] if r["pattern"] == pattern}
+                ref, ours = rows.get(ref_run), rows.get(our_run)
+                if ref is None or ours is None or "error" in ref or "error" in ours:
+                    break
+                pairs.append((ref, ours))
+                lines.append(
+                    f"| {doc['args']['seed']} | {' / '.join(f'{ref[k]:.2f}' for k in keys)} | "
+                    f"{' / '.join(f'{ours[k]:.2f}' for k in keys)} | "
+                    f"{' / '.join(f'{100 * (ours[k] / ref[k] - 1):+.1f} %' for k in keys)} |"
+                )
+            if len(pairs) < max(len(docs), 2):
+                continue  # a file without this pair: no table
 
-        cells = [" / ".join(spread(side, k) for k in keys) for side in (0, 1)]
-        paired = []
-        for k in keys:
-            logs = [math.log(o[k] / r[k]) for r, o in pairs]
-            mean, se = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
-            paired.append(f"{100 * mean:+.1f} % (t {mean / se:.1f})")
-        lines.append(f"| mean ± std; paired log-ratio | {cells[0]} | {cells[1]} | "
-                     f"{' / '.join(paired)} |")  # fmt: skip
-    return "\n".join(lines)
+            def spread(side: int, key: str, pairs: list = pairs) -> str:
+                values = [pair[side][key] for pair in pairs]
+                return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+            cells = [" / ".join(spread(side, k) for k in keys) for side in (0, 1)]
+            paired = []
+            for k in keys:
+                logs = [math.log(o[k] / r[k]) for r, o in pairs]
+                mean, se = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
+                paired.append(f"{100 * mean:+.1f} % (t {mean / se:.1f})")
+            lines.append(f"| mean ± std; paired log-ratio | {cells[0]} | {cells[1]} | "
+                         f"{' / '.join(paired)} |")  # fmt: skip
+            tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def welch_t(mine: list[dict], theirs: list[dict], key: str) -> str:
@@ -507,8 +525,8 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="print the markdown table of --out")
     p.add_argument(
         "--calib-table", nargs="+", default=None, metavar="JSON",
-        help="print sequential SparseGPT at 2:4, ours against the reference, one line per "
-        "results file (a calibration draw each), then stop",
+        help="print the sequential methods, ours against the reference, one line per results "
+        "file (a calibration draw each), then stop",
     )  # fmt: skip
     # child modes
     p.add_argument("--ref-child", action="store_true", help=argparse.SUPPRESS)
