@@ -238,6 +238,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "prune_sentence_encoder.json"))
     ap.add_argument("--report", action="store_true", help="print the table of --out and stop")
+    ap.add_argument(
+        "--profile", action="store_true",
+        help="profile each run (cProfile) and print its 25 costliest calls by own time",
+    )  # fmt: skip
     args = ap.parse_args()
     path = Path(args.out)
     if args.report:
@@ -251,7 +255,15 @@ def main() -> None:
             if label not in args.settings:
                 continue
             for name in args.methods:
-                row = run_one(name, sparsity, pattern, seed, ctx)
+                if args.profile:
+                    import cProfile
+                    import pstats
+
+                    profile = cProfile.Profile()
+                    row = profile.runcall(run_one, name, sparsity, pattern, seed, ctx)
+                    pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+                else:
+                    row = run_one(name, sparsity, pattern, seed, ctx)
                 row["setting"] = label
                 row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 rows = [
