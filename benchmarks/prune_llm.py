@@ -29,6 +29,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -255,15 +256,19 @@ def layerwise(
     out["timings"] = {k: round(v, 2) for k, v in timings.items()}
     out["schedule"] = info.get("schedule")
     out["damp_escalated"] = info.get("damp_escalated", {})
-    if "damp" in info:  # damp=auto: how many layers got each damping
-        used = [str(v) for v in info["damp"].values()]
-        out["damp_layers"] = {v: used.count(v) for v in sorted(set(used))}
+    if "damp" in info:
+        out["damp_layers"] = damp_layers(info)
     per_kind: dict[str, float] = {}
     for name, sec in info.get("layer_seconds", {}).items():
         kind = name.rsplit(".", 1)[-1]
         per_kind[kind] = per_kind.get(kind, 0.0) + sec
     if per_kind:  # seconds of Hessian factorisation + pruning, summed over the 30 blocks
         out["prune_s_by_layer"] = {k: round(v, 2) for k, v in per_kind.items()}
+
+
+def damp_layers(info: dict) -> dict[str, int]:
+    """damp=auto: how many layers got each damping (``info["damp"]`` holds it per layer)."""
+    return dict(sorted(Counter(str(v) for v in info["damp"].values()).items()))
 
 
 def damp_arg(text: str) -> float | None:

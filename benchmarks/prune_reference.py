@@ -436,11 +436,11 @@ def calibration_table(paths: list[Path]) -> str:
             if len(pairs) < max(len(docs), 2):
                 continue  # a file without this pair: no table
 
-            def spread(side: int, key: str, pairs: list = pairs) -> str:
-                values = [pair[side][key] for pair in pairs]
-                return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-            cells = [" / ".join(spread(side, k) for k in keys) for side in (0, 1)]
+            columns = [[[pair[side][k] for pair in pairs] for k in keys] for side in (0, 1)]
+            cells = [
+                " / ".join(f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" for v in side)
+                for side in columns
+            ]
             paired = []
             for k in keys:
                 logs = [math.log(o[k] / r[k]) for r, o in pairs]

@@ -146,6 +146,8 @@ def run_one(
 
     import mfac.prune as mp
 
+    from benchmarks.prune_llm import damp_layers
+
     model = AutoModel.from_pretrained(ctx["dir"], dtype=torch.float32).eval()
     calib = calibration(ctx["tok"], ctx["pool"], seed)
     method, options = METHODS[name]
@@ -158,9 +160,8 @@ def run_one(
     out["sparsity"] = res.sparsity
     out["schedule"] = res.info.get("schedule")
     out["pcg_not_converged"] = len(res.info.get("pcg_not_converged", []))
-    if "damp" in res.info:  # damp=auto (the presets): how many layers got each damping
-        used = [str(v) for v in res.info["damp"].values()]
-        out["damp_layers"] = {v: used.count(v) for v in sorted(set(used))}
+    if "damp" in res.info:  # damp=auto (the presets)
+        out["damp_layers"] = damp_layers(res.info)
     out["prune_s"] = time.perf_counter() - t0
     emb = held_out_embeddings(model, ctx["held"])
     out["lee_corr"] = lee_correlation(emb["lee"], ctx["human"])

@@ -237,7 +237,7 @@ def fisher_lambda(gram: torch.Tensor, grads: torch.Tensor, beta: float, rows: in
     """lam = beta * rows * tr(A) / ((1/m) sum_j ||G_j||_F^2): the Fisher term's trace is beta
     times the layer term's (0 when every gradient is zero)."""
     g = grads.reshape(grads.shape[0], -1)
-    mean_sq = float((g * g).sum(dim=1, dtype=F64).mean())  # one float32 temporary, no float64 copy
+    mean_sq = float(_row_dot(g, g).mean())
     if mean_sq == 0.0:
         return 0.0
     return beta * rows * float(gram.diagonal().to(F64).sum()) / mean_sq
